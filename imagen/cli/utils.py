@@ -1,0 +1,144 @@
+"""Helpers behind the entry points: building callbacks and loggers, printing the config, run bookkeeping."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("imagen")
+
+
+def _auto_precision() -> str:
+    """bf16-mixed on GPUs that support it, 32-true elsewhere."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers used in conf/ (idempotent)."""
+    if not OmegaConf.has_resolver("imagen.auto_precision"):
+        OmegaConf.register_new_resolver("imagen.auto_precision", _auto_precision)
+
+
+register_resolvers()
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    """Build every entry of the `callbacks` dict that has a `_target_` (entries set to null are skipped)."""
+    callbacks: list[Callback] = []
+    for name, entry in (cfg or {}).items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            callbacks.append(hydra.utils.instantiate(entry))
+        elif entry is not None:
+            raise ValueError(f"callbacks.{name}: expected a config with _target_, got {entry!r}")
+    return callbacks
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    loggers: list[Logger] = []
+    for name, entry in (cfg or {}).items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            loggers.append(hydra.utils.instantiate(entry))
+        elif entry is not None:
+            raise ValueError(f"logger.{name}: expected a config with _target_, got {entry!r}")
+    return loggers
+
+
+@rank_zero_only
+def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> None:
+    """Print the composed config as a rich tree (main groups first) and save it as config_tree.log."""
+    import rich.syntax
+    import rich.tree
+    from rich.console import Console
+
+    order = ["data", "model", "callbacks", "logger", "trainer", "paths", "extras"]
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    for key in order + [k for k in cfg if k not in order]:
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        tree.add(str(key), style="bold").add(rich.syntax.Syntax(text, "yaml"))
+    Console().print(tree)
+    if save_to is not None:
+        with open(Path(save_to) / "config_tree.log", "w") as f:
+            Console(file=f).print(tree)
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("print_config"):
+        print_config_tree(cfg, save_to=cfg.paths.output_dir)
+
+
+def finish_loggers() -> None:
+    """Close the W&B run (if any) so that the next job of a multirun starts a new one."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def task_wrapper(task: Callable) -> Callable:
+    """Run a task so that loggers are finished and the run directory is reported even when it raises."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig):
+        try:
+            return task(cfg)
+        except Exception:
+            log.exception(f"run failed; its directory: {cfg.paths.output_dir}")
+            raise
+        finally:
+            finish_loggers()
+
+    return wrapped
+
+
+def tensor_metrics(metrics: dict) -> dict[str, float]:
+    """Scalar metrics with `split/name` keys as plain floats."""
+    out = {}
+    for key, value in metrics.items():
+        if "/" not in key:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        out[key] = float(value)
+    return out
+
+
+@rank_zero_only
+def write_metrics(metrics: dict[str, float], path: str | Path) -> None:
+    """Write metrics.json atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def metric_for_sweeper(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value of `optimized_metric` for hyperparameter sweeps; a missing metric is an error."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+    return metrics[name]

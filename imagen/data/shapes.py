@@ -1,0 +1,296 @@
+"""Captioned shapes: procedural scenes rendered deterministically from a seed, with ground truth.
+
+A scene holds one or two objects. Each object has a color, a shape, a size and a cell of a 3x3 grid;
+two objects share a row or a column, and their caption states the spatial relation between them
+("a small red circle left of a large blue square"). Every scene has several caption paraphrases.
+
+The compositional split holds chosen attribute combinations (for example ``{color: red, shape: triangle}``)
+out of the training split, so that generalization to unseen compositions can be measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Named colors the renderer knows. A data config picks a subset (default: the first six); the rest are
+# available for experiments that introduce a new concept (a color word pre-training never saw).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "cyan": (40, 205, 215),
+    "orange": (245, 140, 20),
+    "white": (240, 240, 240),
+    "pink": (250, 130, 190),
+    "brown": (130, 80, 40),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = ("small", "large")
+GRID = 3  # positions are the cells of a GRID x GRID layout, row-major
+POSITIONS = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)  # fmt: skip
+# How a caption says where a single object is; several phrasings per cell.
+POSITION_PHRASES = {
+    "top left": ("in the top left", "at the top left"),
+    "top": ("at the top", "at the top center"),
+    "top right": ("in the top right", "at the top right"),
+    "left": ("on the left", "at the left"),
+    "center": ("in the center", "in the middle"),
+    "right": ("on the right", "at the right"),
+    "bottom left": ("in the bottom left", "at the bottom left"),
+    "bottom": ("at the bottom", "at the bottom center"),
+    "bottom right": ("in the bottom right", "at the bottom right"),
+}
+RELATIONS = ("left of", "right of", "above", "below")
+INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+SIZE_FRACTION = {"small": 0.55, "large": 0.85}  # object extent as a fraction of a grid cell
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    color: str
+    shape: str
+    size: str
+    position: str  # one of POSITIONS
+
+    @property
+    def row(self) -> int:
+        return POSITIONS.index(self.position) // GRID
+
+    @property
+    def col(self) -> int:
+        return POSITIONS.index(self.position) % GRID
+
+    def describe(self) -> str:
+        return f"{self.size} {self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two objects; with two, the caption says ``objects[0] <relation> objects[1]``."""
+
+    objects: tuple[ShapeObject, ...]
+    relation: str | None = None
+
+    def captions(self) -> list[str]:
+        """All paraphrases of this scene's caption (the first is the canonical one)."""
+        if len(self.objects) == 1:
+            (obj,) = self.objects
+            first, second = POSITION_PHRASES[obj.position]
+            d = obj.describe()
+            return [f"a {d} {first}", f"there is a {d} {second}", f"{first}, a {d}", f"one {d} {second}"]
+        a, b = (o.describe() for o in self.objects)
+        rel, inv = self.relation, INVERSE_RELATION[self.relation]
+        return [f"a {a} {rel} a {b}", f"there is a {a} {rel} a {b}", f"a {b} {inv} a {a}", f"a {b} and a {a} {rel} it"]
+
+    def to_dict(self) -> dict:
+        return {"objects": [asdict(o) for o in self.objects], "relation": self.relation}
+
+    @staticmethod
+    def from_dict(d: dict) -> Scene:
+        return Scene(tuple(ShapeObject(**o) for o in d["objects"]), d.get("relation"))
+
+
+def relation_holds(relation: str, a: ShapeObject, b: ShapeObject) -> bool:
+    """Whether ``a <relation> b`` holds for the objects' grid cells."""
+    if relation == "left of":
+        return a.col < b.col
+    if relation == "right of":
+        return a.col > b.col
+    if relation == "above":
+        return a.row < b.row
+    if relation == "below":
+        return a.row > b.row
+    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
+
+
+@dataclass
+class ShapesConfig:
+    """What the renderer draws. Everything that changes pixels is part of `appearance_key()`."""
+
+    image_size: int = 32
+    colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "cyan"])
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    sizes: list[str] = field(default_factory=lambda: list(SIZES))
+    positions: list[str] = field(default_factory=lambda: list(POSITIONS))
+    max_objects: int = 2
+    two_object_prob: float = 0.5
+    jitter: float = 0.08  # random offset of an object's center, as a fraction of a cell
+    size_jitter: float = 0.08  # random relative change of an object's size
+    background: tuple[int, int, int] = (0, 0, 0)
+    supersample: int = 4  # render at this multiple, then downsample: anti-aliased edges
+    # Attribute combinations held out of training, e.g. [{"color": "red", "shape": "triangle"}].
+    heldout: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        def check(name: str, values: list[str], known) -> None:
+            unknown = [v for v in values if v not in known]
+            if unknown or not values:
+                raise ValueError(f"data.{name}: unknown or empty {unknown or values}; choose from {list(known)}")
+            if len(set(values)) != len(values):
+                raise ValueError(f"data.{name}: duplicate entries in {values}")
+
+        check("colors", self.colors, PALETTE)
+        check("shapes", self.shapes, SHAPES)
+        check("sizes", self.sizes, SIZES)
+        check("positions", self.positions, POSITIONS)
+        if self.max_objects not in (1, 2):
+            raise ValueError(f"data.max_objects must be 1 or 2, got {self.max_objects}")
+        if not 0.0 <= self.two_object_prob <= 1.0:
+            raise ValueError(f"data.two_object_prob must be in [0, 1], got {self.two_object_prob}")
+        if self.image_size < 16:
+            raise ValueError(f"data.image_size must be >= 16, got {self.image_size}")
+        attrs = {"color": self.colors, "shape": self.shapes, "size": self.sizes, "position": self.positions}
+        for combo in self.heldout:
+            for key, value in combo.items():
+                if key not in attrs or value not in attrs[key]:
+                    raise ValueError(
+                        f"data.heldout: {dict(combo)} names {key}={value!r}, which is not among the configured "
+                        f"attributes {attrs.get(key, list(attrs))}"
+                    )
+
+    def appearance_key(self) -> str:
+        """A short hash of everything that changes rendered pixels (and the attribute vocabularies)."""
+        d = asdict(self)
+        for k in ("heldout", "max_objects", "two_object_prob"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def is_heldout(self, obj: ShapeObject) -> bool:
+        return any(all(getattr(obj, k) == v for k, v in combo.items()) for combo in self.heldout)
+
+
+def _pairs_in_line(positions: list[str]) -> list[tuple[str, str, str]]:
+    """All (a, b, relation) of distinct allowed cells sharing a row (left/right) or a column (above/below)."""
+    out = []
+    for a in positions:
+        for b in positions:
+            ra, ca = divmod(POSITIONS.index(a), GRID)
+            rb, cb = divmod(POSITIONS.index(b), GRID)
+            if a == b:
+                continue
+            if ra == rb:
+                out.append((a, b, "left of" if ca < cb else "right of"))
+            elif ca == cb:
+                out.append((a, b, "above" if ra < rb else "below"))
+    return out
+
+
+class SceneSampler:
+    """Draws random scenes from a `ShapesConfig`, optionally restricted to seen or held-out compositions."""
+
+    def __init__(self, config: ShapesConfig):
+        self.config = config
+        self.pairs = _pairs_in_line(config.positions)
+        if config.max_objects == 2 and config.two_object_prob > 0 and not self.pairs:
+            raise ValueError("data.positions: two-object scenes need two positions in one row or column")
+
+    def _object(self, rng: np.random.Generator, position: str) -> ShapeObject:
+        c = self.config
+        return ShapeObject(
+            color=c.colors[rng.integers(len(c.colors))],
+            shape=c.shapes[rng.integers(len(c.shapes))],
+            size=c.sizes[rng.integers(len(c.sizes))],
+            position=position,
+        )
+
+    def sample(self, rng: np.random.Generator, heldout: bool | None = None) -> Scene:
+        """A random scene. `heldout=False`: no held-out object; True: at least one; None: unrestricted."""
+        c = self.config
+        if heldout and not c.heldout:
+            raise ValueError("asked for held-out scenes but data.heldout is empty")
+        for _ in range(10_000):
+            two = c.max_objects == 2 and rng.random() < c.two_object_prob
+            if two:
+                pa, pb, relation = self.pairs[rng.integers(len(self.pairs))]
+                scene = Scene((self._object(rng, pa), self._object(rng, pb)), relation)
+            else:
+                scene = Scene((self._object(rng, c.positions[rng.integers(len(c.positions))]),))
+            has_heldout = any(c.is_heldout(o) for o in scene.objects)
+            if heldout is None or has_heldout == heldout:
+                return scene
+        raise RuntimeError("could not sample a scene that satisfies data.heldout; is every combination held out?")
+
+
+def render(scene: Scene, config: ShapesConfig, rng: np.random.Generator) -> np.ndarray:
+    """Render a scene to a uint8 array of shape (H, W, 3); `rng` draws the position/size jitter."""
+    s = config.supersample
+    size = config.image_size * s
+    cell = size / GRID
+    image = Image.new("RGB", (size, size), tuple(config.background))
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        cx = (obj.col + 0.5 + rng.uniform(-config.jitter, config.jitter)) * cell
+        cy = (obj.row + 0.5 + rng.uniform(-config.jitter, config.jitter)) * cell
+        r = 0.5 * cell * SIZE_FRACTION[obj.size] * (1 + rng.uniform(-config.size_jitter, config.size_jitter))
+        _draw_shape(draw, obj.shape, cx, cy, r, PALETTE[obj.color])
+    image = image.resize((config.image_size, config.image_size), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+    elif shape == "square":
+        q = r * 0.88  # equal visual area to the circle, roughly
+        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=color)
+    elif shape == "triangle":
+        pts = [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        # shift down so the triangle's bounding box is centered on (cx, cy)
+        dy = r * 0.25
+        draw.polygon([(x, y + dy) for x, y in pts], fill=color)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    elif shape == "cross":
+        w = r * 0.38
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def scene_targets(scene: Scene, config: ShapesConfig) -> np.ndarray:
+    """Per-cell attribute labels, shape (GRID * GRID, 3): color, shape, size indices, -1 where empty."""
+    target = np.full((GRID * GRID, 3), -1, dtype=np.int64)
+    for obj in scene.objects:
+        cell = POSITIONS.index(obj.position)
+        target[cell] = (config.colors.index(obj.color), config.shapes.index(obj.shape), config.sizes.index(obj.size))
+    return target
+
+
+def scene_from_targets(target: np.ndarray, config: ShapesConfig) -> list[ShapeObject]:
+    """Objects described by per-cell labels (the inverse of `scene_targets`, without the relation)."""
+    objects = []
+    for cell, (color, shape, size) in enumerate(np.asarray(target).tolist()):
+        if color >= 0:
+            objects.append(ShapeObject(config.colors[color], config.shapes[shape], config.sizes[size], POSITIONS[cell]))
+    return objects
+
+
+def matches_caption(objects: list[ShapeObject], scene: Scene) -> bool:
+    """Whether detected objects show everything the scene's caption says.
+
+    One object: exactly one detected, with the same color, shape, size and position. Two objects: exactly two
+    detected, with the captioned colors, shapes and sizes, standing in the captioned relation (the caption does
+    not fix their absolute cells).
+    """
+    if len(objects) != len(scene.objects):
+        return False
+    if len(scene.objects) == 1:
+        return objects[0] == scene.objects[0]
+    a, b = scene.objects
+    for p, q in ((objects[0], objects[1]), (objects[1], objects[0])):
+        if p.describe() == a.describe() and q.describe() == b.describe() and relation_holds(scene.relation, p, q):
+            return True
+    return False

@@ -1,0 +1,184 @@
+"""The embedded default data: captioned shapes, rendered in memory from a seed (no download)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imagen.data.shapes import Scene, SceneSampler, ShapesConfig, render, scene_targets
+from imagen.metrics.judge import Judge, load_or_train_judge
+
+log = logging.getLogger(__name__)
+
+SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass
+class ShapesSplit:
+    """Rendered images and their ground truth for one split."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    scenes: list[Scene]
+    captions: list[list[str]]  # paraphrases per scene
+    heldout: np.ndarray  # (N,) bool: contains a held-out composition
+    targets: np.ndarray  # (N, GRID * GRID, 3) per-cell labels
+    caption_choice: np.ndarray | None  # (N,) fixed paraphrase per sample (eval splits); None: random (train)
+
+
+def build_split(config: ShapesConfig, split: str, num_seen: int, num_heldout: int, seed: int) -> ShapesSplit:
+    """Sample and render a split deterministically from `seed`; the training split never holds held-out objects."""
+    rng = np.random.default_rng([seed, SPLIT_SEED_OFFSET[split]])
+    sampler = SceneSampler(config)
+    restrict = False if config.heldout else None
+    scenes = [sampler.sample(rng, heldout=restrict) for _ in range(num_seen)]
+    if num_heldout and config.heldout:
+        scenes += [sampler.sample(rng, heldout=True) for _ in range(num_heldout)]
+    images = np.stack([render(s, config, rng) for s in scenes])
+    captions = [s.captions() for s in scenes]
+    choice = None if split == "train" else rng.integers(0, len(captions[0]), size=len(scenes))
+    return ShapesSplit(
+        images=images,
+        scenes=scenes,
+        captions=captions,
+        heldout=np.array([any(config.is_heldout(o) for o in s.objects) for s in scenes]),
+        targets=np.stack([scene_targets(s, config) for s in scenes]),
+        caption_choice=choice,
+    )
+
+
+class ShapesDataset(Dataset):
+    """Items: image (3, H, W) float in [-1, 1], caption, target (GRID*GRID, 3), heldout, index."""
+
+    def __init__(self, split: ShapesSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.scenes)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.split
+        paraphrases = s.captions[index]
+        if s.caption_choice is None:  # training: a fresh paraphrase each time (torch RNG: seeded per worker)
+            caption = paraphrases[int(torch.randint(len(paraphrases), ()))]
+        else:
+            caption = paraphrases[s.caption_choice[index]]
+        image = torch.from_numpy(s.images[index]).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        return {
+            "image": image,
+            "caption": caption,
+            "target": torch.from_numpy(s.targets[index]),
+            "heldout": bool(s.heldout[index]),
+            "index": index,
+        }
+
+
+class ShapesDataModule(pl.LightningDataModule):
+    """Captioned shapes with train/val/test splits and a compositional held-out split.
+
+    Validation and test splits hold `num_*` scenes of seen compositions plus `num_*_heldout` scenes with at
+    least one held-out composition. `judge` (trained once and cached in `cache_dir`) scores whether an image
+    shows what its caption says.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        colors: list[str] | None = None,
+        shapes: list[str] | None = None,
+        sizes: list[str] | None = None,
+        positions: list[str] | None = None,
+        max_objects: int = 2,
+        two_object_prob: float = 0.5,
+        jitter: float = 0.08,
+        size_jitter: float = 0.08,
+        background: tuple[int, int, int] = (0, 0, 0),
+        supersample: int = 4,
+        heldout: list[dict[str, str]] | None = None,
+        num_train: int = 20000,
+        num_val: int = 512,
+        num_val_heldout: int = 256,
+        num_test: int = 1024,
+        num_test_heldout: int = 512,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        cache_dir: str = ".cache",
+        use_judge: bool = True,
+        judge_steps: int = 1500,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        defaults = ShapesConfig()
+        self.config = ShapesConfig(
+            image_size=image_size,
+            colors=list(colors or defaults.colors),
+            shapes=list(shapes or defaults.shapes),
+            sizes=list(sizes or defaults.sizes),
+            positions=list(positions or defaults.positions),
+            max_objects=max_objects,
+            two_object_prob=two_object_prob,
+            jitter=jitter,
+            size_jitter=size_jitter,
+            background=tuple(background),
+            supersample=supersample,
+            heldout=[dict(c) for c in (heldout or [])],
+        )
+        self.splits: dict[str, ShapesSplit] = {}
+        self._judge: Judge | None = None
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before setup: trains and caches the judge once.
+        if self.hparams.use_judge:
+            load_or_train_judge(self.config, self.hparams.cache_dir, steps=self.hparams.judge_steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        sizes = {"train": (h.num_train, 0), "val": (h.num_val, h.num_val_heldout), "test": (h.num_test, h.num_test_heldout)}
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, tuple(sizes))
+        for split in wanted:
+            if split not in self.splits:
+                self.splits[split] = build_split(self.config, split, *sizes[split], seed=h.seed)
+        if h.use_judge and self._judge is None:
+            self._judge = load_or_train_judge(self.config, h.cache_dir, steps=h.judge_steps)
+
+    @property
+    def judge(self) -> Judge | None:
+        return self._judge
+
+    def split(self, name: str) -> ShapesSplit:
+        if name not in self.splits:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[name])
+        return self.splits[name]
+
+    def train_captions(self) -> list[str]:
+        """Every paraphrase of every training caption (for training a caption tokenizer)."""
+        return [c for caps in self.split("train").captions for c in caps]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            ShapesDataset(self.split(split)),
+            batch_size=h.batch_size if train else h.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=h.num_workers,
+            pin_memory=h.pin_memory,
+            persistent_workers=h.persistent_workers and h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

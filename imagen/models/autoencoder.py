@@ -1,0 +1,227 @@
+"""Image autoencoder with a discrete bottleneck: conv encoder -> quantizer -> conv decoder.
+
+`encode(images) -> tokens (B, h, w)` and `decode(tokens) -> images` are the interface later stages use; the
+decoder is the design's "pixel generator". Quantizers come from `vector-quantize-pytorch`: VQ (EMA codebook,
+optional cosine codes, dead-code replacement), FSQ and LFQ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2)  # one stride-2 level each: downsampling factor 2 ** len(channel_mult)
+    num_res_blocks: int = 1
+    norm: str = "none"  # none | group: GroupNorm in residual blocks (slows learning on mostly-flat images)
+    latent_dim: int = 64  # encoder output / decoder input width
+    quantizer: str = "vq"  # vq | fsq | lfq
+    codebook_size: int = 256  # vq and lfq (a power of two for lfq); fsq's is the product of fsq_levels
+    # vq
+    codebook_dim: int = 16  # codes live in this (projected) space
+    vq_decay: float = 0.9  # EMA decay of the codebook
+    vq_cosine: bool = True  # l2-normalized codes, cosine-similarity lookup
+    vq_kmeans_init: bool = True
+    vq_dead_code_threshold: float = 2.0  # codes used less than this (EMA count) are replaced by batch vectors
+    commitment_weight: float = 0.25
+    # fsq
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+    # lfq
+    lfq_entropy_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        self.fsq_levels = tuple(self.fsq_levels)
+        if self.norm not in ("none", "group"):
+            raise ValueError(f"model.net.norm must be none or group; got {self.norm!r}")
+        if self.quantizer not in ("vq", "fsq", "lfq"):
+            raise ValueError(f"model.net.quantizer must be one of vq, fsq, lfq; got {self.quantizer!r}")
+        if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
+            raise ValueError(f"model.net.codebook_size must be a power of two for lfq; got {self.codebook_size}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** len(self.channel_mult)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct token ids `encode` can return."""
+        if self.quantizer == "fsq":
+            n = 1
+            for level in self.fsq_levels:
+                n *= level
+            return n
+        return self.codebook_size
+
+
+# Named sizes; `Autoencoder.from_size(name, **overrides)` starts from one of these.
+AUTOENCODER_SIZES: dict[str, AutoencoderConfig] = {
+    "tiny": AutoencoderConfig(channels=16, channel_mult=(1, 2), latent_dim=32, codebook_size=64, codebook_dim=8),
+    "shapes": AutoencoderConfig(channels=64, channel_mult=(1, 2)),
+    "f8": AutoencoderConfig(channels=128, channel_mult=(1, 2, 2), num_res_blocks=2, codebook_size=4096),
+    "f16": AutoencoderConfig(
+        channels=128, channel_mult=(1, 1, 2, 2), num_res_blocks=2, latent_dim=256, codebook_size=16384, codebook_dim=8
+    ),
+}
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    return nn.GroupNorm(8, channels) if kind == "group" else nn.Identity()
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, norm: str = "none"):
+        super().__init__()
+        self.block = nn.Sequential(
+            make_norm(norm, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            make_norm(norm, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, latent_dim, H / f, W / f)."""
+
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        widths = [c.channels * m for m in c.channel_mult]
+        layers: list[nn.Module] = [nn.Conv2d(c.in_channels, widths[0], 4, 2, 1)]
+        for i, width in enumerate(widths):
+            if i > 0:
+                layers.append(nn.Conv2d(widths[i - 1], width, 4, 2, 1))
+            layers += [ResBlock(width, c.norm) for _ in range(c.num_res_blocks)]
+        layers += [ResBlock(widths[-1], c.norm) for _ in range(c.num_res_blocks)]
+        layers += [make_norm(c.norm, widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], c.latent_dim, 1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Decoder(nn.Module):
+    """(B, latent_dim, h, w) -> (B, 3, h * f, w * f); the pixel generator."""
+
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        widths = [c.channels * m for m in c.channel_mult]
+        layers: list[nn.Module] = [nn.Conv2d(c.latent_dim, widths[-1], 3, padding=1)]
+        layers += [ResBlock(widths[-1], c.norm) for _ in range(c.num_res_blocks)]
+        for i in reversed(range(len(widths))):
+            layers += [ResBlock(widths[i], c.norm) for _ in range(c.num_res_blocks)]
+            if i > 0:
+                layers.append(nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1))
+        layers += [make_norm(c.norm, widths[0]), nn.SiLU(), nn.ConvTranspose2d(widths[0], c.in_channels, 4, 2, 1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(z)
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (B, D, h, w), straight-through
+    indices: torch.Tensor  # (B, h, w) long
+    aux_loss: torch.Tensor  # scalar: commitment (vq) or entropy (lfq) loss; zero for fsq
+    extras: dict = field(default_factory=dict)
+
+
+class Quantizer(nn.Module):
+    """One interface over vector-quantize-pytorch's VQ, FSQ and LFQ for channel-first feature maps."""
+
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        self.kind = c.quantizer
+        if c.quantizer == "vq":
+            self.impl = VectorQuantize(
+                dim=c.latent_dim,
+                codebook_size=c.codebook_size,
+                codebook_dim=c.codebook_dim,
+                decay=c.vq_decay,
+                use_cosine_sim=c.vq_cosine,
+                kmeans_init=c.vq_kmeans_init,
+                threshold_ema_dead_code=c.vq_dead_code_threshold,
+                commitment_weight=c.commitment_weight,
+                accept_image_fmap=True,
+            )
+        elif c.quantizer == "fsq":
+            self.impl = FSQ(levels=list(c.fsq_levels), dim=c.latent_dim, channel_first=True)
+        else:
+            self.impl = LFQ(
+                dim=c.latent_dim,
+                codebook_size=c.codebook_size,
+                entropy_loss_weight=c.lfq_entropy_weight,
+                commitment_loss_weight=c.commitment_weight,
+                channel_first=True,
+            )
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        if self.kind == "vq":
+            quantized, indices, aux = self.impl(z)
+        elif self.kind == "fsq":
+            quantized, indices = self.impl(z)
+            aux = z.new_zeros(())
+        else:
+            quantized, indices, aux = self.impl(z)
+        return QuantizerOutput(quantized, indices.long(), aux.sum())
+
+    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) token ids -> (B, D, h, w) decoder input; the exact inverse of the index lookup."""
+        if self.kind == "vq":
+            codes = self.impl.get_codes_from_indices(indices)  # (B, codebook_dim, h, w)
+            return self.impl.project_out(codes.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.impl.indices_to_codes(indices)  # fsq/lfq: (B, D, h, w), projected out
+
+
+class Autoencoder(nn.Module):
+    """Conv encoder -> quantizer -> conv decoder over images in [-1, 1]."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = Quantizer(config)
+        self.decoder = Decoder(config)
+
+    @classmethod
+    def from_size(cls, size: str = "shapes", **overrides) -> Autoencoder:
+        """Build from a named size in `AUTOENCODER_SIZES`, with any `AutoencoderConfig` field overridden."""
+        if size not in AUTOENCODER_SIZES:
+            raise ValueError(f"model.net.size: unknown size {size!r}; choose from {sorted(AUTOENCODER_SIZES)}")
+        fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"model.net: unknown AutoencoderConfig field(s) {unknown}; valid: {sorted(fields)}")
+        return cls(dataclasses.replace(AUTOENCODER_SIZES[size], **overrides))
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """images (B, 3, H, W) -> (reconstruction (B, 3, H, W), quantizer output)."""
+        q = self.quantizer(self.encoder(images))
+        return self.decoder(q.quantized), q
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> token ids (B, H / f, W / f) long."""
+        return self.quantizer(self.encoder(images)).indices
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """token ids (B, h, w) -> images (B, 3, h * f, w * f), clamped to [-1, 1]."""
+        return self.decoder(self.quantizer.codes_from_indices(tokens)).clamp(-1.0, 1.0)

@@ -1,0 +1,70 @@
+"""The judge: a small CNN that reads a shapes image and says, per grid cell, which object it shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from imagen.data.shapes import GRID
+
+
+@dataclass
+class JudgeConfig:
+    num_colors: int = 6
+    num_shapes: int = 3
+    num_sizes: int = 2
+    channels: int = 48
+
+
+class JudgeNet(nn.Module):
+    """Per-cell classifier: `forward(images (B, 3, H, W) in [-1, 1]) -> logits (B, GRID*GRID, 1 + C + S + Z)`.
+
+    The first logit of a cell says whether it holds an object; the rest are color, shape and size logits.
+    """
+
+    def __init__(self, config: JudgeConfig):
+        super().__init__()
+        self.config = config
+        c = config.channels
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.features = nn.Sequential(
+            block(3, c, 1), block(c, c, 1), block(c, 2 * c, 2), block(2 * c, 2 * c, 1), block(2 * c, 2 * c, 2)
+        )
+        self.num_outputs = 1 + config.num_colors + config.num_shapes + config.num_sizes
+        self.head = nn.Sequential(
+            nn.Conv2d(4 * c, 2 * c, 1), nn.ReLU(inplace=True), nn.Conv2d(2 * c, self.num_outputs, 1)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.features(images)
+        pooled = torch.cat([F.adaptive_max_pool2d(f, GRID), F.adaptive_avg_pool2d(f, GRID)], dim=1)
+        logits = self.head(pooled)  # (B, K, GRID, GRID)
+        return logits.flatten(2).transpose(1, 2)  # (B, GRID*GRID, K)
+
+    def split_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(presence (B, N), color (B, N, C), shape (B, N, S), size (B, N, Z))."""
+        c = self.config
+        presence, color, shape, size = logits.split([1, c.num_colors, c.num_shapes, c.num_sizes], dim=-1)
+        return presence.squeeze(-1), color, shape, size
+
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against per-cell targets (B, GRID*GRID, 3) holding -1 in empty cells."""
+        presence, color, shape, size = self.split_logits(self(images))
+        occupied = targets[..., 0] >= 0
+        loss = F.binary_cross_entropy_with_logits(presence, occupied.float())
+        for logits, t in zip((color, shape, size), targets.unbind(-1), strict=True):
+            loss = loss + F.cross_entropy(logits[occupied], t[occupied])
+        return loss
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-cell labels (B, GRID*GRID, 3): color, shape, size indices, -1 where the cell looks empty."""
+        presence, color, shape, size = self.split_logits(self(images))
+        labels = torch.stack([color.argmax(-1), shape.argmax(-1), size.argmax(-1)], dim=-1)
+        return torch.where((presence > 0).unsqueeze(-1), labels, torch.full_like(labels, -1))

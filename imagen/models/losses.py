@@ -1,0 +1,70 @@
+"""Losses for the autoencoder: PatchGAN discriminator, hinge GAN losses, and a pluggable perceptual loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: (B, 3, H, W) -> realness logits (B, 1, H', W'), one per overlapping patch."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 2):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        width = channels
+        for i in range(1, num_layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < num_layers else 1
+            layers += [nn.Conv2d(width, out, 4, stride, 1), nn.GroupNorm(8, out), nn.LeakyReLU(0.2, inplace=True)]
+            width = out
+        layers.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -logits_fake.mean()
+
+
+class HFFeaturePerceptualLoss(nn.Module):
+    """Perceptual distance: mean squared difference of normalized hidden states of a frozen vision model.
+
+    `pretrained` is a Hugging Face hub name or a local folder of any `AutoModel` vision backbone that returns
+    `hidden_states` (ViT, DINOv2, ConvNeXt, ...). Loading it needs the weights, so this loss is off by default.
+    """
+
+    def __init__(self, pretrained: str, layers: tuple[int, ...] = (-4, -3, -2, -1), image_size: int | None = None):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.backbone = AutoModel.from_pretrained(pretrained).eval().requires_grad_(False)
+        self.layers = tuple(layers)
+        cfg = self.backbone.config
+        self.image_size = image_size or getattr(cfg, "image_size", None)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> HFFeaturePerceptualLoss:
+        super().train(mode)
+        self.backbone.eval()  # frozen: never switches to training mode
+        return self
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x.add(1.0).div(2.0) - self.mean) / self.std
+        if self.image_size and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        hidden = self.backbone(pixel_values=x, output_hidden_states=True).hidden_states
+        return [F.normalize(hidden[i].flatten(2) if hidden[i].dim() == 4 else hidden[i], dim=1) for i in self.layers]
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target_features = self._features(target)
+        return sum(F.mse_loss(a, b) for a, b in zip(self._features(reconstruction), target_features, strict=True))

@@ -1,0 +1,192 @@
+"""Stage 1: the image autoencoder (tokenizer) as a LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from imagen.metrics.codebook import CodebookUsage
+from imagen.models.autoencoder import Autoencoder
+from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
+from imagen.stages.optim import build_optimizer
+
+
+class AutoencoderStage(pl.LightningModule):
+    """Trains `net` (encoder -> quantizer -> decoder) to reconstruct images through discrete tokens.
+
+    Losses: `l1_weight * |x - x'| + l2_weight * (x - x')^2 + quantizer aux loss`, plus optionally a perceptual loss
+    and, from `adversarial_start_step` on, a PatchGAN hinge loss. Optimization is manual (generator and
+    discriminator optimizers). Validation and test log PSNR, SSIM, codebook usage and perplexity, and, when the
+    datamodule has a judge (shapes data), the judge's accuracy on reconstructions.
+    """
+
+    def __init__(
+        self,
+        net: Autoencoder,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        l1_weight: float = 1.0,
+        l2_weight: float = 1.0,
+        perceptual: nn.Module | None = None,
+        perceptual_weight: float = 0.0,
+        discriminator: nn.Module | None = None,
+        disc_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        adversarial_weight: float = 0.1,
+        adversarial_start_step: int = 0,
+        grad_clip: float | None = 1.0,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(
+            logger=False, ignore=["net", "optimizer", "scheduler", "perceptual", "discriminator", "disc_optimizer"]
+        )
+        self.automatic_optimization = False  # generator and discriminator step separately
+        if discriminator is not None and disc_optimizer is None:
+            raise ValueError("model.discriminator is set but model.disc_optimizer is null")
+        self.net = net
+        self.perceptual = perceptual
+        self.discriminator = discriminator
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.disc_optimizer_factory = disc_optimizer
+        self.metrics = nn.ModuleDict({split: self._split_metrics() for split in ("val", "test")})
+
+    def _split_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict(
+            {
+                "psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
+                "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+                "codebook": CodebookUsage(self.net.vocab_size),
+                "judge_acc": MeanMetric(),
+            }
+        )
+
+    # -- training -------------------------------------------------------------------------------------------------
+
+    def reconstruction_loss(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        loss = self.hparams.l1_weight * F.l1_loss(recon, images) + self.hparams.l2_weight * F.mse_loss(recon, images)
+        if self.perceptual is not None and self.hparams.perceptual_weight > 0:
+            loss = loss + self.hparams.perceptual_weight * self.perceptual(recon, images)
+        return loss
+
+    def _adversarial_active(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.hparams.adversarial_start_step
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        optimizers = self.optimizers()
+        opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        recon, q = self.net(images)
+        rec_loss = self.reconstruction_loss(images, recon)
+        loss = rec_loss + q.aux_loss
+        adversarial = self._adversarial_active()
+        if adversarial:
+            # this backward also leaves gradients in the discriminator; they are cleared before its own step
+            g_loss = hinge_generator_loss(self.discriminator(recon))
+            loss = loss + self.hparams.adversarial_weight * g_loss
+            self.log("train/g_loss", g_loss)
+
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            (schedulers[0] if isinstance(schedulers, list) else schedulers).step()
+
+        if adversarial:
+            d_loss = hinge_discriminator_loss(self.discriminator(images), self.discriminator(recon.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            if self.hparams.grad_clip:
+                self.clip_gradients(opt_d, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            # Step the wrapped torch optimizer: Lightning counts every LightningOptimizer.step() as a global step,
+            # and trainer.max_steps should count batches whether or not the discriminator is on.
+            opt_d.optimizer.step()
+            self.log("train/d_loss", d_loss)
+
+        self.log_dict({"train/loss": loss, "train/rec_loss": rec_loss, "train/aux_loss": q.aux_loss}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt_g = build_optimizer(self.optimizer_factory, self.net, self.hparams.weight_decay)
+        optimizers, schedulers = [opt_g], []
+        if self.scheduler_factory is not None:
+            schedulers.append({"scheduler": self.scheduler_factory(opt_g), "interval": "step"})
+        if self.discriminator is not None:
+            optimizers.append(build_optimizer(self.disc_optimizer_factory, self.discriminator))
+        return optimizers, schedulers
+
+    def setup(self, stage: str) -> None:
+        if self.discriminator is not None and str(self.trainer.precision).startswith("16"):
+            raise ValueError(
+                "trainer.precision=16-mixed is not supported with the adversarial loss (the discriminator step "
+                "bypasses the grad scaler); use bf16-mixed or 32-true"
+            )
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+
+    def _judge(self):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return getattr(datamodule, "judge", None)
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        images = batch["image"]
+        recon, q = self.net(images)
+        recon = recon.clamp(-1, 1)
+        m = self.metrics[split]
+        m["psnr"].update((recon + 1) / 2, (images + 1) / 2)
+        m["ssim"].update((recon + 1) / 2, (images + 1) / 2)
+        m["codebook"].update(q.indices)
+        judge = self._judge()
+        if judge is not None and "target" in batch:
+            m["judge_acc"].update(judge.to(self.device).exact(recon, batch["target"]).float())
+        self.log(f"{split}/rec_loss", self.reconstruction_loss(images, recon), sync_dist=True)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        m = self.metrics[split]
+        codebook = m["codebook"].compute()
+        values = {
+            f"{split}/psnr": m["psnr"].compute(),
+            f"{split}/ssim": m["ssim"].compute(),
+            f"{split}/codebook_usage": codebook["usage"],
+            f"{split}/perplexity": codebook["perplexity"],
+        }
+        if m["judge_acc"].update_count > 0:
+            values[f"{split}/judge_acc"] = m["judge_acc"].compute()
+        self.log_dict(values, prog_bar=split == "val")
+        for metric in m.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @torch.no_grad()
+    def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Images in [-1, 1] for the image logger: inputs and their reconstructions."""
+        images = batch["image"]
+        recon, _ = self.net(images)
+        return {"inputs": images, "reconstructions": recon.clamp(-1, 1)}
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain types only: later stages rebuild the network from this without unpickling any object.
+        checkpoint["imagen"] = {"stage": "autoencoder", "net_config": asdict(self.net.config)}

@@ -1,0 +1,53 @@
+"""Optimizer and schedule helpers shared by the stages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Weight decay on parameters with two or more dimensions (weights), none on biases, norms and gains."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(
+    optimizer: Callable[..., torch.optim.Optimizer], module: nn.Module, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """Complete a partial optimizer (from config) over `module`'s trainable parameters.
+
+    With `weight_decay` set, decay applies to >= 2-D parameters only. AdamW is fused when the parameters are on
+    a GPU (fewer kernel launches per step).
+    """
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters; is everything frozen?")
+    groups = param_groups(params, weight_decay) if weight_decay is not None else [p for _, p in params]
+    kwargs = {}
+    target = getattr(optimizer, "func", optimizer)
+    if target is torch.optim.AdamW and params[0][1].is_cuda:
+        kwargs["fused"] = True
+    return optimizer(groups, **kwargs)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base LR over `warmup_steps`, then cosine decay to `min_lr_ratio` x base at `total_steps`."""
+    if total_steps <= 0:
+        raise ValueError(f"the LR schedule needs total_steps > 0 (trainer.max_steps), got {total_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from imagen.data.shapes import (
+    POSITIONS,
+    Scene,
+    SceneSampler,
+    ShapeObject,
+    ShapesConfig,
+    matches_caption,
+    render,
+    scene_from_targets,
+    scene_targets,
+)
+from imagen.data.shapes_datamodule import build_split
+
+HELDOUT = [{"color": "red", "shape": "triangle"}, {"color": "blue", "shape": "circle"}]
+
+
+def test_render_is_deterministic_for_a_seed():
+    config = ShapesConfig(heldout=HELDOUT)
+    a = build_split(config, "train", 64, 0, seed=3)
+    b = build_split(config, "train", 64, 0, seed=3)
+    c = build_split(config, "train", 64, 0, seed=4)
+    assert np.array_equal(a.images, b.images) and a.scenes == b.scenes
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_heldout_combinations_never_appear_in_training():
+    config = ShapesConfig(heldout=HELDOUT)
+    train = build_split(config, "train", 3000, 0, seed=0)
+    objects = [o for s in train.scenes for o in s.objects]
+    assert not any(config.is_heldout(o) for o in objects)
+    # the rest of the attribute space is covered: every color and every shape appears
+    assert {o.color for o in objects} == set(config.colors) and {o.shape for o in objects} == set(config.shapes)
+    test = build_split(config, "test", 100, 50, seed=0)
+    assert test.heldout.sum() == 50
+    assert all(any(config.is_heldout(o) for o in s.objects) for s, h in zip(test.scenes, test.heldout) if h)
+
+
+def test_scene_attributes_and_captions():
+    config = ShapesConfig()
+    rng = np.random.default_rng(0)
+    sampler = SceneSampler(config)
+    scenes = [sampler.sample(rng) for _ in range(400)]
+    counts = {len(s.objects) for s in scenes}
+    assert counts == {1, 2}
+    for s in scenes:
+        caps = s.captions()
+        assert len(caps) >= 3 and len(set(caps)) == len(caps)
+        for o in s.objects:
+            assert o.color in caps[0] and o.shape in caps[0] and o.size in caps[0]
+        if len(s.objects) == 2:
+            assert s.relation in caps[0]
+        assert scene_from_targets(scene_targets(s, config), config) == sorted(
+            s.objects, key=lambda o: POSITIONS.index(o.position)
+        )
+    assert render(scenes[0], config, rng).shape == (32, 32, 3)
+
+
+def test_caption_matching_rules():
+    a = ShapeObject("red", "circle", "small", "left")
+    b = ShapeObject("blue", "square", "large", "right")
+    scene = Scene((a, b), "left of")
+    assert matches_caption([a, b], scene) and matches_caption([b, a], scene)
+    # the relation is what counts for two objects, not the exact cells
+    assert matches_caption([ShapeObject("red", "circle", "small", "top left"), ShapeObject("blue", "square", "large", "top")], scene)
+    assert not matches_caption([ShapeObject("red", "circle", "small", "right"), ShapeObject("blue", "square", "large", "left")], scene)
+    assert not matches_caption([a], scene)
+    assert matches_caption([a], Scene((a,)))
+    assert not matches_caption([ShapeObject("red", "circle", "large", "left")], Scene((a,)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"colors": ["red", "magenta"]}, "data.colors"),
+        ({"shapes": []}, "data.shapes"),
+        ({"max_objects": 3}, "data.max_objects"),
+        ({"heldout": [{"color": "black"}]}, "data.heldout"),
+    ],
+)
+def test_bad_renderer_settings_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        ShapesConfig(**kwargs)
