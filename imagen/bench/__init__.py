@@ -1,0 +1,1 @@
+"""Benchmark scripts (not tests): each prints ratios measured side by side in one run."""
