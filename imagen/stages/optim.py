@@ -51,3 +51,22 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_linear(
+    optimizer: torch.optim.Optimizer, warmup_steps: int | float, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base LR, then linear decay to zero at `total_steps` (the BERT fine-tuning recipe).
+
+    `warmup_steps` below 1 is a fraction of `total_steps`.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"the LR schedule needs total_steps > 0, got {total_steps}")
+    warmup = int(warmup_steps * total_steps) if warmup_steps < 1 else int(warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
