@@ -1,0 +1,574 @@
+"""NER data: CoNLL-style column files (or a Hugging Face dataset) -> subword windows for a token classifier.
+
+Reading: one token per line, token in the first column and tag in the last (CoNLL-2003's token/POS/chunk/NER,
+two-column files such as WNUT); blank lines end sentences; `-DOCSTART-` lines end documents. Tags come out in
+IOB2 (IOB1 and IOBES input are converted).
+
+Encoding: every word is tokenized once with a fast tokenizer; a sentence is cut into windows of at most
+`max_length` subtokens whose *cores* partition its words (context around a core is fed to the encoder but not
+labelled), so long sentences lose no word and each word is predicted exactly once. A word is labelled on its
+first subtoken (`-100` elsewhere), or on all of them with `label_all_subtokens`. With `document_context`, the
+context comes from the neighbouring sentences of the same document (the BERT paper's CoNLL-2003 recipe).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# File names of the original CoNLL-2003 release and of the common re-distribution, tried in this order.
+LAYOUTS = (
+    {"train": "eng.train", "val": "eng.testa", "test": "eng.testb"},
+    {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
+)
+HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+DOCSTART = "-DOCSTART-"
+SCHEMES = ("auto", "iob1", "iob2", "iobes")
+IGNORE = -100  # label of positions that carry no loss (torch's cross-entropy ignore_index)
+_TAG = re.compile(r"^(O|[BIES]-\S+)$")
+
+
+class ConllFormatError(ValueError):
+    """A line that is not `TOKEN ... TAG`; the message starts with `file:line`."""
+
+
+@dataclass
+class Sentence:
+    tokens: list[str]
+    tags: list[str]
+    document: int  # documents are numbered per source; -DOCSTART- starts a new one
+    origin: str  # "file:line" of the first token, for error messages
+
+
+def fixture_dir(name: str = "conll_tiny") -> str:
+    """Path of a CoNLL fixture shipped with the package (train.txt / valid.txt / test.txt)."""
+    return str(resources.files("imagen.data") / "fixtures" / name)
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+
+
+def read_conll(path: str | Path, scheme: str = "auto") -> list[Sentence]:
+    """Sentences of a CoNLL-style file, tags converted to IOB2 (see `to_iob2`).
+
+    Raises `ConllFormatError` naming `file:line` for a line without a token and a tag, with a column count
+    different from the file's first line, or whose last column is not a tag (O, B-X, I-X, E-X, S-X).
+    """
+    path = Path(path)
+    sentences: list[Sentence] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    document, start, columns = 0, 0, None
+
+    def end_sentence() -> None:
+        if tokens:
+            sentences.append(Sentence(tokens.copy(), tags.copy(), document, f"{path}:{start}"))
+            tokens.clear()
+            tags.clear()
+
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip()
+            if not line:
+                end_sentence()
+                continue
+            # tab-separated files may hold tokens with spaces; otherwise any whitespace separates columns
+            fields = line.split("\t") if "\t" in line else line.split()
+            if fields[0] == DOCSTART:
+                end_sentence()
+                document += 1 if sentences else 0
+                continue
+            where = f"{path}:{number}"
+            if len(fields) < 2:
+                raise ConllFormatError(
+                    f"{where}: expected 'TOKEN [...] TAG' (at least 2 columns), got {line!r}"
+                )
+            if columns is None:
+                columns = len(fields)
+            elif len(fields) != columns:
+                raise ConllFormatError(
+                    f"{where}: expected {columns} columns like the lines above, got {len(fields)}: {line!r}"
+                )
+            if not _TAG.match(fields[-1]):
+                raise ConllFormatError(
+                    f"{where}: expected a tag (O, B-TYPE, I-TYPE) in the last column, got {fields[-1]!r}"
+                )
+            if not tokens:
+                start = number
+            tokens.append(fields[0])
+            tags.append(fields[-1])
+    end_sentence()
+    return convert_scheme(sentences, scheme, str(path))
+
+
+def sentences_from_hf(dataset, name: str = "dataset") -> list[Sentence]:
+    """Sentences of a Hugging Face `datasets.Dataset` with `tokens` and `ner_tags` columns (tag ids or strings).
+
+    Rows whose only token is `-DOCSTART-` end documents, as in the column files; without them the split is one
+    document. Tags are returned as they are (convert with `convert_scheme`).
+    """
+    for column in ("tokens", "ner_tags"):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"{name}: no {column!r} column (has {dataset.column_names}); NER data needs tokens and ner_tags"
+            )
+    feature = dataset.features["ner_tags"]
+    names = getattr(getattr(feature, "feature", None), "names", None)  # Sequence(ClassLabel) -> tag names
+    sentences: list[Sentence] = []
+    document = 0
+    for i, row in enumerate(dataset):
+        if row["tokens"] == [DOCSTART]:
+            document += 1 if sentences else 0
+            continue
+        if row["tokens"]:
+            tags = [names[t] for t in row["ner_tags"]] if names else list(row["ner_tags"])
+            sentences.append(Sentence(list(row["tokens"]), tags, document, f"{name}[{i}]"))
+    return sentences
+
+
+def detect_scheme(sentences: Iterable[Sentence]) -> str:
+    """`iobes` if E-/S- tags occur, `iob1` if a chunk starts with I- (never in IOB2), else `iob2`."""
+    found = "iob2"
+    for s in sentences:
+        previous = "O"
+        for tag in s.tags:
+            if tag[:2] in ("E-", "S-"):
+                return "iobes"
+            if tag.startswith("I-") and previous[2:] != tag[2:]:
+                found = "iob1"
+            previous = tag
+    return found
+
+
+def to_iob2(tags: Sequence[str], scheme: str) -> list[str]:
+    """Tags of one sentence in IOB2: IOB1 chunks that start with I- get B-; IOBES S-/E- become B-/I-."""
+    if scheme == "iob2":
+        return list(tags)
+    if scheme == "iobes":
+        return [
+            "B-" + t[2:] if t.startswith("S-") else "I-" + t[2:] if t.startswith("E-") else t for t in tags
+        ]
+    out, previous = [], "O"
+    for tag in tags:
+        begins = tag.startswith("I-") and previous[2:] != tag[2:]
+        out.append("B-" + tag[2:] if begins else tag)
+        previous = tag
+    return out
+
+
+def convert_scheme(sentences: list[Sentence], scheme: str, source: str) -> list[Sentence]:
+    """Convert `sentences` (in place) to IOB2; `scheme="auto"` detects the input scheme."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"tag scheme {scheme!r} is unknown; choose from {SCHEMES}")
+    if scheme == "auto":
+        scheme = detect_scheme(sentences)
+    if scheme != "iob2":
+        log.info(f"{source}: {scheme.upper()} tags converted to IOB2")
+        for s in sentences:
+            s.tags = to_iob2(s.tags, scheme)
+    return sentences
+
+
+def label_list(splits: dict[str, list[Sentence]], given: Sequence[str] | None = None) -> list[str]:
+    """The label set: `given`, or every tag of every split (so a tag seen only in dev/test does not crash).
+
+    Sorted as `O`, then per entity type `B-` and `I-`; both are present for every type (continuation subtokens
+    and the model may need the `I-` of a type that only occurs as single words). A tag missing from `given`
+    raises, naming where it occurs.
+    """
+    if given is not None:
+        known = set(given)
+        for sentences in splits.values():
+            for s in sentences:
+                for tag in s.tags:
+                    if tag not in known:
+                        raise ValueError(f"{s.origin}: tag {tag!r} is not in data.labels={list(given)}")
+        return list(given)
+    types = sorted(
+        {tag[2:] for sentences in splits.values() for s in sentences for tag in s.tags if tag != "O"}
+    )
+    return ["O"] + [f"{prefix}-{t}" for t in types for prefix in ("B", "I")]
+
+
+def resolve_files(data_dir: str | Path | None, files: dict[str, str] | None = None) -> dict[str, Path]:
+    """The train/val/test files: `files` entries (relative to `data_dir` unless absolute), the rest from the
+    first of `LAYOUTS` present in `data_dir`."""
+    root = Path(data_dir) if data_dir else Path.cwd()
+    chosen = dict(files or {})
+    unknown = set(chosen) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"data.files: unknown split(s) {sorted(unknown)}; use {list(SPLITS)}")
+    missing = [s for s in SPLITS if s not in chosen]
+    if missing:
+        layout = next((lay for lay in LAYOUTS if all((root / lay[s]).is_file() for s in missing)), None)
+        if layout is None:
+            tried = " or ".join(", ".join(lay[s] for s in missing) for lay in LAYOUTS)
+            raise FileNotFoundError(
+                f"data.data_dir={root}: no {tried} there; name other files with data.files"
+            )
+        chosen.update({s: layout[s] for s in missing})
+    paths = {s: root / chosen[s] for s in SPLITS}
+    for split, path in paths.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"data.files.{split}={path}: no such file")
+    return paths
+
+
+# -- tokenizer and windows ----------------------------------------------------------------------------------------
+
+# byte-level BPE tokenizers need a space before each pre-split word to tokenize it as in running text
+_PREFIX_SPACE_MODELS = {"roberta", "xlm-roberta", "longformer", "gpt2", "bart", "deberta", "bloom"}
+
+
+def load_tokenizer(name_or_path: str):
+    """The fast tokenizer of `name_or_path` (hub name or local folder); a slow-only tokenizer raises."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    kwargs = {"add_prefix_space": True} if model_type in _PREFIX_SPACE_MODELS else {}
+    return require_fast(AutoTokenizer.from_pretrained(name_or_path, **kwargs), name_or_path)
+
+
+def require_fast(tokenizer, name: str):
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{name}: {type(tokenizer).__name__} is a slow (Python) tokenizer; word-to-subword alignment needs a "
+            "fast one (tokenizers backend, word_ids()); use a model that ships a tokenizer.json"
+        )
+    return tokenizer
+
+
+def tokenizer_files(tokenizer) -> dict[str, str | bytes]:
+    """The files `save_pretrained` writes for `tokenizer`, by name (text as str), to store in a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for path in sorted(Path(tmp).iterdir()):
+            data = path.read_bytes()
+            try:
+                files[path.name] = data.decode("utf-8")
+            except UnicodeDecodeError:  # e.g. a sentencepiece model
+                files[path.name] = data
+    return files
+
+
+def tokenizer_from_files(files: dict[str, str | bytes]):
+    """Rebuild a fast tokenizer from `tokenizer_files` output, offline."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        return require_fast(AutoTokenizer.from_pretrained(tmp), "the checkpoint's tokenizer")
+
+
+def word_subtokens(tokenizer, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
+    """Subtoken ids of every word: [sentence][word] -> ids. A word the tokenizer drops (e.g. a zero-width
+    character) becomes the unknown token, so that it still gets a prediction."""
+    encoded = tokenizer([s.tokens for s in sentences], is_split_into_words=True, add_special_tokens=False)
+    out = []
+    for i, s in enumerate(sentences):
+        words: list[list[int]] = [[] for _ in s.tokens]
+        for token_id, word in zip(encoded["input_ids"][i], encoded.word_ids(i), strict=True):
+            words[word].append(token_id)
+        out.append([ids or [tokenizer.unk_token_id] for ids in words])
+    return out
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a sequence (BERT: [CLS] / [SEP])."""
+    encoded = tokenizer(["x"], is_split_into_words=True)
+    ids, words = encoded["input_ids"], encoded.word_ids()
+    first = words.index(0)
+    last = len(words) - 1 - words[::-1].index(0)
+    return ids[:first], ids[last + 1 :]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Word indices into a stream: the encoder sees [start, end); only the core [core_start, core_end) is
+    labelled and predicted."""
+
+    start: int
+    core_start: int
+    core_end: int
+    end: int
+
+
+def plan_windows(
+    lengths: Sequence[int], core: tuple[int, int], bounds: tuple[int, int], max_tokens: int, context: int
+) -> list[Window]:
+    """Windows whose cores partition the words `core` = [a, b) of a stream with subtoken counts `lengths`.
+
+    Each window holds at most `max_tokens` subtokens. A core is the rest of [a, b) if it fits (beside `context`
+    subtokens of left context, after the first window), else as many words as leave `context` for the sides.
+    The room a core leaves is filled with context from `bounds` = [lo, hi), up to half of it on the left first.
+    Every length must be <= max_tokens - 2 * context (see `EncodingSettings.word_cap`).
+    """
+    a, b = core
+    lo, hi = bounds
+    windows = []
+    core_start = a
+    while core_start < b:
+        budget = max_tokens - (context if core_start > a else 0)
+        if sum(lengths[core_start:b]) > budget:
+            budget -= context  # more windows follow: keep room for right context too
+        core_end, used = core_start, 0
+        while core_end < b and used + lengths[core_end] <= budget:
+            used += lengths[core_end]
+            core_end += 1
+        start, end = core_start, core_end
+        room = max_tokens - used
+        left = room // 2
+        while start > lo and lengths[start - 1] <= left:
+            left -= lengths[start - 1]
+            room -= lengths[start - 1]
+            start -= 1
+        while end < hi and lengths[end] <= room:
+            room -= lengths[end]
+            end += 1
+        while start > lo and lengths[start - 1] <= room:  # the right side ran out: more on the left
+            room -= lengths[start - 1]
+            start -= 1
+        windows.append(Window(start, core_start, core_end, end))
+        core_start = core_end
+    return windows
+
+
+@dataclass(frozen=True)
+class EncodingSettings:
+    """How sentences become encoder inputs; saved in checkpoints so prediction encodes the same way."""
+
+    max_length: int = 128
+    window_context: int = 32  # subtokens of context kept on each side of a window's core
+    document_context: bool = False
+    label_all_subtokens: bool = False
+
+    def word_cap(self, num_special: int) -> int:
+        """Subtokens kept per word (a longer word is cut: its first subtoken carries the label)."""
+        cap = self.max_length - num_special - 2 * self.window_context
+        if cap < 1:
+            raise ValueError(
+                f"data.window_context={self.window_context} leaves no room in data.max_length={self.max_length} "
+                f"({num_special} special tokens); use window_context < {(self.max_length - num_special) // 2}"
+            )
+        return cap
+
+
+class NerWindows(Dataset):
+    """Encoder inputs of a list of sentences. Items: `input_ids`, `labels` (-100: no loss) and `word_index`
+    (the word's index in the flattened split at the first subtoken of each core word, else -1).
+
+    `word_offsets[i]` is the flat index of sentence i's first word, so predictions `p[word_index]` read back
+    per sentence as `p[word_offsets[i] : word_offsets[i] + len(sentences[i].tokens)]`.
+    """
+
+    def __init__(
+        self, sentences: list[Sentence], tokenizer, labels: Sequence[str], settings: EncodingSettings
+    ):
+        self.sentences = sentences
+        self.settings = settings
+        label_id = {tag: i for i, tag in enumerate(labels)}
+        continuation_id = [
+            label_id.get("I-" + t[2:], i) if t.startswith("B-") else i for i, t in enumerate(labels)
+        ]
+        prefix, suffix = special_tokens(tokenizer)
+        max_tokens = settings.max_length - len(prefix) - len(suffix)
+        cap = settings.word_cap(len(prefix) + len(suffix))
+        subtokens = [[ids[:cap] for ids in words] for words in word_subtokens(tokenizer, sentences)]
+
+        self.word_offsets, total = [], 0
+        for s in sentences:
+            self.word_offsets.append(total)
+            total += len(s.tokens)
+        self.num_words = total
+
+        # streams: a sentence, or with document_context the sentences of one document in a row
+        streams: list[list[int]] = []
+        for i, s in enumerate(sentences):
+            if streams and settings.document_context and sentences[streams[-1][0]].document == s.document:
+                streams[-1].append(i)
+            else:
+                streams.append([i])
+
+        self.items: list[dict[str, list[int]]] = []
+        for stream in streams:
+            words = [(i, w) for i in stream for w in range(len(sentences[i].tokens))]  # (sentence, word)
+            lengths = [len(subtokens[i][w]) for i, w in words]
+            offset = 0
+            for i in stream:
+                n = len(sentences[i].tokens)
+                for window in plan_windows(
+                    lengths, (offset, offset + n), (0, len(words)), max_tokens, settings.window_context
+                ):
+                    self.items.append(
+                        self._encode(window, words, subtokens, prefix, suffix, label_id, continuation_id)
+                    )
+                offset += n
+
+    def _encode(
+        self, window, words, subtokens, prefix, suffix, label_id, continuation_id
+    ) -> dict[str, list[int]]:
+        ids, labels, index = list(prefix), [IGNORE] * len(prefix), [-1] * len(prefix)
+        for k in range(window.start, window.end):
+            i, w = words[k]
+            pieces = subtokens[i][w]
+            ids += pieces
+            if window.core_start <= k < window.core_end:
+                tag = label_id[self.sentences[i].tags[w]]
+                rest = continuation_id[tag] if self.settings.label_all_subtokens else IGNORE
+                labels += [tag] + [rest] * (len(pieces) - 1)
+                index += [self.word_offsets[i] + w] + [-1] * (len(pieces) - 1)
+            else:
+                labels += [IGNORE] * len(pieces)
+                index += [-1] * len(pieces)
+        n = len(suffix)
+        return {
+            "input_ids": ids + list(suffix),
+            "labels": labels + [IGNORE] * n,
+            "word_index": index + [-1] * n,
+        }
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.items[index]
+
+    def per_sentence(self, flat: Sequence) -> list[Sequence]:
+        """Split per-word values of the whole split (indexed by `word_index`) into one slice per sentence."""
+        return [flat[o : o + len(s.tokens)] for o, s in zip(self.word_offsets, self.sentences, strict=True)]
+
+
+def collate_windows(items: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest window: input_ids, attention_mask, labels, word_index, all (B, T)."""
+    length = max(len(item["input_ids"]) for item in items)
+    batch = {
+        "input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(len(items), length, dtype=torch.long),
+        "labels": torch.full((len(items), length), IGNORE, dtype=torch.long),
+        "word_index": torch.full((len(items), length), -1, dtype=torch.long),
+    }
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        batch["attention_mask"][row, :n] = 1
+        for key in ("input_ids", "labels", "word_index"):
+            batch[key][row, :n] = torch.tensor(item[key])
+    return batch
+
+
+# -- the datamodule -----------------------------------------------------------------------------------------------
+
+
+class ConllDataModule(pl.LightningDataModule):
+    """CoNLL-format NER data: files from `data_dir` (`eng.train/eng.testa/eng.testb` or
+    `train.txt/valid.txt/test.txt`, others through `files`) or a Hugging Face dataset `hf_dataset` (a hub name,
+    or a folder written by `DatasetDict.save_to_disk`) with `tokens`/`ner_tags` columns.
+
+    After `setup()`: `labels` (the label list), `sentences[split]`, `tokenizer` and `settings`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        data_dir: str | None = None,
+        files: dict[str, str] | None = None,
+        hf_dataset: str | None = None,
+        hf_config: str | None = None,
+        scheme: str = "auto",
+        labels: list[str] | None = None,
+        max_length: int = 128,
+        window_context: int = 32,
+        document_context: bool = False,
+        label_all_subtokens: bool = False,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        # plain types (not Hydra's containers) so that checkpoints load with torch.load(weights_only=True)
+        files = {str(k): str(v) for k, v in files.items()} if files else None
+        labels = [str(t) for t in labels] if labels is not None else None
+        self.save_hyperparameters(logger=False)
+        if (data_dir is None and not files) == (hf_dataset is None):
+            raise ValueError("set exactly one of data.data_dir (CoNLL files) and data.hf_dataset")
+        self.settings = EncodingSettings(max_length, window_context, document_context, label_all_subtokens)
+        self.sentences: dict[str, list[Sentence]] = {}
+        self.labels: list[str] = []
+        self.tokenizer = None
+        self.datasets: dict[str, NerWindows] = {}
+
+    def read_splits(self) -> dict[str, list[Sentence]]:
+        h = self.hparams
+        if h.hf_dataset is None:
+            return {
+                split: read_conll(path, h.scheme)
+                for split, path in resolve_files(h.data_dir, h.files).items()
+            }
+        import datasets
+
+        if (Path(h.hf_dataset) / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(h.hf_dataset)
+        else:
+            loaded = datasets.load_dataset(h.hf_dataset, h.hf_config)
+        out = {}
+        for split, name in HF_SPLITS.items():
+            if name not in loaded:
+                raise ValueError(f"data.hf_dataset={h.hf_dataset}: no {name!r} split (has {list(loaded)})")
+            source = f"{h.hf_dataset}[{name}]"
+            out[split] = convert_scheme(sentences_from_hf(loaded[name], source), h.scheme, source)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        # all splits are read at every stage: the label set is built from all of them
+        if not self.sentences:
+            self.sentences = self.read_splits()
+            self.labels = label_list(self.sentences, self.hparams.labels)
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            log.info(
+                "NER data: "
+                + ", ".join(f"{split} {len(s)} sentences" for split, s in self.sentences.items())
+                + f"; labels {self.labels}"
+            )
+
+    def dataset(self, split: str) -> NerWindows:
+        if split not in self.datasets:
+            self.setup()
+            self.datasets[split] = NerWindows(
+                self.sentences[split], self.tokenizer, self.labels, self.settings
+            )
+        return self.datasets[split]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self.dataset(split),
+            batch_size=h.batch_size if train else h.eval_batch_size,
+            shuffle=train,
+            num_workers=h.num_workers,
+            pin_memory=h.pin_memory,
+            collate_fn=functools.partial(collate_windows, pad_id=self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

@@ -1,0 +1,242 @@
+"""NER data: the CoNLL reader, tag schemes, label sets, HF datasets, subword alignment and windows."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from imagen.data.conll import (
+    IGNORE,
+    ConllDataModule,
+    ConllFormatError,
+    EncodingSettings,
+    NerWindows,
+    Sentence,
+    collate_windows,
+    label_list,
+    load_tokenizer,
+    plan_windows,
+    read_conll,
+    require_fast,
+    resolve_files,
+    sentences_from_hf,
+)
+from imagen.models.ner import tiny_random_encoder
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ner"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    # whole-word entries for these words only: every other word splits into characters (G ##e ##r ...)
+    words = ["EU", "rejects", "call", "to", "boycott", "lamb", ".", "Peter", "fans", "in", "New", "York"]
+    return load_tokenizer(tiny_random_encoder(tmp_path_factory.mktemp("enc") / "bert", words))
+
+
+# -- reader -------------------------------------------------------------------------------------------------------
+
+
+def test_four_column_iob1_file_reads_as_iob2_sentences_and_documents():
+    sentences = read_conll(FIXTURES / "iob1_four_columns.txt")
+    assert [s.tokens for s in sentences] == [
+        ["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."],
+        ["Peter", "Blackburn"],
+        ["Spanish", "Basque", "fans", "in", "New", "York"],
+    ]
+    assert sentences[0].tags == ["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O"]
+    assert sentences[1].tags == ["B-PER", "I-PER"]
+    # IOB1's B- marks a second entity right after one of the same type; it stays B- in IOB2
+    assert sentences[2].tags == ["B-MISC", "B-MISC", "O", "O", "B-LOC", "I-LOC"]
+    assert [s.document for s in sentences] == [0, 0, 1]  # -DOCSTART- lines end documents, are no sentence
+    assert sentences[1].origin.endswith("iob1_four_columns.txt:13")
+
+
+def test_scheme_can_be_forced():
+    kept = read_conll(FIXTURES / "iob1_four_columns.txt", scheme="iob2")
+    assert kept[1].tags == ["I-PER", "I-PER"]
+
+
+def test_iobes_converts_to_iob2(tmp_path):
+    path = tmp_path / "iobes.txt"
+    path.write_text("Ann S-PER\nvisited O\nNew B-LOC\nYork E-LOC\n")
+    assert read_conll(path)[0].tags == ["B-PER", "O", "B-LOC", "I-LOC"]
+
+
+def test_two_column_tab_file():
+    sentences = read_conll(FIXTURES / "two_columns.tsv")
+    assert [s.tokens for s in sentences] == [
+        ["@paul", "loves", "New", "York", "City"],
+        ["Harry", "Styles", "tour"],
+    ]
+    assert sentences[0].tags == ["O", "O", "B-location", "I-location", "I-location"]
+    assert {s.document for s in sentences} == {0}
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    with pytest.raises(ConllFormatError, match=r"malformed\.txt:5: expected 'TOKEN \[...\] TAG'"):
+        read_conll(FIXTURES / "malformed.txt")
+    bad_tag = tmp_path / "bad_tag.txt"
+    bad_tag.write_text("EU NNP I-NP B-ORG\nrejects VBZ I-VP VBZ\n")
+    with pytest.raises(ConllFormatError, match=r"bad_tag\.txt:2: expected a tag .* got 'VBZ'"):
+        read_conll(bad_tag)
+    ragged = tmp_path / "ragged.txt"
+    ragged.write_text("EU NNP I-NP B-ORG\n\nrejects O\n")
+    with pytest.raises(ConllFormatError, match=r"ragged\.txt:3: expected 4 columns"):
+        read_conll(ragged)
+
+
+def test_label_set_covers_all_splits_and_given_labels_are_checked():
+    train = [Sentence(["a", "b"], ["B-PER", "O"], 0, "train:1")]
+    test = [Sentence(["c"], ["B-EVENT"], 0, "test:7")]  # a type seen only in test
+    assert label_list({"train": train, "test": test}) == ["O", "B-EVENT", "I-EVENT", "B-PER", "I-PER"]
+    assert label_list({"train": train}, given=["O", "B-PER", "I-PER"]) == ["O", "B-PER", "I-PER"]
+    with pytest.raises(ValueError, match=r"test:7: tag 'B-EVENT' is not in data.labels"):
+        label_list({"train": train, "test": test}, given=["O", "B-PER", "I-PER"])
+
+
+def test_files_resolve_from_either_layout_or_by_name(tmp_path):
+    for name in ("eng.train", "eng.testa", "eng.testb", "other.conll"):
+        (tmp_path / name).write_text("x O\n")
+    files = resolve_files(tmp_path)
+    assert [files[s].name for s in ("train", "val", "test")] == ["eng.train", "eng.testa", "eng.testb"]
+    assert resolve_files(tmp_path, {"test": "other.conll"})["test"].name == "other.conll"
+    with pytest.raises(FileNotFoundError, match="train.txt, valid.txt, test.txt"):
+        resolve_files(tmp_path / "empty")
+
+
+def test_hf_dataset_loads_offline(tmp_path, tokenizer):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(
+                datasets.ClassLabel(names=["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])
+            ),
+        }
+    )
+    rows = {
+        "tokens": [["-DOCSTART-"], ["Peter", "in", "York"], ["-DOCSTART-"], ["New", "York"]],
+        "ner_tags": [[0], [1, 0, 3], [0], [3, 4]],
+    }
+    split = datasets.Dataset.from_dict(rows, features=features)
+    sentences = sentences_from_hf(split)
+    assert [(s.tokens, s.tags, s.document) for s in sentences] == [
+        (["Peter", "in", "York"], ["B-PER", "O", "B-LOC"], 0),
+        (["New", "York"], ["B-LOC", "I-LOC"], 1),
+    ]
+    folder = tmp_path / "hf"
+    datasets.DatasetDict({"train": split, "validation": split, "test": split}).save_to_disk(str(folder))
+    data = ConllDataModule(
+        tokenizer=tokenizer.name_or_path, data_dir=None, hf_dataset=str(folder), batch_size=2
+    )
+    data.setup("fit")
+    assert data.labels == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert len(data.sentences["val"]) == 2
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2
+
+
+def test_slow_tokenizer_is_refused():
+    from transformers import ByT5Tokenizer
+
+    with pytest.raises(ValueError, match="slow .* needs a fast one"):
+        require_fast(ByT5Tokenizer(), "byt5")
+
+
+# -- alignment and windows ----------------------------------------------------------------------------------------
+
+
+def test_labels_land_on_first_subtokens(tokenizer):
+    sentence = Sentence(["EU", "rejects", "German", "call"], ["B-ORG", "O", "B-MISC", "O"], 0, "s")
+    labels = ["O", "B-MISC", "I-MISC", "B-ORG", "I-ORG"]
+    item = NerWindows([sentence], tokenizer, labels, EncodingSettings())[0]
+    pieces = tokenizer.convert_ids_to_tokens(item["input_ids"])
+    assert pieces == ["[CLS]", "EU", "rejects", "G", "##e", "##r", "##m", "##a", "##n", "call", "[SEP]"]
+    assert item["labels"] == [IGNORE, 3, 0, 1, *[IGNORE] * 5, 0, IGNORE]
+    assert item["word_index"] == [-1, 0, 1, 2, *[-1] * 5, 3, -1]
+
+    every = NerWindows([sentence], tokenizer, labels, EncodingSettings(label_all_subtokens=True))[0]
+    assert every["labels"] == [IGNORE, 3, 0, 1, *[2] * 5, 0, IGNORE]  # B-MISC continues as I-MISC
+    assert every["word_index"] == item["word_index"]
+
+
+def test_a_word_the_tokenizer_drops_still_gets_a_position(tokenizer):
+    sentence = Sentence(["EU", "\u200b", "call"], ["B-ORG", "O", "O"], 0, "s")
+    item = NerWindows([sentence], tokenizer, ["O", "B-ORG", "I-ORG"], EncodingSettings())[0]
+    assert item["word_index"] == [-1, 0, 1, 2, -1]
+    assert item["input_ids"][2] == tokenizer.unk_token_id
+
+
+def test_plan_windows_cores_partition_the_words():
+    rng = random.Random(0)
+    for _ in range(300):
+        max_tokens, context = rng.randint(6, 40), rng.randint(0, 5)
+        cap = max_tokens - 2 * context
+        if cap < 1:
+            continue
+        lengths = [rng.randint(1, min(cap, 6)) for _ in range(rng.randint(1, 60))]
+        a = rng.randint(0, len(lengths) - 1)
+        b = rng.randint(a + 1, len(lengths))
+        lo, hi = rng.choice([(a, b), (0, len(lengths))])
+        windows = plan_windows(lengths, (a, b), (lo, hi), max_tokens, context)
+        cores = [i for w in windows for i in range(w.core_start, w.core_end)]
+        assert cores == list(range(a, b))
+        for w in windows:
+            assert lo <= w.start <= w.core_start < w.core_end <= w.end <= hi
+            assert sum(lengths[w.start : w.end]) <= max_tokens
+
+
+def test_long_sentences_are_windowed_and_stitch_back_every_word_once(tokenizer):
+    words = ["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."] * 5
+    tags = ["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O"] * 5
+    sentences = [
+        Sentence(words, tags, 0, "long"),
+        Sentence(["Peter", "in", "York"], ["B-PER", "O", "B-LOC"], 0, "short"),
+    ]
+    labels = label_list({"all": sentences})
+    settings = EncodingSettings(max_length=16, window_context=3)
+    data = NerWindows(sentences, tokenizer, labels, settings)
+    assert len(data) > 5  # the long sentence (57 subtokens) needs several windows; the short one fits in one
+    assert all(len(item["input_ids"]) <= 16 for item in data)
+
+    batch = collate_windows(list(data), pad_id=tokenizer.pad_token_id)
+    predicted = batch["word_index"][batch["word_index"] >= 0].tolist()
+    assert sorted(predicted) == list(range(data.num_words))  # every word predicted exactly once
+
+    # reading the labels at the predicted positions back per sentence gives the gold tags
+    flat = [-1] * data.num_words
+    for index, label in zip(
+        batch["word_index"].flatten().tolist(), batch["labels"].flatten().tolist(), strict=True
+    ):
+        if index >= 0:
+            flat[index] = label
+    assert [[labels[t] for t in tags] for tags in data.per_sentence(flat)] == [tags, ["B-PER", "O", "B-LOC"]]
+
+
+def test_document_context_feeds_neighbours_without_labels(tokenizer):
+    sentences = [
+        Sentence(["EU", "rejects"], ["B-ORG", "O"], 0, "a"),
+        Sentence(["Peter"], ["B-PER"], 0, "b"),
+        Sentence(["York"], ["B-LOC"], 1, "c"),  # another document: never context for the others
+    ]
+    labels = label_list({"all": sentences})
+    data = NerWindows(sentences, tokenizer, labels, EncodingSettings(document_context=True))
+    middle = data[1]
+    assert tokenizer.convert_ids_to_tokens(middle["input_ids"]) == [
+        "[CLS]",
+        "EU",
+        "rejects",
+        "Peter",
+        "[SEP]",
+    ]
+    assert middle["labels"] == [IGNORE, IGNORE, IGNORE, labels.index("B-PER"), IGNORE]
+    assert middle["word_index"] == [-1, -1, -1, 2, -1]
+    assert tokenizer.convert_ids_to_tokens(data[2]["input_ids"]) == ["[CLS]", "York", "[SEP]"]
+
+
+def test_window_context_must_leave_room():
+    with pytest.raises(ValueError, match="window_context=40 leaves no room"):
+        EncodingSettings(max_length=64, window_context=40).word_cap(2)
