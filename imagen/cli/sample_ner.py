@@ -1,0 +1,238 @@
+"""`python sample.py task=ner ckpt=PATH text="..."` (or `input=FILE`): tag entities with a NER stage checkpoint.
+
+Writes `<out_dir>/entities.jsonl` (one line per sentence: its text and entities with type, character offsets
+and score) or, with `format=conll`, `<out_dir>/predictions.conll` (`token gold pred` columns that `conlleval`
+scores; `token pred` when the input has no gold tags). The checkpoint alone is enough: the tokenizer, encoder
+config and labels travel in it, so no hub access or `pretrained` folder is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from imagen.data.conll import (
+    ConllFormatError,
+    EncodingSettings,
+    NerWindows,
+    Sentence,
+    collate_windows,
+    read_conll,
+    tokenizer_from_files,
+)
+from imagen.metrics.ner import entity_report
+from imagen.models.ner import NerTagger, NerTaggerConfig, encoder_from_config
+from imagen.progress import progress_bar
+
+log = logging.getLogger("imagen")
+
+FORMATS = ("jsonl", "conll")
+# a word: letters/digits joined by inner - ' . & (U.S, don't, AT&T); any other non-space character alone
+_WORD = re.compile(r"\w+(?:[-'’.&]\w+)*|[^\w\s]")
+
+
+@dataclass
+class NerModel:
+    """What prediction needs, rebuilt from a checkpoint."""
+
+    tagger: NerTagger
+    tokenizer: object
+    labels: list[str]
+    settings: EncodingSettings
+
+
+def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """`torch.load(weights_only=True)`; a checkpoint holding Python objects is refused unless `trust`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            reason = str(e).strip().splitlines()[0]
+            raise ValueError(
+                f"ckpt={path} holds Python objects that a weights-only load refuses ({reason}). Loading it runs "
+                "code from the file: only if you trust its source, rerun with trust_checkpoint=true"
+            ) from None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
+    """Rebuild tokenizer, encoder and head of a NER stage checkpoint (offline) and load its weights."""
+    info = checkpoint.get("imagen") or {}
+    if info.get("stage") != "ner":
+        raise ValueError(
+            f"{source}: not a NER stage checkpoint (stage={info.get('stage')!r}); train one with experiment=ner_*"
+        )
+    labels = list(info["labels"])
+    tagger = NerTagger(
+        encoder_from_config(info["encoder_config"]), NerTaggerConfig(num_labels=len(labels), **info["tagger"])
+    )
+    prefix = "net."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    tagger.load_state_dict(state)
+    return NerModel(
+        tagger.eval(),
+        tokenizer_from_files(info["tokenizer_files"]),
+        labels,
+        EncodingSettings(**info["encoding"]),
+    )
+
+
+def words_of(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """CoNLL-like tokens of raw text (punctuation split off) and their character spans."""
+    matches = list(_WORD.finditer(text))
+    return [m.group() for m in matches], [m.span() for m in matches]
+
+
+def read_input(path: str | Path) -> tuple[list[Sentence], bool]:
+    """Sentences of `path` and whether they carry gold tags: a CoNLL column file if it parses as one, else
+    plain text with one sentence per line (a blank line ends a document)."""
+    try:
+        return read_conll(path), True
+    except ConllFormatError:
+        pass
+    sentences, document = [], 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            tokens, _ = words_of(line)
+            if tokens:
+                sentences.append(Sentence(tokens, ["O"] * len(tokens), document, f"{path}:{number}"))
+            elif sentences and sentences[-1].document == document:
+                document += 1
+    return sentences, False
+
+
+@torch.no_grad()
+def predict(
+    model: NerModel,
+    sentences: list[Sentence],
+    batch_size: int,
+    device: torch.device,
+    show_progress: bool = False,
+):
+    """Per sentence, the predicted tag and its probability of every word: [(tags, probs)]."""
+    unlabelled = [Sentence(s.tokens, ["O"] * len(s.tokens), s.document, s.origin) for s in sentences]
+    if "O" not in model.labels:
+        raise ValueError(f"the checkpoint's labels {model.labels} have no 'O'")
+    dataset = NerWindows(unlabelled, model.tokenizer, model.labels, model.settings)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=functools.partial(collate_windows, pad_id=model.tokenizer.pad_token_id),
+    )
+    tags = torch.full((dataset.num_words,), -1, dtype=torch.long)
+    probs = torch.zeros(dataset.num_words)
+    tagger = model.tagger.to(device)
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("tagging", total=len(loader), visible=show_progress)
+        for batch in loader:
+            logits, _ = tagger(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            mask = batch["word_index"] >= 0
+            batch_tags, batch_probs = tagger.decode(logits, mask.to(device))
+            tags[batch["word_index"][mask]] = batch_tags.cpu()[mask]
+            probs[batch["word_index"][mask]] = batch_probs.cpu()[mask]
+            bar.update(task, advance=1)
+    return [
+        ([model.labels[t] for t in sentence_tags], sentence_probs)
+        for sentence_tags, sentence_probs in zip(
+            dataset.per_sentence(tags.tolist()), dataset.per_sentence(probs.tolist()), strict=True
+        )
+    ]
+
+
+def entities_of(text: str, spans: list[tuple[int, int]], tags: list[str], probs: list[float]) -> list[dict]:
+    """Entities (conlleval chunking) with their text, type, character offsets [start, end) and score (the mean
+    probability of their words' tags)."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    out = []
+    for kind, first, last in get_entities(list(tags)):
+        start, end = spans[first][0], spans[last][1]
+        score = sum(probs[first : last + 1]) / (last + 1 - first)
+        out.append(
+            {"text": text[start:end], "type": kind, "start": start, "end": end, "score": round(score, 4)}
+        )
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sample_ner(cfg: DictConfig) -> dict:
+    """Tag `cfg.text` or the sentences of `cfg.input`; returns {"path", "sentences", "entities"} (+ "f1" when
+    the input has gold tags)."""
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r} is unknown; choose from {FORMATS}")
+    if (cfg.get("text") is None) == (cfg.get("input") is None):
+        raise ValueError('task=ner needs exactly one of text="..." and input=FILE')
+    model = load_ner_model(load_checkpoint(cfg.ckpt, cfg.trust_checkpoint), f"ckpt={cfg.ckpt}")
+
+    if cfg.text is not None:
+        tokens, spans = words_of(str(cfg.text))
+        if not tokens:
+            raise ValueError("text is empty")
+        sentences, has_gold, texts = (
+            [Sentence(tokens, ["O"] * len(tokens), 0, "text")],
+            False,
+            [str(cfg.text)],
+        )
+        all_spans = [spans]
+    else:
+        if not Path(cfg.input).is_file():
+            raise FileNotFoundError(f"input={cfg.input}: no such file")
+        sentences, has_gold = read_input(cfg.input)
+        texts, all_spans = [], []
+        for s in sentences:  # the sentence's text: its tokens joined by spaces
+            texts.append(" ".join(s.tokens))
+            spans, start = [], 0
+            for token in s.tokens:
+                spans.append((start, start + len(token)))
+                start += len(token) + 1
+            all_spans.append(spans)
+    predictions = predict(
+        model, sentences, cfg.batch_size, _device(cfg.device), show_progress=cfg.text is None
+    )
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"sentences": len(sentences)}
+    if cfg.format == "jsonl":
+        path = out_dir / "entities.jsonl"
+        count = 0
+        with open(path, "w") as f:
+            for text, spans, (tags, probs) in zip(texts, all_spans, predictions, strict=True):
+                found = entities_of(text, spans, tags, probs)
+                count += len(found)
+                f.write(json.dumps({"text": text, "entities": found}) + "\n")
+                if cfg.text is not None:
+                    for e in found:
+                        log.info(f"{e['type']:>6} {e['text']!r} [{e['start']}:{e['end']}] {e['score']:.3f}")
+        summary["entities"] = count
+    else:
+        path = out_dir / "predictions.conll"
+        with open(path, "w") as f:
+            for s, (tags, _) in zip(sentences, predictions, strict=True):
+                for token, gold, pred in zip(s.tokens, s.tags, tags, strict=True):
+                    f.write(f"{token} {gold} {pred}\n" if has_gold else f"{token} {pred}\n")
+                f.write("\n")
+    if has_gold:
+        summary["f1"] = entity_report([s.tags for s in sentences], [t for t, _ in predictions])["micro avg"][
+            "f1"
+        ]
+    summary["path"] = str(path)
+    log.info(f"NER: {summary}")
+    return summary

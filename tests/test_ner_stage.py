@@ -1,0 +1,122 @@
+"""The NER stage end to end through the real entry points: train.py's task and sample.py task=ner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from imagen.cli.sample import sample
+from imagen.cli.train import train
+from imagen.data.conll import fixture_dir, read_conll
+from imagen.models.ner import tiny_random_encoder
+
+
+def test_tiny_model_overfits_and_its_checkpoint_round_trips_through_sample(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_cfg(
+        [
+            "experiment=ner_tiny",
+            "data.files={val: train.txt, test: train.txt}",  # score on the training sentences
+            "trainer.max_epochs=40",
+            "trainer.check_val_every_n_epoch=40",
+            "callbacks.rich_progress_bar=null",
+        ],
+        run_dir=run,
+    )
+    metrics, _ = train(cfg)
+    assert metrics["test/f1"] == 1.0
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["test/f1"] == 1.0 and written["val/f1"] == 1.0
+    assert {"test/precision", "test/recall", "test/f1_PER", "test/f1_MISC"} <= set(written)
+    reports = json.loads((run / "ner_test_report.json").read_text())
+    assert reports["entities"]["micro avg"]["f1"] == 1.0
+    assert reports["tokens"]["micro avg"]["f1"] == 1.0 and "B-LOC" in reports["tokens"]
+    assert "token-level scores per tag" in (run / "ner_test_report.txt").read_text()
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    info = torch.load(ckpt, map_location="cpu", weights_only=True)["imagen"]  # plain types only
+    assert info["stage"] == "ner" and info["labels"][0] == "O" and "tokenizer.json" in info["tokenizer_files"]
+
+    # evaluating the checkpoint (train=false ckpt_path=...) gives the same score
+    evaluated, _ = train(
+        make_cfg(
+            ["experiment=ner_tiny", "data.files={test: train.txt}", "train=false", f"ckpt_path={ckpt}"],
+            run_dir=tmp_path / "eval",
+        )
+    )
+    assert evaluated["test/f1"] == 1.0
+
+    # CoNLL in, `token gold pred` out: the prediction of every training word is its gold tag
+    out = tmp_path / "conll_out"
+    train_file = f"{fixture_dir()}/train.txt"
+    summary = sample(
+        make_cfg(
+            ["task=ner", f"ckpt={ckpt}", f"input={train_file}", "format=conll", f"out_dir={out}"], "sample"
+        )
+    )
+    lines = [line.split() for line in (out / "predictions.conll").read_text().splitlines() if line]
+    assert len(lines) == sum(len(s.tokens) for s in read_conll(train_file))
+    assert all(gold == pred for _, gold, pred in lines)
+    assert summary["f1"] == 1.0
+
+    # raw text in, entities with character offsets out
+    text = "Anna Kowalski, the chief executive, told reporters in Warsaw."
+    out = tmp_path / "text_out"
+    summary = sample(make_cfg(["task=ner", f"ckpt={ckpt}", f"text='{text}'", f"out_dir={out}"], "sample"))
+    record = json.loads((out / "entities.jsonl").read_text())
+    assert record["text"] == text
+    found = [(e["text"], e["type"], e["start"], e["end"]) for e in record["entities"]]
+    assert found == [("Anna Kowalski", "PER", 0, 13), ("Warsaw", "LOC", 54, 60)]
+    assert all(0 < e["score"] <= 1 for e in record["entities"]) and summary["entities"] == 2
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=ner_conll2003"],  # + the fixture and the tiny encoder, below
+        ["experiment=ner_tiny", "model.head=crf", "data.document_context=true"],
+        [
+            "experiment=ner_tiny",
+            "data.label_all_subtokens=true",
+            "data.max_length=16",
+            "data.window_context=2",
+        ],
+    ],
+    ids=["conll2003", "tiny-crf-document-context", "tiny-all-subtokens"],
+)
+def test_fast_dev_run(make_cfg, cache_dir, overrides):
+    if overrides[0] == "experiment=ner_conll2003":
+        encoder = tiny_random_encoder(cache_dir / "ner_tiny_encoder")
+        overrides = [*overrides, f"data.data_dir={fixture_dir()}", f"model.pretrained={encoder}"]
+    cfg = make_cfg([*overrides, "trainer.fast_dev_run=true", "logger=csv"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].state.finished
+    assert 0.0 <= metrics["test/f1"] <= 1.0 and metrics["test/loss"] > 0
+
+
+def test_crf_with_all_subtokens_is_refused(make_cfg):
+    cfg = make_cfg(
+        [
+            "experiment=ner_tiny",
+            "model.head=crf",
+            "data.label_all_subtokens=true",
+            "trainer.fast_dev_run=true",
+        ]
+    )
+    with pytest.raises(ValueError, match="model.head=crf .* data.label_all_subtokens"):
+        train(cfg)
+
+
+def test_sample_refuses_missing_and_untrusted_checkpoints(make_cfg, tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"ckpt={missing}: no such file"):
+        sample(make_cfg(["task=ner", f"ckpt={missing}", "text=Hello"], "sample"))
+
+    pickled = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": {}, "config": pytest.approx(1.0)}, pickled)  # holds a Python object
+    with pytest.raises(ValueError, match="trust_checkpoint=true"):
+        sample(make_cfg(["task=ner", f"ckpt={pickled}", "text=Hello"], "sample"))
+    with pytest.raises(ValueError, match="not a NER stage checkpoint"):
+        sample(make_cfg(["task=ner", f"ckpt={pickled}", "text=Hello", "trust_checkpoint=true"], "sample"))
