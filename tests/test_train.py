@@ -3,40 +3,70 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import hydra
 import pytest
 
 from imagen.cli.train import train
-from tests.conftest import EXPERIMENTS, TINY_SHAPES
+from imagen.data.conll import fixture_dir
+from imagen.models.ner import tiny_random_encoder
+from tests.conftest import EXPERIMENTS, TINY_SHAPES, compose_config
 
-TINY_MODELS = {
-    "shapes_autoencoder": ["model.net.size=tiny", "model.net.quantizer=vq"],
-}
+TINY_AUTOENCODER = ["model.net.size=tiny", "model.net.quantizer=vq"]
+TINY_GENERATOR = ["model.net.size=tiny", "model/text_encoder=scratch", "model.text_encoder.dim=32",
+                  "model.eval_prompts=8", "model.test_prompts=8", "model.compute_fid=false"]  # fmt: skip
 
 
-def experiment_overrides(name: str) -> list[str]:
-    return [f"experiment={name}", *TINY_SHAPES, *TINY_MODELS.get(name, [])]
+@pytest.fixture(scope="session")
+def tiny_autoencoder_ckpt(tmp_path_factory) -> Path:
+    """A few steps of the tiny autoencoder: a real stage checkpoint for the stages that build on it."""
+    run = tmp_path_factory.mktemp("tiny_autoencoder")
+    cfg = compose_config(
+        ["experiment=shapes_autoencoder", *TINY_SHAPES, *TINY_AUTOENCODER, "trainer.max_steps=4",
+         "trainer.val_check_interval=4", "test=false", "logger=csv", "extras.print_config=false",
+         f"paths.cache_dir={run / 'cache'}"],  # fmt: skip
+        run,
+    )
+    train(cfg)
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def experiment_overrides(tiny_autoencoder_ckpt, cache_dir):
+    """Per experiment, the overrides that make it tiny and offline."""
+
+    def overrides(name: str) -> list[str]:
+        if name.startswith("ner_"):
+            extra = [] if name == "ner_tiny" else [
+                f"model.pretrained={tiny_random_encoder(cache_dir / 'ner_tiny_encoder')}",
+                f"data.data_dir={fixture_dir()}",
+            ]  # fmt: skip
+            return [f"experiment={name}", *extra]
+        tiny = TINY_GENERATOR + [f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}"]
+        return [f"experiment={name}", *TINY_SHAPES, *(TINY_AUTOENCODER if "autoencoder" in name else tiny)]
+
+    return overrides
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(make_cfg, experiment):
+def test_experiment_composes_and_instantiates(make_cfg, experiment_overrides, experiment):
     cfg = make_cfg(experiment_overrides(experiment))
     assert cfg.task_name == experiment
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
     assert datamodule is not None and sum(p.numel() for p in model.parameters()) > 0
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_fast_dev_run(make_cfg, experiment):
+def test_fast_dev_run(make_cfg, experiment_overrides, experiment):
     cfg = make_cfg([*experiment_overrides(experiment), "trainer.fast_dev_run=true", "logger=csv"])
     metrics, objects = train(cfg)
     assert objects["trainer"].state.finished
     assert any(k.startswith("test/") for k in metrics)
 
 
-def test_short_run_writes_checkpoints_metrics_and_grids(make_cfg, tmp_path):
+def test_short_run_writes_checkpoints_metrics_and_grids(make_cfg, experiment_overrides, tmp_path):
     run = tmp_path / "run"
     cfg = make_cfg(
         [*experiment_overrides("shapes_autoencoder"), "trainer.max_steps=6", "trainer.val_check_interval=3"],

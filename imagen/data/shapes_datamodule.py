@@ -112,7 +112,7 @@ class ShapesDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         cache_dir: str = ".cache",
         use_judge: bool = True,
-        judge_steps: int = 1500,
+        judge_steps: int = 600,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -157,6 +157,14 @@ class ShapesDataModule(pl.LightningDataModule):
         if name not in self.splits:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[name])
         return self.splits[name]
+
+    def eval_prompts(self, split: str, heldout: bool, limit: int | None = None) -> tuple[list[str], list[Scene]]:
+        """The fixed prompts of an evaluation split: its captions (one fixed paraphrase each) and scenes, from seen
+        (`heldout=False`) or held-out compositions; the first `limit` of them."""
+        s = self.split(split)
+        rows = [i for i in range(len(s.scenes)) if bool(s.heldout[i]) == heldout][:limit]
+        choice = s.caption_choice if s.caption_choice is not None else [0] * len(s.scenes)
+        return [s.captions[i][choice[i]] for i in rows], [s.scenes[i] for i in rows]
 
     def train_captions(self) -> list[str]:
         """Every paraphrase of every training caption (for training a caption tokenizer)."""

@@ -26,12 +26,12 @@ from imagen.data.shapes import (
     scene_from_targets,
     scene_targets,
 )
-from imagen.models.judge import JudgeConfig, JudgeNet
+from imagen.models.judge import JudgeConfig, JudgeNet, degrade
 from imagen.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-JUDGE_VERSION = 1  # bump when the judge's architecture or recipe changes, to invalidate caches
+JUDGE_VERSION = 2  # bump when the judge's architecture or recipe changes, to invalidate caches
 
 
 def render_batch(config: ShapesConfig, scenes: list[Scene], rng: np.random.Generator) -> torch.Tensor:
@@ -78,7 +78,7 @@ def judge_cache_path(cache_dir: str | os.PathLike, shapes: ShapesConfig, config:
 def train_judge(
     shapes: ShapesConfig,
     config: JudgeConfig,
-    steps: int = 1500,
+    steps: int = 600,
     batch_size: int = 128,
     lr: float = 2e-3,
     num_train: int = 24000,
@@ -103,7 +103,7 @@ def train_judge(
         task = progress.add_task("training the shapes judge", total=steps)
         for _ in range(steps):
             idx = torch.randint(0, num_train, (batch_size,))
-            loss = net.loss(x_train[idx], y_train[idx])
+            loss = net.loss(degrade(x_train[idx]), y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -115,7 +115,7 @@ def train_judge(
 
 
 def load_or_train_judge(
-    shapes: ShapesConfig, cache_dir: str | os.PathLike, config: JudgeConfig | None = None, steps: int = 1500
+    shapes: ShapesConfig, cache_dir: str | os.PathLike, config: JudgeConfig | None = None, steps: int = 600
 ) -> Judge:
     """Load the cached judge for these renderer settings, training and caching it first if needed."""
     config = config or JudgeConfig(len(shapes.colors), len(shapes.shapes), len(shapes.sizes))

@@ -16,7 +16,7 @@ class JudgeConfig:
     num_colors: int = 6
     num_shapes: int = 3
     num_sizes: int = 2
-    channels: int = 48
+    channels: int = 32
 
 
 class JudgeNet(nn.Module):
@@ -33,12 +33,13 @@ class JudgeNet(nn.Module):
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
+        # full resolution only for the first (cheap, 3-channel) layer; small objects still span >= 5 pixels
         self.features = nn.Sequential(
-            block(3, c, 1), block(c, c, 1), block(c, 2 * c, 2), block(2 * c, 2 * c, 1), block(2 * c, 2 * c, 2)
+            block(3, c, 1), block(c, 2 * c, 2), block(2 * c, 2 * c, 1), block(2 * c, 4 * c, 2), block(4 * c, 4 * c, 1)
         )
         self.num_outputs = 1 + config.num_colors + config.num_shapes + config.num_sizes
         self.head = nn.Sequential(
-            nn.Conv2d(4 * c, 2 * c, 1), nn.ReLU(inplace=True), nn.Conv2d(2 * c, self.num_outputs, 1)
+            nn.Conv2d(8 * c, 2 * c, 1), nn.ReLU(inplace=True), nn.Conv2d(2 * c, self.num_outputs, 1)
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -68,3 +69,18 @@ class JudgeNet(nn.Module):
         presence, color, shape, size = self.split_logits(self(images))
         labels = torch.stack([color.argmax(-1), shape.argmax(-1), size.argmax(-1)], dim=-1)
         return torch.where((presence > 0).unsqueeze(-1), labels, torch.full_like(labels, -1))
+
+
+def degrade(images: torch.Tensor, max_blur: float = 1.0, max_noise: float = 0.06) -> torch.Tensor:
+    """Random Gaussian blur (sigma up to `max_blur` px) and pixel noise per image, for training a judge that reads
+    what a shape is rather than whether its edges are pixel-perfect (generated images are never exact)."""
+    b, ch, h, w = images.shape
+    sigma = torch.rand(b, device=images.device) * max_blur + 1e-3
+    taps = torch.arange(-2, 3, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-(taps[None, :] ** 2) / (2 * sigma[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # (B * C, 5)
+    x = images.reshape(1, b * ch, h, w)
+    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b * ch)
+    x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), kernel[:, None, :, None], groups=b * ch)
+    noise = torch.randn_like(images) * (torch.rand(b, 1, 1, 1, device=images.device) * max_noise)
+    return (x.reshape(b, ch, h, w) + noise).clamp(-1, 1)

@@ -180,10 +180,11 @@ class AutoencoderStage(pl.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Images in [-1, 1] for the image logger: inputs and their reconstructions."""
+        """Images in [-1, 1] for the image logger: each input followed by its reconstruction."""
         images = batch["image"]
         recon, _ = self.net(images)
-        return {"inputs": images, "reconstructions": recon.clamp(-1, 1)}
+        pairs = torch.stack([images, recon.clamp(-1, 1)], dim=1)  # (B, 2, 3, H, W)
+        return {"inputs_reconstructions": pairs.flatten(0, 1)}
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,302 @@
+"""Decoder-only Transformer that writes image tokens in raster order, conditioned on text.
+
+Conditioning is cross-attention to the text states (default) or the text states as a prefix of the sequence.
+Positions are learned and 2D-aware: the input at sequence position i gets the row and column embedding of the
+grid cell it predicts. Attention runs through `scaled_dot_product_attention`.
+
+Sequence layout (N = h * w image tokens, L = text length):
+  cross:  [BOS, t0, ..., t(N-2)]                      -> predicts t0 .. t(N-1)
+  prefix: [text(0..L-1), BOS, t0, ..., t(N-2)]        -> predictions read at positions L .. L+N-1
+
+A KV cache is never stored on the model: the sampler allocates one (`imagen.sampling.ar.KVCache`) and passes it
+to `forward(..., cache=cache, start=pos)`, so a model that sampled during validation trains on unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ARConfig:
+    vocab_size: int = 1000  # image codebook size (the autoencoder's)
+    grid_size: tuple[int, int] = (8, 8)  # (h, w) of the token grid
+    dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    text_dim: int = 128  # width of the text encoder's states
+    conditioning: str = "cross"  # cross | prefix
+    max_text_length: int = 64  # prefix mode: positions reserved for the text
+
+    def __post_init__(self) -> None:
+        self.grid_size = tuple(self.grid_size)
+        if self.conditioning not in ("cross", "prefix"):
+            raise ValueError(f"model.net.conditioning must be cross or prefix; got {self.conditioning!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"model.net.dim={self.dim} must be divisible by model.net.heads={self.heads}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+
+# Named sizes (parameter counts with cross-attention and a 16384-code vocabulary: B ~ 138M, L ~ 370M, XL ~ 780M;
+# see BENCHMARKS.md). `ARTransformer.from_size(name, **overrides)`.
+AR_SIZES: dict[str, ARConfig] = {
+    "tiny": ARConfig(dim=64, layers=2, heads=2),
+    "shapes": ARConfig(dim=256, layers=4, heads=4),
+    "B": ARConfig(dim=768, layers=12, heads=12),
+    "L": ARConfig(dim=1024, layers=20, heads=16),
+    "XL": ARConfig(dim=1280, layers=28, heads=20),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `context` is None, else cross-attention to `context`."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, D) attends to k, v (B, H, S, hd); mask broadcastable to (B, H, T, S) with True = may attend,
+        or None for causal self-attention (T == S)."""
+        q = self.split_heads(self.q(x))
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        b, _, t, _ = y.shape
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ARConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.dim)
+        self.attn = Attention(c.dim, c.heads, dropout=c.dropout)
+        self.cross = c.conditioning == "cross"
+        if self.cross:
+            self.norm_cross = nn.LayerNorm(c.dim)
+            self.cross_attn = Attention(c.dim, c.heads, context_dim=c.dim, dropout=c.dropout)
+        self.norm2 = nn.LayerNorm(c.dim)
+        hidden = int(c.mlp_ratio * c.dim)
+        self.mlp = nn.Sequential(nn.Linear(c.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, c.dim))
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x, self_mask, cross_kv, cross_mask, cache_kv=None, positions=None) -> torch.Tensor:
+        """x (B, T, D). With `cache_kv` = (k, v) buffers (B, H, S, hd), this step's keys and values are written at
+        sequence `positions` (T,) and attention runs over the whole buffer under `self_mask`."""
+        h = self.norm1(x)
+        k, v = self.attn.keys_values(h)
+        if cache_kv is not None:
+            k_buf, v_buf = cache_kv
+            k_buf.index_copy_(2, positions, k.to(k_buf.dtype))
+            v_buf.index_copy_(2, positions, v.to(v_buf.dtype))
+            k, v = k_buf, v_buf
+        x = x + self.drop(self.attn(h, k, v, self_mask))
+        if self.cross:
+            x = x + self.drop(self.cross_attn(self.norm_cross(x), *cross_kv, cross_mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class ARTransformer(nn.Module):
+    """`forward(tokens, text_states, text_mask, targets=None) -> (logits (B, N, V), loss)` (nanoGPT-style)."""
+
+    def __init__(self, config: ARConfig):
+        super().__init__()
+        self.config = c = config
+        self.token_emb = nn.Embedding(c.vocab_size + 1, c.dim)  # the last id is BOS
+        self.bos_id = c.vocab_size
+        h, w = c.grid_size
+        self.row_emb = nn.Parameter(torch.zeros(h, c.dim))
+        self.col_emb = nn.Parameter(torch.zeros(w, c.dim))
+        self.text_proj = nn.Linear(c.text_dim, c.dim)
+        # the "empty caption": caption dropout and the unconditional half of guidance use it
+        self.null_text = nn.Parameter(torch.zeros(1, 1, c.text_dim))
+        if c.conditioning == "prefix":
+            self.text_pos_emb = nn.Parameter(torch.zeros(c.max_text_length, c.dim))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.norm = nn.LayerNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") and "text_proj" not in name or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.layers))  # residual projections (GPT-2)
+        for p in (self.row_emb, self.col_emb, self.null_text):
+            nn.init.normal_(p, std=0.02)
+        if c.conditioning == "prefix":
+            nn.init.normal_(self.text_pos_emb, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @classmethod
+    def from_size(cls, size: str = "shapes", **overrides) -> ARTransformer:
+        if size not in AR_SIZES:
+            raise ValueError(f"model.net.size: unknown size {size!r}; choose from {sorted(AR_SIZES)}")
+        fields = {f.name for f in dataclasses.fields(ARConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"model.net: unknown ARConfig field(s) {unknown}; valid: {sorted(fields)}")
+        return cls(dataclasses.replace(AR_SIZES[size], **overrides))
+
+    @property
+    def prefix_length(self) -> int:
+        """Sequence positions before BOS (the text, in prefix mode)."""
+        return self.config.max_text_length if self.config.conditioning == "prefix" else 0
+
+    @property
+    def sequence_length(self) -> int:
+        return self.prefix_length + self.config.num_image_tokens
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- conditioning -----------------------------------------------------------------------------------------------
+
+    def condition(self, states: torch.Tensor, mask: torch.Tensor, drop_prob: float = 0.0, drop: torch.Tensor | None = None):
+        """Text states (B, L, text_dim) -> (B, L, dim) and mask, with rows replaced by the null caption where
+        dropped (`drop` (B,) bool, or drawn with `drop_prob`): caption dropout for classifier-free guidance."""
+        if drop is None and drop_prob > 0:
+            drop = torch.rand(states.shape[0], device=states.device) < drop_prob
+        if drop is not None and drop.any():
+            null_states, null_mask = self.null_condition(states.shape[0], states.shape[1], states.device)
+            states = torch.where(drop[:, None, None], null_states.to(states.dtype), states)
+            mask = torch.where(drop[:, None], null_mask, mask)
+        return self.text_proj(states), mask
+
+    def null_condition(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption as text states (B, length, text_dim) and mask (only position 0 valid)."""
+        states = torch.zeros(batch, length, self.config.text_dim, device=device)
+        states[:, 0] = self.null_text[0, 0]
+        mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        mask[:, 0] = True
+        return states, mask
+
+    def image_positions(self) -> torch.Tensor:
+        """(N, dim): the row + column embedding of the grid cell each image position predicts."""
+        h, w = self.config.grid_size
+        return (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(h * w, -1)
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+
+    def embed(self, inputs: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Image-part inputs (B, T) (BOS then tokens) at image positions start..start+T-1 -> (B, T, dim)."""
+        t = inputs.shape[1]
+        positions = self.image_positions()
+        if isinstance(start, torch.Tensor):
+            pos = torch.index_select(positions, 0, start + torch.arange(t, device=inputs.device))
+        else:
+            pos = positions[start : start + t]
+        return self.token_emb(inputs) + pos
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cond_drop_prob: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced pass. tokens (B, N) image token ids, or (B, n < N) for the first n predictions only;
+        text_states (B, L, text_dim), text_mask (B, L). Returns logits (B, n, V) and the mean cross-entropy
+        against `targets` (B, n) when given."""
+        b, n = tokens.shape
+        context, context_mask = self.condition(text_states, text_mask, cond_drop_prob)
+        bos = torch.full((b, 1), self.bos_id, dtype=torch.long, device=tokens.device)
+        x = self.embed(torch.cat([bos, tokens[:, :-1]], dim=1), 0)  # (B, n, dim)
+        if self.config.conditioning == "prefix":
+            x, key_valid = self._with_prefix(x, context, context_mask)  # (B, L + n, dim)
+            s = x.shape[1]
+            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+            self_mask, cross_mask = causal[None, None] & key_valid[:, None, None, :], None
+        else:
+            self_mask, cross_mask = None, context_mask[:, None, None, :]  # None: causal
+        for block in self.blocks:
+            cross_kv = block.cross_attn.keys_values(context) if block.cross else None
+            x = block(x, self_mask, cross_kv, cross_mask)
+        logits = self.head(self.norm(x[:, self.prefix_length :]))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    def _with_prefix(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor):
+        """Prepend the text (padded/cut to max_text_length) to x; returns (sequence, key_valid (B, S))."""
+        length = self.config.max_text_length
+        context, context_mask = context[:, :length], context_mask[:, :length]
+        pad = length - context.shape[1]
+        if pad:
+            context = F.pad(context, (0, 0, 0, pad))
+            context_mask = F.pad(context_mask, (0, pad), value=False)
+        prefix = context + self.text_pos_emb
+        key_valid = torch.cat([context_mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)], dim=1)
+        return torch.cat([prefix, x], dim=1), key_valid
+
+    # -- cached decoding (the sampler owns the cache) --------------------------------------------------------------
+
+    def prefill(self, text_states: torch.Tensor, text_mask: torch.Tensor, cache) -> torch.Tensor:
+        """Write the conditioning (and BOS) into `cache`; returns logits (B, V) for the first image token."""
+        b = text_states.shape[0]
+        context, context_mask = self.condition(text_states, text_mask)
+        bos = torch.full((b, 1), self.bos_id, dtype=torch.long, device=text_states.device)
+        x = self.embed(bos, 0)
+        cache.key_valid.zero_()
+        if self.config.conditioning == "prefix":
+            x, key_valid = self._with_prefix(x, context, context_mask)
+            cache.key_valid[:, : x.shape[1]] = key_valid
+        else:
+            cache.key_valid[:, :1] = True
+            # copied into static buffers (fixed addresses for CUDA graphs); padding stays masked out
+            length = context.shape[1]
+            cache.text_mask.zero_()
+            cache.text_mask[:, 0, 0, :length] = context_mask
+            for i, block in enumerate(self.blocks):
+                k, v = block.cross_attn.keys_values(context)
+                cache.cross_k[i][:, :, :length] = k
+                cache.cross_v[i][:, :, :length] = v
+        return self._cached_step(x, 0, cache)[:, -1]
+
+    def decode_step(self, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        """Feed image token (B,) that sits at image position `position` (0-dim long tensor); returns logits (B, V)
+        for the next position. Shapes are static (the whole cache is attended with a mask): CUDA-graph friendly."""
+        x = self.embed(token[:, None], position + 1)
+        seq_pos = position + 1 + self.prefix_length
+        cache.key_valid.index_fill_(1, seq_pos.view(1), True)
+        return self._cached_step(x, seq_pos, cache)[:, -1]
+
+    def _cached_step(self, x: torch.Tensor, start, cache) -> torch.Tensor:
+        t = x.shape[1]
+        positions = torch.arange(t, device=x.device) + start  # sequence positions of x
+        index = torch.arange(cache.self_k[0].shape[2], device=x.device)
+        # (B, 1, T, S): causal within the cache, and only keys that were written
+        self_mask = (index[None, :] <= positions[:, None])[None, None] & cache.key_valid[:, None, None, :]
+        for i, block in enumerate(self.blocks):
+            cross_kv = (cache.cross_k[i], cache.cross_v[i]) if block.cross else None
+            x = block(x, self_mask, cross_kv, cache.text_mask, (cache.self_k[i], cache.self_v[i]), positions)
+        return self.head(self.norm(x))

@@ -1,0 +1,219 @@
+"""Text encoders: captions -> (states (B, L, D), mask (B, L)).
+
+Two kinds, one interface (`forward(captions) -> TextStates`, `dim`, `max_length`):
+- `ScratchTextEncoder`: a small Transformer trained from scratch with a word-level tokenizer that the Hugging Face
+  `tokenizers` library trains on the corpus captions (no download; the default for the shapes data);
+- `PretrainedTextEncoder`: a Hugging Face encoder (T5 encoder, BERT family, CLIP text) loaded with
+  `AutoTokenizer` / `AutoModel.from_pretrained(name_or_local_path)`, frozen by default as in Imagen, with an
+  optional on-disk cache of its outputs for a fixed caption set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+PAD_ID = 0
+
+
+@dataclass
+class TextStates:
+    states: torch.Tensor  # (B, L, D)
+    mask: torch.Tensor  # (B, L) bool, True on real tokens
+
+
+class CaptionTokenizer:
+    """Word-level tokenizer trained on corpus captions (`tokenizers` library); serializes to a JSON string."""
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.tokenizer = tokenizer
+        self.truncated = 0  # captions cut to max_length so far
+
+    @property
+    def trained(self) -> bool:
+        return self.tokenizer is not None
+
+    def train(self, captions: list[str], vocab_size: int) -> None:
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(captions, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+        self.tokenizer = tok
+
+    def add_words(self, captions: list[str], max_vocab: int) -> list[str]:
+        """Add the words of `captions` the vocabulary lacks (new concepts for fine-tuning); returns them."""
+        vocab = self.tokenizer.get_vocab()
+        words = sorted({w for c in captions for w, _ in self.tokenizer.pre_tokenizer.pre_tokenize_str(
+            self.tokenizer.normalizer.normalize_str(c))} - set(vocab))  # fmt: skip
+        if self.vocab_size + len(words) > max_vocab:
+            raise ValueError(f"adding {len(words)} words exceeds the text encoder's vocab_size={max_vocab}")
+        self.tokenizer.add_tokens(words)
+        return words
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def to_str(self) -> str:
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_str(cls, text: str) -> CaptionTokenizer:
+        return cls(Tokenizer.from_str(text))
+
+    def __call__(self, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) with [BOS] ... [EOS], padded with [PAD]; over-long captions are cut and counted."""
+        if not self.trained:
+            raise RuntimeError("the caption tokenizer is not trained yet (the stage trains it in setup())")
+        bos, eos = self.tokenizer.token_to_id("[BOS]"), self.tokenizer.token_to_id("[EOS]")
+        rows = []
+        for enc in self.tokenizer.encode_batch(list(captions)):
+            ids = enc.ids
+            if len(ids) > max_length - 2:
+                self.truncated += 1
+                if self.truncated in (1, 10, 100, 1000):
+                    log.warning(f"{self.truncated} caption(s) longer than {max_length - 2} tokens were truncated")
+                ids = ids[: max_length - 2]
+            rows.append([bos, *ids, eos])
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return ids, ids != PAD_ID
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm bidirectional Transformer block."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ScratchTextEncoder(nn.Module):
+    """Embeddings + a few Transformer blocks over word-level caption tokens, trained with the generator."""
+
+    def __init__(self, dim: int = 128, layers: int = 2, heads: int = 4, vocab_size: int = 512, max_length: int = 32,
+                 dropout: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.init_args = {"dim": dim, "layers": layers, "heads": heads, "vocab_size": vocab_size,
+                          "max_length": max_length, "dropout": dropout}  # fmt: skip
+        self.dim, self.max_length, self.vocab_size = dim, max_length, vocab_size
+        self.tokenizer = CaptionTokenizer()
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Parameter(torch.zeros(1, max_length, dim))
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.pos_emb, std=0.02)
+
+    def fit_tokenizer(self, captions: list[str]) -> None:
+        """Train the tokenizer on the corpus captions (once; a restored tokenizer is kept)."""
+        if not self.tokenizer.trained:
+            self.tokenizer.train(captions, self.vocab_size)
+            log.info(f"trained a word-level caption tokenizer: {self.tokenizer.vocab_size} tokens")
+
+    def forward(self, captions: list[str]) -> TextStates:
+        ids, mask = self.tokenizer(captions, self.max_length)
+        ids, mask = ids.to(self.token_emb.weight.device), mask.to(self.token_emb.weight.device)
+        x = self.token_emb(ids) + self.pos_emb[:, : ids.shape[1]]
+        for block in self.blocks:
+            x = block(x, mask)
+        return TextStates(self.norm(x), mask)
+
+    def get_extra_state(self) -> dict:
+        # the tokenizer travels inside the state dict (a JSON string: loadable with weights_only=True)
+        return {"tokenizer": self.tokenizer.to_str() if self.tokenizer.trained else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("tokenizer"):
+            self.tokenizer = CaptionTokenizer.from_str(state["tokenizer"])
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A Hugging Face text encoder; `pretrained` is a hub name or a local folder saved with `save_pretrained`."""
+
+    def __init__(self, pretrained: str, freeze: bool = True, max_length: int = 64, cache_dir: str | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.init_args = {"pretrained": pretrained, "freeze": freeze, "max_length": max_length, "cache_dir": cache_dir}
+        self.pretrained, self.freeze, self.max_length = pretrained, freeze, max_length
+        self.hf_tokenizer = AutoTokenizer.from_pretrained(pretrained)
+        config = AutoConfig.from_pretrained(pretrained)
+        if config.model_type in ("t5", "mt5", "umt5"):
+            from transformers import T5EncoderModel
+
+            self.model = T5EncoderModel.from_pretrained(pretrained)
+        elif config.model_type == "clip":
+            from transformers import CLIPTextModel
+
+            self.model = CLIPTextModel.from_pretrained(pretrained)
+        else:
+            self.model = AutoModel.from_pretrained(pretrained)
+        hidden = getattr(self.model.config, "hidden_size", None) or getattr(self.model.config, "d_model", None)
+        self.dim = int(hidden)
+        if freeze:
+            self.model.requires_grad_(False).eval()
+        self.cache_path = None
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if cache_dir and freeze:
+            key = hashlib.sha256(f"{Path(pretrained).resolve() if Path(pretrained).exists() else pretrained}|{max_length}".encode()).hexdigest()[:16]
+            self.cache_path = Path(cache_dir) / "text_encoder" / f"{key}.pt"
+            if self.cache_path.exists():
+                self._cache = torch.load(self.cache_path, map_location="cpu", weights_only=True)
+
+    def train(self, mode: bool = True) -> PretrainedTextEncoder:
+        super().train(mode)
+        if self.freeze:
+            self.model.eval()  # frozen: dropout stays off even while the generator trains
+        return self
+
+    def fit_tokenizer(self, captions: list[str]) -> None:
+        """Pretrained tokenizers need no training."""
+
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        batch = self.hf_tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
+                                  return_tensors="pt").to(device)  # fmt: skip
+        with torch.set_grad_enabled(not self.freeze and torch.is_grad_enabled()):
+            states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return states, batch["attention_mask"].bool()
+
+    def forward(self, captions: list[str]) -> TextStates:
+        if self.cache_path is None:
+            return TextStates(*self._encode(captions))
+        missing = sorted({c for c in captions if c not in self._cache})
+        if missing:
+            states, mask = self._encode(missing)
+            for c, s, m in zip(missing, states.cpu(), mask.cpu(), strict=True):
+                self._cache[c] = (s[m].clone(), m[m].clone())
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(self._cache, tmp)
+            os.replace(tmp, self.cache_path)
+        device = next(self.model.parameters()).device
+        rows = [self._cache[c][0] for c in captions]
+        length = max(r.shape[0] for r in rows)
+        states = torch.zeros(len(rows), length, self.dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            states[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
+        return TextStates(states.to(device), mask.to(device))

@@ -1,0 +1,217 @@
+"""Stage 2: text encoder + autoregressive transformer over the frozen autoencoder's image tokens."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from torchmetrics import MeanMetric
+
+from imagen.checkpoints import load_autoencoder
+from imagen.models.ar_transformer import ARConfig, ARTransformer
+from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
+from imagen.models.text_encoder import TextStates
+from imagen.sampling.ar import SamplingSettings, generate
+from imagen.stages.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def module_spec(module: nn.Module) -> dict:
+    """`{_target_, **init_args}` of a module that records its constructor arguments in `init_args`."""
+    cls = type(module)
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **module.init_args}
+
+
+class FrozenAutoencoderMixin:
+    """A frozen first stage: kept in eval mode whatever the trainer asks (taming-transformers' rule)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+
+class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
+    """Trains `net` to write the autoencoder's tokens of an image given its caption.
+
+    `net` is an `ARTransformer` or a partial that receives the derived `vocab_size`, `grid_size` and `text_dim`.
+    Validation and test log the NLL in bits per token and, when the datamodule has a judge (shapes data), the judge
+    accuracy of images generated with guidance for fixed prompts of seen and of held-out compositions, plus an
+    FID on the judge's features.
+    """
+
+    def __init__(
+        self,
+        net: ARTransformer | Callable[..., ARTransformer],
+        text_encoder: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        autoencoder_ckpt: str | None = None,
+        autoencoder_config: dict | None = None,
+        image_size: int = 32,
+        cond_drop_prob: float = 0.1,
+        weight_decay: float = 0.05,
+        sampling: dict | None = None,
+        eval_prompts: int = 64,
+        test_prompts: int = 512,
+        eval_batch_size: int = 256,
+        eval_seed: int = 1234,
+        compute_fid: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net", "text_encoder", "optimizer", "scheduler"])
+        if autoencoder_ckpt:
+            self.autoencoder = load_autoencoder(autoencoder_ckpt)
+        elif autoencoder_config is not None:  # rebuilt from this stage's own checkpoint, which holds its weights
+            self.autoencoder = Autoencoder(AutoencoderConfig(**autoencoder_config)).eval().requires_grad_(False)
+        else:
+            raise ValueError(
+                "model.autoencoder_ckpt is required: the path of a trained autoencoder checkpoint, e.g. "
+                "model.autoencoder_ckpt=logs/shapes_autoencoder/runs/<run>/checkpoints/last.ckpt"
+            )
+        f = self.autoencoder.downsample_factor
+        if image_size % f:
+            raise ValueError(f"data.image_size={image_size} is not divisible by the autoencoder's factor {f}")
+        self.text_encoder = text_encoder
+        if isinstance(net, ARTransformer):
+            self.net = net
+        else:
+            self.net = net(
+                vocab_size=self.autoencoder.vocab_size, grid_size=(image_size // f,) * 2, text_dim=text_encoder.dim
+            )
+        c = self.net.config
+        if c.vocab_size != self.autoencoder.vocab_size or c.text_dim != text_encoder.dim:
+            raise ValueError(
+                f"generator vocab_size={c.vocab_size}/text_dim={c.text_dim} do not match the autoencoder's "
+                f"{self.autoencoder.vocab_size} codes / the text encoder's width {text_encoder.dim}"
+            )
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.sampling = SamplingSettings(**(sampling or {}))
+        self.metrics = nn.ModuleDict(
+            {
+                split: nn.ModuleDict({"nll": MeanMetric(), "judge_acc": MeanMetric(), "judge_acc_heldout": MeanMetric()})
+                for split in ("val", "test")
+            }
+        )
+
+    # -- conditioning and tokens --------------------------------------------------------------------------------------
+
+    def encode_text(self, captions: list[str]) -> TextStates:
+        return self.text_encoder(captions)
+
+    @torch.no_grad()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, h * w) token ids in raster order."""
+        return self.autoencoder.encode(images).flatten(1)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(self.text_encoder, "fit_tokenizer") and datamodule is not None:
+            if hasattr(datamodule, "train_captions"):
+                self.text_encoder.fit_tokenizer(datamodule.train_captions())
+
+    # -- training -----------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        tokens = batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
+        text = self.encode_text(batch["caption"])
+        _, loss = self.net(tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob)
+        self.log("train/loss", loss, prog_bar=True, batch_size=tokens.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        modules = nn.ModuleDict({"net": self.net, "text_encoder": self.text_encoder})
+        optimizer = build_optimizer(self.optimizer_factory, modules, self.hparams.weight_decay)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # -- sampling -----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_images(
+        self, captions: list[str], settings: SamplingSettings | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Captions -> images (B, 3, H, W) in [-1, 1] (tokens sampled with the KV cache, then decoded)."""
+        text = self.encode_text(captions)
+        tokens = generate(self.net, text.states, text.mask, settings or self.sampling, generator)
+        h, w = self.net.config.grid_size
+        return self.autoencoder.decode(tokens.view(-1, h, w))
+
+    def _eval_generator(self) -> torch.Generator:
+        # a private generator: sampling during validation never touches the global RNG used by training
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.hparams.eval_seed + self.global_rank)
+        return generator
+
+    # -- evaluation ---------------------------------------------------------------------------------------------------
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        tokens = self.image_tokens(batch["image"])
+        text = self.encode_text(batch["caption"])
+        _, loss = self.net(tokens, text.states, text.mask, targets=tokens)
+        self.metrics[split]["nll"].update(loss / math.log(2), weight=tokens.shape[0])
+
+    def _judge_generated(self, split: str) -> None:
+        """Generate for this rank's share of the fixed prompts and score them with the judge."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        judge = getattr(datamodule, "judge", None)
+        if judge is None or not hasattr(datamodule, "eval_prompts"):
+            return
+        limit = self.hparams.eval_prompts if split == "val" else self.hparams.test_prompts
+        generator = self._eval_generator()
+        judge.to(self.device)
+        for heldout, key in ((False, "judge_acc"), (True, "judge_acc_heldout")):
+            captions, scenes = datamodule.eval_prompts(split, heldout=heldout, limit=limit)
+            captions = captions[self.global_rank :: self.trainer.world_size]
+            scenes = scenes[self.global_rank :: self.trainer.world_size]
+            step = self.hparams.eval_batch_size
+            for i in range(0, len(captions), step):
+                images = self.generate_images(captions[i : i + step], generator=generator)
+                self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
+
+    def _eval_epoch_end(self, split: str) -> None:
+        self._judge_generated(split)
+        values = {}
+        for name, metric in self.metrics[split].items():
+            if metric.update_count > 0:
+                values[f"{split}/{name if name != 'nll' else 'nll_bits'}"] = metric.compute()
+            metric.reset()
+        self.log_dict(values, prog_bar=split == "val", sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @torch.no_grad()
+    def log_images(self, batch: dict) -> dict:
+        captions = list(batch["caption"])
+        images = self.generate_images(captions, generator=self._eval_generator())
+        return {"samples": (images, captions), "references": (batch["image"], captions)}
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["imagen"] = {
+            "stage": "ar_generator",
+            "net_config": asdict(self.net.config),
+            "autoencoder_config": asdict(self.autoencoder.config),
+            "text_encoder": module_spec(self.text_encoder),
+            "image_size": self.hparams.image_size,
+            "sampling": asdict(self.sampling),
+        }
