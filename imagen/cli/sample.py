@@ -22,6 +22,10 @@ def sample(cfg: DictConfig) -> dict:
         from imagen.cli.sample_ner import sample_ner
 
         return sample_ner(cfg)
+    if cfg.task == "generate":
+        from imagen.cli.sample_generate import sample_generate
+
+        return sample_generate(cfg)
     raise ValueError(f"task={cfg.task!r} is not available yet; choose from {TASKS}")
 
 

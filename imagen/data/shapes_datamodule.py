@@ -158,13 +158,14 @@ class ShapesDataModule(pl.LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test"}[name])
         return self.splits[name]
 
-    def eval_prompts(self, split: str, heldout: bool, limit: int | None = None) -> tuple[list[str], list[Scene]]:
-        """The fixed prompts of an evaluation split: its captions (one fixed paraphrase each) and scenes, from seen
-        (`heldout=False`) or held-out compositions; the first `limit` of them."""
+    def eval_prompts(self, split: str, heldout: bool, limit: int | None = None):
+        """The fixed prompts of an evaluation split, from seen (`heldout=False`) or held-out compositions, the
+        first `limit` of them: (captions (one fixed paraphrase each), scenes, real images (N, 3, H, W) in [-1, 1])."""
         s = self.split(split)
         rows = [i for i in range(len(s.scenes)) if bool(s.heldout[i]) == heldout][:limit]
         choice = s.caption_choice if s.caption_choice is not None else [0] * len(s.scenes)
-        return [s.captions[i][choice[i]] for i in rows], [s.scenes[i] for i in rows]
+        images = torch.from_numpy(s.images[rows]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return [s.captions[i][choice[i]] for i in rows], [s.scenes[i] for i in rows], images
 
     def train_captions(self) -> list[str]:
         """Every paraphrase of every training caption (for training a caption tokenizer)."""

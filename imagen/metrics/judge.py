@@ -31,7 +31,7 @@ from imagen.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-JUDGE_VERSION = 2  # bump when the judge's architecture or recipe changes, to invalidate caches
+JUDGE_VERSION = 3  # bump when the judge's architecture or recipe changes, to invalidate caches
 
 
 def render_batch(config: ShapesConfig, scenes: list[Scene], rng: np.random.Generator) -> torch.Tensor:

@@ -21,7 +21,6 @@ class AutoencoderConfig:
     channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2)  # one stride-2 level each: downsampling factor 2 ** len(channel_mult)
     num_res_blocks: int = 1
-    stem_channels: int = 16  # width of the full-resolution input/output convolutions (0: none)
     norm: str = "none"  # none | group: GroupNorm in residual blocks (slows learning on mostly-flat images)
     latent_dim: int = 64  # encoder output / decoder input width
     quantizer: str = "vq"  # vq | fsq | lfq
@@ -97,11 +96,7 @@ class Encoder(nn.Module):
     def __init__(self, c: AutoencoderConfig):
         super().__init__()
         widths = [c.channels * m for m in c.channel_mult]
-        if c.stem_channels:  # a cheap full-resolution layer sees edges before the first downsampling
-            layers: list[nn.Module] = [nn.Conv2d(c.in_channels, c.stem_channels, 3, 1, 1), nn.SiLU()]
-            layers.append(nn.Conv2d(c.stem_channels, widths[0], 4, 2, 1))
-        else:
-            layers = [nn.Conv2d(c.in_channels, widths[0], 4, 2, 1)]
+        layers: list[nn.Module] = [nn.Conv2d(c.in_channels, widths[0], 4, 2, 1)]
         for i, width in enumerate(widths):
             if i > 0:
                 layers.append(nn.Conv2d(widths[i - 1], width, 4, 2, 1))
@@ -126,12 +121,7 @@ class Decoder(nn.Module):
             layers += [ResBlock(widths[i], c.norm) for _ in range(c.num_res_blocks)]
             if i > 0:
                 layers.append(nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1))
-        layers += [make_norm(c.norm, widths[0]), nn.SiLU()]
-        if c.stem_channels:  # upsample, then draw edges with a full-resolution convolution
-            layers += [nn.ConvTranspose2d(widths[0], c.stem_channels, 4, 2, 1), nn.SiLU()]
-            layers.append(nn.Conv2d(c.stem_channels, c.in_channels, 3, 1, 1))
-        else:
-            layers.append(nn.ConvTranspose2d(widths[0], c.in_channels, 4, 2, 1))
+        layers += [make_norm(c.norm, widths[0]), nn.SiLU(), nn.ConvTranspose2d(widths[0], c.in_channels, 4, 2, 1)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -71,9 +71,12 @@ class JudgeNet(nn.Module):
         return torch.where((presence > 0).unsqueeze(-1), labels, torch.full_like(labels, -1))
 
 
-def degrade(images: torch.Tensor, max_blur: float = 1.0, max_noise: float = 0.06) -> torch.Tensor:
-    """Random Gaussian blur (sigma up to `max_blur` px) and pixel noise per image, for training a judge that reads
-    what a shape is rather than whether its edges are pixel-perfect (generated images are never exact)."""
+def degrade(
+    images: torch.Tensor, max_blur: float = 1.0, max_noise: float = 0.06, max_color_shift: float = 0.1
+) -> torch.Tensor:
+    """Random Gaussian blur (sigma up to `max_blur` px), per-channel color gain/offset (up to `max_color_shift`)
+    and pixel noise per image, for training a judge that reads which shape and color an object has rather than
+    whether its pixels are exact (generated images never are)."""
     b, ch, h, w = images.shape
     sigma = torch.rand(b, device=images.device) * max_blur + 1e-3
     taps = torch.arange(-2, 3, device=images.device, dtype=images.dtype)
@@ -82,5 +85,22 @@ def degrade(images: torch.Tensor, max_blur: float = 1.0, max_noise: float = 0.06
     x = images.reshape(1, b * ch, h, w)
     x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b * ch)
     x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), kernel[:, None, :, None], groups=b * ch)
+    x = x.reshape(b, ch, h, w)
+    gain = 1 + (torch.rand(b, ch, 1, 1, device=images.device) * 2 - 1) * max_color_shift
+    offset = (torch.rand(b, ch, 1, 1, device=images.device) * 2 - 1) * max_color_shift
+    x = (x + 1) * gain - 1 + offset * (x > -0.9)  # shift object colors; keep the background dark
     noise = torch.randn_like(images) * (torch.rand(b, 1, 1, 1, device=images.device) * max_noise)
-    return (x.reshape(b, ch, h, w) + noise).clamp(-1, 1)
+    return (x + noise).clamp(-1, 1)
+
+
+class JudgeFeatures(nn.Module):
+    """The judge's globally pooled features (B, 4 * channels): a feature extractor for FID on shapes images,
+    which needs no download (Inception weights do)."""
+
+    def __init__(self, judge: JudgeNet):
+        super().__init__()
+        self.judge = judge
+        self.num_features = 4 * judge.config.channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.judge.features(images.float()), 1).flatten(1)

@@ -11,10 +11,12 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from torchmetrics import MeanMetric
+from torchmetrics.image.fid import FrechetInceptionDistance
 
-from imagen.checkpoints import load_autoencoder
+from imagen.checkpoints import load_autoencoder, load_state_strict, read_checkpoint, stage_info
 from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
+from imagen.models.judge import JudgeFeatures
 from imagen.models.text_encoder import TextStates
 from imagen.sampling.ar import SamplingSettings, generate
 from imagen.stages.optim import build_optimizer
@@ -50,7 +52,7 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         self,
         net: ARTransformer | Callable[..., ARTransformer],
         text_encoder: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         autoencoder_ckpt: str | None = None,
         autoencoder_config: dict | None = None,
@@ -136,14 +138,30 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
     # -- sampling -----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def generate_tokens(
+        self, text: TextStates, settings: SamplingSettings | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache."""
+        return generate(self.net, text.states, text.mask, settings or self.sampling, generator)
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h * w) tokens -> images (B, 3, H, W) in [-1, 1] through the autoencoder's decoder."""
+        h, w = self.net.config.grid_size
+        return self.autoencoder.decode(tokens.view(-1, h, w))
+
+    @torch.no_grad()
     def generate_images(
         self, captions: list[str], settings: SamplingSettings | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Captions -> images (B, 3, H, W) in [-1, 1] (tokens sampled with the KV cache, then decoded)."""
-        text = self.encode_text(captions)
-        tokens = generate(self.net, text.states, text.mask, settings or self.sampling, generator)
-        h, w = self.net.config.grid_size
-        return self.autoencoder.decode(tokens.view(-1, h, w))
+        """Captions -> images (B, 3, H, W) in [-1, 1]."""
+        return self.decode_tokens(self.generate_tokens(self.encode_text(captions), settings, generator))
+
+    @torch.no_grad()
+    def token_logprob(self, tokens: torch.Tensor, text: TextStates) -> torch.Tensor:
+        """(B,) mean log-probability of the tokens under the caption-conditional model (no guidance)."""
+        logits, _ = self.net(tokens, text.states, text.mask)
+        return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1).mean(-1)
 
     def _eval_generator(self) -> torch.Generator:
         # a private generator: sampling during validation never touches the global RNG used by training
@@ -159,27 +177,34 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         _, loss = self.net(tokens, text.states, text.mask, targets=tokens)
         self.metrics[split]["nll"].update(loss / math.log(2), weight=tokens.shape[0])
 
-    def _judge_generated(self, split: str) -> None:
-        """Generate for this rank's share of the fixed prompts and score them with the judge."""
+    def _judge_generated(self, split: str) -> dict[str, torch.Tensor]:
+        """Generate for this rank's share of the fixed prompts; score them with the judge, and FID of the images
+        of seen prompts against the real images of the same prompts, on the judge's features."""
         datamodule = getattr(self.trainer, "datamodule", None)
         judge = getattr(datamodule, "judge", None)
         if judge is None or not hasattr(datamodule, "eval_prompts"):
-            return
+            return {}
         limit = self.hparams.eval_prompts if split == "val" else self.hparams.test_prompts
         generator = self._eval_generator()
         judge.to(self.device)
+        # not a submodule: the judge's weights must not enter this stage's checkpoints
+        fid = FrechetInceptionDistance(feature=JudgeFeatures(judge.net), sync_on_compute=True).to(self.device)
+        rank, world, step = self.global_rank, self.trainer.world_size, self.hparams.eval_batch_size
         for heldout, key in ((False, "judge_acc"), (True, "judge_acc_heldout")):
-            captions, scenes = datamodule.eval_prompts(split, heldout=heldout, limit=limit)
-            captions = captions[self.global_rank :: self.trainer.world_size]
-            scenes = scenes[self.global_rank :: self.trainer.world_size]
-            step = self.hparams.eval_batch_size
+            captions, scenes, real = datamodule.eval_prompts(split, heldout=heldout, limit=limit)
+            captions, scenes, real = captions[rank::world], scenes[rank::world], real[rank::world]
             for i in range(0, len(captions), step):
                 images = self.generate_images(captions[i : i + step], generator=generator)
                 self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
+                if self.hparams.compute_fid and not heldout:
+                    fid.update(images, real=False)
+                    fid.update(real[i : i + step].to(self.device), real=True)
+        if self.hparams.compute_fid and fid.fake_features_num_samples > 1:
+            return {f"{split}/fid": fid.compute()}
+        return {}
 
     def _eval_epoch_end(self, split: str) -> None:
-        self._judge_generated(split)
-        values = {}
+        values = self._judge_generated(split)
         for name, metric in self.metrics[split].items():
             if metric.update_count > 0:
                 values[f"{split}/{name if name != 'nll' else 'nll_bits'}"] = metric.compute()
@@ -205,6 +230,23 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         return {"samples": (images, captions), "references": (batch["image"], captions)}
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str, trust: bool = False) -> ARGeneratorStage:
+        """Rebuild a trained generator (text encoder, transformer, autoencoder) from its checkpoint alone."""
+        import hydra
+
+        checkpoint = read_checkpoint(path, trust)
+        info = stage_info(checkpoint, path, "ar_generator")
+        stage = cls(
+            net=ARTransformer(ARConfig(**info["net_config"])),
+            text_encoder=hydra.utils.instantiate(info["text_encoder"]),
+            autoencoder_config=info["autoencoder_config"],
+            image_size=info["image_size"],
+            sampling=info["sampling"],
+        )
+        load_state_strict(stage, checkpoint["state_dict"], source=str(path))
+        return stage.eval()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["imagen"] = {

@@ -18,10 +18,19 @@ from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
 from imagen.stages.optim import build_optimizer
 
 
+def image_gradient_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """L1 distance between horizontal and vertical pixel differences: keeps edges and corners sharp, which
+    per-pixel losses trade away for blur on small objects."""
+    dx = F.l1_loss(recon.diff(dim=-1), images.diff(dim=-1))
+    dy = F.l1_loss(recon.diff(dim=-2), images.diff(dim=-2))
+    return dx + dy
+
+
 class AutoencoderStage(pl.LightningModule):
     """Trains `net` (encoder -> quantizer -> decoder) to reconstruct images through discrete tokens.
 
-    Losses: `l1_weight * |x - x'| + l2_weight * (x - x')^2 + quantizer aux loss`, plus optionally a perceptual loss
+    Losses: `l1_weight * |x - x'| + l2_weight * (x - x')^2 + gradient_weight * |grad x - grad x'| + quantizer aux
+    loss`, plus optionally a perceptual loss
     and, from `adversarial_start_step` on, a PatchGAN hinge loss. Optimization is manual (generator and
     discriminator optimizers). Validation and test log PSNR, SSIM, codebook usage and perplexity, and, when the
     datamodule has a judge (shapes data), the judge's accuracy on reconstructions.
@@ -34,6 +43,7 @@ class AutoencoderStage(pl.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         l1_weight: float = 1.0,
         l2_weight: float = 1.0,
+        gradient_weight: float = 0.0,
         perceptual: nn.Module | None = None,
         perceptual_weight: float = 0.0,
         discriminator: nn.Module | None = None,
@@ -72,6 +82,8 @@ class AutoencoderStage(pl.LightningModule):
 
     def reconstruction_loss(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         loss = self.hparams.l1_weight * F.l1_loss(recon, images) + self.hparams.l2_weight * F.mse_loss(recon, images)
+        if self.hparams.gradient_weight > 0:
+            loss = loss + self.hparams.gradient_weight * image_gradient_loss(recon, images)
         if self.perceptual is not None and self.hparams.perceptual_weight > 0:
             loss = loss + self.hparams.perceptual_weight * self.perceptual(recon, images)
         return loss

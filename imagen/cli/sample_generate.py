@@ -1,0 +1,96 @@
+"""`python sample.py ckpt=PATH prompts=[...]`: text -> image with a trained generator checkpoint.
+
+Writes one PNG per image (`images/PPP_SS.png`), a captioned grid (`grid.png`, one row per prompt) and
+`samples.jsonl` (prompt, seed, settings, file, scores) into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from imagen.checkpoints import CheckpointError
+from imagen.images import captioned_grid, save_png, to_uint8
+from imagen.progress import progress_bar
+from imagen.sampling.ar import SamplingSettings
+
+log = logging.getLogger("imagen")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: CUDA is not available on this machine; use device=cpu")
+    return torch.device(name)
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    """Prompts from `prompts` (a list) and/or `prompts_file` (one per line); an empty result is an error."""
+    prompts = [str(p) for p in (cfg.prompts or [])]
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file={path}: no such file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [p.strip() for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError("no prompts: pass prompts='[\"a small red circle on the left\"]' or prompts_file=FILE")
+    return prompts
+
+
+def load_generator(path: str, trust: bool):
+    """The generator stage of a checkpoint; a checkpoint of another stage is a clear error."""
+    from imagen.stages.ar_generator import ARGeneratorStage
+
+    try:
+        return ARGeneratorStage.from_checkpoint(path, trust=trust)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} is not a compatible generator checkpoint: {e}") from None
+
+
+@torch.no_grad()
+def sample_generate(cfg: DictConfig) -> dict:
+    prompts = read_prompts(cfg)
+    stage = load_generator(cfg.ckpt, cfg.trust_checkpoint)
+    device = resolve_device(cfg.device)
+    stage.to(device)
+    settings = SamplingSettings(
+        cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
+    )
+    out_dir = Path(cfg.out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    jobs = [(p, prompt, s) for p, prompt in enumerate(prompts) for s in range(cfg.n)]
+    images, records = [], []
+    with progress_bar() as progress:
+        task = progress.add_task(f"sampling {len(jobs)} images", total=len(jobs))
+        for start in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[start : start + cfg.batch_size]
+            captions = [caption for _, caption, _ in batch]
+            text = stage.encode_text(captions)
+            tokens = stage.generate_tokens(text, settings, generator)
+            pixels = stage.decode_tokens(tokens)
+            scores = stage.token_logprob(tokens, text)
+            for (p, caption, s), image, score in zip(batch, pixels, scores, strict=True):
+                file = out_dir / "images" / f"{p:03d}_{s:02d}.png"
+                save_png(to_uint8(image[None])[0], file)
+                images.append(image.cpu())
+                records.append({"prompt": caption, "prompt_index": p, "sample": s, "seed": int(cfg.seed),
+                                "settings": asdict(settings), "file": str(file.relative_to(out_dir)),
+                                "scores": {"mean_token_logprob": round(float(score), 5)}})  # fmt: skip
+            progress.update(task, advance=len(batch))
+    grid = captioned_grid(torch.stack(images), [r["prompt"] for r in records], nrow=cfg.n)
+    grid_path = save_png(grid, out_dir / "grid.png")
+    with open(out_dir / "samples.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    log.info(f"wrote {len(records)} images, {grid_path} and {out_dir / 'samples.jsonl'}")
+    return {"images": len(records), "grid": str(grid_path), "manifest": str(out_dir / "samples.jsonl")}

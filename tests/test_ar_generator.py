@@ -1,0 +1,142 @@
+"""The AR generator: KV-cache sampler, guidance, decoding rules, text encoders, and the stage's training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imagen.cli.train import train
+from imagen.models.ar_transformer import ARTransformer
+from imagen.sampling.ar import SamplingSettings, generate, generate_recompute, guide, with_unconditional
+from tests.conftest import TINY_SHAPES
+from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
+
+
+def tiny_model(conditioning: str = "cross") -> ARTransformer:
+    torch.manual_seed(0)
+    model = ARTransformer.from_size(
+        "tiny", vocab_size=40, grid_size=(3, 4), text_dim=16, conditioning=conditioning, max_text_length=6
+    )
+    return model.eval()
+
+
+def text(batch: int = 3):
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(batch, 5, 16, generator=g)
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # a shorter caption: padding must not change anything
+    return states, mask
+
+
+@pytest.mark.parametrize("conditioning", ["cross", "prefix"])
+@pytest.mark.parametrize(
+    "settings",
+    [SamplingSettings(cfg_scale=3.0, top_k=10), SamplingSettings(cfg_scale=1.0, temperature=0.8, top_p=0.9),
+     SamplingSettings(cfg_scale=2.0, cfg_schedule="linear")],  # fmt: skip
+)
+def test_kv_cache_sampling_equals_full_recompute(conditioning, settings):
+    model, (states, mask) = tiny_model(conditioning), text()
+    cached = generate(model, states, mask, settings, torch.Generator().manual_seed(7))
+    recomputed = generate_recompute(model, states, mask, settings, torch.Generator().manual_seed(7))
+    assert cached.shape == (3, 12)
+    assert torch.equal(cached, recomputed)
+
+
+def test_guidance_scale_zero_is_unconditional_and_one_is_conditional():
+    model, (states, mask) = tiny_model(), text()
+    tokens = torch.randint(0, 40, (3, 12))
+    cond_logits = model(tokens, states, mask)[0]
+    uncond_logits = model(tokens, *model.null_condition(3, 5, "cpu"))[0]
+    doubled = model(torch.cat([tokens, tokens]), *with_unconditional(model, states, mask))[0]
+    for position in (0, 5, 11):
+        torch.testing.assert_close(guide(doubled[:, position], 0.0), uncond_logits[:, position])
+        torch.testing.assert_close(guide(doubled[:, position], 1.0), cond_logits[:, position])
+    assert not torch.allclose(cond_logits, uncond_logits)
+
+
+def test_top_k_one_is_deterministic_argmax_decoding():
+    model, (states, mask) = tiny_model(), text()
+    a = generate(model, states, mask, SamplingSettings(top_k=1), torch.Generator().manual_seed(1))
+    b = generate(model, states, mask, SamplingSettings(top_k=1), torch.Generator().manual_seed(2))
+    greedy = generate_recompute(model, states, mask, SamplingSettings(temperature=0.0))
+    assert torch.equal(a, b) and torch.equal(a, greedy)
+    # and sampling at temperature 1 does depend on the seed
+    c = generate(model, states, mask, SamplingSettings(), torch.Generator().manual_seed(1))
+    d = generate(model, states, mask, SamplingSettings(), torch.Generator().manual_seed(2))
+    assert not torch.equal(c, d)
+
+
+def test_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = ARTransformer.from_size("tiny", vocab_size=40, grid_size=(3, 4), text_dim=16, dim=64)
+    states, mask = text(4)
+    tokens = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        _, loss = model(tokens, states, mask, targets=tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    sampled = generate(model.eval(), states, mask, SamplingSettings(cfg_scale=1.0, top_k=1))
+    assert torch.equal(sampled, tokens)
+
+
+def _generator_run(make_cfg, ckpt, tmp_path, name: str, extra: list[str]):
+    cfg = make_cfg(
+        ["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR, f"model.autoencoder_ckpt={ckpt}",
+         "trainer.max_steps=6", "test=false", "callbacks=none", "logger=csv", "seed=3", *extra],  # fmt: skip
+        run_dir=tmp_path / name,
+    )
+    _, objects = train(cfg)
+    return objects["model"]
+
+
+def test_sampling_during_validation_leaves_training_unaffected(make_cfg, tiny_autoencoder_ckpt, tmp_path):  # noqa: F811
+    # validation after step 3 samples images (tiny prompt set, judge off); the run without it must end identical
+    with_sampling = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "a", ["trainer.val_check_interval=3",
+                                   "data.use_judge=true", "model.eval_prompts=4"])  # fmt: skip
+    without = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "b", ["trainer.limit_val_batches=0"])
+    assert with_sampling.trainer.callback_metrics.get("val/judge_acc") is not None
+    a, b = with_sampling.state_dict(), without.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_pretrained_text_encoder_loads_offline_and_trains(make_cfg, tiny_autoencoder_ckpt, tmp_path, kind):  # noqa: F811
+    path = tmp_path / kind
+    save_tiny_hf_encoder(kind, path)
+    model = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, f"run_{kind}",
+                           ["model/text_encoder=pretrained", f"model.text_encoder.pretrained={path}",
+                            "model.text_encoder.cache_dir=null", "trainer.limit_val_batches=0"])  # fmt: skip
+    assert model.text_encoder.dim == 32
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    assert model.trainer.global_step == 6
+
+
+def save_tiny_hf_encoder(kind: str, path) -> None:
+    """A tiny randomly initialised encoder and a fast tokenizer, saved with save_pretrained (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "a small large red green blue yellow purple cyan circle square triangle left right top bottom center of above below in the on at there is one and it middle".split()
+    path.mkdir(parents=True)
+    if kind == "bert":
+        from transformers import BertConfig, BertModel, BertTokenizerFast
+
+        (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+        BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+        config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64)  # fmt: skip
+        BertModel(config).save_pretrained(path)
+    else:
+        from transformers import PreTrainedTokenizerFast, T5Config, T5Model
+
+        vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+        config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+        T5Model(config).save_pretrained(path)

@@ -1,0 +1,65 @@
+"""sample.py task=generate: files, grid and manifest for a trained checkpoint; clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imagen.checkpoints import CheckpointError
+from imagen.cli.sample import sample
+from imagen.cli.train import train
+from tests.conftest import TINY_SHAPES
+from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
+
+
+@pytest.fixture(scope="module")
+def generator_ckpt(tmp_path_factory, tiny_autoencoder_ckpt) -> Path:  # noqa: F811
+    from tests.conftest import compose_config
+
+    run = tmp_path_factory.mktemp("tiny_generator")
+    cfg = compose_config(
+        ["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+         "trainer.max_steps=3", "trainer.limit_val_batches=0", "test=false", "logger=csv", "extras.print_config=false",
+         f"paths.cache_dir={run / 'cache'}"],  # fmt: skip
+        run,
+    )
+    train(cfg)
+    return run / "checkpoints" / "last.ckpt"
+
+
+def sample_cfg(make_cfg, tmp_path, *overrides: str):
+    return make_cfg([f"out_dir={tmp_path / 'out'}", *overrides], config_name="sample")
+
+
+def test_sample_writes_images_grid_and_manifest(make_cfg, generator_ckpt, tmp_path):
+    prompts = '["a small red circle on the left","a large blue square above a small green triangle"]'
+    cfg = sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", f"prompts={prompts}", "n=3", "cfg_scale=2.0", "top_k=20")
+    summary = sample(cfg)
+    out = tmp_path / "out"
+    assert summary["images"] == 6
+    assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 6
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt_index"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert rows[0]["settings"]["cfg_scale"] == 2.0 and rows[0]["settings"]["top_k"] == 20
+    assert all((out / r["file"]).is_file() and r["scores"]["mean_token_logprob"] < 0 for r in rows)
+
+
+def test_sample_is_reproducible_for_a_seed(make_cfg, generator_ckpt, tmp_path):
+    files = []
+    for name in ("a", "b"):
+        cfg = make_cfg([f"out_dir={tmp_path / name}", f"ckpt={generator_ckpt}", "prompts=[a small red circle]", "n=2",
+                        "seed=5"], config_name="sample")  # fmt: skip
+        sample(cfg)
+        files.append([(tmp_path / name / "images" / f"000_0{i}.png").read_bytes() for i in range(2)])
+    assert files[0] == files[1]
+
+
+def test_sample_errors_name_the_problem(make_cfg, generator_ckpt, tiny_autoencoder_ckpt, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="no prompts"):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}"))
+    with pytest.raises(CheckpointError, match="no such file"):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={tmp_path / 'missing.ckpt'}", "prompts=[x]"))
+    with pytest.raises(CheckpointError, match="autoencoder"):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={tiny_autoencoder_ckpt}", "prompts=[x]"))
