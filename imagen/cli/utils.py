@@ -18,20 +18,15 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from imagen.precision import auto_precision
+
 log = logging.getLogger("imagen")
-
-
-def _auto_precision() -> str:
-    """bf16-mixed on GPUs that support it, 32-true elsewhere."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 def register_resolvers() -> None:
     """OmegaConf resolvers used in conf/ (idempotent)."""
     if not OmegaConf.has_resolver("imagen.auto_precision"):
-        OmegaConf.register_new_resolver("imagen.auto_precision", _auto_precision)
+        OmegaConf.register_new_resolver("imagen.auto_precision", auto_precision)
 
 
 register_resolvers()

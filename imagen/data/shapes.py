@@ -126,8 +126,8 @@ class ShapesConfig:
     positions: list[str] = field(default_factory=lambda: list(POSITIONS))
     max_objects: int = 2
     two_object_prob: float = 0.5
-    jitter: float = 0.08  # random offset of an object's center, as a fraction of a cell
-    size_jitter: float = 0.08  # random relative change of an object's size
+    jitter: int = 1  # random offset of an object's center, in whole pixels (objects stay pixel-aligned)
+    size_jitter: float = 0.0  # random relative change of an object's size
     background: tuple[int, int, int] = (0, 0, 0)
     supersample: int = 4  # render at this multiple, then downsample: anti-aliased edges
     # Attribute combinations held out of training, e.g. [{"color": "red", "shape": "triangle"}].
@@ -149,6 +149,8 @@ class ShapesConfig:
             raise ValueError(f"data.max_objects must be 1 or 2, got {self.max_objects}")
         if not 0.0 <= self.two_object_prob <= 1.0:
             raise ValueError(f"data.two_object_prob must be in [0, 1], got {self.two_object_prob}")
+        if self.jitter < 0 or self.jitter != int(self.jitter):
+            raise ValueError(f"data.jitter must be a whole number of pixels >= 0, got {self.jitter}")
         if self.image_size < 16:
             raise ValueError(f"data.image_size must be >= 16, got {self.image_size}")
         attrs = {"color": self.colors, "shape": self.shapes, "size": self.sizes, "position": self.positions}
@@ -226,15 +228,15 @@ class SceneSampler:
 def render(scene: Scene, config: ShapesConfig, rng: np.random.Generator) -> np.ndarray:
     """Render a scene to a uint8 array of shape (H, W, 3); `rng` draws the position/size jitter."""
     s = config.supersample
-    size = config.image_size * s
-    cell = size / GRID
-    image = Image.new("RGB", (size, size), tuple(config.background))
+    cell = config.image_size / GRID  # in output pixels
+    image = Image.new("RGB", (config.image_size * s,) * 2, tuple(config.background))
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        cx = (obj.col + 0.5 + rng.uniform(-config.jitter, config.jitter)) * cell
-        cy = (obj.row + 0.5 + rng.uniform(-config.jitter, config.jitter)) * cell
+        # centers on whole output pixels: an object looks the same wherever it stands (pixel-aligned sprites)
+        cx = round((obj.col + 0.5) * cell) + int(rng.integers(-config.jitter, config.jitter + 1))
+        cy = round((obj.row + 0.5) * cell) + int(rng.integers(-config.jitter, config.jitter + 1))
         r = 0.5 * cell * SIZE_FRACTION[obj.size] * (1 + rng.uniform(-config.size_jitter, config.size_jitter))
-        _draw_shape(draw, obj.shape, cx, cy, r, PALETTE[obj.color])
+        _draw_shape(draw, obj.shape, cx * s, cy * s, r * s, PALETTE[obj.color])
     image = image.resize((config.image_size, config.image_size), Image.Resampling.BOX)
     return np.asarray(image, dtype=np.uint8)
 

@@ -94,8 +94,8 @@ class ShapesDataModule(pl.LightningDataModule):
         positions: list[str] | None = None,
         max_objects: int = 2,
         two_object_prob: float = 0.5,
-        jitter: float = 0.08,
-        size_jitter: float = 0.08,
+        jitter: int = 1,
+        size_jitter: float = 0.0,
         background: tuple[int, int, int] = (0, 0, 0),
         supersample: int = 4,
         heldout: list[dict[str, str]] | None = None,
@@ -112,7 +112,7 @@ class ShapesDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         cache_dir: str = ".cache",
         use_judge: bool = True,
-        judge_steps: int = 600,
+        judge_steps: int = 500,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)

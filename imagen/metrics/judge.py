@@ -27,6 +27,7 @@ from imagen.data.shapes import (
     scene_targets,
 )
 from imagen.models.judge import JudgeConfig, JudgeNet, degrade
+from imagen.precision import autocast
 from imagen.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def judge_cache_path(cache_dir: str | os.PathLike, shapes: ShapesConfig, config:
 def train_judge(
     shapes: ShapesConfig,
     config: JudgeConfig,
-    steps: int = 600,
+    steps: int = 500,
     batch_size: int = 128,
     lr: float = 2e-3,
     num_train: int = 24000,
@@ -103,7 +104,8 @@ def train_judge(
         task = progress.add_task("training the shapes judge", total=steps)
         for _ in range(steps):
             idx = torch.randint(0, num_train, (batch_size,))
-            loss = net.loss(degrade(x_train[idx]), y_train[idx])
+            with autocast("cpu"):
+                loss = net.loss(degrade(x_train[idx]), y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -115,7 +117,7 @@ def train_judge(
 
 
 def load_or_train_judge(
-    shapes: ShapesConfig, cache_dir: str | os.PathLike, config: JudgeConfig | None = None, steps: int = 600
+    shapes: ShapesConfig, cache_dir: str | os.PathLike, config: JudgeConfig | None = None, steps: int = 500
 ) -> Judge:
     """Load the cached judge for these renderer settings, training and caching it first if needed."""
     config = config or JudgeConfig(len(shapes.colors), len(shapes.shapes), len(shapes.sizes))

@@ -14,6 +14,7 @@ to `forward(..., cache=cache, start=pos)`, so a model that sampled during valida
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -83,7 +85,10 @@ class Attention(nn.Module):
         or None for causal self-attention (T == S)."""
         q = self.split_heads(self.q(x))
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        # On CPU the fused kernel's backward is several times slower than the plain math at these sequence
+        # lengths (measured: 40 ms vs ~5 ms per call at 64 tokens); GPUs keep flash / memory-efficient kernels.
+        with sdpa_kernel(SDPBackend.MATH) if q.device.type == "cpu" else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         b, _, t, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 

@@ -1,0 +1,61 @@
+"""Safe checkpoint reading and strict loading."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from imagen.checkpoints import CheckpointError, load_state_strict, read_checkpoint
+
+
+class RunsCode:
+    """Unpickling this calls `touch(path)`: what a malicious checkpoint does."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="refusing"):
+        read_checkpoint(path)
+    assert not marker.exists(), "the payload must not have run"
+
+
+def test_truncated_and_missing_checkpoints_name_the_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        read_checkpoint(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_strict_load_lists_every_bad_key():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    state = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(4), "2.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as e:
+        load_state_strict(model, state, source="x.ckpt")
+    message = str(e.value)
+    assert "missing keys: 1.bias, 1.weight" in message
+    assert "unexpected keys: 2.weight" in message
+    assert "0.bias: checkpoint (4,) vs model (3,)" in message
+    good = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    load_state_strict(model, {f"net.{k}": v for k, v in good.items()}, prefix="net.")
+    assert torch.equal(model[0].weight, torch.ones(3, 2))
+
+
+def test_pickle_protocol_sanity():
+    # the refusal above relies on torch.load(weights_only=True) rejecting arbitrary globals
+    assert pickle.loads(pickle.dumps(3)) == 3
