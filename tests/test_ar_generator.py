@@ -31,8 +31,11 @@ def text(batch: int = 3):
 @pytest.mark.parametrize("conditioning", ["cross", "prefix"])
 @pytest.mark.parametrize(
     "settings",
-    [SamplingSettings(cfg_scale=3.0, top_k=10), SamplingSettings(cfg_scale=1.0, temperature=0.8, top_p=0.9),
-     SamplingSettings(cfg_scale=2.0, cfg_schedule="linear")],  # fmt: skip
+    [
+        SamplingSettings(cfg_scale=3.0, top_k=10),
+        SamplingSettings(cfg_scale=1.0, temperature=0.8, top_p=0.9),
+        SamplingSettings(cfg_scale=2.0, cfg_schedule="linear"),
+    ],  # fmt: skip
 )
 def test_kv_cache_sampling_equals_full_recompute(conditioning, settings):
     model, (states, mask) = tiny_model(conditioning), text()
@@ -83,9 +86,24 @@ def test_model_overfits_one_batch():
 
 
 def _generator_run(make_cfg, ckpt, tmp_path, name: str, extra: list[str]):
+    generator = (
+        [o for o in TINY_GENERATOR if "text_encoder" not in o]
+        if "model/text_encoder=pretrained" in extra
+        else TINY_GENERATOR
+    )
     cfg = make_cfg(
-        ["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR, f"model.autoencoder_ckpt={ckpt}",
-         "trainer.max_steps=6", "test=false", "callbacks=none", "logger=csv", "seed=3", *extra],  # fmt: skip
+        [
+            "experiment=shapes_generator",
+            *TINY_SHAPES,
+            *generator,
+            f"model.autoencoder_ckpt={ckpt}",
+            "trainer.max_steps=6",
+            "test=false",
+            "callbacks=none",
+            "logger=csv",
+            "seed=3",
+            *extra,
+        ],  # fmt: skip
         run_dir=tmp_path / name,
     )
     _, objects = train(cfg)
@@ -96,7 +114,10 @@ def test_sampling_during_validation_leaves_training_unaffected(make_cfg, tiny_au
     # validation after step 3 samples images (tiny prompt set, judge off); the run without it must end identical
     with_sampling = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "a", ["trainer.val_check_interval=3",
                                    "data.use_judge=true", "model.eval_prompts=4"])  # fmt: skip
-    without = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "b", ["trainer.limit_val_batches=0"])
+    # the same validation (its data loaders draw from the global RNG too), only without the sampling
+    without = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "b", ["trainer.val_check_interval=3",
+                             "data.use_judge=true", "model.eval_prompts=0"])  # fmt: skip
+    assert without.trainer.callback_metrics.get("val/judge_acc") is None
     assert with_sampling.trainer.callback_metrics.get("val/judge_acc") is not None
     a, b = with_sampling.state_dict(), without.state_dict()
     assert a.keys() == b.keys()
@@ -126,7 +147,9 @@ def save_tiny_hf_encoder(kind: str, path) -> None:
     if kind == "bert":
         from transformers import BertConfig, BertModel, BertTokenizerFast
 
-        (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+        (path / "vocab.txt").write_text(
+            "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n"
+        )
         BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
         config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64)  # fmt: skip
@@ -137,6 +160,8 @@ def save_tiny_hf_encoder(kind: str, path) -> None:
         vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+        PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+        ).save_pretrained(path)
         config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
         T5Model(config).save_pretrained(path)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_SHAPES
+from omegaconf import OmegaConf
+
+from tests.conftest import REPO, TINY_SHAPES, compose_config
 
 
 def run_train(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -38,10 +40,10 @@ def test_ddp_sim_writes_one_run_directory(tmp_path):
 
 def test_slurm_launcher_config_composes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    result = run_train(
-        "-m", "hydra/launcher=slurm", "experiment=shapes_autoencoder", "trainer=ddp", "trainer.devices=4",
-        "--cfg", "hydra", cwd=tmp_path, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "submitit_slurm" in result.stdout or "SlurmLauncher" in result.stdout
-    assert "tasks_per_node: 4" in result.stdout
+    cfg = compose_config(["hydra/launcher=slurm", "experiment=shapes_autoencoder", "trainer=ddp", "trainer.devices=4",
+                          "trainer.num_nodes=2", "hydra.launcher.partition=gpu"], tmp_path)  # fmt: skip
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    # one SLURM task per GPU, which Lightning's SLURMEnvironment picks up
+    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (4, 4, 2)
+    assert launcher["partition"] == "gpu"

@@ -12,7 +12,7 @@ from tests.conftest import TINY_SHAPES
 
 CASES = [
     (["data.image_size=30"], ConfigError, "data.image_size=30 is not divisible"),
-    (["model.net.channel_mult=[1,2,2]", "data.image_size=36"], ConfigError, "downsampling factor 8"),
+    (["+model.net.channel_mult=[1,2,2]", "data.image_size=36"], ConfigError, "downsampling factor 8"),
     (["model.net.size=huge"], ConfigError, "model.net.size='huge'"),
     (["+model.net.codebook_sise=3"], ConfigError, "model.net.codebook_sise"),
     (["model.net.quantizer=pq"], ConfigError, "model.net.quantizer"),

@@ -33,11 +33,20 @@ register_resolvers()
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
-    """Build every entry of the `callbacks` dict that has a `_target_` (entries set to null are skipped)."""
+    """Build every entry of the `callbacks` dict that has a `_target_` (entries set to null are skipped).
+
+    An entry that is only settings (an experiment tuning `callbacks.model_checkpoint` after `callbacks=none`
+    removed the callback itself) is skipped with a warning that names it.
+    """
     callbacks: list[Callback] = []
     for name, entry in (cfg or {}).items():
         if isinstance(entry, DictConfig) and "_target_" in entry:
             callbacks.append(hydra.utils.instantiate(entry))
+        elif isinstance(entry, DictConfig):
+            log.warning(
+                f"callbacks.{name} has settings {OmegaConf.to_container(entry)} but no _target_ "
+                "(its callback config is not selected); skipped"
+            )
         elif entry is not None:
             raise ValueError(f"callbacks.{name}: expected a config with _target_, got {entry!r}")
     return callbacks

@@ -128,11 +128,13 @@ def load_or_train_judge(
         except Exception as e:  # a truncated or corrupt cache is rebuilt, not trusted
             log.warning(f"judge cache {path} is unreadable ({e}); training it again")
         else:
-            net = JudgeNet(JudgeConfig(**payload["config"]))
+            with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the caller's RNG alone
+                net = JudgeNet(JudgeConfig(**payload["config"]))
             net.load_state_dict(payload["state_dict"])
             return Judge(net, shapes)
     start = time.time()
-    net, accuracy = train_judge(shapes, config, steps=steps)
+    with torch.random.fork_rng(devices=[]):  # seeds its own RNG; the caller's stream (training) is left as it was
+        net, accuracy = train_judge(shapes, config, steps=steps)
     log.info(f"judge trained in {time.time() - start:.0f}s; exact accuracy on fresh test renders {accuracy:.2%}")
     if accuracy < 0.99:
         log.warning(f"the judge reaches only {accuracy:.2%} on ground-truth renders; judge metrics are unreliable")
