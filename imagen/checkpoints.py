@@ -48,11 +48,15 @@ def stage_info(checkpoint: dict, path: str | Path, stage: str) -> dict:
     if not isinstance(info, dict) or "stage" not in info:
         raise CheckpointError(f"checkpoint {path} was not written by an imagen stage (no 'imagen' entry)")
     if info["stage"] != stage:
-        raise CheckpointError(f"checkpoint {path} is from the {info['stage']!r} stage; expected a {stage!r} checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} is from the {info['stage']!r} stage; expected a {stage!r} checkpoint"
+        )
     return info
 
 
-def load_state_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "", source: str = "") -> None:
+def load_state_strict(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "", source: str = ""
+) -> None:
     """Load the entries of `state_dict` under `prefix` into `module`; any missing, unexpected or mis-shaped key
     is an error that lists them all."""
     if prefix:
@@ -63,7 +67,10 @@ def load_state_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], pr
     mismatched = sorted(
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state_dict.items()
-        if k in own and isinstance(v, torch.Tensor) and isinstance(own[k], torch.Tensor) and v.shape != own[k].shape
+        if k in own
+        and isinstance(v, torch.Tensor)
+        and isinstance(own[k], torch.Tensor)
+        and v.shape != own[k].shape
     )
     if missing or unexpected or mismatched:
         lines = [f"checkpoint {source} does not match {type(module).__name__}:"]

@@ -29,11 +29,15 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, s
         y, x = padding + r * (h + padding), padding + c * (w + padding)
         grid[y : y + h, x : x + w] = tile
     if scale > 1:
-        grid = np.asarray(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST))
+        grid = np.asarray(
+            Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+        )
     return grid
 
 
-def captioned_grid(images: torch.Tensor, captions: list[str], nrow: int | None = None, tile: int = 128) -> Image.Image:
+def captioned_grid(
+    images: torch.Tensor, captions: list[str], nrow: int | None = None, tile: int = 128
+) -> Image.Image:
     """A grid with each image enlarged to `tile` pixels (nearest neighbour) and its caption printed under it."""
     tiles = to_uint8(images)
     nrow = nrow or math.ceil(math.sqrt(len(tiles)))

@@ -39,7 +39,9 @@ def test_index_to_code_round_trip_is_exact(quantizer):
         assert codes.shape == q.quantized.shape
         torch.testing.assert_close(codes, q.quantized, rtol=1e-5, atol=1e-5)
         # and decode() takes the same path as the forward pass
-        torch.testing.assert_close(model.decode(q.indices), model.decoder(q.quantized).clamp(-1, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model.decode(q.indices), model.decoder(q.quantized).clamp(-1, 1), rtol=1e-5, atol=1e-5
+        )
     assert q.indices.dtype == torch.long
     assert 0 <= q.indices.min() and q.indices.max() < model.vocab_size
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO, TINY_SHAPES, compose_config

@@ -38,6 +38,8 @@ def test_generator_needs_an_autoencoder_checkpoint(make_cfg, tmp_path):
     cfg = make_cfg(["experiment=shapes_generator", *TINY_SHAPES])
     with pytest.raises(MissingMandatoryValue, match="autoencoder_ckpt"):
         train(cfg)
-    cfg = make_cfg(["experiment=shapes_generator", *TINY_SHAPES, f"model.autoencoder_ckpt={tmp_path / 'x.ckpt'}"])
+    cfg = make_cfg(
+        ["experiment=shapes_generator", *TINY_SHAPES, f"model.autoencoder_ckpt={tmp_path / 'x.ckpt'}"]
+    )
     with pytest.raises(ConfigError, match="model.autoencoder_ckpt=.*no such file"):
         train(cfg)

@@ -20,9 +20,18 @@ def generator_ckpt(tmp_path_factory, tiny_autoencoder_ckpt) -> Path:  # noqa: F8
 
     run = tmp_path_factory.mktemp("tiny_generator")
     cfg = compose_config(
-        ["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
-         "trainer.max_steps=3", "trainer.limit_val_batches=0", "test=false", "logger=csv", "extras.print_config=false",
-         f"paths.cache_dir={run / 'cache'}"],  # fmt: skip
+        [
+            "experiment=shapes_generator",
+            *TINY_SHAPES,
+            *TINY_GENERATOR,
+            f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=0",
+            "test=false",
+            "logger=csv",
+            "extras.print_config=false",
+            f"paths.cache_dir={run / 'cache'}",
+        ],  # fmt: skip
         run,
     )
     train(cfg)
@@ -35,7 +44,9 @@ def sample_cfg(make_cfg, tmp_path, *overrides: str):
 
 def test_sample_writes_images_grid_and_manifest(make_cfg, generator_ckpt, tmp_path):
     prompts = '["a small red circle on the left","a large blue square above a small green triangle"]'
-    cfg = sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", f"prompts={prompts}", "n=3", "cfg_scale=2.0", "top_k=20")
+    cfg = sample_cfg(
+        make_cfg, tmp_path, f"ckpt={generator_ckpt}", f"prompts={prompts}", "n=3", "cfg_scale=2.0", "top_k=20"
+    )
     summary = sample(cfg)
     out = tmp_path / "out"
     assert summary["images"] == 6

@@ -32,10 +32,16 @@ def test_heldout_combinations_never_appear_in_training():
     objects = [o for s in train.scenes for o in s.objects]
     assert not any(config.is_heldout(o) for o in objects)
     # the rest of the attribute space is covered: every color and every shape appears
-    assert {o.color for o in objects} == set(config.colors) and {o.shape for o in objects} == set(config.shapes)
+    assert {o.color for o in objects} == set(config.colors) and {o.shape for o in objects} == set(
+        config.shapes
+    )
     test = build_split(config, "test", 100, 50, seed=0)
     assert test.heldout.sum() == 50
-    assert all(any(config.is_heldout(o) for o in s.objects) for s, h in zip(test.scenes, test.heldout) if h)
+    assert all(
+        any(config.is_heldout(o) for o in s.objects)
+        for s, h in zip(test.scenes, test.heldout, strict=True)
+        if h
+    )
 
 
 def test_scene_attributes_and_captions():
@@ -64,8 +70,14 @@ def test_caption_matching_rules():
     scene = Scene((a, b), "left of")
     assert matches_caption([a, b], scene) and matches_caption([b, a], scene)
     # the relation is what counts for two objects, not the exact cells
-    assert matches_caption([ShapeObject("red", "circle", "small", "top left"), ShapeObject("blue", "square", "large", "top")], scene)
-    assert not matches_caption([ShapeObject("red", "circle", "small", "right"), ShapeObject("blue", "square", "large", "left")], scene)
+    assert matches_caption(
+        [ShapeObject("red", "circle", "small", "top left"), ShapeObject("blue", "square", "large", "top")],
+        scene,
+    )
+    assert not matches_caption(
+        [ShapeObject("red", "circle", "small", "right"), ShapeObject("blue", "square", "large", "left")],
+        scene,
+    )
     assert not matches_caption([a], scene)
     assert matches_caption([a], Scene((a,)))
     assert not matches_caption([ShapeObject("red", "circle", "large", "left")], Scene((a,)))

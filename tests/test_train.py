@@ -23,9 +23,17 @@ def tiny_autoencoder_ckpt(tmp_path_factory) -> Path:
     """A few steps of the tiny autoencoder: a real stage checkpoint for the stages that build on it."""
     run = tmp_path_factory.mktemp("tiny_autoencoder")
     cfg = compose_config(
-        ["experiment=shapes_autoencoder", *TINY_SHAPES, *TINY_AUTOENCODER, "trainer.max_steps=4",
-         "trainer.val_check_interval=4", "test=false", "logger=csv", "extras.print_config=false",
-         f"paths.cache_dir={run / 'cache'}"],  # fmt: skip
+        [
+            "experiment=shapes_autoencoder",
+            *TINY_SHAPES,
+            *TINY_AUTOENCODER,
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "test=false",
+            "logger=csv",
+            "extras.print_config=false",
+            f"paths.cache_dir={run / 'cache'}",
+        ],  # fmt: skip
         run,
     )
     train(cfg)

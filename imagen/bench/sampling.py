@@ -23,8 +23,22 @@ from imagen.models.ar_transformer import ARTransformer
 from imagen.sampling.ar import SamplingSettings, decode_one_token, generate, generate_recompute
 
 PRESETS = {
-    "cpu": {"size": "shapes", "grid": 8, "vocab": 1000, "text_len": 16, "dtype": "float32", "batch_sizes": [1, 16, 64]},
-    "gpu": {"size": "B", "grid": 16, "vocab": 16384, "text_len": 32, "dtype": "bfloat16", "batch_sizes": [1, 16, 64, 256]},
+    "cpu": {
+        "size": "shapes",
+        "grid": 8,
+        "vocab": 1000,
+        "text_len": 16,
+        "dtype": "float32",
+        "batch_sizes": [1, 16, 64],
+    },
+    "gpu": {
+        "size": "B",
+        "grid": 16,
+        "vocab": 16384,
+        "text_len": 32,
+        "dtype": "bfloat16",
+        "batch_sizes": [1, 16, 64, 256],
+    },
 }
 
 
@@ -68,12 +82,16 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run(preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute_above: int, compile_step: bool):
+def run(
+    preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute_above: int, compile_step: bool
+):
     p = PRESETS[preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, p["dtype"])
     torch.manual_seed(0)
-    model = ARTransformer.from_size(p["size"], vocab_size=p["vocab"], grid_size=(p["grid"], p["grid"]), text_dim=128)
+    model = ARTransformer.from_size(
+        p["size"], vocab_size=p["vocab"], grid_size=(p["grid"], p["grid"]), text_dim=128
+    )
     model = model.to(device=device, dtype=dtype).eval()
     gpt2 = hf_gpt2(model, dtype, device)
     settings = SamplingSettings(cfg_scale=3.0, temperature=1.0, top_k=100)
@@ -92,8 +110,12 @@ def run(preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute
                 lambda: generate(model, states, mask, settings, decode_step=step), repeats, device
             )
         if batch <= skip_recompute_above:
-            row["recompute"] = batch / timed(lambda: generate_recompute(model, states, mask, settings), repeats, device)
-        context = model.text_proj(torch.cat([states, states]))  # both halves attend to a context of equal size
+            row["recompute"] = batch / timed(
+                lambda: generate_recompute(model, states, mask, settings), repeats, device
+            )
+        context = model.text_proj(
+            torch.cat([states, states])
+        )  # both halves attend to a context of equal size
         bos = torch.full((2 * batch, 1), model.config.vocab_size, device=device)
         processors = [cfg_processor(settings.cfg_scale)]
 
@@ -110,7 +132,10 @@ def run(preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute
         if "recompute" in row:
             row["ratio_vs_recompute"] = row["kv_cache"] / row["recompute"]
         results.append(row)
-        print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        print(
+            " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+            flush=True,
+        )
     return {
         "preset": preset,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -124,11 +149,17 @@ def run(preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="*")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-recompute-above", type=int, default=64, help="recompute is slow: skip larger batches")
+    parser.add_argument(
+        "--skip-recompute-above", type=int, default=64, help="recompute is slow: skip larger batches"
+    )
     parser.add_argument("--no-compile", action="store_true", help="GPU: skip the torch.compile'd decode step")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()

@@ -35,7 +35,9 @@ class ImageLogger(pl.Callback):
         self.nrow = nrow
         self.log_on_test = log_on_test
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if batch_idx == 0 and not trainer.sanity_checking:
             self.log_batch(trainer, pl_module, batch, "val")
 
@@ -58,7 +60,9 @@ class ImageLogger(pl.Callback):
                 grid = captioned_grid(images, captions, nrow=self.nrow)
             else:
                 grid = make_grid(images, nrow=self.nrow, scale=max(1, 128 // images.shape[-1]))
-            path = save_png(grid, Path(trainer.default_root_dir) / "images" / split / name / f"step_{step:06d}.png")
+            path = save_png(
+                grid, Path(trainer.default_root_dir) / "images" / split / name / f"step_{step:06d}.png"
+            )
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"{split}/{name}", images=[grid], step=step)

@@ -27,7 +27,9 @@ def autoencoder_config_from_node(node: DictConfig):
     fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ConfigError(f"model.net.{unknown[0]} is not an autoencoder setting; valid keys: {sorted(fields)}")
+        raise ConfigError(
+            f"model.net.{unknown[0]} is not an autoencoder setting; valid keys: {sorted(fields)}"
+        )
     try:
         return dataclasses.replace(AUTOENCODER_SIZES[size], **overrides)
     except ValueError as e:
@@ -63,7 +65,9 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("autoencoder_ckpt", "init_from"):
         path = model.get(key)
         if path and not Path(path).is_file():
-            raise ConfigError(f"model.{key}={path}: no such file; point it at a checkpoint (.ckpt) of that stage")
+            raise ConfigError(
+                f"model.{key}={path}: no such file; point it at a checkpoint (.ckpt) of that stage"
+            )
 
     max_steps = cfg.trainer.get("max_steps", -1)
     if (max_steps is None or max_steps <= 0) and model.get("scheduler") is not None:

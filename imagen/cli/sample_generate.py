@@ -40,7 +40,9 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
-        raise ValueError("no prompts: pass prompts='[\"a small red circle on the left\"]' or prompts_file=FILE")
+        raise ValueError(
+            "no prompts: pass prompts='[\"a small red circle on the left\"]' or prompts_file=FILE"
+        )
     return prompts
 
 

@@ -92,7 +92,12 @@ class Scene:
             return [f"a {d} {first}", f"there is a {d} {second}", f"{first}, a {d}", f"one {d} {second}"]
         a, b = (o.describe() for o in self.objects)
         rel, inv = self.relation, INVERSE_RELATION[self.relation]
-        return [f"a {a} {rel} a {b}", f"there is a {a} {rel} a {b}", f"a {b} {inv} a {a}", f"a {b} and a {a} {rel} it"]
+        return [
+            f"a {a} {rel} a {b}",
+            f"there is a {a} {rel} a {b}",
+            f"a {b} {inv} a {a}",
+            f"a {b} and a {a} {rel} it",
+        ]
 
     def to_dict(self) -> dict:
         return {"objects": [asdict(o) for o in self.objects], "relation": self.relation}
@@ -137,7 +142,9 @@ class ShapesConfig:
         def check(name: str, values: list[str], known) -> None:
             unknown = [v for v in values if v not in known]
             if unknown or not values:
-                raise ValueError(f"data.{name}: unknown or empty {unknown or values}; choose from {list(known)}")
+                raise ValueError(
+                    f"data.{name}: unknown or empty {unknown or values}; choose from {list(known)}"
+                )
             if len(set(values)) != len(values):
                 raise ValueError(f"data.{name}: duplicate entries in {values}")
 
@@ -222,7 +229,9 @@ class SceneSampler:
             has_heldout = any(c.is_heldout(o) for o in scene.objects)
             if heldout is None or has_heldout == heldout:
                 return scene
-        raise RuntimeError("could not sample a scene that satisfies data.heldout; is every combination held out?")
+        raise RuntimeError(
+            "could not sample a scene that satisfies data.heldout; is every combination held out?"
+        )
 
 
 def render(scene: Scene, config: ShapesConfig, rng: np.random.Generator) -> np.ndarray:
@@ -248,7 +257,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         q = r * 0.88  # equal visual area to the circle, roughly
         draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=color)
     elif shape == "triangle":
-        pts = [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        pts = [
+            (cx + r * math.cos(a), cy - r * math.sin(a))
+            for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+        ]
         # shift down so the triangle's bounding box is centered on (cx, cy)
         dy = r * 0.25
         draw.polygon([(x, y + dy) for x, y in pts], fill=color)
@@ -267,7 +279,11 @@ def scene_targets(scene: Scene, config: ShapesConfig) -> np.ndarray:
     target = np.full((GRID * GRID, 3), -1, dtype=np.int64)
     for obj in scene.objects:
         cell = POSITIONS.index(obj.position)
-        target[cell] = (config.colors.index(obj.color), config.shapes.index(obj.shape), config.sizes.index(obj.size))
+        target[cell] = (
+            config.colors.index(obj.color),
+            config.shapes.index(obj.shape),
+            config.sizes.index(obj.size),
+        )
     return target
 
 
@@ -276,7 +292,9 @@ def scene_from_targets(target: np.ndarray, config: ShapesConfig) -> list[ShapeOb
     objects = []
     for cell, (color, shape, size) in enumerate(np.asarray(target).tolist()):
         if color >= 0:
-            objects.append(ShapeObject(config.colors[color], config.shapes[shape], config.sizes[size], POSITIONS[cell]))
+            objects.append(
+                ShapeObject(config.colors[color], config.shapes[shape], config.sizes[size], POSITIONS[cell])
+            )
     return objects
 
 
@@ -293,6 +311,10 @@ def matches_caption(objects: list[ShapeObject], scene: Scene) -> bool:
         return objects[0] == scene.objects[0]
     a, b = scene.objects
     for p, q in ((objects[0], objects[1]), (objects[1], objects[0])):
-        if p.describe() == a.describe() and q.describe() == b.describe() and relation_holds(scene.relation, p, q):
+        if (
+            p.describe() == a.describe()
+            and q.describe() == b.describe()
+            and relation_holds(scene.relation, p, q)
+        ):
             return True
     return False

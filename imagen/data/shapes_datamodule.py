@@ -141,7 +141,11 @@ class ShapesDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        sizes = {"train": (h.num_train, 0), "val": (h.num_val, h.num_val_heldout), "test": (h.num_test, h.num_test_heldout)}
+        sizes = {
+            "train": (h.num_train, 0),
+            "val": (h.num_val, h.num_val_heldout),
+            "test": (h.num_test, h.num_test_heldout),
+        }
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, tuple(sizes))
         for split in wanted:
             if split not in self.splits:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from imagen.data.shapes import (
-    ShapeObject,
     Scene,
     SceneSampler,
+    ShapeObject,
     ShapesConfig,
     matches_caption,
     render,
@@ -56,7 +56,10 @@ class Judge:
     def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Per-cell labels (B, GRID*GRID, 3) for images (B, 3, H, W) in [-1, 1]."""
         device = next(self.net.parameters()).device
-        out = [self.net.predict(images[i : i + batch_size].to(device).float()) for i in range(0, len(images), batch_size)]
+        out = [
+            self.net.predict(images[i : i + batch_size].to(device).float())
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).cpu()
 
     def detect(self, images: torch.Tensor) -> list[list[ShapeObject]]:
@@ -68,10 +71,14 @@ class Judge:
 
     def matches(self, images: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
         """Bool (B,): the image shows everything its scene's caption says (generated images)."""
-        return torch.tensor([matches_caption(objs, s) for objs, s in zip(self.detect(images), scenes, strict=True)])
+        return torch.tensor(
+            [matches_caption(objs, s) for objs, s in zip(self.detect(images), scenes, strict=True)]
+        )
 
 
-def judge_cache_path(cache_dir: str | os.PathLike, shapes: ShapesConfig, config: JudgeConfig, steps: int) -> Path:
+def judge_cache_path(
+    cache_dir: str | os.PathLike, shapes: ShapesConfig, config: JudgeConfig, steps: int
+) -> Path:
     key = f"{shapes.appearance_key()}-c{config.channels}-s{steps}-v{JUDGE_VERSION}"
     return Path(cache_dir) / "judge" / f"judge-{key}.pt"
 
@@ -110,7 +117,9 @@ def train_judge(
             loss.backward()
             optimizer.step()
             schedule.step()
-            progress.update(task, advance=1, description=f"training the shapes judge (loss {loss.item():.3f})")
+            progress.update(
+                task, advance=1, description=f"training the shapes judge (loss {loss.item():.3f})"
+            )
     net.eval()
     accuracy = Judge(net, shapes).exact(x_test, y_test).float().mean().item()
     return net, accuracy
@@ -128,16 +137,24 @@ def load_or_train_judge(
         except Exception as e:  # a truncated or corrupt cache is rebuilt, not trusted
             log.warning(f"judge cache {path} is unreadable ({e}); training it again")
         else:
-            with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the caller's RNG alone
+            with torch.random.fork_rng(
+                devices=[]
+            ):  # its random init is overwritten: leave the caller's RNG alone
                 net = JudgeNet(JudgeConfig(**payload["config"]))
             net.load_state_dict(payload["state_dict"])
             return Judge(net, shapes)
     start = time.time()
-    with torch.random.fork_rng(devices=[]):  # seeds its own RNG; the caller's stream (training) is left as it was
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # seeds its own RNG; the caller's stream (training) is left as it was
         net, accuracy = train_judge(shapes, config, steps=steps)
-    log.info(f"judge trained in {time.time() - start:.0f}s; exact accuracy on fresh test renders {accuracy:.2%}")
+    log.info(
+        f"judge trained in {time.time() - start:.0f}s; exact accuracy on fresh test renders {accuracy:.2%}"
+    )
     if accuracy < 0.99:
-        log.warning(f"the judge reaches only {accuracy:.2%} on ground-truth renders; judge metrics are unreliable")
+        log.warning(
+            f"the judge reaches only {accuracy:.2%} on ground-truth renders; judge metrics are unreliable"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"state_dict": net.state_dict(), "config": asdict(config), "test_accuracy": accuracy}, tmp)

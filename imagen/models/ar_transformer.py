@@ -80,7 +80,9 @@ class Attention(nn.Module):
         k, v = self.kv(source).chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """x (B, T, D) attends to k, v (B, H, S, hd); mask broadcastable to (B, H, T, S) with True = may attend,
         or None for causal self-attention (T == S)."""
         q = self.split_heads(self.q(x))
@@ -88,7 +90,9 @@ class Attention(nn.Module):
         # On CPU the fused kernel's backward is several times slower than the plain math at these sequence
         # lengths (measured: 40 ms vs ~5 ms per call at 64 tokens); GPUs keep flash / memory-efficient kernels.
         with sdpa_kernel(SDPBackend.MATH) if q.device.type == "cpu" else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
+            )
         b, _, t, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -104,7 +108,9 @@ class Block(nn.Module):
             self.cross_attn = Attention(c.dim, c.heads, context_dim=c.dim, dropout=c.dropout)
         self.norm2 = nn.LayerNorm(c.dim)
         hidden = int(c.mlp_ratio * c.dim)
-        self.mlp = nn.Sequential(nn.Linear(c.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, c.dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(c.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, c.dim)
+        )
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x, self_mask, cross_kv, cross_mask, cache_kv=None, positions=None) -> torch.Tensor:
@@ -184,7 +190,13 @@ class ARTransformer(nn.Module):
 
     # -- conditioning -----------------------------------------------------------------------------------------------
 
-    def condition(self, states: torch.Tensor, mask: torch.Tensor, drop_prob: float = 0.0, drop: torch.Tensor | None = None):
+    def condition(
+        self,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        drop_prob: float = 0.0,
+        drop: torch.Tensor | None = None,
+    ):
         """Text states (B, L, text_dim) -> (B, L, dim) and mask, with rows replaced by the null caption where
         dropped (`drop` (B,) bool, or drawn with `drop_prob`): caption dropout for classifier-free guidance."""
         if drop is None and drop_prob > 0:
@@ -260,7 +272,9 @@ class ARTransformer(nn.Module):
             context = F.pad(context, (0, 0, 0, pad))
             context_mask = F.pad(context_mask, (0, pad), value=False)
         prefix = context + self.text_pos_emb
-        key_valid = torch.cat([context_mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)], dim=1)
+        key_valid = torch.cat(
+            [context_mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)], dim=1
+        )
         return torch.cat([prefix, x], dim=1), key_valid
 
     # -- cached decoding (the sampler owns the cache) --------------------------------------------------------------

@@ -19,7 +19,10 @@ from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 class AutoencoderConfig:
     in_channels: int = 3
     channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2)  # one stride-2 level each: downsampling factor 2 ** len(channel_mult)
+    channel_mult: tuple[int, ...] = (
+        1,
+        2,
+    )  # one stride-2 level each: downsampling factor 2 ** len(channel_mult)
     num_res_blocks: int = 1
     norm: str = "none"  # none | group: GroupNorm in residual blocks (slows learning on mostly-flat images)
     latent_dim: int = 64  # encoder output / decoder input width
@@ -45,7 +48,9 @@ class AutoencoderConfig:
         if self.quantizer not in ("vq", "fsq", "lfq"):
             raise ValueError(f"model.net.quantizer must be one of vq, fsq, lfq; got {self.quantizer!r}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
-            raise ValueError(f"model.net.codebook_size must be a power of two for lfq; got {self.codebook_size}")
+            raise ValueError(
+                f"model.net.codebook_size must be a power of two for lfq; got {self.codebook_size}"
+            )
 
     @property
     def downsample_factor(self) -> int:
@@ -64,12 +69,19 @@ class AutoencoderConfig:
 
 # Named sizes; `Autoencoder.from_size(name, **overrides)` starts from one of these.
 AUTOENCODER_SIZES: dict[str, AutoencoderConfig] = {
-    "tiny": AutoencoderConfig(channels=16, channel_mult=(1, 2), latent_dim=32, codebook_size=64, codebook_dim=8),
+    "tiny": AutoencoderConfig(
+        channels=16, channel_mult=(1, 2), latent_dim=32, codebook_size=64, codebook_dim=8
+    ),
     # 32 px shapes -> 8x8 tokens over 1000 FSQ codes; trains to > 26 dB PSNR in a few CPU minutes
     "shapes": AutoencoderConfig(channels=32, channel_mult=(1, 2), quantizer="fsq", fsq_levels=(8, 5, 5, 5)),
     "f8": AutoencoderConfig(channels=128, channel_mult=(1, 2, 2), num_res_blocks=2, codebook_size=4096),
     "f16": AutoencoderConfig(
-        channels=128, channel_mult=(1, 1, 2, 2), num_res_blocks=2, latent_dim=256, codebook_size=16384, codebook_dim=8
+        channels=128,
+        channel_mult=(1, 1, 2, 2),
+        num_res_blocks=2,
+        latent_dim=256,
+        codebook_size=16384,
+        codebook_dim=8,
     ),
 }
 
@@ -121,7 +133,11 @@ class Decoder(nn.Module):
             layers += [ResBlock(widths[i], c.norm) for _ in range(c.num_res_blocks)]
             if i > 0:
                 layers.append(nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1))
-        layers += [make_norm(c.norm, widths[0]), nn.SiLU(), nn.ConvTranspose2d(widths[0], c.in_channels, 4, 2, 1)]
+        layers += [
+            make_norm(c.norm, widths[0]),
+            nn.SiLU(),
+            nn.ConvTranspose2d(widths[0], c.in_channels, 4, 2, 1),
+        ]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -197,11 +213,15 @@ class Autoencoder(nn.Module):
     def from_size(cls, size: str = "shapes", **overrides) -> Autoencoder:
         """Build from a named size in `AUTOENCODER_SIZES`, with any `AutoencoderConfig` field overridden."""
         if size not in AUTOENCODER_SIZES:
-            raise ValueError(f"model.net.size: unknown size {size!r}; choose from {sorted(AUTOENCODER_SIZES)}")
+            raise ValueError(
+                f"model.net.size: unknown size {size!r}; choose from {sorted(AUTOENCODER_SIZES)}"
+            )
         fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"model.net: unknown AutoencoderConfig field(s) {unknown}; valid: {sorted(fields)}")
+            raise ValueError(
+                f"model.net: unknown AutoencoderConfig field(s) {unknown}; valid: {sorted(fields)}"
+            )
         return cls(dataclasses.replace(AUTOENCODER_SIZES[size], **overrides))
 
     @property

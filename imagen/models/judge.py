@@ -31,11 +31,17 @@ class JudgeNet(nn.Module):
         c = config.channels
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+            )
 
         # full resolution only for the first (cheap, 3-channel) layer; small objects still span >= 5 pixels
         self.features = nn.Sequential(
-            block(3, c, 1), block(c, 2 * c, 2), block(2 * c, 2 * c, 1), block(2 * c, 4 * c, 2), block(4 * c, 4 * c, 1)
+            block(3, c, 1),
+            block(c, 2 * c, 2),
+            block(2 * c, 2 * c, 1),
+            block(2 * c, 4 * c, 2),
+            block(4 * c, 4 * c, 1),
         )
         self.num_outputs = 1 + config.num_colors + config.num_shapes + config.num_sizes
         self.head = nn.Sequential(

@@ -17,7 +17,11 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, num_layers + 1):
             out = channels * min(2**i, 8)
             stride = 2 if i < num_layers else 1
-            layers += [nn.Conv2d(width, out, 4, stride, 1), nn.GroupNorm(8, out), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [
+                nn.Conv2d(width, out, 4, stride, 1),
+                nn.GroupNorm(8, out),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
             width = out
         layers.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.layers = nn.Sequential(*layers)
@@ -41,7 +45,9 @@ class HFFeaturePerceptualLoss(nn.Module):
     `hidden_states` (ViT, DINOv2, ConvNeXt, ...). Loading it needs the weights, so this loss is off by default.
     """
 
-    def __init__(self, pretrained: str, layers: tuple[int, ...] = (-4, -3, -2, -1), image_size: int | None = None):
+    def __init__(
+        self, pretrained: str, layers: tuple[int, ...] = (-4, -3, -2, -1), image_size: int | None = None
+    ):
         super().__init__()
         from transformers import AutoModel
 
@@ -60,11 +66,18 @@ class HFFeaturePerceptualLoss(nn.Module):
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = (x.add(1.0).div(2.0) - self.mean) / self.std
         if self.image_size and x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         hidden = self.backbone(pixel_values=x, output_hidden_states=True).hidden_states
-        return [F.normalize(hidden[i].flatten(2) if hidden[i].dim() == 4 else hidden[i], dim=1) for i in self.layers]
+        return [
+            F.normalize(hidden[i].flatten(2) if hidden[i].dim() == 4 else hidden[i], dim=1)
+            for i in self.layers
+        ]
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target_features = self._features(target)
-        return sum(F.mse_loss(a, b) for a, b in zip(self._features(reconstruction), target_features, strict=True))
+        return sum(
+            F.mse_loss(a, b) for a, b in zip(self._features(reconstruction), target_features, strict=True)
+        )

@@ -47,7 +47,9 @@ class CaptionTokenizer:
         tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.train_from_iterator(captions, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+        tok.train_from_iterator(
+            captions, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+        )
         self.tokenizer = tok
 
     def add_words(self, captions: list[str], max_vocab: int) -> list[str]:
@@ -82,7 +84,9 @@ class CaptionTokenizer:
             if len(ids) > max_length - 2:
                 self.truncated += 1
                 if self.truncated in (1, 10, 100, 1000):
-                    log.warning(f"{self.truncated} caption(s) longer than {max_length - 2} tokens were truncated")
+                    log.warning(
+                        f"{self.truncated} caption(s) longer than {max_length - 2} tokens were truncated"
+                    )
                 ids = ids[: max_length - 2]
             rows.append([bos, *ids, eos])
         length = max(len(r) for r in rows)
@@ -100,7 +104,9 @@ class EncoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout)
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -150,11 +156,18 @@ class ScratchTextEncoder(nn.Module):
 class PretrainedTextEncoder(nn.Module):
     """A Hugging Face text encoder; `pretrained` is a hub name or a local folder saved with `save_pretrained`."""
 
-    def __init__(self, pretrained: str, freeze: bool = True, max_length: int = 64, cache_dir: str | None = None):
+    def __init__(
+        self, pretrained: str, freeze: bool = True, max_length: int = 64, cache_dir: str | None = None
+    ):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        self.init_args = {"pretrained": pretrained, "freeze": freeze, "max_length": max_length, "cache_dir": cache_dir}
+        self.init_args = {
+            "pretrained": pretrained,
+            "freeze": freeze,
+            "max_length": max_length,
+            "cache_dir": cache_dir,
+        }
         self.pretrained, self.freeze, self.max_length = pretrained, freeze, max_length
         self.hf_tokenizer = AutoTokenizer.from_pretrained(pretrained)
         config = AutoConfig.from_pretrained(pretrained)
@@ -168,14 +181,18 @@ class PretrainedTextEncoder(nn.Module):
             self.model = CLIPTextModel.from_pretrained(pretrained)
         else:
             self.model = AutoModel.from_pretrained(pretrained)
-        hidden = getattr(self.model.config, "hidden_size", None) or getattr(self.model.config, "d_model", None)
+        hidden = getattr(self.model.config, "hidden_size", None) or getattr(
+            self.model.config, "d_model", None
+        )
         self.dim = int(hidden)
         if freeze:
             self.model.requires_grad_(False).eval()
         self.cache_path = None
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if cache_dir and freeze:
-            key = hashlib.sha256(f"{Path(pretrained).resolve() if Path(pretrained).exists() else pretrained}|{max_length}".encode()).hexdigest()[:16]
+            key = hashlib.sha256(
+                f"{Path(pretrained).resolve() if Path(pretrained).exists() else pretrained}|{max_length}".encode()
+            ).hexdigest()[:16]
             self.cache_path = Path(cache_dir) / "text_encoder" / f"{key}.pt"
             if self.cache_path.exists():
                 self._cache = torch.load(self.cache_path, map_location="cpu", weights_only=True)
@@ -194,7 +211,9 @@ class PretrainedTextEncoder(nn.Module):
         batch = self.hf_tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
                                   return_tensors="pt").to(device)  # fmt: skip
         with torch.set_grad_enabled(not self.freeze and torch.is_grad_enabled()):
-            states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            states = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
         return states, batch["attention_mask"].bool()
 
     def forward(self, captions: list[str]) -> TextStates:

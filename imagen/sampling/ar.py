@@ -29,13 +29,17 @@ class KVCache:
     text_mask: torch.Tensor  # (B, 1, 1, L) bool
 
     @classmethod
-    def allocate(cls, model: ARTransformer, batch: int, text_length: int, device, dtype=torch.float32) -> KVCache:
+    def allocate(
+        cls, model: ARTransformer, batch: int, text_length: int, device, dtype=torch.float32
+    ) -> KVCache:
         c = model.config
         hd = c.dim // c.heads
         seq = model.sequence_length
 
         def buffers(length: int) -> list[torch.Tensor]:
-            return [torch.zeros(batch, c.heads, length, hd, device=device, dtype=dtype) for _ in range(c.layers)]
+            return [
+                torch.zeros(batch, c.heads, length, hd, device=device, dtype=dtype) for _ in range(c.layers)
+            ]
 
         cross = c.conditioning == "cross"
         return cls(

@@ -70,8 +70,12 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["net", "text_encoder", "optimizer", "scheduler"])
         if autoencoder_ckpt:
             self.autoencoder = load_autoencoder(autoencoder_ckpt)
-        elif autoencoder_config is not None:  # rebuilt from this stage's own checkpoint, which holds its weights
-            self.autoencoder = Autoencoder(AutoencoderConfig(**autoencoder_config)).eval().requires_grad_(False)
+        elif (
+            autoencoder_config is not None
+        ):  # rebuilt from this stage's own checkpoint, which holds its weights
+            self.autoencoder = (
+                Autoencoder(AutoencoderConfig(**autoencoder_config)).eval().requires_grad_(False)
+            )
         else:
             raise ValueError(
                 "model.autoencoder_ckpt is required: the path of a trained autoencoder checkpoint, e.g. "
@@ -85,7 +89,9 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
             self.net = net
         else:
             self.net = net(
-                vocab_size=self.autoencoder.vocab_size, grid_size=(image_size // f,) * 2, text_dim=text_encoder.dim
+                vocab_size=self.autoencoder.vocab_size,
+                grid_size=(image_size // f,) * 2,
+                text_dim=text_encoder.dim,
             )
         c = self.net.config
         if c.vocab_size != self.autoencoder.vocab_size or c.text_dim != text_encoder.dim:
@@ -98,7 +104,9 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         self.sampling = SamplingSettings(**(sampling or {}))
         self.metrics = nn.ModuleDict(
             {
-                split: nn.ModuleDict({"nll": MeanMetric(), "judge_acc": MeanMetric(), "judge_acc_heldout": MeanMetric()})
+                split: nn.ModuleDict(
+                    {"nll": MeanMetric(), "judge_acc": MeanMetric(), "judge_acc_heldout": MeanMetric()}
+                )
                 for split in ("val", "test")
             }
         )
@@ -124,7 +132,9 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         tokens = batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
         text = self.encode_text(batch["caption"])
-        _, loss = self.net(tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob)
+        _, loss = self.net(
+            tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=tokens.shape[0])
         return loss
 
@@ -133,13 +143,19 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         optimizer = build_optimizer(self.optimizer_factory, modules, self.hparams.weight_decay)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     # -- sampling -----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate_tokens(
-        self, text: TextStates, settings: SamplingSettings | None = None, generator: torch.Generator | None = None
+        self,
+        text: TextStates,
+        settings: SamplingSettings | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Image tokens (B, h * w) for encoded captions, sampled with the KV cache."""
         return generate(self.net, text.states, text.mask, settings or self.sampling, generator)
@@ -152,7 +168,10 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
 
     @torch.no_grad()
     def generate_images(
-        self, captions: list[str], settings: SamplingSettings | None = None, generator: torch.Generator | None = None
+        self,
+        captions: list[str],
+        settings: SamplingSettings | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Captions -> images (B, 3, H, W) in [-1, 1]."""
         return self.decode_tokens(self.generate_tokens(self.encode_text(captions), settings, generator))

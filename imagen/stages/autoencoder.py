@@ -55,7 +55,8 @@ class AutoencoderStage(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(
-            logger=False, ignore=["net", "optimizer", "scheduler", "perceptual", "discriminator", "disc_optimizer"]
+            logger=False,
+            ignore=["net", "optimizer", "scheduler", "perceptual", "discriminator", "disc_optimizer"],
         )
         self.automatic_optimization = False  # generator and discriminator step separately
         if discriminator is not None and disc_optimizer is None:
@@ -81,7 +82,9 @@ class AutoencoderStage(pl.LightningModule):
     # -- training -------------------------------------------------------------------------------------------------
 
     def reconstruction_loss(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        loss = self.hparams.l1_weight * F.l1_loss(recon, images) + self.hparams.l2_weight * F.mse_loss(recon, images)
+        loss = self.hparams.l1_weight * F.l1_loss(recon, images) + self.hparams.l2_weight * F.mse_loss(
+            recon, images
+        )
         if self.hparams.gradient_weight > 0:
             loss = loss + self.hparams.gradient_weight * image_gradient_loss(recon, images)
         if self.perceptual is not None and self.hparams.perceptual_weight > 0:
@@ -108,7 +111,9 @@ class AutoencoderStage(pl.LightningModule):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.grad_clip:
-            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+            )
         opt_g.step()
         schedulers = self.lr_schedulers()
         if schedulers is not None:
@@ -119,13 +124,17 @@ class AutoencoderStage(pl.LightningModule):
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             if self.hparams.grad_clip:
-                self.clip_gradients(opt_d, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    opt_d, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+                )
             # Step the wrapped torch optimizer: Lightning counts every LightningOptimizer.step() as a global step,
             # and trainer.max_steps should count batches whether or not the discriminator is on.
             opt_d.optimizer.step()
             self.log("train/d_loss", d_loss)
 
-        self.log_dict({"train/loss": loss, "train/rec_loss": rec_loss, "train/aux_loss": q.aux_loss}, prog_bar=True)
+        self.log_dict(
+            {"train/loss": loss, "train/rec_loss": rec_loss, "train/aux_loss": q.aux_loss}, prog_bar=True
+        )
         return loss
 
     def configure_optimizers(self):
