@@ -46,3 +46,7 @@ def test_slurm_launcher_config_composes(tmp_path):
     # one SLURM task per GPU, which Lightning's SLURMEnvironment picks up
     assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (4, 4, 2)
     assert launcher["partition"] == "gpu"
+    # Lightning's SLURM environment with auto-requeue, surviving trainer=ddp
+    assert OmegaConf.to_container(cfg.trainer.plugins) == [
+        {"_target_": "lightning.pytorch.plugins.environments.SLURMEnvironment", "auto_requeue": True}
+    ]
