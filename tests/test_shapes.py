@@ -35,6 +35,9 @@ def test_heldout_combinations_never_appear_in_training():
     assert {o.color for o in objects} == set(config.colors) and {o.shape for o in objects} == set(
         config.shapes
     )
+    # an image-only stage (the autoencoder) may ask for them in its training images
+    images_only = build_split(config, "train", 3000, 0, seed=0, heldout_in_train=True)
+    assert 0.05 < images_only.heldout.mean() < 0.5
     test = build_split(config, "test", 100, 50, seed=0)
     assert test.heldout.sum() == 50
     assert all(

@@ -59,6 +59,12 @@ def check_train_config(cfg: DictConfig) -> None:
             "set model.grad_clip instead"
         )
 
+    if cfg.data.get("heldout_in_train") and not _target(model).endswith("AutoencoderStage"):
+        raise ConfigError(
+            "data.heldout_in_train=true would show the held-out compositions to a captioned stage "
+            f"({_target(model)}) and void its held-out metrics; it is for the autoencoder only"
+        )
+
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "auto") and not Path(ckpt).is_file():
         raise ConfigError(f"ckpt_path={ckpt}: no such file")

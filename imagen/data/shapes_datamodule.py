@@ -30,11 +30,14 @@ class ShapesSplit:
     caption_choice: np.ndarray | None  # (N,) fixed paraphrase per sample (eval splits); None: random (train)
 
 
-def build_split(config: ShapesConfig, split: str, num_seen: int, num_heldout: int, seed: int) -> ShapesSplit:
-    """Sample and render a split deterministically from `seed`; the training split never holds held-out objects."""
+def build_split(
+    config: ShapesConfig, split: str, num_seen: int, num_heldout: int, seed: int, heldout_in_train: bool = False
+) -> ShapesSplit:
+    """Sample and render a split deterministically from `seed`. The training split holds no held-out
+    composition unless `heldout_in_train` (images for stages that never read captions: the autoencoder)."""
     rng = np.random.default_rng([seed, SPLIT_SEED_OFFSET[split]])
     sampler = SceneSampler(config)
-    restrict = False if config.heldout else None
+    restrict = False if config.heldout and not (split == "train" and heldout_in_train) else None
     scenes = [sampler.sample(rng, heldout=restrict) for _ in range(num_seen)]
     if num_heldout and config.heldout:
         scenes += [sampler.sample(rng, heldout=True) for _ in range(num_heldout)]
@@ -100,6 +103,7 @@ class ShapesDataModule(pl.LightningDataModule):
         supersample: int = 4,
         heldout: list[dict[str, str]] | None = None,
         num_train: int = 20000,
+        heldout_in_train: bool = False,
         num_val: int = 512,
         num_val_heldout: int = 256,
         num_test: int = 1024,
@@ -149,7 +153,9 @@ class ShapesDataModule(pl.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, tuple(sizes))
         for split in wanted:
             if split not in self.splits:
-                self.splits[split] = build_split(self.config, split, *sizes[split], seed=h.seed)
+                self.splits[split] = build_split(
+                    self.config, split, *sizes[split], seed=h.seed, heldout_in_train=h.heldout_in_train
+                )
         if h.use_judge and self._judge is None:
             self._judge = load_or_train_judge(self.config, h.cache_dir, steps=h.judge_steps)
 

@@ -76,6 +76,7 @@ class AutoencoderStage(pl.LightningModule):
                 "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
                 "codebook": CodebookUsage(self.net.vocab_size),
                 "judge_acc": MeanMetric(),
+                "judge_acc_heldout": MeanMetric(),  # the subset of scenes with a held-out composition
             }
         )
 
@@ -169,7 +170,11 @@ class AutoencoderStage(pl.LightningModule):
         m["codebook"].update(q.indices)
         judge = self._judge()
         if judge is not None and "target" in batch:
-            m["judge_acc"].update(judge.to(self.device).exact(recon, batch["target"]).float())
+            exact = judge.to(self.device).exact(recon, batch["target"]).float()
+            m["judge_acc"].update(exact)
+            heldout = torch.as_tensor(batch.get("heldout", []), dtype=torch.bool).cpu()
+            if heldout.any():
+                m["judge_acc_heldout"].update(exact[heldout])
         self.log(f"{split}/rec_loss", self.reconstruction_loss(images, recon), sync_dist=True)
 
     def _eval_epoch_end(self, split: str) -> None:
@@ -181,8 +186,9 @@ class AutoencoderStage(pl.LightningModule):
             f"{split}/codebook_usage": codebook["usage"],
             f"{split}/perplexity": codebook["perplexity"],
         }
-        if m["judge_acc"].update_count > 0:
-            values[f"{split}/judge_acc"] = m["judge_acc"].compute()
+        for name in ("judge_acc", "judge_acc_heldout"):
+            if m[name].update_count > 0:
+                values[f"{split}/{name}"] = m[name].compute()
         self.log_dict(values, prog_bar=split == "val")
         for metric in m.values():
             metric.reset()
