@@ -113,9 +113,8 @@ def run(
             row["recompute"] = batch / timed(
                 lambda: generate_recompute(model, states, mask, settings), repeats, device
             )
-        context = model.text_proj(
-            torch.cat([states, states])
-        )  # both halves attend to a context of equal size
+        # both halves attend to a context of equal size
+        context = model.text_proj(torch.cat([states, states]))
         bos = torch.full((2 * batch, 1), model.config.vocab_size, device=device)
         processors = [cfg_processor(settings.cfg_scale)]
 

@@ -1,0 +1,78 @@
+"""Every GPU check and benchmark in one short run, for a session that is lent a GPU for a few minutes.
+
+    python -m imagen.bench.gpu_suite --out $OUT [--budget-s 480]
+
+Runs, each in its own process with its own time limit, logging to OUT/<name>.log:
+1. the sampling benchmark, GPU preset (KV cache, compiled decode step, recompute, HF GPT-2 `generate`);
+2. a short autoencoder run on the GPU (bf16-mixed): the stage trains, validates and tests on CUDA;
+3. a short generator run on its checkpoint: training, sampling during validation and the test metrics on CUDA.
+A summary (return codes, seconds, the benchmark's ratios, the runs' metrics) goes to OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def step(name: str, command: list[str], out: Path, timeout: float) -> dict:
+    start = time.time()
+    with open(out / f"{name}.log", "w") as log:
+        try:
+            rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    result = {"name": name, "command": " ".join(command), "rc": rc, "seconds": round(time.time() - start, 1)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for logs, run directories and summary.json")
+    parser.add_argument("--budget-s", type=float, default=480, help="seconds for all steps together")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + args.budget_s
+    python = sys.executable
+    train = [python, "train.py", "trainer=gpu", "extras.print_config=false", f"paths.cache_dir={out / 'cache'}"]
+    ae_dir, gen_dir = out / "autoencoder", out / "generator"
+    plan = [
+        ("sampling_benchmark", [python, "-m", "imagen.bench.sampling", "--preset", "gpu",
+                                "--json", str(out / "sampling_gpu.json")], 0.35),
+        ("autoencoder", [*train, "experiment=shapes_autoencoder", "trainer.max_steps=1000",
+                         f"hydra.run.dir={ae_dir}"], 0.3),
+        ("generator", [*train, "experiment=shapes_generator", "trainer.max_steps=600",
+                       "trainer.val_check_interval=300", f"model.autoencoder_ckpt={ae_dir}/checkpoints/last.ckpt",
+                       f"hydra.run.dir={gen_dir}"], 0.35),
+    ]  # fmt: skip
+    results = []
+    for name, command, share in plan:
+        left = deadline - time.time()
+        if left < 30:
+            results.append({"name": name, "rc": "skipped: out of time"})
+            continue
+        results.append(step(name, command, out, timeout=max(30.0, min(left, share * args.budget_s * 1.5))))
+    summary = {
+        "steps": results,
+        "sampling": read_json(out / "sampling_gpu.json"),
+        "autoencoder_metrics": read_json(ae_dir / "metrics.json"),
+        "generator_metrics": read_json(gen_dir / "metrics.json"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    failed = [r["name"] for r in results if r["rc"] != 0]
+    print("failed or skipped: " + ", ".join(failed) if failed else "all steps passed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
