@@ -32,7 +32,9 @@ def test_invalid_autoencoder_configs(make_cfg, overrides, error, message):
 def test_captioned_stages_refuse_heldout_compositions_in_training(make_cfg, tmp_path):
     ckpt = tmp_path / "ae.ckpt"
     ckpt.touch()
-    cfg = make_cfg(["experiment=shapes_generator", f"model.autoencoder_ckpt={ckpt}", "data.heldout_in_train=true"])
+    cfg = make_cfg(
+        ["experiment=shapes_generator", f"model.autoencoder_ckpt={ckpt}", "data.heldout_in_train=true"]
+    )
     with pytest.raises(ConfigError, match="data.heldout_in_train=true would show the held-out compositions"):
         check_train_config(cfg)
 

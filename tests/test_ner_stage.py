@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from imagen.checkpoints import CheckpointError
 from imagen.cli.sample import sample
 from imagen.cli.train import train
 from imagen.data.conll import fixture_dir, read_conll
@@ -111,12 +112,12 @@ def test_crf_with_all_subtokens_is_refused(make_cfg):
 
 def test_sample_refuses_missing_and_untrusted_checkpoints(make_cfg, tmp_path):
     missing = tmp_path / "nope.ckpt"
-    with pytest.raises(FileNotFoundError, match=f"ckpt={missing}: no such file"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {missing}: no such file"):
         sample(make_cfg(["task=ner", f"ckpt={missing}", "text=Hello"], "sample"))
 
     pickled = tmp_path / "objects.ckpt"
     torch.save({"state_dict": {}, "config": pytest.approx(1.0)}, pickled)  # holds a Python object
-    with pytest.raises(ValueError, match="trust_checkpoint=true"):
+    with pytest.raises(CheckpointError, match="trust_checkpoint=true"):
         sample(make_cfg(["task=ner", f"ckpt={pickled}", "text=Hello"], "sample"))
     with pytest.raises(ValueError, match="not a NER stage checkpoint"):
         sample(make_cfg(["task=ner", f"ckpt={pickled}", "text=Hello", "trust_checkpoint=true"], "sample"))

@@ -36,7 +36,9 @@ def read_json(path: Path) -> dict | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="folder for logs, run directories and summary.json")
     parser.add_argument("--budget-s", type=float, default=480, help="seconds for all steps together")
     args = parser.parse_args()
@@ -44,7 +46,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.budget_s
     python = sys.executable
-    train = [python, "train.py", "trainer=gpu", "extras.print_config=false", f"paths.cache_dir={out / 'cache'}"]
+    train = [
+        python,
+        "train.py",
+        "trainer=gpu",
+        "extras.print_config=false",
+        f"paths.cache_dir={out / 'cache'}",
+    ]
     ae_dir, gen_dir = out / "autoencoder", out / "generator"
     plan = [
         ("sampling_benchmark", [python, "-m", "imagen.bench.sampling", "--preset", "gpu",

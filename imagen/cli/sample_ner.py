@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from imagen.checkpoints import read_checkpoint
 from imagen.data.conll import (
     ConllFormatError,
     EncodingSettings,
@@ -48,23 +48,6 @@ class NerModel:
     tokenizer: object
     labels: list[str]
     settings: EncodingSettings
-
-
-def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
-    """`torch.load(weights_only=True)`; a checkpoint holding Python objects is refused unless `trust`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not trust:
-            reason = str(e).strip().splitlines()[0]
-            raise ValueError(
-                f"ckpt={path} holds Python objects that a weights-only load refuses ({reason}). Loading it runs "
-                "code from the file: only if you trust its source, rerun with trust_checkpoint=true"
-            ) from None
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
@@ -179,7 +162,7 @@ def sample_ner(cfg: DictConfig) -> dict:
         raise ValueError(f"format={cfg.format!r} is unknown; choose from {FORMATS}")
     if (cfg.get("text") is None) == (cfg.get("input") is None):
         raise ValueError('task=ner needs exactly one of text="..." and input=FILE')
-    model = load_ner_model(load_checkpoint(cfg.ckpt, cfg.trust_checkpoint), f"ckpt={cfg.ckpt}")
+    model = load_ner_model(read_checkpoint(cfg.ckpt, cfg.trust_checkpoint), f"ckpt={cfg.ckpt}")
 
     if cfg.text is not None:
         tokens, spans = words_of(str(cfg.text))

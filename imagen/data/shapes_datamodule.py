@@ -31,7 +31,12 @@ class ShapesSplit:
 
 
 def build_split(
-    config: ShapesConfig, split: str, num_seen: int, num_heldout: int, seed: int, heldout_in_train: bool = False
+    config: ShapesConfig,
+    split: str,
+    num_seen: int,
+    num_heldout: int,
+    seed: int,
+    heldout_in_train: bool = False,
 ) -> ShapesSplit:
     """Sample and render a split deterministically from `seed`. The training split holds no held-out
     composition unless `heldout_in_train` (images for stages that never read captions: the autoencoder)."""
