@@ -50,8 +50,8 @@ class ARConfig:
         return self.grid_size[0] * self.grid_size[1]
 
 
-# Named sizes (parameter counts with cross-attention and a 16384-code vocabulary: B ~ 138M, L ~ 370M, XL ~ 780M;
-# see BENCHMARKS.md). `ARTransformer.from_size(name, **overrides)`.
+# Named sizes. Parameters with a 16384-code vocabulary, 16x16 tokens and 768-wide text states, with cross-attention
+# / with a text prefix: B 139M / 111M, L 370M / 286M, XL 777M / 594M. `ARTransformer.from_size(name, **overrides)`.
 AR_SIZES: dict[str, ARConfig] = {
     "tiny": ARConfig(dim=64, layers=2, heads=2),
     "shapes": ARConfig(dim=256, layers=4, heads=4),
