@@ -94,7 +94,8 @@ def train_judge(
     seed: int = 12345,
 ) -> tuple[JudgeNet, float]:
     """Train a judge on fresh renders; returns the net (in eval mode) and its exact accuracy on test renders."""
-    torch.manual_seed(seed)
+    # seeds the CPU generator only (the caller forks it); CUDA's generators are left alone
+    torch.default_generator.manual_seed(seed)
     rng = np.random.default_rng(seed)
     sampler = SceneSampler(shapes)
     train_scenes = [sampler.sample(rng) for _ in range(num_train)]

@@ -172,9 +172,10 @@ class AutoencoderStage(pl.LightningModule):
         if judge is not None and "target" in batch:
             exact = judge.to(self.device).exact(recon, batch["target"]).float()
             m["judge_acc"].update(exact)
-            heldout = torch.as_tensor(batch.get("heldout", []), dtype=torch.bool).cpu()
-            if heldout.any():
-                m["judge_acc_heldout"].update(exact[heldout])
+            heldout = torch.as_tensor(batch.get("heldout", False), dtype=torch.bool, device=exact.device)
+            heldout = heldout.expand_as(exact)
+            # updated on every batch, even with none held out: under DDP every rank must take part in compute()
+            m["judge_acc_heldout"].update(exact[heldout])
         self.log(f"{split}/rec_loss", self.reconstruction_loss(images, recon), sync_dist=True)
 
     def _eval_epoch_end(self, split: str) -> None:
@@ -186,9 +187,11 @@ class AutoencoderStage(pl.LightningModule):
             f"{split}/codebook_usage": codebook["usage"],
             f"{split}/perplexity": codebook["perplexity"],
         }
-        for name in ("judge_acc", "judge_acc_heldout"):
-            if m[name].update_count > 0:
-                values[f"{split}/{name}"] = m[name].compute()
+        if m["judge_acc"].update_count > 0:
+            values[f"{split}/judge_acc"] = m["judge_acc"].compute()
+            heldout = m["judge_acc_heldout"].compute()  # nan when the split holds no held-out composition
+            if not torch.isnan(heldout):
+                values[f"{split}/judge_acc_heldout"] = heldout
         self.log_dict(values, prog_bar=split == "val")
         for metric in m.values():
             metric.reset()
