@@ -48,6 +48,24 @@ def compose_config(overrides: list[str], run_dir: Path, config_name: str = "trai
     return cfg
 
 
+def train_tiny_stage(overrides: list[str], run: Path) -> Path:
+    """Train a stage briefly in `run` (CSV logs, no test, caches inside `run`); returns its last checkpoint."""
+    from imagen.cli.train import train
+
+    cfg = compose_config(
+        [
+            *overrides,
+            "test=false",
+            "logger=csv",
+            "extras.print_config=false",
+            f"paths.cache_dir={run / 'cache'}",
+        ],
+        run,
+    )
+    train(cfg)
+    return run / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "cache"

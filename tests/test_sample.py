@@ -9,17 +9,13 @@ import pytest
 
 from imagen.checkpoints import CheckpointError
 from imagen.cli.sample import sample
-from imagen.cli.train import train
-from tests.conftest import TINY_SHAPES
+from tests.conftest import TINY_SHAPES, train_tiny_stage
 from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
 
 @pytest.fixture(scope="module")
 def generator_ckpt(tmp_path_factory, tiny_autoencoder_ckpt) -> Path:  # noqa: F811
-    from tests.conftest import compose_config
-
-    run = tmp_path_factory.mktemp("tiny_generator")
-    cfg = compose_config(
+    return train_tiny_stage(
         [
             "experiment=shapes_generator",
             *TINY_SHAPES,
@@ -27,15 +23,9 @@ def generator_ckpt(tmp_path_factory, tiny_autoencoder_ckpt) -> Path:  # noqa: F8
             f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
             "trainer.max_steps=3",
             "trainer.limit_val_batches=0",
-            "test=false",
-            "logger=csv",
-            "extras.print_config=false",
-            f"paths.cache_dir={run / 'cache'}",
         ],  # fmt: skip
-        run,
+        tmp_path_factory.mktemp("tiny_generator"),
     )
-    train(cfg)
-    return run / "checkpoints" / "last.ckpt"
 
 
 def sample_cfg(make_cfg, tmp_path, *overrides: str):

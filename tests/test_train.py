@@ -11,7 +11,7 @@ import pytest
 from imagen.cli.train import train
 from imagen.data.conll import fixture_dir
 from imagen.models.ner import tiny_random_encoder
-from tests.conftest import EXPERIMENTS, TINY_SHAPES, compose_config
+from tests.conftest import EXPERIMENTS, TINY_SHAPES, train_tiny_stage
 
 TINY_AUTOENCODER = ["model.net.size=tiny", "model.net.quantizer=vq"]
 TINY_GENERATOR = ["model.net.size=tiny", "model/text_encoder=scratch", "model.text_encoder.dim=32",
@@ -21,23 +21,16 @@ TINY_GENERATOR = ["model.net.size=tiny", "model/text_encoder=scratch", "model.te
 @pytest.fixture(scope="session")
 def tiny_autoencoder_ckpt(tmp_path_factory) -> Path:
     """A few steps of the tiny autoencoder: a real stage checkpoint for the stages that build on it."""
-    run = tmp_path_factory.mktemp("tiny_autoencoder")
-    cfg = compose_config(
+    return train_tiny_stage(
         [
             "experiment=shapes_autoencoder",
             *TINY_SHAPES,
             *TINY_AUTOENCODER,
             "trainer.max_steps=4",
             "trainer.val_check_interval=4",
-            "test=false",
-            "logger=csv",
-            "extras.print_config=false",
-            f"paths.cache_dir={run / 'cache'}",
         ],  # fmt: skip
-        run,
+        tmp_path_factory.mktemp("tiny_autoencoder"),
     )
-    train(cfg)
-    return run / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture
