@@ -1,12 +1,14 @@
 """Every GPU check and benchmark in one short run, for a session that is lent a GPU for a few minutes.
 
-    python -m imagen.bench.gpu_suite --out $OUT [--budget-s 480]
+    python -m imagen.bench.gpu_suite --out $OUT [--budget-s 500] [--work /tmp/imagen_gpu]
 
 Runs, each in its own process with its own time limit, logging to OUT/<name>.log:
-1. the sampling benchmark, GPU preset (KV cache, compiled decode step, recompute, HF GPT-2 `generate`);
+1. the performance suite, GPU preset (`python -m imagen.bench`: ceilings, sampler checks, sampling, training,
+   autoencoder), which writes OUT/bench.json and OUT/targets.md;
 2. a short autoencoder run on the GPU (bf16-mixed): the stage trains, validates and tests on CUDA;
 3. a short generator run on its checkpoint: training, sampling during validation and the test metrics on CUDA.
-A summary (return codes, seconds, the benchmark's ratios, the runs' metrics) goes to OUT/summary.json.
+Run directories and caches go under --work; OUT gets only the few files worth bringing back, and
+OUT/summary.json (return codes, seconds, the runs' metrics).
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="folder for logs, run directories and summary.json")
-    parser.add_argument("--budget-s", type=float, default=480, help="seconds for all steps together")
+    parser.add_argument("--budget-s", type=float, default=500, help="seconds for all steps together")
+    parser.add_argument("--work", default="/tmp/imagen_gpu", help="run directories and caches")
     args = parser.parse_args()
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.budget_s
     python = sys.executable
     train = [
@@ -51,17 +55,18 @@ def main() -> None:
         "train.py",
         "trainer=gpu",
         "extras.print_config=false",
-        f"paths.cache_dir={out / 'cache'}",
+        f"paths.cache_dir={work / 'cache'}",
     ]
-    ae_dir, gen_dir = out / "autoencoder", out / "generator"
+    ae_dir, gen_dir = work / "autoencoder", work / "generator"
+    bench_budget = 0.62 * args.budget_s
     plan = [
-        ("sampling_benchmark", [python, "-m", "imagen.bench.sampling", "--preset", "gpu",
-                                "--json", str(out / "sampling_gpu.json")], 0.35),
-        ("autoencoder", [*train, "experiment=shapes_autoencoder", "trainer.max_steps=1000",
-                         f"hydra.run.dir={ae_dir}"], 0.3),
-        ("generator", [*train, "experiment=shapes_generator", "trainer.max_steps=600",
-                       "trainer.val_check_interval=300", f"model.autoencoder_ckpt={ae_dir}/checkpoints/last.ckpt",
-                       f"hydra.run.dir={gen_dir}"], 0.35),
+        ("bench", [python, "-m", "imagen.bench", "--preset", "gpu", "--out", str(out),
+                   "--budget-s", str(round(bench_budget))], 0.68),
+        ("autoencoder", [*train, "experiment=shapes_autoencoder", "trainer.max_steps=500",
+                         "trainer.val_check_interval=250", f"hydra.run.dir={ae_dir}"], 0.16),
+        ("generator", [*train, "experiment=shapes_generator", "data.num_train=20000", "trainer.max_steps=300",
+                       "trainer.val_check_interval=150", f"model.autoencoder_ckpt={ae_dir}/checkpoints/last.ckpt",
+                       f"hydra.run.dir={gen_dir}"], 0.16),
     ]  # fmt: skip
     results = []
     for i, (name, command, share) in enumerate(plan):
@@ -73,7 +78,6 @@ def main() -> None:
         results.append(step(name, command, out, timeout=min(left, share * args.budget_s * 1.5)))
     summary = {
         "steps": results,
-        "sampling": read_json(out / "sampling_gpu.json"),
         "autoencoder_metrics": read_json(ae_dir / "metrics.json"),
         "generator_metrics": read_json(gen_dir / "metrics.json"),
     }

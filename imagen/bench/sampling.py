@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from dataclasses import asdict
 
 import torch
 
+from imagen.bench.common import device_name, timed
 from imagen.models.ar_transformer import ARTransformer
-from imagen.sampling.ar import SamplingSettings, decode_one_token, generate, generate_recompute
+from imagen.sampling.ar import KVCache, SamplingSettings, compiled_decode_step, generate, generate_recompute
 
 PRESETS = {
     "cpu": {
@@ -67,84 +66,115 @@ def cfg_processor(scale: float):
     return CFG()
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of `fn()` over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def decode_floor(
+    model: ARTransformer, batch: int, text_length: int, bytes_per_value: int, ceilings: dict
+) -> float:
+    """Lower bound on seconds to sample `batch` images with guidance (2 rows per image): every decode step must
+    read the weights it uses and the keys/values written so far (bandwidth) and do its matmuls (compute); the
+    floor sums max(bytes / bandwidth, FLOPs / matmul peak) over the steps, from the measured ceilings."""
+    c = model.config
+    d, hidden, rows = c.dim, int(c.mlp_ratio * c.dim), 2 * batch
+    cross = c.conditioning == "cross"
+    weights = c.layers * (4 * d * d + 2 * d * hidden + (2 * d * d if cross else 0)) + d * c.vocab_size
+    total = 0.0
+    for i in range(c.num_image_tokens):
+        keys = model.prefix_length + i + 1 + (text_length if cross else 0)
+        kv_values = rows * c.layers * 2 * keys * d
+        bytes_read = (weights + kv_values) * bytes_per_value
+        flops = 2 * rows * weights + 4 * rows * c.layers * keys * d
+        total += max(bytes_read / ceilings["copy_bytes_per_s"], flops / ceilings["matmul_flops"])
+    return total
 
 
-def run(
-    preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute_above: int, compile_step: bool
-):
-    p = PRESETS[preset]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, p["dtype"])
+def run_size(
+    size: str, grid: int, vocab: int, text_length: int, dtype: torch.dtype, batch_sizes: list[int],
+    device: torch.device, repeats: int = 3, recompute_up_to: int = 64, compile_step: bool = False,
+    hf_up_to: int = 1 << 30, ceilings: dict | None = None, budget=None, log=print,
+) -> dict:  # fmt: skip
+    """Images/s of each method at each batch size for one model size; with `ceilings`, also the floor and the
+    ratio floor / measured of the fastest cached sampler (1.0 would be at the floor)."""
     torch.manual_seed(0)
-    model = ARTransformer.from_size(
-        p["size"], vocab_size=p["vocab"], grid_size=(p["grid"], p["grid"]), text_dim=128
-    )
+    model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=128)
     model = model.to(device=device, dtype=dtype).eval()
     gpt2 = hf_gpt2(model, dtype, device)
     settings = SamplingSettings(cfg_scale=3.0, temperature=1.0, top_k=100)
     n = model.config.num_image_tokens
-    step = None
-    if compile_step and device.type == "cuda":
-        step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    results = []
-    for batch in batch_sizes or p["batch_sizes"]:
-        states = torch.randn(batch, p["text_len"], 128, device=device, dtype=dtype)
-        mask = torch.ones(batch, p["text_len"], dtype=torch.bool, device=device)
-        row = {"batch": batch}
-        row["kv_cache"] = batch / timed(lambda: generate(model, states, mask, settings), repeats, device)
+    step = compiled_decode_step() if compile_step else None
+    rows = []
+    for batch in batch_sizes:
+        if budget is not None and not budget.allows(30):
+            log(f"sampling {size} batch {batch}: skipped (time budget)")
+            rows.append({"batch": batch, "skipped": "time budget"})
+            continue
+        states = torch.randn(batch, text_length, 128, device=device, dtype=dtype)
+        mask = torch.ones(batch, text_length, dtype=torch.bool, device=device)
+        row: dict = {"batch": batch}
+        eager_cache = KVCache.allocate(model, 2 * batch, text_length, device, dtype)
+
+        def measure(key: str, fn, warmup: int = 1) -> None:
+            try:
+                row[key] = batch / timed(fn, repeats, device, warmup)
+            except Exception as error:  # one failing method must not lose the others' figures
+                row[f"{key}_error"] = f"{type(error).__name__}: {error}"
+                log(f"sampling {size} batch {batch} {key}: {row[f'{key}_error']}")
+
+        measure("kv_cache", lambda: generate(model, states, mask, settings, cache=eager_cache))
         if step is not None:
-            row["kv_cache_compiled"] = batch / timed(
-                lambda: generate(model, states, mask, settings, decode_step=step), repeats, device
-            )
-        if batch <= skip_recompute_above:
-            row["recompute"] = batch / timed(
-                lambda: generate_recompute(model, states, mask, settings), repeats, device
-            )
-        # both halves attend to a context of equal size
-        context = model.text_proj(torch.cat([states, states]))
-        bos = torch.full((2 * batch, 1), model.config.vocab_size, device=device)
-        processors = [cfg_processor(settings.cfg_scale)]
+            cache = KVCache.allocate(model, 2 * batch, text_length, device, dtype)
+            measure("kv_cache_compiled", lambda: generate(model, states, mask, settings, decode_step=step, cache=cache),
+                    warmup=2)  # fmt: skip
+            del cache
+        if batch <= recompute_up_to:
+            measure("recompute", lambda: generate_recompute(model, states, mask, settings))
+        if batch <= hf_up_to:
+            # both halves attend to a context of equal size
+            context = model.text_proj(torch.cat([states, states]))
+            bos = torch.full((2 * batch, 1), model.config.vocab_size, device=device)
+            processors = [cfg_processor(settings.cfg_scale)]
 
-        def hf_generate():
-            with torch.no_grad():
-                gpt2.generate(
-                    input_ids=bos, encoder_hidden_states=context, max_new_tokens=n, min_new_tokens=n, do_sample=True,
-                    top_k=settings.top_k, logits_processor=processors, pad_token_id=0,
-                )  # fmt: skip
+            def hf_generate():
+                with torch.no_grad():
+                    gpt2.generate(
+                        input_ids=bos, encoder_hidden_states=context, max_new_tokens=n, min_new_tokens=n,
+                        do_sample=True, top_k=settings.top_k, logits_processor=processors, pad_token_id=0,
+                    )  # fmt: skip
 
-        row["hf_gpt2_generate"] = batch / timed(hf_generate, repeats, device)
-        best = max(v for k, v in row.items() if k.startswith("kv_cache"))
-        row["ratio_vs_hf"] = best / row["hf_gpt2_generate"]
+            measure("hf_gpt2_generate", hf_generate)
+        best = max((row[k] for k in ("kv_cache", "kv_cache_compiled") if k in row), default=float("nan"))
+        if "hf_gpt2_generate" in row:
+            row["ratio_vs_hf"] = best / row["hf_gpt2_generate"]
         if "recompute" in row:
-            row["ratio_vs_recompute"] = row["kv_cache"] / row["recompute"]
-        results.append(row)
-        print(
-            " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-            flush=True,
-        )
+            row["kv_cache_vs_recompute"] = row["kv_cache"] / row["recompute"]
+        if ceilings is not None:
+            floor = batch / decode_floor(model, batch, text_length, dtype.itemsize, ceilings)
+            row["floor"] = floor
+            row["floor_over_best"] = floor / best
+        rows.append(row)
+        log(f"sampling {size} | " + " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in row.items()))  # fmt: skip
     return {
-        "preset": preset,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "model": asdict(model.config),
+        "size": size,
         "params": model.num_params(),
         "tokens_per_image": n,
+        "vocab": vocab,
+        "text_length": text_length,
+        "dtype": str(dtype).removeprefix("torch."),
         "settings": asdict(settings),
-        "images_per_second": results,
+        "model": asdict(model.config),
+        "images_per_second": rows,
     }
+
+
+def run(
+    preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute_above: int, compile_step: bool
+) -> dict:
+    p = PRESETS[preset]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = run_size(
+        p["size"], p["grid"], p["vocab"], p["text_len"], getattr(torch, p["dtype"]), batch_sizes or p["batch_sizes"],
+        device, repeats, skip_recompute_above, compile_step and device.type == "cuda",
+    )  # fmt: skip
+    return {"preset": preset, "device": device_name(device), **report}
 
 
 def main() -> None:

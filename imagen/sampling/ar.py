@@ -32,6 +32,7 @@ class KVCache:
     def allocate(
         cls, model: ARTransformer, batch: int, text_length: int, device, dtype=torch.float32
     ) -> KVCache:
+        """Zeroed buffers for `batch` rows (the doubled batch under guidance) and `text_length` text positions."""
         c = model.config
         hd = c.dim // c.heads
         seq = model.sequence_length
@@ -42,13 +43,32 @@ class KVCache:
             ]
 
         cross = c.conditioning == "cross"
-        return cls(
+        cache = cls(
             self_k=buffers(seq),
             self_v=buffers(seq),
             key_valid=torch.zeros(batch, seq, dtype=torch.bool, device=device),
             cross_k=buffers(text_length) if cross else [],
             cross_v=buffers(text_length) if cross else [],
             text_mask=torch.zeros(batch, 1, 1, text_length if cross else 1, dtype=torch.bool, device=device),
+        )
+        if torch.device(device).type == "cuda":
+            # fixed addresses: a compiled decode step may mutate them in place and still replay as a CUDA graph
+            for buffer in cache.tensors():
+                torch._dynamo.mark_static_address(buffer)
+        return cache
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.self_k, *self.self_v, self.key_valid, *self.cross_k, *self.cross_v, self.text_mask]
+
+    def fits(self, batch: int, text_length: int, device, dtype) -> bool:
+        """Whether this cache can serve a call with these shapes (reuse keeps CUDA-graph addresses valid)."""
+        k = self.self_k[0]
+        return (
+            k.shape[0] == batch
+            and self.text_mask.shape[-1] in (1, text_length)
+            and (not self.cross_k or self.cross_k[0].shape[2] == text_length)
+            and k.device == torch.device(device)
+            and k.dtype == dtype
         )
 
 
@@ -123,6 +143,13 @@ def decode_one_token(
     return model.decode_step(token, position, cache)
 
 
+def compiled_decode_step() -> Callable:
+    """`decode_one_token` compiled for GPU decoding: fused kernels replayed as CUDA graphs (one graph per batch
+    shape; after a second batch size the kernels are compiled once for any batch). The KV cache's buffers have
+    static addresses (`KVCache.allocate`), so the in-place cache writes stay inside the graph."""
+    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+
+
 @torch.no_grad()
 def generate(
     model: ARTransformer,
@@ -131,17 +158,23 @@ def generate(
     settings: SamplingSettings,
     generator: torch.Generator | None = None,
     decode_step: Callable | None = None,
+    cache: KVCache | None = None,
 ) -> torch.Tensor:
     """Sample image tokens (B, N) for text states (B, L, text_dim) with the static KV cache.
 
-    `decode_step` replaces `decode_one_token`, e.g. by a `torch.compile`d version (CUDA graphs on GPU).
+    `decode_step` replaces `decode_one_token`, e.g. `compiled_decode_step()` (CUDA graphs on GPU). A `cache` from
+    an earlier call with the same shapes is reused (a compiled step then replays its graphs); otherwise one is
+    allocated. The loop has no host syncs: positions are device tensors and tokens never leave the device.
     """
     batch, n = states.shape[0], model.config.num_image_tokens
     if settings.guided:
         states, mask = with_unconditional(model, states, mask)
-    cache = KVCache.allocate(model, states.shape[0], states.shape[1], states.device, states.dtype)
+    rows, length, device = states.shape[0], states.shape[1], states.device
+    if cache is None or not cache.fits(rows, length, device, states.dtype):
+        cache = KVCache.allocate(model, rows, length, device, states.dtype)
     step = decode_step or decode_one_token
-    tokens = torch.empty(batch, n, dtype=torch.long, device=states.device)
+    positions = torch.arange(n, device=device)
+    tokens = torch.empty(batch, n, dtype=torch.long, device=device)
     logits = prefill(model, states, mask, cache)
     for i in range(n):
         guided = guide(logits, settings.scale_at(i, n)) if settings.guided else logits
@@ -149,7 +182,7 @@ def generate(
         tokens[:, i] = token
         if i + 1 < n:
             fed = torch.cat([token, token]) if settings.guided else token
-            logits = step(model, fed, torch.tensor(i, device=states.device), cache)
+            logits = step(model, fed, positions[i], cache)
     return tokens
 
 

@@ -1,0 +1,282 @@
+"""The performance suite: every figure of the GPU-performance targets, measured side by side in one run on one card.
+
+    python -m imagen.bench                       # GPU preset on a GPU (sizes B and L), else the CPU preset
+    python -m imagen.bench --preset cpu --out DIR
+    python -m imagen.bench --preset gpu --out $OUT --budget-s 420
+
+Sections, in this order (the most important first, so a run cut short by its budget still answers them):
+ceilings (measured matmul FLOP/s and copy bandwidth), correctness checks of the cached and compiled samplers,
+sampling (KV cache eager and compiled, full recompute, HF GPT-2 `generate`, the bandwidth/compute floor), AR
+training (tokens/s, MFU, compile speedup, Lightning overhead), the autoencoder (encode, decode, train step).
+Writes OUT/bench.json after every section and prints a table of the targets with the measured ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from imagen.bench import autoencoder as autoencoder_bench
+from imagen.bench import sampling as sampling_bench
+from imagen.bench import training as training_bench
+from imagen.bench.common import Budget, device_name, measure_ceilings
+from imagen.models.ar_transformer import ARTransformer
+from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate, generate_recompute
+
+PRESETS = {
+    "gpu": {
+        "ceilings": {"matmul_size": 8192, "copy_mib": 1024},
+        "repeats": 2,
+        "compile": True,
+        "grid": 16,
+        "vocab": 16384,
+        "text_length": 32,
+        "training": [{"size": "B", "batch": 64}, {"size": "L", "batch": 32}],
+        "train_steps": 15,
+        "train_warmup": 5,
+        "text_dim": 768,
+        "sampling": [
+            {"size": "B", "batch_sizes": [1, 16, 64, 256], "recompute_up_to": 64},
+            {"size": "L", "batch_sizes": [1, 64], "recompute_up_to": 0},
+        ],
+        "autoencoder": {"size": "f16", "image_size": 256, "batch": 64, "train_batch": 16},
+    },
+    "cpu": {
+        "ceilings": {"matmul_size": 512, "copy_mib": 64},
+        "repeats": 1,
+        "compile": False,
+        "grid": 4,
+        "vocab": 64,
+        "text_length": 8,
+        "training": [{"size": "tiny", "batch": 4}],
+        "train_steps": 2,
+        "train_warmup": 1,
+        "text_dim": 32,
+        "sampling": [{"size": "tiny", "batch_sizes": [1, 4], "recompute_up_to": 4}],
+        "autoencoder": {"size": "tiny", "image_size": 32, "batch": 4, "train_batch": 2},
+    },
+}
+
+
+def correctness_checks(device: torch.device, compile_step: bool) -> dict:
+    """On this device: cached sampling = full recompute (fp32, greedy), and the compiled step = the eager one."""
+    torch.manual_seed(0)
+    model = ARTransformer.from_size("tiny", vocab_size=64, grid_size=(4, 4), text_dim=32).to(device).eval()
+    states = torch.randn(3, 8, 32, device=device)
+    mask = torch.ones(3, 8, dtype=torch.bool, device=device)
+    mask[0, 5:] = False
+    greedy = SamplingSettings(cfg_scale=2.0, temperature=0.0)
+    cached = generate(model, states, mask, greedy)
+    result = {
+        "kv_cache_equals_recompute": bool((cached == generate_recompute(model, states, mask, greedy)).all())
+    }
+    if compile_step:
+        sampled = SamplingSettings(cfg_scale=2.0, temperature=1.0, top_k=10)
+        eager = generate(model, states, mask, sampled, torch.Generator(device).manual_seed(0))
+        compiled = generate(
+            model,
+            states,
+            mask,
+            sampled,
+            torch.Generator(device).manual_seed(0),
+            decode_step=compiled_decode_step(),
+        )
+        result["compiled_equals_eager"] = bool((eager == compiled).all())
+    return result
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def target_rows(report: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(target, goal, measured, met) for every target the report can answer; unmeasured ones say so."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+
+    gpu = report.get("preset") == "gpu"  # the goals are set for the GPU preset; CPU figures are smoke values
+
+    def add(name: str, goal: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}") -> None:
+        met = ok if gpu and value is not None else None
+        rows.append((name, goal, "not measured" if value is None else fmt.format(value), met))
+
+    for entry in report.get("sampling", []):
+        size = entry.get("size")
+        by_batch = {r["batch"]: r for r in entry.get("images_per_second", []) if "skipped" not in r}
+        for batch, goal in ((1, 8), (64, 5)):
+            v = by_batch.get(batch, {}).get("ratio_vs_hf")
+            add(
+                f"sampling {size} batch {batch}: best / HF generate",
+                f">= {goal}x",
+                v,
+                v is not None and v >= goal,
+            )
+        v = by_batch.get(64, {}).get("kv_cache_vs_recompute")
+        if v is not None or size == report.get("sampling", [{}])[0].get("size"):
+            add(f"sampling {size} batch 64: KV cache / recompute", ">= 8x", v, v is not None and v >= 8)
+        for batch in (64, 256):
+            v = by_batch.get(batch, {}).get("floor_over_best")
+            add(f"sampling {size} batch {batch}: floor / best", "<= 3x", v, v is not None and v <= 3)
+    mfu_goal = {"B": 0.4, "L": 0.5}
+    for entry in report.get("training", []):
+        size = entry.get("size")
+        best = max(
+            (entry[k]["mfu"] for k in ("plain_compiled", "lightning", "plain_eager") if k in entry),
+            default=None,
+        )
+        goal = mfu_goal.get(size)
+        add(f"training {size}: MFU (best loop)", f">= {goal:.0%}" if goal else "-", best,
+            None if goal is None else best is not None and best >= goal, "{:.1%}")  # fmt: skip
+        v = entry.get("lightning_overhead")
+        add(
+            f"training {size}: Lightning / plain step time",
+            "<= 1.05x",
+            v,
+            v is not None and v <= 1.05,
+            "{:.3f}",
+        )
+        v = entry.get("compile_speedup")
+        add(f"training {size}: compiled speedup over eager", ">= 1.2x", v, v is not None and v >= 1.2)
+    share = report.get("autoencoder_decode_share")
+    add("autoencoder decode / time per image", "<= 10%", share, share is not None and share <= 0.10, "{:.1%}")
+    return rows
+
+
+def print_targets(rows) -> str:
+    lines = ["| target | goal | measured | met |", "| --- | --- | --- | --- |"]
+    for name, goal, measured, ok in rows:
+        lines.append(f"| {name} | {goal} | {measured} | {'-' if ok is None else 'yes' if ok else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--out", default="bench_out", help="folder for bench.json and targets.md")
+    parser.add_argument(
+        "--budget-s", type=float, default=420, help="stop starting new measurements after this"
+    )
+    parser.add_argument("--sections", nargs="*", default=["checks", "sampling", "training", "autoencoder"])
+    args = parser.parse_args(argv)
+    p = PRESETS[args.preset]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.budget_s)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    report: dict = {
+        "preset": args.preset,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.executable).name, "-m", "imagen.bench", *(argv or sys.argv[1:])]),
+        "errors": {},
+        "not_measured": {
+            "data": "the JPEG loader and the token cache belong to the data issue; not benchmarked by this suite yet"
+        },
+    }
+
+    def save() -> None:
+        (out / "bench.json").write_text(json.dumps(report, indent=2))
+
+    def section(name: str, fn) -> None:
+        if name != "ceilings" and name.split()[0] not in args.sections:
+            return
+        start = time.monotonic()
+        try:
+            fn()
+        except Exception as error:  # one failing section must not lose the others' figures
+            report["errors"][name] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        report.setdefault("section_seconds", {})[name] = round(time.monotonic() - start, 1)
+        print(f"[bench] {name}: {report['section_seconds'][name]} s", flush=True)
+        save()
+
+    def ceilings() -> None:
+        report["ceilings"] = measure_ceilings(device, **p["ceilings"])
+        print(f"[bench] ceilings: {report['ceilings']}", flush=True)
+
+    def checks() -> None:
+        report["checks"] = correctness_checks(device, p["compile"] and device.type == "cuda")
+        print(f"[bench] checks: {report['checks']}", flush=True)
+
+    def sampling(entry: dict) -> None:
+        result = sampling_bench.run_size(
+            entry["size"], p["grid"], p["vocab"], p["text_length"],
+            torch.bfloat16 if device.type == "cuda" else torch.float32, entry["batch_sizes"], device,
+            repeats=p["repeats"], recompute_up_to=entry["recompute_up_to"],
+            compile_step=p["compile"] and device.type == "cuda", ceilings=report["ceilings"], budget=budget,
+            log=lambda line: print(f"[bench] {line}", flush=True),
+        )  # fmt: skip
+        report.setdefault("sampling", []).append(result)
+
+    def training(entry: dict) -> None:
+        result = training_bench.run(
+            entry["size"], entry["batch"], p["train_steps"], p["train_warmup"], p["grid"], p["vocab"],
+            p["text_length"], p["text_dim"], report["ceilings"]["matmul_flops"], device, p["compile"], budget,
+        )  # fmt: skip
+        print(f"[bench] training: {json.dumps(result)}", flush=True)
+        report.setdefault("training", []).append(result)
+
+    def autoencoder() -> None:
+        result = autoencoder_bench.run(**p["autoencoder"], device=device, repeats=p["repeats"])
+        report["autoencoder"] = result
+        print(f"[bench] autoencoder: {json.dumps(result)}", flush=True)
+        first = next(
+            (r for r in report.get("sampling", [{}])[0].get("images_per_second", []) if r["batch"] == 64),
+            None,
+        )
+        if first is not None and "skipped" not in first:
+            best = max(first[k] for k in ("kv_cache", "kv_cache_compiled") if k in first)
+            decode = 1 / result["decode_images_per_s"]
+            report["autoencoder_decode_share"] = decode / (1 / best + decode)
+
+    section("ceilings", ceilings)
+    section("checks", checks)
+    sampling_entries, training_entries = list(p["sampling"]), list(p["training"])
+    # the first size of each first (the targets' main figures), then the autoencoder, then the larger sizes
+    if sampling_entries:
+        first = sampling_entries.pop(0)
+        section(f"sampling {first['size']}", lambda: sampling(first))
+    if training_entries:
+        first = training_entries.pop(0)
+        section(f"training {first['size']}", lambda: training(first))
+    section("autoencoder", autoencoder)
+    for kind, entries, needs, run_entry in (
+        ("training", training_entries, 90, training),
+        ("sampling", sampling_entries, 60, sampling),
+    ):
+        for entry in entries:
+            name = f"{kind} {entry['size']}"
+            if budget.allows(needs):
+                section(name, lambda e=entry, f=run_entry: f(e))
+            else:
+                report["not_measured"][name] = "time budget"
+    table = print_targets(target_rows(report))
+    (out / "targets.md").write_text(table + "\n")
+    save()
+    print(table, flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
