@@ -174,8 +174,20 @@ def main(argv: list[str] | None = None) -> dict:
         "--budget-s", type=float, default=420, help="stop starting new measurements after this"
     )
     parser.add_argument("--sections", nargs="*", default=["checks", "sampling", "training", "autoencoder"])
+    parser.add_argument("--sizes", nargs="*", help="only these model sizes (sampling and training)")
+    parser.add_argument(
+        "--sampling-batch-sizes", type=int, nargs="*", help="replace the preset's batch sizes"
+    )
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement (after the warm-up)")
     args = parser.parse_args(argv)
-    p = PRESETS[args.preset]
+    p = dict(PRESETS[args.preset])
+    if args.sizes:
+        p["sampling"] = [e for e in p["sampling"] if e["size"] in args.sizes]
+        p["training"] = [e for e in p["training"] if e["size"] in args.sizes]
+    if args.sampling_batch_sizes:
+        p["sampling"] = [{**e, "batch_sizes": args.sampling_batch_sizes} for e in p["sampling"]]
+    if args.repeats:
+        p["repeats"] = args.repeats
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,10 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for logs, run directories and summary.json")
     parser.add_argument("--budget-s", type=float, default=500, help="seconds for all steps together")
     parser.add_argument("--work", default="/tmp/imagen_gpu", help="run directories and caches")
+    parser.add_argument("--bench-args", default="", help="extra arguments for `python -m imagen.bench`")
+    parser.add_argument(
+        "--bench-share", type=float, default=0.62, help="fraction of the budget for the bench"
+    )
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,15 +62,16 @@ def main() -> None:
         f"paths.cache_dir={work / 'cache'}",
     ]
     ae_dir, gen_dir = work / "autoencoder", work / "generator"
-    bench_budget = 0.62 * args.budget_s
+    bench_budget = 0.85 * args.bench_share * args.budget_s  # it stops starting measurements in time to finish
+    stage_share = (1 - args.bench_share) / 2
     plan = [
         ("bench", [python, "-m", "imagen.bench", "--preset", "gpu", "--out", str(out),
-                   "--budget-s", str(round(bench_budget))], 0.68),
+                   "--budget-s", str(round(bench_budget)), *args.bench_args.split()], args.bench_share),
         ("autoencoder", [*train, "experiment=shapes_autoencoder", "trainer.max_steps=500",
-                         "trainer.val_check_interval=250", f"hydra.run.dir={ae_dir}"], 0.16),
+                         "trainer.val_check_interval=250", f"hydra.run.dir={ae_dir}"], stage_share),
         ("generator", [*train, "experiment=shapes_generator", "data.num_train=20000", "trainer.max_steps=300",
                        "trainer.val_check_interval=150", f"model.autoencoder_ckpt={ae_dir}/checkpoints/last.ckpt",
-                       f"hydra.run.dir={gen_dir}"], 0.16),
+                       f"hydra.run.dir={gen_dir}"], stage_share),
     ]  # fmt: skip
     results = []
     for i, (name, command, share) in enumerate(plan):
