@@ -41,7 +41,7 @@ PRESETS = {
         "text_length": 32,
         "training": [{"size": "B", "batch": 64}, {"size": "L", "batch": 32}],
         "train_steps": 15,
-        "train_warmup": 5,
+        "train_warmup": 10,  # compiled steps settle after a few recompiles (5 were too few for size L)
         "text_dim": 768,
         "sampling": [
             {"size": "B", "batch_sizes": [1, 16, 64, 256], "recompute_up_to": 64},

@@ -19,7 +19,7 @@ from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
 from imagen.models.text_encoder import TextStates
 from imagen.sampling.ar import SamplingSettings, generate
-from imagen.stages.optim import build_optimizer
+from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class FrozenAutoencoderMixin:
         return self
 
 
-class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
+class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.LightningModule):
     """Trains `net` to write the autoencoder's tokens of an image given its caption.
 
     `net` is an `ARTransformer` or a partial that receives the derived `vocab_size`, `grid_size` and `text_dim`.

@@ -15,7 +15,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder
 from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
-from imagen.stages.optim import build_optimizer
+from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
 
 def image_gradient_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def image_gradient_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tens
     return dx + dy
 
 
-class AutoencoderStage(pl.LightningModule):
+class AutoencoderStage(FusedOptimizerClipping, pl.LightningModule):
     """Trains `net` (encoder -> quantizer -> decoder) to reconstruct images through discrete tokens.
 
     Losses: `l1_weight * |x - x'| + l2_weight * (x - x')^2 + gradient_weight * |grad x - grad x'| + quantizer aux

@@ -14,7 +14,7 @@ import torch
 from imagen.data.conll import ConllDataModule, NerWindows, tokenizer_files
 from imagen.metrics.ner import entity_report, report_rows, report_table, token_report
 from imagen.models.ner import NerTagger, encoder_config_dict
-from imagen.stages.optim import build_optimizer, warmup_linear
+from imagen.stages.optim import FusedOptimizerClipping, build_optimizer, warmup_linear
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def stitch(
     return gold, pred
 
 
-class NerStage(pl.LightningModule):
+class NerStage(FusedOptimizerClipping, pl.LightningModule):
     """Token classification: `NerTagger` (encoder from `pretrained` + dropout + linear or CRF head).
 
     The head is sized in `setup()` from the datamodule's label list (`ConllDataModule.labels`). Validation and

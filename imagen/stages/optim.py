@@ -70,3 +70,23 @@ def warmup_linear(
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class FusedOptimizerClipping:
+    """LightningModule mixin: gradient clipping that also works with fused AdamW under bf16 mixed precision.
+
+    Lightning refuses to clip for optimizers that unscale gradients inside `step` (fused AdamW) under any mixed
+    precision, since with fp16 loss scaling the gradients are still scaled at that point. bf16 has no loss scaling:
+    the gradients are the true ones, so they are clipped directly. fp16 keeps Lightning's refusal.
+    """
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> torch optimizer
+        fused = getattr(inner, "_step_supports_amp_scaling", False)
+        if not (gradient_clip_val and fused and str(self.trainer.precision).startswith("bf16")):
+            return super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)

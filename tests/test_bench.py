@@ -1,0 +1,28 @@
+"""The performance suite's CPU preset runs end to end, so the GPU preset's code cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+
+from imagen.bench.__main__ import main
+
+
+def test_cpu_preset_measures_every_section(tmp_path):
+    report = main(["--preset", "cpu", "--out", str(tmp_path)])
+    assert report["errors"] == {}
+    assert json.loads((tmp_path / "bench.json").read_text())["preset"] == "cpu"
+    assert report["ceilings"]["matmul_flops"] > 0 and report["ceilings"]["copy_bytes_per_s"] > 0
+    assert report["checks"] == {"kv_cache_equals_recompute": True}
+    rows = report["sampling"][0]["images_per_second"]
+    assert [r["batch"] for r in rows] == [1, 4]
+    for row in rows:
+        for key in ("kv_cache", "recompute", "hf_gpt2_generate", "floor"):
+            assert row[key] > 0, key
+        # the floor is a lower bound on time, so no sampler can beat it
+        assert row["floor_over_best"] >= 1
+    (training,) = report["training"]
+    assert training["plain_eager"]["tokens_per_s"] > 0 and 0 < training["plain_eager"]["mfu"] < 1
+    assert training["lightning_overhead"] > 0
+    assert report["autoencoder"]["decode_images_per_s"] > 0
+    table = (tmp_path / "targets.md").read_text()
+    assert "| sampling tiny batch 1: best / HF generate | >= 8x |" in table
