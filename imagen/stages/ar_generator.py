@@ -18,7 +18,7 @@ from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
 from imagen.models.text_encoder import TextStates
-from imagen.sampling.ar import SamplingSettings, generate
+from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         eval_batch_size: int = 256,
         eval_seed: int = 1234,
         compute_fid: bool = True,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "text_encoder", "optimizer", "scheduler"])
@@ -121,6 +123,13 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         """(B, 3, H, W) -> (B, h * w) token ids in raster order."""
         return self.autoencoder.encode(images).flatten(1)
 
+    def configure_model(self) -> None:
+        """With `compile`, each Transformer block is compiled (regional `torch.compile`); on a GPU the sampler's
+        decode step is compiled too (CUDA graphs)."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.net.compile_blocks(**(self.hparams.compile_options or {}))
+            self._compiled = True
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(self.text_encoder, "fit_tokenizer") and datamodule is not None:
@@ -158,7 +167,14 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Image tokens (B, h * w) for encoded captions, sampled with the KV cache."""
-        return generate(self.net, text.states, text.mask, settings or self.sampling, generator)
+        step = None
+        if self.hparams.compile and text.states.is_cuda:
+            if getattr(self, "_decode_step", None) is None:
+                self._decode_step = compiled_decode_step()
+            step = self._decode_step
+        return generate(
+            self.net, text.states, text.mask, settings or self.sampling, generator, decode_step=step
+        )
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
