@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from imagen.cli.checks import check_train_config
+from imagen.cli.pipeline import is_pipeline, run_pipeline
 from imagen.cli.utils import (
     apply_extras,
     instantiate_callbacks,
@@ -40,7 +41,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
-    """Fit and/or test one stage as configured; returns (metrics, objects)."""
+    """Fit and/or test one stage as configured (or each stage of a pipeline); returns (metrics, objects)."""
+    if is_pipeline(cfg):
+        return run_pipeline(cfg)
     check_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if pl.utilities.rank_zero_only.rank == 0:

@@ -1,0 +1,81 @@
+"""`python train.py` runs the quickstart pipeline: every stage in order, a summary table, reuse on a rerun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import open_dict
+
+from imagen.cli.train import train
+from tests.conftest import TINY_SHAPES
+from tests.test_train import TINY_AUTOENCODER, TINY_GENERATOR
+
+SHORT = ["trainer.max_steps=4", "trainer.val_check_interval=4", "logger=csv"]
+
+
+def quickstart_cfg(make_cfg, tmp_path, stages: dict[str, list[str]]):
+    cfg = make_cfg(
+        [f"pipeline.dir={tmp_path / 'quickstart'}"]
+    )  # no experiment: the default is the quickstart
+    with open_dict(cfg):
+        cfg.pipeline.stages = stages
+    return cfg
+
+
+def tiny_stages() -> dict[str, list[str]]:
+    return {
+        "autoencoder": ["experiment=shapes_autoencoder", *TINY_SHAPES, *TINY_AUTOENCODER, *SHORT],
+        "generator": ["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR, *SHORT,
+                      "model.autoencoder_ckpt={autoencoder}", "callbacks.model_checkpoint.monitor=val/nll_bits",
+                      "callbacks.model_checkpoint.mode=min"],
+    }  # fmt: skip
+
+
+def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsys):
+    cfg = quickstart_cfg(make_cfg, tmp_path, tiny_stages())
+    assert cfg.task_name == "quickstart"
+    metrics, objects = train(cfg)
+    root = tmp_path / "quickstart"
+    assert [r["stage"] for r in objects["rows"]] == ["autoencoder", "generator"]
+    assert not any(r["reused"] for r in objects["rows"])
+    # the generator was built on the autoencoder the pipeline had just trained
+    generator_cfg = objects["stages"]["generator"]["cfg"]
+    assert generator_cfg.model.autoencoder_ckpt == str(root / "autoencoder" / "checkpoints" / "last.ckpt")
+    assert "autoencoder/test/psnr" in metrics and "generator/test/nll_bits" in metrics
+    summary = (root / "summary.md").read_text()
+    assert summary.splitlines()[0].startswith("| stage | minutes | reused | PSNR")
+    assert "| autoencoder |" in summary and "| generator |" in summary
+    assert objects["grid"] is not None and objects["grid"].is_file() and str(objects["grid"]) in summary
+    assert summary in capsys.readouterr().out + "\n"
+    assert json.loads((root / "metrics.json").read_text()) == pytest.approx(metrics)
+
+    # the same command again: nothing is trained, the table is rebuilt from the finished runs
+    again, objects = train(quickstart_cfg(make_cfg, tmp_path, tiny_stages()))
+    assert all(r["reused"] for r in objects["rows"]) and objects["stages"] == {}
+    assert again == metrics
+
+    # a changed stage is trained again; the stages before it are still reused
+    stages = tiny_stages()
+    stages["generator"] = [*stages["generator"], "model.cond_drop_prob=0.2"]
+    _, objects = train(quickstart_cfg(make_cfg, tmp_path, stages))
+    assert [r["reused"] for r in objects["rows"]] == [True, False]
+
+
+def test_a_stage_cannot_use_a_later_one(make_cfg, tmp_path):
+    stages = tiny_stages()
+    stages = {"generator": stages["generator"], "autoencoder": stages["autoencoder"]}
+    with pytest.raises(ValueError, match=r"pipeline.stages.generator: .* refers to stage 'autoencoder'"):
+        train(quickstart_cfg(make_cfg, tmp_path, stages))
+
+
+def test_overrides_the_pipeline_would_ignore_are_refused(tmp_path):
+    from tests.test_cli import run_train
+
+    result = run_train("model.net.quantizer=vq", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert (
+        "['model.net.quantizer=vq']: the quickstart pipeline does not pass these to its stages"
+        in result.stderr
+    )
+    assert "experiment=shapes_autoencoder model.net.quantizer=vq" in result.stderr
