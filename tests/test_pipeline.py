@@ -60,6 +60,9 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
     stages["generator"] = [*stages["generator"], "model.cond_drop_prob=0.2"]
     _, objects = train(quickstart_cfg(make_cfg, tmp_path, stages))
     assert [r["reused"] for r in objects["rows"]] == [True, False]
+    # the earlier generator run was moved aside, not mixed into the new one
+    assert (root / "generator.previous" / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (root / "generator" / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
 
 
 def test_a_stage_cannot_use_a_later_one(make_cfg, tmp_path):

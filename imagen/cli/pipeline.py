@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -62,13 +63,35 @@ def stage_overrides(cfg: DictConfig, name: str, checkpoints: dict[str, str], run
     ]
 
 
-def finished(run_dir: Path, overrides: list[str]) -> bool:
+def read_record(run_dir: Path) -> dict:
     record = run_dir / STAGE_RECORD
-    if not (record.is_file() and (run_dir / "metrics.json").is_file()):
-        return False
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return False
-    return yaml.safe_load(record.read_text()).get("overrides") == overrides
+    return yaml.safe_load(record.read_text()) if record.is_file() else {}
+
+
+def finished(run_dir: Path, overrides: list[str]) -> bool:
+    record = read_record(run_dir)
+    return (
+        record.get("overrides") == overrides
+        and record.get("finished", False)
+        and (run_dir / "metrics.json").is_file()
+        and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    )
+
+
+def prepare_run_dir(run_dir: Path, overrides: list[str]) -> None:
+    """A stage interrupted with the same overrides continues in its directory (its checkpoints resume it); a
+    directory from other settings is moved aside to `<stage>.previous` rather than mixed with the new run."""
+    record = read_record(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and record.get("overrides") != overrides:
+        previous = run_dir.with_name(run_dir.name + ".previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        run_dir.rename(previous)
+        log.info(f"pipeline: {run_dir} held a run with other settings; moved to {previous}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STAGE_RECORD).write_text(
+        yaml.safe_dump({"overrides": overrides, "finished": False}, sort_keys=False)
+    )
 
 
 @contextlib.contextmanager
@@ -142,11 +165,10 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 f"pipeline: stage {name} already finished in {run_dir}; reusing it (pipeline.reuse=false retrains)"
             )
             stage_metrics = json.loads((run_dir / "metrics.json").read_text())
-            seconds = yaml.safe_load((run_dir / STAGE_RECORD).read_text())["seconds"]
+            seconds = read_record(run_dir)["seconds"]
         else:
             log.info(f"pipeline: stage {name} -> {run_dir}")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / STAGE_RECORD).unlink(missing_ok=True)  # an unfinished or changed stage is never reused
+            prepare_run_dir(run_dir, overrides)
             with config_module():
                 stage_cfg = compose(config_name="train", overrides=overrides)
             if is_pipeline(stage_cfg):
@@ -154,7 +176,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             stage_metrics, stage_objects = train(stage_cfg)
             objects[name] = stage_objects
             seconds = time.time() - start
-            record = {"overrides": overrides, "seconds": round(seconds, 1)}
+            record = {"overrides": overrides, "finished": True, "seconds": round(seconds, 1)}
             (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
         checkpoints[name] = str(run_dir / "checkpoints" / "last.ckpt")
         rows.append({"stage": name, "seconds": seconds, "reused": reused, "metrics": stage_metrics})
