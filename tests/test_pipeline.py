@@ -43,6 +43,8 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
     generator_cfg = objects["stages"]["generator"]["cfg"]
     assert generator_cfg.model.autoencoder_ckpt == str(root / "autoencoder" / "checkpoints" / "last.ckpt")
     assert "autoencoder/test/psnr" in metrics and "generator/test/nll_bits" in metrics
+    assert metrics["test/psnr"] == metrics["autoencoder/test/psnr"]  # the final keys, each from its stage
+    assert metrics["test/nll_bits"] == metrics["generator/test/nll_bits"]
     summary = (root / "summary.md").read_text()
     assert summary.splitlines()[0].startswith("| stage | minutes | reused | PSNR")
     assert "| autoencoder |" in summary and "| generator |" in summary

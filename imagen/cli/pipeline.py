@@ -180,12 +180,16 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
         checkpoints[name] = str(run_dir / "checkpoints" / "last.ckpt")
         rows.append({"stage": name, "seconds": seconds, "reused": reused, "metrics": stage_metrics})
+        # `test/psnr` from the autoencoder, `test/judge_acc` from the generator, ...: a later stage wins a clash
+        metrics.update({k: v for k, v in stage_metrics.items() if not k.startswith("time/")})
         metrics.update({f"{name}/{k}": v for k, v in stage_metrics.items()})
     table = summary_table(rows)
     grid = latest_grid(root / list(cfg.pipeline.stages)[-1])
     text = table + (f"\n\nsample grid: {grid}" if grid else "\n\n(no sample grid was written)")
     (root / "summary.md").write_text(text + "\n")
-    (root / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    for folder in {root, Path(cfg.paths.output_dir)}:  # the pipeline's folder and this run's directory
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     log.info("pipeline summary (also in %s):\n%s", root / "summary.md", text)
     print(text, flush=True)
     return metrics, {"rows": rows, "grid": grid, "stages": objects, "cfg": cfg}
