@@ -121,6 +121,10 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         """(B, 3, H, W) -> (B, h * w) token ids in raster order."""
         return self.autoencoder.encode(images).flatten(1)
 
+    def batch_tokens(self, batch: dict) -> torch.Tensor:
+        """(B, h * w) tokens: pre-tokenized (`tokens`, from the token cache) or encoded from `image`."""
+        return batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(self.text_encoder, "fit_tokenizer") and datamodule is not None:
@@ -130,7 +134,7 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
     # -- training -----------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        tokens = batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
+        tokens = self.batch_tokens(batch)
         text = self.encode_text(batch["caption"])
         _, loss = self.net(
             tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob
@@ -191,7 +195,7 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
     # -- evaluation ---------------------------------------------------------------------------------------------------
 
     def _eval_step(self, batch: dict, split: str) -> None:
-        tokens = self.image_tokens(batch["image"])
+        tokens = self.batch_tokens(batch)
         text = self.encode_text(batch["caption"])
         _, loss = self.net(tokens, text.states, text.mask, targets=tokens)
         self.metrics[split]["nll"].update(loss / math.log(2), weight=tokens.shape[0])
@@ -246,7 +250,8 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
     def log_images(self, batch: dict) -> dict:
         captions = list(batch["caption"])
         images = self.generate_images(captions, generator=self._eval_generator())
-        return {"samples": (images, captions), "references": (batch["image"], captions)}
+        references = batch["image"] if "image" in batch else self.decode_tokens(batch["tokens"])
+        return {"samples": (images, captions), "references": (references, captions)}
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
 
