@@ -121,7 +121,8 @@ class RecordDataset(Dataset):
             except BadSample as e:
                 if self.policy == "raise":
                     raise
-                bad.append((e.reason, e.name))
+                if offset == 0:  # a stand-in that is bad too is counted when its own index is read
+                    bad.append((e.reason, e.name))
                 if not self.substitute:
                     return {"bad": bad}
         raise TooManyBadSamples(f"every one of the {len(self.records)} samples is bad: {bad[:5]} ...")
@@ -179,8 +180,14 @@ class WebDatasetStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         bad: list[tuple[str, str]] = []
 
+        failed: set[str] = set()
+
         def shard_error(exn: Exception) -> bool:
-            url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self.urls), "?")
+            text = " ".join(map(str, exn.args))  # webdataset appends the url, or names the open file
+            url = next((u for u in self.urls if u in text), "?")
+            if url in failed:  # the tar reader and the expander both report a broken stream
+                return True
+            failed.add(url)
             error = BadSample(
                 "unreadable_shard", url, f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}"
             )
