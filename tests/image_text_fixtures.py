@@ -97,3 +97,56 @@ def write_shards(root: Path, pairs: list[Pair], per_shard: int, json_captions: b
 
 def shard_spec(paths: list[Path]) -> str:
     return f"{paths[0].parent}/{{00000..{len(paths) - 1:05d}}}.tar"
+
+
+def write_autoencoder_ckpt(path: Path, size: str = "tiny") -> Path:
+    """An autoencoder-stage checkpoint with freshly initialized weights (what `load_autoencoder` reads); FSQ, whose
+    codes need no data-dependent initialization."""
+    from dataclasses import asdict
+
+    import torch
+
+    from imagen.models.autoencoder import Autoencoder
+
+    torch.manual_seed(0)
+    net = Autoencoder.from_size(size, quantizer="fsq")
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"imagen": {"stage": "autoencoder", "net_config": asdict(net.config)}, "state_dict": state}, path
+    )
+    return path
+
+
+# Overrides that make the real-corpus experiments tiny: 32 px, small batches, no workers, tiny models.
+TINY_CORPUS = ["data.image_size=32", "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0",
+               "data.persistent_workers=false", "data.pin_memory=false", "data.prefetch_factor=null",
+               "trainer.limit_val_batches=1"]  # fmt: skip
+TINY_TEXT = ["model.text_encoder.vocab_size=256", "model.text_encoder.max_length=32", "model.text_encoder.layers=1",
+             "model.text_encoder.heads=2"]  # fmt: skip
+
+
+def build_corpora(root: Path, n: int = 12) -> dict[str, list[str]]:
+    """Fixtures of every format under `root`; per format the `data=` override and its path overrides."""
+    pairs = make_pairs(n)
+    txt = write_image_txt(root / "txt", pairs)
+    folder = write_imagefolder(root / "hf", pairs)
+    images, annotations = write_coco(root / "coco", pairs)
+    shards = write_shards(root / "wds", pairs, per_shard=4)
+    return {
+        "image_txt": ["data=image_txt", f"data.root={txt}", "data.holdout_fraction=0.1"],
+        "imagefolder": ["data=imagefolder", f"data.root={folder}", "data.holdout_fraction=0.1"],
+        "coco": [
+            "data=coco",
+            f"data.images={images}",
+            f"data.annotations={annotations}",
+            "data.holdout_fraction=0.1",
+        ],
+        "webdataset": [
+            "data=webdataset",
+            f"data.shards='{shard_spec(shards)}'",
+            "data.samples_per_epoch=8",
+            "data.eval_samples=4",
+            "data.shuffle_buffer=4",
+        ],  # fmt: skip
+    }

@@ -356,25 +356,19 @@ class ImageTextDataModule(pl.LightningDataModule):
                 return index_imagefolder(root, h.caption_column)
             return index_image_txt(root)
 
+        if not any(isinstance(h[k], dict) for k in required):
+            sub = (
+                {s: split_subfolder(Path(h.root), s) for s in SPLITS}
+                if h.format != "coco"
+                else {"train": None}
+            )
+            if not sub["train"]:  # one folder / one file: hold val and test out of it
+                return holdout_split(index({k: h[k] for k in required}), h.holdout_fraction, h.seed)
+            return {s: index({"root": sub[s]}) for s in SPLITS if sub[s]}
         per_split = {s: {k: split_value(h[k], s) for k in required} for s in SPLITS}
-        if h.format != "coco" and not isinstance(h.root, dict):
-            sub = {s: split_subfolder(Path(h.root), s) for s in SPLITS}
-            per_split = {s: {"root": sub[s]} for s in SPLITS} if sub["train"] else per_split
-            if not sub["train"]:
-                return holdout_split(index({"root": h.root}), h.holdout_fraction, h.seed)
-        if any(v is None for v in per_split["train"].values()):
-            raise ValueError(f"data={h.format}: no training split given ({required})")
-        records = {"train": index(per_split["train"])}
-        missing = [s for s in ("val", "test") if any(v is None for v in per_split[s].values())]
-        if missing == ["val", "test"] and all(per_split["train"][k] == per_split["val"][k] for k in required):
-            return holdout_split(records["train"], h.holdout_fraction, h.seed)
-        for s in ("val", "test"):
-            if s in missing:
-                raise ValueError(
-                    f"data={h.format}: the {s} split has no path; give one, e.g. data.{required[-1]}.{s}"
-                )
-            records[s] = index(per_split[s])
-        return records
+        return {
+            s: index(paths) for s, paths in per_split.items() if all(v is not None for v in paths.values())
+        }
 
     def _shards(self, split: str) -> tuple[list[str], bool]:
         """A split's shard list, and whether it is the training shards reused for evaluation."""
@@ -410,6 +404,10 @@ class ImageTextDataModule(pl.LightningDataModule):
                                     limit=None if train else h.eval_samples)  # fmt: skip
         if not hasattr(self, "_all_records"):
             self._all_records = self._records()
+        if split not in self._all_records:
+            keys = {"coco": "data.images / data.annotations"}.get(h.format, "data.root")
+            raise ValueError(f"data={h.format}: no {split} split; give its path in {keys} (a {{train, val, test}} "
+                             f"mapping) or a {split}/ subfolder")  # fmt: skip
         return RecordDataset(self._all_records[split], self.preprocess(split), h.bad_samples)
 
     def setup(self, stage: str | None = None) -> None:

@@ -129,6 +129,7 @@ def encode_split(
     out.mkdir(parents=True, exist_ok=True)
     dataset = datamodule.build_dataset(split)
     dataset.preprocess.keep_all_captions = True  # the cache holds every caption; training picks one
+    dataset.preprocess.random_crop = False  # and the center crop (one fixed token grid per image)
     if isinstance(dataset, RecordDataset):
         dataset.substitute = False  # a bad sample is left out of the cache, never replaced by a duplicate
         starts = range(0, len(dataset), shard_size)
