@@ -163,7 +163,9 @@ def test_caption_cleanup_and_counted_truncation():
 
 
 def jpeg_bytes(size=(48, 40)) -> bytes:
-    return encoded(Image.fromarray(np.random.default_rng(1).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)), "JPEG")
+    return encoded(
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)), "JPEG"
+    )
 
 
 def write_bad_folder(root, good: int = 4):
@@ -257,6 +259,17 @@ def test_every_folder_bad_kind_raises_with_the_file_name(tmp_path, file):
     with pytest.raises(BadSample, match=Path(file).stem) as error:
         dataset[index]
     assert error.value.reason == FOLDER_KINDS[file]
+
+
+def test_raise_from_a_dataloader_worker_names_file_and_reason(tmp_path):
+    root = write_image_txt(tmp_path / "txt", make_pairs(3))
+    (root / "empty.png").write_bytes(b"")
+    (root / "empty.txt").write_text("caption")
+    dm = ImageTextDataModule("image_txt", root=every_split(str(root)), image_size=32, bad_samples="raise",
+                             num_workers=2, eval_batch_size=1)  # fmt: skip
+    with pytest.raises(BadSample, match="empty.png: empty_file") as error:
+        drain(dm, "val")
+    assert error.value.reason == "empty_file" and error.value.name.endswith("empty.png")
 
 
 def test_every_shard_bad_kind_is_skipped_and_counted(tmp_path):

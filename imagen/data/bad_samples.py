@@ -9,6 +9,7 @@ dataloader workers are counted as well. Under `raise` the exception propagates w
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,13 @@ REASONS = (
 class BadSample(Exception):
     """A sample that cannot be used; `reason` is one of `REASONS`, `name` the file (or shard/member)."""
 
-    def __init__(self, reason: str, name: str, detail: str = ""):
+    def __init__(self, reason: str, name: str = "", detail: str = ""):
+        if not name:  # re-raised by a DataLoader from a worker, which passes the formatted message only
+            match = re.search(r"bad sample (.+?): (\w+)", reason)
+            super().__init__(reason)
+            self.name, self.reason = (match.group(1), match.group(2)) if match else ("", "unknown")
+            self.detail = ""
+            return
         self.reason, self.name, self.detail = reason, str(name), detail
         super().__init__(f"bad sample {self.name}: {reason}" + (f" ({detail})" if detail else ""))
 
