@@ -12,6 +12,7 @@ from imagen.cli.train import train
 from imagen.data.conll import fixture_dir
 from imagen.models.ner import tiny_random_encoder
 from tests.conftest import EXPERIMENTS, TINY_SHAPES, train_tiny_stage
+from tests.image_text_fixtures import TINY_CORPUS, TINY_TEXT, build_corpora
 
 TINY_AUTOENCODER = ["model.net.size=tiny", "model.net.quantizer=vq"]
 TINY_GENERATOR = ["model.net.size=tiny", "model/text_encoder=scratch", "model.text_encoder.dim=32",
@@ -33,11 +34,22 @@ def tiny_autoencoder_ckpt(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory) -> dict[str, list[str]]:
+    """Small fixtures of every real-corpus format (`data=` override first, then its paths)."""
+    return build_corpora(tmp_path_factory.mktemp("corpora"))
+
+
 @pytest.fixture
-def experiment_overrides(tiny_autoencoder_ckpt, cache_dir):
+def experiment_overrides(tiny_autoencoder_ckpt, cache_dir, corpora):
     """Per experiment, the overrides that make it tiny and offline."""
 
     def overrides(name: str) -> list[str]:
+        if name.startswith(("coco_", "wds_")):  # the experiment picks data=; the fixture gives the paths
+            paths = corpora["webdataset" if name.startswith("wds_") else "coco"][1:]
+            model = TINY_AUTOENCODER if "autoencoder" in name else [
+                *TINY_GENERATOR, *TINY_TEXT, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}"]  # fmt: skip
+            return [f"experiment={name}", *paths, *TINY_CORPUS, *model]
         if name.startswith("ner_"):
             extra = [] if name == "ner_tiny" else [
                 f"model.pretrained={tiny_random_encoder(cache_dir / 'ner_tiny_encoder')}",

@@ -130,6 +130,10 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
             self.net.compile_blocks(**(self.hparams.compile_options or {}))
             self._compiled = True
 
+    def batch_tokens(self, batch: dict) -> torch.Tensor:
+        """(B, h * w) tokens: pre-tokenized (`tokens`, from the token cache) or encoded from `image`."""
+        return batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(self.text_encoder, "fit_tokenizer") and datamodule is not None:
@@ -139,7 +143,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
     # -- training -----------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        tokens = batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
+        tokens = self.batch_tokens(batch)
         text = self.encode_text(batch["caption"])
         _, loss = self.net(
             tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob
@@ -207,7 +211,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
     # -- evaluation ---------------------------------------------------------------------------------------------------
 
     def _eval_step(self, batch: dict, split: str) -> None:
-        tokens = self.image_tokens(batch["image"])
+        tokens = self.batch_tokens(batch)
         text = self.encode_text(batch["caption"])
         _, loss = self.net(tokens, text.states, text.mask, targets=tokens)
         self.metrics[split]["nll"].update(loss / math.log(2), weight=tokens.shape[0])
@@ -262,7 +266,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
     def log_images(self, batch: dict) -> dict:
         captions = list(batch["caption"])
         images = self.generate_images(captions, generator=self._eval_generator())
-        return {"samples": (images, captions), "references": (batch["image"], captions)}
+        references = batch["image"] if "image" in batch else self.decode_tokens(batch["tokens"])
+        return {"samples": (images, captions), "references": (references, captions)}
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
 

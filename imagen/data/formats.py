@@ -1,0 +1,144 @@
+"""Index builders for the map-style image-text formats: a split's directory or annotation file -> `Record`s.
+
+- `imagefolder` (Hugging Face convention): images plus `metadata.jsonl` or `metadata.csv` whose rows hold
+  `file_name` and a caption column (`text` by default; a list of strings is several captions);
+- `image_txt`: each image beside a same-stem `.txt` file holding one caption per line;
+- `coco`: a captions JSON (`images` with `id`/`file_name`, `annotations` with `image_id`/`caption`).
+
+A record that is already known to be bad (an image without a caption, a caption without an image) carries
+its `problem`; the dataset reports it as a bad sample when it is read, like a file that fails to decode.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagen.data.bad_samples import BadSample
+from imagen.data.preprocess import IMAGE_EXTENSIONS, decode_text
+
+SPLITS = ("train", "val", "test")
+SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
+
+
+@dataclass
+class Record:
+    """One sample of a map-style format: an image file and its captions (or the file they are read from)."""
+
+    image: Path
+    captions: list[str] | None = None
+    caption_file: Path | None = None  # image_txt: read when the sample is loaded
+    problem: BadSample | None = None
+
+    def read_captions(self) -> list[str] | None:
+        if self.problem is not None:
+            raise self.problem
+        if self.caption_file is None:
+            return self.captions
+        if not self.caption_file.is_file():
+            return None
+        return decode_text(self.caption_file.read_bytes(), str(self.caption_file)).splitlines()
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def index_imagefolder(root: Path, caption_column: str = "text") -> list[Record]:
+    """Records of a Hugging Face imagefolder directory (images may sit in subfolders; `file_name` is relative
+    to the metadata file's folder). Images without a metadata row are records with a missing caption."""
+    files = {
+        p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file() and _is_image(p)
+    }
+    jsonl, csv_file = root / "metadata.jsonl", root / "metadata.csv"
+    rows: list[dict] = []
+    if jsonl.is_file():
+        for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{jsonl}:{number}: not a JSON object ({e})") from None
+    elif csv_file.is_file():
+        with open(csv_file, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise FileNotFoundError(f"{root}: no metadata.jsonl or metadata.csv (imagefolder needs one)")
+    meta_name = jsonl if jsonl.is_file() else csv_file
+    records: list[Record] = []
+    described: set[str] = set()
+    for row in rows:
+        if "file_name" not in row:
+            raise ValueError(f"{meta_name}: a row has no 'file_name' column: {row}")
+        name = Path(row["file_name"]).as_posix()
+        described.add(name)
+        path = root / name
+        if name not in files:
+            problem = BadSample("missing_image", str(path))
+            records.append(Record(path, problem=problem))
+            continue
+        value = row.get(caption_column)
+        captions = None if value is None else (list(value) if isinstance(value, list) else [str(value)])
+        records.append(Record(path, captions=captions))
+    for name in sorted(set(files) - described):
+        records.append(Record(files[name], problem=BadSample("missing_caption", str(files[name]))))
+    return records
+
+
+def index_image_txt(root: Path) -> list[Record]:
+    """Records of a folder of images with same-stem `.txt` caption files (subfolders included). Any other file
+    with an image extension is a sample (and reported if it does not decode); a `.txt` without an image is a
+    record with a missing image."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    images = [p for p in files if _is_image(p)]
+    stems = {p.with_suffix("") for p in images}
+    records = [Record(p, caption_file=p.with_suffix(".txt")) for p in images]
+    for txt in files:
+        if txt.suffix == ".txt" and txt.with_suffix("") not in stems:
+            records.append(Record(txt, problem=BadSample("missing_image", str(txt))))
+    return records
+
+
+def index_coco(images: Path, annotations: Path) -> list[Record]:
+    """Records of a COCO captions file: one per image entry, with all of its captions."""
+    try:
+        data = json.loads(Path(annotations).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"data.annotations={annotations}: cannot read a COCO JSON ({e})") from None
+    for key in ("images", "annotations"):
+        if key not in data:
+            raise ValueError(f"data.annotations={annotations}: no {key!r} list (is it a captions file?)")
+    captions: dict[int, list[str]] = defaultdict(list)
+    for number, ann in enumerate(data["annotations"]):
+        if "image_id" not in ann or "caption" not in ann:
+            raise ValueError(f"{annotations}: annotations[{number}] lacks 'image_id' or 'caption': {ann}")
+        captions[ann["image_id"]].append(str(ann["caption"]))
+    records = []
+    for entry in data["images"]:
+        path = Path(images) / entry["file_name"]
+        if entry["id"] not in captions:
+            records.append(Record(path, problem=BadSample("missing_caption", str(path))))
+        else:
+            records.append(Record(path, captions=captions[entry["id"]]))
+    return records
+
+
+def split_value(value, split: str):
+    """`value` for `split`: a `{train, val, test}` mapping (val also as `validation`) or one value for all."""
+    if isinstance(value, dict):
+        for key in SPLIT_DIRS[split]:
+            if key in value:
+                return value[key]
+        return None
+    return value
+
+
+def split_subfolder(root: Path, split: str) -> Path | None:
+    """`root/<split>` (val also `validation`/`valid`) when the corpus is split by subfolder."""
+    for name in SPLIT_DIRS[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None

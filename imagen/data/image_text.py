@@ -1,0 +1,524 @@
+"""One image-text DataModule for real corpora: imagefolder, image_txt, coco, webdataset and the token cache.
+
+Items are `{"image": (3, S, S) float in [-1, 1], "caption": str, "name": str}` (token cache:
+`{"tokens": (h * w,) long, "caption": str, "name": str}`); batches add `bad` (the (reason, file) pairs of the
+samples dropped before them) and `truncated`, which the datamodule takes out in the main process and counts
+(`imagen.data.bad_samples`), so drops inside dataloader workers are counted too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from imagen.data.bad_samples import BadSample, BadSampleTracker, TooManyBadSamples
+from imagen.data.formats import (
+    SPLITS,
+    Record,
+    index_coco,
+    index_image_txt,
+    index_imagefolder,
+    split_subfolder,
+    split_value,
+)
+from imagen.data.preprocess import (
+    IMAGE_EXTENSIONS,
+    clean_captions,
+    decode_text,
+    open_image,
+    resize_crop,
+    to_tensor,
+    truncate_caption,
+)
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("imagefolder", "image_txt", "coco", "webdataset", "token_cache")
+POLICIES = ("skip", "raise")
+
+
+@dataclass
+class Preprocess:
+    """Bytes + raw captions -> an item; raises `BadSample`."""
+
+    image_size: int = 256
+    random_crop: bool = False  # else a center crop
+    random_caption: bool = False  # one of a sample's captions at random (training), else the first
+    max_pixels: int | None = 64_000_000
+    max_caption_chars: int | None = 300
+    keep_all_captions: bool = (
+        False  # also `all_captions`: every caption, one per line (the token cache writer)
+    )
+
+    def __call__(self, image_bytes: bytes, captions: list[str] | None, name: str) -> dict:
+        # captions first: a caption problem skips the decode
+        cut = [truncate_caption(c, self.max_caption_chars) for c in clean_captions(captions, name)]
+        pick = int(torch.randint(len(cut), ())) if self.random_caption and len(cut) > 1 else 0
+        image = open_image(image_bytes, name, self.max_pixels, draft_size=self.image_size)
+        image = resize_crop(image, self.image_size, self.random_crop)
+        item = {
+            "image": to_tensor(image),
+            "caption": cut[pick][0],
+            "name": name,
+            "truncated": int(cut[pick][1]),
+        }
+        if self.keep_all_captions:
+            item["all_captions"] = "\n".join(c for c, _ in cut)
+            item["truncated"] = int(any(t for _, t in cut))
+        return item
+
+
+def _with_bad(item: dict, bad: list[tuple[str, str]]) -> dict:
+    item["bad"] = list(bad)
+    bad.clear()
+    return item
+
+
+class RecordDataset(Dataset):
+    """Map-style dataset over `Record`s. Under `policy="skip"` a bad sample is replaced by the next good one
+    (its record travels in the item's `bad`); under `"raise"` the `BadSample` propagates."""
+
+    def __init__(
+        self, records: list[Record], preprocess: Preprocess, policy: str = "skip", substitute: bool = True
+    ):
+        if not records:
+            raise ValueError("an empty split: no samples were found")
+        self.records, self.preprocess, self.policy = records, preprocess, policy
+        self.substitute = (
+            substitute  # False: a bad sample yields an item with only `bad` (the token cache writer)
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, record: Record) -> dict:
+        captions = record.read_captions()
+        try:
+            data = record.image.read_bytes()
+        except FileNotFoundError:
+            raise BadSample("missing_image", str(record.image)) from None
+        except OSError as e:
+            raise BadSample("corrupt_image", str(record.image), str(e)) from None
+        return self.preprocess(data, captions, str(record.image))
+
+    def __getitem__(self, index: int) -> dict:
+        bad: list[tuple[str, str]] = []
+        for offset in range(len(self.records)):
+            try:
+                return _with_bad(self.load(self.records[(index + offset) % len(self.records)]), bad)
+            except BadSample as e:
+                if self.policy == "raise":
+                    raise
+                if offset == 0:  # a stand-in that is bad too is counted when its own index is read
+                    bad.append((e.reason, e.name))
+                if not self.substitute:
+                    return {"bad": bad}
+        raise TooManyBadSamples(f"every one of the {len(self.records)} samples is bad: {bad[:5]} ...")
+
+
+def _worker_seed() -> int:
+    """A per-rank, per-worker seed that changes every epoch and follows the global seed: the DataLoader draws a
+    fresh base seed from the main process's torch RNG each time it starts its workers."""
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    info = get_worker_info()
+    base = info.seed if info is not None else int(torch.randint(2**62, ()))
+    return wds.utils.make_seed(base, rank, worker)
+
+
+class WebDatasetStream(IterableDataset):
+    """Streams (image, caption) samples from WebDataset tar shards with the `webdataset` library.
+
+    `resampled=True` (training): every rank and worker draws shards at random with replacement, forever; an
+    epoch is `samples_per_epoch` samples in all (split evenly over ranks and workers). `resampled=False`: each
+    shard is read once per epoch, split by rank (`wds.split_by_node`) and then by dataloader worker
+    (`wds.split_by_worker`), so no two ranks or workers read the same shard.
+    Members: an image (`.jpg/.jpeg/.png/.webp`) and a caption (`.txt`, else `caption_key` of `.json`).
+    """
+
+    def __init__(self, urls: list[str], preprocess: Preprocess, policy: str = "skip", resampled: bool = False,
+                 samples_per_epoch: int | None = None, shuffle_buffer: int = 0, caption_key: str = "caption",
+                 limit: int | None = None):  # fmt: skip
+        super().__init__()
+        self.urls, self.preprocess, self.policy = list(urls), preprocess, policy
+        self.resampled, self.samples_per_epoch, self.limit = resampled, samples_per_epoch, limit
+        self.shuffle_buffer, self.caption_key = shuffle_buffer, caption_key
+
+    def captions_of(self, raw: dict, name: str) -> list[str] | None:
+        """A tar sample's captions: the lines of `.txt`, else `caption_key` of `.json` (None: neither)."""
+        if "txt" in raw:
+            return decode_text(raw["txt"], f"{name}.txt").splitlines()
+        if "json" in raw:
+            try:
+                meta = json.loads(decode_text(raw["json"], f"{name}.json"))
+            except json.JSONDecodeError as e:
+                raise BadSample("undecodable_text", f"{name}.json", str(e)) from None
+            value = meta.get(self.caption_key) if isinstance(meta, dict) else None
+            return None if value is None else (value if isinstance(value, list) else [str(value)])
+        return None
+
+    def sample(self, raw: dict) -> dict:
+        """A grouped tar sample (`__key__`, `__url__`, members by extension) -> an item, or `BadSample`."""
+        name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        image_key = next((k for k in raw if not k.startswith("__") and "." + k in IMAGE_EXTENSIONS), None)
+        if image_key is None:
+            members = sorted(k for k in raw if not k.startswith("__"))
+            raise BadSample("missing_image", name, f"members: {members}")
+        return self.preprocess(raw[image_key], self.captions_of(raw, name), f"{name}.{image_key}")
+
+    def __iter__(self) -> Iterator[dict]:
+        bad: list[tuple[str, str]] = []
+
+        failed: set[str] = set()
+
+        def shard_error(exn: Exception) -> bool:
+            text = " ".join(map(str, exn.args))  # webdataset appends the url, or names the open file
+            url = next((u for u in self.urls if u in text), "?")
+            if url in failed:  # the tar reader and the expander both report a broken stream
+                return True
+            failed.add(url)
+            error = BadSample(
+                "unreadable_shard", url, f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}"
+            )
+            if self.policy == "raise":
+                raise error from exn
+            bad.append((error.reason, error.name))
+            return True
+
+        if self.resampled:
+            stages = [wds.ResampledShards(self.urls, worker_seed=_worker_seed, deterministic=True)]
+        else:
+            stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
+        stages.append(wds.tarfile_to_samples(handler=shard_error))
+        if self.shuffle_buffer:
+            stages.append(wds.shuffle(self.shuffle_buffer, rng=random.Random(_worker_seed())))
+        # one good item is held back so that drops after the last good sample travel with it
+        count, budget, held = 0, self._budget(), None
+        for raw in wds.DataPipeline(*stages):
+            try:
+                item = self.sample(raw)
+            except BadSample as e:
+                if self.policy == "raise":
+                    raise
+                bad.append((e.reason, e.name))
+                continue
+            if held is not None:
+                yield held
+            held = _with_bad(item, bad)
+            count += 1
+            if budget is not None and count >= budget:
+                break
+        if held is not None:
+            held["bad"] += bad
+            yield held
+        elif bad:
+            raise TooManyBadSamples(f"no good sample in this rank/worker's shards; dropped: {bad[:5]}")
+
+    def _budget(self) -> int | None:
+        """Samples this rank/worker yields per epoch: its share of `samples_per_epoch` (resampled), or `limit`."""
+        if self.resampled:
+            if not self.samples_per_epoch:
+                raise ValueError(
+                    "data.samples_per_epoch is required with data.resampled=true (an epoch's length)"
+                )
+            _, world, _, workers = wds.utils.pytorch_worker_info()
+            return math.ceil(self.samples_per_epoch / (world * workers))
+        return self.limit
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack images or tokens; captions and names as lists; gather the dropped samples' records."""
+    bad = [pair for item in items for pair in item.get("bad", ())]
+    good = [item for item in items if "caption" in item]
+    batch: dict = {
+        "caption": [item["caption"] for item in good],
+        "name": [item["name"] for item in good],
+        "bad": bad,
+        "truncated": sum(item.get("truncated", 0) for item in good),
+    }
+    if good and "all_captions" in good[0]:
+        batch["all_captions"] = [item["all_captions"] for item in good]
+    for key in ("image", "tokens"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([item[key] for item in good])
+    return batch
+
+
+def expand_shards(spec: str | list[str], key: str = "data.shards") -> list[str]:
+    """`DIR/{00000..00099}.tar` (brace notation), a list, or a glob -> shard paths; an error names the key."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = [url for s in specs for url in wds.shardlists.expand_urls(s)]
+    if len(urls) == 1 and any(c in urls[0] for c in "*?["):
+        urls = sorted(str(p) for p in Path("/").glob(str(Path(urls[0]).resolve()).lstrip("/")))
+    if not urls:
+        raise ValueError(f"{key}={spec!r}: matches no shard")
+    return urls
+
+
+def holdout_split(records: list[Record], fraction: float, seed: int) -> dict[str, list[Record]]:
+    """Carve val and test (each `fraction` of the records, at least one) out of one list, deterministically."""
+    n = len(records)
+    k = max(1, round(fraction * n))
+    if n < 2 * k + 1:
+        raise ValueError(f"{n} samples are too few to hold out validation and test sets of {k} each")
+    order = np.random.default_rng(seed).permutation(n)
+    pick = lambda idx: [records[i] for i in sorted(idx)]  # noqa: E731
+    return {"val": pick(order[:k]), "test": pick(order[k : 2 * k]), "train": pick(order[2 * k :])}
+
+
+class ImageTextDataModule(pl.LightningDataModule):
+    """Image-text pairs from a real corpus, in one of `FORMATS` (see `conf/data/<format>.yaml`).
+
+    Path keys (`root`, `images`, `annotations`, `shards`) take one value or a `{train, val, test}` mapping. With
+    one `root`, the splits are its `train/`, `val/` (or `validation/`) and `test/` subfolders if present;
+    otherwise (and for one COCO file) validation and test are a held-out `holdout_fraction` each. WebDataset
+    with one shard spec evaluates on its first `eval_samples` samples (with a warning).
+
+    Bad samples follow `bad_samples` (`skip` | `raise`); under `skip` they are counted by reason, logged every
+    epoch and summarized at the end of each stage (also into `bad_samples.json` in the run directory), and the
+    run stops once more than `max_bad_fraction` of the samples read were bad.
+    """
+
+    def __init__(
+        self,
+        format: str,
+        root: str | dict | None = None,
+        images: str | dict | None = None,
+        annotations: str | dict | None = None,
+        shards: str | list | dict | None = None,
+        caption_column: str = "text",
+        image_size: int = 256,
+        random_crop: bool = True,
+        max_pixels: int | None = 64_000_000,
+        max_caption_chars: int | None = 300,
+        bad_samples: str = "skip",
+        max_bad_fraction: float = 0.1,
+        bad_check_after: int = 100,
+        holdout_fraction: float = 0.01,
+        seed: int = 0,
+        resampled: bool = True,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        eval_samples: int | None = 1000,
+        tokenizer_captions: int = 100_000,
+        verify: str = "size",
+        autoencoder_ckpt: str | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if format not in FORMATS:
+            raise ValueError(f"data.format={format!r} is unknown; choose from {FORMATS}")
+        if bad_samples not in POLICIES:
+            raise ValueError(f"data.bad_samples={bad_samples!r}: choose from {POLICIES}")
+        self.datasets: dict[str, Dataset] = {}
+        self.bad = BadSampleTracker(max_bad_fraction, bad_check_after)
+        self._epoch: int | None = None
+
+    # -- datasets -----------------------------------------------------------------------------------------------
+
+    def preprocess(self, split: str) -> Preprocess:
+        h = self.hparams
+        train = split == "train"
+        return Preprocess(h.image_size, h.random_crop and train, train, h.max_pixels, h.max_caption_chars)
+
+    def _records(self) -> dict[str, list[Record]]:
+        """Records per split for the map-style formats."""
+        h = self.hparams
+        required = {"coco": ("images", "annotations")}.get(h.format, ("root",))
+        for key in required:
+            if h[key] is None:
+                raise ValueError(f"data.{key} is required for data={h.format}")
+
+        def index(split_paths: dict[str, tuple]) -> list[Record]:
+            if h.format == "coco":
+                return index_coco(Path(split_paths["images"]), Path(split_paths["annotations"]))
+            root = Path(split_paths["root"])
+            if not root.is_dir():
+                raise FileNotFoundError(f"data.root={root}: no such directory")
+            if h.format == "imagefolder":
+                return index_imagefolder(root, h.caption_column)
+            return index_image_txt(root)
+
+        if not any(isinstance(h[k], dict) for k in required):
+            sub = (
+                {s: split_subfolder(Path(h.root), s) for s in SPLITS}
+                if h.format != "coco"
+                else {"train": None}
+            )
+            if not sub["train"]:  # one folder / one file: hold val and test out of it
+                return holdout_split(index({k: h[k] for k in required}), h.holdout_fraction, h.seed)
+            return {s: index({"root": sub[s]}) for s in SPLITS if sub[s]}
+        per_split = {s: {k: split_value(h[k], s) for k in required} for s in SPLITS}
+        return {
+            s: index(paths) for s, paths in per_split.items() if all(v is not None for v in paths.values())
+        }
+
+    def _shards(self, split: str) -> tuple[list[str], bool]:
+        """A split's shard list, and whether it is the training shards reused for evaluation."""
+        h = self.hparams
+        if h.shards is None:
+            raise ValueError(
+                "data.shards is required for data=webdataset, e.g. data.shards='DIR/{00000..00099}.tar'"
+            )
+        spec = split_value(h.shards, split)
+        if spec is None and split != "train":
+            return expand_shards(split_value(h.shards, "train"), "data.shards.train"), True
+        if spec is None:
+            raise ValueError("data.shards has no 'train' entry")
+        return expand_shards(
+            spec, f"data.shards.{split}" if isinstance(h.shards, dict) else "data.shards"
+        ), False
+
+    def build_dataset(self, split: str) -> Dataset:
+        h = self.hparams
+        if h.format == "token_cache":
+            from imagen.data.token_cache import TokenCacheDataset
+
+            return TokenCacheDataset(Path(h.root) / split, random_caption=split == "train", verify=h.verify,
+                                     image_size=h.image_size, autoencoder_ckpt=h.autoencoder_ckpt)  # fmt: skip
+        if h.format == "webdataset":
+            urls, reused = self._shards(split)
+            if reused:
+                log.warning(f"data.shards has no {split} entry: {split} reads the first {h.eval_samples} "
+                            "training samples")  # fmt: skip
+            train = split == "train"
+            return WebDatasetStream(urls, self.preprocess(split), h.bad_samples, resampled=train and h.resampled,
+                                    samples_per_epoch=h.samples_per_epoch, shuffle_buffer=h.shuffle_buffer if train else 0,
+                                    limit=None if train else h.eval_samples)  # fmt: skip
+        if not hasattr(self, "_all_records"):
+            self._all_records = self._records()
+        if split not in self._all_records:
+            keys = {"coco": "data.images / data.annotations"}.get(h.format, "data.root")
+            raise ValueError(f"data={h.format}: no {split} split; give its path in {keys} (a {{train, val, test}} "
+                             f"mapping) or a {split}/ subfolder")  # fmt: skip
+        return RecordDataset(self._all_records[split], self.preprocess(split), h.bad_samples)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = self.build_dataset(split)
+
+    def train_captions(self) -> list[str]:
+        """Up to `tokenizer_captions` cleaned training captions (every caption of a sample), for training a
+        caption tokenizer. Samples whose captions cannot be read are left out here; they are counted as bad
+        when training reads them."""
+        self.setup("fit")
+        dataset, limit = self.datasets["train"], self.hparams.tokenizer_captions
+        if hasattr(dataset, "all_captions"):  # token cache
+            return dataset.all_captions(limit)
+        captions: list[str] = []
+        if isinstance(dataset, RecordDataset):
+            for record in dataset.records:
+                try:
+                    captions += clean_captions(record.read_captions(), str(record.image))
+                except BadSample:
+                    continue
+                if len(captions) >= limit:
+                    break
+            return captions[:limit]
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(dataset.urls),
+            wds.tarfile_to_samples(
+                handler=wds.warn_and_continue, select_files=lambda n: n.endswith((".txt", ".json"))
+            ),
+        )
+        for raw in pipeline:
+            try:
+                captions += clean_captions(dataset.captions_of(raw, raw["__key__"]), raw["__key__"])
+            except BadSample:
+                continue
+            if len(captions) >= limit:
+                break
+        return captions[:limit]
+
+    # -- loaders ------------------------------------------------------------------------------------------------
+
+    def _loader(self, split: str) -> DataLoader:
+        h = self.hparams
+        dataset = self.datasets.get(split) or self.build_dataset(split)
+        self.datasets[split] = dataset
+        train = split == "train"
+        iterable = isinstance(dataset, IterableDataset)
+        workers = h.num_workers
+        extra = {"prefetch_factor": h.prefetch_factor} if workers > 0 and h.prefetch_factor else {}
+        return DataLoader(
+            dataset,
+            batch_size=h.batch_size if train else h.eval_batch_size,
+            shuffle=train and not iterable,
+            drop_last=train and not iterable,  # a stream's last batch may hold the last drops
+            num_workers=workers,
+            pin_memory=h.pin_memory,
+            persistent_workers=h.persistent_workers and workers > 0,
+            collate_fn=collate,
+            **extra,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # -- bad-sample accounting (main process) -------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if self._epoch is not None and trainer.current_epoch != self._epoch:
+                self.report_epoch(self._epoch)
+            self._epoch = trainer.current_epoch
+        bad, truncated = batch.pop("bad", []), batch.pop("truncated", 0)
+        self.bad.update([tuple(pair) for pair in bad], good=len(batch["caption"]), truncated=int(truncated))
+        return batch
+
+    def report_epoch(self, epoch: int) -> None:
+        counts = self.bad.end_epoch()
+        if counts:
+            log.warning(f"[rank {self._rank()}] epoch {epoch}: skipped bad samples by reason {counts}")
+            if self.trainer is not None and self.trainer.is_global_zero:
+                for logger in self.trainer.loggers:
+                    logger.log_metrics({f"data/bad_{k}": float(v) for k, v in counts.items()},
+                                       step=self.trainer.global_step)  # fmt: skip
+
+    def teardown(self, stage: str) -> None:
+        if self._epoch is not None:
+            self.report_epoch(self._epoch)
+            self._epoch = None
+        if self.bad.good or self.bad.bad:
+            level = logging.WARNING if self.bad.bad else logging.INFO
+            log.log(level, f"[rank {self._rank()}] data ({stage}): {self.bad.summary()}")
+            self._write_summary()
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    @rank_zero_only
+    def _write_summary(self) -> None:
+        if self.trainer is None or not self.trainer.default_root_dir:
+            return
+        path = Path(self.trainer.default_root_dir) / "bad_samples.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        summary = {"counts": dict(self.bad.total), "examples": self.bad.examples, "good": self.bad.good,
+                   "truncated_captions": self.bad.truncated}  # fmt: skip
+        path.write_text(json.dumps(summary, indent=2) + "\n")

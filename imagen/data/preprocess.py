@@ -1,0 +1,122 @@
+"""Image and caption preprocessing for real corpora: bytes -> RGB -> resized, cropped tensor; text -> caption.
+
+Every failure raises `BadSample` with a reason from `imagen.data.bad_samples.REASONS`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imagen.data.bad_samples import BadSample
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+WHITE = (255, 255, 255)
+
+
+def open_image(data: bytes, name: str, max_pixels: int | None, draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes to an RGB image with its EXIF orientation applied.
+
+    `max_pixels` is checked from the header, before decoding (decompression bombs). `draft_size` lets the
+    JPEG decoder downscale by a power of two while keeping both sides >= `draft_size` (much faster decoding).
+    """
+    if not data:
+        raise BadSample("empty_file", name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise BadSample("not_an_image", name) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadSample("too_many_pixels", name, str(e)) from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadSample("corrupt_image", name, str(e)) from None
+        width, height = image.size
+        if max_pixels and width * height > max_pixels:
+            raise BadSample("too_many_pixels", name, f"{width}x{height} > data.max_pixels={max_pixels}")
+        try:
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+            raise BadSample("corrupt_image", name, str(e)) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: transparency is composited on white, 16-bit and float grayscale are scaled to
+    8 bits, CMYK / palette / YCbCr / 1-bit are converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode != "F" or values.max() > 1.0:
+            values = values / (257.0 if values.max() > 255 else 1.0)
+        else:  # float images in [0, 1]
+            values = values * 255.0
+        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_crop(image: Image.Image, size: int, random_crop: bool) -> Image.Image:
+    """Resize so that the shorter side is `size`, then crop a `size` x `size` square (random or centered)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+    if random_crop:
+        left = int(torch.randint(new_w - size + 1, ()))
+        top = int(torch.randint(new_h - size + 1, ()))
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) float in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 bytes (a BOM is allowed) -> str, or `BadSample("undecodable_text")`."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadSample("undecodable_text", name, str(e)) from None
+
+
+def clean_caption(text: str) -> str:
+    """Strip and collapse whitespace (newlines and tabs included)."""
+    return " ".join(text.split())
+
+
+def clean_captions(captions: list[str] | None, name: str) -> list[str]:
+    """The non-empty cleaned captions of a sample; `BadSample` when there are none."""
+    if captions is None:
+        raise BadSample("missing_caption", name)
+    cleaned = [c for c in (clean_caption(str(c)) for c in captions) if c]
+    if not cleaned:
+        raise BadSample("empty_caption", name)
+    return cleaned
+
+
+def truncate_caption(caption: str, max_chars: int | None) -> tuple[str, bool]:
+    """Cut a caption to at most `max_chars` characters at a word boundary; returns (caption, was_truncated)."""
+    if not max_chars or len(caption) <= max_chars:
+        return caption, False
+    cut = caption[: max_chars + 1].rsplit(" ", 1)[0] if " " in caption[:max_chars] else caption[:max_chars]
+    return cut[:max_chars].rstrip(), True

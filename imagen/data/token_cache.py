@@ -1,0 +1,323 @@
+"""The pre-tokenized cache: a trained autoencoder's image token grids + captions in numpy memmap shards.
+
+Layout of one split (`<root>/<split>/`):
+- `shard_NNNNN.tokens.npy`: (N, h, w) uint16 (int32 above 65536 codes) image token grids;
+- `shard_NNNNN.captions.npy`: uint8, the UTF-8 bytes of every sample's captions (one per line), concatenated;
+  `shard_NNNNN.offsets.npy`: (N + 1,) int64 byte offsets of each sample's captions. Captions are stored as
+  byte-level token ids rather than ids of one tokenizer: the generator's caption tokenizer is a config choice
+  (trained on the corpus captions in the stage's setup, or a pretrained one), and any of them reads this cache.
+- `shard_NNNNN.json`: the shard's record (sample count, byte sizes and CRC32 of its files, bad samples),
+  written last: a shard with this file is finished, and a rerun skips it (resume);
+- `index.json`: the split's shards, written once every shard is finished; checked at load (sizes always,
+  CRC32 with `verify=checksum`) together with the autoencoder checkpoint's SHA-256 and the image size.
+
+Written by `python -m imagen.cli.encode` (`write_token_cache`), one process per GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from imagen.data.bad_samples import BadSampleTracker
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+FILES = ("tokens", "captions", "offsets")
+
+
+class TokenCacheError(RuntimeError):
+    """A token cache that is incomplete, corrupt, or made for another autoencoder or image size."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_crc32(path: str | Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def shard_name(number: int) -> str:
+    return f"shard_{number:05d}"
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+
+
+def write_shard(
+    directory: Path, name: str, tokens: np.ndarray, captions: list[str], bad: dict[str, int]
+) -> dict:
+    """Write one shard (files first, its record last, each atomically); returns the record."""
+    data = [c.encode("utf-8") for c in captions]
+    offsets = np.zeros(len(data) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(d) for d in data])
+    arrays = {"tokens": tokens, "captions": np.frombuffer(b"".join(data), dtype=np.uint8), "offsets": offsets}
+    files = {}
+    for key, array in arrays.items():
+        path = directory / f"{name}.{key}.npy"
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, array)
+        os.replace(tmp, path)
+        files[key] = {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
+    record = {"name": name, "count": int(tokens.shape[0]), "files": files, "bad": bad}
+    _write_json(directory / f"{name}.json", record)
+    return record
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def shard_finished(directory: Path, name: str) -> bool:
+    """A shard whose record exists and whose files have the recorded sizes."""
+    record_path = directory / f"{name}.json"
+    if not record_path.is_file():
+        return False
+    record = json.loads(record_path.read_text())
+    return all(
+        (directory / f"{name}.{k}.npy").is_file()
+        and (directory / f"{name}.{k}.npy").stat().st_size == f["bytes"]
+        for k, f in record["files"].items()
+    )
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of encoding processes (torchrun's or SLURM's variables)."""
+    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_key in os.environ and world_key in os.environ:
+            return int(os.environ[rank_key]), int(os.environ[world_key])
+    return 0, 1
+
+
+def encode_split(
+    autoencoder,
+    datamodule,
+    split: str,
+    out: Path,
+    header: dict,
+    shard_size: int = 10000,
+    batch_size: int = 64,
+    device: str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    max_shards: int | None = None,
+) -> dict[str, list[str]]:
+    """Encode one split into `out` (this rank's shards: every `world`-th); returns the written and skipped
+    shard names. The split's index is written by whichever rank finds every shard finished."""
+    from imagen.data.image_text import RecordDataset, WebDatasetStream, collate
+
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = datamodule.build_dataset(split)
+    dataset.preprocess.keep_all_captions = True  # the cache holds every caption; training picks one
+    dataset.preprocess.random_crop = False  # and the center crop (one fixed token grid per image)
+    if isinstance(dataset, RecordDataset):
+        dataset.substitute = False  # a bad sample is left out of the cache, never replaced by a duplicate
+        starts = range(0, len(dataset), shard_size)
+        units = [
+            (shard_name(i), Subset(dataset, range(s, min(s + shard_size, len(dataset)))))
+            for i, s in enumerate(starts)
+        ]
+    elif isinstance(dataset, WebDatasetStream):  # one output shard per input tar
+        units = [(shard_name(i), WebDatasetStream([u], dataset.preprocess, dataset.policy, caption_key=dataset.caption_key))
+                 for i, u in enumerate(dataset.urls)]  # fmt: skip
+    else:
+        raise ValueError(f"cannot encode a {type(dataset).__name__}")
+    names = [name for name, _ in units]
+    result: dict[str, list[str]] = {"written": [], "skipped": []}
+    tracker = BadSampleTracker(datamodule.hparams.max_bad_fraction, datamodule.hparams.bad_check_after)
+    workers = datamodule.hparams.num_workers
+    for number, (name, unit) in enumerate(units):
+        if number % world != rank:
+            continue
+        if shard_finished(out, name):
+            result["skipped"].append(name)
+            continue
+        if max_shards is not None and len(result["written"]) >= max_shards:
+            break
+        tokens, captions, bad = [], [], BadSampleTracker(max_bad_fraction=1.0)
+        loader = DataLoader(unit, batch_size=batch_size, num_workers=workers if isinstance(unit, Subset) else 0,
+                            collate_fn=collate)  # fmt: skip
+        for batch in loader:
+            bad.update(batch["bad"], good=len(batch["caption"]))
+            tracker.update(batch["bad"], good=len(batch["caption"]))
+            if "image" not in batch:
+                continue
+            with torch.no_grad():
+                grid = autoencoder.encode(batch["image"].to(device))  # (B, h, w)
+            tokens.append(grid.cpu().numpy().astype(header["dtype"]))
+            captions += batch["all_captions"] if "all_captions" in batch else batch["caption"]
+        h, w = header["grid"]
+        array = np.concatenate(tokens) if tokens else np.zeros((0, h, w), dtype=header["dtype"])
+        write_shard(out, name, array, captions, dict(bad.total))
+        result["written"].append(name)
+        log.info(f"[rank {rank}] {out / name}: {array.shape[0]} samples, bad {dict(bad.total) or 'none'}")
+    tracker.check(final=True)
+    if tracker.bad:
+        log.warning(f"[rank {rank}] encoding {split}: {tracker.summary()}")
+    if all(shard_finished(out, n) for n in names):
+        shards = [json.loads((out / f"{n}.json").read_text()) for n in names]
+        _write_json(out / "index.json", {**header, "version": VERSION, "split": split, "shards": shards,
+                                         "total": sum(s["count"] for s in shards)})  # fmt: skip
+    return result
+
+
+def write_token_cache(
+    autoencoder_ckpt: str,
+    datamodule,
+    out_dir: str | Path,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    shard_size: int = 10000,
+    batch_size: int = 64,
+    device: str = "auto",
+    max_shards: int | None = None,
+) -> dict[str, dict[str, list[str]]]:
+    """Encode `splits` of an image-text datamodule with a trained autoencoder into `out_dir/<split>/`.
+
+    Resumable: finished shards are skipped. Several processes (`RANK`/`WORLD_SIZE` or SLURM's variables)
+    share the shards; each uses `cuda:LOCAL_RANK` when `device=auto` finds GPUs.
+    """
+    from imagen.checkpoints import load_autoencoder
+
+    rank, world = rank_and_world()
+    if device == "auto":
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    autoencoder = load_autoencoder(autoencoder_ckpt).to(device)
+    size = datamodule.hparams.image_size
+    f = autoencoder.downsample_factor
+    if size % f:
+        raise ValueError(f"data.image_size={size} is not divisible by the autoencoder's factor {f}")
+    header = {
+        "autoencoder": {"path": str(autoencoder_ckpt), "sha256": file_sha256(autoencoder_ckpt)},
+        "image_size": size,
+        "grid": [size // f, size // f],
+        "vocab_size": autoencoder.vocab_size,
+        "dtype": "uint16" if autoencoder.vocab_size <= 65536 else "int32",
+    }
+    return {
+        split: encode_split(
+            autoencoder,
+            datamodule,
+            split,
+            Path(out_dir) / split,
+            header,
+            shard_size,
+            batch_size,
+            device,
+            rank,
+            world,
+            max_shards,
+        )  # fmt: skip
+        for split in splits
+    }
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+
+
+def load_index(directory: Path, verify: str = "size") -> dict:
+    """Read and check a split's index: every shard file present with its recorded size (and CRC32 with
+    `verify="checksum"`), and each array's length equal to the recorded count."""
+    path = directory / "index.json"
+    if not path.is_file():
+        partial = sorted(p.name for p in directory.glob("shard_*.json")) if directory.is_dir() else []
+        hint = f"; {len(partial)} finished shards: rerun the encode command to finish it" if partial else ""
+        raise TokenCacheError(f"{path}: no index (not a token cache, or its encoding did not finish){hint}")
+    index = json.loads(path.read_text())
+    if index.get("version") != VERSION:
+        raise TokenCacheError(f"{path}: version {index.get('version')}, expected {VERSION}; re-encode")
+    for shard in index["shards"]:
+        for key, expected in shard["files"].items():
+            file = directory / f"{shard['name']}.{key}.npy"
+            if not file.is_file():
+                raise TokenCacheError(f"{file}: missing (listed in {path})")
+            if file.stat().st_size != expected["bytes"]:
+                raise TokenCacheError(
+                    f"{file}: {file.stat().st_size} bytes, the index says {expected['bytes']}"
+                )
+            if verify == "checksum" and file_crc32(file) != expected["crc32"]:
+                raise TokenCacheError(f"{file}: CRC32 mismatch (corrupt); re-encode this shard")
+        tokens = np.load(directory / f"{shard['name']}.tokens.npy", mmap_mode="r")
+        offsets = np.load(directory / f"{shard['name']}.offsets.npy", mmap_mode="r")
+        if tokens.shape[0] != shard["count"] or offsets.shape[0] != shard["count"] + 1:
+            raise TokenCacheError(
+                f"{directory / shard['name']}: {tokens.shape[0]} samples, index says {shard['count']}"
+            )
+    return index
+
+
+class TokenCacheDataset(Dataset):
+    """Items `{"tokens": (h * w,) long, "caption": str, "name": str}` from one split of a token cache.
+
+    Checks at construction (see `load_index`), plus the image size and, when given, that `autoencoder_ckpt` is
+    the checkpoint the cache was encoded with. Memmaps are opened lazily (per dataloader worker)."""
+
+    def __init__(self, directory: str | Path, random_caption: bool = False, verify: str = "size",
+                 image_size: int | None = None, autoencoder_ckpt: str | None = None):  # fmt: skip
+        self.directory = Path(directory)
+        self.index = load_index(self.directory, verify)
+        if image_size is not None and image_size != self.index["image_size"]:
+            raise TokenCacheError(f"data.image_size={image_size}, but {self.directory} was encoded at "
+                                  f"{self.index['image_size']} px; set data.image_size={self.index['image_size']}")  # fmt: skip
+        if autoencoder_ckpt and file_sha256(autoencoder_ckpt) != self.index["autoencoder"]["sha256"]:
+            raise TokenCacheError(f"model.autoencoder_ckpt={autoencoder_ckpt} is not the checkpoint {self.directory} "
+                                  f"was encoded with ({self.index['autoencoder']['path']})")  # fmt: skip
+        if self.index["total"] == 0:
+            raise TokenCacheError(f"{self.directory}: the cache holds no samples")
+        self.random_caption = random_caption
+        self.ends = np.cumsum([s["count"] for s in self.index["shards"]])
+        self._arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.index["total"])
+
+    def arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = [
+                tuple(np.load(self.directory / f"{s['name']}.{k}.npy", mmap_mode="r") for k in FILES)
+                for s in self.index["shards"]
+            ]
+        return self._arrays[shard]
+
+    def captions(self, index: int) -> tuple[np.ndarray, list[str]]:
+        """(tokens (h, w), the sample's captions) of global sample `index`."""
+        shard = int(np.searchsorted(self.ends, index, side="right"))
+        local = index - (int(self.ends[shard - 1]) if shard else 0)
+        tokens, data, offsets = self.arrays(shard)
+        text = bytes(data[offsets[local] : offsets[local + 1]]).decode("utf-8")
+        return tokens[local], text.split("\n")
+
+    def __getitem__(self, index: int) -> dict:
+        grid, captions = self.captions(index)
+        pick = int(torch.randint(len(captions), ())) if self.random_caption and len(captions) > 1 else 0
+        tokens = torch.from_numpy(grid.astype(np.int64)).flatten()  # (h, w) -> (h * w,) raster order
+        return {"tokens": tokens, "caption": captions[pick], "name": f"{self.directory.name}/{index}"}
+
+    def all_captions(self, limit: int | None = None) -> list[str]:
+        """Every caption of the first samples, up to `limit` captions."""
+        out: list[str] = []
+        for index in range(len(self)):
+            out += self.captions(index)[1]
+            if limit and len(out) >= limit:
+                break
+        return out[:limit]

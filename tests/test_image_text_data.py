@@ -1,0 +1,341 @@
+"""Real-corpus formats, preprocessing, bad samples and the WebDataset rank/worker split (no training)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagen.data.bad_samples import REASONS, BadSample, BadSampleTracker, TooManyBadSamples
+from imagen.data.image_text import ImageTextDataModule, collate
+from imagen.data.preprocess import clean_caption, open_image, resize_crop, truncate_caption
+from tests.image_text_fixtures import (
+    add_member,
+    make_pairs,
+    shard_spec,
+    write_coco,
+    write_image_txt,
+    write_imagefolder,
+    write_shards,
+)
+
+
+def every_split(value) -> dict:
+    return {"train": value, "val": value, "test": value}
+
+
+def eval_items(dm: ImageTextDataModule, split: str = "val") -> list[dict]:
+    dataset = dm.build_dataset(split)
+    return list(dataset) if not hasattr(dataset, "__len__") else [dataset[i] for i in range(len(dataset))]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpora")
+    pairs = make_pairs(9)
+    images, annotations = write_coco(root / "coco", pairs)
+    shards = write_shards(root / "wds", pairs, per_shard=4)
+    return {
+        "pairs": pairs,
+        "image_txt": {"root": every_split(str(write_image_txt(root / "txt", pairs)))},
+        "imagefolder": {"root": every_split(str(write_imagefolder(root / "hf", pairs)))},
+        "imagefolder_csv": {"root": every_split(str(write_imagefolder(root / "hfcsv", pairs, as_csv=True)))},
+        "coco": {"images": every_split(str(images)), "annotations": every_split(str(annotations))},
+        "webdataset": {"shards": every_split(shard_spec(shards))},
+        "webdataset_json": {"shards": every_split(shard_spec(write_shards(root / "wdsj", pairs, 4, True)))},
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["image_txt", "imagefolder", "imagefolder_csv", "coco", "webdataset", "webdataset_json"]
+)
+def test_each_format_yields_the_same_pairs(corpora, name):
+    fmt = name.split("_csv")[0].split("_json")[0]
+    dm = ImageTextDataModule(fmt, image_size=32, **corpora[name])
+    got = sorted((item["caption"], item["image"].numpy().tobytes()) for item in eval_items(dm))
+    # the reference: decode the PNG, shorter side 32 (40x32 stays), center crop 32x32, in [-1, 1]
+    expected = []
+    for p in corpora["pairs"]:
+        pixels = np.asarray(Image.open(io.BytesIO(p.png)))[:, 4:36]
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        expected.append((clean_caption(p.captions[0]), image.numpy().tobytes()))
+    assert got == sorted(expected)
+
+
+def test_training_split_picks_among_all_captions(corpora):
+    dm = ImageTextDataModule("coco", image_size=32, **corpora["coco"])
+    dataset = dm.build_dataset("train")
+    torch.manual_seed(0)
+    seen = {dataset[0]["caption"] for _ in range(40)}
+    assert seen == {"picture number 0", "another caption 0"}
+
+
+def test_one_folder_is_split_into_disjoint_train_val_test(tmp_path):
+    root = write_image_txt(tmp_path / "txt", make_pairs(20))
+    dm = ImageTextDataModule("image_txt", root=str(root), image_size=32, holdout_fraction=0.1)
+    dm.setup()
+    names = {s: {r.image.name for r in dm.datasets[s].records} for s in ("train", "val", "test")}
+    assert [len(names[s]) for s in ("train", "val", "test")] == [16, 2, 2]
+    assert not (names["train"] & names["val"]) and not (names["train"] & names["test"])
+
+
+def test_split_subfolders(tmp_path):
+    for split, n in (("train", 5), ("validation", 2), ("test", 3)):
+        write_imagefolder(tmp_path / split, make_pairs(n, seed=len(split)))
+    dm = ImageTextDataModule("imagefolder", root=str(tmp_path), image_size=32)
+    dm.setup()
+    assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 5, "val": 2, "test": 3}
+
+
+# -- preprocessing ---------------------------------------------------------------------------------------------
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def test_every_mode_becomes_rgb_and_transparency_is_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    la = Image.new("LA", (4, 4), (0, 0))
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 255] * 256)
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # red
+    for image, fmt, corner, centre in [
+        (rgba, "PNG", (255, 0, 0), (255, 255, 255)),
+        (la, "PNG", (255, 255, 255), (255, 255, 255)),
+        (palette, "PNG", (0, 0, 255), (0, 0, 255)),
+        (sixteen, "PNG", (255, 255, 255), (255, 255, 255)),
+        (cmyk, "JPEG", None, None),
+        (Image.new("L", (4, 4), 7), "PNG", (7, 7, 7), (7, 7, 7)),
+    ]:
+        out = open_image(encoded(image, fmt), "x", None)
+        assert out.mode == "RGB", image.mode
+        if corner is not None:
+            assert out.getpixel((0, 0)) == corner and out.getpixel((2, 2)) == centre, image.mode
+        else:
+            r, g, b = out.getpixel((2, 2))
+            assert r > 200 and g < 60 and b < 60
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (8, 4), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 4, 4))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display it turned 90 degrees clockwise
+    out = open_image(encoded(image, "JPEG", exif=exif.tobytes(), quality=95), "x", None)
+    assert out.size == (4, 8)
+    assert sum(out.getpixel((2, 1))) > 600 and sum(out.getpixel((2, 6))) < 100  # white now on top
+
+
+def test_resize_shorter_side_and_crops():
+    image = Image.new("RGB", (100, 50))
+    assert resize_crop(image, 32, random_crop=False).size == (32, 32)
+    strip = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8), (32, 1)))  # a horizontal ramp
+    strip = strip.convert("RGB")
+    centre = np.asarray(resize_crop(strip, 32, random_crop=False))
+    assert centre[0, 0, 0] == 16
+    torch.manual_seed(0)
+    lefts = {int(np.asarray(resize_crop(strip, 32, random_crop=True))[0, 0, 0]) for _ in range(30)}
+    assert len(lefts) > 5 and min(lefts) >= 0 and max(lefts) <= 32
+
+
+def test_caption_cleanup_and_counted_truncation():
+    assert clean_caption("  a\tred \n\n square  ") == "a red square"
+    assert truncate_caption("one two three four", 9) == ("one two", True)
+    assert truncate_caption("short", 9) == ("short", False)
+    dm = ImageTextDataModule("image_txt", root=None, max_caption_chars=10, image_size=32)
+    tracker_before = dm.bad.truncated
+    batch = collate([{"image": torch.zeros(3, 2, 2), "caption": "c", "name": "n", "truncated": 1}])
+    dm.on_before_batch_transfer(batch, 0)
+    assert dm.bad.truncated == tracker_before + 1
+
+
+# -- bad samples -----------------------------------------------------------------------------------------------
+
+
+def jpeg_bytes(size=(48, 40)) -> bytes:
+    return encoded(
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)), "JPEG"
+    )
+
+
+def write_bad_folder(root, good: int = 4):
+    """An image_txt folder with `good` good samples and one sample of every folder-level bad kind."""
+    write_image_txt(root, make_pairs(good))
+    png = make_pairs(1)[0].png
+    files = {
+        "truncated.jpg": jpeg_bytes()[:300],
+        "corrupt.png": png[:60] + bytes(40) + png[100:],
+        "empty.png": b"",
+        "notes.png": b"this is not an image at all",
+        "huge.png": encoded(Image.new("RGB", (300, 300))),
+        "nocaption.png": png,
+        "blankcaption.png": png,
+        "latin1.png": png,
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+        if name != "nocaption.png":
+            (root / name).with_suffix(".txt").write_text("a caption")
+    (root / "blankcaption.txt").write_text("  \n\t\n")
+    (root / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (root / "orphan.txt").write_text("a caption without its image")
+    return root
+
+
+FOLDER_KINDS = {
+    "truncated.jpg": "corrupt_image",
+    "corrupt.png": "corrupt_image",
+    "empty.png": "empty_file",
+    "notes.png": "not_an_image",
+    "huge.png": "too_many_pixels",
+    "nocaption.png": "missing_caption",
+    "blankcaption.png": "empty_caption",
+    "latin1.png": "undecodable_text",
+    "orphan.txt": "missing_image",
+}
+
+
+def write_bad_shards(root):
+    """Two good shards whose samples include a tar sample with no image and one with a corrupt image, plus an
+    unreadable shard (not a tar) and a truncated tar."""
+    pairs = make_pairs(6)
+    shards = write_shards(root, pairs, per_shard=3)
+    with tarfile.open(root / "00002.tar", "w") as tar:
+        add_member(tar, "textonly.txt", b"a caption with no image")
+        add_member(tar, "good.png", pairs[0].png)
+        add_member(tar, "good.txt", b"fine")
+    with tarfile.open(root / "00003.tar", "w") as tar:
+        add_member(tar, "badjpeg.jpg", jpeg_bytes()[:300])
+        add_member(tar, "badjpeg.txt", b"caption")
+    (root / "00004.tar").write_bytes(b"garbage, not a tar archive" * 40)
+    return shards + [root / "00002.tar", root / "00003.tar", root / "00004.tar"]
+
+
+SHARD_KINDS = {"textonly": "missing_image", "badjpeg.jpg": "corrupt_image", "00004.tar": "unreadable_shard"}
+SHARD_OF = {"textonly": "00002.tar", "badjpeg.jpg": "00003.tar", "00004.tar": "00004.tar"}
+
+
+def drain(dm: ImageTextDataModule, split: str = "train") -> list[str]:
+    """Read a split through its dataloader and the main-process hook; returns the good names."""
+    names = []
+    for batch in dm._loader(split):
+        names += dm.on_before_batch_transfer(batch, 0)["name"]
+    return names
+
+
+def test_every_folder_bad_kind_is_skipped_and_counted(tmp_path):
+    root = write_bad_folder(tmp_path / "bad")
+    dm = ImageTextDataModule("image_txt", root=every_split(str(root)), image_size=32, max_pixels=50_000,
+                             bad_samples="skip", max_bad_fraction=1.0, batch_size=2, num_workers=2)  # fmt: skip
+    names = drain(dm, "val")  # every sample once, in order
+    assert all("img" in n for n in names)
+    expected: dict[str, int] = {}
+    for reason in FOLDER_KINDS.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert dict(dm.bad.total) == expected
+    for file, reason in FOLDER_KINDS.items():  # the image, or for caption problems its .txt
+        assert any(Path(file).stem in name for name in dm.bad.examples[reason]), (file, dm.bad.examples)
+    assert "corrupt_image=2" in dm.bad.summary() and "truncated.jpg" in dm.bad.summary()
+    assert set(dm.bad.total) <= set(REASONS)
+
+
+@pytest.mark.parametrize("file", sorted(FOLDER_KINDS))
+def test_every_folder_bad_kind_raises_with_the_file_name(tmp_path, file):
+    root = write_bad_folder(tmp_path / "bad", good=0)
+    dm = ImageTextDataModule("image_txt", root=every_split(str(root)), image_size=32, max_pixels=50_000,
+                             bad_samples="raise")  # fmt: skip
+    dataset = dm.build_dataset("val")
+    index = next(i for i, r in enumerate(dataset.records) if r.image.name == file)
+    with pytest.raises(BadSample, match=Path(file).stem) as error:
+        dataset[index]
+    assert error.value.reason == FOLDER_KINDS[file]
+
+
+def test_raise_from_a_dataloader_worker_names_file_and_reason(tmp_path):
+    root = write_image_txt(tmp_path / "txt", make_pairs(3))
+    (root / "empty.png").write_bytes(b"")
+    (root / "empty.txt").write_text("caption")
+    dm = ImageTextDataModule("image_txt", root=every_split(str(root)), image_size=32, bad_samples="raise",
+                             num_workers=2, eval_batch_size=1)  # fmt: skip
+    with pytest.raises(BadSample, match="empty.png: empty_file") as error:
+        drain(dm, "val")
+    assert error.value.reason == "empty_file" and error.value.name.endswith("empty.png")
+
+
+def test_every_shard_bad_kind_is_skipped_and_counted(tmp_path):
+    shards = write_bad_shards(tmp_path / "wds")
+    dm = ImageTextDataModule("webdataset", shards=every_split(shard_spec(shards)), image_size=32,
+                             max_bad_fraction=1.0, eval_samples=None, batch_size=4)  # fmt: skip
+    names = drain(dm, "val")
+    assert len(names) == 7  # 6 + the good sample of the mixed shard
+    assert dict(dm.bad.total) == {"missing_image": 1, "corrupt_image": 1, "unreadable_shard": 1}
+    for needle, reason in SHARD_KINDS.items():
+        assert any(needle in name for name in dm.bad.examples[reason])
+
+
+@pytest.mark.parametrize("needle", sorted(SHARD_KINDS))
+def test_every_shard_bad_kind_raises_with_the_name(tmp_path, needle):
+    shards = write_bad_shards(tmp_path / "wds")
+    shards = [s for s in shards if s.name == SHARD_OF[needle]]
+    dm = ImageTextDataModule("webdataset", shards=every_split([str(s) for s in shards]), image_size=32,
+                             bad_samples="raise", eval_samples=None)  # fmt: skip
+    with pytest.raises(BadSample, match=needle.replace(".", r"\.")) as error:
+        eval_items(dm)
+    assert error.value.reason == SHARD_KINDS[needle]
+
+
+def test_truncated_tar_is_an_unreadable_shard(tmp_path):
+    shards = write_shards(tmp_path / "wds", make_pairs(4), per_shard=4)
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[: len(data) // 2 + 100])
+    dm = ImageTextDataModule("webdataset", shards=every_split(str(shards[0])), image_size=32,
+                             max_bad_fraction=1.0, eval_samples=None)  # fmt: skip
+    names = drain(dm, "val")
+    assert 0 < len(names) < 4 and dict(dm.bad.total) == {"unreadable_shard": 1}
+
+
+def test_too_many_bad_samples_stop():
+    tracker = BadSampleTracker(max_bad_fraction=0.1, min_samples=20)
+    tracker.update([("empty_file", "a.png")], good=5)  # 1/6 bad but under min_samples: not yet judged
+    with pytest.raises(TooManyBadSamples, match=r"data.max_bad_fraction=0.1.*a.png"):
+        tracker.update([("corrupt_image", f"{i}.png") for i in range(2)], good=12)
+
+
+# -- WebDataset under DDP: every sample once per epoch, no shard on two ranks ------------------------------------
+
+
+def test_webdataset_split_over_two_ranks_and_workers(tmp_path, monkeypatch):
+    pairs = make_pairs(24, size=(8, 8))
+    shards = write_shards(tmp_path / "wds", pairs, per_shard=3)  # 8 shards: 2 ranks x 2 workers x 2 shards
+    seen: dict[int, list[str]] = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))  # what webdataset's split_by_node reads (as torch.distributed)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = ImageTextDataModule("webdataset", shards=shard_spec(shards), image_size=8, resampled=False,
+                                 shuffle_buffer=10, batch_size=5, num_workers=2)  # fmt: skip
+        seen[rank] = drain(dm, "train")
+    all_names = seen[0] + seen[1]
+    assert sorted(n.rsplit(":", 1)[1] for n in all_names) == sorted(f"{p.stem}.png" for p in pairs)
+    shards_of = {rank: {n.rsplit(":", 1)[0] for n in names} for rank, names in seen.items()}
+    assert shards_of[0].isdisjoint(shards_of[1]) and len(shards_of[0]) == len(shards_of[1]) == 4
+
+
+def test_resampled_training_stream_has_the_epoch_length(tmp_path, monkeypatch):
+    shards = write_shards(tmp_path / "wds", make_pairs(6, size=(8, 8)), per_shard=2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dm = ImageTextDataModule("webdataset", shards=shard_spec(shards), image_size=8, samples_per_epoch=20,
+                             batch_size=4, num_workers=2)  # fmt: skip
+    first, second = drain(dm), drain(dm)
+    assert len(first) == len(second) == 10  # this rank's half of the epoch, 5 per worker
+    assert first != second  # a fresh draw of shards and shuffle each epoch

@@ -1,0 +1,105 @@
+"""Image stages train on every real-corpus format and on the token cache with only a `data=` override."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from imagen.data.bad_samples import TooManyBadSamples
+from imagen.data.image_text import ImageTextDataModule
+from imagen.data.token_cache import write_token_cache
+from tests.conftest import train_tiny_stage
+from tests.image_text_fixtures import (
+    TINY_CORPUS,
+    TINY_TEXT,
+    build_corpora,
+    make_pairs,
+    write_autoencoder_ckpt,
+    write_coco,
+    write_image_txt,
+)
+
+TINY_GENERATOR = ["model.net.size=tiny", "model.text_encoder.dim=32", "model.eval_prompts=4", "model.test_prompts=4",
+                  "model.compute_fid=false", *TINY_TEXT]  # fmt: skip
+TINY_AUTOENCODER = ["model.net.size=tiny", "model.net.quantizer=fsq"]
+STEPS = ["trainer.max_steps=3", "trainer.val_check_interval=3", "callbacks.image_logger=null"]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    return build_corpora(tmp_path_factory.mktemp("corpora"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_autoencoder_ckpt(tmp_path_factory.mktemp("ae") / "ae.ckpt")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, ckpt):
+    root = tmp_path_factory.mktemp("cache")
+    images, annotations = write_coco(root / "coco", make_pairs(12))
+    dm = ImageTextDataModule("coco", images=str(images), annotations=str(annotations), image_size=32,
+                             holdout_fraction=0.1)  # fmt: skip
+    write_token_cache(str(ckpt), dm, root / "tokens", shard_size=5, device="cpu")
+    return root / "tokens"
+
+
+@pytest.mark.parametrize("fmt", ["image_txt", "imagefolder", "coco", "webdataset", "token_cache"])
+def test_generator_trains_from_each_format(corpora, cache, ckpt, tmp_path, fmt):
+    data = ["data=token_cache", f"data.root={cache}"] if fmt == "token_cache" else corpora[fmt]
+    last = train_tiny_stage(
+        [
+            "experiment=coco_generator",
+            *data,
+            *TINY_CORPUS,
+            *TINY_GENERATOR,
+            f"model.autoencoder_ckpt={ckpt}",
+            *STEPS,
+        ],
+        tmp_path,
+    )
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert "val/nll_bits" in (tmp_path / "csv" / "metrics.csv").read_text()
+
+
+def test_autoencoder_trains_on_a_corpus_with_ten_percent_bad_samples(tmp_path, caplog):
+    root = write_image_txt(tmp_path / "txt", make_pairs(36))
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.png").write_text("not an image")
+    (root / "nocaption.png").write_bytes(make_pairs(1)[0].png)
+    (root / "blank.png").write_bytes(make_pairs(1)[0].png)
+    (root / "blank.txt").write_text(" ")
+    for name in ("empty", "notes"):
+        (root / f"{name}.txt").write_text("a caption")
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="imagen.data.image_text"):
+        train_tiny_stage(
+            ["experiment=coco_autoencoder", "data=image_txt", f"data.root={{train: {root}, val: {root}}}",
+             *TINY_CORPUS, *TINY_AUTOENCODER, "data.batch_size=8", "data.bad_check_after=10", "data.max_bad_fraction=0.2",
+             "trainer.max_steps=10", "trainer.val_check_interval=5"],
+            run,
+        )  # fmt: skip
+    counts = {"empty_file": 1, "not_an_image": 1, "missing_caption": 1, "empty_caption": 1}
+    summary = json.loads((run / "bad_samples.json").read_text())
+    assert all(summary["counts"][reason] >= 1 for reason in counts) and set(summary["counts"]) == set(counts)
+    assert any("empty.png" in name for name in summary["examples"]["empty_file"])
+    logged = caplog.text
+    assert "epoch 0: skipped bad samples by reason" in logged and "not_an_image" in logged
+    assert "bad samples skipped: " in logged and "nocaption.png" in logged
+
+
+def test_too_many_bad_samples_stop_training(tmp_path):
+    root = write_image_txt(tmp_path / "txt", make_pairs(10))
+    for i in range(10):
+        (root / f"bad{i}.png").write_bytes(b"")
+        (root / f"bad{i}.txt").write_text("caption")
+    with pytest.raises(TooManyBadSamples, match="data.max_bad_fraction=0.1"):
+        train_tiny_stage(
+            ["experiment=coco_autoencoder", "data=image_txt", f"data.root={{train: {root}, val: {root}}}",
+             *TINY_CORPUS, *TINY_AUTOENCODER, "data.bad_check_after=8", *STEPS],
+            tmp_path / "run",
+        )  # fmt: skip
