@@ -48,6 +48,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
     FID on the judge's features.
     """
 
+    MODULE_ARGS: tuple[str, ...] = ()  # a subclass's further constructor arguments that are modules
+
     def __init__(
         self,
         net: ARTransformer | Callable[..., ARTransformer],
@@ -69,7 +71,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         compile_options: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net", "text_encoder", "optimizer", "scheduler"])
+        # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
+        ignore = ["net", "text_encoder", "optimizer", "scheduler", *self.MODULE_ARGS]
+        self.save_hyperparameters(logger=False, ignore=ignore)
         if autoencoder_ckpt:
             self.autoencoder = load_autoencoder(autoencoder_ckpt)
         elif (

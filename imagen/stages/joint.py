@@ -71,6 +71,7 @@ class JointStage(ARGeneratorStage):
     """
 
     STAGE = "joint"
+    MODULE_ARGS = ("image_text",)
 
     def __init__(
         self,
@@ -85,10 +86,8 @@ class JointStage(ARGeneratorStage):
         retrieval_ks: Sequence[int] = (1, 5, 10),
         **generator_args,
     ):
+        # the generator stage saves this constructor's arguments too (Lightning collects the whole chain)
         super().__init__(net=net, text_encoder=text_encoder, **generator_args)
-        self.save_hyperparameters(
-            logger=False, ignore=["net", "text_encoder", "image_text", "optimizer", "scheduler"]
-        )
         self.weights = LossWeights(**(loss_weights or {}))
         self.rerank = RerankSettings(**(rerank or {}))
         self.caption_decoding = CaptionDecoding(**(caption_decoding or {}))
