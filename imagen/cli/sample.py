@@ -26,6 +26,10 @@ def sample(cfg: DictConfig) -> dict:
         from imagen.cli.sample_generate import sample_generate
 
         return sample_generate(cfg)
+    if cfg.task == "caption":
+        from imagen.cli.sample_caption import sample_caption
+
+        return sample_caption(cfg)
     raise ValueError(f"task={cfg.task!r} is not available yet; choose from {TASKS}")
 
 

@@ -47,15 +47,19 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def load_generator(path: str, trust: bool):
-    """The generator stage of a checkpoint; a checkpoint of another stage is a clear error."""
+    """The generator or joint stage of a checkpoint; a checkpoint of another stage is a clear error."""
+    from imagen.checkpoints import read_checkpoint
     from imagen.stages.ar_generator import ARGeneratorStage
+    from imagen.stages.joint import JointStage
 
+    info = read_checkpoint(path, trust).get("imagen")
+    cls = JointStage if isinstance(info, dict) and info.get("stage") == JointStage.STAGE else ARGeneratorStage
     try:
-        return ARGeneratorStage.from_checkpoint(path, trust=trust)
+        return cls.from_checkpoint(path, trust=trust)
     except CheckpointError:
         raise
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} is not a compatible generator checkpoint: {e}") from None
+        raise CheckpointError(f"checkpoint {path} is not a compatible {cls.STAGE} checkpoint: {e}") from None
 
 
 @torch.no_grad()
@@ -70,24 +74,38 @@ def sample_generate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    candidates = int(cfg.get("rerank_candidates") or 1)
+    if candidates > 1 and not hasattr(stage, "generate_reranked_tokens"):
+        raise ValueError(f"rerank_candidates={candidates} needs a joint-stage checkpoint (a matching head); {cfg.ckpt} "
+                         "is a generator checkpoint")  # fmt: skip
     jobs = [(p, prompt, s) for p, prompt in enumerate(prompts) for s in range(cfg.n)]
+    per_call = max(1, cfg.batch_size // candidates)  # each kept image costs `candidates` samples
     images, records = [], []
     with progress_bar() as progress:
         task = progress.add_task(f"sampling {len(jobs)} images", total=len(jobs))
-        for start in range(0, len(jobs), cfg.batch_size):
-            batch = jobs[start : start + cfg.batch_size]
+        for start in range(0, len(jobs), per_call):
+            batch = jobs[start : start + per_call]
             captions = [caption for _, caption, _ in batch]
+            if candidates > 1:
+                tokens, rerank_scores = stage.generate_reranked_tokens(
+                    captions, candidates, settings, generator
+                )
+            else:
+                tokens = stage.generate_tokens(stage.encode_text(captions), settings, generator)
+                rerank_scores = [None] * len(batch)
             text = stage.encode_text(captions)
-            tokens = stage.generate_tokens(text, settings, generator)
             pixels = stage.decode_tokens(tokens)
             scores = stage.token_logprob(tokens, text)
-            for (p, caption, s), image, score in zip(batch, pixels, scores, strict=True):
+            for (p, caption, s), image, score, best in zip(batch, pixels, scores, rerank_scores, strict=True):
                 file = out_dir / "images" / f"{p:03d}_{s:02d}.png"
                 save_png(to_uint8(image[None])[0], file)
                 images.append(image.cpu())
                 records.append({"prompt": caption, "prompt_index": p, "sample": s, "seed": int(cfg.seed),
                                 "settings": asdict(settings), "file": str(file.relative_to(out_dir)),
                                 "scores": {"mean_token_logprob": round(float(score), 5)}})  # fmt: skip
+                if best is not None:
+                    records[-1]["scores"][f"rerank_{stage.rerank.score}"] = round(float(best), 5)
+                    records[-1]["rerank_candidates"] = candidates
             progress.update(task, advance=len(batch))
     grid = captioned_grid(torch.stack(images), [r["prompt"] for r in records], nrow=cfg.n)
     grid_path = save_png(grid, out_dir / "grid.png")

@@ -48,6 +48,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
     FID on the judge's features.
     """
 
+    MODULE_ARGS: tuple[str, ...] = ()  # a subclass's further constructor arguments that are modules
+
     def __init__(
         self,
         net: ARTransformer | Callable[..., ARTransformer],
@@ -69,7 +71,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         compile_options: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net", "text_encoder", "optimizer", "scheduler"])
+        # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
+        ignore = ["net", "text_encoder", "optimizer", "scheduler", *self.MODULE_ARGS]
+        self.save_hyperparameters(logger=False, ignore=ignore)
         if autoencoder_ckpt:
             self.autoencoder = load_autoencoder(autoencoder_ckpt)
         elif (
@@ -151,9 +155,12 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         self.log("train/loss", loss, prog_bar=True, batch_size=tokens.shape[0])
         return loss
 
+    def trained_modules(self) -> nn.ModuleDict:
+        """The modules the optimizer updates (subclasses add theirs)."""
+        return nn.ModuleDict({"net": self.net, "text_encoder": self.text_encoder})
+
     def configure_optimizers(self):
-        modules = nn.ModuleDict({"net": self.net, "text_encoder": self.text_encoder})
-        optimizer = build_optimizer(self.optimizer_factory, modules, self.hparams.weight_decay)
+        optimizer = build_optimizer(self.optimizer_factory, self.trained_modules(), self.hparams.weight_decay)
         if self.scheduler_factory is None:
             return optimizer
         return {
@@ -271,26 +278,32 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
 
+    STAGE = "ar_generator"  # the name in checkpoint["imagen"]["stage"]
+
     @classmethod
     def from_checkpoint(cls, path: str, trust: bool = False) -> ARGeneratorStage:
-        """Rebuild a trained generator (text encoder, transformer, autoencoder) from its checkpoint alone."""
-        import hydra
-
+        """Rebuild a trained stage (text encoder, transformer, autoencoder, ...) from its checkpoint alone."""
         checkpoint = read_checkpoint(path, trust)
-        info = stage_info(checkpoint, path, "ar_generator")
-        stage = cls(
-            net=ARTransformer(ARConfig(**info["net_config"])),
-            text_encoder=hydra.utils.instantiate(info["text_encoder"]),
-            autoencoder_config=info["autoencoder_config"],
-            image_size=info["image_size"],
-            sampling=info["sampling"],
-        )
+        stage = cls(**cls.init_args_from_info(stage_info(checkpoint, path, cls.STAGE)))
         load_state_strict(stage, checkpoint["state_dict"], source=str(path))
         return stage.eval()
 
+    @classmethod
+    def init_args_from_info(cls, info: dict) -> dict:
+        """Constructor arguments from the plain-type description written by `on_save_checkpoint`."""
+        import hydra
+
+        return {
+            "net": ARTransformer(ARConfig(**info["net_config"])),
+            "text_encoder": hydra.utils.instantiate(info["text_encoder"]),
+            "autoencoder_config": info["autoencoder_config"],
+            "image_size": info["image_size"],
+            "sampling": info["sampling"],
+        }
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["imagen"] = {
-            "stage": "ar_generator",
+            "stage": self.STAGE,
             "net_config": asdict(self.net.config),
             "autoencoder_config": asdict(self.autoencoder.config),
             "text_encoder": module_spec(self.text_encoder),

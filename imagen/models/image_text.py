@@ -1,0 +1,165 @@
+"""Image -> text networks of the joint stage: an image-token encoder shared by a caption decoder and a matcher.
+
+- `encode_image(tokens (B, N)) -> features (B, N, dim)`: the autoencoder's token ids, embedded with 2D positions
+  and mixed by bidirectional Transformer blocks;
+- caption decoder: causal blocks over caption token ids that cross-attend to the image features
+  (`caption_loss`, `caption_logits`, `caption_logprob`; decoding lives in `imagen.sampling.caption`);
+- matcher: pooled image features and pooled text-encoder states projected to one normalized space
+  (`image_embedding`, `text_embedding`), trained with a symmetric contrastive loss (`contrastive_loss`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from imagen.models.ar_transformer import ARConfig, Block
+from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, EncoderBlock
+
+
+@dataclass
+class ImageTextConfig:
+    vocab_size: int = 1000  # image codebook size (the autoencoder's)
+    grid_size: tuple[int, int] = (8, 8)  # (h, w) of the token grid
+    caption_vocab_size: int = 512  # caption tokenizer's embedding rows
+    max_caption_length: int = 32  # caption tokens incl. [BOS]/[EOS]
+    text_dim: int = 128  # width of the text encoder's states (matching)
+    dim: int = 192
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    embed_dim: int = 128  # the shared matching space
+
+    def __post_init__(self) -> None:
+        self.grid_size = tuple(self.grid_size)
+        if self.dim % self.heads:
+            raise ValueError(f"model.image_text.dim={self.dim} must be divisible by heads={self.heads}")
+
+
+IMAGE_TEXT_SIZES: dict[str, ImageTextConfig] = {
+    "tiny": ImageTextConfig(dim=32, encoder_layers=1, decoder_layers=1, heads=2, embed_dim=32),
+    "shapes": ImageTextConfig(dim=192, encoder_layers=2, decoder_layers=2, heads=4, embed_dim=128),
+    "B": ImageTextConfig(dim=512, encoder_layers=6, decoder_layers=6, heads=8, embed_dim=512),
+}
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) over normalized embeddings (B, E): row i of each is the other's positive."""
+    logits = logit_scale * image @ text.t()  # (B, B)
+    labels = torch.arange(image.shape[0], device=image.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+class ImageTextNet(nn.Module):
+    """Captioner and matcher over image tokens; plain module (the stage owns tokenizers and losses' weights)."""
+
+    def __init__(self, config: ImageTextConfig):
+        super().__init__()
+        self.config = c = config
+        h, w = c.grid_size
+        self.image_emb = nn.Embedding(c.vocab_size, c.dim)
+        self.row_emb = nn.Parameter(torch.randn(h, c.dim) * 0.02)
+        self.col_emb = nn.Parameter(torch.randn(w, c.dim) * 0.02)
+        self.encoder = nn.ModuleList(EncoderBlock(c.dim, c.heads, c.dropout) for _ in range(c.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(c.dim)
+        # the caption decoder reuses the generator's block (causal self-attention + cross-attention)
+        block = ARConfig(
+            dim=c.dim, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout, conditioning="cross"
+        )
+        self.caption_emb = nn.Embedding(c.caption_vocab_size, c.dim)
+        self.caption_pos = nn.Parameter(torch.randn(c.max_caption_length, c.dim) * 0.02)
+        self.decoder = nn.ModuleList(Block(block) for _ in range(c.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(c.dim)
+        self.caption_head = nn.Linear(c.dim, c.caption_vocab_size, bias=False)
+        self.image_proj = nn.Linear(c.dim, c.embed_dim)
+        self.text_proj = nn.Linear(c.text_dim, c.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
+
+    @classmethod
+    def from_size(cls, size: str = "shapes", **overrides) -> ImageTextNet:
+        if size not in IMAGE_TEXT_SIZES:
+            raise ValueError(
+                f"model.image_text.size: unknown size {size!r}; choose from {sorted(IMAGE_TEXT_SIZES)}"
+            )
+        fields = {f.name for f in dataclasses.fields(ImageTextConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"model.image_text: unknown ImageTextConfig field(s) {unknown}; valid: {sorted(fields)}"
+            )
+        return cls(dataclasses.replace(IMAGE_TEXT_SIZES[size], **overrides))
+
+    # -- image side -----------------------------------------------------------------------------------------------
+
+    def encode_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image token ids (B, N) in raster order -> features (B, N, dim)."""
+        h, w = self.config.grid_size
+        positions = (self.row_emb[:, None] + self.col_emb[None]).reshape(h * w, -1)  # (N, dim)
+        x = self.image_emb(tokens) + positions
+        everywhere = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+        for block in self.encoder:
+            x = block(x, everywhere)
+        return self.encoder_norm(x)
+
+    def image_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, N, dim) -> unit-norm embeddings (B, embed_dim)."""
+        return F.normalize(self.image_proj(features.mean(1)), dim=-1)
+
+    def text_embedding(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Text-encoder states (B, L, text_dim) and mask (B, L) -> unit-norm embeddings (B, embed_dim)."""
+        weights = mask.to(states.dtype)[..., None]
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def matching_loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(image, text, self.logit_scale.clamp(max=4.6052).exp())  # temperature >= 0.01
+
+    # -- caption decoder ------------------------------------------------------------------------------------------
+
+    def caption_logits(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for the token after each of `ids` (B, T) ([BOS] first)."""
+        t = ids.shape[1]
+        if t > self.config.max_caption_length:
+            raise ValueError(
+                f"caption of {t} tokens exceeds max_caption_length={self.config.max_caption_length}"
+            )
+        x = self.caption_emb(ids) + self.caption_pos[:t]
+        for block in self.decoder:
+            x = block(x, None, block.cross_attn.keys_values(features), None)  # None: causal, all image cells
+        return self.caption_head(self.decoder_norm(x))
+
+    def caption_loss(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of caption ids (B, T) ([BOS] ... [EOS] [PAD]...), padding ignored."""
+        logits = self.caption_logits(features, ids[:, :-1])
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD_ID
+        )
+
+    def caption_logprob(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B,) mean log-probability per token of caption ids (B, T) given the image features."""
+        logp = self.caption_logits(features, ids[:, :-1]).float().log_softmax(-1)
+        targets = ids[:, 1:]
+        valid = targets != PAD_ID
+        picked = logp.gather(-1, targets[..., None]).squeeze(-1) * valid
+        return picked.sum(1) / valid.sum(1).clamp(min=1)
+
+
+class CaptionVocabulary(nn.Module):
+    """A caption tokenizer that travels inside the state dict, for text encoders without one (pretrained)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokenizer = CaptionTokenizer()
+
+    def get_extra_state(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_str() if self.tokenizer.trained else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("tokenizer"):
+            self.tokenizer = CaptionTokenizer.from_str(state["tokenizer"])

@@ -1,0 +1,379 @@
+"""Joint image-text stage: text -> image generation, image -> text captioning and text-image matching.
+
+It extends the generator stage (same frozen autoencoder, text encoder, `ARTransformer`, sampler and judge
+evaluation) with an `ImageTextNet`: an image-token encoder shared by a caption decoder and a contrastive matcher.
+The loss is `generation * L_gen + caption * L_cap + matching * L_match`; a weight of 0 skips that loss (its
+module still exists, untrained) and the evaluations that need it.
+
+Matching is used to rerank generated candidates (`rerank`), and for text->image / image->text retrieval
+(Recall@K over the whole evaluation split, relevance from the ground-truth scenes on shapes data).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import BLEUScore
+
+from imagen.data.shapes import Scene, matches_caption
+from imagen.metrics.captions import caption_correct
+from imagen.metrics.retrieval import retrieval_metrics
+from imagen.models.ar_transformer import ARTransformer
+from imagen.models.image_text import CaptionVocabulary, ImageTextConfig, ImageTextNet
+from imagen.models.text_encoder import CaptionTokenizer, TextStates
+from imagen.sampling.ar import SamplingSettings
+from imagen.sampling.caption import CaptionDecoding, decode_captions, ids_to_text
+from imagen.sampling.rerank import best_of
+from imagen.stages.ar_generator import ARGeneratorStage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossWeights:
+    generation: float = 1.0
+    caption: float = 1.0
+    matching: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value < 0:
+                raise ValueError(f"model.loss_weights.{name} must be >= 0; got {value}")
+        if not any(asdict(self).values()):
+            raise ValueError("model.loss_weights: every weight is 0; nothing would train")
+
+
+@dataclass
+class RerankSettings:
+    candidates: int = 4  # images drawn per prompt, the best kept; 1 turns reranking off
+    score: str = "match"  # match: text-image embedding similarity | caption: mean log p(prompt | image)
+
+    def __post_init__(self) -> None:
+        if self.score not in ("match", "caption"):
+            raise ValueError(f"model.rerank.score must be match or caption; got {self.score!r}")
+        if self.candidates < 1:
+            raise ValueError(f"model.rerank.candidates must be >= 1; got {self.candidates}")
+
+
+class JointStage(ARGeneratorStage):
+    """The generator stage plus captioning and matching heads over the same image tokens.
+
+    `image_text` is an `ImageTextNet` or a partial that receives the derived sizes (image vocabulary and grid,
+    caption vocabulary and length, text width). Captions are tokenized with the scratch text encoder's tokenizer
+    when it has one, else with a tokenizer this stage trains on the corpus captions (`caption_vocab_size`,
+    `max_caption_length`). Other arguments are the generator stage's.
+    """
+
+    STAGE = "joint"
+    MODULE_ARGS = ("image_text",)
+
+    def __init__(
+        self,
+        net: ARTransformer | Callable[..., ARTransformer],
+        text_encoder: nn.Module,
+        image_text: ImageTextNet | Callable[..., ImageTextNet],
+        loss_weights: dict | None = None,
+        rerank: dict | None = None,
+        caption_decoding: dict | None = None,
+        caption_vocab_size: int = 512,
+        max_caption_length: int = 32,
+        retrieval_ks: Sequence[int] = (1, 5, 10),
+        **generator_args,
+    ):
+        # the generator stage saves this constructor's arguments too (Lightning collects the whole chain)
+        super().__init__(net=net, text_encoder=text_encoder, **generator_args)
+        self.weights = LossWeights(**(loss_weights or {}))
+        self.rerank = RerankSettings(**(rerank or {}))
+        self.caption_decoding = CaptionDecoding(**(caption_decoding or {}))
+        if isinstance(getattr(text_encoder, "tokenizer", None), CaptionTokenizer):
+            caption_vocab_size, max_caption_length = text_encoder.vocab_size, text_encoder.max_length
+        else:
+            self.caption_vocabulary = CaptionVocabulary()
+        if isinstance(image_text, ImageTextNet):
+            self.image_text = image_text
+        else:
+            self.image_text = image_text(
+                vocab_size=self.autoencoder.vocab_size,
+                grid_size=self.net.config.grid_size,
+                caption_vocab_size=caption_vocab_size,
+                max_caption_length=max_caption_length,
+                text_dim=text_encoder.dim,
+            )
+        c = self.image_text.config
+        if (c.vocab_size, c.grid_size, c.text_dim) != (
+            self.autoencoder.vocab_size,
+            self.net.config.grid_size,
+            text_encoder.dim,
+        ):
+            raise ValueError(
+                f"model.image_text vocab_size={c.vocab_size}, grid_size={c.grid_size}, text_dim={c.text_dim} do "
+                f"not match the autoencoder ({self.autoencoder.vocab_size} codes, grid {self.net.config.grid_size})"
+                f" / the text encoder's width {text_encoder.dim}"
+            )
+        for split in ("val", "test"):
+            self.metrics[split].update(
+                {
+                    "caption_nll": MeanMetric(),  # bits per caption token
+                    "caption_acc": MeanMetric(),  # images of seen compositions
+                    "caption_acc_heldout": MeanMetric(),
+                    "bleu4": BLEUScore(n_gram=4),
+                    "judge_acc_reranked": MeanMetric(),
+                    "judge_acc_heldout_reranked": MeanMetric(),
+                }
+            )
+        self._embeddings: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    # -- captions -----------------------------------------------------------------------------------------------------
+
+    @property
+    def caption_tokenizer(self) -> CaptionTokenizer:
+        own = getattr(self, "caption_vocabulary", None)
+        return own.tokenizer if own is not None else self.text_encoder.tokenizer
+
+    def caption_ids(self, captions: list[str]) -> torch.Tensor:
+        """Caption strings -> ids (B, T): [BOS] words [EOS] [PAD]..."""
+        ids, _ = self.caption_tokenizer(captions, self.image_text.config.max_caption_length)
+        return ids.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        own = getattr(self, "caption_vocabulary", None)
+        if own is not None and not own.tokenizer.trained and hasattr(datamodule, "train_captions"):
+            own.tokenizer.train(datamodule.train_captions(), self.image_text.config.caption_vocab_size)
+
+    @torch.no_grad()
+    def caption_images(
+        self,
+        images: torch.Tensor,
+        decoding: CaptionDecoding | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """Images (B, 3, H, W) in [-1, 1] -> captions."""
+        features = self.image_text.encode_image(self.image_tokens(images.to(self.device)))
+        return decode_captions(self.image_text, features, self.caption_tokenizer, decoding or self.caption_decoding,
+                               generator)  # fmt: skip
+
+    # -- training -----------------------------------------------------------------------------------------------------
+
+    def trained_modules(self) -> nn.ModuleDict:
+        modules = super().trained_modules()
+        modules["image_text"] = self.image_text
+        return modules
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        w = self.weights
+        captions = list(batch["caption"])
+        tokens = batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
+        text = self.encode_text(captions) if w.generation or w.matching else None
+        features = self.image_text.encode_image(tokens) if w.caption or w.matching else None
+        losses = {}
+        if w.generation:
+            _, losses["generation"] = self.net(
+                tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob
+            )
+        if w.caption:
+            losses["caption"] = self.image_text.caption_loss(features, self.caption_ids(captions))
+        if w.matching:
+            losses["matching"] = self.image_text.matching_loss(
+                self.image_text.image_embedding(features),
+                self.image_text.text_embedding(text.states, text.mask),
+            )
+        loss = sum(getattr(w, name) * value for name, value in losses.items())
+        b = tokens.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log_dict({f"train/loss_{name}": value for name, value in losses.items()}, batch_size=b)
+        return loss
+
+    # -- reranking ----------------------------------------------------------------------------------------------------
+
+    def _check_scorer(self) -> None:
+        weight = self.weights.matching if self.rerank.score == "match" else self.weights.caption
+        if not weight:
+            loss = "matching" if self.rerank.score == "match" else "caption"
+            raise ValueError(
+                f"model.rerank.score={self.rerank.score} scores with a head trained with model.loss_weights.{loss}=0"
+            )
+
+    @torch.no_grad()
+    def candidate_scores(self, tokens: torch.Tensor, text: TextStates, captions: list[str]) -> torch.Tensor:
+        """(B,) how well image tokens (B, N) fit their captions: embedding cosine or mean caption log-probability."""
+        features = self.image_text.encode_image(tokens)
+        if self.rerank.score == "match":
+            image = self.image_text.image_embedding(features)
+            return (self.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
+        return self.image_text.caption_logprob(features, self.caption_ids(captions))
+
+    @torch.no_grad()
+    def generate_reranked_tokens(
+        self,
+        captions: list[str],
+        candidates: int | None = None,
+        settings: SamplingSettings | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each caption, `candidates` samples and the best by `rerank.score`: (tokens (B, N), scores (B,))."""
+        self._check_scorer()
+        n = candidates or self.rerank.candidates
+        text = self.encode_text(captions)
+        # prompt-major: the candidates of one prompt are consecutive rows
+        text = TextStates(text.states.repeat_interleave(n, 0), text.mask.repeat_interleave(n, 0))
+        repeated = [c for c in captions for _ in range(n)]
+        tokens = self.generate_tokens(text, settings, generator)  # (B * n, N)
+        scores = self.candidate_scores(tokens, text, repeated)
+        best, index = best_of(tokens, scores, n)
+        return best, scores[index]
+
+    # -- evaluation ---------------------------------------------------------------------------------------------------
+
+    def _scenes(self, split: str, index: torch.Tensor) -> list[Scene] | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "split"):
+            return None
+        scenes = datamodule.split(split).scenes
+        return [scenes[i] for i in index.tolist()]
+
+    def _references(self, split: str, index: torch.Tensor, captions: list[str]) -> list[list[str]]:
+        """Every paraphrase of each image's caption when the data has them, spelled as the tokenizer decodes."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "split"):
+            paraphrases = datamodule.split(split).captions
+            rows = [paraphrases[i] for i in index.tolist()]
+        else:
+            rows = [[c] for c in captions]
+        flat = ids_to_text(self.caption_ids([c for row in rows for c in row]), self.caption_tokenizer)
+        out, start = [], 0
+        for row in rows:
+            out.append(flat[start : start + len(row)])
+            start += len(row)
+        return out
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        w, metrics = self.weights, self.metrics[split]
+        captions = list(batch["caption"])
+        tokens = self.image_tokens(batch["image"])
+        n = tokens.shape[0]
+        text = self.encode_text(captions) if w.generation or w.matching else None
+        if w.generation:
+            _, loss = self.net(tokens, text.states, text.mask, targets=tokens)
+            metrics["nll"].update(loss / math.log(2), weight=n)
+        if not (w.caption or w.matching):
+            return
+        features = self.image_text.encode_image(tokens)
+        index = batch["index"]
+        if w.caption:
+            loss = self.image_text.caption_loss(features, self.caption_ids(captions))
+            metrics["caption_nll"].update(loss / math.log(2), weight=n)
+            generated = decode_captions(self.image_text, features, self.caption_tokenizer, self.caption_decoding,
+                                        self._eval_generator())  # fmt: skip
+            metrics["bleu4"].update(generated, self._references(split, index, captions))
+            scenes = self._scenes(split, index)
+            if scenes is not None:
+                correct = torch.tensor(
+                    [caption_correct(g, s) for g, s in zip(generated, scenes, strict=True)]
+                )
+                heldout = torch.as_tensor(batch["heldout"], dtype=torch.bool).cpu()
+                for key, rows in (("caption_acc", ~heldout), ("caption_acc_heldout", heldout)):
+                    if rows.any():
+                        metrics[key].update(correct[rows].float())
+        if w.matching:
+            image = self.image_text.image_embedding(features)
+            self._embeddings.setdefault(split, []).append(
+                (self.image_text.text_embedding(text.states, text.mask).cpu(), image.cpu(), index.cpu())
+            )
+
+    def _retrieval(self, split: str) -> dict[str, float]:
+        """Recall@K both ways over this split's images and their captions (one process's share)."""
+        rows = self._embeddings.pop(split, [])
+        if not rows:
+            return {}
+        text, image, index = (torch.cat(parts) for parts in zip(*rows, strict=True))
+        scenes = self._scenes(split, index)
+        if scenes is not None:
+            relevant = scene_relevance(scenes)
+        else:  # no ground truth beyond the pairing itself
+            relevant = torch.eye(len(index), dtype=torch.bool)
+        values = retrieval_metrics(text, image, relevant, self.hparams.retrieval_ks)
+        return {f"{split}/{k}": v for k, v in values.items()}
+
+    def _judge_generated(self, split: str) -> dict[str, torch.Tensor]:
+        if not self.weights.generation:
+            return {}
+        values = super()._judge_generated(split)
+        self._judge_reranked(split)
+        return values
+
+    def _judge_reranked(self, split: str) -> None:
+        """Judge accuracy of the best of `rerank.candidates` images per prompt (the same prompts as judge_acc)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        judge = getattr(datamodule, "judge", None)
+        scorer = self.weights.matching if self.rerank.score == "match" else self.weights.caption
+        if judge is None or self.rerank.candidates < 2 or not scorer:
+            return
+        limit = self.hparams.eval_prompts if split == "val" else self.hparams.test_prompts
+        generator = self._eval_generator()
+        rank, world = self.global_rank, self.trainer.world_size
+        step = max(1, self.hparams.eval_batch_size // self.rerank.candidates)
+        for heldout, key in ((False, "judge_acc_reranked"), (True, "judge_acc_heldout_reranked")):
+            captions, scenes, _ = datamodule.eval_prompts(split, heldout=heldout, limit=limit)
+            captions, scenes = captions[rank::world], scenes[rank::world]
+            for i in range(0, len(captions), step):
+                tokens, _ = self.generate_reranked_tokens(captions[i : i + step], generator=generator)
+                images = self.decode_tokens(tokens)
+                self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
+
+    def _eval_epoch_end(self, split: str) -> None:
+        retrieval = self._retrieval(split)
+        if retrieval:
+            self.log_dict(retrieval, prog_bar=False, sync_dist=False)
+        super()._eval_epoch_end(split)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict) -> dict:
+        images = super().log_images(batch) if self.weights.generation else {}
+        if self.weights.caption:
+            images["captioned"] = (batch["image"], self.caption_images(batch["image"]))
+        return images
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def init_args_from_info(cls, info: dict) -> dict:
+        return {
+            **super().init_args_from_info(info),
+            "image_text": ImageTextNet(ImageTextConfig(**info["image_text_config"])),
+            "loss_weights": info["loss_weights"],
+            "rerank": info["rerank"],
+            "caption_decoding": info["caption_decoding"],
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["imagen"].update(
+            {
+                "image_text_config": asdict(self.image_text.config),
+                "loss_weights": asdict(self.weights),
+                "rerank": asdict(self.rerank),
+                "caption_decoding": asdict(self.caption_decoding),
+            }
+        )
+
+
+def scene_relevance(scenes: list[Scene]) -> torch.Tensor:
+    """(N, N) bool: caption of scene i is true of image j (the judge's rule on ground-truth objects)."""
+    keys = [repr(s) for s in scenes]
+    unique = {k: s for k, s in zip(keys, scenes, strict=True)}
+    names = list(unique)
+    position = {k: i for i, k in enumerate(names)}
+    table = torch.tensor(
+        [[matches_caption(list(unique[b].objects), unique[a]) for b in names] for a in names],
+        dtype=torch.bool,
+    )  # (U, U): caption of unique scene a vs image of unique scene b
+    rows = torch.tensor([position[k] for k in keys])
+    return table[rows][:, rows]

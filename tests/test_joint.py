@@ -1,0 +1,248 @@
+"""The joint stage: switchable losses, reranking, retrieval recall, caption decoding and parsing, sample.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from imagen.cli.sample import sample
+from imagen.cli.train import train
+from imagen.data.shapes import Scene, SceneSampler, ShapeObject, ShapesConfig
+from imagen.images import save_png, to_uint8
+from imagen.metrics.captions import caption_correct, parse_shapes_caption
+from imagen.metrics.retrieval import recall_at_k, retrieval_metrics
+from imagen.models.image_text import ImageTextNet
+from imagen.models.text_encoder import CaptionTokenizer
+from imagen.sampling.caption import CaptionDecoding, decode_captions
+from imagen.sampling.rerank import best_of
+from imagen.stages.joint import JointStage, scene_relevance
+from tests.conftest import TINY_SHAPES, train_tiny_stage
+from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
+
+TINY_JOINT = [*TINY_GENERATOR, "model.image_text.size=tiny", "model.rerank.candidates=3"]
+
+
+def joint_overrides(ckpt, *extra: str) -> list[str]:
+    return ["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, f"model.autoencoder_ckpt={ckpt}", *extra]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: on a shared 2-core machine a second intra-op thread makes each op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- reranking and retrieval (pure functions) ------------------------------------------------------------------------
+
+
+def test_best_of_keeps_the_highest_scoring_candidate_of_each_group():
+    candidates = torch.arange(12).view(6, 2)  # 3 groups of 2 candidates, each a row
+    scores = torch.tensor([0.1, 0.9, 5.0, -1.0, -3.0, -2.0])
+    best, index = best_of(candidates, scores, per_group=2)
+    assert index.tolist() == [1, 2, 5]
+    assert torch.equal(best, candidates[[1, 2, 5]])
+    one, _ = best_of(candidates, scores, per_group=1)  # no reranking: everything kept, in order
+    assert torch.equal(one, candidates)
+    with pytest.raises(ValueError, match="groups of 4"):
+        best_of(candidates, scores, per_group=4)
+
+
+def test_recall_at_k_is_exact_on_a_constructed_case():
+    # query q's relevant item is ranked 1st, 3rd, 7th, or absent (similarity falls with the item index)
+    similarity = torch.linspace(1, 0, 10).repeat(4, 1)  # (4 queries, 10 items)
+    relevant = torch.zeros(4, 10, dtype=torch.bool)
+    relevant[0, 0] = relevant[1, 2] = relevant[2, 6] = True
+    assert recall_at_k(similarity, relevant, (1, 3, 5, 7, 10)) == {1: 0.25, 3: 0.5, 5: 0.5, 7: 0.75, 10: 0.75}
+    # several relevant items (ranked 5th and 10th): the best-ranked one counts
+    relevant[3, [4, 9]] = True
+    assert recall_at_k(similarity, relevant, (4, 5)) == {4: 0.5, 5: 0.75}
+
+
+def test_retrieval_metrics_rank_both_directions():
+    text = torch.eye(3)
+    image = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])  # images 1 and 2 swapped against their captions
+    relevant = torch.eye(3, dtype=torch.bool)
+    values = retrieval_metrics(text, image, relevant, ks=(1, 3))
+    assert values["recall_at_1_t2i"] == pytest.approx(1 / 3) and values["recall_at_1_i2t"] == pytest.approx(
+        1 / 3
+    )
+    assert values["recall_at_3_t2i"] == 1.0 and values["recall_at_3_i2t"] == 1.0
+    image = torch.eye(3)
+    values = retrieval_metrics(text, image, relevant, ks=(1,))
+    assert values == {"recall_at_1_t2i": 1.0, "recall_at_1_i2t": 1.0}
+
+
+def test_scene_relevance_follows_what_the_caption_says():
+    a, b = ShapeObject("red", "circle", "small", "left"), ShapeObject("blue", "square", "large", "right")
+    a2, b2 = (
+        ShapeObject("red", "circle", "small", "top left"),
+        ShapeObject("blue", "square", "large", "top right"),
+    )
+    scenes = [Scene((a, b), "left of"), Scene((a2, b2), "left of"), Scene((b, a), "right of"), Scene((a,))]
+    relevant = scene_relevance(scenes)
+    # the same relation in another row is what the caption says; the inverse phrasing too; one object is not
+    assert relevant.tolist() == [
+        [True, True, True, False],
+        [True, True, True, False],
+        [True, True, True, False],
+        [False, False, False, True],
+    ]
+
+
+# -- captions --------------------------------------------------------------------------------------------------------
+
+
+def test_every_paraphrase_parses_back_to_its_scene_and_a_wrong_caption_does_not():
+    sampler, rng = SceneSampler(ShapesConfig()), np.random.default_rng(0)
+    for _ in range(200):
+        scene = sampler.sample(rng)
+        for caption in scene.captions():
+            assert caption_correct(caption, scene), caption
+            assert caption_correct(caption.replace(",", " ,"), scene)  # as the word tokenizer decodes it
+    scene = Scene((ShapeObject("red", "circle", "small", "top left"),))
+    assert not caption_correct("a small red circle at the top", scene)  # wrong cell
+    assert not caption_correct("a large red circle in the top left", scene)  # wrong size
+    assert parse_shapes_caption("a red circle") is None
+    two = Scene(
+        (ShapeObject("red", "circle", "small", "left"), ShapeObject("blue", "square", "large", "right")),
+        "left of",
+    )
+    assert caption_correct("a large blue square and a small red circle left of it", two)
+    assert not caption_correct("a small red circle and a large blue square left of it", two)
+
+
+def test_caption_decoding_variants_produce_the_memorised_captions():
+    torch.manual_seed(0)
+    captions = [
+        "a small red circle on the left",
+        "there is a large blue square at the top",
+        "in the middle , a",
+    ]
+    tokenizer = CaptionTokenizer()
+    tokenizer.train(captions, vocab_size=64)
+    net = ImageTextNet.from_size("tiny", vocab_size=10, grid_size=(2, 2), caption_vocab_size=64, text_dim=8)
+    tokens = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 8, 9]])
+    ids, _ = tokenizer(captions, 32)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = net.caption_loss(net.encode_image(tokens), ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    net.eval()
+    features = net.encode_image(tokens)
+    for decoding in (CaptionDecoding("greedy"), CaptionDecoding("beam", beam_size=3),
+                     CaptionDecoding("nucleus", top_p=0.5)):  # fmt: skip
+        out = decode_captions(net, features, tokenizer, decoding, torch.Generator().manual_seed(0))
+        assert out == captions, decoding.method
+    # hot nucleus sampling still writes only vocabulary words, within the length limit
+    hot = CaptionDecoding("nucleus", top_p=1.0, temperature=5.0, max_length=6)
+    words = set(tokenizer.tokenizer.get_vocab()) - {"[PAD]", "[UNK]", "[BOS]", "[EOS]"}
+    for caption in decode_captions(net, features, tokenizer, hot, torch.Generator().manual_seed(1)):
+        assert 1 <= len(caption.split()) <= 4 and set(caption.split()) <= words
+
+
+# -- the stage -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("off", ["generation", "caption", "matching"])
+def test_each_loss_can_be_switched_off_and_the_others_train(make_cfg, tiny_autoencoder_ckpt, tmp_path, off):  # noqa: F811
+    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, f"model.loss_weights.{off}=0", "trainer.max_steps=3",
+                                   "test=false", "callbacks=none", "trainer.limit_val_batches=0", "seed=1"))  # fmt: skip
+    import hydra
+    import lightning.pytorch as pl
+
+    pl.seed_everything(cfg.seed)  # as train() does before building the model: the same initial weights
+    before = hydra.utils.instantiate(cfg.model, _convert_="all").state_dict()
+    _, objects = train(cfg)
+    stage = objects["model"]
+    assert stage.trainer.global_step == 3
+    after = stage.state_dict()
+    owner = {"generation": "net.", "caption": "image_text.decoder.", "matching": "image_text.image_proj."}
+    for name, prefix in owner.items():
+        changed = any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix))
+        assert changed == (name != off), f"{prefix} changed={changed} with loss_weights.{off}=0"
+    logged = set(stage.trainer.callback_metrics)
+    assert f"train/loss_{off}" not in logged and "train/loss" in logged
+
+
+def test_all_weights_zero_is_refused(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
+    import hydra
+
+    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, "model.loss_weights.generation=0",
+                                   "model.loss_weights.caption=0", "model.loss_weights.matching=0"))  # fmt: skip
+    with pytest.raises((ValueError, hydra.errors.InstantiationException), match="every weight is 0"):
+        hydra.utils.instantiate(cfg.model, _convert_="all")
+
+
+@pytest.fixture(scope="module")
+def joint_ckpt(tmp_path_factory, tiny_autoencoder_ckpt):  # noqa: F811
+    return train_tiny_stage(joint_overrides(tiny_autoencoder_ckpt, "trainer.max_steps=4", "trainer.limit_val_batches=0"),
+                            tmp_path_factory.mktemp("tiny_joint"))  # fmt: skip
+
+
+def test_test_split_reports_retrieval_and_caption_metrics(
+    make_cfg,
+    joint_ckpt,
+    tiny_autoencoder_ckpt,  # noqa: F811
+    tmp_path,
+):
+    run = tmp_path / "eval"
+    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, "train=false", f"ckpt_path={joint_ckpt}",
+                                   "callbacks=none"), run_dir=run)  # fmt: skip
+    metrics, _ = train(cfg)
+    written = json.loads((run / "metrics.json").read_text())
+    for key in ("test/nll_bits", "test/caption_nll", "test/bleu4", "test/caption_acc", "test/caption_acc_heldout",
+                "test/recall_at_1_t2i", "test/recall_at_1_i2t", "test/recall_at_10_t2i"):  # fmt: skip
+        assert key in written, key
+        assert 0 <= written[key] and (key.endswith("nll") or key.endswith("bits") or written[key] <= 1)
+    assert written["test/recall_at_1_t2i"] <= written["test/recall_at_10_t2i"]
+
+
+def test_reranking_returns_the_best_candidate_and_one_image_per_prompt(joint_ckpt):
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    prompts = ["a small red circle on the left", "a large blue square above a small green triangle"]
+    tokens, scores = stage.generate_reranked_tokens(
+        prompts, candidates=3, generator=torch.Generator().manual_seed(4)
+    )
+    assert tokens.shape == (2, stage.net.config.num_image_tokens) and scores.shape == (2,)
+    # the same draw, scored by hand: the kept candidate is the argmax of its prompt's three
+    repeated = [p for p in prompts for _ in range(3)]
+    text = stage.encode_text(repeated)
+    candidates = stage.generate_tokens(text, generator=torch.Generator().manual_seed(4))
+    all_scores = stage.candidate_scores(candidates, text, repeated).view(2, 3)
+    best = all_scores.argmax(1)
+    assert torch.equal(tokens, candidates.view(2, 3, -1)[torch.arange(2), best])
+    torch.testing.assert_close(scores, all_scores.max(1).values)
+
+
+def test_sample_reranks_and_captions(make_cfg, joint_ckpt, tmp_path):
+    out = tmp_path / "gen"
+    summary = sample(make_cfg([f"out_dir={out}", f"ckpt={joint_ckpt}", 'prompts=["a small red circle on the left"]',
+                               "n=3", "rerank_candidates=2", "batch_size=4"], config_name="sample"))  # fmt: skip
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert summary["images"] == 3 and len(rows) == 3 and len(list((out / "images").glob("*.png"))) == 3
+    assert all(r["rerank_candidates"] == 2 and "rerank_match" in r["scores"] for r in rows)
+
+    folder = tmp_path / "images"
+    pixels = to_uint8(torch.rand(3, 3, 32, 32) * 2 - 1)
+    for i, image in enumerate(pixels):
+        save_png(image, folder / f"img_{i}.png")
+    for decoding in ("greedy", "beam", "nucleus"):
+        cap_out = tmp_path / decoding
+        summary = sample(make_cfg([f"out_dir={cap_out}", f"ckpt={joint_ckpt}", "task=caption", f"images={folder}",
+                                   f"decoding={decoding}"], config_name="sample"))  # fmt: skip
+        rows = [json.loads(line) for line in (cap_out / "captions.jsonl").read_text().splitlines()]
+        assert summary["captions"] == 3
+        assert [r["file"] for r in rows] == [str(folder / f"img_{i}.png") for i in range(3)]
+        assert all(isinstance(r["caption"], str) and r["decoding"] == decoding for r in rows)
+    with pytest.raises(FileNotFoundError, match="images="):
+        sample(make_cfg([f"out_dir={tmp_path}", f"ckpt={joint_ckpt}", "task=caption", f"images={tmp_path / 'nope'}"],
+                        config_name="sample"))  # fmt: skip
