@@ -9,7 +9,8 @@ from omegaconf import open_dict
 
 from imagen.cli.train import train
 from tests.conftest import TINY_SHAPES
-from tests.test_train import TINY_AUTOENCODER, TINY_GENERATOR
+from tests.test_joint import TINY_JOINT
+from tests.test_train import TINY_AUTOENCODER
 
 SHORT = ["trainer.max_steps=4", "trainer.val_check_interval=4", "logger=csv"]
 
@@ -26,7 +27,7 @@ def quickstart_cfg(make_cfg, tmp_path, stages: dict[str, list[str]]):
 def tiny_stages() -> dict[str, list[str]]:
     return {
         "autoencoder": ["experiment=shapes_autoencoder", *TINY_SHAPES, *TINY_AUTOENCODER, *SHORT],
-        "generator": ["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR, *SHORT,
+        "joint": ["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, *SHORT,
                       "model.autoencoder_ckpt={autoencoder}", "callbacks.model_checkpoint.monitor=val/nll_bits",
                       "callbacks.model_checkpoint.mode=min"],
     }  # fmt: skip
@@ -37,17 +38,17 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
     assert cfg.task_name == "quickstart"
     metrics, objects = train(cfg)
     root = tmp_path / "quickstart"
-    assert [r["stage"] for r in objects["rows"]] == ["autoencoder", "generator"]
+    assert [r["stage"] for r in objects["rows"]] == ["autoencoder", "joint"]
     assert not any(r["reused"] for r in objects["rows"])
-    # the generator was built on the autoencoder the pipeline had just trained
-    generator_cfg = objects["stages"]["generator"]["cfg"]
-    assert generator_cfg.model.autoencoder_ckpt == str(root / "autoencoder" / "checkpoints" / "last.ckpt")
-    assert "autoencoder/test/psnr" in metrics and "generator/test/nll_bits" in metrics
+    # the joint model was built on the autoencoder the pipeline had just trained
+    joint_cfg = objects["stages"]["joint"]["cfg"]
+    assert joint_cfg.model.autoencoder_ckpt == str(root / "autoencoder" / "checkpoints" / "last.ckpt")
+    assert "autoencoder/test/psnr" in metrics and "joint/test/nll_bits" in metrics
     assert metrics["test/psnr"] == metrics["autoencoder/test/psnr"]  # the final keys, each from its stage
-    assert metrics["test/nll_bits"] == metrics["generator/test/nll_bits"]
+    assert metrics["test/nll_bits"] == metrics["joint/test/nll_bits"]
     summary = (root / "summary.md").read_text()
     assert summary.splitlines()[0].startswith("| stage | minutes | reused | PSNR")
-    assert "| autoencoder |" in summary and "| generator |" in summary
+    assert "| autoencoder |" in summary and "| joint |" in summary
     assert objects["grid"] is not None and objects["grid"].is_file() and str(objects["grid"]) in summary
     assert summary in capsys.readouterr().out + "\n"
     assert json.loads((root / "metrics.json").read_text()) == pytest.approx(metrics)
@@ -59,18 +60,18 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
 
     # a changed stage is trained again; the stages before it are still reused
     stages = tiny_stages()
-    stages["generator"] = [*stages["generator"], "model.cond_drop_prob=0.2"]
+    stages["joint"] = [*stages["joint"], "model.cond_drop_prob=0.2"]
     _, objects = train(quickstart_cfg(make_cfg, tmp_path, stages))
     assert [r["reused"] for r in objects["rows"]] == [True, False]
-    # the earlier generator run was moved aside, not mixed into the new one
-    assert (root / "generator.previous" / "checkpoints" / "last.ckpt").is_file()
-    assert sorted(p.name for p in (root / "generator" / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    # the earlier joint run was moved aside, not mixed into the new one
+    assert (root / "joint.previous" / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (root / "joint" / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
 
 
 def test_a_stage_cannot_use_a_later_one(make_cfg, tmp_path):
     stages = tiny_stages()
-    stages = {"generator": stages["generator"], "autoencoder": stages["autoencoder"]}
-    with pytest.raises(ValueError, match=r"pipeline.stages.generator: .* refers to stage 'autoencoder'"):
+    stages = {"joint": stages["joint"], "autoencoder": stages["autoencoder"]}
+    with pytest.raises(ValueError, match=r"pipeline.stages.joint: .* refers to stage 'autoencoder'"):
         train(quickstart_cfg(make_cfg, tmp_path, stages))
 
 
