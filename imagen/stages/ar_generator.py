@@ -13,7 +13,7 @@ import torch.nn as nn
 from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from imagen.checkpoints import load_autoencoder, load_state_strict, read_checkpoint, stage_info
+from imagen.checkpoints import load_autoencoder, load_init_from, load_state_strict, read_checkpoint, stage_info
 from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
@@ -65,6 +65,8 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         eval_batch_size: int = 256,
         eval_seed: int = 1234,
         compute_fid: bool = True,
+        init_from: str | None = None,
+        trust_checkpoint: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "text_encoder", "optimizer", "scheduler"])
@@ -102,6 +104,8 @@ class ARGeneratorStage(FrozenAutoencoderMixin, pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.sampling = SamplingSettings(**(sampling or {}))
+        if init_from:  # fine-tuning: transformer and text encoder of another generator run
+            load_init_from(self, init_from, "ar_generator", ("net.", "text_encoder."), trust_checkpoint)
         self.metrics = nn.ModuleDict(
             {
                 split: nn.ModuleDict(
