@@ -166,7 +166,9 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, trust: bool = False
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / EXPORT_WEIGHTS), metadata={"format": "pt", "stage": config["imagen"]["stage"]})
+    save_file(
+        tensors, str(out_dir / EXPORT_WEIGHTS), metadata={"format": "pt", "stage": config["imagen"]["stage"]}
+    )
     (out_dir / EXPORT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     return out_dir
 
@@ -199,5 +201,7 @@ def load_init_from(
     checkpoint = read_checkpoint(path, trust)
     stage_info(checkpoint, path, stage)
     for prefix in prefixes:
-        load_state_strict(module.get_submodule(prefix.rstrip(".")), checkpoint["state_dict"], prefix, str(path))
+        load_state_strict(
+            module.get_submodule(prefix.rstrip(".")), checkpoint["state_dict"], prefix, str(path)
+        )
     log.info(f"initialised {', '.join(p.rstrip('.') for p in prefixes)} from {path}")

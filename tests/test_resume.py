@@ -24,12 +24,14 @@ KILL_RUN = [
     "callbacks.model_checkpoint.every_n_train_steps=40",
     "seed=7",
 ]
-# ... made small: 7 batches per epoch, so every checkpoint (steps 40, 80, ...) falls in the middle of an epoch; VQ
-# (random dead-code replacement) so that the restored RNG matters; validation every 60 steps, so that it runs between
-# a checkpoint and the kill and, at step 120 and 240, at the step of a checkpoint.
+# ... made small: 16 px images, 7 batches of 8 per epoch, so that every checkpoint (steps 40, 80, ...) falls in the
+# middle of an epoch; VQ (random dead-code replacement) so that the restored RNG matters; validation every 60 steps,
+# so that it runs between a checkpoint and the kill and, at steps 120 and 240, at the step of a checkpoint.
 SMALL = [
-    *(o for o in TINY_SHAPES if not o.startswith("data.num_train=")),
-    "data.num_train=112",
+    *(o for o in TINY_SHAPES if not o.startswith(("data.num_train=", "data.batch_size="))),
+    "data.num_train=56",
+    "data.batch_size=8",
+    "data.image_size=16",
     "model.net.size=tiny",
     "model.net.quantizer=vq",
     "trainer.val_check_interval=60",
@@ -45,7 +47,12 @@ def train_command(run_dir: Path, *extra: str) -> list[str]:
 
 
 def start(command: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "IMAGEN_ROOT": str(cwd), "IMAGEN_CACHE": str(cwd / "cache")}
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "IMAGEN_ROOT": str(cwd),
+        "IMAGEN_CACHE": str(cwd / "cache"),
+    }
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -80,20 +87,27 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     wait_for(run / "checkpoints" / "last.ckpt", process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    assert not (run / "metrics.json").exists(), "the run finished before the kill; the test needs a slower run"
+    assert not (run / "metrics.json").exists(), (
+        "the run finished before the kill; the test needs a slower run"
+    )
     saved_step = state(run / "checkpoints" / "last.ckpt")["step"]
     assert 0 < saved_step < 240 and saved_step % 7, "the kill should fall in the middle of an epoch"
 
     log = run_to_end(train_command(run), tmp_path, tmp_path / "resumed.log")
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} at step {saved_step}" in log
-    expected, resumed = state(reference / "checkpoints" / "last.ckpt"), state(run / "checkpoints" / "last.ckpt")
+    expected, resumed = (
+        state(reference / "checkpoints" / "last.ckpt"),
+        state(run / "checkpoints" / "last.ckpt"),
+    )
     assert resumed["step"] == expected["step"] == 240
     assert expected["weights"].keys() == resumed["weights"].keys()
     different = [k for k, v in expected["weights"].items() if not torch.equal(v, resumed["weights"][k])]
     assert not different, f"weights differ after resume: {different}"
     for index, moments in expected["optimizer"].items():
         for name, value in moments.items():
-            assert torch.equal(value, resumed["optimizer"][index][name]), f"optimizer state {index}.{name} differs"
+            assert torch.equal(value, resumed["optimizer"][index][name]), (
+                f"optimizer state {index}.{name} differs"
+            )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
@@ -138,4 +152,8 @@ def test_corrupt_checkpoints_are_reported_and_the_newest_valid_one_is_used(make_
 
     with pytest.raises(Exception, match="step_000012.ckpt is truncated or corrupt"):
         (checkpoints / "step_000012.ckpt").touch()
-        train(make_cfg([*overrides, f"ckpt_path={checkpoints / 'step_000012.ckpt'}"], run_dir=tmp_path / "other"))
+        train(
+            make_cfg(
+                [*overrides, f"ckpt_path={checkpoints / 'step_000012.ckpt'}"], run_dir=tmp_path / "other"
+            )
+        )

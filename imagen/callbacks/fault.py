@@ -22,8 +22,13 @@ def rng_states() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },  # fmt: skip
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -76,7 +81,12 @@ class RandomState(Callback):
 
 def grads_are_finite(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every gradient held by `optimizer`'s parameters is finite (one device sync)."""
-    flags = [torch.isfinite(p.grad).all() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    flags = [
+        torch.isfinite(p.grad).all()
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.grad is not None
+    ]
     return bool(torch.stack(flags).all()) if flags else True
 
 
@@ -103,6 +113,7 @@ class NonFiniteGuard(Callback):
         self.first_bad_step: int | None = None
         self._bad_loss = False
         self._skipped = False
+        self._step = 0
 
     def state_dict(self) -> dict:
         return {"total": self.total, "consecutive": self.consecutive, "first_bad_step": self.first_bad_step}
@@ -113,6 +124,7 @@ class NonFiniteGuard(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._bad_loss = self._skipped = False
+        self._step = trainer.global_step  # the step this batch computes
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if not bool(torch.isfinite(loss).all()):
@@ -125,13 +137,15 @@ class NonFiniteGuard(Callback):
             self._skipped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
+        step = self._step
         if self._skipped or self._bad_loss:
             self.total += 1
             self.consecutive += 1
             if self.consecutive == 1:
                 self.first_bad_step = step
-            log.warning(f"{type(pl_module).__name__}: non-finite loss or gradients at step {step}; step skipped")
+            log.warning(
+                f"{type(pl_module).__name__}: non-finite loss or gradients at step {step}; step skipped"
+            )
         else:
             self.consecutive = 0
         pl_module.log("train/nonfinite_steps", float(self.total))
@@ -192,7 +206,11 @@ class Preemption(Callback):
             return
         signum = self.received if self.received is not None else signal.SIGUSR1
         environment = trainer._accelerator_connector.cluster_environment
-        if signum == signal.SIGUSR1 and isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        if (
+            signum == signal.SIGUSR1
+            and isinstance(environment, SLURMEnvironment)
+            and environment.auto_requeue
+        ):
             trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)  # hpc_ckpt_N.ckpt + requeue
             self.checkpoint = "hpc_ckpt (SLURM requeue)"
         else:

@@ -67,8 +67,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     # the checkpoint writer joins whatever plugins the trainer config lists (the SLURM environment)
-    plugins = [*(hydra.utils.instantiate(cfg.trainer.get("plugins")) or []), hydra.utils.instantiate(cfg.checkpoint_io)]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins)
+    plugins = [
+        *(hydra.utils.instantiate(cfg.trainer.get("plugins")) or []),
+        hydra.utils.instantiate(cfg.checkpoint_io),
+    ]
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins
+    )
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -83,7 +88,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg), weights_only=weights_only)
         timings["time/fit_seconds"] = time.time() - start
         metrics.update(tensor_metrics(trainer.callback_metrics))
-        preemption = next((c for c in callbacks if isinstance(c, Preemption) and c.received is not None), None)
+        preemption = next(
+            (c for c in callbacks if isinstance(c, Preemption) and c.received is not None), None
+        )
         if preemption is not None:
             objects["preempted"] = True
             log.info(

@@ -206,7 +206,11 @@ class ShapesDataModule(pl.LightningDataModule):
         # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything)
         dataset = ShapesDataset(self.split("train"))
         return ResumableLoader(
-            dataset, self.hparams.batch_size, seed=torch.initial_seed(), item_seeds=True, **self._loader_settings()
+            dataset,
+            self.hparams.batch_size,
+            seed=torch.initial_seed(),
+            item_seeds=True,
+            **self._loader_settings(),
         )
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -13,7 +13,13 @@ import torch.nn as nn
 from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from imagen.checkpoints import load_autoencoder, load_init_from, load_state_strict, read_checkpoint, stage_info
+from imagen.checkpoints import (
+    load_autoencoder,
+    load_init_from,
+    load_state_strict,
+    read_checkpoint,
+    stage_info,
+)
 from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
