@@ -157,3 +157,14 @@ def test_corrupt_checkpoints_are_reported_and_the_newest_valid_one_is_used(make_
                 [*overrides, f"ckpt_path={checkpoints / 'step_000012.ckpt'}"], run_dir=tmp_path / "other"
             )
         )
+
+
+def test_csv_logger_appends_when_a_run_resumes(tmp_path):
+    from imagen.loggers import ResumableCSVLogger
+
+    for step, metrics in ((1, {"train/loss": 1.0}), (2, {"train/loss": 0.5, "val/psnr": 20.0})):
+        logger = ResumableCSVLogger(tmp_path, name="csv", version="")
+        logger.log_metrics(metrics, step=step)
+        logger.save()
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert rows == ["step,train/loss,val/psnr", "1,1.0,", "2,0.5,20.0"]
