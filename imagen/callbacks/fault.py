@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -190,6 +191,8 @@ class Preemption(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # after Lightning registered its own handlers: the checkpoint is written between batches
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
 
