@@ -1,8 +1,10 @@
-"""Reading checkpoints safely and loading weights strictly, with a report of what did not match."""
+"""Checkpoints: written atomically, read safely (no code runs), found for resuming, exported to safetensors, and
+loaded strictly with a report of what did not match."""
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import yaml
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +22,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe, or from an incompatible stage or config."""
 
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU without executing code from it.
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.yaml"
 
-    The file is read with `torch.load(weights_only=True)`. A file that needs full unpickling (it holds
-    arbitrary Python objects) is refused unless `trust=True`, since unpickling can run code.
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU without executing code from it.
+
+    `path` is a Lightning checkpoint file, read with `torch.load(weights_only=True)`, or a folder written by
+    `export_checkpoint` (safetensors weights + YAML). A file that needs full unpickling (it holds arbitrary Python
+    objects) is refused unless `trust=True`, since unpickling can run code.
     """
     path = Path(path)
+    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
+        return read_export(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
@@ -91,3 +102,106 @@ def load_autoencoder(path: str | Path, trust: bool = False):
     model = Autoencoder(AutoencoderConfig(**info["net_config"]))
     load_state_strict(model, checkpoint["state_dict"], prefix="net.", source=str(path))
     return model.eval().requires_grad_(False)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on local disks: the checkpoint is written to a hidden temporary
+    file in the same folder, flushed to disk, then renamed over the target, so a kill during a save leaves the
+    previous file intact. Remote paths (`s3://...`) go through Lightning's own writer."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint of a run directory, for resuming, and its contents; None if there is none.
+
+    Candidates are `checkpoints/*.ckpt` and Lightning's SLURM requeue checkpoints (`hpc_ckpt_N.ckpt`), newest
+    first; a truncated or corrupt one is reported (naming the file) and skipped.
+    """
+    run_dir = Path(run_dir)
+    candidates = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            log.warning(f"cannot resume from {e}; trying an older checkpoint")
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """`value` with tuples as lists, for YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path, trust: bool = False) -> Path:
+    """Write a stage checkpoint as `out_dir/model.safetensors` (the tensors of its state dict) plus
+    `out_dir/config.yaml` (what rebuilds the model: the stage's `imagen` entry, its hyperparameters and any
+    non-tensor state such as a tokenizer). `read_checkpoint(out_dir)` reads it back; no pickle is involved."""
+    from safetensors.torch import save_file
+
+    checkpoint = read_checkpoint(path, trust)
+    if not isinstance(checkpoint.get("imagen"), dict):
+        raise CheckpointError(f"checkpoint {path} was not written by an imagen stage (no 'imagen' entry)")
+    state = checkpoint["state_dict"]
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    config = {
+        "imagen": _plain(checkpoint["imagen"]),
+        "hyper_parameters": _plain(checkpoint.get("hyper_parameters", {})),
+        "extra_state": _plain({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}),
+        "source": {"checkpoint": str(path), "global_step": checkpoint.get("global_step")},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(
+        tensors, str(out_dir / EXPORT_WEIGHTS), metadata={"format": "pt", "stage": config["imagen"]["stage"]}
+    )
+    (out_dir / EXPORT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    return out_dir
+
+
+def read_export(out_dir: str | Path) -> dict[str, Any]:
+    """A folder written by `export_checkpoint`, as a checkpoint-like dict (`state_dict`, `imagen`, ...)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    try:
+        state = load_file(str(out_dir / EXPORT_WEIGHTS), device="cpu")
+        config = yaml.safe_load((out_dir / EXPORT_CONFIG).read_text())
+    except (SafetensorError, OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"exported checkpoint {out_dir} is incomplete or corrupt: {e}") from None
+    state.update(config.get("extra_state") or {})
+    return {
+        "state_dict": state,
+        "imagen": config["imagen"],
+        "hyper_parameters": config.get("hyper_parameters", {}),
+        "global_step": (config.get("source") or {}).get("global_step"),
+    }
+
+
+def load_init_from(
+    module: nn.Module, path: str | Path, stage: str, prefixes: tuple[str, ...], trust: bool = False
+) -> None:
+    """Initialise the submodules of a stage named by `prefixes` (e.g. `net.`) from another run's checkpoint of
+    the same stage (`model.init_from`), strictly: any mismatched key is an error that lists them."""
+    checkpoint = read_checkpoint(path, trust)
+    stage_info(checkpoint, path, stage)
+    for prefix in prefixes:
+        load_state_strict(
+            module.get_submodule(prefix.rstrip(".")), checkpoint["state_dict"], prefix, str(path)
+        )
+    log.info(f"initialised {', '.join(p.rstrip('.') for p in prefixes)} from {path}")

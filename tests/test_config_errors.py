@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue
 
@@ -19,14 +20,96 @@ CASES = [
     (["trainer.gradient_clip_val=1.0"], ConfigError, "model.grad_clip"),
     (["ckpt_path=/no/such.ckpt"], ConfigError, "ckpt_path=/no/such.ckpt: no such file"),
     (["trainer.max_steps=-1"], ConfigError, "trainer.max_steps"),
+    (
+        ["trainer.max_steps=lots"],
+        ConfigError,
+        "trainer.max_steps='lots' must be an integer; e.g. trainer.max_steps=",
+    ),
+    (["data.batch_size=0"], ConfigError, "data.batch_size=0 must be >= 1; e.g. data.batch_size=64"),
+    (["data.batch_size=1.5"], ConfigError, "data.batch_size=1.5 must be an integer"),
+    (
+        ["data.num_train=8"],
+        ConfigError,
+        "data.num_train=8 is smaller than data.batch_size=16: no full training batch",
+    ),
+    (
+        ["model.optimizer.lr=fast"],
+        ConfigError,
+        "model.optimizer.lr='fast' must be a number; e.g. model.optimizer.lr=",
+    ),
+    (["seed=-3"], ConfigError, "seed=-3 must be >= 0"),
+    (
+        ["callbacks.model_checkpoint.every_n_train_steps=0"],
+        ConfigError,
+        "callbacks.model_checkpoint.every_n_train_steps=0 must be >= 1; or null to save by time",
+    ),
+    (
+        [
+            "callbacks.model_checkpoint.every_n_train_steps=100",
+            "callbacks.model_checkpoint.train_time_interval={_target_: datetime.timedelta, minutes: 30}",
+        ],
+        ConfigError,
+        "every_n_train_steps and .train_time_interval are both set",
+    ),
+    (
+        ["callbacks.nonfinite_guard.max_consecutive=0"],
+        ConfigError,
+        "callbacks.nonfinite_guard.max_consecutive=0",
+    ),
+    (
+        ["model=autoencoder_gan", "trainer.precision=16-mixed"],
+        ConfigError,
+        "trainer.precision=16-mixed cannot train the adversarial loss",
+    ),
+    (["train=false", "ckpt_path=null"], ConfigError, "train=false test=true needs ckpt_path=PATH"),
+    (["model.init_from=/no/such.ckpt"], ConfigError, "model.init_from=/no/such.ckpt: no such file"),
+    (
+        ["model.init_from={ner_ckpt}"],
+        ConfigError,
+        "model.init_from: checkpoint .* is from the 'ner' stage; expected",
+    ),
+    (
+        ["model.init_from={empty_ckpt}"],
+        ConfigError,
+        "model.init_from: checkpoint .*empty.ckpt is truncated or corrupt",
+    ),
 ]
 
 
-@pytest.mark.parametrize("overrides, error, message", CASES)
-def test_invalid_autoencoder_configs(make_cfg, overrides, error, message):
-    cfg = make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES, *overrides])
-    with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(")):
+@pytest.mark.parametrize("overrides, error, message", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_invalid_autoencoder_configs(make_cfg, tmp_path, overrides, error, message):
+    torch.save({"imagen": {"stage": "ner"}, "state_dict": {}}, tmp_path / "ner.ckpt")
+    (tmp_path / "empty.ckpt").touch()
+    paths = {"ner_ckpt": tmp_path / "ner.ckpt", "empty_ckpt": tmp_path / "empty.ckpt"}
+    cfg = make_cfg(
+        [
+            "experiment=shapes_autoencoder",
+            *TINY_SHAPES,
+            *(
+                o.replace("{ner_ckpt}", str(paths["ner_ckpt"])).replace(
+                    "{empty_ckpt}", str(paths["empty_ckpt"])
+                )
+                for o in overrides
+            ),
+        ]
+    )
+    pattern = message.replace("[", r"\[").replace("(", r"\(").replace("+", r"\+")
+    with pytest.raises(error, match=pattern) as raised:
         check_train_config(cfg)
+    assert "\n" not in str(raised.value), "one line"
+
+
+def test_valid_time_interval_builds_a_checkpoint_callback(make_cfg):
+    from datetime import timedelta
+
+    from imagen.cli.utils import instantiate_callbacks
+
+    cfg = make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES,
+                    "callbacks.model_checkpoint.train_time_interval={_target_: datetime.timedelta, minutes: 30}"])  # fmt: skip
+    check_train_config(cfg)
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    checkpoint = next(c for c in callbacks if type(c).__name__ == "ModelCheckpoint")
+    assert checkpoint._train_time_interval == timedelta(minutes=30)
 
 
 def test_captioned_stages_refuse_heldout_compositions_in_training(make_cfg, tmp_path):

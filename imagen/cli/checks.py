@@ -36,11 +36,79 @@ def autoencoder_config_from_node(node: DictConfig):
         raise ConfigError(str(e)) from None
 
 
+def _expect_number(cfg: DictConfig, key: str, kind: type, minimum: float, fix: str) -> None:
+    """`key` (dotted) must be a `kind` >= `minimum` when it is set."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise ConfigError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}; {fix}")
+    if value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}; {fix}")
+
+
+def _check_types(cfg: DictConfig) -> None:
+    _expect_number(cfg, "seed", int, 0, "e.g. seed=7")
+    _expect_number(cfg, "data.batch_size", int, 1, "e.g. data.batch_size=64")
+    _expect_number(cfg, "data.num_workers", int, 0, "e.g. data.num_workers=4")
+    _expect_number(cfg, "model.optimizer.lr", float, 0, "e.g. model.optimizer.lr=3e-4")
+    _expect_number(cfg, "callbacks.model_checkpoint.every_n_train_steps", int, 1, "or null to save by time")
+    _expect_number(cfg, "callbacks.nonfinite_guard.max_consecutive", int, 1, "e.g. 5")
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
+        raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer; e.g. trainer.max_steps=2000")
+
+
+def _check_checkpointing(cfg: DictConfig) -> None:
+    ckpt = OmegaConf.select(cfg, "callbacks.model_checkpoint")
+    if isinstance(ckpt, DictConfig) and ckpt.get("every_n_train_steps") and ckpt.get("train_time_interval"):
+        raise ConfigError(
+            "callbacks.model_checkpoint.every_n_train_steps and .train_time_interval are both set; checkpoint by "
+            "steps or by time: set the other to null"
+        )
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in (None, "auto") and not Path(ckpt_path).is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: no such file; use ckpt_path=auto to resume this run directory"
+        )
+    if not cfg.get("train", True) and cfg.get("test", True) and ckpt_path is None:
+        raise ConfigError(
+            "train=false test=true needs ckpt_path=PATH (the checkpoint to evaluate) or ckpt_path=auto"
+        )
+
+
+def _check_stage_checkpoint(cfg: DictConfig, key: str, stage: str) -> None:
+    """`model.<key>` must be an existing checkpoint (or exported folder) of `stage`; reads only its description."""
+    from imagen.checkpoints import CheckpointError, read_checkpoint, stage_info
+
+    path = cfg.model.get(key)
+    if not path:
+        return
+    if not Path(path).exists():
+        raise ConfigError(
+            f"model.{key}={path}: no such file; point it at a checkpoint (.ckpt) of the {stage} stage"
+        )
+    try:
+        stage_info(read_checkpoint(path, trust=bool(cfg.get("trust_checkpoint"))), path, stage)
+    except CheckpointError as e:
+        raise ConfigError(f"model.{key}: {str(e).splitlines()[0]}") from None
+
+
+STAGES = {
+    "AutoencoderStage": "autoencoder",
+    "ARGeneratorStage": "ar_generator",
+    "JointStage": "joint",
+    "NerStage": "ner",
+}
+
+
 def check_train_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` for a config that cannot train; cheap, touches no data."""
+    """Raise `ConfigError` for a config that cannot train; cheap, touches no data and builds no model."""
     for group in ("data", "model", "trainer"):
         if not _target(cfg.get(group)):
             raise ConfigError(f"{group}: no _target_; pick a config group option, e.g. {group}=<name>")
+    _check_types(cfg)
+    _check_checkpointing(cfg)
 
     model = cfg.model
     net = model.get("net")
@@ -53,6 +121,23 @@ def check_train_config(cfg: DictConfig) -> None:
                 f"{ae.downsample_factor} (model.net.channel_mult={list(ae.channel_mult)}); use a multiple of "
                 f"{ae.downsample_factor}"
             )
+    if model.get("discriminator") is not None and str(cfg.trainer.get("precision")).startswith("16"):
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} cannot train the adversarial loss (the discriminator step "
+            "bypasses the grad scaler); use trainer.precision=bf16-mixed or 32-true"
+        )
+    if isinstance(net, DictConfig) and _target(model).endswith(("ARGeneratorStage", "JointStage")):
+        for derived in ("vocab_size", "grid_size", "text_dim"):
+            if derived in net:
+                raise ConfigError(
+                    f"model.net.{derived} is derived from the autoencoder's codebook and the text encoder; remove it"
+                )
+    batch_size, num_train = cfg.data.get("batch_size"), cfg.data.get("num_train")
+    if isinstance(batch_size, int) and isinstance(num_train, int) and num_train < batch_size:
+        raise ConfigError(
+            f"data.num_train={num_train} is smaller than data.batch_size={batch_size}: no full training batch; "
+            "lower data.batch_size"
+        )
     if _target(model).endswith("AutoencoderStage") and cfg.trainer.get("gradient_clip_val") is not None:
         raise ConfigError(
             "trainer.gradient_clip_val must be null for the autoencoder stage (it steps its own optimizers); "
@@ -65,15 +150,10 @@ def check_train_config(cfg: DictConfig) -> None:
             f"({_target(model)}) and void its held-out metrics; it is for the autoencoder only"
         )
 
-    ckpt = cfg.get("ckpt_path")
-    if ckpt not in (None, "auto") and not Path(ckpt).is_file():
-        raise ConfigError(f"ckpt_path={ckpt}: no such file")
-    for key in ("autoencoder_ckpt", "init_from"):
-        path = model.get(key)
-        if path and not Path(path).is_file():
-            raise ConfigError(
-                f"model.{key}={path}: no such file; point it at a checkpoint (.ckpt) of that stage"
-            )
+    _check_stage_checkpoint(cfg, "autoencoder_ckpt", "autoencoder")
+    stage = STAGES.get(_target(model).rsplit(".", 1)[-1])
+    if stage:
+        _check_stage_checkpoint(cfg, "init_from", stage)
 
     max_steps = cfg.trainer.get("max_steps", -1)
     if (max_steps is None or max_steps <= 0) and model.get("scheduler") is not None:

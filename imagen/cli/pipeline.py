@@ -175,6 +175,11 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 raise ValueError(f"pipeline.stages.{name} must select a stage's experiment (experiment=NAME)")
             stage_metrics, stage_objects = train(stage_cfg)
             objects[name] = stage_objects
+            if stage_objects.get("preempted"):  # its checkpoint is saved; the same command resumes it
+                log.info(
+                    f"pipeline: stage {name} was stopped by a signal; run the same command again to resume it"
+                )
+                return metrics, {"rows": rows, "grid": None, "stages": objects, "cfg": cfg, "preempted": True}
             seconds = time.time() - start
             record = {"overrides": overrides, "finished": True, "seconds": round(seconds, 1)}
             (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))

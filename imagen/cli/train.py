@@ -14,6 +14,8 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
+from imagen.callbacks.fault import Preemption
+from imagen.checkpoints import find_resume_checkpoint, read_checkpoint
 from imagen.cli.checks import check_train_config
 from imagen.cli.pipeline import is_pipeline, run_pipeline
 from imagen.cli.utils import (
@@ -32,11 +34,20 @@ CONFIG_PATH = "pkg://imagen.conf"
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=auto` resumes from this run directory's last.ckpt when there is one."""
+    """The checkpoint to resume from. `ckpt_path=auto` (the default): the newest readable checkpoint of this run
+    directory, if any (a corrupt one is reported and skipped); a path: that file, which must be readable."""
     if cfg.ckpt_path == "auto":
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    return cfg.ckpt_path
+        found = find_resume_checkpoint(cfg.paths.output_dir)
+        if found is None:
+            return None
+        path, checkpoint = found
+    elif cfg.ckpt_path:
+        path, checkpoint = cfg.ckpt_path, read_checkpoint(cfg.ckpt_path, trust=cfg.trust_checkpoint)
+    else:
+        return None
+    if pl.utilities.rank_zero_only.rank == 0:
+        log.info(f"resuming from {path} at step {checkpoint.get('global_step')}")
+    return str(path)
 
 
 @task_wrapper
@@ -58,7 +69,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    # the checkpoint writer joins whatever plugins the trainer config lists (the SLURM environment)
+    plugins = [
+        *(hydra.utils.instantiate(cfg.trainer.get("plugins")) or []),
+        hydra.utils.instantiate(cfg.checkpoint_io),
+    ]
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins
+    )
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -67,19 +85,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
     metrics: dict[str, float] = {}
     timings: dict[str, float] = {}
+    weights_only = not cfg.trust_checkpoint
     if cfg.train:
         start = time.time()
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg), weights_only=weights_only)
         timings["time/fit_seconds"] = time.time() - start
         metrics.update(tensor_metrics(trainer.callback_metrics))
+        preemption = next(
+            (c for c in callbacks if isinstance(c, Preemption) and c.received is not None), None
+        )
+        if preemption is not None:
+            objects["preempted"] = True
+            log.info(
+                f"stopped by a signal at step {preemption.stopped_at_step}; checkpoint: {preemption.checkpoint}. "
+                f"Run the same command again to resume (run directory {output_dir})"
+            )
+            return metrics, objects
     if cfg.test:
         start = time.time()
         if cfg.train:
             trainer.test(model=model, datamodule=datamodule)  # the trained weights (averaged, with EMA)
         else:
-            if not cfg.ckpt_path:
+            ckpt_path = resolve_ckpt_path(cfg)
+            if not ckpt_path:
                 raise ValueError("train=false test=true needs ckpt_path=PATH (the checkpoint to evaluate)")
-            trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
         timings["time/test_seconds"] = time.time() - start
         metrics.update(tensor_metrics(trainer.callback_metrics))
     metrics.update(timings)
@@ -93,7 +123,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    metrics, objects = train(cfg)
+    if objects.get("preempted"):
+        return None
     return metric_for_sweeper(metrics, cfg.get("optimized_metric"))
 
 

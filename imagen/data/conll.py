@@ -26,6 +26,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imagen.data.resumable import ResumableLoader
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -555,14 +557,16 @@ class ConllDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         h = self.hparams
-        return DataLoader(
-            self.dataset(split),
-            batch_size=h.batch_size if train else h.eval_batch_size,
-            shuffle=train,
-            num_workers=h.num_workers,
-            pin_memory=h.pin_memory,
-            collate_fn=functools.partial(collate_windows, pad_id=self.tokenizer.pad_token_id),
-        )
+        settings = {
+            "num_workers": h.num_workers,
+            "pin_memory": h.pin_memory,
+            "collate_fn": functools.partial(collate_windows, pad_id=self.tokenizer.pad_token_id),
+        }
+        if train:  # resumable mid-epoch; the order comes from the run's seed (set by seed_everything)
+            return ResumableLoader(
+                self.dataset(split), h.batch_size, seed=torch.initial_seed(), drop_last=False, **settings
+            )
+        return DataLoader(self.dataset(split), batch_size=h.eval_batch_size, **settings)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

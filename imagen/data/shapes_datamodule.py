@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imagen.data.resumable import ResumableLoader
 from imagen.data.shapes import Scene, SceneSampler, ShapesConfig, render, scene_targets
 from imagen.metrics.judge import Judge, load_or_train_judge
 
@@ -60,7 +61,11 @@ def build_split(
 
 
 class ShapesDataset(Dataset):
-    """Items: image (3, H, W) float in [-1, 1], caption, target (GRID*GRID, 3), heldout, index."""
+    """Items: image (3, H, W) float in [-1, 1], caption, target (GRID*GRID, 3), heldout, index.
+
+    Indexed by `index` or by `(index, item_seed)` (from `EpochShuffleSampler`); training draws a fresh caption
+    paraphrase each time, from `item_seed` when given, else from the torch RNG (seeded per worker).
+    """
 
     def __init__(self, split: ShapesSplit):
         self.split = split
@@ -68,10 +73,13 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split.scenes)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, item_seed = key if isinstance(key, tuple) else (key, None)
         s = self.split
         paraphrases = s.captions[index]
-        if s.caption_choice is None:  # training: a fresh paraphrase each time (torch RNG: seeded per worker)
+        if s.caption_choice is None and item_seed is not None:
+            caption = paraphrases[item_seed % len(paraphrases)]
+        elif s.caption_choice is None:
             caption = paraphrases[int(torch.randint(len(paraphrases), ()))]
         else:
             caption = paraphrases[s.caption_choice[index]]
@@ -186,23 +194,31 @@ class ShapesDataModule(pl.LightningDataModule):
         """Every paraphrase of every training caption (for training a caption tokenizer)."""
         return [c for caps in self.split("train").captions for c in caps]
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader_settings(self) -> dict:
         h = self.hparams
-        return DataLoader(
-            ShapesDataset(self.split(split)),
-            batch_size=h.batch_size if train else h.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=h.num_workers,
-            pin_memory=h.pin_memory,
-            persistent_workers=h.persistent_workers and h.num_workers > 0,
-        )
+        return {
+            "num_workers": h.num_workers,
+            "pin_memory": h.pin_memory,
+            "persistent_workers": h.persistent_workers and h.num_workers > 0,
+        }
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything)
+        dataset = ShapesDataset(self.split("train"))
+        return ResumableLoader(
+            dataset,
+            self.hparams.batch_size,
+            seed=torch.initial_seed(),
+            item_seeds=True,
+            **self._loader_settings(),
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = ShapesDataset(self.split(split))
+        return DataLoader(dataset, batch_size=self.hparams.eval_batch_size, **self._loader_settings())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._eval_loader("test")

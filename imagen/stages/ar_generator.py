@@ -13,7 +13,13 @@ import torch.nn as nn
 from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from imagen.checkpoints import load_autoencoder, load_state_strict, read_checkpoint, stage_info
+from imagen.checkpoints import (
+    load_autoencoder,
+    load_init_from,
+    load_state_strict,
+    read_checkpoint,
+    stage_info,
+)
 from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
@@ -69,6 +75,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         compute_fid: bool = True,
         compile: bool = False,
         compile_options: dict | None = None,
+        init_from: str | None = None,
+        trust_checkpoint: bool = False,
     ):
         super().__init__()
         # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
@@ -128,8 +136,13 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         return self.autoencoder.encode(images).flatten(1)
 
     def configure_model(self) -> None:
-        """With `compile`, each Transformer block is compiled (regional `torch.compile`); on a GPU the sampler's
-        decode step is compiled too (CUDA graphs)."""
+        """`init_from`: the trained modules (`trained_modules()`, a subclass's too) start from another run of this
+        stage, loaded strictly (a resume's checkpoint, loaded after this, then wins). With `compile`, each
+        Transformer block is compiled (regional `torch.compile`); on a GPU the sampler's decode step too."""
+        if self.hparams.init_from and not getattr(self, "_initialised", False):
+            prefixes = tuple(f"{name}." for name in self.trained_modules())
+            load_init_from(self, self.hparams.init_from, self.STAGE, prefixes, self.hparams.trust_checkpoint)
+            self._initialised = True
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile_blocks(**(self.hparams.compile_options or {}))
             self._compiled = True

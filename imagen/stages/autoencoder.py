@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from imagen.callbacks.fault import grads_are_finite
+from imagen.checkpoints import load_init_from
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder
 from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
@@ -52,6 +54,8 @@ class AutoencoderStage(FusedOptimizerClipping, pl.LightningModule):
         adversarial_start_step: int = 0,
         grad_clip: float | None = 1.0,
         weight_decay: float = 0.0,
+        init_from: str | None = None,
+        trust_checkpoint: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -68,6 +72,8 @@ class AutoencoderStage(FusedOptimizerClipping, pl.LightningModule):
         self.scheduler_factory = scheduler
         self.disc_optimizer_factory = disc_optimizer
         self.metrics = nn.ModuleDict({split: self._split_metrics() for split in ("val", "test")})
+        if init_from:  # fine-tuning: the network of another autoencoder run (a resume then overrides it)
+            load_init_from(self, init_from, "autoencoder", ("net.",), trust_checkpoint)
 
     def _split_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict(
@@ -129,8 +135,10 @@ class AutoencoderStage(FusedOptimizerClipping, pl.LightningModule):
                     opt_d, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
                 )
             # Step the wrapped torch optimizer: Lightning counts every LightningOptimizer.step() as a global step,
-            # and trainer.max_steps should count batches whether or not the discriminator is on.
-            opt_d.optimizer.step()
+            # and trainer.max_steps should count batches whether or not the discriminator is on. That bypasses the
+            # callbacks' non-finite check, so it is done here.
+            if grads_are_finite(opt_d.optimizer):
+                opt_d.optimizer.step()
             self.log("train/d_loss", d_loss)
 
         self.log_dict(

@@ -1,0 +1,224 @@
+"""Fault handling: exact resume of the random state, non-finite steps, and checkpoint-then-exit on signals."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+log = logging.getLogger(__name__)
+
+
+def rng_states() -> dict:
+    """The global RNG states of Python, NumPy, torch and CUDA, as plain types and tensors (so a checkpoint
+    holding them loads with `torch.load(weights_only=True)`)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },  # fmt: skip
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states()` returned."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RandomState(Callback):
+    """Makes a resumed run draw the same random numbers as an uninterrupted one.
+
+    The RNG states at the moment of a checkpoint are stored in it and restored just before the first training
+    batch after a resume (whatever ran in between: setup, sanity checks, loader creation). Validation runs on a
+    saved copy of the states, so the training trajectory does not depend on when validation (or a checkpoint
+    written at its end) happens.
+    """
+
+    def __init__(self):
+        self._pending: dict | None = None
+        self._before_validation: dict | None = None
+
+    def state_dict(self) -> dict:
+        return rng_states()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._before_validation = rng_states()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._before_validation is not None:
+            set_rng_states(self._before_validation)
+            self._before_validation = None
+
+
+def grads_are_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient held by `optimizer`'s parameters is finite (one device sync)."""
+    flags = [
+        torch.isfinite(p.grad).all()
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.grad is not None
+    ]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped after too many consecutive non-finite steps."""
+
+
+class NonFiniteGuard(Callback):
+    """Skips optimizer steps whose loss or gradients are not finite, counts them (`train/nonfinite_steps`), and
+    stops the run after `max_consecutive` such steps in a row.
+
+    A skipped step leaves weights and optimizer moments untouched (the gradients are dropped, so the optimizer
+    passes over every parameter); the LR schedule and the data still advance, as with a skipped AMP step. On the
+    stop, a checkpoint of the weights from before the fault is written next to the others. Under DDP the decision
+    is taken jointly, so every rank skips the same steps.
+    """
+
+    def __init__(self, max_consecutive: int = 5):
+        if max_consecutive < 1:
+            raise ValueError(f"callbacks.nonfinite_guard.max_consecutive={max_consecutive}: must be >= 1")
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive = 0
+        self.first_bad_step: int | None = None
+        self._bad_loss = False
+        self._skipped = False
+        self._step = 0
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "consecutive": self.consecutive, "first_bad_step": self.first_bad_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.total, self.consecutive = state_dict["total"], state_dict["consecutive"]
+        self.first_bad_step = state_dict["first_bad_step"]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._bad_loss = self._skipped = False
+        self._step = trainer.global_step  # the step this batch computes
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss).all()):
+            self._bad_loss = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        bad = self._bad_loss or not grads_are_finite(optimizer)
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            optimizer.zero_grad(set_to_none=True)  # torch optimizers pass over parameters without a gradient
+            self._skipped = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = self._step
+        if self._skipped or self._bad_loss:
+            self.total += 1
+            self.consecutive += 1
+            if self.consecutive == 1:
+                self.first_bad_step = step
+            log.warning(
+                f"{type(pl_module).__name__}: non-finite loss or gradients at step {step}; step skipped"
+            )
+        else:
+            self.consecutive = 0
+        pl_module.log("train/nonfinite_steps", float(self.total))
+        if self.consecutive >= self.max_consecutive:
+            path = checkpoint_dir(trainer) / f"nonfinite_step_{self.first_bad_step:06d}.ckpt"
+            trainer.save_checkpoint(path)
+            raise NonFiniteError(
+                f"{type(pl_module).__name__} stage: {self.consecutive} consecutive non-finite steps "
+                f"(steps {self.first_bad_step}-{step}, loss or gradients NaN/inf); stopped. Weights from before the "
+                f"fault: {path}. Lower model.optimizer.lr, check the data, or resume with ckpt_path={path}"
+            )
+
+
+def checkpoint_dir(trainer: pl.Trainer) -> Path:
+    """Where the run's checkpoints go: the ModelCheckpoint folder, else `<default_root_dir>/checkpoints`."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
+class Preemption(Callback):
+    """On one of `signals` (SIGUSR1: SLURM's warning before the time limit; SIGTERM: preemption, `scancel`), write
+    a checkpoint at the end of the current batch and stop training cleanly.
+
+    The signal only sets a flag; the checkpoint is written between batches, never in the middle of an optimizer
+    step. Under SLURM with auto-requeue (conf/hydra/launcher/slurm.yaml) SIGUSR1 is then handed to Lightning's
+    own requeue handler (it writes `hpc_ckpt_N.ckpt` and requeues the job); elsewhere `last.ckpt` is written.
+    Rerunning the same command resumes from it (`ckpt_path=auto`).
+    """
+
+    def __init__(self, signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGTERM")):
+        self.signals = [getattr(signal, name) for name in signals]
+        self.received: int | None = None
+        self.stopped_at_step: int | None = None
+        self.checkpoint: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        log.warning(f"received {signal.Signals(signum).name}: checkpoint at the end of this batch, then stop")
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning registered its own handlers: the checkpoint is written between batches
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        signum = self.received if self.received is not None else signal.SIGUSR1
+        environment = trainer._accelerator_connector.cluster_environment
+        if (
+            signum == signal.SIGUSR1
+            and isinstance(environment, SLURMEnvironment)
+            and environment.auto_requeue
+        ):
+            trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)  # hpc_ckpt_N.ckpt + requeue
+            self.checkpoint = "hpc_ckpt (SLURM requeue)"
+        else:
+            path = checkpoint_dir(trainer) / "last.ckpt"
+            trainer.save_checkpoint(path)
+            self.checkpoint = str(path)
+        self.stopped_at_step = trainer.global_step
+        trainer.should_stop = True

@@ -1,0 +1,98 @@
+"""A shuffling training DataLoader that resumes at the same batch of the same epoch after a restart.
+
+Lightning saves the `state_dict()` of every training loader that has one in its checkpoints and hands it back to
+`load_state_dict()` on resume, before the first batch is drawn. The order of an epoch depends only on
+(`seed`, epoch), never on the global RNG, so that neither the shuffle nor the data's own randomness perturbs (or
+is perturbed by) the model's random draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochShuffleSampler(Sampler):
+    """A permutation of `range(num_items)` per epoch from (`seed`, epoch); skips the first `start` items once.
+
+    With `item_seeds=True` it yields `(index, item_seed)` pairs: a dataset with per-item randomness (a random
+    caption paraphrase) draws from `item_seed` instead of the global RNG.
+    """
+
+    def __init__(self, num_items: int, seed: int, item_seeds: bool = False):
+        self.num_items = num_items
+        self.seed = int(seed)
+        self.item_seeds = item_seeds
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        if epoch != self.epoch:
+            self.start = 0  # a position saved in another epoch does not apply
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        seeds = torch.randint(2**62, (self.num_items,), generator=generator).tolist()
+        start, self.start = self.start, 0
+        for position in range(start, self.num_items):
+            yield (order[position], seeds[position]) if self.item_seeds else order[position]
+
+
+class ResumableLoader(DataLoader):
+    """A shuffling, batch-dropping `DataLoader` whose position within the epoch is checkpointed.
+
+    The position is counted in batches that left the loader (Lightning fetches no batch ahead from a loader with a
+    length, so these are the batches trained on when a checkpoint is written).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        item_seeds: bool = False,
+        sampler: Sampler | None = None,
+        drop_last: bool = True,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        self.epoch_sampler = EpochShuffleSampler(len(dataset), seed, item_seeds)
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            # Lightning passes its own sampler when it rebuilds the loader (DDP, overfit_batches): the position is
+            # then not tracked
+            sampler=self.epoch_sampler if sampler is None else sampler,
+            drop_last=drop_last,
+            # the base seed of worker processes: from this generator, not from the global RNG
+            generator=generator if generator is not None else torch.Generator().manual_seed(int(seed)),
+            **kwargs,
+        )
+        self._yielded = 0
+
+    def __iter__(self) -> Iterator:
+        self._yielded = self.epoch_sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        if self.sampler is not self.epoch_sampler:
+            return {}
+        return {"epoch": self.epoch_sampler.epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state or self.sampler is not self.epoch_sampler:
+            return
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
+            epoch, batches = epoch + 1, 0
+        self.epoch_sampler.epoch = epoch
+        self.epoch_sampler.start = batches * self.batch_size

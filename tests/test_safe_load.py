@@ -1,0 +1,94 @@
+"""Safe loading: no code runs from a checkpoint; the safetensors export samples what the checkpoint samples;
+checkpoints of another stage or config fail with the mismatched keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra.errors import InstantiationException
+
+from imagen.checkpoints import CheckpointError
+from imagen.cli.export import main as export_main
+from imagen.cli.sample import sample
+from imagen.cli.train import train
+from tests.conftest import TINY_SHAPES
+from tests.test_checkpoints import RunsCode
+from tests.test_sample import generator_ckpt  # noqa: F401  (module fixture)
+from tests.test_train import TINY_AUTOENCODER, TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401
+
+
+@pytest.fixture
+def evil_ckpt(tmp_path) -> tuple[Path, Path]:
+    """A checkpoint that creates `marker` when unpickled, shaped like a real stage checkpoint."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"imagen": {"stage": "ar_generator"}, "state_dict": {}, "payload": RunsCode(marker)}, path)
+    return path, marker
+
+
+def test_sample_refuses_a_checkpoint_that_runs_code(make_cfg, tmp_path, evil_ckpt):
+    path, marker = evil_ckpt
+    cfg = make_cfg(
+        [f"ckpt={path}", "prompts=[a red circle]", f"out_dir={tmp_path / 'out'}"], config_name="sample"
+    )
+    with pytest.raises(CheckpointError, match="refusing it.*trust_checkpoint=true"):
+        sample(cfg)
+    assert not marker.exists(), "the payload must not have run"
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "generator"])
+def test_init_from_refuses_a_checkpoint_that_runs_code(make_cfg, evil_ckpt, tiny_autoencoder_ckpt, stage):  # noqa: F811
+    path, marker = evil_ckpt
+    overrides = (
+        ["experiment=shapes_autoencoder", *TINY_AUTOENCODER]
+        if stage == "autoencoder"
+        else [
+            "experiment=shapes_generator",
+            *TINY_GENERATOR,
+            f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+        ]
+    )
+    with pytest.raises(Exception, match="refusing it"):
+        train(make_cfg([*overrides, *TINY_SHAPES, f"model.init_from={path}"]))
+    assert not marker.exists(), "the payload must not have run"
+
+
+def test_export_samples_the_same_images(make_cfg, generator_ckpt, tmp_path):  # noqa: F811
+    exported = tmp_path / "exported"
+    export_main([str(generator_ckpt), str(exported)])
+    assert sorted(p.name for p in exported.iterdir()) == ["config.yaml", "model.safetensors"]
+    images = {}
+    for name, ckpt in (("checkpoint", generator_ckpt), ("export", exported)):
+        cfg = make_cfg([f"ckpt={ckpt}", "prompts=[a small red circle,a large blue square]", "n=2", "seed=3",
+                        f"out_dir={tmp_path / name}"], config_name="sample")  # fmt: skip
+        sample(cfg)
+        images[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name / "images").glob("*.png"))}
+    assert len(images["checkpoint"]) == 4 and images["checkpoint"] == images["export"]
+
+
+def test_init_from_checks_stage_and_config(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
+    # a checkpoint of another stage
+    cfg = make_cfg(["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR,
+                    f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}", f"model.init_from={tiny_autoencoder_ckpt}"])  # fmt: skip
+    # (hydra wraps what the stage raises in an InstantiationException that repeats its message)
+    with pytest.raises(
+        InstantiationException, match="is from the 'autoencoder' stage; expected a 'ar_generator'"
+    ):
+        hydra.utils.instantiate(cfg.model, _convert_="all")
+    # the same stage with another network size: the mismatched keys are listed
+    cfg = make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=shapes",
+                    f"model.init_from={tiny_autoencoder_ckpt}"])  # fmt: skip
+    with pytest.raises(InstantiationException, match="does not match Autoencoder") as e:
+        hydra.utils.instantiate(cfg.model, _convert_="all")
+    message = str(e.value.__cause__)  # the stage's CheckpointError
+    assert "\n  unexpected keys: quantizer.impl._codebook.cluster_size" in message
+    assert "\n  shape mismatch keys: decoder.layers.0.bias: checkpoint (32,) vs model (64,)" in message
+    # the matching config loads every weight
+    cfg = make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES, *TINY_AUTOENCODER,
+                    f"model.init_from={tiny_autoencoder_ckpt}"])  # fmt: skip
+    stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+    saved = torch.load(tiny_autoencoder_ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[f"net.{k}"]) for k, v in stage.net.state_dict().items())
