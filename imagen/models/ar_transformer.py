@@ -15,7 +15,6 @@ to `forward(..., cache=cache, start=pos)`, so a model that sampled during valida
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from imagen.models.sizes import config_from_size
 
 
 @dataclass
@@ -168,13 +169,8 @@ class ARTransformer(nn.Module):
 
     @classmethod
     def from_size(cls, size: str = "shapes", **overrides) -> ARTransformer:
-        if size not in AR_SIZES:
-            raise ValueError(f"model.net.size: unknown size {size!r}; choose from {sorted(AR_SIZES)}")
-        fields = {f.name for f in dataclasses.fields(ARConfig)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"model.net: unknown ARConfig field(s) {unknown}; valid: {sorted(fields)}")
-        return cls(dataclasses.replace(AR_SIZES[size], **overrides))
+        """Build from a named size in `AR_SIZES`, with any config field overridden."""
+        return cls(config_from_size(AR_SIZES, size, overrides))
 
     @property
     def prefix_length(self) -> int:

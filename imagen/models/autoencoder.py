@@ -7,12 +7,13 @@ optional cosine codes, dead-code replacement), FSQ and LFQ.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
+from imagen.models.sizes import config_from_size
 
 
 @dataclass
@@ -211,18 +212,8 @@ class Autoencoder(nn.Module):
 
     @classmethod
     def from_size(cls, size: str = "shapes", **overrides) -> Autoencoder:
-        """Build from a named size in `AUTOENCODER_SIZES`, with any `AutoencoderConfig` field overridden."""
-        if size not in AUTOENCODER_SIZES:
-            raise ValueError(
-                f"model.net.size: unknown size {size!r}; choose from {sorted(AUTOENCODER_SIZES)}"
-            )
-        fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(
-                f"model.net: unknown AutoencoderConfig field(s) {unknown}; valid: {sorted(fields)}"
-            )
-        return cls(dataclasses.replace(AUTOENCODER_SIZES[size], **overrides))
+        """Build from a named size in `AUTOENCODER_SIZES`, with any config field overridden."""
+        return cls(config_from_size(AUTOENCODER_SIZES, size, overrides))
 
     @property
     def downsample_factor(self) -> int:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imagen.models.ar_transformer import ARConfig, Block
+from imagen.models.sizes import config_from_size
 from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, EncoderBlock
 
 
@@ -83,17 +83,8 @@ class ImageTextNet(nn.Module):
 
     @classmethod
     def from_size(cls, size: str = "shapes", **overrides) -> ImageTextNet:
-        if size not in IMAGE_TEXT_SIZES:
-            raise ValueError(
-                f"model.image_text.size: unknown size {size!r}; choose from {sorted(IMAGE_TEXT_SIZES)}"
-            )
-        fields = {f.name for f in dataclasses.fields(ImageTextConfig)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(
-                f"model.image_text: unknown ImageTextConfig field(s) {unknown}; valid: {sorted(fields)}"
-            )
-        return cls(dataclasses.replace(IMAGE_TEXT_SIZES[size], **overrides))
+        """Build from a named size in `IMAGE_TEXT_SIZES`, with any config field overridden."""
+        return cls(config_from_size(IMAGE_TEXT_SIZES, size, overrides, "model.image_text"))
 
     # -- image side -----------------------------------------------------------------------------------------------
 
