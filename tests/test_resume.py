@@ -168,3 +168,14 @@ def test_csv_logger_appends_when_a_run_resumes(tmp_path):
         logger.save()
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     assert rows == ["step,train/loss,val/psnr", "1,1.0,", "2,0.5,20.0"]
+
+
+def test_wandb_continues_the_same_run_after_a_resume(make_cfg, tmp_path):
+    # the W&B run id follows the run directory, so rerunning the command of a killed run logs into the same run
+    def wandb_cfg(run_dir):
+        wandb = make_cfg(["experiment=shapes_autoencoder", "logger=wandb"], run_dir=run_dir).logger.wandb
+        return {"id": wandb.id, "resume": wandb.resume}
+
+    first, again, other = wandb_cfg(tmp_path / "a"), wandb_cfg(tmp_path / "a"), wandb_cfg(tmp_path / "b")
+    assert first["id"] == again["id"] != other["id"]
+    assert first["resume"] == "allow"

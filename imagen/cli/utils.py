@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -23,10 +24,17 @@ from imagen.precision import auto_precision
 log = logging.getLogger("imagen")
 
 
+def run_id(output_dir: str) -> str:
+    """A logger run id that is the same for every start of one run directory (a resume continues the run)."""
+    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers used in conf/ (idempotent)."""
     if not OmegaConf.has_resolver("imagen.auto_precision"):
         OmegaConf.register_new_resolver("imagen.auto_precision", auto_precision)
+    if not OmegaConf.has_resolver("imagen.run_id"):
+        OmegaConf.register_new_resolver("imagen.run_id", run_id)
 
 
 register_resolvers()
