@@ -195,8 +195,8 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     for folder in {root, Path(cfg.paths.output_dir)}:  # the pipeline's folder and this run's directory
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    log.info("pipeline summary (also in %s):\n%s", root / "summary.md", text)
-    print(text, flush=True)
+    print(text, flush=True)  # the table once on the console; the log records where it is
+    log.info(f"pipeline summary written to {root / 'summary.md'}")
     return metrics, {"rows": rows, "grid": grid, "stages": objects, "cfg": cfg}
 
 

@@ -52,10 +52,11 @@ def load_generator(path: str, trust: bool):
     from imagen.stages.ar_generator import ARGeneratorStage
     from imagen.stages.joint import JointStage
 
-    info = read_checkpoint(path, trust).get("imagen")
+    checkpoint = read_checkpoint(path, trust)  # read once: it picks the class and fills the stage
+    info = checkpoint.get("imagen")
     cls = JointStage if isinstance(info, dict) and info.get("stage") == JointStage.STAGE else ARGeneratorStage
     try:
-        return cls.from_checkpoint(path, trust=trust)
+        return cls.from_checkpoint(path, trust=trust, checkpoint=checkpoint)
     except CheckpointError:
         raise
     except (KeyError, TypeError) as e:

@@ -294,9 +294,12 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
     STAGE = "ar_generator"  # the name in checkpoint["imagen"]["stage"]
 
     @classmethod
-    def from_checkpoint(cls, path: str, trust: bool = False) -> ARGeneratorStage:
-        """Rebuild a trained stage (text encoder, transformer, autoencoder, ...) from its checkpoint alone."""
-        checkpoint = read_checkpoint(path, trust)
+    def from_checkpoint(
+        cls, path: str, trust: bool = False, checkpoint: dict | None = None
+    ) -> ARGeneratorStage:
+        """Rebuild a trained stage (text encoder, transformer, autoencoder, ...) from its checkpoint alone
+        (`checkpoint`: the file's contents when the caller has read them already)."""
+        checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path, trust)
         stage = cls(**cls.init_args_from_info(stage_info(checkpoint, path, cls.STAGE)))
         load_state_strict(stage, checkpoint["state_dict"], source=str(path))
         return stage.eval()
