@@ -179,3 +179,12 @@ def test_wandb_continues_the_same_run_after_a_resume(make_cfg, tmp_path):
     first, again, other = wandb_cfg(tmp_path / "a"), wandb_cfg(tmp_path / "a"), wandb_cfg(tmp_path / "b")
     assert first["id"] == again["id"] != other["id"]
     assert first["resume"] == "allow"
+
+
+def test_shuffle_order_accepts_any_seed_an_unseeded_run_has():
+    from imagen.data.resumable import EpochShuffleSampler
+
+    # `seed=null` leaves torch.initial_seed() anywhere in [0, 2**64): the sampler must still draw an order
+    sampler = EpochShuffleSampler(10, seed=2**64 - 1)
+    assert sorted(sampler) == list(range(10))
+    assert list(EpochShuffleSampler(10, seed=3)) == list(EpochShuffleSampler(10, seed=3))

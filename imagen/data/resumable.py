@@ -37,7 +37,8 @@ class EpochShuffleSampler(Sampler):
         return self.num_items
 
     def __iter__(self) -> Iterator:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        # any int seed (torch.initial_seed() of an unseeded run is up to 2**64 - 1) maps into the generator's range
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63)
         order = torch.randperm(self.num_items, generator=generator).tolist()
         seeds = torch.randint(2**62, (self.num_items,), generator=generator).tolist()
         start, self.start = self.start, 0
