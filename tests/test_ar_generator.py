@@ -12,10 +12,16 @@ from tests.conftest import TINY_SHAPES
 from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
 
-def tiny_model(conditioning: str = "cross") -> ARTransformer:
+def tiny_model(conditioning: str = "cross", rope: bool = True) -> ARTransformer:
     torch.manual_seed(0)
     model = ARTransformer.from_size(
-        "tiny", vocab_size=40, grid_size=(3, 4), text_dim=16, conditioning=conditioning, max_text_length=6
+        "tiny",
+        vocab_size=40,
+        grid_size=(3, 4),
+        text_dim=16,
+        conditioning=conditioning,
+        max_text_length=6,
+        rope=rope,
     )
     return model.eval()
 
@@ -28,7 +34,7 @@ def text(batch: int = 3):
     return states, mask
 
 
-@pytest.mark.parametrize("conditioning", ["cross", "prefix"])
+@pytest.mark.parametrize("conditioning,rope", [("cross", True), ("prefix", True), ("cross", False)])
 @pytest.mark.parametrize(
     "settings",
     [
@@ -37,12 +43,31 @@ def text(batch: int = 3):
         SamplingSettings(cfg_scale=2.0, cfg_schedule="linear"),
     ],  # fmt: skip
 )
-def test_kv_cache_sampling_equals_full_recompute(conditioning, settings):
-    model, (states, mask) = tiny_model(conditioning), text()
+def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, settings):
+    model, (states, mask) = tiny_model(conditioning, rope), text()
     cached = generate(model, states, mask, settings, torch.Generator().manual_seed(7))
     recomputed = generate_recompute(model, states, mask, settings, torch.Generator().manual_seed(7))
     assert cached.shape == (3, 12)
     assert torch.equal(cached, recomputed)
+
+
+def test_rope_scores_depend_only_on_the_2d_offset():
+    from imagen.models.ar_transformer import apply_rope, rope_angles
+
+    angles = rope_angles((5, 6), head_dim=16, base=100.0)  # (30, 8): cell i = (i // 6, i % 6)
+    cos, sin = angles.cos(), angles.sin()
+    q, k = torch.randn(1, 1, 1, 16).expand(1, 1, 30, 16), torch.randn(1, 1, 1, 16).expand(1, 1, 30, 16)
+    scores = apply_rope(q, cos, sin)[0, 0] @ apply_rope(k, cos, sin)[0, 0].t()  # (30, 30)
+
+    def cell(r, c):
+        return r * 6 + c
+
+    # the same query/key content one row down and one column right: (1,2)->(0,1) equals (4,5)->(3,4)
+    torch.testing.assert_close(scores[cell(1, 2), cell(0, 1)], scores[cell(4, 5), cell(3, 4)])
+    torch.testing.assert_close(scores[cell(2, 0), cell(2, 3)], scores[cell(0, 1), cell(0, 4)])
+    # but a different offset gives a different score, and rows differ from columns
+    assert not torch.allclose(scores[cell(1, 2), cell(0, 1)], scores[cell(1, 2), cell(1, 1)])
+    assert not torch.allclose(scores[cell(0, 0), cell(1, 0)], scores[cell(0, 0), cell(0, 1)])
 
 
 def test_guidance_scale_zero_is_unconditional_and_one_is_conditional():

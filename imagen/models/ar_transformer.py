@@ -1,8 +1,10 @@
 """Decoder-only Transformer that writes image tokens in raster order, conditioned on text.
 
 Conditioning is cross-attention to the text states (default) or the text states as a prefix of the sequence.
-Positions are learned and 2D-aware: the input at sequence position i gets the row and column embedding of the
-grid cell it predicts. Attention runs through `scaled_dot_product_attention`.
+Positions are 2D-aware: the input at sequence position i gets the learned row and column embedding of the grid
+cell it predicts (absolute: "top left" in a caption names a place) and, with `rope`, self-attention rotates
+queries and keys by that cell's row and column (2D RoPE: "the token above" is the same relative offset
+everywhere). Attention runs through `scaled_dot_product_attention`.
 
 Sequence layout (N = h * w image tokens, L = text length):
   cross:  [BOS, t0, ..., t(N-2)]                      -> predicts t0 .. t(N-1)
@@ -38,6 +40,10 @@ class ARConfig:
     text_dim: int = 128  # width of the text encoder's states
     conditioning: str = "cross"  # cross | prefix
     max_text_length: int = 64  # prefix mode: positions reserved for the text
+    # 2D rotary positions in self-attention (half of each head's channels turn with the row, half with the column).
+    # False here so that checkpoints written before it existed load as they were trained; the sizes turn it on.
+    rope: bool = False
+    rope_base: float = 100.0
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(self.grid_size)
@@ -45,6 +51,10 @@ class ARConfig:
             raise ValueError(f"model.net.conditioning must be cross or prefix; got {self.conditioning!r}")
         if self.dim % self.heads:
             raise ValueError(f"model.net.dim={self.dim} must be divisible by model.net.heads={self.heads}")
+        if self.rope and (self.dim // self.heads) % 4:
+            raise ValueError(
+                f"model.net.rope needs a head width (dim / heads = {self.dim // self.heads}) divisible by 4"
+            )
 
     @property
     def num_image_tokens(self) -> int:
@@ -54,12 +64,29 @@ class ARConfig:
 # Named sizes. Parameters with a 16384-code vocabulary, 16x16 tokens and 768-wide text states, with cross-attention
 # / with a text prefix: B 139M / 111M, L 370M / 286M, XL 777M / 594M. `ARTransformer.from_size(name, **overrides)`.
 AR_SIZES: dict[str, ARConfig] = {
-    "tiny": ARConfig(dim=64, layers=2, heads=2),
-    "shapes": ARConfig(dim=256, layers=4, heads=4),
-    "B": ARConfig(dim=768, layers=12, heads=12),
-    "L": ARConfig(dim=1024, layers=20, heads=16),
-    "XL": ARConfig(dim=1280, layers=28, heads=20),
+    "tiny": ARConfig(dim=64, layers=2, heads=2, rope=True),
+    "shapes": ARConfig(dim=256, layers=4, heads=4, rope=True),
+    "B": ARConfig(dim=768, layers=12, heads=12, rope=True),
+    "L": ARConfig(dim=1024, layers=20, heads=16, rope=True),
+    "XL": ARConfig(dim=1280, layers=28, heads=20, rope=True),
 }
+
+
+def rope_angles(grid_size: tuple[int, int], head_dim: int, base: float, prefix: int = 0) -> torch.Tensor:
+    """(prefix + h * w, head_dim / 2) rotation angles: sequence position i >= prefix is the grid cell i - prefix
+    (row-major); its first head_dim / 4 angles follow the row, the rest the column. Prefix positions get 0."""
+    h, w = grid_size
+    freqs = base ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)  # (N,)
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, head_dim / 2)
+    return F.pad(angles, (0, 0, prefix, 0)).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (j, j + head_dim / 2) of x (B, H, T, head_dim) by angles with cos, sin (T, head_dim / 2)."""
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -82,11 +109,19 @@ class Attention(nn.Module):
         return self.split_heads(k), self.split_heads(v)
 
     def forward(
-        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) attends to k, v (B, H, S, hd); mask broadcastable to (B, H, T, S) with True = may attend,
-        or None for causal self-attention (T == S)."""
+        or None for causal self-attention (T == S). `rope`: (cos, sin) (T, hd / 2) to rotate the queries by (the
+        keys were rotated when written)."""
         q = self.split_heads(self.q(x))
+        if rope is not None:
+            q = apply_rope(q, *rope)
         dropout = self.dropout if self.training else 0.0
         # On CPU the fused kernel's backward is several times slower than the plain math at these sequence
         # lengths (measured: 40 ms vs ~5 ms per call at 64 tokens); GPUs keep flash / memory-efficient kernels.
@@ -114,17 +149,22 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x, self_mask, cross_kv, cross_mask, cache_kv=None, positions=None) -> torch.Tensor:
+    def forward(
+        self, x, self_mask, cross_kv, cross_mask, cache_kv=None, positions=None, rope=None
+    ) -> torch.Tensor:
         """x (B, T, D). With `cache_kv` = (k, v) buffers (B, H, S, hd), this step's keys and values are written at
-        sequence `positions` (T,) and attention runs over the whole buffer under `self_mask`."""
+        sequence `positions` (T,) and attention runs over the whole buffer under `self_mask`. `rope`: (cos, sin)
+        (T, hd / 2) of x's positions, rotating self-attention queries and keys (2D RoPE)."""
         h = self.norm1(x)
         k, v = self.attn.keys_values(h)
+        if rope is not None:
+            k = apply_rope(k, *rope)
         if cache_kv is not None:
             k_buf, v_buf = cache_kv
             k_buf.index_copy_(2, positions, k.to(k_buf.dtype))
             v_buf.index_copy_(2, positions, v.to(v_buf.dtype))
             k, v = k_buf, v_buf
-        x = x + self.drop(self.attn(h, k, v, self_mask))
+        x = x + self.drop(self.attn(h, k, v, self_mask, rope))
         if self.cross:
             x = x + self.drop(self.cross_attn(self.norm_cross(x), *cross_kv, cross_mask))
         return x + self.drop(self.mlp(self.norm2(x)))
@@ -149,6 +189,10 @@ class ARTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.rope:  # derived from the config: not part of the state dict
+            angles = rope_angles(c.grid_size, c.dim // c.heads, c.rope_base, self.prefix_length)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") and "text_proj" not in name or name.endswith("mlp.2.weight"):
@@ -274,14 +318,21 @@ class ARTransformer(nn.Module):
             self_mask, cross_mask = causal[None, None] & key_valid[:, None, None, :], None
         else:
             self_mask, cross_mask = None, context_mask[:, None, None, :]  # None: causal
+        rope = self.rope_at(torch.arange(x.shape[1], device=x.device))
         for block in self.blocks:
             cross_kv = block.cross_attn.keys_values(context) if block.cross else None
-            x = block(x, self_mask, cross_kv, cross_mask)
+            x = block(x, self_mask, cross_kv, cross_mask, rope=rope)
         logits = self.head(self.norm(x[:, self.prefix_length :]))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) (T, head_dim / 2) at sequence `positions` (T,), or None without RoPE."""
+        if not self.config.rope:
+            return None
+        return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
 
     def _with_prefix(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor):
         """Prepend the text (padded/cut to max_text_length) to x; returns (sequence, key_valid (B, S))."""
@@ -335,7 +386,9 @@ class ARTransformer(nn.Module):
         index = torch.arange(cache.self_k[0].shape[2], device=x.device)
         # (B, 1, T, S): causal within the cache, and only keys that were written
         self_mask = (index[None, :] <= positions[:, None])[None, None] & cache.key_valid[:, None, None, :]
+        rope = self.rope_at(positions)
         for i, block in enumerate(self.blocks):
             cross_kv = (cache.cross_k[i], cache.cross_v[i]) if block.cross else None
-            x = block(x, self_mask, cross_kv, cache.text_mask, (cache.self_k[i], cache.self_v[i]), positions)
+            kv = (cache.self_k[i], cache.self_v[i])
+            x = block(x, self_mask, cross_kv, cache.text_mask, kv, positions, rope)
         return self.head(self.norm(x))
