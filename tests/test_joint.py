@@ -20,9 +20,7 @@ from imagen.sampling.caption import CaptionDecoding, decode_captions
 from imagen.sampling.rerank import best_of
 from imagen.stages.joint import JointStage, scene_relevance
 from tests.conftest import TINY_SHAPES, train_tiny_stage
-from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
-
-TINY_JOINT = [*TINY_GENERATOR, "model.image_text.size=tiny", "model.rerank.candidates=3"]
+from tests.test_train import TINY_JOINT, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
 
 def joint_overrides(ckpt, *extra: str) -> list[str]:

@@ -30,6 +30,7 @@ from imagen.data.conll import (
     tokenizer_from_files,
 )
 from imagen.metrics.ner import entity_report
+from imagen.models.lora import LoraSettings, merge_lora_state
 from imagen.models.ner import NerTagger, NerTaggerConfig, encoder_from_config
 from imagen.progress import progress_bar
 
@@ -63,6 +64,8 @@ def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
     )
     prefix = "net."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if info.get("lora"):  # fine-tuned with LoRA: the adapters are folded into the weights
+        state = merge_lora_state(state, LoraSettings(**info["lora"]))
     tagger.load_state_dict(state)
     return NerModel(
         tagger.eval(),
