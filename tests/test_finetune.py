@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -36,14 +37,7 @@ from tests.test_train import (  # noqa: F401  (session fixtures)
     tiny_joint_ckpt,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine a second intra-op thread makes each op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -243,11 +237,14 @@ def test_round_trip_counts_the_attributes_a_caption_keeps():
 
 
 def test_new_concept_data_holds_few_new_examples_and_separate_prompt_groups(make_cfg):
-    cfg = make_cfg(["data=shapes_new_concept", "data.num_train=20", "data.num_replay=30", "data.num_val=12",
-                    "data.num_val_heldout=6", "data.num_val_new=8", "data.use_judge=false"])  # fmt: skip
+    cfg = make_cfg(["data=shapes_new_concept", "data.num_train=20", "data.new_repeats=3", "data.num_replay=30",
+                    "data.num_val=12", "data.num_val_heldout=6", "data.num_val_new=8", "data.use_judge=false"])  # fmt: skip
     data = hydra.utils.instantiate(cfg.data, _convert_="all")
-    train_groups = [data.scene_group(s) for s in data.split("train").scenes]
-    assert train_groups.count("new") == 20 and train_groups.count("seen") == 30 and len(train_groups) == 50
+    train = data.split("train")
+    groups = [data.scene_group(s) for s in train.scenes]
+    assert groups == ["seen"] * 30 + ["new"] * 60 and len(train.images) == 90
+    # 20 examples, each 3 times: the repeats are the same images
+    assert np.array_equal(train.images[50:], np.repeat(train.images[30:50], 2, axis=0))
     assert any("orange" in c for c in data.train_captions())
     for group, count in (("seen", 12), ("heldout", 6), ("new", 8)):
         captions, scenes, images = data.eval_prompts("val", group=group)

@@ -27,13 +27,7 @@ def joint_overrides(ckpt, *extra: str) -> list[str]:
     return ["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, f"model.autoencoder_ckpt={ckpt}", *extra]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine a second intra-op thread makes each op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- reranking and retrieval (pure functions) ------------------------------------------------------------------------

@@ -79,6 +79,14 @@ def render_split(
     )
 
 
+def take_rows(split: ShapesSplit, rows: np.ndarray) -> ShapesSplit:
+    """The split's samples at `rows` (in that order, repeats allowed)."""
+    choice = None if split.caption_choice is None else split.caption_choice[rows]
+    return ShapesSplit(images=split.images[rows], scenes=[split.scenes[i] for i in rows],
+                       captions=[split.captions[i] for i in rows], heldout=split.heldout[rows],
+                       targets=split.targets[rows], caption_choice=choice)  # fmt: skip
+
+
 class ShapesDataset(Dataset):
     """Items: image (3, H, W) float in [-1, 1], caption, target (GRID*GRID, 3), heldout, index.
 
@@ -260,8 +268,9 @@ class NewConceptShapesDataModule(ShapesDataModule):
     """Captioned shapes for teaching a trained model a concept its pre-training never saw (`new_concept`, e.g.
     `[{color: orange}]`, attribute combinations like `heldout`'s).
 
-    Training: `num_train` scenes showing the new concept (few: the point is learning from little data) plus
-    `num_replay` scenes without it, from the pre-training distribution (replay, against forgetting). Validation
+    Training: `num_train` scenes showing the new concept (few: the point is learning from little data), each
+    `new_repeats` times per epoch (the same images: a larger share of each batch), plus `num_replay` scenes without
+    it, from the pre-training distribution (replay, against forgetting). Validation
     and test: `num_*` scenes of seen compositions and `num_*_heldout` of held-out ones, both without the new
     concept (the old prompts), plus `num_*_new` with it: the prompt group `new` (`judge_acc_new`). No split holds a
     held-out composition together with the new concept. Other arguments are `ShapesDataModule`'s; `colors` (and
@@ -274,6 +283,7 @@ class NewConceptShapesDataModule(ShapesDataModule):
         self,
         new_concept: list[dict[str, str]],
         num_replay: int = 800,
+        new_repeats: int = 1,
         num_val_new: int = 128,
         num_test_new: int = 256,
         **shapes_args,
@@ -283,6 +293,8 @@ class NewConceptShapesDataModule(ShapesDataModule):
         if not self.new_concept:
             raise ValueError("data.new_concept is empty: name the concept to teach, e.g. [{color: orange}]")
         self.config.check_combinations(self.new_concept, "data.new_concept")
+        if new_repeats < 1:
+            raise ValueError(f"data.new_repeats must be >= 1; got {new_repeats}")
 
     def scene_group(self, scene: Scene) -> str:
         if any(has_combination(o, self.new_concept) for o in scene.objects):
@@ -304,7 +316,11 @@ class NewConceptShapesDataModule(ShapesDataModule):
             *(self._draw(sampler, rng, heldout, True, "heldout") if self.config.heldout else []),
             *self._draw(sampler, rng, new, seen, "new"),
         ]
-        return render_split(self.config, split, scenes, rng)
+        rendered = render_split(self.config, split, scenes, rng)
+        if split != "train" or h.new_repeats == 1:
+            return rendered
+        repeats = np.repeat(np.arange(len(scenes) - new, len(scenes)), h.new_repeats - 1)  # new scenes come last
+        return take_rows(rendered, np.concatenate([np.arange(len(scenes)), repeats]))
 
     def _draw(self, sampler: SceneSampler, rng, n: int, heldout: bool | None, group: str) -> list[Scene]:
         """`n` scenes of `group`, drawn by rejection."""
