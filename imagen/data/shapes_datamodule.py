@@ -319,7 +319,8 @@ class NewConceptShapesDataModule(ShapesDataModule):
         rendered = render_split(self.config, split, scenes, rng)
         if split != "train" or h.new_repeats == 1:
             return rendered
-        repeats = np.repeat(np.arange(len(scenes) - new, len(scenes)), h.new_repeats - 1)  # new scenes come last
+        new_rows = np.arange(len(scenes) - new, len(scenes))  # the new-concept scenes come last
+        repeats = np.repeat(new_rows, h.new_repeats - 1)
         return take_rows(rendered, np.concatenate([np.arange(len(scenes)), repeats]))
 
     def _draw(self, sampler: SceneSampler, rng, n: int, heldout: bool | None, group: str) -> list[Scene]:
