@@ -150,17 +150,22 @@ def _plain(value: Any) -> Any:
 def export_checkpoint(path: str | Path, out_dir: str | Path, trust: bool = False) -> Path:
     """Write a stage checkpoint as `out_dir/model.safetensors` (the tensors of its state dict) plus
     `out_dir/config.yaml` (what rebuilds the model: the stage's `imagen` entry, its hyperparameters and any
-    non-tensor state such as a tokenizer). `read_checkpoint(out_dir)` reads it back; no pickle is involved."""
+    non-tensor state such as a tokenizer). `read_checkpoint(out_dir)` reads it back; no pickle is involved.
+    LoRA adapters are merged into the weights: the export is the plain model that samples the same."""
     from safetensors.torch import save_file
 
     checkpoint = read_checkpoint(path, trust)
-    if not isinstance(checkpoint.get("imagen"), dict):
+    info = checkpoint.get("imagen")
+    if not isinstance(info, dict):
         raise CheckpointError(f"checkpoint {path} was not written by an imagen stage (no 'imagen' entry)")
-    state = checkpoint["state_dict"]
+    state = plain_state_dict(checkpoint["state_dict"], info)
+    hyper_parameters = dict(checkpoint.get("hyper_parameters", {}))
+    if info.get("lora"):
+        info, hyper_parameters["lora"] = {**info, "lora": None}, None
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
     config = {
-        "imagen": _plain(checkpoint["imagen"]),
-        "hyper_parameters": _plain(checkpoint.get("hyper_parameters", {})),
+        "imagen": _plain(info),
+        "hyper_parameters": _plain(hyper_parameters),
         "extra_state": _plain({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}),
         "source": {"checkpoint": str(path), "global_step": checkpoint.get("global_step")},
     }
@@ -193,15 +198,23 @@ def read_export(out_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def plain_state_dict(state: dict, info: dict) -> dict:
+    """A stage's state dict without LoRA adapters: those its `imagen` entry records are merged into the weights."""
+    if not info.get("lora"):
+        return state
+    from imagen.models.lora import LoraSettings, merge_lora_state
+
+    return merge_lora_state(state, LoraSettings(**info["lora"]))
+
+
 def load_init_from(
     module: nn.Module, path: str | Path, stage: str, prefixes: tuple[str, ...], trust: bool = False
 ) -> None:
     """Initialise the submodules of a stage named by `prefixes` (e.g. `net.`) from another run's checkpoint of
-    the same stage (`model.init_from`), strictly: any mismatched key is an error that lists them."""
+    the same stage (`model.init_from`), strictly: any mismatched key is an error that lists them. A checkpoint
+    fine-tuned with LoRA gives its weights with the adapters folded in."""
     checkpoint = read_checkpoint(path, trust)
-    stage_info(checkpoint, path, stage)
+    state = plain_state_dict(checkpoint["state_dict"], stage_info(checkpoint, path, stage))
     for prefix in prefixes:
-        load_state_strict(
-            module.get_submodule(prefix.rstrip(".")), checkpoint["state_dict"], prefix, str(path)
-        )
+        load_state_strict(module.get_submodule(prefix.rstrip(".")), state, prefix, str(path))
     log.info(f"initialised {', '.join(p.rstrip('.') for p in prefixes)} from {path}")

@@ -20,22 +20,14 @@ from imagen.sampling.caption import CaptionDecoding, decode_captions
 from imagen.sampling.rerank import best_of
 from imagen.stages.joint import JointStage, scene_relevance
 from tests.conftest import TINY_SHAPES, train_tiny_stage
-from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
-
-TINY_JOINT = [*TINY_GENERATOR, "model.image_text.size=tiny", "model.rerank.candidates=3"]
+from tests.test_train import TINY_JOINT, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
 
 def joint_overrides(ckpt, *extra: str) -> list[str]:
     return ["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, f"model.autoencoder_ckpt={ckpt}", *extra]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine a second intra-op thread makes each op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- reranking and retrieval (pure functions) ------------------------------------------------------------------------

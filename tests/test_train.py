@@ -17,6 +17,9 @@ from tests.image_text_fixtures import TINY_CORPUS, TINY_TEXT, build_corpora
 TINY_AUTOENCODER = ["model.net.size=tiny", "model.net.quantizer=vq"]
 TINY_GENERATOR = ["model.net.size=tiny", "model/text_encoder=scratch", "model.text_encoder.dim=32",
                   "model.eval_prompts=8", "model.test_prompts=8", "model.compute_fid=false"]  # fmt: skip
+TINY_JOINT = [*TINY_GENERATOR, "model.image_text.size=tiny", "model.rerank.candidates=3"]
+# the new-concept fine-tune at tiny sizes (besides TINY_SHAPES and TINY_JOINT)
+TINY_NEW_CONCEPT = ["data.num_replay=32", "data.num_val_new=16", "data.num_test_new=16"]
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +38,21 @@ def tiny_autoencoder_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_joint_ckpt(tmp_path_factory, tiny_autoencoder_ckpt) -> Path:
+    """A few steps of the tiny joint stage (pre-trained on the six default colors): what fine-tunes start from."""
+    overrides = ["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+                 "trainer.max_steps=4", "trainer.limit_val_batches=0"]  # fmt: skip
+    return train_tiny_stage(overrides, tmp_path_factory.mktemp("tiny_joint"))
+
+
+@pytest.fixture(scope="session")
 def corpora(tmp_path_factory) -> dict[str, list[str]]:
     """Small fixtures of every real-corpus format (`data=` override first, then its paths)."""
     return build_corpora(tmp_path_factory.mktemp("corpora"))
 
 
 @pytest.fixture
-def experiment_overrides(tiny_autoencoder_ckpt, cache_dir, corpora):
+def experiment_overrides(tiny_autoencoder_ckpt, tiny_joint_ckpt, cache_dir, corpora):
     """Per experiment, the overrides that make it tiny and offline."""
 
     def overrides(name: str) -> list[str]:
@@ -56,6 +67,9 @@ def experiment_overrides(tiny_autoencoder_ckpt, cache_dir, corpora):
                 f"data.data_dir={fixture_dir()}",
             ]  # fmt: skip
             return [f"experiment={name}", *extra]
+        if name == "shapes_finetune_new_concept":  # starts from a joint run; its autoencoder comes with it
+            return [f"experiment={name}", *TINY_SHAPES, *TINY_JOINT, *TINY_NEW_CONCEPT,
+                    f"model.init_from={tiny_joint_ckpt}"]  # fmt: skip
         tiny = TINY_GENERATOR + [f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}"]
         return [f"experiment={name}", *TINY_SHAPES, *(TINY_AUTOENCODER if "autoencoder" in name else tiny)]
 

@@ -94,6 +94,21 @@ def _check_stage_checkpoint(cfg: DictConfig, key: str, stage: str) -> None:
         raise ConfigError(f"model.{key}: {str(e).splitlines()[0]}") from None
 
 
+def _check_finetuning(model: DictConfig) -> None:
+    """`model.freeze` is a list of names; `model.lora` is null or LoRA settings."""
+    from imagen.stages.finetune import check_freeze, lora_settings
+
+    def plain(key: str):
+        value = model.get(key)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    try:
+        check_freeze(plain("freeze"))
+        lora_settings(plain("lora"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 STAGES = {
     "AutoencoderStage": "autoencoder",
     "ARGeneratorStage": "ar_generator",
@@ -150,6 +165,7 @@ def check_train_config(cfg: DictConfig) -> None:
             f"({_target(model)}) and void its held-out metrics; it is for the autoencoder only"
         )
 
+    _check_finetuning(model)
     _check_stage_checkpoint(cfg, "autoencoder_ckpt", "autoencoder")
     stage = STAGES.get(_target(model).rsplit(".", 1)[-1])
     if stage:

@@ -36,6 +36,7 @@ SUMMARY_METRICS = [
     ("R@1 text->image", "test/recall_at_1_t2i"),
     ("R@1 image->text", "test/recall_at_1_i2t"),
     ("caption acc", "test/caption_acc"),
+    ("round trip", "test/round_trip"),
 ]
 
 

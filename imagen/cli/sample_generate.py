@@ -56,11 +56,13 @@ def load_generator(path: str, trust: bool):
     info = checkpoint.get("imagen")
     cls = JointStage if isinstance(info, dict) and info.get("stage") == JointStage.STAGE else ARGeneratorStage
     try:
-        return cls.from_checkpoint(path, trust=trust, checkpoint=checkpoint)
+        stage = cls.from_checkpoint(path, trust=trust, checkpoint=checkpoint)
     except CheckpointError:
         raise
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} is not a compatible {cls.STAGE} checkpoint: {e}") from None
+    stage.merge_lora()  # a LoRA fine-tune samples at the plain model's speed
+    return stage
 
 
 @torch.no_grad()

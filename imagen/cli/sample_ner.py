@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from imagen.checkpoints import read_checkpoint
+from imagen.checkpoints import plain_state_dict, read_checkpoint
 from imagen.data.conll import (
     ConllFormatError,
     EncodingSettings,
@@ -63,7 +63,7 @@ def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
     )
     prefix = "net."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    tagger.load_state_dict(state)
+    tagger.load_state_dict(plain_state_dict(state, info))  # LoRA adapters folded into the weights
     return NerModel(
         tagger.eval(),
         tokenizer_from_files(info["tokenizer_files"]),

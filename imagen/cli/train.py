@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics import Metric
 
 from imagen.callbacks.fault import Preemption
 from imagen.checkpoints import find_resume_checkpoint, read_checkpoint
@@ -48,6 +49,17 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if pl.utilities.rank_zero_only.rank == 0:
         log.info(f"resuming from {path} at step {checkpoint.get('global_step')}")
     return str(path)
+
+
+def test_before_fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule) -> dict[str, float]:
+    """Test the weights a run starts from (`model.init_from`) before fitting: their metrics as `before/test/...`
+    (a fine-tune's baseline, measured on the same prompts as its final test)."""
+    trainer.test(model=model, datamodule=datamodule)
+    before = tensor_metrics(trainer.callback_metrics)
+    for metric in model.modules():  # states reset under inference mode cannot be updated by fit's validation
+        if isinstance(metric, Metric):
+            metric.reset()
+    return {f"before/{k}": v for k, v in before.items() if k.startswith("test/")}
 
 
 @task_wrapper
@@ -87,6 +99,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     timings: dict[str, float] = {}
     weights_only = not cfg.trust_checkpoint
     if cfg.train:
+        if cfg.get("test_before_fit"):
+            start = time.time()
+            metrics.update(test_before_fit(trainer, model, datamodule))
+            timings["time/test_before_fit_seconds"] = time.time() - start
         start = time.time()
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg), weights_only=weights_only)
         timings["time/fit_seconds"] = time.time() - start

@@ -160,13 +160,19 @@ class ShapesConfig:
             raise ValueError(f"data.jitter must be a whole number of pixels >= 0, got {self.jitter}")
         if self.image_size < 16:
             raise ValueError(f"data.image_size must be >= 16, got {self.image_size}")
+        self.check_combinations(self.heldout, "data.heldout")
+
+    def check_combinations(self, combos: list[dict[str, str]], key: str) -> None:
+        """Attribute combinations (`[{color: red, shape: triangle}]`) must name configured attributes."""
         attrs = {"color": self.colors, "shape": self.shapes, "size": self.sizes, "position": self.positions}
-        for combo in self.heldout:
-            for key, value in combo.items():
-                if key not in attrs or value not in attrs[key]:
+        for combo in combos:
+            if not combo:
+                raise ValueError(f"{key}: an empty combination matches every object")
+            for name, value in combo.items():
+                if name not in attrs or value not in attrs[name]:
                     raise ValueError(
-                        f"data.heldout: {dict(combo)} names {key}={value!r}, which is not among the configured "
-                        f"attributes {attrs.get(key, list(attrs))}"
+                        f"{key}: {dict(combo)} names {name}={value!r}, which is not among the configured "
+                        f"attributes {attrs.get(name, list(attrs))}"
                     )
 
     def appearance_key(self) -> str:
@@ -177,7 +183,12 @@ class ShapesConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def is_heldout(self, obj: ShapeObject) -> bool:
-        return any(all(getattr(obj, k) == v for k, v in combo.items()) for combo in self.heldout)
+        return has_combination(obj, self.heldout)
+
+
+def has_combination(obj: ShapeObject, combos: list[dict[str, str]]) -> bool:
+    """Whether the object shows every attribute of one of the combinations."""
+    return any(all(getattr(obj, k) == v for k, v in combo.items()) for combo in combos)
 
 
 def _pairs_in_line(positions: list[str]) -> list[tuple[str, str, str]]:

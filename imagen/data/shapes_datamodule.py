@@ -1,4 +1,5 @@
-"""The embedded default data: captioned shapes, rendered in memory from a seed (no download)."""
+"""The embedded default data: captioned shapes, rendered in memory from a seed (no download); and its variant
+for teaching a fine-tuned model a concept it never saw (`NewConceptShapesDataModule`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imagen.data.resumable import ResumableLoader
-from imagen.data.shapes import Scene, SceneSampler, ShapesConfig, render, scene_targets
+from imagen.data.shapes import (
+    Scene,
+    SceneSampler,
+    ShapesConfig,
+    has_combination,
+    render,
+    scene_targets,
+)
 from imagen.metrics.judge import Judge, load_or_train_judge
 
 log = logging.getLogger(__name__)
@@ -41,12 +49,23 @@ def build_split(
 ) -> ShapesSplit:
     """Sample and render a split deterministically from `seed`. The training split holds no held-out
     composition unless `heldout_in_train` (images for stages that never read captions: the autoencoder)."""
-    rng = np.random.default_rng([seed, SPLIT_SEED_OFFSET[split]])
+    rng = split_rng(seed, split)
     sampler = SceneSampler(config)
     restrict = False if config.heldout and not (split == "train" and heldout_in_train) else None
     scenes = [sampler.sample(rng, heldout=restrict) for _ in range(num_seen)]
     if num_heldout and config.heldout:
         scenes += [sampler.sample(rng, heldout=True) for _ in range(num_heldout)]
+    return render_split(config, split, scenes, rng)
+
+
+def split_rng(seed: int, split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLIT_SEED_OFFSET[split]])
+
+
+def render_split(
+    config: ShapesConfig, split: str, scenes: list[Scene], rng: np.random.Generator
+) -> ShapesSplit:
+    """Render sampled scenes with their ground truth; evaluation splits fix one caption paraphrase per scene."""
     images = np.stack([render(s, config, rng) for s in scenes])
     captions = [s.captions() for s in scenes]
     choice = None if split == "train" else rng.integers(0, len(captions[0]), size=len(scenes))
@@ -58,6 +77,14 @@ def build_split(
         targets=np.stack([scene_targets(s, config) for s in scenes]),
         caption_choice=choice,
     )
+
+
+def take_rows(split: ShapesSplit, rows: np.ndarray) -> ShapesSplit:
+    """The split's samples at `rows` (in that order, repeats allowed)."""
+    choice = None if split.caption_choice is None else split.caption_choice[rows]
+    return ShapesSplit(images=split.images[rows], scenes=[split.scenes[i] for i in rows],
+                       captions=[split.captions[i] for i in rows], heldout=split.heldout[rows],
+                       targets=split.targets[rows], caption_choice=choice)  # fmt: skip
 
 
 class ShapesDataset(Dataset):
@@ -151,24 +178,36 @@ class ShapesDataModule(pl.LightningDataModule):
         self.splits: dict[str, ShapesSplit] = {}
         self._judge: Judge | None = None
 
+    # groups of evaluation prompts (`eval_prompts`), each scored apart by the generator stages
+    prompt_groups: tuple[str, ...] = ("seen", "heldout")
+
+    def scene_group(self, scene: Scene) -> str:
+        """The prompt group of a scene: `heldout` if it holds a held-out composition, else `seen`."""
+        return "heldout" if any(self.config.is_heldout(o) for o in scene.objects) else "seen"
+
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: trains and caches the judge once.
         if self.hparams.use_judge:
             load_or_train_judge(self.config, self.hparams.cache_dir, steps=self.hparams.judge_steps)
 
-    def setup(self, stage: str | None = None) -> None:
+    def build_split(self, split: str) -> ShapesSplit:
         h = self.hparams
         sizes = {
             "train": (h.num_train, 0),
             "val": (h.num_val, h.num_val_heldout),
             "test": (h.num_test, h.num_test_heldout),
         }
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, tuple(sizes))
+        return build_split(
+            self.config, split, *sizes[split], seed=h.seed, heldout_in_train=h.heldout_in_train
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        splits = ("train", "val", "test")
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, splits)
         for split in wanted:
             if split not in self.splits:
-                self.splits[split] = build_split(
-                    self.config, split, *sizes[split], seed=h.seed, heldout_in_train=h.heldout_in_train
-                )
+                self.splits[split] = self.build_split(split)
         if h.use_judge and self._judge is None:
             self._judge = load_or_train_judge(self.config, h.cache_dir, steps=h.judge_steps)
 
@@ -181,11 +220,12 @@ class ShapesDataModule(pl.LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test"}[name])
         return self.splits[name]
 
-    def eval_prompts(self, split: str, heldout: bool, limit: int | None = None):
-        """The fixed prompts of an evaluation split, from seen (`heldout=False`) or held-out compositions, the
-        first `limit` of them: (captions (one fixed paraphrase each), scenes, real images (N, 3, H, W) in [-1, 1])."""
+    def eval_prompts(self, split: str, group: str = "seen", limit: int | None = None):
+        """The fixed prompts of an evaluation split from one of `prompt_groups` (seen or held-out compositions,
+        ...), the first `limit` of them: (captions (one fixed paraphrase each), scenes, real images (N, 3, H, W)
+        in [-1, 1])."""
         s = self.split(split)
-        rows = [i for i in range(len(s.scenes)) if bool(s.heldout[i]) == heldout][:limit]
+        rows = [i for i, scene in enumerate(s.scenes) if self.scene_group(scene) == group][:limit]
         choice = s.caption_choice if s.caption_choice is not None else [0] * len(s.scenes)
         images = torch.from_numpy(s.images[rows]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         return [s.captions[i][choice[i]] for i in rows], [s.scenes[i] for i in rows], images
@@ -222,3 +262,76 @@ class ShapesDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+class NewConceptShapesDataModule(ShapesDataModule):
+    """Captioned shapes for teaching a trained model a concept its pre-training never saw (`new_concept`, e.g.
+    `[{color: orange}]`, attribute combinations like `heldout`'s).
+
+    Training: `num_train` scenes showing the new concept (few: the point is learning from little data), each
+    `new_repeats` times per epoch (the same images: a larger share of each batch), plus `num_replay` scenes without
+    it, from the pre-training distribution (replay, against forgetting). Validation
+    and test: `num_*` scenes of seen compositions and `num_*_heldout` of held-out ones, both without the new
+    concept (the old prompts), plus `num_*_new` with it: the prompt group `new` (`judge_acc_new`). No split holds a
+    held-out composition together with the new concept. Other arguments are `ShapesDataModule`'s; `colors` (and
+    the judge trained for them) must include the new concept.
+    """
+
+    prompt_groups = ("seen", "heldout", "new")
+
+    def __init__(
+        self,
+        new_concept: list[dict[str, str]],
+        num_replay: int = 800,
+        new_repeats: int = 1,
+        num_val_new: int = 128,
+        num_test_new: int = 256,
+        **shapes_args,
+    ):
+        super().__init__(**shapes_args)
+        self.new_concept = [dict(c) for c in new_concept or []]
+        if not self.new_concept:
+            raise ValueError("data.new_concept is empty: name the concept to teach, e.g. [{color: orange}]")
+        self.config.check_combinations(self.new_concept, "data.new_concept")
+        if new_repeats < 1:
+            raise ValueError(f"data.new_repeats must be >= 1; got {new_repeats}")
+
+    def scene_group(self, scene: Scene) -> str:
+        if any(has_combination(o, self.new_concept) for o in scene.objects):
+            return "new"
+        return super().scene_group(scene)
+
+    def build_split(self, split: str) -> ShapesSplit:
+        h = self.hparams
+        old, heldout, new = {
+            "train": (h.num_replay, 0, h.num_train),
+            "val": (h.num_val, h.num_val_heldout, h.num_val_new),
+            "test": (h.num_test, h.num_test_heldout, h.num_test_new),
+        }[split]
+        rng = split_rng(h.seed, split)
+        sampler = SceneSampler(self.config)
+        seen = False if self.config.heldout else None
+        scenes = [
+            *self._draw(sampler, rng, old, seen, "seen"),
+            *(self._draw(sampler, rng, heldout, True, "heldout") if self.config.heldout else []),
+            *self._draw(sampler, rng, new, seen, "new"),
+        ]
+        rendered = render_split(self.config, split, scenes, rng)
+        if split != "train" or h.new_repeats == 1:
+            return rendered
+        new_rows = np.arange(len(scenes) - new, len(scenes))  # the new-concept scenes come last
+        repeats = np.repeat(new_rows, h.new_repeats - 1)
+        return take_rows(rendered, np.concatenate([np.arange(len(scenes)), repeats]))
+
+    def _draw(self, sampler: SceneSampler, rng, n: int, heldout: bool | None, group: str) -> list[Scene]:
+        """`n` scenes of `group`, drawn by rejection."""
+        scenes = []
+        for _ in range(1000 * n):
+            if len(scenes) == n:
+                break
+            scene = sampler.sample(rng, heldout=heldout)
+            if self.scene_group(scene) == group:
+                scenes.append(scene)
+        if len(scenes) < n:
+            raise RuntimeError(f"could not sample {n} {group} scenes for data.new_concept={self.new_concept}")
+        return scenes

@@ -20,14 +20,20 @@ from imagen.checkpoints import (
     read_checkpoint,
     stage_info,
 )
+from imagen.data.shapes import Scene
 from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
-from imagen.models.text_encoder import TextStates
+from imagen.models.text_encoder import CaptionTokenizer, TextStates
 from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate
+from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
 log = logging.getLogger(__name__)
+
+# Groups of evaluation prompts a datamodule may offer (its `prompt_groups`), and the suffix of their metrics:
+# seen compositions, held-out compositions, a concept new to a fine-tuned model (`judge_acc_new`).
+GROUP_SUFFIX = {"seen": "", "heldout": "_heldout", "new": "_new"}
 
 
 def module_spec(module: nn.Module) -> dict:
@@ -45,16 +51,22 @@ class FrozenAutoencoderMixin:
         return self
 
 
-class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.LightningModule):
+class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTuningMixin, pl.LightningModule):
     """Trains `net` to write the autoencoder's tokens of an image given its caption.
 
     `net` is an `ARTransformer` or a partial that receives the derived `vocab_size`, `grid_size` and `text_dim`.
     Validation and test log the NLL in bits per token and, when the datamodule has a judge (shapes data), the judge
-    accuracy of images generated with guidance for fixed prompts of seen and of held-out compositions, plus an
-    FID on the judge's features.
+    accuracy of images generated with guidance for fixed prompts of each group (`GROUP_SUFFIX`: seen and held-out
+    compositions, a new concept), the judge accuracy of the autoencoder's reconstructions of the same prompts'
+    real images (`judge_acc_recon`: what generation can reach at best), plus an FID on the judge's features.
+
+    Fine-tuning: `init_from` (another run of this stage; without `autoencoder_ckpt` its autoencoder too),
+    `freeze` and `lora` (`FineTuningMixin`; LoRA defaults to the attention and MLP layers of `net`).
     """
 
     MODULE_ARGS: tuple[str, ...] = ()  # a subclass's further constructor arguments that are modules
+    LORA_MODULES = ("net",)
+    LORA_TARGETS = ("q", "kv", "proj", "mlp.0", "mlp.2")
 
     def __init__(
         self,
@@ -77,6 +89,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         compile_options: dict | None = None,
         init_from: str | None = None,
         trust_checkpoint: bool = False,
+        freeze: list[str] | None = None,
+        lora: dict | None = None,
     ):
         super().__init__()
         # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
@@ -89,6 +103,12 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         ):  # rebuilt from this stage's own checkpoint, which holds its weights
             self.autoencoder = (
                 Autoencoder(AutoencoderConfig(**autoencoder_config)).eval().requires_grad_(False)
+            )
+        elif init_from:
+            # fine-tuning: the autoencoder of the run it starts from (its weights load with init_from)
+            info = stage_info(read_checkpoint(init_from, trust_checkpoint), init_from, self.STAGE)
+            self.autoencoder = (
+                Autoencoder(AutoencoderConfig(**info["autoencoder_config"])).eval().requires_grad_(False)
             )
         else:
             raise ValueError(
@@ -116,13 +136,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.sampling = SamplingSettings(**(sampling or {}))
+        judged = {
+            f"judge_acc{s}{kind}": MeanMetric() for s in GROUP_SUFFIX.values() for kind in ("", "_recon")
+        }
         self.metrics = nn.ModuleDict(
-            {
-                split: nn.ModuleDict(
-                    {"nll": MeanMetric(), "judge_acc": MeanMetric(), "judge_acc_heldout": MeanMetric()}
-                )
-                for split in ("val", "test")
-            }
+            {split: nn.ModuleDict({"nll": MeanMetric(), **judged}) for split in ("val", "test")}
         )
 
     # -- conditioning and tokens --------------------------------------------------------------------------------------
@@ -136,16 +154,40 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         return self.autoencoder.encode(images).flatten(1)
 
     def configure_model(self) -> None:
-        """`init_from`: the trained modules (`trained_modules()`, a subclass's too) start from another run of this
-        stage, loaded strictly (a resume's checkpoint, loaded after this, then wins). With `compile`, each
-        Transformer block is compiled (regional `torch.compile`); on a GPU the sampler's decode step too."""
+        """`init_from`: the trained modules (`trained_modules()`, a subclass's too; the autoencoder when no
+        `autoencoder_ckpt` is given) start from another run of this stage, loaded strictly (a resume's checkpoint,
+        loaded after this, then wins); words of the training captions its tokenizer lacks are added. Then the
+        LoRA adapters and freezing (`apply_finetuning`). With `compile`, each Transformer block is compiled
+        (regional `torch.compile`); on a GPU the sampler's decode step too."""
         if self.hparams.init_from and not getattr(self, "_initialised", False):
-            prefixes = tuple(f"{name}." for name in self.trained_modules())
+            names = [*self.trained_modules(), *([] if self.hparams.autoencoder_ckpt else ["autoencoder"])]
+            prefixes = tuple(f"{name}." for name in names)
             load_init_from(self, self.hparams.init_from, self.STAGE, prefixes, self.hparams.trust_checkpoint)
+            self.add_new_words()
             self._initialised = True
+        self.apply_finetuning()
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile_blocks(**(self.hparams.compile_options or {}))
             self._compiled = True
+
+    def caption_tokenizers(self) -> list[tuple[CaptionTokenizer, int]]:
+        """The trained word-level tokenizers of this stage and their embedding rows (a subclass adds its own)."""
+        tokenizer = getattr(self.text_encoder, "tokenizer", None)
+        if isinstance(tokenizer, CaptionTokenizer) and tokenizer.trained:
+            return [(tokenizer, self.text_encoder.vocab_size)]
+        return []
+
+    def add_new_words(self) -> None:
+        """Add the words of the training captions that a restored tokenizer lacks (a new concept to fine-tune on);
+        their embedding rows, unused so far, are learned from here on."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if not hasattr(datamodule, "train_captions"):
+            return
+        captions = datamodule.train_captions()
+        for tokenizer, rows in self.caption_tokenizers():
+            words = tokenizer.add_words(captions, rows)
+            if words:
+                log.info(f"added {len(words)} new word(s) to the caption tokenizer: {', '.join(words[:20])}")
 
     def batch_tokens(self, batch: dict) -> torch.Tensor:
         """(B, h * w) tokens: pre-tokenized (`tokens`, from the token cache) or encoded from `image`."""
@@ -236,9 +278,20 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         _, loss = self.net(tokens, text.states, text.mask, targets=tokens)
         self.metrics[split]["nll"].update(loss / math.log(2), weight=tokens.shape[0])
 
+    def _prompt_groups(self) -> tuple[str, ...]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        groups = tuple(getattr(datamodule, "prompt_groups", ("seen", "heldout")))
+        unknown = [g for g in groups if g not in GROUP_SUFFIX]
+        if unknown:
+            raise ValueError(
+                f"{type(datamodule).__name__}.prompt_groups: unknown {unknown}; known {list(GROUP_SUFFIX)}"
+            )
+        return groups
+
     def _judge_generated(self, split: str) -> dict[str, torch.Tensor]:
-        """Generate for this rank's share of the fixed prompts; score them with the judge, and FID of the images
-        of seen prompts against the real images of the same prompts, on the judge's features."""
+        """Generate for this rank's share of the fixed prompts of each group; score them and the autoencoder's
+        reconstructions of their real images with the judge, and FID of the images of seen prompts against the
+        real images of the same prompts, on the judge's features."""
         datamodule = getattr(self.trainer, "datamodule", None)
         judge = getattr(datamodule, "judge", None)
         if judge is None or not hasattr(datamodule, "eval_prompts"):
@@ -249,18 +302,26 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         # not a submodule: the judge's weights must not enter this stage's checkpoints
         fid = FrechetInceptionDistance(feature=JudgeFeatures(judge.net), sync_on_compute=True).to(self.device)
         rank, world, step = self.global_rank, self.trainer.world_size, self.hparams.eval_batch_size
-        for heldout, key in ((False, "judge_acc"), (True, "judge_acc_heldout")):
-            captions, scenes, real = datamodule.eval_prompts(split, heldout=heldout, limit=limit)
+        for group in self._prompt_groups():
+            key = f"judge_acc{GROUP_SUFFIX[group]}"
+            captions, scenes, real = datamodule.eval_prompts(split, group=group, limit=limit)
             captions, scenes, real = captions[rank::world], scenes[rank::world], real[rank::world]
             for i in range(0, len(captions), step):
                 images = self.generate_images(captions[i : i + step], generator=generator)
                 self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
-                if self.hparams.compute_fid and not heldout:
+                self._score_generated(split, group, images, scenes[i : i + step])
+                reference = real[i : i + step].to(self.device)
+                recon = self.autoencoder(reference)[0].clamp(-1, 1)
+                self.metrics[split][f"{key}_recon"].update(judge.matches(recon, scenes[i : i + step]).float())
+                if self.hparams.compute_fid and group == "seen":
                     fid.update(images, real=False)
-                    fid.update(real[i : i + step].to(self.device), real=True)
+                    fid.update(reference, real=True)
         if self.hparams.compute_fid and fid.fake_features_num_samples > 1:
             return {f"{split}/fid": fid.compute()}
         return {}
+
+    def _score_generated(self, split: str, group: str, images: torch.Tensor, scenes: list[Scene]) -> None:
+        """Further scores of images generated for prompts of `group` (a subclass's: the round trip)."""
 
     def _eval_epoch_end(self, split: str) -> None:
         values = self._judge_generated(split)
@@ -301,6 +362,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
         (`checkpoint`: the file's contents when the caller has read them already)."""
         checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path, trust)
         stage = cls(**cls.init_args_from_info(stage_info(checkpoint, path, cls.STAGE)))
+        stage.add_lora_adapters()  # a LoRA-fine-tuned checkpoint: the adapters' weights are in its state dict
         load_state_strict(stage, checkpoint["state_dict"], source=str(path))
         return stage.eval()
 
@@ -315,6 +377,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
             "autoencoder_config": info["autoencoder_config"],
             "image_size": info["image_size"],
             "sampling": info["sampling"],
+            "lora": info.get("lora"),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -325,4 +388,5 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, pl.Lightn
             "text_encoder": module_spec(self.text_encoder),
             "image_size": self.hparams.image_size,
             "sampling": asdict(self.sampling),
+            **self.finetuning_info(),
         }

@@ -17,6 +17,7 @@ from imagen.checkpoints import load_init_from
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder
 from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
+from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
 
@@ -28,14 +29,15 @@ def image_gradient_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tens
     return dx + dy
 
 
-class AutoencoderStage(FusedOptimizerClipping, pl.LightningModule):
+class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
     """Trains `net` (encoder -> quantizer -> decoder) to reconstruct images through discrete tokens.
 
     Losses: `l1_weight * |x - x'| + l2_weight * (x - x')^2 + gradient_weight * |grad x - grad x'| + quantizer aux
     loss`, plus optionally a perceptual loss
     and, from `adversarial_start_step` on, a PatchGAN hinge loss. Optimization is manual (generator and
     discriminator optimizers). Validation and test log PSNR, SSIM, codebook usage and perplexity, and, when the
-    datamodule has a judge (shapes data), the judge's accuracy on reconstructions.
+    datamodule has a judge (shapes data), the judge's accuracy on reconstructions. Fine-tuning: `init_from`
+    (another autoencoder run) and `freeze` (`FineTuningMixin`; e.g. `[net.encoder]`).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class AutoencoderStage(FusedOptimizerClipping, pl.LightningModule):
         weight_decay: float = 0.0,
         init_from: str | None = None,
         trust_checkpoint: bool = False,
+        freeze: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(

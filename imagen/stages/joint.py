@@ -6,7 +6,9 @@ The loss is `generation * L_gen + caption * L_cap + matching * L_match`; a weigh
 module still exists, untrained) and the evaluations that need it.
 
 Matching is used to rerank generated candidates (`rerank`), and for text->image / image->text retrieval
-(Recall@K over the whole evaluation split, relevance from the ground-truth scenes on shapes data).
+(Recall@K over the whole evaluation split, relevance from the ground-truth scenes on shapes data). The round trip
+(text -> generated image -> greedy caption) measures the fraction of the prompt's attributes the caption states
+again (`round_trip`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -22,7 +24,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import BLEUScore
 
 from imagen.data.shapes import Scene, matches_caption
-from imagen.metrics.captions import caption_correct
+from imagen.metrics.captions import caption_correct, preserved_attributes
 from imagen.metrics.retrieval import retrieval_metrics
 from imagen.models.ar_transformer import ARTransformer
 from imagen.models.image_text import CaptionVocabulary, ImageTextConfig, ImageTextNet
@@ -30,7 +32,7 @@ from imagen.models.text_encoder import CaptionTokenizer, TextStates
 from imagen.sampling.ar import SamplingSettings
 from imagen.sampling.caption import CaptionDecoding, decode_captions, ids_to_text
 from imagen.sampling.rerank import best_of
-from imagen.stages.ar_generator import ARGeneratorStage
+from imagen.stages.ar_generator import GROUP_SUFFIX, ARGeneratorStage
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +118,16 @@ class JointStage(ARGeneratorStage):
                 f"not match the autoencoder ({self.autoencoder.vocab_size} codes, grid {self.net.config.grid_size})"
                 f" / the text encoder's width {text_encoder.dim}"
             )
+        # per prompt group (GROUP_SUFFIX): caption accuracy on real images, judge accuracy of reranked images,
+        # attributes kept by the round trip
+        grouped = [name.format(s) for name in ("caption_acc{}", "judge_acc{}_reranked", "round_trip{}")
+                   for s in GROUP_SUFFIX.values()]  # fmt: skip
         for split in ("val", "test"):
             self.metrics[split].update(
                 {
                     "caption_nll": MeanMetric(),  # bits per caption token
-                    "caption_acc": MeanMetric(),  # images of seen compositions
-                    "caption_acc_heldout": MeanMetric(),
                     "bleu4": BLEUScore(n_gram=4),
-                    "judge_acc_reranked": MeanMetric(),
-                    "judge_acc_heldout_reranked": MeanMetric(),
+                    **{name: MeanMetric() for name in grouped},
                 }
             )
         self._embeddings: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -140,6 +143,12 @@ class JointStage(ARGeneratorStage):
         """Caption strings -> ids (B, T): [BOS] words [EOS] [PAD]..."""
         ids, _ = self.caption_tokenizer(captions, self.image_text.config.max_caption_length)
         return ids.to(self.device)
+
+    def caption_tokenizers(self) -> list[tuple[CaptionTokenizer, int]]:
+        own = getattr(self, "caption_vocabulary", None)
+        if own is None or not own.tokenizer.trained:
+            return super().caption_tokenizers()
+        return [*super().caption_tokenizers(), (own.tokenizer, self.image_text.config.caption_vocab_size)]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -278,10 +287,10 @@ class JointStage(ARGeneratorStage):
                 correct = torch.tensor(
                     [caption_correct(g, s) for g, s in zip(generated, scenes, strict=True)]
                 )
-                heldout = torch.as_tensor(batch["heldout"], dtype=torch.bool).cpu()
-                for key, rows in (("caption_acc", ~heldout), ("caption_acc_heldout", heldout)):
-                    if rows.any():
-                        metrics[key].update(correct[rows].float())
+                groups = [self.trainer.datamodule.scene_group(s) for s in scenes]
+                for group in sorted(set(groups)):
+                    rows = torch.tensor([g == group for g in groups])
+                    metrics[f"caption_acc{GROUP_SUFFIX[group]}"].update(correct[rows].float())
         if w.matching:
             image = self.image_text.image_embedding(features)
             self._embeddings.setdefault(split, []).append(
@@ -320,13 +329,28 @@ class JointStage(ARGeneratorStage):
         generator = self._eval_generator()
         rank, world = self.global_rank, self.trainer.world_size
         step = max(1, self.hparams.eval_batch_size // self.rerank.candidates)
-        for heldout, key in ((False, "judge_acc_reranked"), (True, "judge_acc_heldout_reranked")):
-            captions, scenes, _ = datamodule.eval_prompts(split, heldout=heldout, limit=limit)
+        for group in self._prompt_groups():
+            key = f"judge_acc{GROUP_SUFFIX[group]}_reranked"
+            captions, scenes, _ = datamodule.eval_prompts(split, group=group, limit=limit)
             captions, scenes = captions[rank::world], scenes[rank::world]
             for i in range(0, len(captions), step):
                 tokens, _ = self.generate_reranked_tokens(captions[i : i + step], generator=generator)
                 images = self.decode_tokens(tokens)
                 self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
+
+    def _score_generated(self, split: str, group: str, images: torch.Tensor, scenes: list[Scene]) -> None:
+        """The round trip: each generated image captioned greedily; the fraction of its prompt's attributes
+        (color, shape, size of each object; position or relation) the caption states again."""
+        if not self.weights.caption:
+            return
+        captions = self.caption_images(images, replace(self.caption_decoding, method="greedy"))
+        kept, total = zip(
+            *(preserved_attributes(c, s) for c, s in zip(captions, scenes, strict=True)), strict=True
+        )
+        total = torch.tensor(total, dtype=torch.float)
+        self.metrics[split][f"round_trip{GROUP_SUFFIX[group]}"].update(
+            torch.tensor(kept) / total, weight=total
+        )
 
     def _eval_epoch_end(self, split: str) -> None:
         retrieval = self._retrieval(split)

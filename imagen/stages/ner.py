@@ -14,6 +14,7 @@ import torch
 from imagen.data.conll import ConllDataModule, NerWindows, tokenizer_files
 from imagen.metrics.ner import entity_report, report_rows, report_table, token_report
 from imagen.models.ner import NerTagger, encoder_config_dict
+from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer, warmup_linear
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def stitch(
     return gold, pred
 
 
-class NerStage(FusedOptimizerClipping, pl.LightningModule):
+class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
     """Token classification: `NerTagger` (encoder from `pretrained` + dropout + linear or CRF head).
 
     The head is sized in `setup()` from the datamodule's label list (`ConllDataModule.labels`). Validation and
@@ -43,7 +44,14 @@ class NerStage(FusedOptimizerClipping, pl.LightningModule):
 
     The schedule is linear warmup over `warmup` (a fraction of the training steps, or a step count if >= 1)
     then linear decay to 0 at the last step; the total comes from the trainer (epochs x batches or max_steps).
+
+    Fine-tuning (`FineTuningMixin`, applied once the head exists): `freeze` (e.g. `[net.encoder.embeddings]`) and
+    `lora` (adapters on the encoder's attention projections `query`, `key`, `value` of BERT-family encoders by
+    default; the head and CRF train in full).
     """
+
+    LORA_MODULES = ("net.encoder",)
+    LORA_TARGETS = ("query", "key", "value")
 
     def __init__(
         self,
@@ -54,6 +62,8 @@ class NerStage(FusedOptimizerClipping, pl.LightningModule):
         weight_decay: float = 0.01,
         warmup: float = 0.1,
         scoring: str = "conlleval",
+        freeze: list[str] | None = None,
+        lora: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer"])
@@ -94,6 +104,9 @@ class NerStage(FusedOptimizerClipping, pl.LightningModule):
             )
         self.encoding = asdict(settings)
         self.tokenizer_files = tokenizer_files(datamodule.tokenizer)
+
+    def lora_trainable_default(self) -> list[str]:
+        return ["net.head", *(["net.crf"] if self.net.crf is not None else [])]
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_factory, self.net, self.hparams.weight_decay)
@@ -201,6 +214,7 @@ class NerStage(FusedOptimizerClipping, pl.LightningModule):
             "tokenizer_files": dict(self.tokenizer_files),
             "encoding": dict(self.encoding),
             "scoring": self.hparams.scoring,
+            **self.finetuning_info(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
