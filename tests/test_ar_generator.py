@@ -151,6 +151,36 @@ def test_sampling_during_validation_leaves_training_unaffected(make_cfg, tiny_au
             assert torch.equal(a[key], b[key]), key
 
 
+def test_validation_samples_with_the_weights_it_scores_under_ema(
+    make_cfg, tiny_autoencoder_ckpt, tmp_path, monkeypatch
+):  # noqa: F811
+    # EMA swaps its averaged weights in for validation: the judged samples must come from them, like the val loss
+    from imagen.stages.ar_generator import ARGeneratorStage
+
+    seen: dict[str, list[torch.Tensor]] = {"loss": [], "samples": []}
+    eval_step, generate_images = ARGeneratorStage._eval_step, ARGeneratorStage.generate_images
+
+    def recording_eval_step(self, batch, split):
+        seen["loss"].append(self.net.head.weight.detach().clone())
+        return eval_step(self, batch, split)
+
+    def recording_generate_images(self, *args, **kwargs):
+        seen["samples"].append(self.net.head.weight.detach().clone())
+        return generate_images(self, *args, **kwargs)
+
+    monkeypatch.setattr(ARGeneratorStage, "_eval_step", recording_eval_step)
+    monkeypatch.setattr(ARGeneratorStage, "generate_images", recording_generate_images)
+    model = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "ema", [
+        "trainer.val_check_interval=3", "data.use_judge=true", "model.eval_prompts=4", "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0", "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+        "+callbacks.ema.decay=0.5"])  # fmt: skip
+    assert model.trainer.callback_metrics.get("val/judge_acc") is not None
+    assert seen["loss"] and seen["samples"]
+    assert torch.equal(seen["samples"][0], seen["loss"][0])
+    # and those are the averaged weights, not the ones training continued from
+    assert not torch.equal(seen["samples"][0], model.net.head.weight.detach())
+
+
 @pytest.mark.parametrize("kind", ["bert", "t5"])
 def test_pretrained_text_encoder_loads_offline_and_trains(make_cfg, tiny_autoencoder_ckpt, tmp_path, kind):  # noqa: F811
     path = tmp_path / kind

@@ -323,8 +323,13 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
     def _score_generated(self, split: str, group: str, images: torch.Tensor, scenes: list[Scene]) -> None:
         """Further scores of images generated for prompts of `group` (a subclass's: the round trip)."""
 
+    def _eval_epoch_start(self, split: str) -> None:
+        # Generation is scored when the epoch starts: a weight-averaging callback (EMA) swaps its weights in before
+        # this hook and back out before the module's on_*_epoch_end, so sampling there would use the raw weights.
+        self._generated_values = {split: self._judge_generated(split)}
+
     def _eval_epoch_end(self, split: str) -> None:
-        values = self._judge_generated(split)
+        values = getattr(self, "_generated_values", {}).pop(split, {})
         for name, metric in self.metrics[split].items():
             if metric.update_count > 0:
                 values[f"{split}/{name if name != 'nll' else 'nll_bits'}"] = metric.compute()
@@ -334,11 +339,17 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
+    def on_validation_epoch_start(self) -> None:
+        self._eval_epoch_start("val")
+
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_epoch_start("test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
