@@ -6,7 +6,9 @@ Runs, each in its own process with its own time limit, logging to OUT/<name>.log
 1. the performance suite, GPU preset (`python -m imagen.bench`: ceilings, sampler checks, sampling, training,
    autoencoder), which writes OUT/bench.json and OUT/targets.md;
 2. a short autoencoder run on the GPU (bf16-mixed): the stage trains, validates and tests on CUDA;
-3. a short generator run on its checkpoint: training, sampling during validation and the test metrics on CUDA.
+3. a short generator run on its checkpoint: training, sampling during validation and the test metrics on CUDA;
+4. the data loader benchmark (`python -m imagen.bench.loader`: JPEG decoding per worker and the token cache, on
+   the machine's CPUs), which writes OUT/loader.json: whether the host feeds the card.
 Run directories and caches go under --work; OUT gets only the few files worth bringing back, and
 OUT/summary.json (return codes, seconds, the runs' metrics).
 """
@@ -46,8 +48,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/imagen_gpu", help="run directories and caches")
     parser.add_argument("--bench-args", default="", help="extra arguments for `python -m imagen.bench`")
     parser.add_argument(
-        "--bench-share", type=float, default=0.62, help="fraction of the budget for the bench"
+        "--bench-share", type=float, default=0.56, help="fraction of the budget for the bench"
     )
+    parser.add_argument("--loader-share", type=float, default=0.06, help="fraction for the loader benchmark")
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,7 @@ def main() -> None:
     ]
     ae_dir, gen_dir = work / "autoencoder", work / "generator"
     bench_budget = 0.85 * args.bench_share * args.budget_s  # it stops starting measurements in time to finish
-    stage_share = (1 - args.bench_share) / 2
+    stage_share = (1 - args.bench_share - args.loader_share) / 2
     plan = [
         ("bench", [python, "-m", "imagen.bench", "--preset", "gpu", "--out", str(out),
                    "--budget-s", str(round(bench_budget)), *args.bench_args.split()], args.bench_share),
@@ -72,6 +75,8 @@ def main() -> None:
         ("generator", [*train, "experiment=shapes_generator", "data.num_train=20000", "trainer.max_steps=300",
                        "trainer.val_check_interval=150", f"model.autoencoder_ckpt={ae_dir}/checkpoints/last.ckpt",
                        f"hydra.run.dir={gen_dir}"], stage_share),
+        ("loader", [python, "-m", "imagen.bench.loader", "--workers", "0", "4", "--seconds", "3",
+                    "--json", str(out / "loader.json")], args.loader_share),
     ]  # fmt: skip
     results = []
     for i, (name, command, share) in enumerate(plan):
@@ -85,6 +90,7 @@ def main() -> None:
         "steps": results,
         "autoencoder_metrics": read_json(ae_dir / "metrics.json"),
         "generator_metrics": read_json(gen_dir / "metrics.json"),
+        "loader": read_json(out / "loader.json"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     failed = [r["name"] for r in results if r["rc"] != 0]
