@@ -209,12 +209,14 @@ def plain_state_dict(state: dict, info: dict) -> dict:
 
 def load_init_from(
     module: nn.Module, path: str | Path, stage: str, prefixes: tuple[str, ...], trust: bool = False
-) -> None:
+) -> dict:
     """Initialise the submodules of a stage named by `prefixes` (e.g. `net.`) from another run's checkpoint of
     the same stage (`model.init_from`), strictly: any mismatched key is an error that lists them. A checkpoint
-    fine-tuned with LoRA gives its weights with the adapters folded in."""
+    fine-tuned with LoRA gives its weights with the adapters folded in. Returns the checkpoint's `imagen` entry."""
     checkpoint = read_checkpoint(path, trust)
-    state = plain_state_dict(checkpoint["state_dict"], stage_info(checkpoint, path, stage))
+    info = stage_info(checkpoint, path, stage)
+    state = plain_state_dict(checkpoint["state_dict"], info)
     for prefix in prefixes:
         load_state_strict(module.get_submodule(prefix.rstrip(".")), state, prefix, str(path))
     log.info(f"initialised {', '.join(p.rstrip('.') for p in prefixes)} from {path}")
+    return info

@@ -152,8 +152,11 @@ def test_sampling_during_validation_leaves_training_unaffected(make_cfg, tiny_au
 
 
 def test_validation_samples_with_the_weights_it_scores_under_ema(
-    make_cfg, tiny_autoencoder_ckpt, tmp_path, monkeypatch
-):  # noqa: F811
+    make_cfg,
+    tiny_autoencoder_ckpt,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
     # EMA swaps its averaged weights in for validation: the judged samples must come from them, like the val loss
     from imagen.stages.ar_generator import ARGeneratorStage
 
@@ -179,6 +182,13 @@ def test_validation_samples_with_the_weights_it_scores_under_ema(
     assert torch.equal(seen["samples"][0], seen["loss"][0])
     # and those are the averaged weights, not the ones training continued from
     assert not torch.equal(seen["samples"][0], model.net.head.weight.detach())
+    # EMA's checkpoint holds its averaged copy of the module: the tokenizer must have been trained before the copy
+    path = tmp_path / "ema.ckpt"
+    model.trainer.save_checkpoint(path)
+    loaded = ARGeneratorStage.from_checkpoint(str(path))
+    assert loaded.text_encoder.tokenizer.trained
+    size = loaded.hparams.image_size
+    assert loaded.generate_images(["a small red circle on the left"]).shape == (1, 3, size, size)
 
 
 @pytest.mark.parametrize("kind", ["bert", "t5"])

@@ -188,6 +188,19 @@ def test_lora_trains_adapters_only_and_its_checkpoint_round_trips(make_cfg, gene
     assert summary["images"] == 2
 
 
+def test_a_transformer_configured_differently_is_refused(make_cfg, tiny_joint_ckpt, tiny_autoencoder_ckpt):  # noqa: F811
+    # RoPE has no weights: without the check, a checkpoint trained without it would load strictly and compute otherwise
+    cfg = make_cfg(["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, "model.net.rope=false",
+                    f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}", f"model.init_from={tiny_joint_ckpt}"])  # fmt: skip
+    stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+    with pytest.raises(
+        ValueError, match=r"(?s)model.init_from: .* model\.net\.rope: checkpoint True, this run False"
+    ):
+        stage.configure_model()
+    with pytest.raises(ValueError, match=r"(?s)ckpt_path: the checkpoint being resumed .* model\.net\.rope"):
+        stage.on_load_checkpoint(torch.load(tiny_joint_ckpt, map_location="cpu", weights_only=True))
+
+
 def test_lora_on_the_ner_encoder(make_cfg, tmp_path):
     run = tmp_path / "ner"
     cfg = make_cfg(["experiment=ner_tiny", "model.lora={r: 4, alpha: 8}", "trainer.max_epochs=2",

@@ -160,11 +160,16 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         LoRA adapters and freezing (`apply_finetuning`). With `compile`, each Transformer block is compiled
         (regional `torch.compile`); on a GPU the sampler's decode step too."""
         if self.hparams.init_from and not getattr(self, "_initialised", False):
-            names = [*self.trained_modules(), *([] if self.hparams.autoencoder_ckpt else ["autoencoder"])]
+            names = [*self.init_from_modules(), *([] if self.hparams.autoencoder_ckpt else ["autoencoder"])]
             prefixes = tuple(f"{name}." for name in names)
-            load_init_from(self, self.hparams.init_from, self.STAGE, prefixes, self.hparams.trust_checkpoint)
+            info = load_init_from(
+                self, self.hparams.init_from, self.STAGE, prefixes, self.hparams.trust_checkpoint
+            )
+            self.check_net_config(info, str(self.hparams.init_from), "model.init_from")
             self.add_new_words()
             self._initialised = True
+        # here rather than in setup(): a weight-averaging callback copies the module right after this hook
+        self.fit_tokenizers()
         self.apply_finetuning()
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile_blocks(**(self.hparams.compile_options or {}))
@@ -193,11 +198,38 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         """(B, h * w) tokens: pre-tokenized (`tokens`, from the token cache) or encoded from `image`."""
         return batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
 
+    def init_from_modules(self) -> list[str]:
+        """The submodules `model.init_from` restores: the trained ones (a subclass adds its own state)."""
+        return list(self.trained_modules())
+
+    def check_net_config(self, info: dict, source: str, key: str) -> None:
+        """The transformer described by a checkpoint's `imagen` entry must be this one: settings without weights of
+        their own (RoPE) would otherwise load strictly and silently compute something else."""
+        if "net_config" not in info:
+            return
+        theirs, ours = asdict(ARConfig(**info["net_config"])), asdict(self.net.config)
+        diff = [
+            f"model.net.{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}"
+            for k in ours
+            if theirs[k] != ours[k]
+        ]
+        if diff:
+            raise ValueError(
+                f"{key}: {source} holds a transformer configured differently; set the run's config to match "
+                f"(e.g. model.net.rope=false for checkpoints written before RoPE):\n  " + "\n  ".join(diff)
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_net_config(checkpoint.get("imagen") or {}, "the checkpoint being resumed", "ckpt_path")
+
+    def fit_tokenizers(self) -> None:
+        """Train the caption tokenizers on the training captions (once; a restored tokenizer is kept)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(self.text_encoder, "fit_tokenizer") and hasattr(datamodule, "train_captions"):
+            self.text_encoder.fit_tokenizer(datamodule.train_captions())
+
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(self.text_encoder, "fit_tokenizer") and datamodule is not None:
-            if hasattr(datamodule, "train_captions"):
-                self.text_encoder.fit_tokenizer(datamodule.train_captions())
+        self.fit_tokenizers()
 
     # -- training -----------------------------------------------------------------------------------------------------
 

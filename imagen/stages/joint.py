@@ -150,12 +150,17 @@ class JointStage(ARGeneratorStage):
             return super().caption_tokenizers()
         return [*super().caption_tokenizers(), (own.tokenizer, self.image_text.config.caption_vocab_size)]
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
+    def fit_tokenizers(self) -> None:
+        super().fit_tokenizers()
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         own = getattr(self, "caption_vocabulary", None)
         if own is not None and not own.tokenizer.trained and hasattr(datamodule, "train_captions"):
             own.tokenizer.train(datamodule.train_captions(), self.image_text.config.caption_vocab_size)
+
+    def init_from_modules(self) -> list[str]:
+        # the captioner's own vocabulary (pretrained text encoders) must keep the ids its embeddings were trained on
+        own = ["caption_vocabulary"] if getattr(self, "caption_vocabulary", None) is not None else []
+        return [*super().init_from_modules(), *own]
 
     @torch.no_grad()
     def caption_images(
