@@ -73,6 +73,9 @@ CASES = [
         ConfigError,
         "model.init_from: checkpoint .*empty.ckpt is truncated or corrupt",
     ),
+    (["test_before_fit=true"], ConfigError, "test_before_fit=true tests the starting weights of a fine-tune"),
+    (["+model.lora=8"], ConfigError, "model.lora must be null or a mapping such as {r: 8, alpha: 16}; got 8"),
+    (["+model.lora={r: 4}"], ConfigError, "model.lora: the autoencoder stage has no LoRA adapters"),
 ]
 
 

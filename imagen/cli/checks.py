@@ -102,9 +102,12 @@ def _check_finetuning(model: DictConfig) -> None:
         value = model.get(key)
         return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
+    lora = plain("lora")
+    if lora not in (None, {}) and not isinstance(lora, dict):
+        raise ConfigError(f"model.lora must be null or a mapping such as {{r: 8, alpha: 16}}; got {lora!r}")
     try:
         check_freeze(plain("freeze"))
-        lora_settings(plain("lora"))
+        lora_settings(lora)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
 
@@ -166,6 +169,14 @@ def check_train_config(cfg: DictConfig) -> None:
         )
 
     _check_finetuning(model)
+    if model.get("lora") and _target(model).endswith("AutoencoderStage"):
+        raise ConfigError(
+            "model.lora: the autoencoder stage has no LoRA adapters; use model.freeze to fine-tune part"
+        )
+    if cfg.get("test_before_fit") and not (model.get("init_from") and cfg.get("train")):
+        raise ConfigError(
+            "test_before_fit=true tests the starting weights of a fine-tune: it needs model.init_from and train=true"
+        )
     _check_stage_checkpoint(cfg, "autoencoder_ckpt", "autoencoder")
     stage = STAGES.get(_target(model).rsplit(".", 1)[-1])
     if stage:
