@@ -201,6 +201,18 @@ def test_a_transformer_configured_differently_is_refused(make_cfg, tiny_joint_ck
         stage.on_load_checkpoint(torch.load(tiny_joint_ckpt, map_location="cpu", weights_only=True))
 
 
+def test_resuming_with_other_lora_settings_is_refused(make_cfg, tiny_joint_ckpt, tiny_autoencoder_ckpt):  # noqa: F811
+    cfg = make_cfg(["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, "model.lora={r: 4, alpha: 8}",
+                    f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}"])  # fmt: skip
+    stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+    stage.configure_model()
+    checkpoint = torch.load(tiny_joint_ckpt, map_location="cpu", weights_only=True)  # trained without LoRA
+    with pytest.raises(
+        ValueError, match=r"ckpt_path: .* model\.lora=None, this run has model\.lora=\{'r': 4"
+    ):
+        stage.on_load_checkpoint(checkpoint)
+
+
 def test_lora_on_the_ner_encoder(make_cfg, tmp_path):
     run = tmp_path / "ner"
     cfg = make_cfg(["experiment=ner_tiny", "model.lora={r: 4, alpha: 8}", "trainer.max_epochs=2",

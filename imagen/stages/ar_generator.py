@@ -220,7 +220,16 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.check_net_config(checkpoint.get("imagen") or {}, "the checkpoint being resumed", "ckpt_path")
+        """A resume (`ckpt_path`) must build the same networks the checkpoint holds; Lightning calls this after
+        `configure_model` and before its strict load, whose key lists would not say which setting differs."""
+        info = checkpoint.get("imagen") or {}
+        self.check_net_config(info, "the checkpoint being resumed", "ckpt_path")
+        theirs, ours = info.get("lora"), self.finetuning_info()["lora"]
+        if theirs != ours:
+            raise ValueError(
+                f"ckpt_path: the checkpoint being resumed was trained with model.lora={theirs}, this run has "
+                f"model.lora={ours}; resume with the same model.lora"
+            )
 
     def fit_tokenizers(self) -> None:
         """Train the caption tokenizers on the training captions (once; a restored tokenizer is kept)."""
