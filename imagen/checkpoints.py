@@ -208,12 +208,18 @@ def plain_state_dict(state: dict, info: dict) -> dict:
 
 
 def load_init_from(
-    module: nn.Module, path: str | Path, stage: str, prefixes: tuple[str, ...], trust: bool = False
+    module: nn.Module,
+    path: str | Path,
+    stage: str,
+    prefixes: tuple[str, ...],
+    trust: bool = False,
+    checkpoint: dict | None = None,
 ) -> dict:
     """Initialise the submodules of a stage named by `prefixes` (e.g. `net.`) from another run's checkpoint of
     the same stage (`model.init_from`), strictly: any mismatched key is an error that lists them. A checkpoint
-    fine-tuned with LoRA gives its weights with the adapters folded in. Returns the checkpoint's `imagen` entry."""
-    checkpoint = read_checkpoint(path, trust)
+    fine-tuned with LoRA gives its weights with the adapters folded in (`checkpoint`: the file's contents when the
+    caller has read them already). Returns the checkpoint's `imagen` entry."""
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path, trust)
     info = stage_info(checkpoint, path, stage)
     state = plain_state_dict(checkpoint["state_dict"], info)
     for prefix in prefixes:

@@ -106,7 +106,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             )
         elif init_from:
             # fine-tuning: the autoencoder of the run it starts from (its weights load with init_from)
-            info = stage_info(read_checkpoint(init_from, trust_checkpoint), init_from, self.STAGE)
+            # read once: configure_model loads the weights from these contents, then drops them
+            self._init_checkpoint = read_checkpoint(init_from, trust_checkpoint)
+            info = stage_info(self._init_checkpoint, init_from, self.STAGE)
             self.autoencoder = (
                 Autoencoder(AutoencoderConfig(**info["autoencoder_config"])).eval().requires_grad_(False)
             )
@@ -163,7 +165,12 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             names = [*self.init_from_modules(), *([] if self.hparams.autoencoder_ckpt else ["autoencoder"])]
             prefixes = tuple(f"{name}." for name in names)
             info = load_init_from(
-                self, self.hparams.init_from, self.STAGE, prefixes, self.hparams.trust_checkpoint
+                self,
+                self.hparams.init_from,
+                self.STAGE,
+                prefixes,
+                self.hparams.trust_checkpoint,
+                checkpoint=self.__dict__.pop("_init_checkpoint", None),
             )
             self.check_net_config(info, str(self.hparams.init_from), "model.init_from")
             self.add_new_words()
