@@ -51,6 +51,40 @@ def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, settings):
     assert torch.equal(cached, recomputed)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_attention_matches_scaled_dot_product_attention(masked):
+    import torch.nn.functional as F
+
+    from imagen.models.ar_transformer import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 5, 5, generator=g) > 0.3 if masked else None
+    if masked:
+        mask[..., 0] = True  # every query sees at least one key
+    ours = attention(q, k, v, mask)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    torch.testing.assert_close(ours, reference)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    reference_grads = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    for ours_grad, reference_grad in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(ours_grad, reference_grad)
+
+
+def test_text_encoder_block_computes_multihead_attention():
+    from imagen.models.text_encoder import EncoderBlock
+
+    torch.manual_seed(0)
+    block = EncoderBlock(dim=32, heads=4).eval()
+    x = torch.randn(3, 7, 32)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 5:], mask[2, 2:] = False, False  # padded captions
+    h = block.norm1(x)
+    reference = x + block.attn(h, h, h, key_padding_mask=~mask, need_weights=False)[0]
+    reference = reference + block.mlp(block.norm2(reference))
+    torch.testing.assert_close(block(x, mask), reference)
+
+
 def test_rope_scores_depend_only_on_the_2d_offset():
     from imagen.models.ar_transformer import apply_rope, rope_angles
 

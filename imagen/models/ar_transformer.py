@@ -4,7 +4,7 @@ Conditioning is cross-attention to the text states (default) or the text states 
 Positions are 2D-aware: the input at sequence position i gets the learned row and column embedding of the grid
 cell it predicts (absolute: "top left" in a caption names a place) and, with `rope`, self-attention rotates
 queries and keys by that cell's row and column (2D RoPE: "the token above" is the same relative offset
-everywhere). Attention runs through `scaled_dot_product_attention`.
+everywhere). Attention runs through `scaled_dot_product_attention` on GPUs and plain matmuls on CPU (`attention`).
 
 Sequence layout (N = h * w image tokens, L = text length):
   cross:  [BOS, t0, ..., t(N-2)]                      -> predicts t0 .. t(N-1)
@@ -16,14 +16,12 @@ to `forward(..., cache=cache, start=pos)`, so a model that sampled during valida
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from imagen.models.sizes import config_from_size
 
@@ -89,6 +87,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float = 0.0
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for q (B, H, T, hd), k, v (B, H, S, hd); `mask` broadcastable to (B, H, T, S),
+    True = may attend, or None for causal (T == S). GPUs run `scaled_dot_product_attention` (flash / memory-efficient
+    kernels); on CPU, at these short sequences, the plain matmuls are faster forward and backward than either SDPA
+    backend (measured at 64 tokens, bf16, fwd+bwd: 5.4 ms against 9.8 ms for math and 16 ms for the fused kernel)."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(v.dtype)
+    return F.dropout(probs, dropout, training=dropout > 0) @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None, else cross-attention to `context`."""
 
@@ -122,13 +136,7 @@ class Attention(nn.Module):
         q = self.split_heads(self.q(x))
         if rope is not None:
             q = apply_rope(q, *rope)
-        dropout = self.dropout if self.training else 0.0
-        # On CPU the fused kernel's backward is several times slower than the plain math at these sequence
-        # lengths (measured: 40 ms vs ~5 ms per call at 64 tokens); GPUs keep flash / memory-efficient kernels.
-        with sdpa_kernel(SDPBackend.MATH) if q.device.type == "cpu" else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
-            )
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
         b, _, t, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -145,7 +153,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(c.dim)
         hidden = int(c.mlp_ratio * c.dim)
         self.mlp = nn.Sequential(
-            nn.Linear(c.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, c.dim)
+            nn.Linear(c.dim, hidden), nn.GELU(), nn.Linear(hidden, c.dim)
         )
         self.drop = nn.Dropout(c.dropout)
 
@@ -265,7 +273,7 @@ class ARTransformer(nn.Module):
         dropped (`drop` (B,) bool, or drawn with `drop_prob`): caption dropout for classifier-free guidance."""
         if drop is None and drop_prob > 0:
             drop = torch.rand(states.shape[0], device=states.device) < drop_prob
-        if drop is not None and drop.any():
+        if drop is not None:  # even with no row dropped: under DDP every parameter must take part in each step
             null_states, null_mask = self.null_condition(states.shape[0], states.shape[1], states.device)
             states = torch.where(drop[:, None, None], null_states.to(states.dtype), states)
             mask = torch.where(drop[:, None], null_mask, mask)

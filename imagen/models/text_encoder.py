@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from imagen.models.ar_transformer import attention
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +112,15 @@ class EncoderBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), mask (B, L) True on real tokens. The weights are `nn.MultiheadAttention`'s; the attention
+        itself runs through `attention` (on CPU, plain matmuls beat the fused kernel's backward several times)."""
         h = self.norm1(x)
-        x = x + self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)[0]
+        b, length, dim = h.shape
+        qkv = F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias)
+        q, k, v = qkv.view(b, length, 3, self.attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+        dropout = self.attn.dropout if self.training else 0.0
+        y = attention(q, k, v, mask[:, None, None, :], dropout).transpose(1, 2).reshape(b, length, dim)
+        x = x + self.attn.out_proj(y)
         return x + self.mlp(self.norm2(x))
 
 
