@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +14,28 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO, TINY_SHAPES, compose_config
+from tests.test_train import (  # noqa: F401  (session fixtures)
+    TINY_JOINT,
+    TINY_NEW_CONCEPT,
+    tiny_autoencoder_ckpt,
+    tiny_joint_ckpt,
+)
 
 
 def run_train(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py OVERRIDES` in `cwd`; past `timeout` seconds (a hung DDP run) its whole process group, the
+    processes DDP launched included, is killed and the test fails."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "IMAGEN_ROOT": str(cwd)}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    command = [sys.executable, str(REPO / "train.py"), *overrides]
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"train.py {' '.join(overrides)} ran past {timeout} s; stderr:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_ddp_sim_writes_one_run_directory(tmp_path):
@@ -35,6 +52,31 @@ def test_ddp_sim_writes_one_run_directory(tmp_path):
     assert len(list(run.rglob("metrics.csv"))) == 1, "one set of CSV logs"
     assert len(list(run.glob(".hydra"))) == 1
     assert "test/psnr" in (run / "metrics.json").read_text()
+
+
+def test_ddp_sim_evaluates_prompt_groups_smaller_than_the_world(tmp_path, tiny_joint_ckpt):  # noqa: F811
+    """2 processes. Validation: one prompt per group, so the second process has none to generate for, yet takes
+    part in every metric's synchronisation and logs the same keys (the checkpoint callback monitors
+    val/judge_acc_new on each). Test: 3 prompts per group, so the processes hold 2 and 1 images for the FID."""
+    result = run_train(
+        "experiment=shapes_finetune_new_concept", *TINY_SHAPES, *TINY_JOINT, *TINY_NEW_CONCEPT,
+        f"model.init_from={tiny_joint_ckpt}", "data.use_judge=true", "data.judge_steps=20",
+        "model.eval_prompts=1", "model.test_prompts=3", "model.compute_fid=true", "test_before_fit=false",
+        "callbacks.image_logger=null",
+        # a batch in which no caption is dropped leaves net.null_text unused: DDP must be told
+        "trainer=ddp_sim", "trainer.strategy=ddp_find_unused_parameters_true", "trainer.max_steps=2",
+        "extras.print_config=false", f"paths.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next((tmp_path / "logs" / "shapes_finetune_new_concept" / "runs").iterdir())
+    written = json.loads((run / "metrics.json").read_text())
+    for group in ("", "_heldout", "_new"):
+        for name in (f"judge_acc{group}", f"judge_acc{group}_recon", f"judge_acc{group}_reranked"):
+            assert written[f"val/{name}"] in (0, 1), name  # one prompt: its one image is right or wrong
+            assert round(written[f"test/{name}"] * 3, 4) in (0, 1, 2, 3), name  # 3 prompts
+        assert 0 <= written[f"val/round_trip{group}"] <= 1
+    assert math.isfinite(written["test/fid"])
 
 
 def test_slurm_launcher_config_composes(tmp_path):

@@ -4,6 +4,9 @@ the new-concept experiment end to end."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 from pathlib import Path
 
 import hydra
@@ -296,6 +299,45 @@ def test_new_concept_finetune_reports_before_and_after(make_cfg, tiny_joint_ckpt
     stage = JointStage.from_checkpoint(str(run / "checkpoints" / "last.ckpt"))
     vocab = stage.text_encoder.tokenizer.tokenizer.get_vocab()
     assert "orange" in vocab and "orange" not in read_tokenizer_words(tiny_joint_ckpt)
+
+
+class SignalAtStep(pl.Callback):
+    """Sends this process SIGTERM after training step `step`, as a preemption would: the run's `Preemption`
+    callback then writes a checkpoint and stops."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, stage, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_resumed_finetune_keeps_the_before_fit_metrics_of_its_first_attempt(make_cfg, tiny_joint_ckpt, tmp_path,  # noqa: F811
+                                                                               monkeypatch, caplog):  # fmt: skip
+    run = tmp_path / "finetune"
+    overrides = ["experiment=shapes_finetune_new_concept", *TINY_SHAPES, *TINY_JOINT, *TINY_NEW_CONCEPT,
+                 f"model.init_from={tiny_joint_ckpt}", "data.use_judge=true", "data.judge_steps=20",
+                 "trainer.max_steps=4", "logger=csv"]  # fmt: skip
+    preempted = [
+        *overrides,
+        "+callbacks.preempt._target_=tests.test_finetune.SignalAtStep",
+        "+callbacks.preempt.step=2",
+    ]
+    first, objects = train(make_cfg(preempted, run_dir=run))
+    assert objects.get("preempted")
+    before = {k: v for k, v in first.items() if k.startswith("before/")}
+    assert before["before/test/judge_acc_new"] >= 0
+    test_calls = []
+    trainer_test = pl.Trainer.test
+    monkeypatch.setattr(pl.Trainer, "test", lambda *a, **kw: test_calls.append(kw) or trainer_test(*a, **kw))
+    with caplog.at_level(logging.INFO, logger="imagen"):
+        train(make_cfg(overrides, run_dir=run))  # resumes from the checkpoint written at step 2
+    assert "resuming from" in caplog.text and "test_before_fit skipped" in caplog.text
+    assert len(test_calls) == 1, "the final test only"
+    written = json.loads((run / "metrics.json").read_text())
+    assert {k: v for k, v in written.items() if k.startswith("before/")} == before
+    assert 0 <= written["test/judge_acc_new"] <= 1
 
 
 def read_tokenizer_words(path: Path) -> set[str]:

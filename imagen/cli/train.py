@@ -6,6 +6,7 @@ the saved config.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -62,6 +63,14 @@ def test_before_fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule) 
     return {f"before/{k}": v for k, v in before.items() if k.startswith("test/")}
 
 
+def recorded_before_fit(output_dir: Path) -> dict[str, float]:
+    """The `before/...` metrics an earlier attempt of this run wrote to its metrics.json ({} if none)."""
+    path = output_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k.startswith("before/")}
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Fit and/or test one stage as configured (or each stage of a pipeline); returns (metrics, objects)."""
@@ -99,12 +108,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     timings: dict[str, float] = {}
     weights_only = not cfg.trust_checkpoint
     if cfg.train:
+        ckpt_path = resolve_ckpt_path(cfg)
         if cfg.get("test_before_fit"):
-            start = time.time()
-            metrics.update(test_before_fit(trainer, model, datamodule))
-            timings["time/test_before_fit_seconds"] = time.time() - start
+            # a resumed run keeps what its first attempt measured: the starting weights are tested once
+            before = recorded_before_fit(output_dir) if ckpt_path else {}
+            if before:
+                if pl.utilities.rank_zero_only.rank == 0:
+                    log.info(f"test_before_fit skipped: resuming, the {len(before)} before/... metrics of the "
+                             f"run's first attempt are kept ({output_dir / 'metrics.json'})")  # fmt: skip
+            else:
+                start = time.time()
+                before = test_before_fit(trainer, model, datamodule)
+                timings["time/test_before_fit_seconds"] = time.time() - start
+                write_metrics(before, output_dir / "metrics.json")  # so that a resume of this run finds them
+            metrics.update(before)
         start = time.time()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg), weights_only=weights_only)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
         timings["time/fit_seconds"] = time.time() - start
         metrics.update(tensor_metrics(trainer.callback_metrics))
         preemption = next(

@@ -364,9 +364,15 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
                 if self.hparams.compute_fid and group == "seen":
                     fid.update(images, real=False)
                     fid.update(reference, real=True)
-        if self.hparams.compute_fid and fid.fake_features_num_samples > 1:
+        # compute() gathers the features of every rank, so every rank must call it: decide on the count of all ranks
+        if self.hparams.compute_fid and self._sum_over_ranks([int(fid.fake_features_num_samples)])[0] > 1:
             return {f"{split}/fid": fid.compute()}
         return {}
+
+    def _sum_over_ranks(self, counts: list[int]) -> list[int]:
+        """`counts` summed element-wise over the ranks (as they are on a single process)."""
+        total = torch.tensor(counts, dtype=torch.long, device=self.device)
+        return self.trainer.strategy.reduce(total, reduce_op="sum").tolist()
 
     def _score_generated(self, split: str, group: str, images: torch.Tensor, scenes: list[Scene]) -> None:
         """Further scores of images generated for prompts of `group` (a subclass's: the round trip)."""
@@ -378,8 +384,13 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
 
     def _eval_epoch_end(self, split: str) -> None:
         values = getattr(self, "_generated_values", {}).pop(split, {})
-        for name, metric in self.metrics[split].items():
-            if metric.update_count > 0:
+        metrics = self.metrics[split]
+        # A metric is computed if any rank updated it, on every rank: compute() synchronises its states across the
+        # ranks, and a rank with no prompts of a group (fewer prompts than ranks) or no batch of a group must still
+        # take part, else the others wait for it; every rank then logs the same keys.
+        updates = self._sum_over_ranks([metric.update_count for metric in metrics.values()])
+        for (name, metric), count in zip(metrics.items(), updates, strict=True):
+            if count > 0:
                 values[f"{split}/{name if name != 'nll' else 'nll_bits'}"] = metric.compute()
             metric.reset()
         self.log_dict(values, prog_bar=split == "val", sync_dist=False)
