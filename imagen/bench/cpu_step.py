@@ -1,0 +1,133 @@
+"""The shapes generator's training step on CPU: the project's kernels against the generic ones, side by side.
+
+    python -m imagen.bench.cpu_step                      # size `shapes`, batch 32, bf16 autocast where AMX is present
+    python -m imagen.bench.cpu_step --steps 5 --rounds 1 --json out.json
+
+One step = text encoder + ARTransformer forward, cross-entropy with caption dropout, backward, AdamW, on random
+image tokens and captions (what the stage does after encoding the images). Variants, alternated in rounds in one
+process so that both see the same machine load:
+- `project`: `attention` (plain matmuls on CPU), exact GELU, fused AdamW;
+- `generic`: `scaled_dot_product_attention` (math backend; the fused CPU kernel is slower still in backward), the
+  tanh GELU, and AdamW's default multi-tensor path.
+Prints the median seconds per step of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from unittest import mock
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import imagen.models.ar_transformer as ar_transformer
+import imagen.models.text_encoder as text_encoder
+from imagen.bench.common import device_name
+from imagen.models.ar_transformer import ARTransformer
+from imagen.models.text_encoder import ScratchTextEncoder
+from imagen.precision import autocast
+from imagen.stages.optim import param_groups
+
+WORDS = (
+    "a small large red green blue circle square triangle left of right above below there is and it".split()
+)
+
+
+def sdpa_math_attention(q, k, v, mask, dropout: float = 0.0) -> torch.Tensor:
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
+        )
+
+
+def step_seconds(variant: str, model: nn.ModuleDict, batches: list, steps: int) -> float:
+    """Median seconds per training step of `variant` over `steps` steps (after one warm-up step)."""
+    generic = variant == "generic"
+    gelus = [m for m in model.modules() if isinstance(m, nn.GELU)]
+    for gelu in gelus:
+        gelu.approximate = "tanh" if generic else "none"
+    optimizer = torch.optim.AdamW(
+        param_groups(list(model.named_parameters()), 0.05), lr=1e-4, fused=not generic
+    )
+    patches = contextlib.ExitStack()
+    if generic:  # both modules call the attention function by name
+        patches.enter_context(mock.patch.object(ar_transformer, "attention", sdpa_math_attention))
+        patches.enter_context(mock.patch.object(text_encoder, "attention", sdpa_math_attention))
+    times = []
+    with patches:
+        for i in range(steps + 1):
+            tokens, captions = batches[i % len(batches)]
+            start = time.perf_counter()
+            with autocast("cpu"):
+                text = model["text_encoder"](captions)
+                _, loss = model["net"](tokens, text.states, text.mask, targets=tokens, cond_drop_prob=0.1)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+    for gelu in gelus:
+        gelu.approximate = "none"
+    return sorted(times[1:])[steps // 2]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m imagen.bench.cpu_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--size", default="shapes", help="a name in AR_SIZES")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two variants")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    text = ScratchTextEncoder()
+    text.fit_tokenizer([" ".join(WORDS)])
+    model = nn.ModuleDict(
+        {"text_encoder": text, "net": ARTransformer.from_size(args.size, text_dim=text.dim)}
+    )
+    grid = model["net"].config.num_image_tokens
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randint(0, model["net"].config.vocab_size, (args.batch, grid), generator=g),
+            [
+                " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (9,), generator=g))
+                for _ in range(args.batch)
+            ],
+        )
+        for _ in range(4)
+    ]
+    seconds: dict[str, list[float]] = {"project": [], "generic": []}
+    for _ in range(args.rounds):
+        for variant in seconds:
+            seconds[variant].append(step_seconds(variant, model, batches, args.steps))
+    best = {variant: min(values) for variant, values in seconds.items()}
+    out = {
+        "device": device_name(torch.device("cpu")),
+        "size": args.size,
+        "batch": args.batch,
+        "bf16_autocast": isinstance(autocast("cpu"), torch.autocast),
+        "seconds_per_step": seconds,
+        "speedup": best["generic"] / best["project"],
+    }
+    print(f"{out['device']}, size {args.size}, batch {args.batch}, bf16 autocast: {out['bf16_autocast']}")
+    for variant, values in seconds.items():
+        print(f"  {variant:8s} s/step per round: {', '.join(f'{v:.3f}' for v in values)}")
+    print(f"  speedup (best round, generic / project): {out['speedup']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
