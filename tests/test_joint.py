@@ -45,6 +45,36 @@ def test_best_of_keeps_the_highest_scoring_candidate_of_each_group():
         best_of(candidates, scores, per_group=4)
 
 
+def _gather_rows_in_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from imagen.metrics.retrieval import gather_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+    def all_gather(t):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)
+        return torch.stack(parts)
+
+    n = 3 - rank  # rank 0 holds 3 rows, rank 1 holds 2: padded for the exchange
+    rows = torch.arange(n * 2, dtype=torch.float).view(n, 2) + 10 * rank
+    index = torch.arange(n) * world + rank
+    torch.save(gather_rows([rows, index], all_gather, world), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gather_rows_concatenates_every_process_share_on_every_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_rows_in_process, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    expected_rows = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(4.0).view(2, 2) + 10])
+    for rank in range(2):
+        rows, index = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(rows, expected_rows)
+        assert index.tolist() == [0, 2, 4, 1, 3]
+
+
 def test_recall_at_k_is_exact_on_a_constructed_case():
     # query q's relevant item is ranked 1st, 3rd, 7th, or absent (similarity falls with the item index)
     similarity = torch.linspace(1, 0, 10).repeat(4, 1)  # (4 queries, 10 items)

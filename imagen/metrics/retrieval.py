@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,3 +38,21 @@ def retrieval_metrics(
         **{f"recall_at_{k}_t2i": v for k, v in t2i.items()},
         **{f"recall_at_{k}_i2t": v for k, v in i2t.items()},
     }
+
+
+def gather_rows(
+    tensors: Sequence[torch.Tensor], all_gather: Callable[[torch.Tensor], torch.Tensor], world_size: int
+) -> list[torch.Tensor]:
+    """Each process's rows (N_rank, ...) of every tensor, concatenated over the processes in rank order; every
+    process gets the same result. `all_gather(t)` returns (world_size, *t.shape) (`LightningModule.all_gather`).
+    Processes may hold different N: the rows are padded to the longest for the exchange and cut back after."""
+    if world_size == 1:
+        return list(tensors)
+    counts = all_gather(torch.tensor([len(tensors[0])], device=tensors[0].device)).flatten().tolist()
+    longest = max(counts)
+    gathered = []
+    for t in tensors:
+        padded = torch.cat([t, t.new_zeros(longest - len(t), *t.shape[1:])])
+        rows = all_gather(padded)  # (world_size, longest, ...)
+        gathered.append(torch.cat([rows[rank, :n] for rank, n in enumerate(counts)]))
+    return gathered

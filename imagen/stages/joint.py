@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torchmetrics import MeanMetric
@@ -25,7 +26,7 @@ from torchmetrics.text import BLEUScore
 
 from imagen.data.shapes import Scene, matches_caption
 from imagen.metrics.captions import caption_correct, preserved_attributes
-from imagen.metrics.retrieval import retrieval_metrics
+from imagen.metrics.retrieval import gather_rows, retrieval_metrics
 from imagen.models.ar_transformer import ARTransformer
 from imagen.models.image_text import CaptionVocabulary, ImageTextConfig, ImageTextNet
 from imagen.models.text_encoder import CaptionTokenizer, TextStates
@@ -303,11 +304,15 @@ class JointStage(ARGeneratorStage):
             )
 
     def _retrieval(self, split: str) -> dict[str, float]:
-        """Recall@K both ways over this split's images and their captions (one process's share)."""
+        """Recall@K both ways over this split's images and their captions: every process's share is gathered (the
+        distributed sampler's padding repeats some samples: each index counts once), so all ranks log the same."""
         rows = self._embeddings.pop(split, [])
         if not rows:
             return {}
-        text, image, index = (torch.cat(parts) for parts in zip(*rows, strict=True))
+        parts = [torch.cat(part).to(self.device) for part in zip(*rows, strict=True)]
+        text, image, index = (t.cpu() for t in gather_rows(parts, self.all_gather, self.trainer.world_size))
+        first = torch.from_numpy(np.sort(np.unique(index.numpy(), return_index=True)[1]))
+        text, image, index = text[first], image[first], index[first]
         scenes = self._scenes(split, index)
         if scenes is not None:
             relevant = scene_relevance(scenes)
