@@ -49,6 +49,25 @@ def test_tiny_model_overfits_and_its_checkpoint_round_trips_through_sample(make_
     )
     assert evaluated["test/f1"] == 1.0
 
+    # fine-tuning from the run: before any step, the test split already scores what the run scored
+    before, _ = train(
+        make_cfg(
+            ["experiment=ner_tiny", "data.files={val: train.txt, test: train.txt}", f"model.init_from={ckpt}",
+             "test_before_fit=true", "trainer.max_epochs=1", "callbacks.rich_progress_bar=null"],
+            run_dir=tmp_path / "finetune",
+        )
+    )  # fmt: skip
+    assert before["before/test/f1"] == 1.0
+    with pytest.raises(ValueError, match=r"model.init_from=.* was trained with labels \['O'"):
+        more_labels = (
+            f"data.labels=[{','.join([*info['labels'], 'B-NEW', 'I-NEW'])}]"  # the head would differ
+        )
+        train(
+            make_cfg(
+                ["experiment=ner_tiny", f"model.init_from={ckpt}", more_labels], run_dir=tmp_path / "other"
+            )
+        )
+
     # CoNLL in, `token gold pred` out: the prediction of every training word is its gold tag
     out = tmp_path / "conll_out"
     train_file = f"{fixture_dir()}/train.txt"

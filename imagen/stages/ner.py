@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from imagen.checkpoints import load_init_from, read_checkpoint
 from imagen.data.conll import ConllDataModule, NerWindows, tokenizer_files
 from imagen.metrics.ner import entity_report, report_rows, report_table, token_report
 from imagen.models.ner import NerTagger, encoder_config_dict
@@ -45,9 +46,10 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
     The schedule is linear warmup over `warmup` (a fraction of the training steps, or a step count if >= 1)
     then linear decay to 0 at the last step; the total comes from the trainer (epochs x batches or max_steps).
 
-    Fine-tuning (`FineTuningMixin`, applied once the head exists): `freeze` (e.g. `[net.encoder.embeddings]`) and
-    `lora` (adapters on the encoder's attention projections `query`, `key`, `value` of BERT-family encoders by
-    default; the head and CRF train in full).
+    Fine-tuning (`FineTuningMixin`, applied once the head exists): `init_from` (the tagger, encoder and head, of
+    another NER run trained with the same labels, loaded strictly; `pretrained` still gives the architecture and
+    tokenizer), `freeze` (e.g. `[net.encoder.embeddings]`) and `lora` (adapters on the encoder's attention
+    projections `query`, `key`, `value` of BERT-family encoders by default; the head and CRF train in full).
     """
 
     LORA_MODULES = ("net.encoder",)
@@ -64,6 +66,8 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
         scoring: str = "conlleval",
         freeze: list[str] | None = None,
         lora: dict | None = None,
+        init_from: str | None = None,
+        trust_checkpoint: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer"])
@@ -104,6 +108,22 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
             )
         self.encoding = asdict(settings)
         self.tokenizer_files = tokenizer_files(datamodule.tokenizer)
+
+    def configure_model(self) -> None:
+        """`init_from`, once the head is sized from the data's labels (`setup`); a resume's checkpoint, loaded
+        after this, then wins. Then LoRA and freezing."""
+        if self.hparams.init_from and not getattr(self, "_initialised", False):
+            path = self.hparams.init_from
+            checkpoint = read_checkpoint(path, self.hparams.trust_checkpoint)
+            saved = checkpoint.get("imagen", {}).get("labels")
+            if saved != self.labels:
+                raise ValueError(
+                    f"model.init_from={path} was trained with labels {saved}, the data has {self.labels}; "
+                    "set data.labels to the run's"
+                )
+            load_init_from(self, path, "ner", ("net.",), checkpoint=checkpoint)
+            self._initialised = True
+        super().configure_model()
 
     def lora_trainable_default(self) -> list[str]:
         return ["net.head", *(["net.crf"] if self.net.crf is not None else [])]
