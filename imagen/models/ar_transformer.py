@@ -273,9 +273,8 @@ class ARTransformer(nn.Module):
         dropped (`drop` (B,) bool, or drawn with `drop_prob`): caption dropout for classifier-free guidance."""
         if drop is None and drop_prob > 0:
             drop = torch.rand(states.shape[0], device=states.device) < drop_prob
-        if (
-            drop is not None
-        ):  # even with no row dropped: under DDP every parameter must take part in each step
+        # even when no row is dropped: under DDP every parameter must take part in each step
+        if drop is not None:
             null_states, null_mask = self.null_condition(states.shape[0], states.shape[1], states.device)
             states = torch.where(drop[:, None, None], null_states.to(states.dtype), states)
             mask = torch.where(drop[:, None], null_mask, mask)
