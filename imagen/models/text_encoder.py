@@ -79,7 +79,9 @@ class CaptionTokenizer:
     def __call__(self, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, L) with [BOS] ... [EOS], padded with [PAD]; over-long captions are cut and counted."""
         if not self.trained:
-            raise RuntimeError("the caption tokenizer is not trained yet (the stage trains it in setup())")
+            raise RuntimeError(
+                "the caption tokenizer is not trained yet (the stage trains it in configure_model())"
+            )
         bos, eos = self.tokenizer.token_to_id("[BOS]"), self.tokenizer.token_to_id("[EOS]")
         rows = []
         for enc in self.tokenizer.encode_batch(list(captions)):

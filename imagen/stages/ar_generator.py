@@ -244,9 +244,6 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         if hasattr(self.text_encoder, "fit_tokenizer") and hasattr(datamodule, "train_captions"):
             self.text_encoder.fit_tokenizer(datamodule.train_captions())
 
-    def setup(self, stage: str) -> None:
-        self.fit_tokenizers()
-
     # -- training -----------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

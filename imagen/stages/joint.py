@@ -309,8 +309,12 @@ class JointStage(ARGeneratorStage):
         rows = self._embeddings.pop(split, [])
         if not rows:
             return {}
-        parts = [torch.cat(part).to(self.device) for part in zip(*rows, strict=True)]
-        text, image, index = (t.cpu() for t in gather_rows(parts, self.all_gather, self.trainer.world_size))
+        text, image, index = (torch.cat(part) for part in zip(*rows, strict=True))
+        if self.trainer.world_size > 1:  # the exchange runs on the device (NCCL needs CUDA tensors)
+            parts = gather_rows(
+                [t.to(self.device) for t in (text, image, index)], self.all_gather, self.trainer.world_size
+            )
+            text, image, index = (t.cpu() for t in parts)
         first = torch.from_numpy(np.sort(np.unique(index.numpy(), return_index=True)[1]))
         text, image, index = text[first], image[first], index[first]
         scenes = self._scenes(split, index)

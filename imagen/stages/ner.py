@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from imagen.checkpoints import load_init_from, read_checkpoint
+from imagen.checkpoints import load_init_from, read_checkpoint, stage_info
 from imagen.data.conll import ConllDataModule, NerWindows, tokenizer_files
 from imagen.metrics.ner import entity_report, report_rows, report_table, token_report
 from imagen.models.ner import NerTagger, encoder_config_dict
@@ -115,7 +115,7 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
         if self.hparams.init_from and not getattr(self, "_initialised", False):
             path = self.hparams.init_from
             checkpoint = read_checkpoint(path, self.hparams.trust_checkpoint)
-            saved = checkpoint.get("imagen", {}).get("labels")
+            saved = stage_info(checkpoint, path, "ner").get("labels")  # refuses another stage's checkpoint
             if saved != self.labels:
                 raise ValueError(
                     f"model.init_from={path} was trained with labels {saved}, the data has {self.labels}; "
