@@ -78,3 +78,35 @@ def test_unknown_setting_names_the_field():
         Autoencoder.from_size("tiny", codebook_sise=10)
     with pytest.raises(ValueError, match="model.net.size"):
         Autoencoder.from_size("huge")
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_patch_encoder_tokens_see_only_their_neighbourhood(context):
+    """encoder=patch: a token depends on the pixels of its own patch and of those `patch_context` cells away,
+    nothing else; a flat background is one token, at the border as inside."""
+    torch.manual_seed(0)
+    model = tiny("fsq", encoder="patch", patch_context=context).eval()
+    f = model.downsample_factor  # 4: an 8x8 grid of cells
+    x = torch.full((1, 3, 32, 32), -1.0)
+    x[..., 12:16, 12:16] = torch.rand(3, 4, 4)  # fills cell (3, 3) exactly
+    with torch.no_grad():
+        latents = model.encoder(x)[0].permute(1, 2, 0)  # (8, 8, latent_dim)
+    near = torch.zeros(8, 8, dtype=torch.bool)
+    near[3 - context : 4 + context, 3 - context : 4 + context] = True
+    assert torch.equal(latents[~near], latents[0, 0].expand_as(latents[~near]))
+    assert not torch.equal(latents[3, 3], latents[0, 0])
+    moved = x.clone()
+    moved[..., 28:, 28:] = 1.0  # something in cell (7, 7): latents of cells more than `context` away stay put
+    with torch.no_grad():
+        for encoder, local in ((model.encoder, True), (tiny("fsq").encoder, False)):  # conv: a wide field
+            keep = 7 - context
+            same = torch.equal(encoder(moved)[..., :keep, :keep], encoder(x)[..., :keep, :keep])
+            assert same == local
+    assert f == 4
+
+
+def test_unknown_encoder_is_refused():
+    with pytest.raises(ValueError, match="model.net.encoder"):
+        tiny("fsq", encoder="vit")
+    with pytest.raises(ValueError, match="model.net.patch_context"):
+        tiny("fsq", encoder="patch", patch_context=-1)

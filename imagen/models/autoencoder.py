@@ -1,4 +1,4 @@
-"""Image autoencoder with a discrete bottleneck: conv encoder -> quantizer -> conv decoder.
+"""Image autoencoder with a discrete bottleneck: conv (or patch-local) encoder -> quantizer -> conv decoder.
 
 `encode(images) -> tokens (B, h, w)` and `decode(tokens) -> images` are the interface later stages use; the
 decoder is the design's "pixel generator". Quantizers come from `vector-quantize-pytorch`: VQ (EMA codebook,
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from imagen.models.sizes import config_from_size
@@ -26,6 +27,11 @@ class AutoencoderConfig:
     )  # one stride-2 level each: downsampling factor 2 ** len(channel_mult)
     num_res_blocks: int = 1
     norm: str = "none"  # none | group: GroupNorm in residual blocks (slows learning on mostly-flat images)
+    # conv: a conv stack whose tokens see (nearly) the whole image; patch: each token is a function of its own f x f
+    # pixels and those of `patch_context` neighbouring patches on every side (a flat background far from objects
+    # is one token, wherever it is)
+    encoder: str = "conv"
+    patch_context: int = 0
     latent_dim: int = 64  # encoder output / decoder input width
     quantizer: str = "vq"  # vq | fsq | lfq
     codebook_size: int = 256  # vq and lfq (a power of two for lfq); fsq's is the product of fsq_levels
@@ -46,6 +52,10 @@ class AutoencoderConfig:
         self.fsq_levels = tuple(self.fsq_levels)
         if self.norm not in ("none", "group"):
             raise ValueError(f"model.net.norm must be none or group; got {self.norm!r}")
+        if self.encoder not in ("conv", "patch"):
+            raise ValueError(f"model.net.encoder must be conv or patch; got {self.encoder!r}")
+        if self.patch_context < 0:
+            raise ValueError(f"model.net.patch_context must be >= 0; got {self.patch_context}")
         if self.quantizer not in ("vq", "fsq", "lfq"):
             raise ValueError(f"model.net.quantizer must be one of vq, fsq, lfq; got {self.quantizer!r}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
@@ -120,6 +130,48 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+class PatchEncoder(nn.Module):
+    """(B, 3, H, W) -> (B, latent_dim, H / f, W / f), each output cell computed from its own f x f patch (and, with
+    `patch_context` k, the patches up to k cells away) alone: the patch's pixels as one vector (space-to-depth),
+    a (2k + 1)^2 convolution over neighbouring patches, then a residual MLP (1x1 convolutions). A conv encoder's
+    receptive field spans the whole image, so its background tokens vary with far-away objects and the image
+    border: on the shapes data 276 distinct codes for flat black patches, against 1 here for those more than k cells
+    from an object; an AR model over the tokens must learn to predict them."""
+
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        self.factor = c.downsample_factor
+        width = c.channels * c.channel_mult[-1]
+        layers: list[nn.Module] = [nn.Conv2d(c.in_channels * self.factor**2, width, 1)]
+        if c.patch_context:
+            k = 2 * c.patch_context + 1  # replicate padding: a patch at the border sees itself, not zeros
+            layers += [
+                nn.SiLU(),
+                nn.Conv2d(width, width, k, padding=c.patch_context, padding_mode="replicate"),
+            ]
+        for _ in range(2 * c.num_res_blocks):
+            layers.append(PointwiseResBlock(width))
+        layers += [nn.SiLU(), nn.Conv2d(width, c.latent_dim, 1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(F.pixel_unshuffle(x, self.factor))  # (B, 3 f^2, H / f, W / f) -> latents
+
+
+class PointwiseResBlock(nn.Module):
+    def __init__(self, channels: int, mult: int = 2):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.SiLU(),
+            nn.Conv2d(channels, mult * channels, 1),
+            nn.SiLU(),
+            nn.Conv2d(mult * channels, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
 
 
 class Decoder(nn.Module):
@@ -206,7 +258,7 @@ class Autoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder = PatchEncoder(config) if config.encoder == "patch" else Encoder(config)
         self.quantizer = Quantizer(config)
         self.decoder = Decoder(config)
 
