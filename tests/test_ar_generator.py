@@ -176,8 +176,9 @@ def test_sampling_during_validation_leaves_training_unaffected(make_cfg, tiny_au
     # the same validation (its data loaders draw from the global RNG too), only without the sampling
     without = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "b", ["trainer.val_check_interval=3",
                              "data.use_judge=true", "model.eval_prompts=0"])  # fmt: skip
-    assert without.trainer.callback_metrics.get("val/judge_acc") is None
-    assert with_sampling.trainer.callback_metrics.get("val/judge_acc") is not None
+    for key in ("val/judge_acc", "val/binding_acc"):
+        assert without.trainer.callback_metrics.get(key) is None
+        assert with_sampling.trainer.callback_metrics.get(key) is not None
     a, b = with_sampling.state_dict(), without.state_dict()
     assert a.keys() == b.keys()
     for key in a:

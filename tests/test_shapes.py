@@ -1,5 +1,8 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from imagen.data.shapes import (
     POSITIONS,
@@ -98,3 +101,25 @@ def test_caption_matching_rules():
 def test_bad_renderer_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         ShapesConfig(**kwargs)
+
+
+def test_binding_pairs_swap_the_attributes_of_two_objects_in_place():
+    from imagen.data.shapes_datamodule import ShapesDataModule
+    from imagen.metrics.judge import render_batch
+
+    dm = ShapesDataModule(num_train=8, num_val=64, num_val_heldout=0, use_judge=False, jitter=0)
+    captions, images, swapped = dm.binding_pairs("val", limit=5)
+    assert len(captions) == 5 and images.shape == swapped.shape == (5, 3, 32, 32)
+    prompts, scenes, _ = dm.eval_prompts("val")
+    by_caption = dict(zip(prompts, scenes, strict=True))
+    for caption, image, other in zip(captions, images, swapped, strict=True):
+        a, b = by_caption[caption].objects  # two objects that look different
+        assert a.describe() != b.describe()
+        assert not torch.equal(image, other)
+        # the swapped image is the render of the exchanged scene, at the same (here unjittered) places
+        exchanged = Scene((replace(a, color=b.color, shape=b.shape, size=b.size),
+                           replace(b, color=a.color, shape=a.shape, size=a.size)), by_caption[caption].relation)  # fmt: skip
+        assert torch.equal(other, render_batch(dm.config, [exchanged], np.random.default_rng(0))[0])
+    assert dm.binding_pairs("val", limit=0)[0] == []
+    one_object = ShapesDataModule(num_train=8, num_val=16, num_val_heldout=0, use_judge=False, max_objects=1)
+    assert one_object.binding_pairs("val")[1].shape == (0, 3, 32, 32)

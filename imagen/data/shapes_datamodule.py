@@ -4,7 +4,7 @@ for teaching a fine-tuned model a concept it never saw (`NewConceptShapesDataMod
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -20,7 +20,7 @@ from imagen.data.shapes import (
     render,
     scene_targets,
 )
-from imagen.metrics.judge import Judge, load_or_train_judge
+from imagen.metrics.judge import Judge, load_or_train_judge, render_batch
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,36 @@ class ShapesDataModule(pl.LightningDataModule):
         choice = s.caption_choice if s.caption_choice is not None else [0] * len(s.scenes)
         images = torch.from_numpy(s.images[rows]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         return [s.captions[i][choice[i]] for i in rows], [s.scenes[i] for i in rows], images
+
+    def binding_pairs(self, split: str, group: str = "seen", limit: int | None = None):
+        """Two-object prompts of an evaluation split whose objects differ in appearance, the first `limit`:
+        (captions, images, swapped) where `swapped` shows the same layout with the two objects' color, shape and
+        size exchanged (both rendered with one seed per prompt, so the jitter is the same). A model that binds
+        attributes to objects finds its caption's image more likely; one that reads a bag of attributes cannot
+        tell them apart (`binding_acc` of the generator stages)."""
+        captions, scenes, _ = self.eval_prompts(split, group=group)
+        out_captions, images, swapped = [], [], []
+        for i, (caption, scene) in enumerate(zip(captions, scenes, strict=True)):
+            if limit is not None and len(out_captions) >= limit:
+                break
+            if len(scene.objects) != 2 or scene.objects[0].describe() == scene.objects[1].describe():
+                continue
+            a, b = scene.objects
+            exchanged = Scene(
+                (
+                    replace(a, color=b.color, shape=b.shape, size=b.size),
+                    replace(b, color=a.color, shape=a.shape, size=a.size),
+                ),
+                scene.relation,
+            )
+            seed = [self.hparams.seed, SPLIT_SEED_OFFSET[split], i]
+            images.append(render_batch(self.config, [scene], np.random.default_rng(seed)))
+            swapped.append(render_batch(self.config, [exchanged], np.random.default_rng(seed)))
+            out_captions.append(caption)
+        if not out_captions:
+            empty = torch.empty(0, 3, self.config.image_size, self.config.image_size)
+            return [], empty, empty.clone()
+        return out_captions, torch.cat(images), torch.cat(swapped)
 
     def train_captions(self) -> list[str]:
         """Every paraphrase of every training caption (for training a caption tokenizer)."""

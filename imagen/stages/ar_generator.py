@@ -139,7 +139,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         self.scheduler_factory = scheduler
         self.sampling = SamplingSettings(**(sampling or {}))
         judged = {
-            f"judge_acc{s}{kind}": MeanMetric() for s in GROUP_SUFFIX.values() for kind in ("", "_recon")
+            f"{name}{s}{kind}": MeanMetric()
+            for s in GROUP_SUFFIX.values()
+            for name, kind in (("judge_acc", ""), ("judge_acc", "_recon"), ("binding_acc", ""))
         }
         self.metrics = nn.ModuleDict(
             {split: nn.ModuleDict({"nll": MeanMetric(), **judged}) for split in ("val", "test")}
@@ -378,6 +380,26 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         # Generation is scored when the epoch starts: a weight-averaging callback (EMA) swaps its weights in before
         # this hook and back out before the module's on_*_epoch_end, so sampling there would use the raw weights.
         self._generated_values = {split: self._judge_generated(split)}
+        self._score_binding(split)
+
+    @torch.no_grad()
+    def _score_binding(self, split: str) -> None:
+        """`binding_acc`: on this rank's share of the datamodule's `binding_pairs` (two-object prompts, and their
+        image with the objects' attributes swapped), the fraction where the caption makes the true image's tokens
+        more likely (teacher-forced, no guidance). 50% is a model that reads the caption as a bag of attributes."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "binding_pairs"):
+            return
+        limit = self.hparams.eval_prompts if split == "val" else self.hparams.test_prompts
+        rank, world, step = self.global_rank, self.trainer.world_size, self.hparams.eval_batch_size
+        for group in self._prompt_groups():
+            captions, images, swapped = datamodule.binding_pairs(split, group=group, limit=limit)
+            captions, images, swapped = captions[rank::world], images[rank::world], swapped[rank::world]
+            for i in range(0, len(captions), step):
+                text = self.encode_text(captions[i : i + step])
+                true = self.token_logprob(self.image_tokens(images[i : i + step].to(self.device)), text)
+                other = self.token_logprob(self.image_tokens(swapped[i : i + step].to(self.device)), text)
+                self.metrics[split][f"binding_acc{GROUP_SUFFIX[group]}"].update((true > other).float())
 
     def _eval_epoch_end(self, split: str) -> None:
         values = getattr(self, "_generated_values", {}).pop(split, {})

@@ -332,6 +332,10 @@ class JointStage(ARGeneratorStage):
         self._judge_reranked(split)
         return values
 
+    def _score_binding(self, split: str) -> None:
+        if self.weights.generation:
+            super()._score_binding(split)
+
     def _judge_reranked(self, split: str) -> None:
         """Judge accuracy of the best of `rerank.candidates` images per prompt (the same prompts as judge_acc)."""
         datamodule = getattr(self.trainer, "datamodule", None)
