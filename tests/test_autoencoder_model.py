@@ -86,7 +86,7 @@ def test_patch_encoder_tokens_see_only_their_neighbourhood(context):
     nothing else; a flat background is one token, at the border as inside."""
     torch.manual_seed(0)
     model = tiny("fsq", encoder="patch", patch_context=context).eval()
-    f = model.downsample_factor  # 4: an 8x8 grid of cells
+    assert model.downsample_factor == 4  # an 8x8 grid of cells
     x = torch.full((1, 3, 32, 32), -1.0)
     x[..., 12:16, 12:16] = torch.rand(3, 4, 4)  # fills cell (3, 3) exactly
     with torch.no_grad():
@@ -102,7 +102,6 @@ def test_patch_encoder_tokens_see_only_their_neighbourhood(context):
             keep = 7 - context
             same = torch.equal(encoder(moved)[..., :keep, :keep], encoder(x)[..., :keep, :keep])
             assert same == local
-    assert f == 4
 
 
 def test_unknown_encoder_is_refused():
