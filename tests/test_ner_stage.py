@@ -58,10 +58,8 @@ def test_tiny_model_overfits_and_its_checkpoint_round_trips_through_sample(make_
         )
     )  # fmt: skip
     assert before["before/test/f1"] == 1.0
+    more_labels = f"data.labels=[{','.join([*info['labels'], 'B-NEW', 'I-NEW'])}]"  # the head would differ
     with pytest.raises(ValueError, match=r"model.init_from=.* was trained with labels \['O'"):
-        more_labels = (
-            f"data.labels=[{','.join([*info['labels'], 'B-NEW', 'I-NEW'])}]"  # the head would differ
-        )
         train(
             make_cfg(
                 ["experiment=ner_tiny", f"model.init_from={ckpt}", more_labels], run_dir=tmp_path / "other"
