@@ -85,6 +85,27 @@ def test_text_encoder_block_computes_multihead_attention():
     torch.testing.assert_close(block(x, mask), reference)
 
 
+def test_gru_text_encoder_reads_both_directions_and_ignores_batch_padding():
+    from imagen.models.text_encoder import ScratchTextEncoder
+
+    torch.manual_seed(0)
+    encoder = ScratchTextEncoder(dim=16, layers=2, vocab_size=32, mixer="gru").eval()
+    long = "a small red circle left of a large blue square"
+    encoder.fit_tokenizer([long, "a green triangle on the left"])
+    with torch.no_grad():
+        alone = encoder(["a red circle"])
+        batched = encoder(["a red circle", long])
+        # the short caption's states are the same whether or not it is padded to the long one
+        assert batched.mask[0].sum() == alone.mask[0].sum() == 5  # [BOS] a red circle [EOS]
+        torch.testing.assert_close(batched.states[0, :5], alone.states[0])
+        # a word's state depends on the words after it (backward direction) and before it (forward direction)
+        edited = encoder(["a red circle", "a red square", "a green circle"]).states
+        assert not torch.allclose(edited[0, 2], edited[1, 2])  # "red", followed by another noun
+        assert not torch.allclose(edited[0, 3], edited[2, 3])  # "circle", after another color
+    with pytest.raises(ValueError, match="text_encoder.mixer"):
+        ScratchTextEncoder(mixer="lstm")
+
+
 def test_rope_scores_depend_only_on_the_2d_offset():
     from imagen.models.ar_transformer import apply_rope, rope_angles
 

@@ -129,3 +129,18 @@ def test_binding_pairs_swap_the_attributes_of_two_objects_in_place():
     assert dm.binding_pairs("val", limit=0)[0] == []
     one_object = ShapesDataModule(num_train=8, num_val=16, num_val_heldout=0, use_judge=False, max_objects=1)
     assert one_object.binding_pairs("val")[1].shape == (0, 3, 32, 32)
+
+
+def test_attributes_swapped_exchanges_the_looks_of_two_objects_in_place():
+    a = ShapeObject("red", "circle", "small", "left")
+    b = ShapeObject("blue", "square", "large", "right")
+    swapped = Scene((a, b), "left of").attributes_swapped()
+    assert swapped == Scene(
+        (ShapeObject("blue", "square", "large", "left"), ShapeObject("red", "circle", "small", "right")),
+        "left of",
+    )
+    assert swapped.captions()[0] == "a large blue square left of a small red circle"
+    assert Scene((a,)).attributes_swapped() is None
+    assert (
+        Scene((a, replace(a, position="right")), "left of").attributes_swapped() is None
+    )  # they look the same

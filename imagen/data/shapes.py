@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -98,6 +98,20 @@ class Scene:
             f"a {b} {inv} a {a}",
             f"a {b} and a {a} {rel} it",
         ]
+
+    def attributes_swapped(self) -> Scene | None:
+        """The same layout and relation with the two objects' color, shape and size exchanged (its caption has the
+        same words in another order). None for one object, or for two that look the same."""
+        if len(self.objects) != 2 or self.objects[0].describe() == self.objects[1].describe():
+            return None
+        a, b = self.objects
+        return Scene(
+            (
+                replace(a, color=b.color, shape=b.shape, size=b.size),
+                replace(b, color=a.color, shape=a.shape, size=a.size),
+            ),
+            self.relation,
+        )
 
     def to_dict(self) -> dict:
         return {"objects": [asdict(o) for o in self.objects], "relation": self.relation}

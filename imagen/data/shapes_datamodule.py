@@ -4,7 +4,7 @@ for teaching a fine-tuned model a concept it never saw (`NewConceptShapesDataMod
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import numpy as np
@@ -241,16 +241,9 @@ class ShapesDataModule(pl.LightningDataModule):
         for i, (caption, scene) in enumerate(zip(captions, scenes, strict=True)):
             if limit is not None and len(out_captions) >= limit:
                 break
-            if len(scene.objects) != 2 or scene.objects[0].describe() == scene.objects[1].describe():
+            exchanged = scene.attributes_swapped()
+            if exchanged is None:
                 continue
-            a, b = scene.objects
-            exchanged = Scene(
-                (
-                    replace(a, color=b.color, shape=b.shape, size=b.size),
-                    replace(b, color=a.color, shape=a.shape, size=a.size),
-                ),
-                scene.relation,
-            )
             seed = [self.hparams.seed, SPLIT_SEED_OFFSET[split], i]
             images.append(render_batch(self.config, [scene], np.random.default_rng(seed)))
             swapped.append(render_batch(self.config, [exchanged], np.random.default_rng(seed)))

@@ -1,7 +1,7 @@
 """Text encoders: captions -> (states (B, L, D), mask (B, L)).
 
 Two kinds, one interface (`forward(captions) -> TextStates`, `dim`, `max_length`):
-- `ScratchTextEncoder`: a small Transformer trained from scratch with a word-level tokenizer that the Hugging Face
+- `ScratchTextEncoder`: a small Transformer or bidirectional GRU trained from scratch with a word-level tokenizer that the Hugging Face
   `tokenizers` library trains on the corpus captions (no download; the default for the shapes data);
 - `PretrainedTextEncoder`: a Hugging Face encoder (T5 encoder, BERT family, CLIP text) loaded with
   `AutoTokenizer` / `AutoModel.from_pretrained(name_or_local_path)`, frozen by default as in Imagen, with an
@@ -127,18 +127,34 @@ class EncoderBlock(nn.Module):
 
 
 class ScratchTextEncoder(nn.Module):
-    """Embeddings + a few Transformer blocks over word-level caption tokens, trained with the generator."""
+    """Word-level caption tokens: embeddings plus learned positions, mixed by `layers` layers of a `mixer`, trained
+    with the generator. `mixer`:
+    - `transformer`: pre-norm Transformer blocks;
+    - `gru`: a bidirectional GRU (as in AttnGAN's text encoder; `heads` unused): each word's state is built from
+      the words before and after it in order, so "red" in "a red circle left of a blue square" reaches the state of
+      "circle" and the relation reaches both phrases. On the shapes data it binds attributes to objects within a few
+      hundred steps, where the Transformer's states stay nearly those of the word alone (BENCHMARKS.md)."""
 
     def __init__(self, dim: int = 128, layers: int = 2, heads: int = 4, vocab_size: int = 512, max_length: int = 32,
-                 dropout: float = 0.0):  # fmt: skip
+                 dropout: float = 0.0, mixer: str = "transformer"):  # fmt: skip
         super().__init__()
         self.init_args = {"dim": dim, "layers": layers, "heads": heads, "vocab_size": vocab_size,
-                          "max_length": max_length, "dropout": dropout}  # fmt: skip
+                          "max_length": max_length, "dropout": dropout, "mixer": mixer}  # fmt: skip
         self.dim, self.max_length, self.vocab_size = dim, max_length, vocab_size
         self.tokenizer = CaptionTokenizer()
         self.token_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, max_length, dim))
-        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, dropout) for _ in range(layers))
+        if mixer not in ("transformer", "gru"):
+            raise ValueError(f"text_encoder.mixer must be transformer or gru; got {mixer!r}")
+        self.mixer = mixer
+        if mixer == "gru":
+            if dim % 2:
+                raise ValueError(f"text_encoder.mixer=gru needs an even dim (two directions); got {dim}")
+            self.rnn = nn.GRU(
+                dim, dim // 2, num_layers=layers, batch_first=True, bidirectional=True, dropout=dropout
+            )
+        blocks = layers if mixer == "transformer" else 0
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, dropout) for _ in range(blocks))
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.pos_emb, std=0.02)
 
@@ -151,9 +167,16 @@ class ScratchTextEncoder(nn.Module):
     def forward(self, captions: list[str]) -> TextStates:
         ids, mask = self.tokenizer(captions, self.max_length)
         ids, mask = ids.to(self.token_emb.weight.device), mask.to(self.token_emb.weight.device)
-        x = self.token_emb(ids) + self.pos_emb[:, : ids.shape[1]]
+        length = ids.shape[1]
+        x = self.token_emb(ids) + self.pos_emb[:, :length]
         for block in self.blocks:
             x = block(x, mask)
+        if self.mixer == "gru":
+            lengths = mask.sum(1).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            x, _ = nn.utils.rnn.pad_packed_sequence(
+                self.rnn(packed)[0], batch_first=True, total_length=length
+            )
         return TextStates(self.norm(x), mask)
 
     def get_extra_state(self) -> dict:
