@@ -195,6 +195,33 @@ def test_each_loss_can_be_switched_off_and_the_others_train(make_cfg, tiny_autoe
     assert f"train/loss_{off}" not in logged and "train/loss" in logged
 
 
+@pytest.mark.parametrize("setting,trains", [("null", True), ("false", False), ("true", True)])
+def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
+    make_cfg,
+    tiny_autoencoder_ckpt,  # noqa: F811
+    setting,
+    trains,
+):
+    # generation off: the matching loss is the text encoder's only gradient (null trains it: nothing else would)
+    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, "model.loss_weights.generation=0", "model.loss_weights.caption=0",
+                                   f"model.matching_trains_text_encoder={setting}", "trainer.max_steps=3", "test=false",
+                                   "callbacks=none", "trainer.limit_val_batches=0", "seed=1"))  # fmt: skip
+    import hydra
+    import lightning.pytorch as pl
+
+    pl.seed_everything(cfg.seed)
+    before = hydra.utils.instantiate(cfg.model, _convert_="all").state_dict()
+    after = train(cfg)[1]["model"].state_dict()
+
+    def changed(prefix: str) -> bool:
+        weights = [k for k in after if k.startswith(prefix) and isinstance(after[k], torch.Tensor)]
+        assert weights, prefix
+        return any(not torch.equal(before[k], after[k]) for k in weights)
+
+    assert changed("image_text.text_proj.") and changed("image_text.image_proj.")
+    assert changed("text_encoder.") == trains
+
+
 def test_all_weights_zero_is_refused(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
     import hydra
 

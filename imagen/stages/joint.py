@@ -87,6 +87,7 @@ class JointStage(ARGeneratorStage):
         caption_vocab_size: int = 512,
         max_caption_length: int = 32,
         retrieval_ks: Sequence[int] = (1, 5, 10),
+        matching_trains_text_encoder: bool | None = None,
         **generator_args,
     ):
         # the generator stage saves this constructor's arguments too (Lightning collects the whole chain)
@@ -196,9 +197,13 @@ class JointStage(ARGeneratorStage):
         if w.caption:
             losses["caption"] = self.image_text.caption_loss(features, self.caption_ids(captions))
         if w.matching:
+            # beside generation, matching reads the text states without training the shared encoder by default:
+            # in-batch negatives are told apart by their words alone, and its pull keeps the states a bag of words
+            trains = self.hparams.matching_trains_text_encoder
+            trains = not w.generation if trains is None else trains
+            states = text.states if trains else text.states.detach()
             losses["matching"] = self.image_text.matching_loss(
-                self.image_text.image_embedding(features),
-                self.image_text.text_embedding(text.states, text.mask),
+                self.image_text.image_embedding(features), self.image_text.text_embedding(states, text.mask)
             )
         loss = sum(getattr(w, name) * value for name, value in losses.items())
         b = tokens.shape[0]
