@@ -1,8 +1,9 @@
 """Text encoders: captions -> (states (B, L, D), mask (B, L)).
 
 Two kinds, one interface (`forward(captions) -> TextStates`, `dim`, `max_length`):
-- `ScratchTextEncoder`: a small Transformer or bidirectional GRU trained from scratch with a word-level tokenizer that the Hugging Face
-  `tokenizers` library trains on the corpus captions (no download; the default for the shapes data);
+- `ScratchTextEncoder`: a small bidirectional GRU or Transformer trained from scratch with a word-level tokenizer
+  that the Hugging Face `tokenizers` library trains on the corpus captions (no download; the default for the shapes
+  data);
 - `PretrainedTextEncoder`: a Hugging Face encoder (T5 encoder, BERT family, CLIP text) loaded with
   `AutoTokenizer` / `AutoModel.from_pretrained(name_or_local_path)`, frozen by default as in Imagen, with an
   optional on-disk cache of its outputs for a fixed caption set.
