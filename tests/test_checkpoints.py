@@ -59,3 +59,18 @@ def test_strict_load_lists_every_bad_key():
 def test_pickle_protocol_sanity():
     # the refusal above relies on torch.load(weights_only=True) rejecting arbitrary globals
     assert pickle.loads(pickle.dumps(3)) == 3
+
+
+def test_last_checkpoint_holds_the_final_weights_when_the_monitored_metric_stops_improving(tmp_path):
+    """`step` monitored with mode=min: only the first validation is ever the best one."""
+    from tests.conftest import TINY_SHAPES, train_tiny_stage
+
+    last = train_tiny_stage(
+        ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "data.image_size=16",
+         "trainer.max_steps=6", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+         "callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=min"],
+        tmp_path,
+    )  # fmt: skip
+    best = sorted(p.name for p in last.parent.glob("step_*.ckpt"))
+    assert best == ["step_000002.ckpt"], best
+    assert read_checkpoint(last)["global_step"] == 6

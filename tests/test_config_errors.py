@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf.errors import MissingMandatoryValue
 
 from imagen.cli.checks import ConfigError, check_train_config
@@ -111,7 +112,7 @@ def test_valid_time_interval_builds_a_checkpoint_callback(make_cfg):
                     "callbacks.model_checkpoint.train_time_interval={_target_: datetime.timedelta, minutes: 30}"])  # fmt: skip
     check_train_config(cfg)
     callbacks = instantiate_callbacks(cfg.callbacks)
-    checkpoint = next(c for c in callbacks if type(c).__name__ == "ModelCheckpoint")
+    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     assert checkpoint._train_time_interval == timedelta(minutes=30)
 
 
