@@ -109,3 +109,13 @@ def test_unknown_encoder_is_refused():
         tiny("fsq", encoder="vit")
     with pytest.raises(ValueError, match="model.net.patch_context"):
         tiny("fsq", encoder="patch", patch_context=-1)
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_code_vectors_are_the_decoder_inputs_of_each_id(quantizer):
+    torch.manual_seed(0)
+    model = tiny(quantizer).eval()
+    vectors = model.code_vectors()  # (V, D)
+    assert vectors.shape[0] == model.vocab_size
+    ids = torch.randint(model.vocab_size, (2, 3, 5))
+    torch.testing.assert_close(vectors[ids].permute(0, 3, 1, 2), model.quantizer.codes_from_indices(ids))

@@ -255,6 +255,19 @@ def test_test_split_reports_retrieval_and_caption_metrics(
     assert written["test/recall_at_1_t2i"] <= written["test/recall_at_10_t2i"]
 
 
+def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    net = stage.image_text
+    assert net.config.code_dim > 0  # model.image_code_vectors=true, the default
+    torch.testing.assert_close(net.code_vectors, stage.autoencoder.code_vectors())
+    tokens = torch.randint(net.config.vocab_size, (2, stage.net.config.num_image_tokens))
+    before = net.encode_image(tokens)
+    net.set_code_vectors(torch.randn_like(net.code_vectors))
+    assert not torch.allclose(net.encode_image(tokens), before)
+    with pytest.raises(ValueError, match="code vectors of shape"):
+        net.set_code_vectors(torch.zeros(3, net.config.code_dim))
+
+
 def test_reranking_returns_the_best_candidate_and_one_image_per_prompt(joint_ckpt):
     stage = JointStage.from_checkpoint(joint_ckpt)
     prompts = ["a small red circle on the left", "a large blue square above a small green triangle"]

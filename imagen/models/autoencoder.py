@@ -286,6 +286,12 @@ class Autoencoder(nn.Module):
         return self.quantizer(self.encoder(images)).indices
 
     @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """(vocab_size, D): the decoder's input vector for every token id."""
+        ids = torch.arange(self.vocab_size, device=next(self.parameters()).device)
+        return self.quantizer.codes_from_indices(ids.view(1, -1, 1))[0, :, :, 0].t()  # (1, D, V, 1) -> (V, D)
+
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """token ids (B, h, w) -> images (B, 3, h * f, w * f), clamped to [-1, 1]."""
         return self.decoder(self.quantizer.codes_from_indices(tokens)).clamp(-1.0, 1.0)

@@ -35,6 +35,10 @@ class ImageTextConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     embed_dim: int = 128  # the shared matching space
+    # Width of the autoencoder's code vectors (its decoder's input for each token id), added to the learned token
+    # embeddings through a projection: what a code looks like, known from the first step. 0: off (checkpoints
+    # written before it existed); the joint stage sets it from its autoencoder (`model.image_code_vectors`).
+    code_dim: int = 0
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(self.grid_size)
@@ -64,6 +68,9 @@ class ImageTextNet(nn.Module):
         self.config = c = config
         h, w = c.grid_size
         self.image_emb = nn.Embedding(c.vocab_size, c.dim)
+        if c.code_dim:
+            self.register_buffer("code_vectors", torch.zeros(c.vocab_size, c.code_dim))  # set_code_vectors
+            self.code_proj = nn.Linear(c.code_dim, c.dim)
         self.row_emb = nn.Parameter(torch.randn(h, c.dim) * 0.02)
         self.col_emb = nn.Parameter(torch.randn(w, c.dim) * 0.02)
         self.encoder = nn.ModuleList(EncoderBlock(c.dim, c.heads, c.dropout) for _ in range(c.encoder_layers))
@@ -86,6 +93,15 @@ class ImageTextNet(nn.Module):
         """Build from a named size in `IMAGE_TEXT_SIZES`, with any config field overridden."""
         return cls(config_from_size(IMAGE_TEXT_SIZES, size, overrides, "model.image_text"))
 
+    def set_code_vectors(self, vectors: torch.Tensor) -> None:
+        """The autoencoder's code vector of every token id, (vocab_size, code_dim)."""
+        expected = (self.config.vocab_size, self.config.code_dim)
+        if tuple(vectors.shape) != expected:
+            raise ValueError(
+                f"code vectors of shape {tuple(vectors.shape)}; this ImageTextNet needs {expected}"
+            )
+        self.code_vectors.copy_(vectors)
+
     # -- image side -----------------------------------------------------------------------------------------------
 
     def encode_image(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -93,6 +109,8 @@ class ImageTextNet(nn.Module):
         h, w = self.config.grid_size
         positions = (self.row_emb[:, None] + self.col_emb[None]).reshape(h * w, -1)  # (N, dim)
         x = self.image_emb(tokens) + positions
+        if self.config.code_dim:
+            x = x + self.code_proj(self.code_vectors[tokens])
         everywhere = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         for block in self.encoder:
             x = block(x, everywhere)

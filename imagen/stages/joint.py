@@ -70,7 +70,8 @@ class JointStage(ARGeneratorStage):
     `image_text` is an `ImageTextNet` or a partial that receives the derived sizes (image vocabulary and grid,
     caption vocabulary and length, text width). Captions are tokenized with the scratch text encoder's tokenizer
     when it has one, else with a tokenizer this stage trains on the corpus captions (`caption_vocab_size`,
-    `max_caption_length`). Other arguments are the generator stage's.
+    `max_caption_length`). With `image_code_vectors`, the image encoder also reads the autoencoder's code vector
+    of each token (`ImageTextConfig.code_dim`). Other arguments are the generator stage's.
     """
 
     STAGE = "joint"
@@ -88,6 +89,7 @@ class JointStage(ARGeneratorStage):
         max_caption_length: int = 32,
         retrieval_ks: Sequence[int] = (1, 5, 10),
         matching_trains_text_encoder: bool | None = None,
+        image_code_vectors: bool = False,
         **generator_args,
     ):
         # the generator stage saves this constructor's arguments too (Lightning collects the whole chain)
@@ -102,13 +104,17 @@ class JointStage(ARGeneratorStage):
         if isinstance(image_text, ImageTextNet):
             self.image_text = image_text
         else:
+            codes = self.autoencoder.code_vectors() if image_code_vectors else None
             self.image_text = image_text(
                 vocab_size=self.autoencoder.vocab_size,
                 grid_size=self.net.config.grid_size,
                 caption_vocab_size=caption_vocab_size,
                 max_caption_length=max_caption_length,
                 text_dim=text_encoder.dim,
+                code_dim=0 if codes is None else codes.shape[1],
             )
+            if codes is not None:  # a checkpoint's own vectors replace these when its state dict loads
+                self.image_text.set_code_vectors(codes)
         c = self.image_text.config
         if (c.vocab_size, c.grid_size, c.text_dim) != (
             self.autoencoder.vocab_size,
