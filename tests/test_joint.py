@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from imagen.cli.sample import sample
 from imagen.cli.train import train
@@ -73,6 +74,27 @@ def test_gather_rows_concatenates_every_process_share_on_every_process(tmp_path)
         rows, index = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(rows, expected_rows)
         assert index.tolist() == [0, 2, 4, 1, 3]
+
+
+def test_hard_negative_captions_enter_only_the_image_to_text_half_of_the_contrastive_loss():
+    from imagen.models.image_text import contrastive_loss
+
+    torch.manual_seed(0)
+    image, text, negative = (torch.nn.functional.normalize(torch.randn(n, 8), dim=-1) for n in (4, 4, 3))
+    scale, labels = torch.tensor(10.0), torch.arange(4)
+    plain = 0.5 * (
+        F.cross_entropy(scale * image @ text.t(), labels) + F.cross_entropy(scale * text @ image.t(), labels)
+    )
+    torch.testing.assert_close(contrastive_loss(image, text, scale), plain)
+    image_to_text = (
+        scale * image @ torch.cat([text, negative]).t()
+    )  # (4, 7): the batch's captions, then the negatives
+    expected = 0.5 * (
+        F.cross_entropy(image_to_text, labels) + F.cross_entropy(scale * text @ image.t(), labels)
+    )
+    torch.testing.assert_close(contrastive_loss(image, text, scale, negative), expected)
+    # a negative that copies the true caption is as likely as it: the image-to-text half cannot go below log 2
+    assert contrastive_loss(image, text, torch.tensor(100.0), text) > 0.5 * np.log(2)
 
 
 def test_recall_at_k_is_exact_on_a_constructed_case():

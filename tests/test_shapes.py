@@ -144,3 +144,34 @@ def test_attributes_swapped_exchanges_the_looks_of_two_objects_in_place():
     assert (
         Scene((a, replace(a, position="right")), "left of").attributes_swapped() is None
     )  # they look the same
+
+
+def test_hard_negative_captions_reuse_the_words_and_are_false_of_the_image():
+    from imagen.data.shapes_datamodule import ShapesDataModule, ShapesDataset
+    from imagen.metrics.captions import parse_shapes_caption
+
+    dm = ShapesDataModule(num_train=200, num_val=8, num_val_heldout=0, use_judge=False, hard_negatives=True)
+    dm.setup("fit")
+    dataset = ShapesDataset(dm.split("train"), dm.config)
+    kinds = set()
+    for index in range(200):
+        item = dataset[(index, 11)]
+        scene, negative = dm.split("train").scenes[index], parse_shapes_caption(item["negative_caption"])
+        assert negative is not None and not matches_caption(list(scene.objects), negative), item
+        assert dataset[(index, 11)]["negative_caption"] == item["negative_caption"]  # fixed by the item seed
+        if len(scene.objects) == 1:  # the same object, moved or resized: no color-shape pair the scene lacks
+            (obj,), (neg,) = scene.objects, negative.objects
+            assert (obj.color, obj.shape) == (neg.color, neg.shape)
+            kinds.add("moved" if obj.position != neg.position else "resized")
+        elif scene.objects[0].describe() != scene.objects[1].describe():
+            assert sorted(o.describe() for o in negative.objects) == sorted(
+                o.describe() for o in scene.objects
+            )
+            kinds.add("swapped")
+    assert kinds == {"moved", "resized", "swapped"}
+    # off by default, and never on evaluation items
+    assert "negative_caption" not in ShapesDataset(dm.split("train"))[0]
+    assert "negative_caption" not in next(iter(dm.val_dataloader()))
+    twins = Scene((ShapeObject("red", "circle", "small", "left"), ShapeObject("red", "circle", "small", "right")),
+                  "left of")  # fmt: skip
+    assert twins.hard_negative(np.random.default_rng(0), POSITIONS, ["small", "large"]) is None

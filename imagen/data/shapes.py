@@ -113,6 +113,20 @@ class Scene:
             self.relation,
         )
 
+    def hard_negative(self, rng: np.random.Generator, positions: list[str], sizes: list[str]) -> Scene | None:
+        """A scene whose caption is false of this one's image but close to its caption, a hard negative for
+        contrastive matching (NegCLIP): two objects exchange their appearances; one object moves to another of
+        `positions` or takes another of `sizes`. It never pairs a color with a shape this scene lacks. None for two
+        objects that look the same."""
+        if len(self.objects) == 2:
+            return self.attributes_swapped()
+        (obj,) = self.objects
+        if len(sizes) > 1 and (len(positions) < 2 or rng.random() < 0.5):
+            others = [s for s in sizes if s != obj.size]
+            return Scene((replace(obj, size=others[rng.integers(len(others))]),))
+        others = [p for p in positions if p != obj.position]
+        return Scene((replace(obj, position=others[rng.integers(len(others))]),)) if others else None
+
     def to_dict(self) -> dict:
         return {"objects": [asdict(o) for o in self.objects], "relation": self.relation}
 

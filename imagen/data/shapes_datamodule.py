@@ -88,14 +88,17 @@ def take_rows(split: ShapesSplit, rows: np.ndarray) -> ShapesSplit:
 
 
 class ShapesDataset(Dataset):
-    """Items: image (3, H, W) float in [-1, 1], caption, target (GRID*GRID, 3), heldout, index.
+    """Items: image (3, H, W) float in [-1, 1], caption, target (GRID*GRID, 3), heldout, index; with
+    `hard_negatives` (a training split's `ShapesConfig`) also `negative_caption`, a caption false of the image that
+    reuses its words (`Scene.hard_negative`; another training scene's caption when there is none).
 
     Indexed by `index` or by `(index, item_seed)` (from `EpochShuffleSampler`); training draws a fresh caption
     paraphrase each time, from `item_seed` when given, else from the torch RNG (seeded per worker).
     """
 
-    def __init__(self, split: ShapesSplit):
+    def __init__(self, split: ShapesSplit, hard_negatives: ShapesConfig | None = None):
         self.split = split
+        self.hard_negatives = hard_negatives
 
     def __len__(self) -> int:
         return len(self.split.scenes)
@@ -111,13 +114,26 @@ class ShapesDataset(Dataset):
         else:
             caption = paraphrases[s.caption_choice[index]]
         image = torch.from_numpy(s.images[index]).permute(2, 0, 1).float().div(127.5).sub(1.0)
-        return {
+        item = {
             "image": image,
             "caption": caption,
             "target": torch.from_numpy(s.targets[index]),
             "heldout": bool(s.heldout[index]),
             "index": index,
         }
+        if self.hard_negatives is not None:
+            item["negative_caption"] = self.negative_caption(index, item_seed)
+        return item
+
+    def negative_caption(self, index: int, item_seed: int | None) -> str:
+        seed = int(torch.randint(2**31, ())) if item_seed is None else item_seed
+        rng = np.random.default_rng([seed, index])
+        config, scenes = self.hard_negatives, self.split.scenes
+        negative = scenes[index].hard_negative(rng, config.positions, config.sizes)
+        if negative is None:
+            negative = scenes[(index + 1) % len(scenes)]
+        paraphrases = negative.captions()
+        return paraphrases[rng.integers(len(paraphrases))]
 
 
 class ShapesDataModule(pl.LightningDataModule):
@@ -157,6 +173,7 @@ class ShapesDataModule(pl.LightningDataModule):
         cache_dir: str = ".cache",
         use_judge: bool = True,
         judge_steps: int = 500,
+        hard_negatives: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -267,7 +284,7 @@ class ShapesDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything)
-        dataset = ShapesDataset(self.split("train"))
+        dataset = ShapesDataset(self.split("train"), self.config if self.hparams.hard_negatives else None)
         return ResumableLoader(
             dataset,
             self.hparams.batch_size,

@@ -53,11 +53,20 @@ IMAGE_TEXT_SIZES: dict[str, ImageTextConfig] = {
 }
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP) over normalized embeddings (B, E): row i of each is the other's positive."""
+def contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negative_text: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) over normalized embeddings (B, E): row i of each is the other's positive.
+    `negative_text` (M, E): further captions each image is contrasted with (hard negatives, as in NegCLIP)."""
     logits = logit_scale * image @ text.t()  # (B, B)
     labels = torch.arange(image.shape[0], device=image.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    image_to_text = logits
+    if negative_text is not None:
+        image_to_text = torch.cat([logits, logit_scale * image @ negative_text.t()], dim=1)  # (B, B + M)
+    return 0.5 * (F.cross_entropy(image_to_text, labels) + F.cross_entropy(logits.t(), labels))
 
 
 class ImageTextNet(nn.Module):
@@ -126,8 +135,11 @@ class ImageTextNet(nn.Module):
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
-    def matching_loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return contrastive_loss(image, text, self.logit_scale.clamp(max=4.6052).exp())  # temperature >= 0.01
+    def matching_loss(
+        self, image: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        scale = self.logit_scale.clamp(max=4.6052).exp()  # temperature >= 0.01
+        return contrastive_loss(image, text, scale, negative_text)
 
     # -- caption decoder ------------------------------------------------------------------------------------------
 

@@ -208,8 +208,16 @@ class JointStage(ARGeneratorStage):
             trains = self.hparams.matching_trains_text_encoder
             trains = not w.generation if trains is None else trains
             states = text.states if trains else text.states.detach()
+            negative = None
+            if "negative_caption" in batch:  # hard negatives from the data (shapes: data.hard_negatives=true)
+                other = self.encode_text(list(batch["negative_caption"]))
+                negative = self.image_text.text_embedding(
+                    other.states if trains else other.states.detach(), other.mask
+                )
             losses["matching"] = self.image_text.matching_loss(
-                self.image_text.image_embedding(features), self.image_text.text_embedding(states, text.mask)
+                self.image_text.image_embedding(features),
+                self.image_text.text_embedding(states, text.mask),
+                negative,
             )
         loss = sum(getattr(w, name) * value for name, value in losses.items())
         b = tokens.shape[0]
