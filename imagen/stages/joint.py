@@ -210,10 +210,9 @@ class JointStage(ARGeneratorStage):
             states = text.states if trains else text.states.detach()
             negative = None
             if "negative_caption" in batch:  # hard negatives from the data (shapes: data.hard_negatives=true)
-                other = self.encode_text(list(batch["negative_caption"]))
-                negative = self.image_text.text_embedding(
-                    other.states if trains else other.states.detach(), other.mask
-                )
+                with torch.set_grad_enabled(trains):
+                    other = self.encode_text(list(batch["negative_caption"]))
+                negative = self.image_text.text_embedding(other.states, other.mask)
             losses["matching"] = self.image_text.matching_loss(
                 self.image_text.image_embedding(features),
                 self.image_text.text_embedding(states, text.mask),
