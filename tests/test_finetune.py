@@ -202,6 +202,15 @@ def test_a_transformer_configured_differently_is_refused(make_cfg, tiny_joint_ck
         stage.configure_model()
     with pytest.raises(ValueError, match=r"(?s)ckpt_path: the checkpoint being resumed .* model\.net\.rope"):
         stage.on_load_checkpoint(torch.load(tiny_joint_ckpt, map_location="cpu", weights_only=True))
+    # the captioner/matcher too: a checkpoint with code vectors into a run without them, named before any key list
+    cfg = make_cfg(["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, "model.image_code_vectors=false",
+                    f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}", f"model.init_from={tiny_joint_ckpt}"])  # fmt: skip
+    stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)model.image_code_vectors.*model\.image_text\.code_dim: checkpoint \d+, this run 0",
+    ):
+        stage.configure_model()
 
 
 def test_resuming_with_other_lora_settings_is_refused(make_cfg, tiny_joint_ckpt, tiny_autoencoder_ckpt):  # noqa: F811

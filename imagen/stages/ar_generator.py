@@ -166,15 +166,15 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         if self.hparams.init_from and not getattr(self, "_initialised", False):
             names = [*self.init_from_modules(), *([] if self.hparams.autoencoder_ckpt else ["autoencoder"])]
             prefixes = tuple(f"{name}." for name in names)
-            info = load_init_from(
-                self,
-                self.hparams.init_from,
-                self.STAGE,
-                prefixes,
-                self.hparams.trust_checkpoint,
-                checkpoint=self.__dict__.pop("_init_checkpoint", None),
+            path = str(self.hparams.init_from)
+            checkpoint = self.__dict__.pop("_init_checkpoint", None)
+            if checkpoint is None:
+                checkpoint = read_checkpoint(path, self.hparams.trust_checkpoint)
+            # settings first: a differing one is named, where the strict load would only list keys
+            self.check_net_config(stage_info(checkpoint, path, self.STAGE), path, "model.init_from")
+            load_init_from(
+                self, path, self.STAGE, prefixes, self.hparams.trust_checkpoint, checkpoint=checkpoint
             )
-            self.check_net_config(info, str(self.hparams.init_from), "model.init_from")
             self.add_new_words()
             self._initialised = True
         # here rather than in setup(): a weight-averaging callback copies the module right after this hook

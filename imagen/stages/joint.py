@@ -140,6 +140,24 @@ class JointStage(ARGeneratorStage):
             )
         self._embeddings: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
+    def check_net_config(self, info: dict, source: str, key: str) -> None:
+        """The generator's check, and the captioner/matcher must be configured as the checkpoint's."""
+        super().check_net_config(info, source, key)
+        if "image_text_config" not in info:
+            return
+        theirs, ours = asdict(ImageTextConfig(**info["image_text_config"])), asdict(self.image_text.config)
+        diff = [
+            f"model.image_text.{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}"
+            for k in ours
+            if theirs[k] != ours[k]
+        ]
+        if diff:
+            raise ValueError(
+                f"{key}: {source} holds an image-text network configured differently; set the run's config to match "
+                f"(code_dim comes from model.image_code_vectors: false for checkpoints written before it):\n  "
+                + "\n  ".join(diff)
+            )
+
     # -- captions -----------------------------------------------------------------------------------------------------
 
     @property
