@@ -42,6 +42,17 @@ def module_spec(module: nn.Module) -> dict:
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **module.init_args}
 
 
+def check_config(theirs, ours, prefix: str, what: str, hint: str) -> None:
+    """Two configs of one dataclass (a checkpoint's, this run's) must agree: else an error naming every differing
+    field as `prefix.field: checkpoint X, this run Y`."""
+    a, b = asdict(theirs), asdict(ours)
+    diff = [f"{prefix}.{k}: checkpoint {a[k]!r}, this run {b[k]!r}" for k in b if a[k] != b[k]]
+    if diff:
+        raise ValueError(
+            f"{what} configured differently; set the run's config to match ({hint}):\n  " + "\n  ".join(diff)
+        )
+
+
 class FrozenAutoencoderMixin:
     """A frozen first stage: kept in eval mode whatever the trainer asks (taming-transformers' rule)."""
 
@@ -216,17 +227,10 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         their own (RoPE) would otherwise load strictly and silently compute something else."""
         if "net_config" not in info:
             return
-        theirs, ours = asdict(ARConfig(**info["net_config"])), asdict(self.net.config)
-        diff = [
-            f"model.net.{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}"
-            for k in ours
-            if theirs[k] != ours[k]
-        ]
-        if diff:
-            raise ValueError(
-                f"{key}: {source} holds a transformer configured differently; set the run's config to match "
-                f"(e.g. model.net.rope=false for checkpoints written before RoPE):\n  " + "\n  ".join(diff)
-            )
+        check_config(
+            ARConfig(**info["net_config"]), self.net.config, "model.net", f"{key}: {source} holds a transformer",
+            "e.g. model.net.rope=false for checkpoints written before RoPE",
+        )  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resume (`ckpt_path`) must build the same networks the checkpoint holds; Lightning calls this after

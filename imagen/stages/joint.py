@@ -33,7 +33,7 @@ from imagen.models.text_encoder import CaptionTokenizer, TextStates
 from imagen.sampling.ar import SamplingSettings
 from imagen.sampling.caption import CaptionDecoding, decode_captions, ids_to_text
 from imagen.sampling.rerank import best_of
-from imagen.stages.ar_generator import GROUP_SUFFIX, ARGeneratorStage
+from imagen.stages.ar_generator import GROUP_SUFFIX, ARGeneratorStage, check_config
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +145,11 @@ class JointStage(ARGeneratorStage):
         super().check_net_config(info, source, key)
         if "image_text_config" not in info:
             return
-        theirs, ours = asdict(ImageTextConfig(**info["image_text_config"])), asdict(self.image_text.config)
-        diff = [
-            f"model.image_text.{k}: checkpoint {theirs[k]!r}, this run {ours[k]!r}"
-            for k in ours
-            if theirs[k] != ours[k]
-        ]
-        if diff:
-            raise ValueError(
-                f"{key}: {source} holds an image-text network configured differently; set the run's config to match "
-                f"(code_dim comes from model.image_code_vectors: false for checkpoints written before it):\n  "
-                + "\n  ".join(diff)
-            )
+        check_config(
+            ImageTextConfig(**info["image_text_config"]), self.image_text.config, "model.image_text",
+            f"{key}: {source} holds an image-text network",
+            "code_dim comes from model.image_code_vectors: false for checkpoints written before it",
+        )  # fmt: skip
 
     # -- captions -----------------------------------------------------------------------------------------------------
 
