@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from omegaconf import open_dict
 
 from imagen.cli.train import train
@@ -58,6 +59,14 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
     assert all(r["reused"] for r in objects["rows"]) and objects["stages"] == {}
     assert again == metrics
 
+    # a stage whose composed config differs from the finished run's (a default changed in conf/ since) runs again
+    record_file = root / "joint" / "pipeline_stage.yaml"
+    record = yaml.safe_load(record_file.read_text())
+    record_file.write_text(yaml.safe_dump({**record, "settings": "written-by-other-conf"}))
+    _, objects = train(quickstart_cfg(make_cfg, tmp_path, tiny_stages()))
+    assert [r["reused"] for r in objects["rows"]] == [True, False]
+    assert yaml.safe_load(record_file.read_text())["settings"] == record["settings"]
+
     # a changed stage is trained again; the stages before it are still reused
     stages = tiny_stages()
     stages["joint"] = [*stages["joint"], "model.cond_drop_prob=0.2"]
@@ -85,3 +94,17 @@ def test_overrides_the_pipeline_would_ignore_are_refused(tmp_path):
         in result.stderr
     )
     assert "experiment=shapes_autoencoder model.net.quantizer=vq" in result.stderr
+
+
+def test_the_settings_digest_follows_every_value_of_the_composed_config():
+    from omegaconf import OmegaConf
+
+    from imagen.cli.pipeline import settings_digest
+
+    base = {
+        "model": {"image_code_vectors": True, "net": {"dim": 256}},
+        "paths": {"out": "${hydra:runtime.cwd}"},
+    }
+    changed = {**base, "model": {"image_code_vectors": False, "net": {"dim": 256}}}
+    assert settings_digest(OmegaConf.create(base)) == settings_digest(OmegaConf.create(base))
+    assert settings_digest(OmegaConf.create(base)) != settings_digest(OmegaConf.create(changed))

@@ -4,13 +4,14 @@ then the stage built on it, evaluates each on its test split and prints one summ
 Each stage is an ordinary training run composed from `conf/train.yaml` with its own overrides
 (`pipeline.stages.<name>`), in a fixed directory `pipeline.dir/<name>`. A stage's override `{other}` is replaced
 by the last checkpoint of the earlier stage `other`. With `pipeline.reuse`, a stage whose directory already
-holds a finished run of the same overrides (metrics.json, checkpoints/last.ckpt, pipeline_stage.yaml) is not
-trained again.
+holds a finished run of the same overrides and the same composed config (metrics.json, checkpoints/last.ckpt,
+pipeline_stage.yaml; a default changed in `conf/` since counts as a change) is not trained again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
@@ -69,21 +70,30 @@ def read_record(run_dir: Path) -> dict:
     return yaml.safe_load(record.read_text()) if record.is_file() else {}
 
 
-def finished(run_dir: Path, overrides: list[str]) -> bool:
+def settings_digest(stage_cfg: DictConfig) -> str:
+    """A digest of a stage's composed config, interpolations unresolved: equal for the same settings."""
+    return hashlib.sha256(OmegaConf.to_yaml(stage_cfg).encode()).hexdigest()[:16]
+
+
+def same_settings(record: dict, overrides: list[str], digest: str) -> bool:
+    return record.get("overrides") == overrides and record.get("settings") == digest
+
+
+def finished(run_dir: Path, overrides: list[str], digest: str) -> bool:
     record = read_record(run_dir)
     return (
-        record.get("overrides") == overrides
+        same_settings(record, overrides, digest)
         and record.get("finished", False)
         and (run_dir / "metrics.json").is_file()
         and (run_dir / "checkpoints" / "last.ckpt").is_file()
     )
 
 
-def prepare_run_dir(run_dir: Path, overrides: list[str]) -> None:
-    """A stage interrupted with the same overrides continues in its directory (its checkpoints resume it); a
+def prepare_run_dir(run_dir: Path, overrides: list[str], digest: str) -> None:
+    """A stage interrupted with the same settings continues in its directory (its checkpoints resume it); a
     directory from other settings is moved aside to `<stage>.previous` rather than mixed with the new run."""
     record = read_record(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and record.get("overrides") != overrides:
+    if run_dir.exists() and any(run_dir.iterdir()) and not same_settings(record, overrides, digest):
         previous = run_dir.with_name(run_dir.name + ".previous")
         if previous.exists():
             shutil.rmtree(previous)
@@ -91,7 +101,7 @@ def prepare_run_dir(run_dir: Path, overrides: list[str]) -> None:
         log.info(f"pipeline: {run_dir} held a run with other settings; moved to {previous}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STAGE_RECORD).write_text(
-        yaml.safe_dump({"overrides": overrides, "finished": False}, sort_keys=False)
+        yaml.safe_dump({"overrides": overrides, "settings": digest, "finished": False}, sort_keys=False)
     )
 
 
@@ -159,7 +169,10 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     for name in cfg.pipeline.stages:
         run_dir = root / name
         overrides = stage_overrides(cfg, name, checkpoints, run_dir)
-        reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides)
+        with config_module():
+            stage_cfg = compose(config_name="train", overrides=overrides)
+        digest = settings_digest(stage_cfg)
+        reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest)
         start = time.time()
         if reused:
             log.info(
@@ -169,9 +182,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             seconds = read_record(run_dir)["seconds"]
         else:
             log.info(f"pipeline: stage {name} -> {run_dir}")
-            prepare_run_dir(run_dir, overrides)
-            with config_module():
-                stage_cfg = compose(config_name="train", overrides=overrides)
+            prepare_run_dir(run_dir, overrides, digest)
             if is_pipeline(stage_cfg):
                 raise ValueError(f"pipeline.stages.{name} must select a stage's experiment (experiment=NAME)")
             stage_metrics, stage_objects = train(stage_cfg)
@@ -182,7 +193,12 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 )
                 return metrics, {"rows": rows, "grid": None, "stages": objects, "cfg": cfg, "preempted": True}
             seconds = time.time() - start
-            record = {"overrides": overrides, "finished": True, "seconds": round(seconds, 1)}
+            record = {
+                "overrides": overrides,
+                "settings": digest,
+                "finished": True,
+                "seconds": round(seconds, 1),
+            }
             (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
         checkpoints[name] = str(run_dir / "checkpoints" / "last.ckpt")
         rows.append({"stage": name, "seconds": seconds, "reused": reused, "metrics": stage_metrics})
