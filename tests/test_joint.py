@@ -80,7 +80,7 @@ def test_hard_negative_captions_enter_only_the_image_to_text_half_of_the_contras
     from imagen.models.image_text import contrastive_loss
 
     torch.manual_seed(0)
-    image, text, negative = (torch.nn.functional.normalize(torch.randn(n, 8), dim=-1) for n in (4, 4, 3))
+    image, text, negative = (F.normalize(torch.randn(n, 8), dim=-1) for n in (4, 4, 3))
     scale, labels = torch.tensor(10.0), torch.arange(4)
     plain = 0.5 * (
         F.cross_entropy(scale * image @ text.t(), labels) + F.cross_entropy(scale * text @ image.t(), labels)

@@ -167,13 +167,13 @@ class ScratchTextEncoder(nn.Module):
 
     def forward(self, captions: list[str]) -> TextStates:
         ids, mask = self.tokenizer(captions, self.max_length)
+        lengths = mask.sum(1)  # on the host, where packing needs them: no device sync
         ids, mask = ids.to(self.token_emb.weight.device), mask.to(self.token_emb.weight.device)
         length = ids.shape[1]
         x = self.token_emb(ids) + self.pos_emb[:, :length]
         for block in self.blocks:
             x = block(x, mask)
         if self.mixer == "gru":
-            lengths = mask.sum(1).cpu()
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
             x, _ = nn.utils.rnn.pad_packed_sequence(
                 self.rnn(packed)[0], batch_first=True, total_length=length
