@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from imagen.callbacks.fault import NonFiniteError
+from imagen.callbacks.fault import NonFiniteError, grads_are_finite
 from imagen.checkpoints import read_checkpoint
 from imagen.cli.train import train
 from imagen.stages.autoencoder import AutoencoderStage
@@ -15,6 +15,20 @@ from tests.conftest import TINY_SHAPES
 # FSQ: no codebook statistics, so that a skipped step changes no tensor of the network at all
 RUN = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "test=false", "logger=csv",
        "trainer.val_check_interval=100", "callbacks.nonfinite_guard.max_consecutive=3"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("bad", "finite"), [(None, True), (float("nan"), False), (float("-inf"), False), (3e38, True)]
+)
+def test_grads_are_finite_flags_nan_and_inf_only(bad, finite):
+    params = [torch.nn.Parameter(torch.zeros(4, 4)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: passed over
+    if bad is not None:
+        params[1].grad[2, 3] = bad
+        params[0].grad.fill_(3e38)  # large but finite: their 2-norm would overflow to inf
+    assert grads_are_finite(torch.optim.SGD(params, lr=1.0)) is finite
 
 
 @pytest.fixture

@@ -175,3 +175,21 @@ def test_hard_negative_captions_reuse_the_words_and_are_false_of_the_image():
     twins = Scene((ShapeObject("red", "circle", "small", "left"), ShapeObject("red", "circle", "small", "right")),
                   "left of")  # fmt: skip
     assert twins.hard_negative(np.random.default_rng(0), POSITIONS, ["small", "large"]) is None
+
+
+def test_train_two_object_prob_changes_the_training_split_only():
+    from imagen.data.shapes_datamodule import ShapesDataModule
+
+    sizes = dict(num_train=2000, num_val=400, num_val_heldout=0, use_judge=False)
+    base = ShapesDataModule(**sizes)
+    more = ShapesDataModule(**sizes, train_two_object_prob=0.9)
+
+    def two_object_share(dm, split):
+        return np.mean([len(s.objects) == 2 for s in dm.split(split).scenes])
+
+    assert abs(two_object_share(base, "train") - 0.5) < 0.05
+    assert abs(two_object_share(more, "train") - 0.9) < 0.03
+    # validation (and test) keep the configured distribution: the very same scenes
+    assert more.split("val").scenes == base.split("val").scenes
+    with pytest.raises(ValueError, match="data.train_two_object_prob"):
+        ShapesDataModule(train_two_object_prob=1.5)

@@ -4,7 +4,7 @@ for teaching a fine-tuned model a concept it never saw (`NewConceptShapesDataMod
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -174,6 +174,7 @@ class ShapesDataModule(pl.LightningDataModule):
         use_judge: bool = True,
         judge_steps: int = 500,
         hard_negatives: bool = False,
+        train_two_object_prob: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -192,6 +193,10 @@ class ShapesDataModule(pl.LightningDataModule):
             supersample=supersample,
             heldout=[dict(c) for c in (heldout or [])],
         )
+        if train_two_object_prob is not None and not 0.0 <= train_two_object_prob <= 1.0:
+            raise ValueError(
+                f"data.train_two_object_prob must be in [0, 1] or null, got {train_two_object_prob}"
+            )
         self.splits: dict[str, ShapesSplit] = {}
         self._judge: Judge | None = None
 
@@ -215,8 +220,16 @@ class ShapesDataModule(pl.LightningDataModule):
             "test": (h.num_test, h.num_test_heldout),
         }
         return build_split(
-            self.config, split, *sizes[split], seed=h.seed, heldout_in_train=h.heldout_in_train
+            self.split_config(split), split, *sizes[split], seed=h.seed, heldout_in_train=h.heldout_in_train
         )
+
+    def split_config(self, split: str) -> ShapesConfig:
+        """The scene distribution of a split: the training split may hold more two-object scenes
+        (`train_two_object_prob`) while validation and test keep `two_object_prob`."""
+        p = self.hparams.train_two_object_prob
+        if split != "train" or p is None:
+            return self.config
+        return replace(self.config, two_object_prob=p)
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
@@ -349,7 +362,7 @@ class NewConceptShapesDataModule(ShapesDataModule):
             "test": (h.num_test, h.num_test_heldout, h.num_test_new),
         }[split]
         rng = split_rng(h.seed, split)
-        sampler = SceneSampler(self.config)
+        sampler = SceneSampler(self.split_config(split))
         seen = False if self.config.heldout else None
         scenes = [
             *self._draw(sampler, rng, old, seen, "seen"),
