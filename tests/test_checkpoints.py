@@ -74,3 +74,16 @@ def test_last_checkpoint_holds_the_final_weights_when_the_monitored_metric_stops
     best = sorted(p.name for p in last.parent.glob("step_*.ckpt"))
     assert best == ["step_000002.ckpt"], best
     assert read_checkpoint(last)["global_step"] == 6
+
+
+def test_a_monitored_metric_the_run_never_logs_names_the_key_and_keeps_the_steps(tmp_path):
+    from tests.conftest import TINY_SHAPES, train_tiny_stage
+
+    with pytest.raises(ValueError, match=r"callbacks.model_checkpoint.monitor=val/judge_acc: .*'val/psnr'"):
+        train_tiny_stage(
+            ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "data.image_size=16",
+             "trainer.max_steps=6", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+             "callbacks.model_checkpoint.monitor=val/judge_acc"],
+            tmp_path,
+        )  # fmt: skip
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2

@@ -20,6 +20,7 @@ class LastAndBestCheckpoint(ModelCheckpoint):
     _last_saved_step: int | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_monitor(trainer)
         super().on_validation_end(trainer, pl_module)
         self._refresh_last(trainer)
 
@@ -32,14 +33,28 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         if self.save_last:
             self._last_saved_step = trainer.global_step
 
+    def _check_monitor(self, trainer: pl.Trainer) -> None:
+        """A monitored metric the run does not log (e.g. `val/judge_acc` of a joint model trained without its
+        generation loss) stops the run at its first validation with the key to set and the metrics it could name;
+        `last.ckpt` is written first, so the steps taken are kept."""
+        if self.monitor is None or self._skips(trainer) or self.monitor in self._monitor_candidates(trainer):
+            return
+        self._refresh_last(trainer)
+        logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+        kept = f" The weights so far are in {self.dirpath}/{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}."
+        raise ValueError(
+            f"callbacks.model_checkpoint.monitor={self.monitor}: this run logs no such metric at validation. It "
+            f"logs {logged}; set callbacks.model_checkpoint.monitor to one of them (and "
+            f"callbacks.model_checkpoint.mode to max or min).{kept if self.save_last else ''}"
+        )
+
+    @staticmethod
+    def _skips(trainer: pl.Trainer) -> bool:
+        """Not a real training step: nothing is saved."""
+        return trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING
+
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         """Write `last.ckpt` for this step unless it already holds it (or this is not a real training step)."""
-        if (
-            not self.save_last
-            or self._last_saved_step == trainer.global_step
-            or trainer.sanity_checking
-            or trainer.fast_dev_run
-            or trainer.state.fn != TrainerFn.FITTING
-        ):
+        if not self.save_last or self._last_saved_step == trainer.global_step or self._skips(trainer):
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
