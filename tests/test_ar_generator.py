@@ -12,7 +12,7 @@ from tests.conftest import TINY_SHAPES
 from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
 
-def tiny_model(conditioning: str = "cross", rope: bool = True) -> ARTransformer:
+def tiny_model(conditioning: str = "cross", rope: bool = True, code_dim: int = 0) -> ARTransformer:
     torch.manual_seed(0)
     model = ARTransformer.from_size(
         "tiny",
@@ -22,7 +22,10 @@ def tiny_model(conditioning: str = "cross", rope: bool = True) -> ARTransformer:
         conditioning=conditioning,
         max_text_length=6,
         rope=rope,
+        code_dim=code_dim,
     )
+    if code_dim:
+        model.set_code_vectors(torch.randn(40, code_dim))
     return model.eval()
 
 
@@ -34,7 +37,10 @@ def text(batch: int = 3):
     return states, mask
 
 
-@pytest.mark.parametrize("conditioning,rope", [("cross", True), ("prefix", True), ("cross", False)])
+@pytest.mark.parametrize(
+    "conditioning,rope,code_dim",
+    [("cross", True, 0), ("prefix", True, 0), ("cross", False, 0), ("cross", True, 6)],
+)
 @pytest.mark.parametrize(
     "settings",
     [
@@ -43,8 +49,8 @@ def text(batch: int = 3):
         SamplingSettings(cfg_scale=2.0, cfg_schedule="linear"),
     ],  # fmt: skip
 )
-def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, settings):
-    model, (states, mask) = tiny_model(conditioning, rope), text()
+def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, code_dim, settings):
+    model, (states, mask) = tiny_model(conditioning, rope, code_dim), text()
     cached = generate(model, states, mask, settings, torch.Generator().manual_seed(7))
     recomputed = generate_recompute(model, states, mask, settings, torch.Generator().manual_seed(7))
     assert cached.shape == (3, 12)
@@ -300,3 +306,26 @@ def test_compiled_blocks_train_like_eager(make_cfg, tiny_autoencoder_ckpt, tmp_p
     a, b = eager.net.state_dict(), compiled.net.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_code_vectors_feed_the_autoencoders_codes_and_travel_in_the_checkpoint(
+    make_cfg,
+    tiny_autoencoder_ckpt,  # noqa: F811
+    tmp_path,
+):
+    from imagen.stages.ar_generator import ARGeneratorStage
+
+    model = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "codes", ["model.code_vectors=true"])
+    codes = model.autoencoder.code_vectors()
+    assert model.net.config.code_dim == codes.shape[1]
+    assert torch.equal(model.net.code_vectors[: codes.shape[0]], codes)  # the frozen autoencoder's, unchanged
+    assert not model.net.code_vectors[model.net.bos_id].any()
+    path = tmp_path / "codes.ckpt"
+    model.trainer.save_checkpoint(path)
+    restored = ARGeneratorStage.from_checkpoint(str(path))
+    assert torch.equal(restored.net.code_vectors, model.net.code_vectors)
+    tokens = torch.randint(0, codes.shape[0], (2, model.net.config.num_image_tokens))
+    text = model.encode_text(["a small red circle on the left"] * 2)
+    torch.testing.assert_close(
+        restored.net(tokens, text.states, text.mask)[0], model.eval().net(tokens, text.states, text.mask)[0]
+    )

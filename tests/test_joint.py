@@ -253,6 +253,38 @@ def test_all_weights_zero_is_refused(make_cfg, tiny_autoencoder_ckpt):  # noqa: 
         hydra.utils.instantiate(cfg.model, _convert_="all")
 
 
+def test_the_captioner_and_matcher_train_at_their_own_learning_rate(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
+    import functools
+
+    import hydra
+    import torch.nn as nn
+
+    from imagen.stages.optim import build_optimizer, warmup_cosine
+
+    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, "model.image_text_lr=2e-4"))
+    stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert stage.group_lrs() == {"image_text": 2e-4}
+    # build_optimizer: the named submodule's parameters get that rate, with weight decay still on >= 2-D ones only
+    model = nn.ModuleDict({"net": nn.Linear(3, 3), "image_text": nn.Linear(3, 3)})
+    optimizer = build_optimizer(
+        functools.partial(torch.optim.AdamW, lr=3e-3), model, 0.05, {"image_text": 1e-3}
+    )
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    lr_decay = {
+        name: (group_of[id(p)]["lr"], group_of[id(p)]["weight_decay"]) for name, p in model.named_parameters()
+    }
+    assert lr_decay == {"net.weight": (3e-3, 0.05), "net.bias": (3e-3, 0.0),
+                        "image_text.weight": (1e-3, 0.05), "image_text.bias": (1e-3, 0.0)}  # fmt: skip
+    schedule = warmup_cosine(optimizer, warmup_steps=2, total_steps=10)
+    for _ in range(5):
+        optimizer.step()
+        schedule.step()
+    lrs = {g["lr"] for g in optimizer.param_groups}
+    assert len(lrs) == 2 and max(lrs) / min(lrs) == pytest.approx(3.0)  # the schedule scales both alike
+    with pytest.raises(ValueError, match="'text_encoder'"):
+        build_optimizer(torch.optim.AdamW, model, 0.05, {"text_encoder": 1e-3})
+
+
 @pytest.fixture(scope="module")
 def joint_ckpt(tmp_path_factory, tiny_autoencoder_ckpt):  # noqa: F811
     return train_tiny_stage(joint_overrides(tiny_autoencoder_ckpt, "trainer.max_steps=4", "trainer.limit_val_batches=0"),

@@ -42,6 +42,10 @@ class ARConfig:
     # False here so that checkpoints written before it existed load as they were trained; the sizes turn it on.
     rope: bool = False
     rope_base: float = 100.0
+    # Width of the autoencoder's code vectors (its decoder's input for each token id), added through a projection to
+    # the learned embedding of each input token: what a code looks like, known from the first step. 0: off (as in
+    # checkpoints written before it existed); the generator stage sets it from its autoencoder (`model.code_vectors`).
+    code_dim: int = 0
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(self.grid_size)
@@ -190,6 +194,10 @@ class ARTransformer(nn.Module):
         self.row_emb = nn.Parameter(torch.zeros(h, c.dim))
         self.col_emb = nn.Parameter(torch.zeros(w, c.dim))
         self.text_proj = nn.Linear(c.text_dim, c.dim)
+        if c.code_dim:
+            # row `bos_id` stays zero; the rest are set with set_code_vectors and travel in the state dict
+            self.register_buffer("code_vectors", torch.zeros(c.vocab_size + 1, c.code_dim))
+            self.code_proj = nn.Linear(c.code_dim, c.dim, bias=False)
         # the "empty caption": caption dropout and the unconditional half of guidance use it
         self.null_text = nn.Parameter(torch.zeros(1, 1, c.text_dim))
         if c.conditioning == "prefix":
@@ -209,6 +217,15 @@ class ARTransformer(nn.Module):
             nn.init.normal_(p, std=0.02)
         if c.conditioning == "prefix":
             nn.init.normal_(self.text_pos_emb, std=0.02)
+
+    def set_code_vectors(self, vectors: torch.Tensor) -> None:
+        """The autoencoder's code vector of every token id, (vocab_size, code_dim)."""
+        expected = (self.config.vocab_size, self.config.code_dim)
+        if tuple(vectors.shape) != expected:
+            raise ValueError(
+                f"code vectors of shape {tuple(vectors.shape)}; this ARTransformer needs {expected}"
+            )
+        self.code_vectors[: self.config.vocab_size].copy_(vectors)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -258,7 +275,8 @@ class ARTransformer(nn.Module):
         cross_kv = 2 * d * d * text_length if c.conditioning == "cross" else 0
         head = d * c.vocab_size * c.num_image_tokens
         text_proj = c.text_dim * d * text_length
-        return 2 * (c.layers * (n * (per_token + attention) + cross_kv) + head + text_proj)
+        code_proj = c.code_dim * d * c.num_image_tokens
+        return 2 * (c.layers * (n * (per_token + attention) + cross_kv) + head + text_proj + code_proj)
 
     # -- conditioning -----------------------------------------------------------------------------------------------
 
@@ -303,7 +321,10 @@ class ARTransformer(nn.Module):
             pos = torch.index_select(positions, 0, start + torch.arange(t, device=inputs.device))
         else:
             pos = positions[start : start + t]
-        return self.token_emb(inputs) + pos
+        x = self.token_emb(inputs) + pos
+        if self.config.code_dim:
+            x = x + self.code_proj(self.code_vectors[inputs])
+        return x
 
     def forward(
         self,

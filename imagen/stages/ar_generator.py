@@ -65,7 +65,8 @@ class FrozenAutoencoderMixin:
 class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTuningMixin, pl.LightningModule):
     """Trains `net` to write the autoencoder's tokens of an image given its caption.
 
-    `net` is an `ARTransformer` or a partial that receives the derived `vocab_size`, `grid_size` and `text_dim`.
+    `net` is an `ARTransformer` or a partial that receives the derived `vocab_size`, `grid_size` and `text_dim` (and,
+    with `code_vectors`, `code_dim`: the net adds the autoencoder's code vector of each input token to its embedding).
     Validation and test log the NLL in bits per token and, when the datamodule has a judge (shapes data), the judge
     accuracy of images generated with guidance for fixed prompts of each group (`GROUP_SUFFIX`: seen and held-out
     compositions, a new concept), the judge accuracy of the autoencoder's reconstructions of the same prompts'
@@ -102,6 +103,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         trust_checkpoint: bool = False,
         freeze: list[str] | None = None,
         lora: dict | None = None,
+        code_vectors: bool = False,
     ):
         super().__init__()
         # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
@@ -135,11 +137,15 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         if isinstance(net, ARTransformer):
             self.net = net
         else:
+            codes = self.autoencoder.code_vectors() if code_vectors else None
             self.net = net(
                 vocab_size=self.autoencoder.vocab_size,
                 grid_size=(image_size // f,) * 2,
                 text_dim=text_encoder.dim,
+                code_dim=0 if codes is None else codes.shape[1],
             )
+            if codes is not None:  # a checkpoint's own vectors replace these when its state dict loads
+                self.net.set_code_vectors(codes)
         c = self.net.config
         if c.vocab_size != self.autoencoder.vocab_size or c.text_dim != text_encoder.dim:
             raise ValueError(
@@ -229,7 +235,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             return
         check_config(
             ARConfig(**info["net_config"]), self.net.config, "model.net", f"{key}: {source} holds a transformer",
-            "e.g. model.net.rope=false for checkpoints written before RoPE",
+            "e.g. model.net.rope=false for checkpoints written before RoPE, model.code_vectors=false for those "
+            "written before code vectors",
         )  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -265,8 +272,14 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         """The modules the optimizer updates (subclasses add theirs)."""
         return nn.ModuleDict({"net": self.net, "text_encoder": self.text_encoder})
 
+    def group_lrs(self) -> dict[str, float]:
+        """Learning rates of trained modules that do not use the optimizer's own (subclasses set them)."""
+        return {}
+
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer_factory, self.trained_modules(), self.hparams.weight_decay)
+        optimizer = build_optimizer(
+            self.optimizer_factory, self.trained_modules(), self.hparams.weight_decay, self.group_lrs()
+        )
         if self.scheduler_factory is None:
             return optimizer
         return {

@@ -71,7 +71,8 @@ class JointStage(ARGeneratorStage):
     caption vocabulary and length, text width). Captions are tokenized with the scratch text encoder's tokenizer
     when it has one, else with a tokenizer this stage trains on the corpus captions (`caption_vocab_size`,
     `max_caption_length`). With `image_code_vectors`, the image encoder also reads the autoencoder's code vector
-    of each token (`ImageTextConfig.code_dim`). Other arguments are the generator stage's.
+    of each token (`ImageTextConfig.code_dim`). `image_text_lr` trains the captioner and matcher at their own
+    learning rate (null: the optimizer's). Other arguments are the generator stage's.
     """
 
     STAGE = "joint"
@@ -90,11 +91,14 @@ class JointStage(ARGeneratorStage):
         retrieval_ks: Sequence[int] = (1, 5, 10),
         matching_trains_text_encoder: bool | None = None,
         image_code_vectors: bool = False,
+        image_text_lr: float | None = None,
         **generator_args,
     ):
         # the generator stage saves this constructor's arguments too (Lightning collects the whole chain)
         super().__init__(net=net, text_encoder=text_encoder, **generator_args)
         self.weights = LossWeights(**(loss_weights or {}))
+        if image_text_lr is not None and image_text_lr <= 0:
+            raise ValueError(f"model.image_text_lr must be > 0 or null; got {image_text_lr}")
         self.rerank = RerankSettings(**(rerank or {}))
         self.caption_decoding = CaptionDecoding(**(caption_decoding or {}))
         if isinstance(getattr(text_encoder, "tokenizer", None), CaptionTokenizer):
@@ -199,6 +203,10 @@ class JointStage(ARGeneratorStage):
         modules = super().trained_modules()
         modules["image_text"] = self.image_text
         return modules
+
+    def group_lrs(self) -> dict[str, float]:
+        lr = self.hparams.image_text_lr
+        return {} if lr is None else {"image_text": lr}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         w = self.weights
