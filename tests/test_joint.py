@@ -283,6 +283,17 @@ def test_the_captioner_and_matcher_train_at_their_own_learning_rate(make_cfg, ti
     assert len(lrs) == 2 and max(lrs) / min(lrs) == pytest.approx(3.0)  # the schedule scales both alike
     with pytest.raises(ValueError, match="'text_encoder'"):
         build_optimizer(torch.optim.AdamW, model, 0.05, {"text_encoder": 1e-3})
+    model["image_text"].requires_grad_(False)  # frozen (or LoRA elsewhere): its rate has nothing to apply to
+    optimizer = build_optimizer(
+        functools.partial(torch.optim.AdamW, lr=3e-3), model, 0.05, {"image_text": 1e-3}
+    )
+    assert {g["lr"] for g in optimizer.param_groups} == {3e-3}
+    # a resume must keep the parameter groups of its checkpoint's optimizer: another rate is fine, none is not
+    stage.on_load_checkpoint({"hyper_parameters": {"image_text_lr": 1e-3}, "optimizer_states": [{}]})
+    with pytest.raises(
+        ValueError, match=r"trained with model.image_text_lr=None, this run has model.image_text_lr=0.0002"
+    ):
+        stage.on_load_checkpoint({"hyper_parameters": {}, "optimizer_states": [{}]})
 
 
 @pytest.fixture(scope="module")

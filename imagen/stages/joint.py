@@ -208,6 +208,19 @@ class JointStage(ARGeneratorStage):
         lr = self.hparams.image_text_lr
         return {} if lr is None else {"image_text": lr}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume needs the optimizer's parameter groups of the checkpoint: with and without `image_text_lr`
+        they differ, and the optimizer state would not load."""
+        super().on_load_checkpoint(checkpoint)
+        theirs = (checkpoint.get("hyper_parameters") or {}).get("image_text_lr")
+        ours = self.hparams.image_text_lr
+        if "optimizer_states" in checkpoint and (theirs is None) != (ours is None):
+            raise ValueError(
+                f"ckpt_path: the checkpoint being resumed was trained with model.image_text_lr={theirs}, this run "
+                f"has model.image_text_lr={ours}; resume with {'null' if theirs is None else 'a rate'} (null for "
+                f"checkpoints written before it existed)"
+            )
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         w = self.weights
         captions = list(batch["caption"])

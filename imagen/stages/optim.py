@@ -41,11 +41,14 @@ def build_optimizer(
         return param_groups(named, weight_decay)
 
     lrs = lrs or {}
+    names = [n for n, _ in module.named_parameters()]
     groups = groups_of([(n, p) for n, p in params if not any(n.startswith(f"{k}.") for k in lrs)])
     for prefix, lr in lrs.items():
-        named = [(n, p) for n, p in params if n.startswith(f"{prefix}.")]
-        if not named:
-            raise ValueError(f"a learning rate is set for {prefix!r}, which has no trainable parameters")
+        if not any(n.startswith(f"{prefix}.") for n in names):
+            raise ValueError(
+                f"a learning rate is set for {prefix!r}, which {type(module).__name__} does not hold"
+            )
+        named = [(n, p) for n, p in params if n.startswith(f"{prefix}.")]  # none when it is frozen
         groups += [{**group, "lr": lr} for group in groups_of(named)]
     groups = [g for g in groups if g["params"]]
     kwargs = {}
