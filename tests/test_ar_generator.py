@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -297,9 +299,17 @@ def save_tiny_hf_encoder(kind: str, path) -> None:
 def test_compiled_blocks_train_like_eager(make_cfg, tiny_autoencoder_ckpt, tmp_path):  # noqa: F811
     # `model.compile=true` compiles each block; the aot_eager backend traces the same graphs as on a GPU without
     # a C++ toolchain, so the run must match the eager one step for step
-    eager = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "eager", ["trainer.precision=32-true"])
-    compiled = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "compiled", [
-        "trainer.precision=32-true", "model.compile=true", "+model.compile_options={backend: aot_eager}"])  # fmt: skip
+    # a run of 6 steps with validation after steps 3 and 6
+    eager = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "eager", ["trainer.precision=32-true",
+                           "trainer.val_check_interval=3"])  # fmt: skip
+    stances = []
+    set_stance = torch.compiler.set_stance
+    with mock.patch.object(torch.compiler, "set_stance", lambda s: stances.append(s) or set_stance(s)):
+        compiled = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "compiled", [
+            "trainer.precision=32-true", "trainer.val_check_interval=3", "model.compile=true",
+            "+model.compile_options={backend: aot_eager}"])  # fmt: skip
+    # on CPU each validation runs the blocks eagerly (its shapes would recompile them), and training resumes compiled
+    assert stances == ["force_eager", "default"] * 2
     assert all(
         hasattr(block, "_compiled_call_impl") and block._compiled_call_impl for block in compiled.net.blocks
     )

@@ -28,13 +28,15 @@ def test_cpu_preset_measures_every_section(tmp_path):
     assert "| sampling tiny batch 1: best / HF generate | >= 8x |" in table
 
 
-def test_cpu_step_benchmark_times_both_variants_and_restores_the_attention(tmp_path):
+def test_cpu_step_benchmark_times_the_variants_and_restores_the_attention(tmp_path):
     import imagen.models.ar_transformer as ar_transformer
     from imagen.bench.cpu_step import main as cpu_step_main
 
-    out = cpu_step_main(["--size", "tiny", "--batch", "2", "--steps", "1", "--rounds", "1",
+    out = cpu_step_main(["--size", "tiny", "--batch", "2", "--steps", "1", "--rounds", "1", "--compile",
                          "--json", str(tmp_path / "step.json")])  # fmt: skip
+    assert set(out["seconds_per_step"]) == {"project", "generic", "compiled"}
     assert all(len(v) == 1 and v[0] > 0 for v in out["seconds_per_step"].values())
+    assert out["compile_speedup"] > 0
     assert json.loads((tmp_path / "step.json").read_text())["speedup"] == out["speedup"]
     # the generic variant's patch is undone: the project's attention is back
     assert ar_transformer.attention.__name__ == "attention"

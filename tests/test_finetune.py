@@ -310,6 +310,29 @@ def test_new_concept_finetune_reports_before_and_after(make_cfg, tiny_joint_ckpt
     assert "orange" in vocab and "orange" not in read_tokenizer_words(tiny_joint_ckpt)
 
 
+def test_new_words_start_at_the_mean_row_of_the_words_they_are_like(make_cfg, tiny_joint_ckpt, tmp_path):  # noqa: F811
+    overrides = ["experiment=shapes_finetune_new_concept", *TINY_SHAPES, *TINY_JOINT, *TINY_NEW_CONCEPT,
+                 f"model.init_from={tiny_joint_ckpt}", "test_before_fit=false", "test=false", "trainer.max_steps=1",
+                 "trainer.limit_val_batches=0", "model.optimizer.lr=0", "model.weight_decay=0"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"model.new_words_like: 'pink' is not in the caption vocabulary"):
+        train(make_cfg([*overrides, "model.new_words_like=[red,pink]"], run_dir=tmp_path / "unknown"))
+    run = tmp_path / "like"
+    train(make_cfg([*overrides, "model.new_words_like=[red,blue]"], run_dir=run))
+    before = JointStage.from_checkpoint(str(tiny_joint_ckpt))
+    after = JointStage.from_checkpoint(str(run / "checkpoints" / "last.ckpt"))
+    tokenizer = after.text_encoder.tokenizer
+    orange, red, blue = (tokenizer.token_id(word) for word in ("orange", "red", "blue"))
+    # the text encoder's embedding and the captioner's (which shares its tokenizer) input and output rows
+    for name in (
+        "text_encoder.token_emb.weight",
+        "image_text.caption_emb.weight",
+        "image_text.caption_head.weight",
+    ):
+        old, new = before.state_dict()[name], after.state_dict()[name]
+        torch.testing.assert_close(new[orange], (old[red] + old[blue]) / 2, msg=name)
+        torch.testing.assert_close(new[red], old[red], msg=name)  # learning rate 0: nothing else moved
+
+
 class SignalAtStep(pl.Callback):
     """Sends this process SIGTERM after training step `step`, as a preemption would: the run's `Preemption`
     callback then writes a checkpoint and stops."""

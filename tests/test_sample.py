@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,21 @@ def test_sample_writes_images_grid_and_manifest(make_cfg, generator_ckpt, tmp_pa
     assert [r["prompt_index"] for r in rows] == [0, 0, 0, 1, 1, 1]
     assert rows[0]["settings"]["cfg_scale"] == 2.0 and rows[0]["settings"]["top_k"] == 20
     assert all((out / r["file"]).is_file() and r["scores"]["mean_token_logprob"] < 0 for r in rows)
+
+
+def test_sample_defaults_to_the_checkpoints_settings(make_cfg, generator_ckpt, tmp_path):
+    from imagen.cli.sample_generate import load_generator
+
+    recorded = asdict(load_generator(str(generator_ckpt), trust=False).sampling)
+    assert recorded["top_p"] is not None  # experiment=shapes_generator validates with a nucleus cut-off
+    sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=1"))
+    row = json.loads((tmp_path / "out" / "samples.jsonl").read_text())
+    assert row["settings"] == recorded
+    # one setting given: the others stay the checkpoint's; top_k=0 and top_p=1 turn the cut-offs off
+    sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=1",
+                      "temperature=1.0", "top_k=0", "top_p=1.0"))  # fmt: skip
+    row = json.loads((tmp_path / "out" / "samples.jsonl").read_text())
+    assert row["settings"] == {**recorded, "temperature": 1.0, "top_k": None, "top_p": 1.0}
 
 
 def test_sample_is_reproducible_for_a_seed(make_cfg, generator_ckpt, tmp_path):

@@ -15,8 +15,10 @@ from tests.conftest import EXPERIMENTS, TINY_SHAPES, train_tiny_stage
 from tests.image_text_fixtures import TINY_CORPUS, TINY_TEXT, build_corpora
 
 TINY_AUTOENCODER = ["model.net.size=tiny", "model.net.quantizer=vq"]
+# eager blocks (experiment=shapes_generator compiles them; test_compiled_blocks_train_like_eager covers that)
 TINY_GENERATOR = ["model.net.size=tiny", "model/text_encoder=scratch", "model.text_encoder.dim=32",
-                  "model.eval_prompts=8", "model.test_prompts=8", "model.compute_fid=false"]  # fmt: skip
+                  "model.eval_prompts=8", "model.test_prompts=8", "model.compute_fid=false",
+                  "model.compile=false"]  # fmt: skip
 TINY_JOINT = [*TINY_GENERATOR, "model.image_text.size=tiny", "model.rerank.candidates=3"]
 # the new-concept fine-tune at tiny sizes (besides TINY_SHAPES and TINY_JOINT)
 TINY_NEW_CONCEPT = ["data.num_replay=32", "data.num_val_new=16", "data.num_test_new=16"]

@@ -2,20 +2,24 @@
 
     python -m imagen.bench.cpu_step                      # size `shapes`, batch 32, bf16 autocast where AMX is present
     python -m imagen.bench.cpu_step --steps 5 --rounds 1 --json out.json
+    python -m imagen.bench.cpu_step --compile           # also the compiled blocks (model.compile=true)
 
 One step = text encoder + ARTransformer forward, cross-entropy with caption dropout, backward, AdamW, on random
 image tokens and captions (what the stage does after encoding the images). Variants, alternated in rounds in one
 process so that both see the same machine load:
 - `project`: `attention` (plain matmuls on CPU), exact GELU, fused AdamW;
 - `generic`: `scaled_dot_product_attention` (math backend; the fused CPU kernel is slower still in backward), the
-  tanh GELU, and AdamW's default multi-tensor path.
-Prints the median seconds per step of each and their ratio.
+  tanh GELU, and AdamW's default multi-tensor path;
+- `compiled` (with `--compile`): `project` with each Transformer block compiled by `torch.compile` (inductor), as
+  `model.compile=true` trains (a copy of the same weights; compiling happens in the untimed warm-up step).
+Prints the median seconds per step of each and their ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import time
 from unittest import mock
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two variants")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled blocks")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -106,10 +111,15 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for _ in range(4)
     ]
-    seconds: dict[str, list[float]] = {"project": [], "generic": []}
+    models = {"project": model, "generic": model}
+    if args.compile:
+        models["compiled"] = copy.deepcopy(model)
+        models["compiled"]["net"].compile_blocks()
+    seconds: dict[str, list[float]] = {variant: [] for variant in models}
     for _ in range(args.rounds):
-        for variant in seconds:
-            seconds[variant].append(step_seconds(variant, model, batches, args.steps))
+        for variant, variant_model in models.items():
+            kernels = "generic" if variant == "generic" else "project"
+            seconds[variant].append(step_seconds(kernels, variant_model, batches, args.steps))
     best = {variant: min(values) for variant, values in seconds.items()}
     out = {
         "device": device_name(torch.device("cpu")),
@@ -119,10 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_step": seconds,
         "speedup": best["generic"] / best["project"],
     }
+    if args.compile:
+        out["compile_speedup"] = best["project"] / best["compiled"]
     print(f"{out['device']}, size {args.size}, batch {args.batch}, bf16 autocast: {out['bf16_autocast']}")
     for variant, values in seconds.items():
         print(f"  {variant:8s} s/step per round: {', '.join(f'{v:.3f}' for v in values)}")
     print(f"  speedup (best round, generic / project): {out['speedup']:.2f}x")
+    if args.compile:
+        print(f"  speedup (best round, project / compiled): {out['compile_speedup']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -65,15 +65,22 @@ def load_generator(path: str, trust: bool):
     return stage
 
 
+def sampling_settings(cfg: DictConfig, recorded: SamplingSettings) -> SamplingSettings:
+    """The settings given on the command line; a null one is the checkpoint's `recorded` (its validation's);
+    `top_k=0` turns top-k off."""
+    given = {key: cfg[key] for key in ("cfg_scale", "temperature", "top_k", "top_p") if cfg[key] is not None}
+    if given.get("top_k") == 0:
+        given["top_k"] = None
+    return replace(recorded, **given)
+
+
 @torch.no_grad()
 def sample_generate(cfg: DictConfig) -> dict:
     prompts = read_prompts(cfg)
     stage = load_generator(cfg.ckpt, cfg.trust_checkpoint)
     device = resolve_device(cfg.device)
     stage.to(device)
-    settings = SamplingSettings(
-        cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
-    )
+    settings = sampling_settings(cfg, stage.sampling)
     out_dir = Path(cfg.out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))

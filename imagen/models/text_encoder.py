@@ -70,6 +70,13 @@ class CaptionTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    def token_id(self, word: str, key: str = "") -> int:
+        """The id of a word of the vocabulary; an unknown word is an error naming the config `key`."""
+        token = self.tokenizer.token_to_id(self.tokenizer.normalizer.normalize_str(word))
+        if token is None:
+            raise ValueError(f"{key or 'word'}: {word!r} is not in the caption vocabulary")
+        return token
+
     def to_str(self) -> str:
         return self.tokenizer.to_str()
 

@@ -167,11 +167,14 @@ class JointStage(ARGeneratorStage):
         ids, _ = self.caption_tokenizer(captions, self.image_text.config.max_caption_length)
         return ids.to(self.device)
 
-    def caption_tokenizers(self) -> list[tuple[CaptionTokenizer, int]]:
+    def caption_tokenizers(self) -> list[tuple[CaptionTokenizer, list[torch.Tensor]]]:
+        captioner = [self.image_text.caption_emb.weight, self.image_text.caption_head.weight]
         own = getattr(self, "caption_vocabulary", None)
-        if own is None or not own.tokenizer.trained:
+        if own is None:  # the captioner shares the text encoder's tokenizer
+            return [(tokenizer, [*tables, *captioner]) for tokenizer, tables in super().caption_tokenizers()]
+        if not own.tokenizer.trained:
             return super().caption_tokenizers()
-        return [*super().caption_tokenizers(), (own.tokenizer, self.image_text.config.caption_vocab_size)]
+        return [*super().caption_tokenizers(), (own.tokenizer, captioner)]
 
     def fit_tokenizers(self) -> None:
         super().fit_tokenizers()
