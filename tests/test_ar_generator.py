@@ -318,6 +318,14 @@ def test_compiled_blocks_train_like_eager(make_cfg, tiny_autoencoder_ckpt, tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_compile_without_a_cpp_compiler_trains_eagerly_and_says_so(make_cfg, tiny_autoencoder_ckpt, tmp_path,  # noqa: F811
+                                                                    caplog):  # fmt: skip
+    with mock.patch("shutil.which", return_value=None), caplog.at_level("WARNING"):
+        model = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "nocxx", ["model.compile=true"])
+    assert not any(getattr(block, "_compiled_call_impl", None) for block in model.net.blocks)
+    assert "no C++ compiler" in caplog.text and "model.compile=false" in caplog.text
+
+
 def test_code_vectors_feed_the_autoencoders_codes_and_travel_in_the_checkpoint(
     make_cfg,
     tiny_autoencoder_ckpt,  # noqa: F811
