@@ -210,8 +210,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         numbers, ~10% slower on the shapes generator), and a warning says so."""
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         backend = (self.hparams.compile_options or {}).get("backend", "inductor")
-        compiler = os.environ.get("CXX", "g++")
-        if device.type == "cpu" and backend == "inductor" and shutil.which(compiler) is None:
+        compiler = os.environ.get("CXX") or "g++"
+        # CXX may be a command line ("ccache g++"): its program is the first word
+        if device.type == "cpu" and backend == "inductor" and shutil.which(compiler.split()[0]) is None:
             log.warning(f"model.compile=true: no C++ compiler ({compiler!r}; set CXX to choose one) for torch.compile "
                         "on CPU, so the blocks run eagerly; model.compile=false silences this")  # fmt: skip
             return False
