@@ -239,8 +239,7 @@ def test_validation_samples_with_the_weights_it_scores_under_ema(
     monkeypatch.setattr(ARGeneratorStage, "generate_images", recording_generate_images)
     model = _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "ema", [
         "trainer.val_check_interval=3", "data.use_judge=true", "model.eval_prompts=4", "trainer.limit_val_batches=1",
-        "trainer.num_sanity_val_steps=0", "++callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
-        "++callbacks.ema.decay=0.5"])  # fmt: skip
+        "trainer.num_sanity_val_steps=0", "callbacks.ema.decay=0.5"])  # fmt: skip
     assert model.trainer.callback_metrics.get("val/judge_acc") is not None
     assert seen["loss"] and seen["samples"]
     assert torch.equal(seen["samples"][0], seen["loss"][0])

@@ -158,3 +158,41 @@ def test_fused_clipping_clips_the_gradient_norm():
     assert norm() > 1.5
     module.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     assert norm() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_ema_keeps_frozen_weights_bit_identical_and_averages_the_trained_ones():
+    import lightning.pytorch as pl
+    import torch
+
+    from imagen.callbacks import EMAWeights
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.frozen, self.trained = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+            self.frozen.requires_grad_(False)
+            self.history: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            return self.trained(self.frozen(batch[0])).square().mean()
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):  # runs before the callback's update
+            self.history.append(self.trained.weight.detach().clone())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.trained.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module, data = Module(), torch.utils.data.TensorDataset(torch.randn(32, 4))
+    frozen_before = module.frozen.weight.detach().clone()
+    trainer = pl.Trainer(max_steps=5, callbacks=[EMAWeights(decay=0.9)], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert torch.equal(module.frozen.weight, frozen_before)  # Lightning's own update drifts it by rounding
+    expected = module.history[0]  # the first update copies, then each one moves a tenth of the way
+    for weight in module.history[1:]:
+        expected = torch.lerp(expected, weight, 0.1)
+    # training ends with the average copied into the module
+    assert torch.equal(module.trained.weight, expected)
+    with pytest.raises(ValueError, match=r"callbacks.ema.decay must be in \[0, 1\], got 1.5"):
+        EMAWeights(decay=1.5)
