@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
 from unittest import mock
 
 import pytest
@@ -315,6 +318,29 @@ def test_compiled_blocks_train_like_eager(make_cfg, tiny_autoencoder_ckpt, tmp_p
     a, b = eager.net.state_dict(), compiled.net.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(shutil.which((os.environ.get("CXX") or "g++").split()[0]) is None,
+                    reason="inductor builds CPU kernels with a C++ compiler")  # fmt: skip
+def test_inductor_compiled_blocks_give_eager_gradients_under_bf16_autocast():
+    # the real CPU path of `model.compile=true` on a CPU with bf16 (AMX): inductor once turned the backward of the
+    # RoPE rotation into NaN there, and every step was skipped as non-finite
+    torch.manual_seed(0)
+    # 64-wide heads over an 8x8 grid: the bug needed both
+    eager = ARTransformer.from_size("tiny", vocab_size=32, grid_size=(8, 8), text_dim=16, dim=64, heads=1, layers=1)
+    compiled = copy.deepcopy(eager).compile_blocks()
+    tokens, states = torch.randint(0, 32, (4, 64)), torch.randn(4, 6, 16)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, 4:] = False  # padded captions
+    for net in (eager, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(tokens, states, mask, targets=tokens)[1].backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        if p.grad is None:  # the null caption, without caption dropout
+            assert q.grad is None, name
+            continue
+        assert torch.isfinite(q.grad).all(), name
+        torch.testing.assert_close(q.grad, p.grad, rtol=0.05, atol=2e-3, msg=name)
 
 
 def test_compile_without_a_cpp_compiler_trains_eagerly_and_says_so(make_cfg, tiny_autoencoder_ckpt, tmp_path,  # noqa: F811

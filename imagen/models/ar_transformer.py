@@ -87,7 +87,9 @@ def rope_angles(grid_size: tuple[int, int], head_dim: int, base: float, prefix: 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (j, j + head_dim / 2) of x (B, H, T, head_dim) by angles with cos, sin (T, head_dim / 2)."""
-    a, b = x.float().chunk(2, dim=-1)
+    x_float, half = x.float(), x.shape[-1] // 2
+    # slices, not chunk(): inductor's CPU backward of chunk -> cat under bf16 autocast returns NaN (torch 2.13)
+    a, b = x_float[..., :half], x_float[..., half:]
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
 
 
