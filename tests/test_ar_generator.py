@@ -327,7 +327,9 @@ def test_inductor_compiled_blocks_give_eager_gradients_under_bf16_autocast():
     # RoPE rotation into NaN there, and every step was skipped as non-finite
     torch.manual_seed(0)
     # 64-wide heads over an 8x8 grid: the bug needed both
-    eager = ARTransformer.from_size("tiny", vocab_size=32, grid_size=(8, 8), text_dim=16, dim=64, heads=1, layers=1)
+    eager = ARTransformer.from_size(
+        "tiny", vocab_size=32, grid_size=(8, 8), text_dim=16, dim=64, heads=1, layers=1
+    )
     compiled = copy.deepcopy(eager).compile_blocks()
     tokens, states = torch.randint(0, 32, (4, 64)), torch.randn(4, 6, 16)
     mask = torch.ones(4, 6, dtype=torch.bool)
