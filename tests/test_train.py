@@ -176,7 +176,7 @@ def test_ema_keeps_frozen_weights_bit_identical_and_averages_the_trained_ones():
         def training_step(self, batch, batch_idx):
             return self.trained(self.frozen(batch[0])).square().mean()
 
-        def on_train_batch_end(self, outputs, batch, batch_idx):  # runs before the callback's update
+        def on_train_batch_end(self, outputs, batch, batch_idx):  # the weights after each step (not the average)
             self.history.append(self.trained.weight.detach().clone())
 
         def configure_optimizers(self):
