@@ -1,7 +1,9 @@
 """Exponential moving average of the weights: Lightning's callback with an exact, fused update."""
 
+import warnings
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
@@ -21,3 +23,12 @@ class EMAWeights(EMAWeightAveraging):
         # the AveragedModel's arguments: the fused lerp in place of the per-tensor `avg_fn` the parent sets
         self._kwargs = {**{k: v for k, v in self._kwargs.items() if k != "avg_fn"},
                         "multi_avg_fn": get_ema_multi_avg_fn(decay)}  # fmt: skip
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # the parent calls `configure_model` before copying the module and warns that sharded layers would not be
+        # averaged; the imagen stages' `configure_model` loads weights, adds adapters and compiles, and shards nothing
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*WeightAveraging doesn't support sharding model layers"
+            )
+            super().setup(trainer, pl_module, stage)
