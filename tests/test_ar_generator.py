@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from unittest import mock
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from imagen.cli.train import train
 from imagen.models.ar_transformer import ARTransformer
 from imagen.sampling.ar import SamplingSettings, generate, generate_recompute, guide, with_unconditional
+from imagen.stages.ar_generator import has_cpp_compiler
 from tests.conftest import TINY_SHAPES
 from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
@@ -320,8 +319,7 @@ def test_compiled_blocks_train_like_eager(make_cfg, tiny_autoencoder_ckpt, tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.skipif(shutil.which((os.environ.get("CXX") or "g++").split()[0]) is None,
-                    reason="inductor builds CPU kernels with a C++ compiler")  # fmt: skip
+@pytest.mark.skipif(not has_cpp_compiler(), reason="inductor builds CPU kernels with a C++ compiler")
 def test_inductor_compiled_blocks_give_eager_gradients_under_bf16_autocast():
     # the real CPU path of `model.compile=true` on a CPU with bf16 (AMX): inductor once turned the backward of the
     # RoPE rotation into NaN there, and every step was skipped as non-finite

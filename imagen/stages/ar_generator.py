@@ -33,6 +33,17 @@ from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
 log = logging.getLogger(__name__)
 
+
+def cpp_compiler() -> str:
+    """The C++ compiler command inductor builds CPU kernels with: `$CXX` (may be a command line, "ccache g++") or g++."""
+    return os.environ.get("CXX") or "g++"
+
+
+def has_cpp_compiler() -> bool:
+    """Whether `cpp_compiler()`'s program (its first word) is on the PATH."""
+    return shutil.which(cpp_compiler().split()[0]) is not None
+
+
 # Groups of evaluation prompts a datamodule may offer (its `prompt_groups`), and the suffix of their metrics:
 # seen compositions, held-out compositions, a concept new to a fine-tuned model (`judge_acc_new`).
 GROUP_SUFFIX = {"seen": "", "heldout": "_heldout", "new": "_new"}
@@ -210,10 +221,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         numbers, ~10% slower on the shapes generator), and a warning says so."""
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         backend = (self.hparams.compile_options or {}).get("backend", "inductor")
-        compiler = os.environ.get("CXX") or "g++"
-        # CXX may be a command line ("ccache g++"): its program is the first word
-        if device.type == "cpu" and backend == "inductor" and shutil.which(compiler.split()[0]) is None:
-            log.warning(f"model.compile=true: no C++ compiler ({compiler!r}; set CXX to choose one) for torch.compile "
+        if device.type == "cpu" and backend == "inductor" and not has_cpp_compiler():
+            log.warning(f"model.compile=true: no C++ compiler ({cpp_compiler()!r}; set CXX to choose one) for torch.compile "
                         "on CPU, so the blocks run eagerly; model.compile=false silences this")  # fmt: skip
             return False
         return True
