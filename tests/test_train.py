@@ -160,6 +160,40 @@ def test_fused_clipping_clips_the_gradient_norm():
     assert norm() == pytest.approx(1.0, rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("precision", "fused"), [("bf16-mixed", True), ("32-true", False), ("16-mixed", False)]
+)
+def test_gradient_clip_groups_are_clipped_each_on_its_own(precision, fused):
+    """A group with a large gradient is clipped without shrinking a small one beside it (the joint stage's
+    captioner/matcher beside its generator)."""
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+    import torch
+
+    from imagen.stages.optim import FusedOptimizerClipping
+
+    class Module(FusedOptimizerClipping, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.small, self.large = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def gradient_clip_groups(self):
+            return [list(self.small.parameters()), list(self.large.parameters())]
+
+    module = Module()
+    module._trainer = SimpleNamespace(precision=precision)
+    optimizer = torch.optim.AdamW(module.parameters(), fused=fused)
+    x = torch.randn(8, 4)
+    (module.small(x) * 0.01 + module.large(x) * 100).sum().backward()
+    norm = lambda m: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()]))  # noqa: E731
+    small_before = [p.grad.clone() for p in module.small.parameters()]
+    assert norm(module.small) < 0.5 and norm(module.large) > 1.5
+    module.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert norm(module.large) == pytest.approx(1.0, rel=1e-4)
+    assert all(torch.equal(a, p.grad) for a, p in zip(small_before, module.small.parameters(), strict=True))
+
+
 def test_ema_keeps_frozen_weights_bit_identical_and_averages_the_trained_ones():
     import warnings
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imagen.models.ar_transformer import ARConfig, Block
+from imagen.models.ar_transformer import ARConfig, ARTransformer, Block
+from imagen.models.autoencoder import ResBlock
 from imagen.models.sizes import config_from_size
 from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, EncoderBlock
 
@@ -29,6 +30,9 @@ class ImageTextConfig:
     max_caption_length: int = 32  # caption tokens incl. [BOS]/[EOS]
     text_dim: int = 128  # width of the text encoder's states (matching)
     dim: int = 192
+    # residual 3x3 conv blocks over the (h, w) grid of token embeddings, before the Transformer encoder: each
+    # feature sees its neighbours' codes from the first step (shapes span several tokens)
+    conv_layers: int = 0
     encoder_layers: int = 2
     decoder_layers: int = 2
     heads: int = 4
@@ -47,9 +51,11 @@ class ImageTextConfig:
 
 
 IMAGE_TEXT_SIZES: dict[str, ImageTextConfig] = {
-    "tiny": ImageTextConfig(dim=32, encoder_layers=1, decoder_layers=1, heads=2, embed_dim=32),
-    "shapes": ImageTextConfig(dim=192, encoder_layers=2, decoder_layers=2, heads=4, embed_dim=128),
-    "B": ImageTextConfig(dim=512, encoder_layers=6, decoder_layers=6, heads=8, embed_dim=512),
+    "tiny": ImageTextConfig(dim=32, conv_layers=1, encoder_layers=1, decoder_layers=1, heads=2, embed_dim=32),
+    "shapes": ImageTextConfig(
+        dim=192, conv_layers=2, encoder_layers=2, decoder_layers=2, heads=4, embed_dim=128
+    ),
+    "B": ImageTextConfig(dim=512, conv_layers=2, encoder_layers=6, decoder_layers=6, heads=8, embed_dim=512),
 }
 
 
@@ -80,6 +86,7 @@ class ImageTextNet(nn.Module):
         if c.code_dim:
             self.register_buffer("code_vectors", torch.zeros(c.vocab_size, c.code_dim))  # set_code_vectors
             self.code_proj = nn.Linear(c.code_dim, c.dim)
+        self.conv = nn.Sequential(*(ResBlock(c.dim) for _ in range(c.conv_layers)))
         self.row_emb = nn.Parameter(torch.randn(h, c.dim) * 0.02)
         self.col_emb = nn.Parameter(torch.randn(w, c.dim) * 0.02)
         self.encoder = nn.ModuleList(EncoderBlock(c.dim, c.heads, c.dropout) for _ in range(c.encoder_layers))
@@ -96,6 +103,8 @@ class ImageTextNet(nn.Module):
         self.image_proj = nn.Linear(c.dim, c.embed_dim)
         self.text_proj = nn.Linear(c.text_dim, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
+        # GPT-2's initialisation, as the generator's: embeddings at the scale of the positions added to them
+        self.apply(ARTransformer._init_weights)
 
     @classmethod
     def from_size(cls, size: str = "shapes", **overrides) -> ImageTextNet:
@@ -117,9 +126,13 @@ class ImageTextNet(nn.Module):
         """Image token ids (B, N) in raster order -> features (B, N, dim)."""
         h, w = self.config.grid_size
         positions = (self.row_emb[:, None] + self.col_emb[None]).reshape(h * w, -1)  # (N, dim)
-        x = self.image_emb(tokens) + positions
+        x = self.image_emb(tokens)
         if self.config.code_dim:
             x = x + self.code_proj(self.code_vectors[tokens])
+        if self.config.conv_layers:
+            grid = x.transpose(1, 2).unflatten(2, (h, w))  # (B, dim, h, w)
+            x = self.conv(grid).flatten(2).transpose(1, 2)  # (B, N, dim)
+        x = x + positions
         everywhere = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         for block in self.encoder:
             x = block(x, everywhere)

@@ -72,7 +72,8 @@ class JointStage(ARGeneratorStage):
     when it has one, else with a tokenizer this stage trains on the corpus captions (`caption_vocab_size`,
     `max_caption_length`). With `image_code_vectors`, the image encoder also reads the autoencoder's code vector
     of each token (`ImageTextConfig.code_dim`). `image_text_lr` trains the captioner and matcher at their own
-    learning rate (null: the optimizer's). Other arguments are the generator stage's.
+    learning rate (null: the optimizer's); `clip_image_text_apart` clips their gradient norm apart from the generator's.
+    Other arguments are the generator stage's.
     """
 
     STAGE = "joint"
@@ -92,6 +93,7 @@ class JointStage(ARGeneratorStage):
         matching_trains_text_encoder: bool | None = None,
         image_code_vectors: bool = False,
         image_text_lr: float | None = None,
+        clip_image_text_apart: bool = False,
         **generator_args,
     ):
         # the generator stage saves this constructor's arguments too (Lightning collects the whole chain)
@@ -206,6 +208,15 @@ class JointStage(ARGeneratorStage):
         modules = super().trained_modules()
         modules["image_text"] = self.image_text
         return modules
+
+    def gradient_clip_groups(self) -> list[list[nn.Parameter]] | None:
+        """The captioner/matcher's gradients apart from the generator's: theirs are often 10x larger, and one
+        clipped total norm would shrink the generator's steps along with them."""
+        if not self.hparams.clip_image_text_apart:
+            return None
+        image_text = set(self.image_text.parameters())
+        generator = [p for p in self.trained_modules().parameters() if p not in image_text]
+        return [generator, list(image_text)]
 
     def group_lrs(self) -> dict[str, float]:
         lr = self.hparams.image_text_lr

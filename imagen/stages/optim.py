@@ -94,20 +94,32 @@ def warmup_linear(
 
 
 class FusedOptimizerClipping:
-    """LightningModule mixin: gradient clipping that also works with fused AdamW under bf16 mixed precision.
+    """LightningModule mixin: gradient clipping that also works with fused AdamW under bf16 mixed precision, and
+    that can clip groups of parameters apart (`gradient_clip_groups`).
 
     Lightning refuses to clip for optimizers that unscale gradients inside `step` (fused AdamW) under any mixed
     precision, since with fp16 loss scaling the gradients are still scaled at that point. bf16 has no loss scaling:
     the gradients are the true ones, so they are clipped directly. fp16 keeps Lightning's refusal.
     """
 
+    def gradient_clip_groups(self) -> list[list[torch.nn.Parameter]] | None:
+        """Parameter groups whose gradients are clipped each to `gradient_clip_val` on its own; None: all together."""
+        return None
+
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> torch optimizer
         fused = getattr(inner, "_step_supports_amp_scaling", False)
-        if not (gradient_clip_val and fused and str(self.trainer.precision).startswith("bf16")):
+        precision = str(self.trainer.precision)
+        still_scaled = fused and precision.startswith("16")  # fp16 loss scaling, undone only inside step
+        groups = self.gradient_clip_groups()
+        lightning_clips = groups is None and not (fused and precision.startswith("bf16"))
+        if not gradient_clip_val or still_scaled or lightning_clips:
             return super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
-        if gradient_clip_algorithm in (None, "norm"):
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        if groups is None:
+            groups = [[p for group in inner.param_groups for p in group["params"]]]
+        for params in groups:
+            params = [p for p in params if p.grad is not None]
+            if gradient_clip_algorithm in (None, "norm"):
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
