@@ -154,7 +154,8 @@ class JointStage(ARGeneratorStage):
         check_config(
             ImageTextConfig(**info["image_text_config"]), self.image_text.config, "model.image_text",
             f"{key}: {source} holds an image-text network",
-            "code_dim comes from model.image_code_vectors: false for checkpoints written before it",
+            "code_dim comes from model.image_code_vectors: false for checkpoints written before it; "
+            "+model.image_text.conv_layers=0 for checkpoints written before the conv blocks (2026-12-01)",
         )  # fmt: skip
 
     # -- captions -----------------------------------------------------------------------------------------------------
