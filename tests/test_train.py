@@ -137,35 +137,9 @@ def test_gradient_clipping_works_with_fused_adamw_under_bf16(make_cfg, experimen
     assert objects["trainer"].global_step >= 2
 
 
-def test_fused_clipping_clips_the_gradient_norm():
-    from types import SimpleNamespace
-
-    import lightning.pytorch as pl
-    import torch
-
-    from imagen.stages.optim import FusedOptimizerClipping
-
-    class Module(FusedOptimizerClipping, pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(4, 4)
-
-    module = Module()
-    module._trainer = SimpleNamespace(precision="bf16-mixed")
-    optimizer = torch.optim.AdamW(module.parameters(), fused=True)
-    (module.layer(torch.randn(8, 4)) * 100).sum().backward()
-    norm = lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))  # noqa: E731
-    assert norm() > 1.5
-    module.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
-    assert norm() == pytest.approx(1.0, rel=1e-4)
-
-
-@pytest.mark.parametrize(
-    ("precision", "fused"), [("bf16-mixed", True), ("32-true", False), ("16-mixed", False)]
-)
-def test_gradient_clip_groups_are_clipped_each_on_its_own(precision, fused):
-    """A group with a large gradient is clipped without shrinking a small one beside it (the joint stage's
-    captioner/matcher beside its generator)."""
+def clipping_module(precision: str, grouped: bool):
+    """A LightningModule with the clipping mixin, two linear layers (`small`, `large`; clipped apart when `grouped`)
+    and a stand-in trainer of the given precision."""
     from types import SimpleNamespace
 
     import lightning.pytorch as pl
@@ -179,18 +153,46 @@ def test_gradient_clip_groups_are_clipped_each_on_its_own(precision, fused):
             self.small, self.large = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
 
         def gradient_clip_groups(self):
-            return [list(self.small.parameters()), list(self.large.parameters())]
+            return [list(self.small.parameters()), list(self.large.parameters())] if grouped else None
 
     module = Module()
     module._trainer = SimpleNamespace(precision=precision)
+    return module
+
+
+def grad_norm(module) -> float:
+    import torch
+
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+
+
+def test_fused_clipping_clips_the_gradient_norm():
+    import torch
+
+    module = clipping_module("bf16-mixed", grouped=False)
+    optimizer = torch.optim.AdamW(module.large.parameters(), fused=True)
+    (module.large(torch.randn(8, 4)) * 100).sum().backward()
+    assert grad_norm(module.large) > 1.5
+    module.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert grad_norm(module.large) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("precision", "fused"), [("bf16-mixed", True), ("32-true", False), ("16-mixed", False)]
+)
+def test_gradient_clip_groups_are_clipped_each_on_its_own(precision, fused):
+    """A group with a large gradient is clipped without shrinking a small one beside it (the joint stage's
+    captioner/matcher beside its generator)."""
+    import torch
+
+    module = clipping_module(precision, grouped=True)
     optimizer = torch.optim.AdamW(module.parameters(), fused=fused)
     x = torch.randn(8, 4)
     (module.small(x) * 0.01 + module.large(x) * 100).sum().backward()
-    norm = lambda m: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()]))  # noqa: E731
     small_before = [p.grad.clone() for p in module.small.parameters()]
-    assert norm(module.small) < 0.5 and norm(module.large) > 1.5
+    assert grad_norm(module.small) < 0.5 and grad_norm(module.large) > 1.5
     module.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
-    assert norm(module.large) == pytest.approx(1.0, rel=1e-4)
+    assert grad_norm(module.large) == pytest.approx(1.0, rel=1e-4)
     assert all(torch.equal(a, p.grad) for a, p in zip(small_before, module.small.parameters(), strict=True))
 
 

@@ -215,9 +215,9 @@ class JointStage(ARGeneratorStage):
         clipped total norm would shrink the generator's steps along with them."""
         if not self.hparams.clip_image_text_apart:
             return None
-        image_text = set(self.image_text.parameters())
-        generator = [p for p in self.trained_modules().parameters() if p not in image_text]
-        return [generator, list(image_text)]
+        modules = self.trained_modules()
+        image_text = modules.pop("image_text")
+        return [list(modules.parameters()), list(image_text.parameters())]
 
     def group_lrs(self) -> dict[str, float]:
         lr = self.hparams.image_text_lr

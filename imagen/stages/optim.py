@@ -111,9 +111,8 @@ class FusedOptimizerClipping:
         fused = getattr(inner, "_step_supports_amp_scaling", False)
         precision = str(self.trainer.precision)
         still_scaled = fused and precision.startswith("16")  # fp16 loss scaling, undone only inside step
-        groups = self.gradient_clip_groups()
-        lightning_clips = groups is None and not (fused and precision.startswith("bf16"))
-        if not gradient_clip_val or still_scaled or lightning_clips:
+        groups = None if not gradient_clip_val or still_scaled else self.gradient_clip_groups()
+        if groups is None and not (gradient_clip_val and fused and precision.startswith("bf16")):
             return super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if groups is None:
             groups = [[p for group in inner.param_groups for p in group["params"]]]
