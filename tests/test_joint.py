@@ -14,7 +14,7 @@ from imagen.cli.train import train
 from imagen.data.shapes import Scene, SceneSampler, ShapeObject, ShapesConfig
 from imagen.images import save_png, to_uint8
 from imagen.metrics.captions import caption_correct, parse_shapes_caption
-from imagen.metrics.retrieval import recall_at_k, retrieval_metrics
+from imagen.metrics.retrieval import recall_at_k, rerank_top_k, retrieval_metrics
 from imagen.models.image_text import ImageTextNet
 from imagen.models.text_encoder import CaptionTokenizer
 from imagen.sampling.caption import CaptionDecoding, decode_captions
@@ -112,14 +112,31 @@ def test_retrieval_metrics_rank_both_directions():
     text = torch.eye(3)
     image = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])  # images 1 and 2 swapped against their captions
     relevant = torch.eye(3, dtype=torch.bool)
-    values = retrieval_metrics(text, image, relevant, ks=(1, 3))
+    similarity = text @ image.t()
+    values = retrieval_metrics(similarity, similarity.t(), relevant, ks=(1, 3))
     assert values["recall_at_1_t2i"] == pytest.approx(1 / 3) and values["recall_at_1_i2t"] == pytest.approx(
         1 / 3
     )
     assert values["recall_at_3_t2i"] == 1.0 and values["recall_at_3_i2t"] == 1.0
-    image = torch.eye(3)
-    values = retrieval_metrics(text, image, relevant, ks=(1,))
-    assert values == {"recall_at_1_t2i": 1.0, "recall_at_1_i2t": 1.0}
+    values = retrieval_metrics(text @ text.t(), similarity.t(), relevant, ks=(1,))  # each direction its own matrix
+    assert values == {"recall_at_1_t2i": 1.0, "recall_at_1_i2t": pytest.approx(1 / 3)}
+
+
+def test_reranking_the_top_k_reorders_only_them_by_the_second_score():
+    similarity = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])  # (2 queries, 4 items)
+    second = torch.tensor([[0.0, 5.0, 1.0, 9.0], [0.0, 0.0, 7.0, 3.0]])  # would put item 3 first in both rows
+
+    def score(queries, items):
+        return second[queries, items]
+
+    out = rerank_top_k(similarity, score, k=3)
+    order = out.argsort(1, descending=True).tolist()
+    # row 0: its top 3 (items 0-2) by the second score, then item 3 (not in the top 3: its 9.0 is never asked for)
+    assert order == [[1, 2, 0, 3], [2, 3, 1, 0]]
+    relevant = torch.tensor([[False, True, False, False], [False, False, True, False]])
+    assert recall_at_k(similarity, relevant, (1,)) == {1: 0.0}
+    assert recall_at_k(out, relevant, (1,)) == {1: 1.0}
+    assert torch.equal(rerank_top_k(similarity, score, k=1).argsort(1), similarity.argsort(1))  # k=1: unchanged
 
 
 def test_scene_relevance_follows_what_the_caption_says():
@@ -226,8 +243,9 @@ def test_caption_decoding_variants_produce_the_memorised_captions():
 
 @pytest.mark.parametrize("off", ["generation", "caption", "matching"])
 def test_each_loss_can_be_switched_off_and_the_others_train(make_cfg, tiny_autoencoder_ckpt, tmp_path, off):  # noqa: F811
+    rerank = ["model.retrieval_rerank=0"] if off == "caption" else []  # retrieval by embedding alone
     cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, f"model.loss_weights.{off}=0", "trainer.max_steps=3",
-                                   "test=false", "callbacks=none", "trainer.limit_val_batches=0", "seed=1"))  # fmt: skip
+                                   "test=false", "callbacks=none", "trainer.limit_val_batches=0", "seed=1", *rerank))  # fmt: skip
     import hydra
     import lightning.pytorch as pl
 
@@ -237,10 +255,14 @@ def test_each_loss_can_be_switched_off_and_the_others_train(make_cfg, tiny_autoe
     stage = objects["model"]
     assert stage.trainer.global_step == 3
     after = stage.state_dict()
-    owner = {"generation": "net.", "caption": "image_text.decoder.", "matching": "image_text.image_proj."}
-    for name, prefix in owner.items():
-        changed = any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix))
-        assert changed == (name != off), f"{prefix} changed={changed} with loss_weights.{off}=0"
+    owner = {"generation": ["net."], "caption": ["image_text.decoder."],
+             "matching": ["image_text.image_proj.", "image_text.text_blocks."]}  # fmt: skip
+    for name, prefixes in owner.items():
+        for prefix in prefixes:
+            weights = [k for k in after if k.startswith(prefix)]
+            assert weights, prefix
+            changed = any(not torch.equal(before[k], after[k]) for k in weights)
+            assert changed == (name != off), f"{prefix} changed={changed} with loss_weights.{off}=0"
     logged = set(stage.trainer.callback_metrics)
     assert f"train/loss_{off}" not in logged and "train/loss" in logged
 
@@ -254,6 +276,7 @@ def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
 ):
     # generation off: the matching loss is the text encoder's only gradient (null trains it: nothing else would)
     cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, "model.loss_weights.generation=0", "model.loss_weights.caption=0",
+                                   "model.retrieval_rerank=0",
                                    f"model.matching_trains_text_encoder={setting}", "trainer.max_steps=3", "test=false",
                                    "callbacks=none", "trainer.limit_val_batches=0", "seed=1"))  # fmt: skip
     import hydra
@@ -272,12 +295,16 @@ def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
     assert changed("text_encoder.") == trains
 
 
-def test_all_weights_zero_is_refused(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
+@pytest.mark.parametrize("overrides,error", [
+    (["model.loss_weights.generation=0", "model.loss_weights.caption=0", "model.loss_weights.matching=0"],
+     "every weight is 0"),
+    (["model.loss_weights.caption=0"], "leaves untrained; set model.retrieval_rerank=0"),  # no captioner to rerank
+])  # fmt: skip
+def test_configs_that_cannot_train_or_evaluate_are_refused(make_cfg, tiny_autoencoder_ckpt, overrides, error):  # noqa: F811
     import hydra
 
-    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, "model.loss_weights.generation=0",
-                                   "model.loss_weights.caption=0", "model.loss_weights.matching=0"))  # fmt: skip
-    with pytest.raises((ValueError, hydra.errors.InstantiationException), match="every weight is 0"):
+    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, *overrides))
+    with pytest.raises((ValueError, hydra.errors.InstantiationException), match=error):
         hydra.utils.instantiate(cfg.model, _convert_="all")
 
 
@@ -359,6 +386,9 @@ def test_test_split_reports_retrieval_and_caption_metrics(
         assert key in written, key
         assert 0 <= written[key] and (key.endswith("nll") or key.endswith("bits") or written[key] <= 1)
     assert written["test/recall_at_1_t2i"] <= written["test/recall_at_10_t2i"]
+    # the captioner re-orders each query's 8 nearest matches (model.retrieval_rerank): the 10 nearest stay the same
+    for direction in ("t2i", "i2t"):
+        assert written[f"test/recall_at_10_{direction}"] == written[f"test/recall_at_10_{direction}_embedding"]
 
 
 def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):

@@ -25,19 +25,32 @@ def recall_at_k(
 
 
 def retrieval_metrics(
-    text_emb: torch.Tensor, image_emb: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+    t2i: torch.Tensor, i2t: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """Text->image and image->text Recall@K for embeddings (N, E) of N captions and N images.
+    """Text->image and image->text Recall@K from similarities t2i (N texts, N images) and i2t (N images, N texts)
+    (embedding cosine: each the other's transpose).
 
     relevant (N, N): caption i describes image j. Keys: `recall_at_{k}_t2i`, `recall_at_{k}_i2t`.
     """
-    similarity = text_emb.float() @ image_emb.float().t()  # (texts, images)
-    t2i = recall_at_k(similarity, relevant, ks)
-    i2t = recall_at_k(similarity.t(), relevant.t(), ks)
     return {
-        **{f"recall_at_{k}_t2i": v for k, v in t2i.items()},
-        **{f"recall_at_{k}_i2t": v for k, v in i2t.items()},
+        **{f"recall_at_{k}_t2i": v for k, v in recall_at_k(t2i.float(), relevant, ks).items()},
+        **{f"recall_at_{k}_i2t": v for k, v in recall_at_k(i2t.float(), relevant.t(), ks).items()},
     }
+
+
+def rerank_top_k(
+    similarity: torch.Tensor, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k: int
+) -> torch.Tensor:
+    """similarity (Q, D) with each row's k most similar items re-ordered by `score(queries (M,), items (M,)) -> (M,)`
+    (a second, costlier scorer): they stay ahead of the other items, which keep their order."""
+    similarity = similarity.float()
+    k = min(k, similarity.shape[1])
+    top = similarity.topk(k, dim=1).indices  # (Q, k)
+    queries = torch.arange(similarity.shape[0]).repeat_interleave(k)
+    new = score(queries, top.flatten()).float().view(-1, k)  # (Q, k)
+    ranked = top.gather(1, new.argsort(dim=1, descending=True))  # (Q, k): best new score first
+    above = similarity.max() + torch.arange(k, 0, -1, dtype=similarity.dtype)  # (k,): all above the row's others
+    return similarity.scatter(1, ranked, above.expand(len(similarity), k))
 
 
 def gather_rows(

@@ -4,8 +4,9 @@
   and mixed by bidirectional Transformer blocks;
 - caption decoder: causal blocks over caption token ids that cross-attend to the image features
   (`caption_loss`, `caption_logits`, `caption_logprob`; decoding lives in `imagen.sampling.caption`);
-- matcher: pooled image features and pooled text-encoder states projected to one normalized space
-  (`image_embedding`, `text_embedding`), trained with a symmetric contrastive loss (`contrastive_loss`).
+- matcher: pooled image features, and the text encoder's states mixed by the matcher's own blocks and pooled, projected
+  to one normalized space (`image_embedding`, `text_embedding`), trained with a symmetric contrastive loss
+  (`contrastive_loss`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class ImageTextConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     embed_dim: int = 128  # the shared matching space
+    # the matcher's own bidirectional Transformer blocks over the text encoder's states, before they are pooled: the
+    # joint stage's matching loss reads those states without training the shared encoder, and a linear map of their
+    # mean cannot tell "a red circle left of a blue square" from the same words bound the other way
+    text_layers: int = 0
     # Width of the autoencoder's code vectors (its decoder's input for each token id), added to the learned token
     # embeddings through a projection: what a code looks like, known from the first step. 0: off (checkpoints
     # written before it existed); the joint stage sets it from its autoencoder (`model.image_code_vectors`).
@@ -48,14 +53,23 @@ class ImageTextConfig:
         self.grid_size = tuple(self.grid_size)
         if self.dim % self.heads:
             raise ValueError(f"model.image_text.dim={self.dim} must be divisible by heads={self.heads}")
+        if self.text_layers and self.text_dim % self.heads:
+            raise ValueError(
+                f"model.image_text.text_layers={self.text_layers} needs the text width {self.text_dim} divisible by "
+                f"heads={self.heads}"
+            )
 
 
 IMAGE_TEXT_SIZES: dict[str, ImageTextConfig] = {
-    "tiny": ImageTextConfig(dim=32, conv_layers=1, encoder_layers=1, decoder_layers=1, heads=2, embed_dim=32),
-    "shapes": ImageTextConfig(
-        dim=192, conv_layers=2, encoder_layers=2, decoder_layers=2, heads=4, embed_dim=128
+    "tiny": ImageTextConfig(
+        dim=32, conv_layers=1, encoder_layers=1, decoder_layers=1, heads=2, embed_dim=32, text_layers=1
     ),
-    "B": ImageTextConfig(dim=512, conv_layers=2, encoder_layers=6, decoder_layers=6, heads=8, embed_dim=512),
+    "shapes": ImageTextConfig(
+        dim=192, conv_layers=2, encoder_layers=2, decoder_layers=2, heads=4, embed_dim=128, text_layers=1
+    ),
+    "B": ImageTextConfig(
+        dim=512, conv_layers=2, encoder_layers=6, decoder_layers=6, heads=8, embed_dim=512, text_layers=1
+    ),
 }
 
 
@@ -101,6 +115,7 @@ class ImageTextNet(nn.Module):
         self.decoder_norm = nn.LayerNorm(c.dim)
         self.caption_head = nn.Linear(c.dim, c.caption_vocab_size, bias=False)
         self.image_proj = nn.Linear(c.dim, c.embed_dim)
+        self.text_blocks = nn.ModuleList(EncoderBlock(c.text_dim, c.heads, c.dropout) for _ in range(c.text_layers))
         self.text_proj = nn.Linear(c.text_dim, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
         # GPT-2's initialisation, as the generator's: embeddings at the scale of the positions added to them
@@ -144,6 +159,8 @@ class ImageTextNet(nn.Module):
 
     def text_embedding(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Text-encoder states (B, L, text_dim) and mask (B, L) -> unit-norm embeddings (B, embed_dim)."""
+        for block in self.text_blocks:
+            states = block(states, mask)
         weights = mask.to(states.dtype)[..., None]
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
         return F.normalize(self.text_proj(pooled), dim=-1)
@@ -151,8 +168,11 @@ class ImageTextNet(nn.Module):
     def matching_loss(
         self, image: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor | None = None
     ) -> torch.Tensor:
-        scale = self.logit_scale.clamp(max=4.6052).exp()  # temperature >= 0.01
-        return contrastive_loss(image, text, scale, negative_text)
+        return contrastive_loss(image, text, self.matching_scale(), negative_text)
+
+    def matching_scale(self) -> torch.Tensor:
+        """The learned inverse temperature of embedding cosines (CLIP's), at most 100."""
+        return self.logit_scale.clamp(max=4.6052).exp()
 
     # -- caption decoder ------------------------------------------------------------------------------------------
 
@@ -175,13 +195,14 @@ class ImageTextNet(nn.Module):
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD_ID
         )
 
-    def caption_logprob(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(B,) mean log-probability per token of caption ids (B, T) given the image features."""
+    def caption_logprob(self, features: torch.Tensor, ids: torch.Tensor, per_token: bool = True) -> torch.Tensor:
+        """(B,) log-probability of caption ids (B, T) given the image features: its mean per token (captions of
+        different lengths compared), or the caption's whole log-likelihood (`per_token=False`)."""
         logp = self.caption_logits(features, ids[:, :-1]).float().log_softmax(-1)
         targets = ids[:, 1:]
         valid = targets != PAD_ID
-        picked = logp.gather(-1, targets[..., None]).squeeze(-1) * valid
-        return picked.sum(1) / valid.sum(1).clamp(min=1)
+        picked = (logp.gather(-1, targets[..., None]).squeeze(-1) * valid).sum(1)
+        return picked / valid.sum(1).clamp(min=1) if per_token else picked
 
 
 class CaptionVocabulary(nn.Module):

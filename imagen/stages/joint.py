@@ -6,7 +6,8 @@ The loss is `generation * L_gen + caption * L_cap + matching * L_match`; a weigh
 module still exists, untrained) and the evaluations that need it.
 
 Matching is used to rerank generated candidates (`rerank`), and for text->image / image->text retrieval
-(Recall@K over the whole evaluation split, relevance from the ground-truth scenes on shapes data). The round trip
+(Recall@K over the whole evaluation split, relevance from the ground-truth scenes on shapes data), where the
+captioner re-orders each query's nearest matches (`retrieval_rerank`). The round trip
 (text -> generated image -> greedy caption) measures the fraction of the prompt's attributes the caption states
 again (`round_trip`).
 """
@@ -26,7 +27,7 @@ from torchmetrics.text import BLEUScore
 
 from imagen.data.shapes import Scene, matches_caption
 from imagen.metrics.captions import caption_correct, preserved_attributes
-from imagen.metrics.retrieval import gather_rows, retrieval_metrics
+from imagen.metrics.retrieval import gather_rows, rerank_top_k, retrieval_metrics
 from imagen.models.ar_transformer import ARTransformer
 from imagen.models.image_text import CaptionVocabulary, ImageTextConfig, ImageTextNet
 from imagen.models.text_encoder import CaptionTokenizer, TextStates
@@ -73,7 +74,8 @@ class JointStage(ARGeneratorStage):
     `max_caption_length`). With `image_code_vectors`, the image encoder also reads the autoencoder's code vector
     of each token (`ImageTextConfig.code_dim`). `image_text_lr` trains the captioner and matcher at their own
     learning rate (null: the optimizer's); `clip_image_text_apart` clips their gradient norm apart from the generator's.
-    Other arguments are the generator stage's.
+    `retrieval_rerank`: each retrieval query's that many nearest matches by embedding are re-ordered by
+    `pair_scores` (0 or 1: by embedding alone). Other arguments are the generator stage's.
     """
 
     STAGE = "joint"
@@ -90,6 +92,7 @@ class JointStage(ARGeneratorStage):
         caption_vocab_size: int = 512,
         max_caption_length: int = 32,
         retrieval_ks: Sequence[int] = (1, 5, 10),
+        retrieval_rerank: int = 0,
         matching_trains_text_encoder: bool | None = None,
         image_code_vectors: bool = False,
         image_text_lr: float | None = None,
@@ -102,6 +105,13 @@ class JointStage(ARGeneratorStage):
         if image_text_lr is not None and image_text_lr <= 0:
             raise ValueError(f"model.image_text_lr must be > 0 or null; got {image_text_lr}")
         self.rerank = RerankSettings(**(rerank or {}))
+        if retrieval_rerank < 0:
+            raise ValueError(f"model.retrieval_rerank must be >= 0; got {retrieval_rerank}")
+        if retrieval_rerank > 1 and not self.weights.caption:
+            raise ValueError(
+                f"model.retrieval_rerank={retrieval_rerank} re-orders retrieval with the captioner, which "
+                f"model.loss_weights.caption=0 leaves untrained; set model.retrieval_rerank=0"
+            )
         self.caption_decoding = CaptionDecoding(**(caption_decoding or {}))
         if isinstance(getattr(text_encoder, "tokenizer", None), CaptionTokenizer):
             caption_vocab_size, max_caption_length = text_encoder.vocab_size, text_encoder.max_length
@@ -144,7 +154,9 @@ class JointStage(ARGeneratorStage):
                     **{name: MeanMetric() for name in grouped},
                 }
             )
-        self._embeddings: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # per split, per batch: text embeddings, image embeddings, sample indices (and with `retrieval_rerank`, the
+        # image features and caption ids that `pair_scores` reads)
+        self._embeddings: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
     def check_net_config(self, info: dict, source: str, key: str) -> None:
         """The generator's check, and the captioner/matcher must be configured as the checkpoint's."""
@@ -155,7 +167,8 @@ class JointStage(ARGeneratorStage):
             ImageTextConfig(**info["image_text_config"]), self.image_text.config, "model.image_text",
             f"{key}: {source} holds an image-text network",
             "code_dim comes from model.image_code_vectors: false for checkpoints written before it; "
-            "+model.image_text.conv_layers=0 for checkpoints written before the conv blocks (2026-12-01)",
+            "+model.image_text.conv_layers=0 for checkpoints written before the conv blocks (2026-12-01), "
+            "+model.image_text.text_layers=0 before the matcher's text blocks (2026-12-01)",
         )  # fmt: skip
 
     # -- captions -----------------------------------------------------------------------------------------------------
@@ -364,31 +377,69 @@ class JointStage(ARGeneratorStage):
                     metrics[f"caption_acc{GROUP_SUFFIX[group]}"].update(correct[rows].float())
         if w.matching:
             image = self.image_text.image_embedding(features)
-            self._embeddings.setdefault(split, []).append(
-                (self.image_text.text_embedding(text.states, text.mask).cpu(), image.cpu(), index.cpu())
-            )
+            rows = [self.image_text.text_embedding(text.states, text.mask), image, index]
+            if self.hparams.retrieval_rerank > 1:
+                rows += [features, self.caption_ids(captions)]
+            self._embeddings.setdefault(split, []).append(tuple(t.cpu() for t in rows))
 
     def _retrieval(self, split: str) -> dict[str, float]:
         """Recall@K both ways over this split's images and their captions: every process's share is gathered (the
-        distributed sampler's padding repeats some samples: each index counts once), so all ranks log the same."""
+        distributed sampler's padding repeats some samples: each index counts once), so all ranks log the same.
+        With `retrieval_rerank`, the embedding-only figures are logged too, as `recall_at_{k}_{t2i,i2t}_embedding`."""
         rows = self._embeddings.pop(split, [])
         if not rows:
             return {}
-        text, image, index = (torch.cat(part) for part in zip(*rows, strict=True))
+        parts = [torch.cat(part) for part in zip(*rows, strict=True)]
         if self.trainer.world_size > 1:  # the exchange runs on the device (NCCL needs CUDA tensors)
-            parts = gather_rows(
-                [t.to(self.device) for t in (text, image, index)], self.all_gather, self.trainer.world_size
-            )
-            text, image, index = (t.cpu() for t in parts)
+            parts = gather_rows([t.to(self.device) for t in parts], self.all_gather, self.trainer.world_size)
+            parts = [t.cpu() for t in parts]
+        index = parts[2]
         first = torch.from_numpy(np.sort(np.unique(index.numpy(), return_index=True)[1]))
-        text, image, index = text[first], image[first], index[first]
+        text, image, index, *pairs = (t[first] for t in parts)
         scenes = self._scenes(split, index)
         if scenes is not None:
             relevant = scene_relevance(scenes)
         else:  # no ground truth beyond the pairing itself
             relevant = torch.eye(len(index), dtype=torch.bool)
-        values = retrieval_metrics(text, image, relevant, self.hparams.retrieval_ks)
+        similarity = text.float() @ image.float().t()  # (texts, images)
+        ks = self.hparams.retrieval_ks
+        values = retrieval_metrics(similarity, similarity.t(), relevant, ks)
+        k = self.hparams.retrieval_rerank
+        if k > 1:
+            features, ids = pairs
+            t2i = rerank_top_k(similarity, lambda t, i: self.pair_scores(similarity, features, ids, t, i), k)
+            i2t = rerank_top_k(
+                similarity.t(), lambda i, t: self.pair_scores(similarity, features, ids, t, i, per_token=True), k
+            )
+            embedding_only = {f"{name}_embedding": v for name, v in values.items()}
+            values = {**retrieval_metrics(t2i, i2t, relevant, ks), **embedding_only}
         return {f"{split}/{k}": v for k, v in values.items()}
+
+    @torch.no_grad()
+    def pair_scores(
+        self,
+        similarity: torch.Tensor,
+        features: torch.Tensor,
+        ids: torch.Tensor,
+        texts: torch.Tensor,
+        images: torch.Tensor,
+        per_token: bool = False,
+    ) -> torch.Tensor:
+        """(M,) scores of caption `texts[m]` with image `images[m]`: the matcher's logit (learned inverse temperature
+        x embedding cosine, `similarity` (texts, images)) plus the captioner's log p(caption | image features),
+        each a log-likelihood. `per_token`: the caption's mean log-probability per token, for captions of different
+        lengths competing for one image (image->text); else its whole log-likelihood (one caption, many images)."""
+        scale = self.image_text.matching_scale().float().cpu()
+        logits = scale * similarity[texts, images]
+        chunk = self.hparams.eval_batch_size
+        likelihood = torch.cat([
+            self.image_text.caption_logprob(
+                features[images[s : s + chunk]].to(self.device), ids[texts[s : s + chunk]].to(self.device),
+                per_token=per_token,
+            ).cpu()
+            for s in range(0, len(texts), chunk)
+        ])  # fmt: skip
+        return logits + likelihood
 
     def _judge_generated(self, split: str) -> dict[str, torch.Tensor]:
         if not self.weights.generation:
