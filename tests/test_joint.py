@@ -118,7 +118,9 @@ def test_retrieval_metrics_rank_both_directions():
         1 / 3
     )
     assert values["recall_at_3_t2i"] == 1.0 and values["recall_at_3_i2t"] == 1.0
-    values = retrieval_metrics(text @ text.t(), similarity.t(), relevant, ks=(1,))  # each direction its own matrix
+    values = retrieval_metrics(
+        text @ text.t(), similarity.t(), relevant, ks=(1,)
+    )  # each direction its own matrix
     assert values == {"recall_at_1_t2i": 1.0, "recall_at_1_i2t": pytest.approx(1 / 3)}
 
 
@@ -136,7 +138,9 @@ def test_reranking_the_top_k_reorders_only_them_by_the_second_score():
     relevant = torch.tensor([[False, True, False, False], [False, False, True, False]])
     assert recall_at_k(similarity, relevant, (1,)) == {1: 0.0}
     assert recall_at_k(out, relevant, (1,)) == {1: 1.0}
-    assert torch.equal(rerank_top_k(similarity, score, k=1).argsort(1), similarity.argsort(1))  # k=1: unchanged
+    assert torch.equal(
+        rerank_top_k(similarity, score, k=1).argsort(1), similarity.argsort(1)
+    )  # k=1: unchanged
 
 
 def test_scene_relevance_follows_what_the_caption_says():
@@ -230,6 +234,18 @@ def test_caption_decoding_variants_produce_the_memorised_captions():
                      CaptionDecoding("nucleus", top_p=0.5)):  # fmt: skip
         out = decode_captions(net, features, tokenizer, decoding, torch.Generator().manual_seed(0))
         assert out == captions, decoding.method
+    # a matcher's logits re-score the final beams: one that favours each image's last beam gets that beam
+    given = []
+
+    def match_logits(strings):
+        given.extend(strings)
+        return torch.tensor([100.0 * (j % 3 == 2) for j in range(len(strings))])
+
+    rescored = CaptionDecoding("beam", beam_size=3, match_weight=1.0)
+    out = decode_captions(net, features, tokenizer, rescored, match_logits=match_logits)
+    assert len(given) == 9 and out == given[2::3] and out != captions
+    with pytest.raises(ValueError, match="needs a matcher"):
+        decode_captions(net, features, tokenizer, rescored)
     # hot nucleus sampling still writes only vocabulary words, within the length limit ([BOS] + at most 5 tokens;
     # a caption cut there has no [EOS])
     hot = CaptionDecoding("nucleus", top_p=1.0, temperature=5.0, max_length=6)
@@ -243,7 +259,11 @@ def test_caption_decoding_variants_produce_the_memorised_captions():
 
 @pytest.mark.parametrize("off", ["generation", "caption", "matching"])
 def test_each_loss_can_be_switched_off_and_the_others_train(make_cfg, tiny_autoencoder_ckpt, tmp_path, off):  # noqa: F811
-    rerank = ["model.retrieval_rerank=0"] if off == "caption" else []  # retrieval by embedding alone
+    # without the captioner, retrieval ranks by embedding alone; without the matcher, beams by the captioner alone
+    rerank = {
+        "caption": ["model.retrieval_rerank=0"],
+        "matching": ["model.caption_decoding.match_weight=0"],
+    }.get(off, [])
     cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, f"model.loss_weights.{off}=0", "trainer.max_steps=3",
                                    "test=false", "callbacks=none", "trainer.limit_val_batches=0", "seed=1", *rerank))  # fmt: skip
     import hydra
@@ -299,6 +319,7 @@ def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
     (["model.loss_weights.generation=0", "model.loss_weights.caption=0", "model.loss_weights.matching=0"],
      "every weight is 0"),
     (["model.loss_weights.caption=0"], "leaves untrained; set model.retrieval_rerank=0"),  # no captioner to rerank
+    (["model.loss_weights.matching=0"], "leaves untrained; set model.caption_decoding.match_weight=0"),
 ])  # fmt: skip
 def test_configs_that_cannot_train_or_evaluate_are_refused(make_cfg, tiny_autoencoder_ckpt, overrides, error):  # noqa: F811
     import hydra
@@ -388,7 +409,9 @@ def test_test_split_reports_retrieval_and_caption_metrics(
     assert written["test/recall_at_1_t2i"] <= written["test/recall_at_10_t2i"]
     # the captioner re-orders each query's 8 nearest matches (model.retrieval_rerank): the 10 nearest stay the same
     for direction in ("t2i", "i2t"):
-        assert written[f"test/recall_at_10_{direction}"] == written[f"test/recall_at_10_{direction}_embedding"]
+        assert (
+            written[f"test/recall_at_10_{direction}"] == written[f"test/recall_at_10_{direction}_embedding"]
+        )
 
 
 def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):

@@ -49,7 +49,8 @@ def rerank_top_k(
     queries = torch.arange(similarity.shape[0]).repeat_interleave(k)
     new = score(queries, top.flatten()).float().view(-1, k)  # (Q, k)
     ranked = top.gather(1, new.argsort(dim=1, descending=True))  # (Q, k): best new score first
-    above = similarity.max() + torch.arange(k, 0, -1, dtype=similarity.dtype)  # (k,): all above the row's others
+    # (k,) values above every similarity: the re-ordered items stay ahead of the row's others
+    above = similarity.max() + torch.arange(k, 0, -1, dtype=similarity.dtype)
     return similarity.scatter(1, ranked, above.expand(len(similarity), k))
 
 

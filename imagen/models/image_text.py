@@ -115,7 +115,9 @@ class ImageTextNet(nn.Module):
         self.decoder_norm = nn.LayerNorm(c.dim)
         self.caption_head = nn.Linear(c.dim, c.caption_vocab_size, bias=False)
         self.image_proj = nn.Linear(c.dim, c.embed_dim)
-        self.text_blocks = nn.ModuleList(EncoderBlock(c.text_dim, c.heads, c.dropout) for _ in range(c.text_layers))
+        self.text_blocks = nn.ModuleList(
+            EncoderBlock(c.text_dim, c.heads, c.dropout) for _ in range(c.text_layers)
+        )
         self.text_proj = nn.Linear(c.text_dim, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
         # GPT-2's initialisation, as the generator's: embeddings at the scale of the positions added to them
@@ -195,7 +197,9 @@ class ImageTextNet(nn.Module):
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD_ID
         )
 
-    def caption_logprob(self, features: torch.Tensor, ids: torch.Tensor, per_token: bool = True) -> torch.Tensor:
+    def caption_logprob(
+        self, features: torch.Tensor, ids: torch.Tensor, per_token: bool = True
+    ) -> torch.Tensor:
         """(B,) log-probability of caption ids (B, T) given the image features: its mean per token (captions of
         different lengths compared), or the caption's whole log-likelihood (`per_token=False`)."""
         logp = self.caption_logits(features, ids[:, :-1]).float().log_softmax(-1)

@@ -1,11 +1,13 @@
 """Caption decoding for an `ImageTextNet`: greedy, beam search and nucleus sampling (pure functions).
 
 Captions are short (tens of tokens), so every step recomputes the decoder over the prefix; no cache is kept.
-All functions return token ids (B, T) starting with [BOS]; [EOS] ends a caption and [PAD] follows it.
+Token ids (B, T) start with [BOS]; [EOS] ends a caption and [PAD] follows it. Beam search can keep the final beam a
+matcher scores highest with the image (`CaptionDecoding.match_weight`, a scorer from the joint stage).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +27,17 @@ class CaptionDecoding:
     top_p: float = 0.9  # nucleus
     temperature: float = 1.0  # nucleus
     max_length: int | None = None  # tokens incl. [BOS]/[EOS]; None: the net's max_caption_length
+    # beam: keep the final beam with the highest score + match_weight x the matcher's logit for it and the image
+    # (0: the highest score alone). The captioner binds attributes to the wrong object more often than the matcher.
+    match_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"caption decoding method must be one of {METHODS}; got {self.method!r}")
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1; got {self.beam_size}")
+        if self.match_weight < 0:
+            raise ValueError(f"match_weight must be >= 0; got {self.match_weight}")
 
 
 def special_ids(tokenizer: CaptionTokenizer) -> tuple[int, int, list[int]]:
@@ -76,8 +83,8 @@ def sample_captions(
 @torch.no_grad()
 def beam_search(
     net: ImageTextNet, features: torch.Tensor, tokenizer: CaptionTokenizer, decoding: CaptionDecoding
-) -> torch.Tensor:
-    """The highest-scoring caption ids (B, T) among `beam_size` beams (sum of log-probabilities / length^penalty)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every final beam: caption ids (B, K, T) and scores (B, K) (sum of log-probabilities / length^penalty)."""
     bos, eos, banned = special_ids(tokenizer)
     max_length = decoding.max_length or net.config.max_caption_length
     b, k = features.shape[0], decoding.beam_size
@@ -101,8 +108,7 @@ def beam_search(
         if done.all():
             break
     lengths = (ids[:, 1:] != PAD_ID).sum(1).view(b, k).clamp(min=1).float()
-    best = (scores / lengths**decoding.length_penalty).argmax(-1)  # (B,)
-    return ids.view(b, k, -1)[torch.arange(b, device=ids.device), best]
+    return ids.view(b, k, -1), scores / lengths**decoding.length_penalty
 
 
 def decode_captions(
@@ -111,10 +117,20 @@ def decode_captions(
     tokenizer: CaptionTokenizer,
     decoding: CaptionDecoding,
     generator: torch.Generator | None = None,
+    match_logits: Callable[[list[str]], torch.Tensor] | None = None,
 ) -> list[str]:
-    """Captions (strings) for image features (B, N, dim) with the configured method."""
+    """Captions (strings) for image features (B, N, dim) with the configured method. `match_logits(captions)`: the
+    matcher's logits (B * K,) of the final beams' captions (B * K strings, the K beams of one image adjacent) with
+    their images, which `decoding.match_weight` adds to the beam scores."""
     if decoding.method == "beam":
-        ids = beam_search(net, features, tokenizer, decoding)
+        ids, scores = beam_search(net, features, tokenizer, decoding)  # (B, K, T), (B, K)
+        if decoding.match_weight:
+            if match_logits is None:
+                raise ValueError("caption decoding with match_weight > 0 needs a matcher (a joint stage trained "
+                                 "with model.loss_weights.matching > 0); set match_weight=0")  # fmt: skip
+            logits = match_logits(ids_to_text(ids.flatten(0, 1), tokenizer)).view_as(scores)
+            scores = scores + decoding.match_weight * logits.to(scores)
+        ids = ids[torch.arange(len(ids), device=ids.device), scores.argmax(-1)]
     else:
         ids = sample_captions(net, features, tokenizer, decoding, generator)
     return ids_to_text(ids, tokenizer)

@@ -113,6 +113,11 @@ class JointStage(ARGeneratorStage):
                 f"model.loss_weights.caption=0 leaves untrained; set model.retrieval_rerank=0"
             )
         self.caption_decoding = CaptionDecoding(**(caption_decoding or {}))
+        if self.caption_decoding.match_weight and not self.weights.matching:
+            raise ValueError(
+                "model.caption_decoding.match_weight re-scores caption beams with the matcher, which "
+                "model.loss_weights.matching=0 leaves untrained; set model.caption_decoding.match_weight=0"
+            )
         if isinstance(getattr(text_encoder, "tokenizer", None), CaptionTokenizer):
             caption_vocab_size, max_caption_length = text_encoder.vocab_size, text_encoder.max_length
         else:
@@ -213,8 +218,23 @@ class JointStage(ARGeneratorStage):
     ) -> list[str]:
         """Images (B, 3, H, W) in [-1, 1] -> captions."""
         features = self.image_text.encode_image(self.image_tokens(images.to(self.device)))
-        return decode_captions(self.image_text, features, self.caption_tokenizer, decoding or self.caption_decoding,
-                               generator)  # fmt: skip
+        return self.decode_captions(features, decoding or self.caption_decoding, generator)
+
+    @torch.no_grad()
+    def decode_captions(
+        self, features: torch.Tensor, decoding: CaptionDecoding, generator: torch.Generator | None = None
+    ) -> list[str]:
+        """Image features (B, N, dim) -> captions; beams re-scored by the matcher when `decoding.match_weight`."""
+
+        def match_logits(captions: list[str]) -> torch.Tensor:  # (B * K,): the K beams of one image adjacent
+            text = self.encode_text(captions)
+            beams = len(captions) // len(features)
+            image = self.image_text.image_embedding(features).repeat_interleave(beams, 0)
+            cosine = (self.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
+            return self.image_text.matching_scale() * cosine
+
+        scorer = match_logits if self.weights.matching else None
+        return decode_captions(self.image_text, features, self.caption_tokenizer, decoding, generator, scorer)
 
     # -- training -----------------------------------------------------------------------------------------------------
 
@@ -363,8 +383,7 @@ class JointStage(ARGeneratorStage):
         if w.caption:
             loss = self.image_text.caption_loss(features, self.caption_ids(captions))
             metrics["caption_nll"].update(loss / math.log(2), weight=n)
-            generated = decode_captions(self.image_text, features, self.caption_tokenizer, self.caption_decoding,
-                                        self._eval_generator())  # fmt: skip
+            generated = self.decode_captions(features, self.caption_decoding, self._eval_generator())
             metrics["bleu4"].update(generated, self._references(split, index, captions))
             scenes = self._scenes(split, index)
             if scenes is not None:
@@ -409,7 +428,9 @@ class JointStage(ARGeneratorStage):
             features, ids = pairs
             t2i = rerank_top_k(similarity, lambda t, i: self.pair_scores(similarity, features, ids, t, i), k)
             i2t = rerank_top_k(
-                similarity.t(), lambda i, t: self.pair_scores(similarity, features, ids, t, i, per_token=True), k
+                similarity.t(),
+                lambda i, t: self.pair_scores(similarity, features, ids, t, i, per_token=True),
+                k,
             )
             embedding_only = {f"{name}_embedding": v for name, v in values.items()}
             values = {**retrieval_metrics(t2i, i2t, relevant, ks), **embedding_only}
