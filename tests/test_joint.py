@@ -19,7 +19,7 @@ from imagen.models.image_text import ImageTextNet
 from imagen.models.text_encoder import CaptionTokenizer
 from imagen.sampling.caption import CaptionDecoding, decode_captions
 from imagen.sampling.rerank import best_of
-from imagen.stages.joint import JointStage, scene_relevance
+from imagen.stages.joint import JointStage, RerankSettings, scene_relevance
 from tests.conftest import TINY_SHAPES, train_tiny_stage
 from tests.test_train import TINY_JOINT, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
@@ -427,8 +427,10 @@ def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):
         net.set_code_vectors(torch.zeros(3, net.config.code_dim))
 
 
-def test_reranking_returns_the_best_candidate_and_one_image_per_prompt(joint_ckpt):
+@pytest.mark.parametrize("score", ["match", "caption", "both"])
+def test_reranking_returns_the_best_candidate_and_one_image_per_prompt(joint_ckpt, score):
     stage = JointStage.from_checkpoint(joint_ckpt)
+    stage.rerank = RerankSettings(candidates=3, score=score)
     prompts = ["a small red circle on the left", "a large blue square above a small green triangle"]
     tokens, scores = stage.generate_reranked_tokens(
         prompts, candidates=3, generator=torch.Generator().manual_seed(4)

@@ -53,14 +53,24 @@ class LossWeights:
             raise ValueError("model.loss_weights: every weight is 0; nothing would train")
 
 
+SCORE_HEADS = {"match": ("matching",), "caption": ("caption",), "both": ("matching", "caption")}
+
+
 @dataclass
 class RerankSettings:
     candidates: int = 4  # images drawn per prompt, the best kept; 1 turns reranking off
-    score: str = "match"  # match: text-image embedding similarity | caption: mean log p(prompt | image)
+    # match: text-image embedding cosine | caption: mean log p(prompt | image) per token | both: the matcher's logit
+    # plus log p(prompt | image) (`JointStage.match_and_caption_scores`, as retrieval re-orders text->image)
+    score: str = "match"
 
     def __post_init__(self) -> None:
-        if self.score not in ("match", "caption"):
-            raise ValueError(f"model.rerank.score must be match or caption; got {self.score!r}")
+        if self.score not in SCORE_HEADS:
+            raise ValueError(f"model.rerank.score must be one of {sorted(SCORE_HEADS)}; got {self.score!r}")
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The losses that train the heads this score reads."""
+        return SCORE_HEADS[self.score]
         if self.candidates < 1:
             raise ValueError(f"model.rerank.candidates must be >= 1; got {self.candidates}")
 
@@ -75,7 +85,7 @@ class JointStage(ARGeneratorStage):
     of each token (`ImageTextConfig.code_dim`). `image_text_lr` trains the captioner and matcher at their own
     learning rate (null: the optimizer's); `clip_image_text_apart` clips their gradient norm apart from the generator's.
     `retrieval_rerank`: each retrieval query's that many nearest matches by embedding are re-ordered by
-    `pair_scores` (0 or 1: by embedding alone). Other arguments are the generator stage's.
+    `match_and_caption_scores` (0 or 1: by embedding alone). Other arguments are the generator stage's.
     """
 
     STAGE = "joint"
@@ -160,7 +170,7 @@ class JointStage(ARGeneratorStage):
                 }
             )
         # per split, per batch: text embeddings, image embeddings, sample indices (and with `retrieval_rerank`, the
-        # image features and caption ids that `pair_scores` reads)
+        # image features and caption ids that `match_and_caption_scores` reads)
         self._embeddings: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
     def check_net_config(self, info: dict, source: str, key: str) -> None:
@@ -306,22 +316,28 @@ class JointStage(ARGeneratorStage):
 
     # -- reranking ----------------------------------------------------------------------------------------------------
 
+    def _untrained_scorer(self) -> str | None:
+        """The loss (of those `rerank.score` reads) weighted 0, if any."""
+        return next((loss for loss in self.rerank.heads if not getattr(self.weights, loss)), None)
+
     def _check_scorer(self) -> None:
-        weight = self.weights.matching if self.rerank.score == "match" else self.weights.caption
-        if not weight:
-            loss = "matching" if self.rerank.score == "match" else "caption"
+        loss = self._untrained_scorer()
+        if loss is not None:
             raise ValueError(
                 f"model.rerank.score={self.rerank.score} scores with a head trained with model.loss_weights.{loss}=0"
             )
 
     @torch.no_grad()
     def candidate_scores(self, tokens: torch.Tensor, text: TextStates, captions: list[str]) -> torch.Tensor:
-        """(B,) how well image tokens (B, N) fit their captions: embedding cosine or mean caption log-probability."""
+        """(B,) how well image tokens (B, N) fit their captions, by `rerank.score`."""
         features = self.image_text.encode_image(tokens)
+        if self.rerank.score == "caption":
+            return self.image_text.caption_logprob(features, self.caption_ids(captions))
+        image = self.image_text.image_embedding(features)
+        cosine = (self.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
         if self.rerank.score == "match":
-            image = self.image_text.image_embedding(features)
-            return (self.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
-        return self.image_text.caption_logprob(features, self.caption_ids(captions))
+            return cosine
+        return self.match_and_caption_scores(cosine, features, self.caption_ids(captions))
 
     @torch.no_grad()
     def generate_reranked_tokens(
@@ -426,41 +442,41 @@ class JointStage(ARGeneratorStage):
         k = self.hparams.retrieval_rerank
         if k > 1:
             features, ids = pairs
-            t2i = rerank_top_k(similarity, lambda t, i: self.pair_scores(similarity, features, ids, t, i), k)
-            i2t = rerank_top_k(
-                similarity.t(),
-                lambda i, t: self.pair_scores(similarity, features, ids, t, i, per_token=True),
-                k,
-            )
+            t2i = rerank_top_k(similarity, self._pair_scores(similarity, features, ids, per_token=False), k)
+            i2t_score = self._pair_scores(similarity, features, ids, per_token=True)
+            i2t = rerank_top_k(similarity.t(), lambda i, t: i2t_score(t, i), k)
             embedding_only = {f"{name}_embedding": v for name, v in values.items()}
             values = {**retrieval_metrics(t2i, i2t, relevant, ks), **embedding_only}
         return {f"{split}/{k}": v for k, v in values.items()}
 
     @torch.no_grad()
-    def pair_scores(
-        self,
-        similarity: torch.Tensor,
-        features: torch.Tensor,
-        ids: torch.Tensor,
-        texts: torch.Tensor,
-        images: torch.Tensor,
-        per_token: bool = False,
+    def match_and_caption_scores(
+        self, cosine: torch.Tensor, features: torch.Tensor, ids: torch.Tensor, per_token: bool = False
     ) -> torch.Tensor:
-        """(M,) scores of caption `texts[m]` with image `images[m]`: the matcher's logit (learned inverse temperature
-        x embedding cosine, `similarity` (texts, images)) plus the captioner's log p(caption | image features),
-        each a log-likelihood. `per_token`: the caption's mean log-probability per token, for captions of different
-        lengths competing for one image (image->text); else its whole log-likelihood (one caption, many images)."""
-        scale = self.image_text.matching_scale().float().cpu()
-        logits = scale * similarity[texts, images]
-        chunk = self.hparams.eval_batch_size
-        likelihood = torch.cat([
-            self.image_text.caption_logprob(
-                features[images[s : s + chunk]].to(self.device), ids[texts[s : s + chunk]].to(self.device),
-                per_token=per_token,
-            ).cpu()
-            for s in range(0, len(texts), chunk)
-        ])  # fmt: skip
-        return logits + likelihood
+        """(M,) how well caption ids (M, T) fit image features (M, N, dim) with embedding cosine (M,): the matcher's
+        logit (its learned inverse temperature x cosine) plus the captioner's log p(caption | image), both
+        log-likelihoods. `per_token`: the caption's mean log-probability per token, for captions of different lengths
+        competing for one image; else its whole log-likelihood (one caption, many images)."""
+        likelihood = self.image_text.caption_logprob(features, ids, per_token=per_token)
+        return self.image_text.matching_scale() * cosine.to(likelihood) + likelihood
+
+    def _pair_scores(
+        self, similarity: torch.Tensor, features: torch.Tensor, ids: torch.Tensor, per_token: bool
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`match_and_caption_scores` of pairs (texts (M,), images (M,)) of a split's similarity (texts, images),
+        image features and caption ids, held on the CPU and scored on the device in evaluation batches."""
+
+        def score(texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+            chunk, out = self.hparams.eval_batch_size, []
+            for s in range(0, len(texts), chunk):
+                t, i = texts[s : s + chunk], images[s : s + chunk]
+                parts = (similarity[t, i], features[i], ids[t])
+                out.append(
+                    self.match_and_caption_scores(*(x.to(self.device) for x in parts), per_token).cpu()
+                )
+            return torch.cat(out)
+
+        return score
 
     def _judge_generated(self, split: str) -> dict[str, torch.Tensor]:
         if not self.weights.generation:
@@ -477,8 +493,7 @@ class JointStage(ARGeneratorStage):
         """Judge accuracy of the best of `rerank.candidates` images per prompt (the same prompts as judge_acc)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         judge = getattr(datamodule, "judge", None)
-        scorer = self.weights.matching if self.rerank.score == "match" else self.weights.caption
-        if judge is None or self.rerank.candidates < 2 or not scorer:
+        if judge is None or self.rerank.candidates < 2 or self._untrained_scorer() is not None:
             return
         limit = self.hparams.eval_prompts if split == "val" else self.hparams.test_prompts
         generator = self._eval_generator()
