@@ -320,6 +320,8 @@ def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
      "every weight is 0"),
     (["model.loss_weights.caption=0"], "leaves untrained; set model.retrieval_rerank=0"),  # no captioner to rerank
     (["model.loss_weights.matching=0"], "leaves untrained; set model.caption_decoding.match_weight=0"),
+    (["model.rerank.candidates=0"], "candidates must be >= 1"),
+    (["model.rerank.score=likelihood"], "score must be one of"),
 ])  # fmt: skip
 def test_configs_that_cannot_train_or_evaluate_are_refused(make_cfg, tiny_autoencoder_ckpt, overrides, error):  # noqa: F811
     import hydra

@@ -66,13 +66,13 @@ class RerankSettings:
     def __post_init__(self) -> None:
         if self.score not in SCORE_HEADS:
             raise ValueError(f"model.rerank.score must be one of {sorted(SCORE_HEADS)}; got {self.score!r}")
+        if self.candidates < 1:
+            raise ValueError(f"model.rerank.candidates must be >= 1; got {self.candidates}")
 
     @property
     def heads(self) -> tuple[str, ...]:
         """The losses that train the heads this score reads."""
         return SCORE_HEADS[self.score]
-        if self.candidates < 1:
-            raise ValueError(f"model.rerank.candidates must be >= 1; got {self.candidates}")
 
 
 class JointStage(ARGeneratorStage):
@@ -439,12 +439,14 @@ class JointStage(ARGeneratorStage):
         similarity = text.float() @ image.float().t()  # (texts, images)
         ks = self.hparams.retrieval_ks
         values = retrieval_metrics(similarity, similarity.t(), relevant, ks)
-        k = self.hparams.retrieval_rerank
-        if k > 1:
+        nearest = self.hparams.retrieval_rerank
+        if nearest > 1:
             features, ids = pairs
-            t2i = rerank_top_k(similarity, self._pair_scores(similarity, features, ids, per_token=False), k)
+            t2i = rerank_top_k(
+                similarity, self._pair_scores(similarity, features, ids, per_token=False), nearest
+            )
             i2t_score = self._pair_scores(similarity, features, ids, per_token=True)
-            i2t = rerank_top_k(similarity.t(), lambda i, t: i2t_score(t, i), k)
+            i2t = rerank_top_k(similarity.t(), lambda i, t: i2t_score(t, i), nearest)
             embedding_only = {f"{name}_embedding": v for name, v in values.items()}
             values = {**retrieval_metrics(t2i, i2t, relevant, ks), **embedding_only}
         return {f"{split}/{k}": v for k, v in values.items()}
