@@ -17,7 +17,7 @@ from imagen.metrics.captions import caption_correct, parse_shapes_caption
 from imagen.metrics.retrieval import recall_at_k, rerank_top_k, retrieval_metrics
 from imagen.models.image_text import ImageTextNet
 from imagen.models.text_encoder import CaptionTokenizer
-from imagen.sampling.caption import CaptionDecoding, decode_captions
+from imagen.sampling.caption import CaptionDecoding, beam_search, decode_captions, ids_to_text
 from imagen.sampling.rerank import best_of
 from imagen.stages.joint import JointStage, RerankSettings, scene_relevance
 from tests.conftest import TINY_SHAPES, train_tiny_stage
@@ -234,17 +234,17 @@ def test_caption_decoding_variants_produce_the_memorised_captions():
                      CaptionDecoding("nucleus", top_p=0.5)):  # fmt: skip
         out = decode_captions(net, features, tokenizer, decoding, torch.Generator().manual_seed(0))
         assert out == captions, decoding.method
-    # a matcher's logits re-score the final beams: one that favours each image's last beam gets that beam
+    # other scores added to the final beams': one that favours each image's last beam gets that beam
     given = []
 
-    def match_logits(strings):
+    def rescore(strings):
         given.extend(strings)
         return torch.tensor([100.0 * (j % 3 == 2) for j in range(len(strings))])
 
-    rescored = CaptionDecoding("beam", beam_size=3, match_weight=1.0)
-    out = decode_captions(net, features, tokenizer, rescored, match_logits=match_logits)
+    rescored = CaptionDecoding("beam", beam_size=3, generator_weight=1.0)
+    out = decode_captions(net, features, tokenizer, rescored, rescore=rescore)
     assert len(given) == 9 and out == given[2::3] and out != captions
-    with pytest.raises(ValueError, match="needs a matcher"):
+    with pytest.raises(ValueError, match="needs a joint stage's matcher and generator"):
         decode_captions(net, features, tokenizer, rescored)
     # hot nucleus sampling still writes only vocabulary words, within the length limit ([BOS] + at most 5 tokens;
     # a caption cut there has no [EOS])
@@ -262,7 +262,7 @@ def test_each_loss_can_be_switched_off_and_the_others_train(make_cfg, tiny_autoe
     # without the captioner, retrieval ranks by embedding alone; without the matcher, beams by the captioner alone
     rerank = {
         "caption": ["model.retrieval_rerank=0"],
-        "matching": ["model.caption_decoding.match_weight=0"],
+        "generation": ["model.caption_decoding.generator_weight=0"],
     }.get(off, [])
     cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, f"model.loss_weights.{off}=0", "trainer.max_steps=3",
                                    "test=false", "callbacks=none", "trainer.limit_val_batches=0", "seed=1", *rerank))  # fmt: skip
@@ -296,7 +296,7 @@ def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
 ):
     # generation off: the matching loss is the text encoder's only gradient (null trains it: nothing else would)
     cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, "model.loss_weights.generation=0", "model.loss_weights.caption=0",
-                                   "model.retrieval_rerank=0",
+                                   "model.retrieval_rerank=0", "model.caption_decoding.generator_weight=0",
                                    f"model.matching_trains_text_encoder={setting}", "trainer.max_steps=3", "test=false",
                                    "callbacks=none", "trainer.limit_val_batches=0", "seed=1"))  # fmt: skip
     import hydra
@@ -319,7 +319,9 @@ def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
     (["model.loss_weights.generation=0", "model.loss_weights.caption=0", "model.loss_weights.matching=0"],
      "every weight is 0"),
     (["model.loss_weights.caption=0"], "leaves untrained; set model.retrieval_rerank=0"),  # no captioner to rerank
-    (["model.loss_weights.matching=0"], "leaves untrained; set model.caption_decoding.match_weight=0"),
+    (["model.loss_weights.generation=0"], "leaves untrained; set model.caption_decoding.generator_weight=0"),
+    (["model.loss_weights.matching=0", "model.caption_decoding.match_weight=0.3"],
+     "leaves untrained; set model.caption_decoding.match_weight=0"),
     (["model.rerank.candidates=0"], "candidates must be >= 1"),
     (["model.rerank.score=likelihood"], "score must be one of"),
 ])  # fmt: skip
@@ -427,6 +429,27 @@ def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):
     assert not torch.allclose(net.encode_image(tokens), before)
     with pytest.raises(ValueError, match="code vectors of shape"):
         net.set_code_vectors(torch.zeros(3, net.config.code_dim))
+
+
+@pytest.mark.parametrize("weight", ["match_weight", "generator_weight"])
+def test_caption_beams_are_kept_by_what_the_matcher_or_generator_scores(joint_ckpt, weight):
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    tokens = torch.randint(stage.image_text.config.vocab_size, (4, stage.net.config.num_image_tokens))
+    features = stage.image_text.encode_image(tokens)
+    # by hand: every beam's caption, and the head's score of it (so large a weight that it alone decides)
+    ids, _ = beam_search(
+        stage.image_text, features, stage.caption_tokenizer, CaptionDecoding("beam", beam_size=3)
+    )
+    beams = ids_to_text(ids.flatten(0, 1), stage.caption_tokenizer)
+    text = stage.encode_text(beams)
+    if weight == "match_weight":
+        image = stage.image_text.image_embedding(features).repeat_interleave(3, 0)
+        scores = (stage.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
+    else:
+        scores = stage.token_logprob(tokens.repeat_interleave(3, 0), text)
+    expected = [beams[3 * i + j] for i, j in enumerate(scores.view(4, 3).argmax(1).tolist())]
+    decoding = CaptionDecoding("beam", beam_size=3, **{weight: 1e6})
+    assert stage.decode_captions(tokens, features, decoding) == expected
 
 
 @pytest.mark.parametrize("score", ["match", "caption", "both"])

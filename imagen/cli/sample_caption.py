@@ -1,7 +1,8 @@
 """`python sample.py task=caption ckpt=PATH images=DIR`: image -> text with a trained joint-stage checkpoint.
 
 Every PNG/JPEG/BMP/WebP file in `images` (a folder, or one file) is resized to the stage's image size and
-captioned with `decoding=greedy|beam|nucleus` (beams re-scored by the matcher: `caption_match_weight`);
+captioned with `decoding=greedy|beam|nucleus` (beams re-scored by the matcher and the generator:
+`caption_match_weight`, `caption_generator_weight`);
 `captions.jsonl` (file, caption, decoding) goes to `out_dir`.
 """
 
@@ -60,11 +61,15 @@ def sample_caption(cfg: DictConfig) -> dict:
         log.warning(f"{cfg.ckpt} was trained with model.loss_weights.caption=0: its captioner is untrained")
     device = resolve_device(cfg.device)
     stage.to(device)
-    match_weight = cfg.caption_match_weight
-    if match_weight is None:  # the checkpoint's own setting
-        match_weight = stage.caption_decoding.match_weight
+    weights = {  # null: the checkpoint's own setting
+        name: getattr(stage.caption_decoding, name)
+        if cfg[f"caption_{name}"] is None
+        else cfg[f"caption_{name}"]
+        for name in ("match_weight", "generator_weight")
+    }
     decoding = CaptionDecoding(method=cfg.decoding, beam_size=cfg.beam_size, top_p=cfg.caption_top_p,
-                               temperature=cfg.caption_temperature, match_weight=match_weight)  # fmt: skip
+                               temperature=cfg.caption_temperature, **weights)  # fmt: skip
+    stage.check_caption_rescoring(decoding, "caption_{}")
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     size = stage.hparams.image_size
     out_dir = Path(cfg.out_dir)

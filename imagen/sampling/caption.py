@@ -1,8 +1,9 @@
 """Caption decoding for an `ImageTextNet`: greedy, beam search and nucleus sampling (pure functions).
 
 Captions are short (tens of tokens), so every step recomputes the decoder over the prefix; no cache is kept.
-Token ids (B, T) start with [BOS]; [EOS] ends a caption and [PAD] follows it. Beam search can keep the final beam a
-matcher scores highest with the image (`CaptionDecoding.match_weight`, a scorer from the joint stage).
+Token ids (B, T) start with [BOS]; [EOS] ends a caption and [PAD] follows it. Beam search can keep the final beam
+that other models score highest with the image (`CaptionDecoding.match_weight`, `generator_weight`: the joint
+stage's matcher and generator).
 """
 
 from __future__ import annotations
@@ -28,16 +29,25 @@ class CaptionDecoding:
     temperature: float = 1.0  # nucleus
     max_length: int | None = None  # tokens incl. [BOS]/[EOS]; None: the net's max_caption_length
     # beam: keep the final beam with the highest score + match_weight x the matcher's logit for it and the image
-    # (0: the highest score alone). The captioner binds attributes to the wrong object more often than the matcher.
+    # + generator_weight x the generator's mean log p(image tokens | caption) (both 0: the score alone). The captioner
+    # gives attributes to the wrong object more often than the other two tell them apart.
     match_weight: float = 0.0
+    generator_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"caption decoding method must be one of {METHODS}; got {self.method!r}")
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1; got {self.beam_size}")
-        if self.match_weight < 0:
-            raise ValueError(f"match_weight must be >= 0; got {self.match_weight}")
+        if self.match_weight < 0 or self.generator_weight < 0:
+            raise ValueError(
+                f"match_weight and generator_weight must be >= 0; got {self.match_weight}, {self.generator_weight}"
+            )
+
+    @property
+    def rescored(self) -> bool:
+        """Whether beam search adds other models' scores to its own."""
+        return self.method == "beam" and bool(self.match_weight or self.generator_weight)
 
 
 def special_ids(tokenizer: CaptionTokenizer) -> tuple[int, int, list[int]]:
@@ -117,19 +127,18 @@ def decode_captions(
     tokenizer: CaptionTokenizer,
     decoding: CaptionDecoding,
     generator: torch.Generator | None = None,
-    match_logits: Callable[[list[str]], torch.Tensor] | None = None,
+    rescore: Callable[[list[str]], torch.Tensor] | None = None,
 ) -> list[str]:
-    """Captions (strings) for image features (B, N, dim) with the configured method. `match_logits(captions)`: the
-    matcher's logits (B * K,) of the final beams' captions (B * K strings, the K beams of one image adjacent) with
-    their images, which `decoding.match_weight` adds to the beam scores."""
+    """Captions (strings) for image features (B, N, dim) with the configured method. `rescore(captions)`: what
+    `decoding.rescored` adds to the final beams' scores (B * K,), for their captions (B * K strings, the K beams of
+    one image adjacent) with their images (`JointStage.decode_captions` builds it from the decoding's weights)."""
     if decoding.method == "beam":
         ids, scores = beam_search(net, features, tokenizer, decoding)  # (B, K, T), (B, K)
-        if decoding.match_weight:
-            if match_logits is None:
-                raise ValueError("caption decoding with match_weight > 0 needs a matcher (a joint stage trained "
-                                 "with model.loss_weights.matching > 0); set match_weight=0")  # fmt: skip
-            logits = match_logits(ids_to_text(ids.flatten(0, 1), tokenizer)).view_as(scores)
-            scores = scores + decoding.match_weight * logits.to(scores)
+        if decoding.rescored:
+            if rescore is None:
+                raise ValueError("caption decoding with match_weight or generator_weight > 0 needs a joint stage's "
+                                 "matcher and generator; set both to 0")  # fmt: skip
+            scores = scores + rescore(ids_to_text(ids.flatten(0, 1), tokenizer)).view_as(scores).to(scores)
         ids = ids[torch.arange(len(ids), device=ids.device), scores.argmax(-1)]
     else:
         ids = sample_captions(net, features, tokenizer, decoding, generator)

@@ -123,11 +123,7 @@ class JointStage(ARGeneratorStage):
                 f"model.loss_weights.caption=0 leaves untrained; set model.retrieval_rerank=0"
             )
         self.caption_decoding = CaptionDecoding(**(caption_decoding or {}))
-        if self.caption_decoding.match_weight and not self.weights.matching:
-            raise ValueError(
-                "model.caption_decoding.match_weight re-scores caption beams with the matcher, which "
-                "model.loss_weights.matching=0 leaves untrained; set model.caption_decoding.match_weight=0"
-            )
+        self.check_caption_rescoring(self.caption_decoding, "model.caption_decoding.{}")
         if isinstance(getattr(text_encoder, "tokenizer", None), CaptionTokenizer):
             caption_vocab_size, max_caption_length = text_encoder.vocab_size, text_encoder.max_length
         else:
@@ -227,24 +223,52 @@ class JointStage(ARGeneratorStage):
         generator: torch.Generator | None = None,
     ) -> list[str]:
         """Images (B, 3, H, W) in [-1, 1] -> captions."""
-        features = self.image_text.encode_image(self.image_tokens(images.to(self.device)))
-        return self.decode_captions(features, decoding or self.caption_decoding, generator)
+        tokens = self.image_tokens(images.to(self.device))
+        features = self.image_text.encode_image(tokens)
+        return self.decode_captions(tokens, features, decoding or self.caption_decoding, generator)
+
+    def check_caption_rescoring(self, decoding: CaptionDecoding, key: str = "{}") -> None:
+        """A decoding that re-scores beams with a head this stage did not train is an error naming its config key
+        (`key.format(field)`)."""
+        heads = {"match_weight": ("matching", "matcher"), "generator_weight": ("generation", "generator")}
+        for weight, (loss, head) in heads.items():
+            if getattr(decoding, weight) and not getattr(self.weights, loss):
+                name = key.format(weight)
+                raise ValueError(
+                    f"{name} re-scores caption beams with the {head}, which model.loss_weights.{loss}=0 leaves "
+                    f"untrained; set {name}=0"
+                )
 
     @torch.no_grad()
     def decode_captions(
-        self, features: torch.Tensor, decoding: CaptionDecoding, generator: torch.Generator | None = None
+        self,
+        tokens: torch.Tensor,
+        features: torch.Tensor,
+        decoding: CaptionDecoding,
+        generator: torch.Generator | None = None,
     ) -> list[str]:
-        """Image features (B, N, dim) -> captions; beams re-scored by the matcher when `decoding.match_weight`."""
+        """Image tokens (B, N) and their features (B, N, dim) -> captions. With `decoding.match_weight` /
+        `generator_weight`, each final beam's score gains the matcher's logit / the generator's mean log p(image
+        tokens | caption), so the kept caption is one the other two heads also find true of the image."""
+        self.check_caption_rescoring(decoding)
 
-        def match_logits(captions: list[str]) -> torch.Tensor:  # (B * K,): the K beams of one image adjacent
+        def rescore(captions: list[str]) -> torch.Tensor:  # (B * K,): the K beams of one image adjacent
+            beams = len(captions) // len(tokens)
             text = self.encode_text(captions)
-            beams = len(captions) // len(features)
-            image = self.image_text.image_embedding(features).repeat_interleave(beams, 0)
-            cosine = (self.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
-            return self.image_text.matching_scale() * cosine
+            extra = torch.zeros(len(captions), device=tokens.device)
+            if decoding.match_weight:
+                image = self.image_text.image_embedding(features).repeat_interleave(beams, 0)
+                cosine = (self.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
+                extra += decoding.match_weight * self.image_text.matching_scale() * cosine.float()
+            if decoding.generator_weight:
+                extra += decoding.generator_weight * self.token_logprob(
+                    tokens.repeat_interleave(beams, 0), text
+                )
+            return extra
 
-        scorer = match_logits if self.weights.matching else None
-        return decode_captions(self.image_text, features, self.caption_tokenizer, decoding, generator, scorer)
+        return decode_captions(
+            self.image_text, features, self.caption_tokenizer, decoding, generator, rescore
+        )
 
     # -- training -----------------------------------------------------------------------------------------------------
 
@@ -399,7 +423,7 @@ class JointStage(ARGeneratorStage):
         if w.caption:
             loss = self.image_text.caption_loss(features, self.caption_ids(captions))
             metrics["caption_nll"].update(loss / math.log(2), weight=n)
-            generated = self.decode_captions(features, self.caption_decoding, self._eval_generator())
+            generated = self.decode_captions(tokens, features, self.caption_decoding, self._eval_generator())
             metrics["bleu4"].update(generated, self._references(split, index, captions))
             scenes = self._scenes(split, index)
             if scenes is not None:
