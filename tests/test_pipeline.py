@@ -120,7 +120,7 @@ QUICKSTART_MIN_JUDGE_ACC = 0.70
 
 @pytest.mark.slow
 def test_the_real_quickstart_reports_every_figure_and_holds_its_judge_accuracy(tmp_path):
-    """`python train.py`, the README's first command, from scratch (12-16 minutes on 2 CPU cores)."""
+    """`python train.py`, the README's first command, from scratch (12-20 minutes on 2 CPU cores; `-m slow`)."""
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
         [sys.executable, str(root / "train.py"), f"paths.log_dir={tmp_path / 'logs'}",
