@@ -167,6 +167,10 @@ class ImageTextNet(nn.Module):
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
+    def match_cosine(self, image: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) cosine of image embeddings (B, embed_dim) with the text embeddings of states (B, L, text_dim)."""
+        return (self.text_embedding(states, mask) * image).sum(-1)
+
     def matching_loss(
         self, image: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor | None = None
     ) -> torch.Tensor:

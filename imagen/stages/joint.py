@@ -258,7 +258,7 @@ class JointStage(ARGeneratorStage):
             extra = torch.zeros(len(captions), device=tokens.device)
             if decoding.match_weight:
                 image = self.image_text.image_embedding(features).repeat_interleave(beams, 0)
-                cosine = (self.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
+                cosine = self.image_text.match_cosine(image, text.states, text.mask)
                 extra += decoding.match_weight * self.image_text.matching_scale() * cosine.float()
             if decoding.generator_weight:
                 extra += decoding.generator_weight * self.token_logprob(
@@ -358,7 +358,7 @@ class JointStage(ARGeneratorStage):
         if self.rerank.score == "caption":
             return self.image_text.caption_logprob(features, self.caption_ids(captions))
         image = self.image_text.image_embedding(features)
-        cosine = (self.image_text.text_embedding(text.states, text.mask) * image).sum(-1)
+        cosine = self.image_text.match_cosine(image, text.states, text.mask)
         if self.rerank.score == "match":
             return cosine
         return self.match_and_caption_scores(cosine, features, self.caption_ids(captions))
@@ -421,7 +421,8 @@ class JointStage(ARGeneratorStage):
         features = self.image_text.encode_image(tokens)
         index = batch["index"]
         if w.caption:
-            loss = self.image_text.caption_loss(features, self.caption_ids(captions))
+            ids = self.caption_ids(captions)
+            loss = self.image_text.caption_loss(features, ids)
             metrics["caption_nll"].update(loss / math.log(2), weight=n)
             generated = self.decode_captions(tokens, features, self.caption_decoding, self._eval_generator())
             metrics["bleu4"].update(generated, self._references(split, index, captions))
@@ -438,7 +439,7 @@ class JointStage(ARGeneratorStage):
             image = self.image_text.image_embedding(features)
             rows = [self.image_text.text_embedding(text.states, text.mask), image, index]
             if self.hparams.retrieval_rerank > 1:
-                rows += [features, self.caption_ids(captions)]
+                rows += [features, ids]  # retrieval_rerank > 1 needs the captioner (checked in __init__)
             self._embeddings.setdefault(split, []).append(tuple(t.cpu() for t in rows))
 
     def _retrieval(self, split: str) -> dict[str, float]:
