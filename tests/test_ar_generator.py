@@ -79,6 +79,9 @@ def test_cpu_attention_matches_scaled_dot_product_attention(masked):
     reference_grads = torch.autograd.grad(reference.square().sum(), (q, k, v))
     for ours_grad, reference_grad in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(ours_grad, reference_grad)
+    if not masked:  # no mask means causal: over keys that are not the queries' own sequence it is refused
+        with pytest.raises(ValueError, match="3 queries over 5 keys need a mask"):
+            attention(q[:, :, :3], k, v, None)
 
 
 def test_text_encoder_block_computes_multihead_attention():

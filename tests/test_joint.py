@@ -16,8 +16,8 @@ from imagen.images import save_png, to_uint8
 from imagen.metrics.captions import caption_correct, parse_shapes_caption
 from imagen.metrics.retrieval import recall_at_k, rerank_top_k, retrieval_metrics
 from imagen.models.image_text import ImageTextNet
-from imagen.models.text_encoder import CaptionTokenizer
-from imagen.sampling.caption import CaptionDecoding, beam_search, decode_captions, ids_to_text
+from imagen.models.text_encoder import PAD_ID, CaptionTokenizer
+from imagen.sampling.caption import CaptionDecoding, beam_search, decode_captions, ids_to_text, special_ids
 from imagen.sampling.rerank import best_of
 from imagen.stages.joint import JointStage, RerankSettings, scene_relevance
 from tests.conftest import TINY_SHAPES, train_tiny_stage
@@ -252,6 +252,44 @@ def test_caption_decoding_variants_produce_the_memorised_captions():
     words = set(tokenizer.tokenizer.get_vocab()) - {"[PAD]", "[UNK]", "[BOS]", "[EOS]"}
     for caption in decode_captions(net, features, tokenizer, hot, torch.Generator().manual_seed(1)):
         assert 1 <= len(caption.split()) <= 5 and set(caption.split()) <= words
+
+
+def test_every_caption_token_sees_every_image_cell():
+    """The caption decoder's cross-attention once ran causal over the image cells (token t saw cells 0..t)."""
+    torch.manual_seed(0)
+    net = ImageTextNet.from_size("tiny", vocab_size=10, grid_size=(3, 3), caption_vocab_size=16, text_dim=8).eval()
+    features = net.encode_image(torch.randint(10, (1, 9)))
+    changed = features.clone()
+    changed[:, -1] += 1.0  # the last cell only
+    ids = torch.tensor([[1, 2]])
+    first = net.caption_logits(features, ids)[:, 0]
+    assert not torch.allclose(net.caption_logits(changed, ids)[:, 0], first)
+    cross = net.caption_cross_kv(changed)
+    self_kv = [tuple(torch.zeros(1, 2, 4, 16) for _ in range(2)) for _ in cross]
+    torch.testing.assert_close(
+        net.caption_step(ids[:, :1], 0, cross, self_kv)[:, 0], net.caption_logits(changed, ids)[:, 0]
+    )
+
+
+def test_cached_caption_decoding_scores_what_the_decoder_computes_over_the_whole_prefix():
+    """Beam search runs one token a step against cached keys/values, reordered with the beams: each returned
+    beam's score is its caption's log-probability recomputed teacher-forced from scratch."""
+    torch.manual_seed(0)
+    tokenizer = CaptionTokenizer()
+    tokenizer.train(["a small red circle on the left", "a large blue square at the top"], vocab_size=64)
+    net = ImageTextNet.from_size("tiny", vocab_size=10, grid_size=(2, 2), caption_vocab_size=64, text_dim=8).eval()
+    features = net.encode_image(torch.randint(10, (3, 4)))
+    decoding = CaptionDecoding("beam", beam_size=4, length_penalty=0.0, max_length=8)
+    ids, scores = beam_search(net, features, tokenizer, decoding)  # (3, 4, T), (3, 4)
+    flat = ids.flatten(0, 1)
+    _, _, banned = special_ids(tokenizer)
+    logits = net.caption_logits(features.repeat_interleave(4, 0), flat[:, :-1]).float()
+    logits[..., banned] = float("-inf")
+    logp = logits.log_softmax(-1).gather(-1, flat[:, 1:, None]).squeeze(-1)  # (B * K, T - 1)
+    written = torch.cat([torch.ones_like(flat[:, :1]), flat[:, 1:-1]], 1) != PAD_ID  # no cost after [EOS]
+    expected = (logp * written).sum(1).view(3, 4)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    assert all(len({tuple(beam) for beam in image}) == 4 for image in ids.tolist())  # distinct beams per image
 
 
 # -- the stage -------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 - `encode_image(tokens (B, N)) -> features (B, N, dim)`: the autoencoder's token ids, embedded with 2D positions
   and mixed by bidirectional Transformer blocks;
 - caption decoder: causal blocks over caption token ids that cross-attend to the image features
-  (`caption_loss`, `caption_logits`, `caption_logprob`; decoding lives in `imagen.sampling.caption`);
+  (`caption_loss`, `caption_logits`, `caption_logprob`; `caption_step` for cached decoding, which lives in
+  `imagen.sampling.caption`);
 - matcher: pooled image features, and the text encoder's states mixed by the matcher's own blocks and pooled, projected
   to one normalized space (`image_embedding`, `text_embedding`), trained with a symmetric contrastive loss
   (`contrastive_loss`).
@@ -190,8 +191,43 @@ class ImageTextNet(nn.Module):
                 f"caption of {t} tokens exceeds max_caption_length={self.config.max_caption_length}"
             )
         x = self.caption_emb(ids) + self.caption_pos[:t]
+        whole_image = self._whole_image(features)
         for block in self.decoder:
-            x = block(x, None, block.cross_attn.keys_values(features), None)  # None: causal, all image cells
+            x = block(x, None, block.cross_attn.keys_values(features), whole_image)  # None: causal self-attention
+        return self.caption_head(self.decoder_norm(x))
+
+    @staticmethod
+    def _whole_image(features: torch.Tensor) -> torch.Tensor:
+        """Cross-attention mask (1, 1, 1, N): every caption token sees every image cell."""
+        return torch.ones(1, 1, 1, features.shape[-2], dtype=torch.bool, device=features.device)
+
+    def caption_cross_kv(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder layer's cross-attention keys and values (B, H, N, hd) of image features (B, N, dim): computed
+        once per image for decoding, not at every step."""
+        return [block.cross_attn.keys_values(features) for block in self.decoder]
+
+    def caption_step(
+        self,
+        ids: torch.Tensor,
+        start: int,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        self_kv: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Cached decoding: logits (B, t, V) after caption ids (B, t) at positions start .. start + t - 1. Their
+        self-attention keys and values are written into each layer's buffers `self_kv` (B, H, S, hd), which already
+        hold positions 0 .. start - 1; `cross_kv` from `caption_cross_kv`."""
+        t = ids.shape[1]
+        if start + t > self.config.max_caption_length:
+            raise ValueError(
+                f"caption of {start + t} tokens exceeds max_caption_length={self.config.max_caption_length}"
+            )
+        positions = torch.arange(start, start + t, device=ids.device)
+        x = self.caption_emb(ids) + self.caption_pos[positions]
+        slots = torch.arange(self_kv[0][0].shape[2], device=ids.device)
+        causal = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, t, S): written slots up to each one
+        whole_image = self._whole_image(cross_kv[0][0])
+        for block, cross, cache in zip(self.decoder, cross_kv, self_kv, strict=True):
+            x = block(x, causal, cross, whole_image, cache, positions)
         return self.caption_head(self.decoder_norm(x))
 
     def caption_loss(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Caption decoding for an `ImageTextNet`: greedy, beam search and nucleus sampling (pure functions).
 
-Captions are short (tens of tokens), so every step recomputes the decoder over the prefix; no cache is kept.
+Each step runs the decoder on the newest token only: the image features' cross-attention keys and values are
+computed once, and the self-attention keys and values of the prefix are kept in a `CaptionCache` (beams reorder it).
 Token ids (B, T) start with [BOS]; [EOS] ends a caption and [PAD] follows it. Beam search can keep the final beam
 that other models score highest with the image (`CaptionDecoding.match_weight`, `generator_weight`: the joint
 stage's matcher and generator).
@@ -57,12 +58,34 @@ def special_ids(tokenizer: CaptionTokenizer) -> tuple[int, int, list[int]]:
     return bos, eos, [PAD_ID, tok.token_to_id("[UNK]"), bos]
 
 
-def _next_logits(
-    net: ImageTextNet, features: torch.Tensor, ids: torch.Tensor, banned: list[int]
-) -> torch.Tensor:
-    logits = net.caption_logits(features, ids)[:, -1].float()  # (B, V)
-    logits[:, banned] = float("-inf")
-    return logits
+class CaptionCache:
+    """The decoder's state while captions (B rows) are written: each layer's cross-attention keys and values of the
+    image features, and its self-attention key/value buffers (B, H, max_length, hd) of the tokens so far."""
+
+    def __init__(self, net: ImageTextNet, features: torch.Tensor, max_length: int, beams: int = 1):
+        self.net = net
+        # (B * beams, H, N, hd) per layer: the beams of one image adjacent
+        self.cross_kv = [
+            (k.repeat_interleave(beams, 0), v.repeat_interleave(beams, 0))
+            for k, v in net.caption_cross_kv(features)
+        ]
+        k = self.cross_kv[0][0]
+        rows, heads, _, head_dim = k.shape
+        self.self_kv = [
+            tuple(k.new_zeros(rows, heads, max_length, head_dim) for _ in range(2)) for _ in self.cross_kv
+        ]
+        self.length = 0
+
+    def next_logits(self, token: torch.Tensor, banned: list[int]) -> torch.Tensor:
+        """Float logits (B, V) of the token after `token` (B,), written at the next position; `banned` ids at -inf."""
+        logits = self.net.caption_step(token[:, None], self.length, self.cross_kv, self.self_kv)[:, -1].float()
+        self.length += 1
+        logits[:, banned] = float("-inf")
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i continues from row rows[i] (beam search keeps the best continuations)."""
+        self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
 
 
 @torch.no_grad()
@@ -78,10 +101,11 @@ def sample_captions(
     max_length = decoding.max_length or net.config.max_caption_length
     settings = SamplingSettings(cfg_scale=1.0, temperature=0.0 if decoding.method == "greedy" else decoding.temperature,
                                 top_p=decoding.top_p)  # fmt: skip
+    cache = CaptionCache(net, features, max_length)
     ids = torch.full((features.shape[0], 1), bos, dtype=torch.long, device=features.device)
     done = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
     for _ in range(max_length - 1):
-        token = sample_token(_next_logits(net, features, ids, banned), settings, generator)
+        token = sample_token(cache.next_logits(ids[:, -1], banned), settings, generator)
         token = torch.where(done, PAD_ID, token)
         ids = torch.cat([ids, token[:, None]], dim=1)
         done |= token == eos
@@ -98,13 +122,13 @@ def beam_search(
     bos, eos, banned = special_ids(tokenizer)
     max_length = decoding.max_length or net.config.max_caption_length
     b, k = features.shape[0], decoding.beam_size
-    features = features.repeat_interleave(k, dim=0)  # (B * K, N, dim), beams of one image adjacent
+    cache = CaptionCache(net, features, max_length, beams=k)  # rows (B * K): the beams of one image adjacent
     ids = torch.full((b * k, 1), bos, dtype=torch.long, device=features.device)
     scores = torch.zeros(b, k, device=features.device)
     scores[:, 1:] = float("-inf")  # all beams start equal: keep one so the first expansion is not duplicated
     done = torch.zeros(b * k, dtype=torch.bool, device=features.device)
     for _ in range(max_length - 1):
-        logp = _next_logits(net, features, ids, banned).log_softmax(-1)  # (B * K, V)
+        logp = cache.next_logits(ids[:, -1], banned).log_softmax(-1)  # (B * K, V)
         # a finished beam only grows by [PAD], at no cost
         logp[done] = float("-inf")
         logp[done, PAD_ID] = 0.0
@@ -114,6 +138,7 @@ def beam_search(
         source = (torch.arange(b, device=ids.device)[:, None] * k + index // vocab).view(-1)  # rows of ids
         token = (index % vocab).view(-1)
         ids = torch.cat([ids[source], token[:, None]], dim=1)
+        cache.reorder(source)
         done = done[source] | (token == eos)
         if done.all():
             break
