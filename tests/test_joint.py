@@ -300,7 +300,7 @@ def test_each_loss_can_be_switched_off_and_the_others_train(make_cfg, tiny_autoe
     # without the captioner, retrieval ranks by embedding alone; without the matcher, beams by the captioner alone
     rerank = {
         "caption": ["model.retrieval_rerank=0"],
-        "generation": ["model.caption_decoding.generator_weight=0"],
+        "generation": ["model.caption_decoding.generator_weight=0", "model.retrieval_generator_weight=null"],
     }.get(off, [])
     cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, f"model.loss_weights.{off}=0", "trainer.max_steps=3",
                                    "test=false", "callbacks=none", "trainer.limit_val_batches=0", "seed=1", *rerank))  # fmt: skip
@@ -357,7 +357,10 @@ def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
     (["model.loss_weights.generation=0", "model.loss_weights.caption=0", "model.loss_weights.matching=0"],
      "every weight is 0"),
     (["model.loss_weights.caption=0"], "leaves untrained; set model.retrieval_rerank=0"),  # no captioner to rerank
-    (["model.loss_weights.generation=0"], "leaves untrained; set model.caption_decoding.generator_weight=0"),
+    (["model.loss_weights.generation=0"], "leaves untrained; set model.retrieval_generator_weight=null"),
+    (["model.loss_weights.generation=0", "model.retrieval_generator_weight=null"],
+     "leaves untrained; set model.caption_decoding.generator_weight=0"),
+    (["+model.retrieval_generator_weight.txt=1"], "unknown direction"),
     (["model.loss_weights.matching=0", "model.caption_decoding.match_weight=0.3"],
      "leaves untrained; set model.caption_decoding.match_weight=0"),
     (["model.rerank.candidates=0"], "candidates must be >= 1"),
@@ -454,6 +457,20 @@ def test_test_split_reports_retrieval_and_caption_metrics(
         assert (
             written[f"test/recall_at_10_{direction}"] == written[f"test/recall_at_10_{direction}_embedding"]
         )
+
+
+def test_retrieval_pairs_are_scored_by_the_generator_when_it_has_weight(joint_ckpt):
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    captions = ["a small red circle on the left", "a large blue square at the top", "a small green triangle"]
+    ids = stage.caption_ids(captions)
+    tokens = torch.randint(stage.image_text.config.vocab_size, (3, stage.net.config.num_image_tokens))
+    features = stage.image_text.encode_image(tokens)
+    similarity = torch.rand(3, 3)
+    texts, images = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 2, 2])
+    base = stage._pair_scores(similarity, features, ids, tokens, False, 0.0)(texts, images)
+    weighted = stage._pair_scores(similarity, features, ids, tokens, False, 2.0)(texts, images)
+    generator = stage.token_logprob(tokens[images], stage.encode_text([captions[t] for t in texts.tolist()]))
+    torch.testing.assert_close(weighted - base, 2.0 * generator, atol=1e-4, rtol=1e-4)
 
 
 def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):

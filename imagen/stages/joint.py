@@ -85,7 +85,9 @@ class JointStage(ARGeneratorStage):
     of each token (`ImageTextConfig.code_dim`). `image_text_lr` trains the captioner and matcher at their own
     learning rate (null: the optimizer's); `clip_image_text_apart` clips their gradient norm apart from the generator's.
     `retrieval_rerank`: each retrieval query's that many nearest matches by embedding are re-ordered by
-    `match_and_caption_scores` (0 or 1: by embedding alone). Other arguments are the generator stage's.
+    `match_and_caption_scores` (0 or 1: by embedding alone), plus `retrieval_generator_weight[direction]` x the
+    generator's mean log p(image tokens | caption) (`t2i`, `i2t`; 0: without it). Other arguments are the generator
+    stage's.
     """
 
     STAGE = "joint"
@@ -103,6 +105,7 @@ class JointStage(ARGeneratorStage):
         max_caption_length: int = 32,
         retrieval_ks: Sequence[int] = (1, 5, 10),
         retrieval_rerank: int = 0,
+        retrieval_generator_weight: dict | None = None,
         matching_trains_text_encoder: bool | None = None,
         image_code_vectors: bool = False,
         image_text_lr: float | None = None,
@@ -122,6 +125,19 @@ class JointStage(ARGeneratorStage):
                 f"model.retrieval_rerank={retrieval_rerank} re-orders retrieval with the captioner, which "
                 f"model.loss_weights.caption=0 leaves untrained; set model.retrieval_rerank=0"
             )
+        self.retrieval_generator_weight = {"t2i": 0.0, "i2t": 0.0}
+        for direction, weight in (retrieval_generator_weight or {}).items():
+            key = f"model.retrieval_generator_weight.{direction}"
+            if direction not in self.retrieval_generator_weight:
+                raise ValueError(f"{key}: unknown direction; known: t2i, i2t")
+            if weight < 0:
+                raise ValueError(f"{key} must be >= 0; got {weight}")
+            if weight and retrieval_rerank > 1 and not self.weights.generation:
+                raise ValueError(
+                    f"{key}={weight} re-orders retrieval with the generator, which model.loss_weights.generation=0 "
+                    f"leaves untrained; set model.retrieval_generator_weight=null"
+                )
+            self.retrieval_generator_weight[direction] = float(weight)
         self.caption_decoding = CaptionDecoding(**(caption_decoding or {}))
         self.check_caption_rescoring(self.caption_decoding, "model.caption_decoding.{}")
         if isinstance(getattr(text_encoder, "tokenizer", None), CaptionTokenizer):
@@ -166,7 +182,8 @@ class JointStage(ARGeneratorStage):
                 }
             )
         # per split, per batch: text embeddings, image embeddings, sample indices (and with `retrieval_rerank`, the
-        # image features and caption ids that `match_and_caption_scores` reads)
+        # image features and caption ids that `match_and_caption_scores` reads, and the image tokens the generator
+        # scores)
         self._embeddings: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
     def check_net_config(self, info: dict, source: str, key: str) -> None:
@@ -439,7 +456,7 @@ class JointStage(ARGeneratorStage):
             image = self.image_text.image_embedding(features)
             rows = [self.image_text.text_embedding(text.states, text.mask), image, index]
             if self.hparams.retrieval_rerank > 1:
-                rows += [features, ids]  # retrieval_rerank > 1 needs the captioner (checked in __init__)
+                rows += [features, ids, tokens]  # retrieval_rerank > 1 needs the captioner (checked in __init__)
             self._embeddings.setdefault(split, []).append(tuple(t.cpu() for t in rows))
 
     def _retrieval(self, split: str) -> dict[str, float]:
@@ -466,11 +483,9 @@ class JointStage(ARGeneratorStage):
         values = retrieval_metrics(similarity, similarity.t(), relevant, ks)
         nearest = self.hparams.retrieval_rerank
         if nearest > 1:
-            features, ids = pairs
-            t2i = rerank_top_k(
-                similarity, self._pair_scores(similarity, features, ids, per_token=False), nearest
-            )
-            i2t_score = self._pair_scores(similarity, features, ids, per_token=True)
+            weight = self.retrieval_generator_weight
+            t2i = rerank_top_k(similarity, self._pair_scores(similarity, *pairs, False, weight["t2i"]), nearest)
+            i2t_score = self._pair_scores(similarity, *pairs, True, weight["i2t"])
             i2t = rerank_top_k(similarity.t(), lambda i, t: i2t_score(t, i), nearest)
             embedding_only = {f"{name}_embedding": v for name, v in values.items()}
             values = {**retrieval_metrics(t2i, i2t, relevant, ks), **embedding_only}
@@ -488,19 +503,29 @@ class JointStage(ARGeneratorStage):
         return self.image_text.matching_scale() * cosine.to(likelihood) + likelihood
 
     def _pair_scores(
-        self, similarity: torch.Tensor, features: torch.Tensor, ids: torch.Tensor, per_token: bool
+        self,
+        similarity: torch.Tensor,
+        features: torch.Tensor,
+        ids: torch.Tensor,
+        tokens: torch.Tensor,
+        per_token: bool,
+        generator_weight: float,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """`match_and_caption_scores` of pairs (texts (M,), images (M,)) of a split's similarity (texts, images),
-        image features and caption ids, held on the CPU and scored on the device in evaluation batches."""
+        image features and caption ids, plus `generator_weight` x the generator's mean log p(image tokens |
+        caption) (the caption as the captioner's ids spell it), held on the CPU and scored on the device in
+        evaluation batches."""
 
         def score(texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
             chunk, out = self.hparams.eval_batch_size, []
             for s in range(0, len(texts), chunk):
                 t, i = texts[s : s + chunk], images[s : s + chunk]
                 parts = (similarity[t, i], features[i], ids[t])
-                out.append(
-                    self.match_and_caption_scores(*(x.to(self.device) for x in parts), per_token).cpu()
-                )
+                value = self.match_and_caption_scores(*(x.to(self.device) for x in parts), per_token)
+                if generator_weight:
+                    text = self.encode_text(ids_to_text(ids[t], self.caption_tokenizer))
+                    value = value + generator_weight * self.token_logprob(tokens[i].to(self.device), text)
+                out.append(value.cpu())
             return torch.cat(out)
 
         return score
