@@ -257,7 +257,8 @@ def test_caption_decoding_variants_produce_the_memorised_captions():
 def test_every_caption_token_sees_every_image_cell():
     """The caption decoder's cross-attention once ran causal over the image cells (token t saw cells 0..t)."""
     torch.manual_seed(0)
-    net = ImageTextNet.from_size("tiny", vocab_size=10, grid_size=(3, 3), caption_vocab_size=16, text_dim=8).eval()
+    net = ImageTextNet.from_size("tiny", vocab_size=10, grid_size=(3, 3), caption_vocab_size=16, text_dim=8)
+    net.eval()
     features = net.encode_image(torch.randint(10, (1, 9)))
     changed = features.clone()
     changed[:, -1] += 1.0  # the last cell only
@@ -277,7 +278,8 @@ def test_cached_caption_decoding_scores_what_the_decoder_computes_over_the_whole
     torch.manual_seed(0)
     tokenizer = CaptionTokenizer()
     tokenizer.train(["a small red circle on the left", "a large blue square at the top"], vocab_size=64)
-    net = ImageTextNet.from_size("tiny", vocab_size=10, grid_size=(2, 2), caption_vocab_size=64, text_dim=8).eval()
+    net = ImageTextNet.from_size("tiny", vocab_size=10, grid_size=(2, 2), caption_vocab_size=64, text_dim=8)
+    net.eval()
     features = net.encode_image(torch.randint(10, (3, 4)))
     decoding = CaptionDecoding("beam", beam_size=4, length_penalty=0.0, max_length=8)
     ids, scores = beam_search(net, features, tokenizer, decoding)  # (3, 4, T), (3, 4)
@@ -289,7 +291,8 @@ def test_cached_caption_decoding_scores_what_the_decoder_computes_over_the_whole
     written = torch.cat([torch.ones_like(flat[:, :1]), flat[:, 1:-1]], 1) != PAD_ID  # no cost after [EOS]
     expected = (logp * written).sum(1).view(3, 4)
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
-    assert all(len({tuple(beam) for beam in image}) == 4 for image in ids.tolist())  # distinct beams per image
+    # distinct beams per image
+    assert all(len({tuple(beam) for beam in image}) == 4 for image in ids.tolist())
 
 
 # -- the stage -------------------------------------------------------------------------------------------------------

@@ -192,8 +192,8 @@ class ImageTextNet(nn.Module):
             )
         x = self.caption_emb(ids) + self.caption_pos[:t]
         whole_image = self._whole_image(features)
-        for block in self.decoder:
-            x = block(x, None, block.cross_attn.keys_values(features), whole_image)  # None: causal self-attention
+        for block in self.decoder:  # self-attention mask None: causal
+            x = block(x, None, block.cross_attn.keys_values(features), whole_image)
         return self.caption_head(self.decoder_norm(x))
 
     @staticmethod
@@ -224,7 +224,8 @@ class ImageTextNet(nn.Module):
         positions = torch.arange(start, start + t, device=ids.device)
         x = self.caption_emb(ids) + self.caption_pos[positions]
         slots = torch.arange(self_kv[0][0].shape[2], device=ids.device)
-        causal = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, t, S): written slots up to each one
+        # (1, 1, t, S): each token sees the written slots up to its own
+        causal = (slots[None, :] <= positions[:, None])[None, None]
         whole_image = self._whole_image(cross_kv[0][0])
         for block, cross, cache in zip(self.decoder, cross_kv, self_kv, strict=True):
             x = block(x, causal, cross, whole_image, cache, positions)

@@ -78,7 +78,8 @@ class CaptionCache:
 
     def next_logits(self, token: torch.Tensor, banned: list[int]) -> torch.Tensor:
         """Float logits (B, V) of the token after `token` (B,), written at the next position; `banned` ids at -inf."""
-        logits = self.net.caption_step(token[:, None], self.length, self.cross_kv, self.self_kv)[:, -1].float()
+        logits = self.net.caption_step(token[:, None], self.length, self.cross_kv, self.self_kv)
+        logits = logits[:, -1].float()
         self.length += 1
         logits[:, banned] = float("-inf")
         return logits

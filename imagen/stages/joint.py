@@ -455,8 +455,8 @@ class JointStage(ARGeneratorStage):
         if w.matching:
             image = self.image_text.image_embedding(features)
             rows = [self.image_text.text_embedding(text.states, text.mask), image, index]
-            if self.hparams.retrieval_rerank > 1:
-                rows += [features, ids, tokens]  # retrieval_rerank > 1 needs the captioner (checked in __init__)
+            if self.hparams.retrieval_rerank > 1:  # it needs the captioner (checked in __init__)
+                rows += [features, ids, tokens]
             self._embeddings.setdefault(split, []).append(tuple(t.cpu() for t in rows))
 
     def _retrieval(self, split: str) -> dict[str, float]:
@@ -484,7 +484,8 @@ class JointStage(ARGeneratorStage):
         nearest = self.hparams.retrieval_rerank
         if nearest > 1:
             weight = self.retrieval_generator_weight
-            t2i = rerank_top_k(similarity, self._pair_scores(similarity, *pairs, False, weight["t2i"]), nearest)
+            t2i_score = self._pair_scores(similarity, *pairs, False, weight["t2i"])
+            t2i = rerank_top_k(similarity, t2i_score, nearest)
             i2t_score = self._pair_scores(similarity, *pairs, True, weight["i2t"])
             i2t = rerank_top_k(similarity.t(), lambda i, t: i2t_score(t, i), nearest)
             embedding_only = {f"{name}_embedding": v for name, v in values.items()}
