@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -375,6 +376,18 @@ def test_configs_that_cannot_train_or_evaluate_are_refused(make_cfg, tiny_autoen
     cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, *overrides))
     with pytest.raises((ValueError, hydra.errors.InstantiationException), match=error):
         hydra.utils.instantiate(cfg.model, _convert_="all")
+
+
+def test_greedy_captions_without_a_generator_ignore_the_beam_weights(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
+    import hydra
+
+    overrides = ["model.loss_weights.generation=0", "model.retrieval_generator_weight=null",
+                 "model.caption_decoding.method=greedy"]  # fmt: skip
+    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, *overrides))
+    assert cfg.model.caption_decoding.generator_weight > 0  # the default, never read by greedy decoding
+    stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+    with pytest.raises(ValueError, match="set caption_decoding_generator_weight=0"):
+        stage.check_caption_rescoring(replace(stage.caption_decoding, method="beam"), "caption_decoding_{}")
 
 
 def test_the_captioner_and_matcher_train_at_their_own_learning_rate(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
