@@ -116,11 +116,14 @@ def test_the_settings_digest_follows_every_value_of_the_composed_config():
 # The real quickstart's seen-composition judge accuracy has measured 73.4% to 77.0% on 2 CPU cores (BENCHMARKS.md),
 # short of the 80% the issue asks this guard to hold; it sits below that spread until the quickstart reaches 80%.
 QUICKSTART_MIN_JUDGE_ACC = 0.70
+# Targets the quickstart meets (session 15: R@1 text->image 96.4%, caption accuracy 96.6%), guarded at the issue's
+# figures. The causal cross-attention bug of earlier sessions held captions at 93.9% and R@1 at 92.3%.
+QUICKSTART_MIN = {"test/recall_at_1_t2i": 0.95, "test/caption_acc": 0.95}
 
 
 @pytest.mark.slow
 def test_the_real_quickstart_reports_every_figure_and_holds_its_judge_accuracy(tmp_path):
-    """`python train.py`, the README's first command, from scratch (12-20 minutes on 2 CPU cores; `-m slow`)."""
+    """`python train.py`, the README's first command, from scratch (12-25 minutes on 2 CPU cores; `-m slow`)."""
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
         [sys.executable, str(root / "train.py"), f"paths.log_dir={tmp_path / 'logs'}",
@@ -135,3 +138,5 @@ def test_the_real_quickstart_reports_every_figure_and_holds_its_judge_accuracy(t
         assert key in metrics, key
     assert "sample grid:" in (quickstart / "summary.md").read_text()
     assert metrics["test/judge_acc"] >= QUICKSTART_MIN_JUDGE_ACC, metrics["test/judge_acc"]
+    for key, least in QUICKSTART_MIN.items():
+        assert metrics[key] >= least, (key, metrics[key])
