@@ -247,7 +247,7 @@ class JointStage(ARGeneratorStage):
     def check_caption_rescoring(self, decoding: CaptionDecoding, key: str = "{}") -> None:
         """A decoding that re-scores beams with a head this stage did not train is an error naming its config key
         (`key.format(field)`). Greedy and nucleus decoding never re-score: their weights are not read."""
-        if decoding.method != "beam":
+        if not decoding.rescored:
             return
         heads = {"match_weight": ("matching", "matcher"), "generator_weight": ("generation", "generator")}
         for weight, (loss, head) in heads.items():
