@@ -337,38 +337,21 @@ def test_new_words_learn_new_words_lr_scale_times_faster(make_cfg, tiny_joint_ck
     overrides = ["experiment=shapes_finetune_new_concept", *TINY_SHAPES, *TINY_JOINT, *TINY_NEW_CONCEPT,
                  f"model.init_from={tiny_joint_ckpt}", "test_before_fit=false", "test=false", "trainer.max_steps=1",
                  "trainer.limit_val_batches=0", "model.weight_decay=0", "model.new_words_like=null"]  # fmt: skip
-    with pytest.raises(
-        InstantiationException, match=r"model.new_words_lr_scale must be a number > 0 .*; got 0"
-    ):
+    with pytest.raises(InstantiationException, match=r"model.new_words_lr_scale must be > 0; got 0"):
         train(make_cfg([*overrides, "model.new_words_lr_scale=0"], run_dir=tmp_path / "zero"))
-    with pytest.raises(
-        ValueError, match=r"model.new_words_lr_scale: JointStage has no submodule 'textencoder'"
-    ):
-        train(make_cfg([*overrides, "model.new_words_lr_scale={textencoder: 10}"], run_dir=tmp_path / "typo"))
-    states = {}
-    for name, scale in (("one", "1"), ("all", "10"), ("text", "{text_encoder: 10}")):
-        run = tmp_path / name
+    stages = {}
+    for scale in (1, 10):
+        run = tmp_path / f"scale{scale}"
         train(make_cfg([*overrides, f"model.new_words_lr_scale={scale}"], run_dir=run))
-        states[name] = JointStage.from_checkpoint(str(run / "checkpoints" / "last.ckpt")).state_dict()
-    # the new word's rows start as initialised (no new_words_like)
-    start = JointStage.from_checkpoint(str(tiny_joint_ckpt)).state_dict()
-    tokenizer = JointStage.from_checkpoint(str(tmp_path / "one" / "checkpoints" / "last.ckpt"))
-    tokenizer = tokenizer.text_encoder.tokenizer
+        stages[scale] = JointStage.from_checkpoint(str(run / "checkpoints" / "last.ckpt")).state_dict()
+    start = JointStage.from_checkpoint(str(tiny_joint_ckpt)).state_dict()  # the new word's rows: as initialised
+    tokenizer = JointStage.from_checkpoint(str(tmp_path / "scale1" / "checkpoints" / "last.ckpt")).text_encoder.tokenizer
     orange, red = tokenizer.token_id("orange"), tokenizer.token_id("red")
-    for table in (
-        "text_encoder.token_emb.weight",
-        "image_text.caption_emb.weight",
-        "image_text.caption_head.weight",
-    ):
-        moved = {name: state[table][orange] - start[table][orange] for name, state in states.items()}
-        assert moved["one"].abs().max() > 0, table
-        torch.testing.assert_close(moved["all"], 10 * moved["one"], msg=table)
-        text = (
-            10 if table.startswith("text_encoder.") else 1
-        )  # {text_encoder: 10}: the captioner's rows keep 1
-        torch.testing.assert_close(moved["text"], text * moved["one"], msg=table)
-        # the other rows as with scale 1
-        torch.testing.assert_close(states["all"][table][red], states["one"][table][red], msg=table)
+    for name in ("text_encoder.token_emb.weight", "image_text.caption_emb.weight", "image_text.caption_head.weight"):
+        moved = {scale: state[name][orange] - start[name][orange] for scale, state in stages.items()}
+        assert moved[1].abs().max() > 0, name
+        torch.testing.assert_close(moved[10], 10 * moved[1], msg=name)
+        torch.testing.assert_close(stages[10][name][red], stages[1][name][red], msg=name)  # other rows as before
 
 
 def test_scale_row_updates_moves_only_the_given_rows_further():
@@ -381,7 +364,7 @@ def test_scale_row_updates_moves_only_the_given_rows_further():
     rows, others = torch.tensor([2, 4]), torch.tensor([0, 1, 3, 5])
     scale_row_updates(optimizers[1], [(tables[1], rows)], 5.0)
     for _ in range(3):
-        for table, optimizer in zip(tables, optimizers, strict=True):
+        for table, optimizer in zip(tables, optimizers):
             optimizer.zero_grad()
             (table * weights).sum().backward()
             optimizer.step()

@@ -121,18 +121,14 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         lora: dict | None = None,
         code_vectors: bool = False,
         new_words_like: list[str] | None = None,
-        new_words_lr_scale: float | dict[str, float] = 1.0,
+        new_words_lr_scale: float = 1.0,
     ):
         super().__init__()
         # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
         ignore = ["net", "text_encoder", "optimizer", "scheduler", *self.MODULE_ARGS]
         self.save_hyperparameters(logger=False, ignore=ignore)
-        scales = new_words_lr_scale.values() if isinstance(new_words_lr_scale, dict) else [new_words_lr_scale]
-        if not all(isinstance(v, int | float) and v > 0 for v in scales):
-            raise ValueError(
-                f"model.new_words_lr_scale must be a number > 0 or a mapping of submodule names to such numbers "
-                f"(e.g. {{text_encoder: 30}}); got {new_words_lr_scale}"
-            )
+        if new_words_lr_scale <= 0:
+            raise ValueError(f"model.new_words_lr_scale must be > 0; got {new_words_lr_scale}")
         if autoencoder_ckpt:
             self.autoencoder = load_autoencoder(autoencoder_ckpt)
         elif (
@@ -269,29 +265,6 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
                     for table in tables:
                         table[new_ids] = table[like_ids].mean(0)
 
-    def new_word_rows_by_scale(self) -> dict[float, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The new words' rows (`add_new_words`) grouped by their learning-rate multiplier other than 1:
-        `new_words_lr_scale` as one number, or per submodule (`{text_encoder: 30}`: rows of other tables keep 1)."""
-        rows = getattr(self, "_new_word_rows", [])
-        setting = self.hparams.get("new_words_lr_scale", 1.0)
-        names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
-        if isinstance(setting, dict):
-            for prefix in setting:
-                if not any(n.startswith(f"{prefix}.") for n in names.values()):
-                    raise ValueError(
-                        f"model.new_words_lr_scale: {type(self).__name__} has no submodule {prefix!r}"
-                    )
-        by_scale: dict[float, list] = {}
-        for table, ids in rows:
-            if isinstance(setting, dict):
-                name = names.get(id(table), "")
-                scale = next((v for k, v in setting.items() if name.startswith(f"{k}.")), 1.0)
-            else:
-                scale = setting
-            if scale != 1.0:
-                by_scale.setdefault(float(scale), []).append((table, ids))
-        return by_scale
-
     def batch_tokens(self, batch: dict) -> torch.Tensor:
         """(B, h * w) tokens: pre-tokenized (`tokens`, from the token cache) or encoded from `image`."""
         return batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
@@ -352,8 +325,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         optimizer = build_optimizer(
             self.optimizer_factory, self.trained_modules(), self.hparams.weight_decay, self.group_lrs()
         )
-        for scale, rows in self.new_word_rows_by_scale().items():
-            scale_row_updates(optimizer, rows, scale)
+        rows = getattr(self, "_new_word_rows", None)
+        if rows and self.hparams.get("new_words_lr_scale", 1.0) != 1.0:
+            scale_row_updates(optimizer, rows, self.hparams.new_words_lr_scale)
         if self.scheduler_factory is None:
             return optimizer
         return {

@@ -106,7 +106,7 @@ def scale_row_updates(
 
     @torch.no_grad()
     def after(*_) -> None:
-        for (table, ids), old in zip(rows, saved, strict=True):
+        for (table, ids), old in zip(rows, saved):
             table[ids] = old + scale * (table[ids] - old)
 
     return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
