@@ -333,47 +333,6 @@ def test_new_words_start_at_the_mean_row_of_the_words_they_are_like(make_cfg, ti
         torch.testing.assert_close(new[red], old[red], msg=name)  # learning rate 0: nothing else moved
 
 
-def test_new_words_learn_new_words_lr_scale_times_faster(make_cfg, tiny_joint_ckpt, tmp_path):  # noqa: F811
-    overrides = ["experiment=shapes_finetune_new_concept", *TINY_SHAPES, *TINY_JOINT, *TINY_NEW_CONCEPT,
-                 f"model.init_from={tiny_joint_ckpt}", "test_before_fit=false", "test=false", "trainer.max_steps=1",
-                 "trainer.limit_val_batches=0", "model.weight_decay=0", "model.new_words_like=null"]  # fmt: skip
-    with pytest.raises(InstantiationException, match=r"model.new_words_lr_scale must be > 0; got 0"):
-        train(make_cfg([*overrides, "model.new_words_lr_scale=0"], run_dir=tmp_path / "zero"))
-    stages = {}
-    for scale in (1, 10):
-        run = tmp_path / f"scale{scale}"
-        train(make_cfg([*overrides, f"model.new_words_lr_scale={scale}"], run_dir=run))
-        stages[scale] = JointStage.from_checkpoint(str(run / "checkpoints" / "last.ckpt")).state_dict()
-    start = JointStage.from_checkpoint(str(tiny_joint_ckpt)).state_dict()  # the new word's rows: as initialised
-    tokenizer = JointStage.from_checkpoint(str(tmp_path / "scale1" / "checkpoints" / "last.ckpt")).text_encoder.tokenizer
-    orange, red = tokenizer.token_id("orange"), tokenizer.token_id("red")
-    for name in ("text_encoder.token_emb.weight", "image_text.caption_emb.weight", "image_text.caption_head.weight"):
-        moved = {scale: state[name][orange] - start[name][orange] for scale, state in stages.items()}
-        assert moved[1].abs().max() > 0, name
-        torch.testing.assert_close(moved[10], 10 * moved[1], msg=name)
-        torch.testing.assert_close(stages[10][name][red], stages[1][name][red], msg=name)  # other rows as before
-
-
-def test_scale_row_updates_moves_only_the_given_rows_further():
-    from imagen.stages.optim import scale_row_updates
-
-    torch.manual_seed(0)
-    start, weights = torch.randn(6, 4), torch.randn(6, 4)  # a loss whose gradient is `weights` at every point
-    tables = [torch.nn.Parameter(start.clone()) for _ in range(2)]
-    optimizers = [torch.optim.AdamW([t], lr=1e-2, weight_decay=0.0) for t in tables]
-    rows, others = torch.tensor([2, 4]), torch.tensor([0, 1, 3, 5])
-    scale_row_updates(optimizers[1], [(tables[1], rows)], 5.0)
-    for _ in range(3):
-        for table, optimizer in zip(tables, optimizers):
-            optimizer.zero_grad()
-            (table * weights).sum().backward()
-            optimizer.step()
-    moved = tables[0].detach() - start
-    assert moved.abs().min() > 0
-    torch.testing.assert_close(tables[1].detach()[rows] - start[rows], 5 * moved[rows])
-    torch.testing.assert_close(tables[1].detach()[others], tables[0].detach()[others])
-
-
 class SignalAtStep(pl.Callback):
     """Sends this process SIGTERM after training step `step`, as a preemption would: the run's `Preemption`
     callback then writes a checkpoint and stops."""

@@ -29,7 +29,7 @@ from imagen.models.judge import JudgeFeatures
 from imagen.models.text_encoder import CaptionTokenizer, TextStates
 from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate
 from imagen.stages.finetune import FineTuningMixin
-from imagen.stages.optim import FusedOptimizerClipping, build_optimizer, scale_row_updates
+from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         lora: dict | None = None,
         code_vectors: bool = False,
         new_words_like: list[str] | None = None,
-        new_words_lr_scale: float = 1.0,
     ):
         super().__init__()
         # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
         ignore = ["net", "text_encoder", "optimizer", "scheduler", *self.MODULE_ARGS]
         self.save_hyperparameters(logger=False, ignore=ignore)
-        if new_words_lr_scale <= 0:
-            raise ValueError(f"model.new_words_lr_scale must be > 0; got {new_words_lr_scale}")
         if autoencoder_ckpt:
             self.autoencoder = load_autoencoder(autoencoder_ckpt)
         elif (
@@ -243,24 +240,21 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
 
     def add_new_words(self) -> None:
         """Add the words of the training captions that a restored tokenizer lacks (a new concept to fine-tune on);
-        their rows, unused so far, are learned from here on, `new_words_lr_scale` times faster than the rest of their
-        tables. With `new_words_like`, they start at the mean row of those known words (textual inversion's start
-        from a coarse descriptor: a new color word from the colors)."""
+        their rows, unused so far, are learned from here on. With `new_words_like`, they start at the mean row of
+        those known words (textual inversion's start from a coarse descriptor: a new color word from the colors)."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if not hasattr(datamodule, "train_captions"):
             return
         captions = datamodule.train_captions()
-        self._new_word_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (table, row ids)
         for tokenizer, tables in self.caption_tokenizers():
             words = tokenizer.add_words(captions, tables[0].shape[0])
             if not words:
                 continue
             log.info(f"added {len(words)} new word(s) to the caption tokenizer: {', '.join(words[:20])}")
-            new_ids = [tokenizer.token_id(word) for word in words]
-            self._new_word_rows += [(table, torch.tensor(new_ids, device=table.device)) for table in tables]
             like = self.hparams.new_words_like
             if like:
                 like_ids = [tokenizer.token_id(word, "model.new_words_like") for word in like]
+                new_ids = [tokenizer.token_id(word) for word in words]
                 with torch.no_grad():
                     for table in tables:
                         table[new_ids] = table[like_ids].mean(0)
@@ -325,9 +319,6 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         optimizer = build_optimizer(
             self.optimizer_factory, self.trained_modules(), self.hparams.weight_decay, self.group_lrs()
         )
-        rows = getattr(self, "_new_word_rows", None)
-        if rows and self.hparams.get("new_words_lr_scale", 1.0) != 1.0:
-            scale_row_updates(optimizer, rows, self.hparams.new_words_lr_scale)
         if self.scheduler_factory is None:
             return optimizer
         return {

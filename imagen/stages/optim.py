@@ -93,25 +93,6 @@ def warmup_linear(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def scale_row_updates(
-    optimizer: torch.optim.Optimizer, rows: list[tuple[torch.Tensor, torch.Tensor]], scale: float
-) -> list:
-    """Make every optimizer step move the given rows of each table (`(table, row_ids)`) `scale` times as far as it
-    moved them: a learning rate `scale` x their table's for those rows only (AdamW normalises each coordinate's step,
-    so scaling their gradient would change nothing). Returns the hook handles."""
-    saved: list[torch.Tensor] = []
-
-    def before(*_) -> None:
-        saved[:] = [table.detach()[ids].clone() for table, ids in rows]
-
-    @torch.no_grad()
-    def after(*_) -> None:
-        for (table, ids), old in zip(rows, saved):
-            table[ids] = old + scale * (table[ids] - old)
-
-    return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
-
-
 class FusedOptimizerClipping:
     """LightningModule mixin: gradient clipping that also works with fused AdamW under bf16 mixed precision, and
     that can clip groups of parameters apart (`gradient_clip_groups`).
