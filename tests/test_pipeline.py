@@ -113,8 +113,8 @@ def test_the_settings_digest_follows_every_value_of_the_composed_config():
     assert settings_digest(OmegaConf.create(base)) != settings_digest(OmegaConf.create(changed))
 
 
-# The real quickstart's seen-composition judge accuracy has measured 79.7% and 80.5% on 2 CPU cores since it trains on
-# 75% two-object scenes (another seed: 77.0%; BENCHMARKS.md, session 17). The issue asks this guard to hold 80%; it
+# The quickstart's joint stage has measured 79.7% and 80.5% seen-composition judge accuracy on 2 CPU cores since it
+# trains on 75% two-object scenes (another seed: 77.0%; BENCHMARKS.md, session 17). The issue asks this guard to hold 80%; it
 # sits below that spread, at 75%, until the quickstart clears 80% with a margin.
 QUICKSTART_MIN_JUDGE_ACC = 0.75
 # Targets the quickstart meets (session 17: R@1 text->image 96.0%, caption accuracy 98.3%), guarded at the issue's
