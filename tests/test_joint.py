@@ -475,7 +475,7 @@ def test_test_split_reports_retrieval_and_caption_metrics(
         )
 
 
-def test_retrieval_pairs_are_scored_by_the_generator_when_it_has_weight(joint_ckpt):
+def test_retrieval_pairs_are_scored_by_the_captioner_and_the_generator_at_each_direction_s_weight(joint_ckpt):
     stage = JointStage.from_checkpoint(joint_ckpt)
     captions = ["a small red circle on the left", "a large blue square at the top", "a small green triangle"]
     ids = stage.caption_ids(captions)
@@ -483,10 +483,33 @@ def test_retrieval_pairs_are_scored_by_the_generator_when_it_has_weight(joint_ck
     features = stage.image_text.encode_image(tokens)
     similarity = torch.rand(3, 3)
     texts, images = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 2, 2])
-    base = stage._pair_scores(similarity, features, ids, tokens, False, 0.0)(texts, images)
-    weighted = stage._pair_scores(similarity, features, ids, tokens, False, 2.0)(texts, images)
+    stage.retrieval_generator_weight = {"t2i": 0.0, "i2t": 0.0}
+    base_t2i, base_i2t = stage._pair_scores(similarity, features, ids, tokens, nearest=3)
+    # without the generator: the matcher's logit plus the caption's whole log-likelihood (t2i) or per token (i2t)
+    cosine, pairs = similarity[texts, images], (features[images], ids[texts])
+    torch.testing.assert_close(
+        base_t2i(texts, images), stage.match_and_caption_scores(cosine, *pairs), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        base_i2t(texts, images),
+        stage.match_and_caption_scores(cosine, *pairs, per_token=True),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    stage.retrieval_generator_weight = {"t2i": 2.0, "i2t": 5.0}
+    t2i, i2t = stage._pair_scores(similarity, features, ids, tokens, nearest=3)
     generator = stage.token_logprob(tokens[images], stage.encode_text([captions[t] for t in texts.tolist()]))
-    torch.testing.assert_close(weighted - base, 2.0 * generator, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        t2i(texts, images) - base_t2i(texts, images), 2.0 * generator, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        i2t(texts, images) - base_i2t(texts, images), 5.0 * generator, atol=1e-4, rtol=1e-4
+    )
+    # with nearest=1 only each text's and each image's most similar are scored
+    t2i, _ = stage._pair_scores(torch.eye(3), features, ids, tokens, nearest=1)
+    assert t2i(torch.tensor([1]), torch.tensor([1])).shape == (1,)
+    with pytest.raises(RuntimeError, match="outside each query's nearest"):
+        t2i(torch.tensor([0]), torch.tensor([1]))
 
 
 def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):
@@ -540,6 +563,32 @@ def test_reranking_returns_the_best_candidate_and_one_image_per_prompt(joint_ckp
     best = all_scores.argmax(1)
     assert torch.equal(tokens, candidates.view(2, 3, -1)[torch.arange(2), best])
     torch.testing.assert_close(scores, all_scores.max(1).values)
+
+
+def test_judge_acc_takes_each_prompt_s_first_candidate_and_the_reranked_figure_its_best(
+    joint_ckpt, monkeypatch
+):
+    from types import SimpleNamespace
+
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    stage.rerank = RerankSettings(candidates=3)
+    stage.hparams.eval_batch_size = 6  # two prompts per sampling batch: the five prompts take three
+    drawn, judged = [], []
+    sample_candidates = stage._sample_candidates
+    monkeypatch.setattr(
+        stage, "_sample_candidates", lambda *a, **k: drawn.append(sample_candidates(*a, **k)) or drawn[-1]
+    )
+    judge = SimpleNamespace(matches=lambda images, scenes: judged.append(images) or torch.ones(len(images)))
+    stage._trainer = SimpleNamespace(datamodule=SimpleNamespace(judge=judge))
+    prompts = ["a small red circle on the left", "a large blue square", "a small green triangle", "a large red square",
+               "a small blue circle"]  # fmt: skip
+    images = stage._judged_images("val", "seen", prompts, [None] * 5, torch.Generator().manual_seed(4))
+    assert [len(tokens) for tokens, _, _ in drawn] == [6, 6, 3] and images.shape[0] == 5
+    first = torch.cat([tokens[::3] for tokens, _, _ in drawn])  # (5, N): candidate 0 of each prompt
+    best = torch.cat([best for _, best, _ in drawn])
+    torch.testing.assert_close(images, stage.decode_tokens(first), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(judged), stage.decode_tokens(best), atol=1e-5, rtol=1e-5)
+    assert stage.metrics["val"]["judge_acc_reranked"].compute() == 1.0
 
 
 def test_sample_reranks_and_captions(make_cfg, joint_ckpt, tmp_path):

@@ -415,7 +415,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             captions, scenes, real = datamodule.eval_prompts(split, group=group, limit=limit)
             captions, scenes, real = captions[rank::world], scenes[rank::world], real[rank::world]
             for i in range(0, len(captions), step):
-                images = self.generate_images(captions[i : i + step], generator=generator)
+                images = self._judged_images(
+                    split, group, captions[i : i + step], scenes[i : i + step], generator
+                )
                 self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
                 self._score_generated(split, group, images, scenes[i : i + step])
                 reference = real[i : i + step].to(self.device)
@@ -428,6 +430,12 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         if self.hparams.compute_fid and self._sum_over_ranks([int(fid.fake_features_num_samples)])[0] > 1:
             return {f"{split}/fid": fid.compute()}
         return {}
+
+    def _judged_images(
+        self, split: str, group: str, captions: list[str], scenes: list[Scene], generator: torch.Generator
+    ) -> torch.Tensor:
+        """One image per prompt for `judge_acc` (a subclass also judges further samples of the same prompts)."""
+        return self.generate_images(captions, generator=generator)
 
     def _sum_over_ranks(self, counts: list[int]) -> list[int]:
         """`counts` summed element-wise over the ranks (as they are on a single process)."""

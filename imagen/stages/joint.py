@@ -30,7 +30,7 @@ from imagen.metrics.captions import caption_correct, preserved_attributes
 from imagen.metrics.retrieval import gather_rows, rerank_top_k, retrieval_metrics
 from imagen.models.ar_transformer import ARTransformer
 from imagen.models.image_text import CaptionVocabulary, ImageTextConfig, ImageTextNet
-from imagen.models.text_encoder import CaptionTokenizer, TextStates
+from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, TextStates
 from imagen.sampling.ar import SamplingSettings
 from imagen.sampling.caption import CaptionDecoding, decode_captions, ids_to_text
 from imagen.sampling.rerank import best_of
@@ -391,8 +391,20 @@ class JointStage(ARGeneratorStage):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For each caption, `candidates` samples and the best by `rerank.score`: (tokens (B, N), scores (B,))."""
+        _, best, scores = self._sample_candidates(
+            captions, candidates or self.rerank.candidates, settings, generator
+        )
+        return best, scores
+
+    def _sample_candidates(
+        self,
+        captions: list[str],
+        n: int,
+        settings: SamplingSettings | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`n` samples per caption, prompt-major (B * n, N), and the best of each prompt's (B, N) with its score (B,)."""
         self._check_scorer()
-        n = candidates or self.rerank.candidates
         text = self.encode_text(captions)
         # prompt-major: the candidates of one prompt are consecutive rows
         text = TextStates(text.states.repeat_interleave(n, 0), text.mask.repeat_interleave(n, 0))
@@ -400,7 +412,7 @@ class JointStage(ARGeneratorStage):
         tokens = self.generate_tokens(text, settings, generator)  # (B * n, N)
         scores = self.candidate_scores(tokens, text, repeated)
         best, index = best_of(tokens, scores, n)
-        return best, scores[index]
+        return tokens, best, scores[index]
 
     # -- evaluation ---------------------------------------------------------------------------------------------------
 
@@ -485,10 +497,8 @@ class JointStage(ARGeneratorStage):
         values = retrieval_metrics(similarity, similarity.t(), relevant, ks)
         nearest = self.hparams.retrieval_rerank
         if nearest > 1:
-            weight = self.retrieval_generator_weight
-            t2i_score = self._pair_scores(similarity, *pairs, False, weight["t2i"])
+            t2i_score, i2t_score = self._pair_scores(similarity, *pairs, nearest)
             t2i = rerank_top_k(similarity, t2i_score, nearest)
-            i2t_score = self._pair_scores(similarity, *pairs, True, weight["i2t"])
             i2t = rerank_top_k(similarity.t(), lambda i, t: i2t_score(t, i), nearest)
             embedding_only = {f"{name}_embedding": v for name, v in values.items()}
             values = {**retrieval_metrics(t2i, i2t, relevant, ks), **embedding_only}
@@ -511,57 +521,86 @@ class JointStage(ARGeneratorStage):
         features: torch.Tensor,
         ids: torch.Tensor,
         tokens: torch.Tensor,
-        per_token: bool,
-        generator_weight: float,
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """`match_and_caption_scores` of pairs (texts (M,), images (M,)) of a split's similarity (texts, images),
-        image features and caption ids, plus `generator_weight` x the generator's mean log p(image tokens |
-        caption) (the caption as the captioner's ids spell it), held on the CPU and scored on the device in
-        evaluation batches."""
+        nearest: int,
+    ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...]:
+        """Scores of (texts (M,), images (M,)) pairs among each text's and each image's `nearest` by `similarity`
+        (texts, images), one function per direction (t2i, i2t): `match_and_caption_scores` (the whole caption's
+        log-likelihood for t2i, per token for i2t) plus `retrieval_generator_weight[direction]` x the generator's mean
+        log p(image tokens | caption) (the caption as the captioner's ids spell it). Each pair the two directions share
+        is scored once, on the device in evaluation batches; features, ids and tokens stay on the CPU."""
+        num_texts, num_images = similarity.shape
+        k = min(nearest, num_texts, num_images)
+        t2i = similarity.topk(k, dim=1).indices  # (texts, k), as `rerank_top_k` picks them
+        i2t = similarity.t().topk(k, dim=1).indices  # (images, k)
+        # the pairs to score, once each: sorted codes text * num_images + image
+        codes = torch.cat([
+            torch.arange(num_texts).repeat_interleave(k) * num_images + t2i.flatten(),
+            i2t.flatten() * num_images + torch.arange(num_images).repeat_interleave(k),
+        ]).unique()  # fmt: skip
+        texts, images = codes // num_images, codes % num_images
+        weights = self.retrieval_generator_weight
+        text = None
+        if any(weights.values()):  # each caption encoded once, padded to the longest
+            text = self.encode_text(ids_to_text(ids, self.caption_tokenizer))
+        chunk = self.hparams.eval_batch_size
+        match, caption, generator = [], [], []
+        for s in range(0, len(codes), chunk):
+            t, i = texts[s : s + chunk], images[s : s + chunk]
+            cosine, image_features, caption_ids = (
+                x.to(self.device) for x in (similarity[t, i], features[i], ids[t])
+            )
+            match.append((self.image_text.matching_scale() * cosine.float()).cpu())
+            caption.append(
+                self.image_text.caption_logprob(image_features, caption_ids, per_token=False).cpu()
+            )
+            if text is not None:
+                rows = t.to(text.states.device)
+                states = TextStates(text.states[rows], text.mask[rows])
+                generator.append(self.token_logprob(tokens[i].to(self.device), states).cpu())
+        match, caption = torch.cat(match), torch.cat(caption)
+        generator = torch.cat(generator) if generator else torch.zeros_like(match)
+        lengths = (ids[texts, 1:] != PAD_ID).sum(1).clamp(min=1)  # caption tokens scored, [EOS] included
 
-        def score(texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-            chunk, out = self.hparams.eval_batch_size, []
-            for s in range(0, len(texts), chunk):
-                t, i = texts[s : s + chunk], images[s : s + chunk]
-                parts = (similarity[t, i], features[i], ids[t])
-                value = self.match_and_caption_scores(*(x.to(self.device) for x in parts), per_token)
-                if generator_weight:
-                    text = self.encode_text(ids_to_text(ids[t], self.caption_tokenizer))
-                    value = value + generator_weight * self.token_logprob(tokens[i].to(self.device), text)
-                out.append(value.cpu())
-            return torch.cat(out)
+        def scorer(direction: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            def score(queried_texts: torch.Tensor, queried_images: torch.Tensor) -> torch.Tensor:
+                wanted = queried_texts * num_images + queried_images
+                rows = torch.searchsorted(codes, wanted).clamp(max=len(codes) - 1)
+                if not torch.equal(codes[rows], wanted):
+                    raise RuntimeError("retrieval re-ranking asked for a pair outside each query's nearest")
+                likelihood = caption[rows] if direction == "t2i" else caption[rows] / lengths[rows]
+                return match[rows] + likelihood + weights[direction] * generator[rows]
 
-        return score
+            return score
+
+        return scorer("t2i"), scorer("i2t")
 
     def _judge_generated(self, split: str) -> dict[str, torch.Tensor]:
-        if not self.weights.generation:
-            return {}
-        values = super()._judge_generated(split)
-        self._judge_reranked(split)
-        return values
+        return super()._judge_generated(split) if self.weights.generation else {}
 
     def _score_binding(self, split: str) -> None:
         if self.weights.generation:
             super()._score_binding(split)
 
-    def _judge_reranked(self, split: str) -> None:
-        """Judge accuracy of the best of `rerank.candidates` images per prompt (the same prompts as judge_acc)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        judge = getattr(datamodule, "judge", None)
-        if judge is None or self.rerank.candidates < 2 or self._untrained_scorer() is not None:
-            return
-        limit = self.hparams.eval_prompts if split == "val" else self.hparams.test_prompts
-        generator = self._eval_generator()
-        rank, world = self.global_rank, self.trainer.world_size
-        step = max(1, self.hparams.eval_batch_size // self.rerank.candidates)
-        for group in self._prompt_groups():
-            key = f"judge_acc{GROUP_SUFFIX[group]}_reranked"
-            captions, scenes, _ = datamodule.eval_prompts(split, group=group, limit=limit)
-            captions, scenes = captions[rank::world], scenes[rank::world]
-            for i in range(0, len(captions), step):
-                tokens, _ = self.generate_reranked_tokens(captions[i : i + step], generator=generator)
-                images = self.decode_tokens(tokens)
-                self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
+    @torch.no_grad()
+    def _judged_images(
+        self, split: str, group: str, captions: list[str], scenes: list[Scene], generator: torch.Generator
+    ) -> torch.Tensor:
+        """`rerank.candidates` images per prompt: the best by `rerank.score` is judged for `judge_acc*_reranked`, and
+        the first, a plain sample, is returned for `judge_acc` (so the two are judged on the same draws)."""
+        n = self.rerank.candidates
+        judge = self.trainer.datamodule.judge
+        if n < 2 or self._untrained_scorer() is not None:
+            return super()._judged_images(split, group, captions, scenes, generator)
+        step = max(1, self.hparams.eval_batch_size // n)
+        plain = []
+        for i in range(0, len(captions), step):
+            tokens, best, _ = self._sample_candidates(captions[i : i + step], n, generator=generator)
+            first_and_best = self.decode_tokens(torch.cat([tokens[::n], best]))  # (2 * B, 3, H, W)
+            first, best = first_and_best.chunk(2)
+            plain.append(first)
+            correct = judge.matches(best, scenes[i : i + step]).float()
+            self.metrics[split][f"judge_acc{GROUP_SUFFIX[group]}_reranked"].update(correct)
+        return torch.cat(plain)
 
     def _score_generated(self, split: str, group: str, images: torch.Tensor, scenes: list[Scene]) -> None:
         """The round trip: each generated image captioned greedily; the fraction of its prompt's attributes
