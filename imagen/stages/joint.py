@@ -588,9 +588,9 @@ class JointStage(ARGeneratorStage):
         """`rerank.candidates` images per prompt: the best by `rerank.score` is judged for `judge_acc*_reranked`, and
         the first, a plain sample, is returned for `judge_acc` (so the two are judged on the same draws)."""
         n = self.rerank.candidates
-        judge = self.trainer.datamodule.judge
         if n < 2 or self._untrained_scorer() is not None:
             return super()._judged_images(split, group, captions, scenes, generator)
+        judge = self.trainer.datamodule.judge
         step = max(1, self.hparams.eval_batch_size // n)
         plain = []
         for i in range(0, len(captions), step):
