@@ -579,10 +579,9 @@ def test_judge_acc_takes_each_prompt_s_first_candidate_and_the_reranked_figure_i
         stage, "_sample_candidates", lambda *a, **k: drawn.append(sample_candidates(*a, **k)) or drawn[-1]
     )
     judge = SimpleNamespace(matches=lambda images, scenes: judged.append(images) or torch.ones(len(images)))
-    stage._trainer = SimpleNamespace(datamodule=SimpleNamespace(judge=judge))
     prompts = ["a small red circle on the left", "a large blue square", "a small green triangle", "a large red square",
                "a small blue circle"]  # fmt: skip
-    images = stage._judged_images("val", "seen", prompts, [None] * 5, torch.Generator().manual_seed(4))
+    images = stage._judged_images("val", "seen", prompts, [None] * 5, judge, torch.Generator().manual_seed(4))
     assert [len(tokens) for tokens, _, _ in drawn] == [6, 6, 3] and images.shape[0] == 5
     first = torch.cat([tokens[::3] for tokens, _, _ in drawn])  # (5, N): candidate 0 of each prompt
     best = torch.cat([best for _, best, _ in drawn])

@@ -23,6 +23,7 @@ from imagen.checkpoints import (
     stage_info,
 )
 from imagen.data.shapes import Scene
+from imagen.metrics.judge import Judge
 from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
@@ -416,7 +417,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             captions, scenes, real = captions[rank::world], scenes[rank::world], real[rank::world]
             for i in range(0, len(captions), step):
                 images = self._judged_images(
-                    split, group, captions[i : i + step], scenes[i : i + step], generator
+                    split, group, captions[i : i + step], scenes[i : i + step], judge, generator
                 )
                 self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
                 self._score_generated(split, group, images, scenes[i : i + step])
@@ -432,7 +433,13 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         return {}
 
     def _judged_images(
-        self, split: str, group: str, captions: list[str], scenes: list[Scene], generator: torch.Generator
+        self,
+        split: str,
+        group: str,
+        captions: list[str],
+        scenes: list[Scene],
+        judge: Judge,
+        generator: torch.Generator,
     ) -> torch.Tensor:
         """One image per prompt for `judge_acc` (a subclass also judges further samples of the same prompts)."""
         return self.generate_images(captions, generator=generator)

@@ -27,6 +27,7 @@ from torchmetrics.text import BLEUScore
 
 from imagen.data.shapes import Scene, matches_caption
 from imagen.metrics.captions import caption_correct, preserved_attributes
+from imagen.metrics.judge import Judge
 from imagen.metrics.retrieval import gather_rows, rerank_top_k, retrieval_metrics
 from imagen.models.ar_transformer import ARTransformer
 from imagen.models.image_text import CaptionVocabulary, ImageTextConfig, ImageTextNet
@@ -583,14 +584,19 @@ class JointStage(ARGeneratorStage):
 
     @torch.no_grad()
     def _judged_images(
-        self, split: str, group: str, captions: list[str], scenes: list[Scene], generator: torch.Generator
+        self,
+        split: str,
+        group: str,
+        captions: list[str],
+        scenes: list[Scene],
+        judge: Judge,
+        generator: torch.Generator,
     ) -> torch.Tensor:
         """`rerank.candidates` images per prompt: the best by `rerank.score` is judged for `judge_acc*_reranked`, and
         the first, a plain sample, is returned for `judge_acc` (so the two are judged on the same draws)."""
         n = self.rerank.candidates
         if n < 2 or self._untrained_scorer() is not None:
-            return super()._judged_images(split, group, captions, scenes, generator)
-        judge = self.trainer.datamodule.judge
+            return super()._judged_images(split, group, captions, scenes, judge, generator)
         step = max(1, self.hparams.eval_batch_size // n)
         plain = []
         for i in range(0, len(captions), step):
