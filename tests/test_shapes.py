@@ -15,9 +15,15 @@ from imagen.data.shapes import (
     scene_from_targets,
     scene_targets,
 )
-from imagen.data.shapes_datamodule import build_split
+from imagen.data.shapes_datamodule import render_split, sample_scenes
 
 HELDOUT = [{"color": "red", "shape": "triangle"}, {"color": "blue", "shape": "circle"}]
+
+
+def build_split(config, split, num_seen, num_heldout, seed, heldout_in_train=False):
+    return render_split(
+        config, split, *sample_scenes(config, split, num_seen, num_heldout, seed, heldout_in_train)
+    )
 
 
 def test_render_is_deterministic_for_a_seed():
@@ -193,3 +199,24 @@ def test_train_two_object_prob_changes_the_training_split_only():
     assert more.split("val").scenes == base.split("val").scenes
     with pytest.raises(ValueError, match="data.train_two_object_prob"):
         ShapesDataModule(train_two_object_prob=1.5)
+
+
+@pytest.mark.parametrize("new_concept", [False, True])
+def test_train_captions_without_the_rendered_split_are_the_split_s_captions(new_concept):
+    # a test of a checkpoint fits its tokenizer from the training captions before the checkpoint replaces it: the
+    # scenes are sampled again, not rendered, and give the same captions as the rendered split
+    from imagen.data.shapes_datamodule import NewConceptShapesDataModule, ShapesDataModule
+
+    sizes = dict(num_train=300, num_val=8, num_val_heldout=0, use_judge=False, train_two_object_prob=0.75)
+    if new_concept:  # new_repeats 1: the rendered split holds each scene once
+        colors = ["red", "green", "blue", "yellow", "purple", "cyan", "orange"]
+        dm = NewConceptShapesDataModule(
+            new_concept=[{"color": "orange"}], num_replay=100, colors=colors, **sizes
+        )
+    else:
+        dm = ShapesDataModule(**sizes)
+    sampled = dm.train_captions()
+    assert "train" not in dm.splits
+    dm.setup("fit")
+    rendered = dm.train_captions()
+    assert sampled == rendered and len(rendered) == sum(len(c) for c in dm.split("train").captions) > 300

@@ -39,23 +39,24 @@ class ShapesSplit:
     caption_choice: np.ndarray | None  # (N,) fixed paraphrase per sample (eval splits); None: random (train)
 
 
-def build_split(
+def sample_scenes(
     config: ShapesConfig,
     split: str,
     num_seen: int,
     num_heldout: int,
     seed: int,
     heldout_in_train: bool = False,
-) -> ShapesSplit:
-    """Sample and render a split deterministically from `seed`. The training split holds no held-out
-    composition unless `heldout_in_train` (images for stages that never read captions: the autoencoder)."""
+) -> tuple[list[Scene], np.random.Generator]:
+    """A split's scenes, sampled deterministically from `seed`, and the generator that goes on to render them
+    (`render_split`). The training split holds no held-out composition unless `heldout_in_train` (images for stages that never read
+    captions: the autoencoder)."""
     rng = split_rng(seed, split)
     sampler = SceneSampler(config)
     restrict = False if config.heldout and not (split == "train" and heldout_in_train) else None
     scenes = [sampler.sample(rng, heldout=restrict) for _ in range(num_seen)]
     if num_heldout and config.heldout:
         scenes += [sampler.sample(rng, heldout=True) for _ in range(num_heldout)]
-    return render_split(config, split, scenes, rng)
+    return scenes, rng
 
 
 def split_rng(seed: int, split: str) -> np.random.Generator:
@@ -212,16 +213,18 @@ class ShapesDataModule(pl.LightningDataModule):
         if self.hparams.use_judge:
             load_or_train_judge(self.config, self.hparams.cache_dir, steps=self.hparams.judge_steps)
 
-    def build_split(self, split: str) -> ShapesSplit:
+    def split_scenes(self, split: str) -> tuple[list[Scene], np.random.Generator]:
+        """A split's scenes, sampled deterministically, and the generator that goes on to render them."""
         h = self.hparams
         sizes = {
             "train": (h.num_train, 0),
             "val": (h.num_val, h.num_val_heldout),
             "test": (h.num_test, h.num_test_heldout),
         }
-        return build_split(
-            self.split_config(split), split, *sizes[split], seed=h.seed, heldout_in_train=h.heldout_in_train
-        )
+        return sample_scenes(self.split_config(split), split, *sizes[split], h.seed, h.heldout_in_train)
+
+    def build_split(self, split: str) -> ShapesSplit:
+        return render_split(self.split_config(split), split, *self.split_scenes(split))
 
     def split_config(self, split: str) -> ShapesConfig:
         """The scene distribution of a split: the training split may hold more two-object scenes
@@ -284,8 +287,12 @@ class ShapesDataModule(pl.LightningDataModule):
         return out_captions, torch.cat(images), torch.cat(swapped)
 
     def train_captions(self) -> list[str]:
-        """Every paraphrase of every training caption (for training a caption tokenizer)."""
-        return [c for caps in self.split("train").captions for c in caps]
+        """Every paraphrase of every training caption (for training a caption tokenizer). Without the rendered
+        training split (a test of a checkpoint), its scenes are sampled and not rendered: 1.8 s instead of 9.8 s
+        and 300 MB for 100k scenes on 2 CPU cores."""
+        if "train" in self.splits:
+            return [c for caps in self.splits["train"].captions for c in caps]
+        return [c for scene in self.split_scenes("train")[0] for c in scene.captions()]
 
     def _loader_settings(self) -> dict:
         h = self.hparams
@@ -354,7 +361,7 @@ class NewConceptShapesDataModule(ShapesDataModule):
             return "new"
         return super().scene_group(scene)
 
-    def build_split(self, split: str) -> ShapesSplit:
+    def split_scenes(self, split: str) -> tuple[list[Scene], np.random.Generator]:
         h = self.hparams
         old, heldout, new = {
             "train": (h.num_replay, 0, h.num_train),
@@ -369,10 +376,15 @@ class NewConceptShapesDataModule(ShapesDataModule):
             *(self._draw(sampler, rng, heldout, True, "heldout") if self.config.heldout else []),
             *self._draw(sampler, rng, new, seen, "new"),
         ]
+        return scenes, rng
+
+    def build_split(self, split: str) -> ShapesSplit:
+        h = self.hparams
+        scenes, rng = self.split_scenes(split)
         rendered = render_split(self.config, split, scenes, rng)
         if split != "train" or h.new_repeats == 1:
             return rendered
-        new_rows = np.arange(len(scenes) - new, len(scenes))  # the new-concept scenes come last
+        new_rows = np.arange(len(scenes) - h.num_train, len(scenes))  # the new-concept scenes come last
         repeats = np.repeat(new_rows, h.new_repeats - 1)
         return take_rows(rendered, np.concatenate([np.arange(len(scenes)), repeats]))
 
