@@ -213,6 +213,18 @@ def test_a_transformer_configured_differently_is_refused(make_cfg, tiny_joint_ck
         stage.configure_model()
 
 
+def test_a_finetune_may_set_its_own_dropout(make_cfg, tiny_joint_ckpt, tiny_autoencoder_ckpt):  # noqa: F811
+    # dropout acts only while training: the checkpoint's weights load into a run that regularises its fine-tune
+    cfg = make_cfg(["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, "model.net.dropout=0.1",
+                    "+model.image_text.dropout=0.1", f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+                    f"model.init_from={tiny_joint_ckpt}"])  # fmt: skip
+    stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+    stage.configure_model()
+    saved = torch.load(tiny_joint_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert stage.net.config.dropout == 0.1 and stage.image_text.config.dropout == 0.1
+    torch.testing.assert_close(stage.net.head.weight, saved["net.head.weight"])
+
+
 def test_resuming_with_other_lora_settings_is_refused(make_cfg, tiny_joint_ckpt, tiny_autoencoder_ckpt):  # noqa: F811
     cfg = make_cfg(["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, "model.lora={r: 4, alpha: 8}",
                     f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}"])  # fmt: skip
