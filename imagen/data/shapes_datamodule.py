@@ -48,8 +48,8 @@ def sample_scenes(
     heldout_in_train: bool = False,
 ) -> tuple[list[Scene], np.random.Generator]:
     """A split's scenes, sampled deterministically from `seed`, and the generator that goes on to render them
-    (`render_split`). The training split holds no held-out composition unless `heldout_in_train` (images for stages that never read
-    captions: the autoencoder)."""
+    (`render_split`). The training split holds no held-out composition unless `heldout_in_train` (images for stages
+    that never read captions: the autoencoder)."""
     rng = split_rng(seed, split)
     sampler = SceneSampler(config)
     restrict = False if config.heldout and not (split == "train" and heldout_in_train) else None
