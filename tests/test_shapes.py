@@ -220,3 +220,40 @@ def test_train_captions_without_the_rendered_split_are_the_split_s_captions(new_
     dm.setup("fit")
     rendered = dm.train_captions()
     assert sampled == rendered and len(rendered) == sum(len(c) for c in dm.split("train").captions) > 300
+
+
+def test_hflip_items_show_the_mirrored_scene_with_its_caption():
+    from imagen.data.shapes_datamodule import ShapesDataModule, ShapesDataset
+
+    scene = Scene(
+        (
+            ShapeObject("red", "triangle", "small", "top left"),
+            ShapeObject("blue", "square", "large", "right"),
+        ),
+        "left of",
+    )
+    assert scene.mirrored() == Scene(
+        (
+            ShapeObject("red", "triangle", "small", "top right"),
+            ShapeObject("blue", "square", "large", "left"),
+        ),
+        "right of",
+    )
+    config = ShapesConfig(jitter=0, colors=["red", "green", "blue"])
+    split = render_split(config, "train", [scene, scene.mirrored()], np.random.default_rng(0))
+    dataset = ShapesDataset(split, hard_negatives=config, hflip=True)
+    mirrored = [dataset[(0, seed)] for seed in range(40) if ShapesDataset._mirror(0, seed)]
+    assert 10 < len(mirrored) < 30
+    for (
+        item
+    ) in mirrored:  # a flipped image is the render of the mirrored scene (but for a few edge pixels of the
+        # anti-aliasing), and so are its labels
+        rendered = ShapesDataset(split)[1]["image"]
+        assert (item["image"] - rendered).abs().mean() < 0.01 and (
+            item["image"] != rendered
+        ).float().mean() < 0.02
+        assert torch.equal(item["target"], torch.from_numpy(split.targets[1]))
+        assert item["caption"] in scene.mirrored().captions()
+        assert item["negative_caption"] not in scene.mirrored().captions()
+    with pytest.raises(ValueError, match=r"data.train_hflip=true .* \['left'\]"):
+        ShapesDataModule(positions=["left", "center"], train_hflip=True, use_judge=False)

@@ -127,12 +127,26 @@ class Scene:
         others = [p for p in positions if p != obj.position]
         return Scene((replace(obj, position=others[rng.integers(len(others))]),)) if others else None
 
+    def mirrored(self) -> Scene:
+        """The scene mirrored left-right: what its image flipped horizontally shows (every shape is symmetric about
+        its vertical axis), with left and right exchanged in the positions and the relation."""
+        return Scene(
+            tuple(replace(o, position=mirror_words(o.position)) for o in self.objects),
+            None if self.relation is None else mirror_words(self.relation),
+        )
+
     def to_dict(self) -> dict:
         return {"objects": [asdict(o) for o in self.objects], "relation": self.relation}
 
     @staticmethod
     def from_dict(d: dict) -> Scene:
         return Scene(tuple(ShapeObject(**o) for o in d["objects"]), d.get("relation"))
+
+
+def mirror_words(phrase: str) -> str:
+    """A position or relation with left and right exchanged ("top left" -> "top right", "left of" -> "right of")."""
+    swap = {"left": "right", "right": "left"}
+    return " ".join(swap.get(word, word) for word in phrase.split())
 
 
 def relation_holds(relation: str, a: ShapeObject, b: ShapeObject) -> bool:

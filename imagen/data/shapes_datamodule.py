@@ -13,10 +13,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from imagen.data.resumable import ResumableLoader
 from imagen.data.shapes import (
+    GRID,
     Scene,
     SceneSampler,
     ShapesConfig,
     has_combination,
+    mirror_words,
     render,
     scene_targets,
 )
@@ -94,12 +96,15 @@ class ShapesDataset(Dataset):
     reuses its words (`Scene.hard_negative`; another training scene's caption when there is none).
 
     Indexed by `index` or by `(index, item_seed)` (from `EpochShuffleSampler`); training draws a fresh caption
-    paraphrase each time, from `item_seed` when given, else from the torch RNG (seeded per worker).
+    paraphrase each time, from `item_seed` when given, else from the torch RNG (seeded per worker). With `hflip`, half
+    of the items (drawn the same way) show the image mirrored left-right with its caption, target and hard negative
+    those of the mirrored scene (`Scene.mirrored`).
     """
 
-    def __init__(self, split: ShapesSplit, hard_negatives: ShapesConfig | None = None):
+    def __init__(self, split: ShapesSplit, hard_negatives: ShapesConfig | None = None, hflip: bool = False):
         self.split = split
         self.hard_negatives = hard_negatives
+        self.hflip = hflip
 
     def __len__(self) -> int:
         return len(self.split.scenes)
@@ -107,30 +112,44 @@ class ShapesDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, item_seed = key if isinstance(key, tuple) else (key, None)
         s = self.split
-        paraphrases = s.captions[index]
+        scene, paraphrases = s.scenes[index], s.captions[index]
+        image = torch.from_numpy(s.images[index]).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        target = torch.from_numpy(s.targets[index])
+        if self.hflip and self._mirror(index, item_seed):
+            scene = scene.mirrored()
+            paraphrases = scene.captions()
+            image = image.flip(-1)
+            # (GRID * GRID, 3) per-cell labels, row-major: reverse each row's cells
+            target = target.reshape(GRID, GRID, -1).flip(1).reshape(GRID * GRID, -1)
         if s.caption_choice is None and item_seed is not None:
             caption = paraphrases[item_seed % len(paraphrases)]
         elif s.caption_choice is None:
             caption = paraphrases[int(torch.randint(len(paraphrases), ()))]
         else:
             caption = paraphrases[s.caption_choice[index]]
-        image = torch.from_numpy(s.images[index]).permute(2, 0, 1).float().div(127.5).sub(1.0)
         item = {
             "image": image,
             "caption": caption,
-            "target": torch.from_numpy(s.targets[index]),
+            "target": target,
             "heldout": bool(s.heldout[index]),
             "index": index,
         }
         if self.hard_negatives is not None:
-            item["negative_caption"] = self.negative_caption(index, item_seed)
+            item["negative_caption"] = self.negative_caption(scene, index, item_seed)
         return item
 
-    def negative_caption(self, index: int, item_seed: int | None) -> str:
+    @staticmethod
+    def _mirror(index: int, item_seed: int | None) -> bool:
+        if item_seed is None:
+            return bool(torch.randint(2, ()))
+        return bool(np.random.default_rng([item_seed, index, 1]).random() < 0.5)
+
+    def negative_caption(self, scene: Scene, index: int, item_seed: int | None) -> str:
+        """A hard negative caption of item `index`, which shows `scene`."""
         seed = int(torch.randint(2**31, ())) if item_seed is None else item_seed
         rng = np.random.default_rng([seed, index])
         config, scenes = self.hard_negatives, self.split.scenes
-        negative = scenes[index].hard_negative(rng, config.positions, config.sizes)
+        negative = scene.hard_negative(rng, config.positions, config.sizes)
         if negative is None:
             negative = scenes[(index + 1) % len(scenes)]
         paraphrases = negative.captions()
@@ -176,6 +195,7 @@ class ShapesDataModule(pl.LightningDataModule):
         judge_steps: int = 500,
         hard_negatives: bool = False,
         train_two_object_prob: float | None = None,
+        train_hflip: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -197,6 +217,12 @@ class ShapesDataModule(pl.LightningDataModule):
         if train_two_object_prob is not None and not 0.0 <= train_two_object_prob <= 1.0:
             raise ValueError(
                 f"data.train_two_object_prob must be in [0, 1] or null, got {train_two_object_prob}"
+            )
+        unmirrored = [p for p in self.config.positions if mirror_words(p) not in self.config.positions]
+        if train_hflip and unmirrored:
+            raise ValueError(
+                f"data.train_hflip=true mirrors positions, but the mirror image of {unmirrored} is not among "
+                f"data.positions={self.config.positions}"
             )
         self.splits: dict[str, ShapesSplit] = {}
         self._judge: Judge | None = None
@@ -304,7 +330,8 @@ class ShapesDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything)
-        dataset = ShapesDataset(self.split("train"), self.config if self.hparams.hard_negatives else None)
+        h = self.hparams
+        dataset = ShapesDataset(self.split("train"), self.config if h.hard_negatives else None, h.train_hflip)
         return ResumableLoader(
             dataset,
             self.hparams.batch_size,
