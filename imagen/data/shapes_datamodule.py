@@ -219,7 +219,7 @@ class ShapesDataModule(pl.LightningDataModule):
                 f"data.train_two_object_prob must be in [0, 1] or null, got {train_two_object_prob}"
             )
         unmirrored = [p for p in self.config.positions if mirror_words(p) not in self.config.positions]
-        if train_hflip and unmirrored:
+        if train_hflip and unmirrored:  # a mirrored item would show a position the data never names
             raise ValueError(
                 f"data.train_hflip=true mirrors positions, but the mirror image of {unmirrored} is not among "
                 f"data.positions={self.config.positions}"
