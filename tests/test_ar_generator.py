@@ -115,6 +115,10 @@ def test_gru_text_encoder_reads_both_directions_and_ignores_batch_padding():
         edited = encoder(["a red circle", "a red square", "a green circle"]).states
         assert not torch.allclose(edited[0, 2], edited[1, 2])  # "red", followed by another noun
         assert not torch.allclose(edited[0, 3], edited[2, 3])  # "circle", after another color
+        # under bf16 autocast on CPU the GRU keeps float32 (its bf16 kernels there are slower): the same states
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = encoder(["a red circle", long]).states
+        torch.testing.assert_close(autocast.float(), batched.states)
     with pytest.raises(ValueError, match="text_encoder.mixer"):
         ScratchTextEncoder(mixer="lstm")
 

@@ -11,6 +11,7 @@ Two kinds, one interface (`forward(captions) -> TextStates`, `dim`, `max_length`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -134,6 +135,12 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def rnn_precision() -> contextlib.AbstractContextManager:
+    """Where the GRU mixer runs: in float32 even under CPU bf16 autocast, where PyTorch's bf16 GRU takes 1.6x as long
+    forward and backward (`python -m imagen.bench.cpu_step`); CUDA autocast applies as usual."""
+    return torch.autocast("cpu", enabled=False)
+
+
 class ScratchTextEncoder(nn.Module):
     """Word-level caption tokens: embeddings plus learned positions, mixed by `layers` layers of a `mixer`, trained
     with the generator. `mixer`:
@@ -182,9 +189,10 @@ class ScratchTextEncoder(nn.Module):
             x = block(x, mask)
         if self.mixer == "gru":
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            x, _ = nn.utils.rnn.pad_packed_sequence(
-                self.rnn(packed)[0], batch_first=True, total_length=length
-            )
+            with rnn_precision():
+                x, _ = nn.utils.rnn.pad_packed_sequence(
+                    self.rnn(packed)[0], batch_first=True, total_length=length
+                )
         return TextStates(self.norm(x), mask)
 
     def get_extra_state(self) -> dict:
