@@ -30,6 +30,7 @@ def test_cpu_preset_measures_every_section(tmp_path):
 
 def test_cpu_step_benchmark_times_the_variants_and_restores_the_attention(tmp_path):
     import imagen.models.ar_transformer as ar_transformer
+    import imagen.models.text_encoder as text_encoder
     from imagen.bench.cpu_step import main as cpu_step_main
 
     out = cpu_step_main(["--size", "tiny", "--batch", "2", "--steps", "1", "--rounds", "1", "--compile",
@@ -38,5 +39,6 @@ def test_cpu_step_benchmark_times_the_variants_and_restores_the_attention(tmp_pa
     assert all(len(v) == 1 and v[0] > 0 for v in out["seconds_per_step"].values())
     assert out["compile_speedup"] > 0
     assert json.loads((tmp_path / "step.json").read_text())["speedup"] == out["speedup"]
-    # the generic variant's patch is undone: the project's attention is back
+    # the generic variant's patches are undone: the project's attention and GRU precision are back
     assert ar_transformer.attention.__name__ == "attention"
+    assert text_encoder.rnn_precision.__name__ == "rnn_precision"

@@ -4,12 +4,12 @@
     python -m imagen.bench.cpu_step --steps 5 --rounds 1 --json out.json
     python -m imagen.bench.cpu_step --compile           # also the compiled blocks (model.compile=true)
 
-One step = text encoder + ARTransformer forward, cross-entropy with caption dropout, backward, AdamW, on random
-image tokens and captions (what the stage does after encoding the images). Variants, alternated in rounds in one
+One step = text encoder (the GRU of `model/text_encoder=scratch`) + ARTransformer forward, cross-entropy with caption
+dropout, backward, AdamW, on random image tokens and captions (what the stage does after encoding the images). Variants, alternated in rounds in one
 process so that both see the same machine load:
 - `project`: `attention` (plain matmuls on CPU), exact GELU, fused AdamW;
 - `generic`: `scaled_dot_product_attention` (math backend; the fused CPU kernel is slower still in backward), the
-  tanh GELU, and AdamW's default multi-tensor path;
+  tanh GELU, the GRU in bf16 under autocast (`rnn_precision` off), and AdamW's default multi-tensor path;
 - `compiled` (with `--compile`): `project` with each Transformer block compiled by `torch.compile` (inductor), as
   `model.compile=true` trains (a copy of the same weights; compiling happens in the untimed warm-up step).
 Prints the median seconds per step of each and their ratios.
@@ -59,9 +59,10 @@ def step_seconds(variant: str, model: nn.ModuleDict, batches: list, steps: int) 
         param_groups(list(model.named_parameters()), 0.05), lr=1e-4, fused=not generic
     )
     patches = contextlib.ExitStack()
-    if generic:  # both modules call the attention function by name
+    if generic:  # the modules call these functions by name
         patches.enter_context(mock.patch.object(ar_transformer, "attention", sdpa_math_attention))
         patches.enter_context(mock.patch.object(text_encoder, "attention", sdpa_math_attention))
+        patches.enter_context(mock.patch.object(text_encoder, "rnn_precision", contextlib.nullcontext))
     times = []
     with patches:
         for i in range(steps + 1):
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    text = ScratchTextEncoder()
+    text = ScratchTextEncoder(mixer="gru")
     text.fit_tokenizer([" ".join(WORDS)])
     model = nn.ModuleDict(
         {"text_encoder": text, "net": ARTransformer.from_size(args.size, text_dim=text.dim)}
