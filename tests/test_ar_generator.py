@@ -84,6 +84,26 @@ def test_cpu_attention_matches_scaled_dot_product_attention(masked):
             attention(q[:, :, :3], k, v, None)
 
 
+def test_cpu_dropout_drops_its_share_scales_the_rest_and_passes_gradients_through_the_mask():
+    from imagen.models.ar_transformer import Dropout, dropout_cpu_fast
+
+    torch.manual_seed(0)
+    x = torch.ones(200, 1000, requires_grad=True)
+    y = dropout_cpu_fast(x, 0.1)
+    kept = y != 0
+    # p is rounded to 26 / 256: that share dropped (to within 0.3% on 200k draws), survivors scaled by 256 / 230
+    assert abs((~kept).float().mean().item() - 26 / 256) < 0.003
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 256 / 230))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept * (256 / 230))
+    assert torch.equal(dropout_cpu_fast(x, 0.1, training=False), x)
+    assert torch.equal(dropout_cpu_fast(x, 0.0), x)
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropout_cpu_fast(x, 1.0)
+    module = Dropout(0.1).eval()  # the module follows train/eval
+    assert torch.equal(module(x), x) and not torch.equal(module.train()(x), x)
+
+
 def test_text_encoder_block_computes_multihead_attention():
     from imagen.models.text_encoder import EncoderBlock
 
