@@ -5,8 +5,8 @@
     python -m imagen.bench.cpu_step --compile           # also the compiled blocks (model.compile=true)
 
 One step = text encoder (the GRU of `model/text_encoder=scratch`) + ARTransformer forward, cross-entropy with caption
-dropout, backward, AdamW, on random image tokens and captions (what the stage does after encoding the images). Variants, alternated in rounds in one
-process so that both see the same machine load:
+dropout, backward, AdamW, on random image tokens and captions (what the stage does after encoding the images).
+Variants, alternated in rounds in one process so that both see the same machine load:
 - `project`: `attention` (plain matmuls on CPU), exact GELU, fused AdamW;
 - `generic`: `scaled_dot_product_attention` (math backend; the fused CPU kernel is slower still in backward), the
   tanh GELU, the GRU in bf16 under autocast (`rnn_precision` off), and AdamW's default multi-tensor path;
