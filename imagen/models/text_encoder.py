@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from imagen.models.ar_transformer import attention
+from imagen.models.ar_transformer import Dropout, attention
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class EncoderBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout)
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), Dropout(dropout)
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
