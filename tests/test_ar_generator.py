@@ -104,6 +104,53 @@ def test_cpu_dropout_drops_its_share_scales_the_rest_and_passes_gradients_throug
     assert torch.equal(module(x), x) and not torch.equal(module.train()(x), x)
 
 
+def test_hashed_dropout_mask_drops_its_share_and_differs_from_call_to_call():
+    from imagen.models.ar_transformer import hashed_keep_mask
+
+    torch.manual_seed(0)
+    masks = torch.stack([hashed_keep_mask((1000, 1000), 0.1) for _ in range(4)]).float()
+    # exactly p to 2^-24: 0.1 dropped to within 0.2% on a million elements
+    assert (1 - masks.mean(dim=(1, 2)) - 0.1).abs().max() < 0.002
+    flat = masks.flatten(1)
+    # neighbours and other calls' masks uncorrelated (|r| < 0.01; independent masks give ~0.001)
+    assert torch.corrcoef(torch.stack([flat[0, :-1], flat[0, 1:]]))[0, 1].abs() < 0.01
+    assert torch.corrcoef(flat).triu(1).abs().max() < 0.01
+    torch.manual_seed(1)
+    first = hashed_keep_mask((64, 64), 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(hashed_keep_mask((64, 64), 0.5), first)  # a function of the seed drawn from torch's RNG
+
+
+@pytest.mark.skipif(not has_cpp_compiler(), reason="inductor builds CPU kernels with a C++ compiler")
+def test_compiled_cpu_dropout_uses_the_hashed_mask_and_passes_gradients_through_it():
+    from imagen.models.ar_transformer import dropout_cpu_fast, hashed_keep_mask
+
+    drop = torch.compile(lambda x: dropout_cpu_fast(x, 0.1), options={"fallback_random": True})
+    torch.manual_seed(0)
+    x = torch.ones(200, 1000, requires_grad=True)
+    y = drop(x)
+    torch.manual_seed(0)
+    keep = hashed_keep_mask(x.shape, 0.1)  # the same seed: the eager hash gives the compiled kernel's mask
+    torch.testing.assert_close(y, keep / 0.9)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, keep / 0.9)
+    assert not torch.equal(drop(x), y)
+
+
+def test_compile_blocks_takes_random_numbers_from_eager_pytorch_for_inductor_on_cpu():
+    net = ARTransformer.from_size("tiny", vocab_size=32, grid_size=(4, 4), text_dim=16)
+    calls = []
+    with mock.patch.object(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs)):
+        net.compile_blocks()
+        net.compile_blocks("cuda")
+        net.compile_blocks(backend="aot_eager")
+        net.compile_blocks(options={"max_autotune": True})
+    layers = len(net.blocks)
+    assert calls[:layers] == [{"options": {"fallback_random": True}}] * layers
+    assert calls[layers : 3 * layers] == [{}] * layers + [{"backend": "aot_eager"}] * layers
+    assert calls[3 * layers :] == [{"options": {"fallback_random": True, "max_autotune": True}}] * layers
+
+
 def test_text_encoder_block_computes_multihead_attention():
     from imagen.models.text_encoder import EncoderBlock
 

@@ -224,14 +224,14 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         self.fit_tokenizers()
         self.apply_finetuning()
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            if self._can_compile():
-                self.net.compile_blocks(**(self.hparams.compile_options or {}))
+            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+            if self._can_compile(device):
+                self.net.compile_blocks(device.type, **(self.hparams.compile_options or {}))
             self._compiled = True
 
-    def _can_compile(self) -> bool:
+    def _can_compile(self, device: torch.device) -> bool:
         """inductor builds CPU kernels with a C++ compiler; without one the blocks train eagerly (the same
         numbers, ~10% slower on the shapes generator), and a warning says so."""
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         backend = (self.hparams.compile_options or {}).get("backend", "inductor")
         if device.type == "cpu" and backend == "inductor" and not has_cpp_compiler():
             log.warning(f"model.compile=true: no C++ compiler ({cpp_compiler()!r}; set CXX to choose one) for torch.compile "
