@@ -117,8 +117,8 @@ def test_hashed_dropout_mask_drops_its_share_and_differs_from_call_to_call():
     assert torch.corrcoef(flat).triu(1).abs().max() < 0.01
     torch.manual_seed(1)
     first = hashed_keep_mask((64, 64), 0.5)
-    torch.manual_seed(1)
-    assert torch.equal(hashed_keep_mask((64, 64), 0.5), first)  # a function of the seed drawn from torch's RNG
+    torch.manual_seed(1)  # a function of the seed drawn from torch's RNG
+    assert torch.equal(hashed_keep_mask((64, 64), 0.5), first)
 
 
 @pytest.mark.skipif(not has_cpp_compiler(), reason="inductor builds CPU kernels with a C++ compiler")
