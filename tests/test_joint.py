@@ -329,43 +329,6 @@ def test_each_loss_can_be_switched_off_and_the_others_train(make_cfg, tiny_autoe
     assert f"train/loss_{off}" not in logged and "train/loss" in logged
 
 
-def test_image_text_rows_feeds_the_heads_the_first_rows_of_each_batch(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
-    from unittest import mock
-
-    cfg = make_cfg(joint_overrides(tiny_autoencoder_ckpt, "model.image_text_rows=3", "trainer.max_steps=2",
-                                   "test=false", "callbacks=none", "trainer.limit_val_batches=0"))  # fmt: skip
-    rows = {"generator": [], "image": [], "caption": [], "matching": []}
-
-    def recorder(key, method, count):
-        def wrapped(*args, **kwargs):
-            rows[key].append(count(*args))
-            return method(*args, **kwargs)
-
-        return wrapped
-
-    from imagen.models.ar_transformer import ARTransformer
-
-    with (
-        mock.patch.object(ARTransformer, "forward", recorder("generator", ARTransformer.forward,
-                                                             lambda net, tokens, *_: len(tokens))),
-        mock.patch.object(ImageTextNet, "encode_image", recorder("image", ImageTextNet.encode_image,
-                                                                 lambda net, tokens: len(tokens))),
-        mock.patch.object(ImageTextNet, "caption_loss", recorder("caption", ImageTextNet.caption_loss,
-                                                                 lambda net, features, ids: (len(features), len(ids)))),
-        mock.patch.object(ImageTextNet, "matching_loss", recorder("matching", ImageTextNet.matching_loss,
-                                                                  lambda net, *x: tuple(len(t) for t in x))),
-    ):  # fmt: skip
-        train(cfg)
-    batch = cfg.data.batch_size
-    assert batch > 3
-    assert rows == {
-        "generator": [batch] * 2,
-        "image": [3] * 2,
-        "caption": [(3, 3)] * 2,
-        "matching": [(3, 3, 3)] * 2,
-    }
-
-
 @pytest.mark.parametrize("setting,trains", [("null", True), ("false", False), ("true", True)])
 def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
     make_cfg,
@@ -406,7 +369,6 @@ def test_a_pure_matcher_trains_the_text_encoder_unless_told_not_to(
      "leaves untrained; set model.caption_decoding.match_weight=0"),
     (["model.rerank.candidates=0"], "candidates must be >= 1"),
     (["model.rerank.score=likelihood"], "score must be one of"),
-    (["model.image_text_rows=0"], "image_text_rows must be >= 1"),
 ])  # fmt: skip
 def test_configs_that_cannot_train_or_evaluate_are_refused(make_cfg, tiny_autoencoder_ckpt, overrides, error):  # noqa: F811
     import hydra
