@@ -85,8 +85,6 @@ class JointStage(ARGeneratorStage):
     `max_caption_length`). With `image_code_vectors`, the image encoder also reads the autoencoder's code vector
     of each token (`ImageTextConfig.code_dim`). `image_text_lr` trains the captioner and matcher at their own
     learning rate (null: the optimizer's); `clip_image_text_apart` clips their gradient norm apart from the generator's.
-    `image_text_rows`: the captioning and matching losses read only the first that many rows of each batch (null: all),
-    so the generator can see larger batches than the heads need.
     `retrieval_rerank`: each retrieval query's that many nearest matches by embedding are re-ordered by
     `match_and_caption_scores` (0 or 1: by embedding alone), plus `retrieval_generator_weight[direction]` x the
     generator's mean log p(image tokens | caption) (`t2i`, `i2t`; 0: without it). Other arguments are the generator
@@ -113,7 +111,6 @@ class JointStage(ARGeneratorStage):
         image_code_vectors: bool = False,
         image_text_lr: float | None = None,
         clip_image_text_apart: bool = False,
-        image_text_rows: int | None = None,
         **generator_args,
     ):
         # the generator stage saves this constructor's arguments too (Lightning collects the whole chain)
@@ -121,8 +118,6 @@ class JointStage(ARGeneratorStage):
         self.weights = LossWeights(**(loss_weights or {}))
         if image_text_lr is not None and image_text_lr <= 0:
             raise ValueError(f"model.image_text_lr must be > 0 or null; got {image_text_lr}")
-        if image_text_rows is not None and image_text_rows < 1:
-            raise ValueError(f"model.image_text_rows must be >= 1 or null; got {image_text_rows}")
         self.rerank = RerankSettings(**(rerank or {}))
         if retrieval_rerank < 0:
             raise ValueError(f"model.retrieval_rerank must be >= 0; got {retrieval_rerank}")
@@ -333,29 +328,28 @@ class JointStage(ARGeneratorStage):
         captions = list(batch["caption"])
         tokens = batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
         text = self.encode_text(captions) if w.generation or w.matching else None
+        features = self.image_text.encode_image(tokens) if w.caption or w.matching else None
         losses = {}
         if w.generation:
             _, losses["generation"] = self.net(
                 tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob
             )
-        rows = slice(0, self.hparams.image_text_rows)  # the captioner's and matcher's share of the batch
-        features = self.image_text.encode_image(tokens[rows]) if w.caption or w.matching else None
         if w.caption:
-            losses["caption"] = self.image_text.caption_loss(features, self.caption_ids(captions[rows]))
+            losses["caption"] = self.image_text.caption_loss(features, self.caption_ids(captions))
         if w.matching:
             # beside generation, matching reads the text states without training the shared encoder by default:
             # in-batch negatives are told apart by their words alone, and its pull keeps the states a bag of words
             trains = self.hparams.matching_trains_text_encoder
             trains = not w.generation if trains is None else trains
-            states = text.states[rows] if trains else text.states[rows].detach()
+            states = text.states if trains else text.states.detach()
             negative = None
             if "negative_caption" in batch:  # hard negatives from the data (shapes: data.hard_negatives=true)
                 with torch.set_grad_enabled(trains):
-                    other = self.encode_text(list(batch["negative_caption"])[rows])
+                    other = self.encode_text(list(batch["negative_caption"]))
                 negative = self.image_text.text_embedding(other.states, other.mask)
             losses["matching"] = self.image_text.matching_loss(
                 self.image_text.image_embedding(features),
-                self.image_text.text_embedding(states, text.mask[rows]),
+                self.image_text.text_embedding(states, text.mask),
                 negative,
             )
         loss = sum(getattr(w, name) * value for name, value in losses.items())
