@@ -151,6 +151,31 @@ def test_compile_blocks_takes_random_numbers_from_eager_pytorch_for_inductor_on_
     assert calls[3 * layers :] == [{"options": {"fallback_random": True, "max_autotune": True}}] * layers
 
 
+def test_token_noise_replaces_its_share_of_the_inputs_with_uniform_codes(make_cfg):
+    from types import SimpleNamespace
+
+    import hydra
+
+    from imagen.stages.ar_generator import ARGeneratorStage
+
+    stage = SimpleNamespace(hparams=SimpleNamespace(token_noise=0.1), net=SimpleNamespace(config=ARTransformer.from_size(
+        "tiny", vocab_size=1000, grid_size=(4, 4), text_dim=16).config))  # fmt: skip
+    torch.manual_seed(0)
+    tokens = torch.full((400, 500), 7)
+    noised = ARGeneratorStage.noised_inputs(stage, tokens)
+    replaced = noised != tokens  # a draw of code 7 itself (1 in 1000) looks unchanged
+    assert abs(replaced.float().mean().item() - 0.1 * 0.999) < 0.002
+    counts = torch.bincount(noised[replaced], minlength=1000).view(10, 100).sum(1)  # ten bands of 100 codes
+    assert (counts.float() / replaced.sum() - 0.1).abs().max() < 0.005
+    stage.hparams.token_noise = 0.0
+    assert ARGeneratorStage.noised_inputs(stage, tokens) is tokens
+    cfg = make_cfg(
+        ["experiment=shapes_generator", *TINY_SHAPES, "model.autoencoder_ckpt=x.ckpt", "model.token_noise=1"]
+    )
+    with pytest.raises(Exception, match=r"model.token_noise must be in \[0, 1\); got 1"):
+        hydra.utils.instantiate(cfg.model)
+
+
 def test_text_encoder_block_computes_multihead_attention():
     from imagen.models.text_encoder import EncoderBlock
 

@@ -115,6 +115,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         autoencoder_config: dict | None = None,
         image_size: int = 32,
         cond_drop_prob: float = 0.1,
+        token_noise: float = 0.0,
         weight_decay: float = 0.05,
         sampling: dict | None = None,
         eval_prompts: int = 64,
@@ -132,6 +133,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         new_words_like: list[str] | None = None,
     ):
         super().__init__()
+        if not 0 <= token_noise < 1:
+            raise ValueError(f"model.token_noise must be in [0, 1); got {token_noise}")
         # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
         ignore = ["net", "text_encoder", "optimizer", "scheduler", *self.MODULE_ARGS]
         self.save_hyperparameters(logger=False, ignore=ignore)
@@ -307,11 +310,25 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
 
     # -- training -----------------------------------------------------------------------------------------------------
 
+    def noised_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The teacher-forced inputs of a training step: `tokens` (B, N) with each replaced by a uniformly drawn code
+        with probability `token_noise` (the targets stay the true tokens). The model learns to continue from
+        prefixes with mistakes in them, as its own samples have."""
+        p = self.hparams.token_noise
+        if not p:
+            return tokens
+        replaced = torch.rand(tokens.shape, device=tokens.device) < p
+        return torch.where(replaced, torch.randint_like(tokens, self.net.config.vocab_size), tokens)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         tokens = self.batch_tokens(batch)
         text = self.encode_text(batch["caption"])
         _, loss = self.net(
-            tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob
+            self.noised_inputs(tokens),
+            text.states,
+            text.mask,
+            targets=tokens,
+            cond_drop_prob=self.hparams.cond_drop_prob,
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=tokens.shape[0])
         return loss

@@ -332,7 +332,11 @@ class JointStage(ARGeneratorStage):
         losses = {}
         if w.generation:
             _, losses["generation"] = self.net(
-                tokens, text.states, text.mask, targets=tokens, cond_drop_prob=self.hparams.cond_drop_prob
+                self.noised_inputs(tokens),
+                text.states,
+                text.mask,
+                targets=tokens,
+                cond_drop_prob=self.hparams.cond_drop_prob,
             )
         if w.caption:
             losses["caption"] = self.image_text.caption_loss(features, self.caption_ids(captions))
