@@ -96,6 +96,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
     accuracy of images generated with guidance for fixed prompts of each group (`GROUP_SUFFIX`: seen and held-out
     compositions, a new concept), the judge accuracy of the autoencoder's reconstructions of the same prompts'
     real images (`judge_acc_recon`: what generation can reach at best), plus an FID on the judge's features.
+    Training: caption dropout `cond_drop_prob` (for guidance) and `token_noise` (`noised_inputs`).
 
     Fine-tuning: `init_from` (another run of this stage; without `autoencoder_ckpt` its autoencoder too),
     `freeze` and `lora` (`FineTuningMixin`; LoRA defaults to the attention and MLP layers of `net`).
