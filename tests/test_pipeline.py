@@ -12,7 +12,7 @@ import yaml
 from omegaconf import open_dict
 
 from imagen.cli.train import train
-from tests.conftest import TINY_SHAPES
+from tests.conftest import TINY_SHAPES, compose_config
 from tests.test_joint import TINY_JOINT
 from tests.test_train import TINY_AUTOENCODER
 
@@ -97,6 +97,11 @@ def test_overrides_the_pipeline_would_ignore_are_refused(tmp_path):
         in result.stderr
     )
     assert "experiment=shapes_autoencoder model.net.quantizer=vq" in result.stderr
+    # the other way it names parses as a command-line override (each list item quoted: '=' ends a bare value)
+    hint = "'pipeline.common=[\"model.net.quantizer=vq\"]'"
+    assert hint in result.stderr
+    cfg = compose_config([hint.strip("'")], tmp_path)
+    assert list(cfg.pipeline.common) == ["model.net.quantizer=vq"]
 
 
 def test_the_settings_digest_follows_every_value_of_the_composed_config():

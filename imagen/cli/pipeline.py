@@ -154,7 +154,7 @@ def check_command_line() -> None:
         raise ValueError(
             f"{ignored}: the quickstart pipeline does not pass these to its stages. Train one stage with "
             f"experiment=NAME (e.g. experiment=shapes_autoencoder {' '.join(ignored)}), or give them to every "
-            f"stage with pipeline.common='[{','.join(ignored)}]'"
+            f"stage with 'pipeline.common=[{','.join(json.dumps(o) for o in ignored)}]'"
         )
 
 
