@@ -321,9 +321,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         replaced = torch.rand(tokens.shape, device=tokens.device) < p
         return torch.where(replaced, torch.randint_like(tokens, self.net.config.vocab_size), tokens)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        tokens = self.batch_tokens(batch)
-        text = self.encode_text(batch["caption"])
+    def generation_loss(self, tokens: torch.Tensor, text: TextStates) -> torch.Tensor:
+        """The training loss of the generator: cross-entropy of `tokens` (B, N) given their captions' `text`, teacher
+        forced on `noised_inputs`, with caption dropout `cond_drop_prob`."""
         _, loss = self.net(
             self.noised_inputs(tokens),
             text.states,
@@ -331,6 +331,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             targets=tokens,
             cond_drop_prob=self.hparams.cond_drop_prob,
         )
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        tokens = self.batch_tokens(batch)
+        loss = self.generation_loss(tokens, self.encode_text(batch["caption"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=tokens.shape[0])
         return loss
 

@@ -331,13 +331,7 @@ class JointStage(ARGeneratorStage):
         features = self.image_text.encode_image(tokens) if w.caption or w.matching else None
         losses = {}
         if w.generation:
-            _, losses["generation"] = self.net(
-                self.noised_inputs(tokens),
-                text.states,
-                text.mask,
-                targets=tokens,
-                cond_drop_prob=self.hparams.cond_drop_prob,
-            )
+            losses["generation"] = self.generation_loss(tokens, text)
         if w.caption:
             losses["caption"] = self.image_text.caption_loss(features, self.caption_ids(captions))
         if w.matching:
