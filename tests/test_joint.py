@@ -17,7 +17,7 @@ from imagen.images import save_png, to_uint8
 from imagen.metrics.captions import caption_correct, parse_shapes_caption
 from imagen.metrics.retrieval import recall_at_k, rerank_top_k, retrieval_metrics
 from imagen.models.image_text import ImageTextNet
-from imagen.models.text_encoder import PAD_ID, CaptionTokenizer
+from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, TextStates
 from imagen.sampling.caption import CaptionDecoding, beam_search, decode_captions, ids_to_text, special_ids
 from imagen.sampling.rerank import best_of
 from imagen.stages.joint import JointStage, RerankSettings, scene_relevance
@@ -499,8 +499,12 @@ def test_retrieval_pairs_are_scored_by_the_captioner_and_the_generator_at_each_d
     stage.retrieval_generator_weight = {"t2i": 2.0, "i2t": 5.0}
     t2i, i2t = stage._pair_scores(similarity, features, ids, tokens, nearest=3)
     generator = stage.token_logprob(tokens[images], stage.encode_text([captions[t] for t in texts.tolist()]))
+    # text->image: less each image's own log-likelihood given the empty caption (the null condition of guidance)
+    null = TextStates(*stage.net.null_condition(len(images), 1, tokens.device))
+    prior = stage.token_logprob(tokens[images], null)
+    assert not torch.allclose(prior, generator)
     torch.testing.assert_close(
-        t2i(texts, images) - base_t2i(texts, images), 2.0 * generator, atol=1e-4, rtol=1e-4
+        t2i(texts, images) - base_t2i(texts, images), 2.0 * (generator - prior), atol=1e-4, rtol=1e-4
     )
     torch.testing.assert_close(
         i2t(texts, images) - base_i2t(texts, images), 5.0 * generator, atol=1e-4, rtol=1e-4

@@ -404,6 +404,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             out.append(logits.float().log_softmax(-1).gather(-1, part[..., None]).squeeze(-1).mean(-1))
         return torch.cat(out)
 
+    @torch.no_grad()
+    def unconditional_token_logprob(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) mean log-probability of the tokens given the empty caption (the unconditional half of guidance)."""
+        return self.token_logprob(tokens, TextStates(*self.net.null_condition(len(tokens), 1, tokens.device)))
+
     def _eval_generator(self) -> torch.Generator:
         # a private generator: sampling during validation never touches the global RNG used by training
         generator = torch.Generator(device=self.device)

@@ -87,8 +87,8 @@ class JointStage(ARGeneratorStage):
     learning rate (null: the optimizer's); `clip_image_text_apart` clips their gradient norm apart from the generator's.
     `retrieval_rerank`: each retrieval query's that many nearest matches by embedding are re-ordered by
     `match_and_caption_scores` (0 or 1: by embedding alone), plus `retrieval_generator_weight[direction]` x the
-    generator's mean log p(image tokens | caption) (`t2i`, `i2t`; 0: without it). Other arguments are the generator
-    stage's.
+    generator's mean log p(image tokens | caption) (`t2i`, `i2t`; 0: without it), less the image's log p(image
+    tokens | empty caption) for `t2i`. Other arguments are the generator stage's.
     """
 
     STAGE = "joint"
@@ -525,8 +525,11 @@ class JointStage(ARGeneratorStage):
         """Scores of (texts (M,), images (M,)) pairs among each text's and each image's `nearest` by `similarity`
         (texts, images), one function per direction (t2i, i2t): `match_and_caption_scores` (the whole caption's
         log-likelihood for t2i, per token for i2t) plus `retrieval_generator_weight[direction]` x the generator's mean
-        log p(image tokens | caption) (the caption as the captioner's ids spell it). Each pair the two directions share
-        is scored once, on the device in evaluation batches; features, ids and tokens stay on the CPU."""
+        log p(image tokens | caption) (the caption as the captioner's ids spell it). t2i ranks images for one caption,
+        so it takes that log p less the image's own, given the empty caption (their pointwise mutual information):
+        the plain likelihood favours simple images. i2t ranks captions for one image, which the image's own term
+        would not reorder. Each pair the two directions share is scored once, and each image's own term once, on the
+        device in evaluation batches; features, ids and tokens stay on the CPU."""
         num_texts, num_images = similarity.shape
         k = min(nearest, num_texts, num_images)
         t2i = similarity.topk(k, dim=1).indices  # (texts, k), as `rerank_top_k` picks them
@@ -558,6 +561,13 @@ class JointStage(ARGeneratorStage):
                 generator.append(self.token_logprob(tokens[i].to(self.device), states).cpu())
         match, caption = torch.cat(match), torch.cat(caption)
         generator = torch.cat(generator) if generator else torch.zeros_like(match)
+        prior = torch.zeros(num_images)  # (images,) log p(image tokens | empty caption), for t2i
+        if text is not None and weights["t2i"]:
+            prior = torch.cat([
+                self.unconditional_token_logprob(tokens[s : s + chunk].to(self.device)).cpu()
+                for s in range(0, num_images, chunk)
+            ])  # fmt: skip
+        generator_t2i = generator - prior[images]
         lengths = (ids[texts, 1:] != PAD_ID).sum(1).clamp(min=1)  # caption tokens scored, [EOS] included
 
         def scorer(direction: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -566,8 +576,9 @@ class JointStage(ARGeneratorStage):
                 rows = torch.searchsorted(codes, wanted).clamp(max=len(codes) - 1)
                 if not torch.equal(codes[rows], wanted):
                     raise RuntimeError("retrieval re-ranking asked for a pair outside each query's nearest")
-                likelihood = caption[rows] if direction == "t2i" else caption[rows] / lengths[rows]
-                return match[rows] + likelihood + weights[direction] * generator[rows]
+                if direction == "t2i":
+                    return match[rows] + caption[rows] + weights["t2i"] * generator_t2i[rows]
+                return match[rows] + caption[rows] / lengths[rows] + weights["i2t"] * generator[rows]
 
             return score
 
