@@ -600,7 +600,7 @@ def test_sample_reranks_and_captions(make_cfg, joint_ckpt, tmp_path):
                                "n=3", "rerank_candidates=2", "batch_size=4"], config_name="sample"))  # fmt: skip
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert summary["images"] == 3 and len(rows) == 3 and len(list((out / "images").glob("*.png"))) == 3
-    assert all(r["rerank_candidates"] == 2 and "rerank_match" in r["scores"] for r in rows)
+    assert all(r["rerank_candidates"] == 2 and "rerank_both" in r["scores"] for r in rows)
 
     folder = tmp_path / "images"
     pixels = to_uint8(torch.rand(3, 3, 32, 32) * 2 - 1)
