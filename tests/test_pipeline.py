@@ -128,7 +128,8 @@ QUICKSTART_MIN = {"test/recall_at_1_t2i": 0.95, "test/caption_acc": 0.95}
 
 @pytest.mark.slow
 def test_the_real_quickstart_reports_every_figure_and_holds_its_judge_accuracy(tmp_path):
-    """`python train.py`, the README's first command, from scratch (10-20 minutes on 2 CPU cores; `-m slow`)."""
+    """`python train.py`, the README's first command, from scratch (about 10 minutes on 2 CPU cores; left out with
+    `-m 'not slow'`)."""
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
         [sys.executable, str(root / "train.py"), f"paths.log_dir={tmp_path / 'logs'}",

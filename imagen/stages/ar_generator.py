@@ -407,7 +407,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
     @torch.no_grad()
     def unconditional_token_logprob(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) mean log-probability of the tokens given the empty caption (the unconditional half of guidance)."""
-        return self.token_logprob(tokens, TextStates(*self.net.null_condition(len(tokens), 1, tokens.device)))
+        states, mask = self.net.null_condition(len(tokens), 1, tokens.device)
+        return self.token_logprob(tokens, TextStates(states.to(self.net.null_text.dtype), mask))
 
     def _eval_generator(self) -> torch.Generator:
         # a private generator: sampling during validation never touches the global RNG used by training
