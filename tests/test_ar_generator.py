@@ -10,7 +10,14 @@ import torch
 
 from imagen.cli.train import train
 from imagen.models.ar_transformer import ARTransformer
-from imagen.sampling.ar import SamplingSettings, generate, generate_recompute, guide, with_unconditional
+from imagen.sampling.ar import (
+    SamplingSettings,
+    decode_and_sample,
+    generate,
+    generate_recompute,
+    guide,
+    with_unconditional,
+)
 from imagen.stages.ar_generator import has_cpp_compiler
 from tests.conftest import TINY_SHAPES
 from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
@@ -53,12 +60,36 @@ def text(batch: int = 3):
         SamplingSettings(cfg_scale=2.0, cfg_schedule="linear"),
     ],  # fmt: skip
 )
-def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, code_dim, settings):
+# attend_block 5: self-attention reads 5, 10, then all 12 (18 with the text prefix) cache positions; None: all
+@pytest.mark.parametrize("attend_block", [None, 5])
+def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, code_dim, settings, attend_block):
     model, (states, mask) = tiny_model(conditioning, rope, code_dim), text()
-    cached = generate(model, states, mask, settings, torch.Generator().manual_seed(7))
+    cached = generate(
+        model, states, mask, settings, torch.Generator().manual_seed(7), attend_block=attend_block
+    )
     recomputed = generate_recompute(model, states, mask, settings, torch.Generator().manual_seed(7))
     assert cached.shape == (3, 12)
     assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_decode_step_is_one_graph_and_samples_the_eager_tokens(backend):
+    # the GPU sampler's step (decode, guidance, token choice) must trace as one graph with dynamic shapes, for
+    # every batch size and attended length, and draw the same tokens as the eager loop from the same seed
+    if backend == "inductor" and not has_cpp_compiler():
+        pytest.skip("inductor on CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    model = tiny_model("prefix")
+    settings = SamplingSettings(cfg_scale=2.0, cfg_schedule="linear", temperature=0.9, top_k=8)
+    step = torch.compile(decode_and_sample, backend=backend, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        for batch in (3, 2):
+            states, mask = text(batch)
+            sampled = [
+                generate(model, states, mask, settings, torch.Generator().manual_seed(7), decode_step=s, attend_block=5)
+                for s in (None, step)
+            ]  # fmt: skip
+            assert torch.equal(*sampled)
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--sampling-batch-sizes", type=int, nargs="*", help="replace the preset's batch sizes"
     )
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (after the warm-up)")
+    sampling_bench.add_decode_arguments(parser)
     args = parser.parse_args(argv)
     p = dict(PRESETS[args.preset])
     if args.sizes:
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
             torch.bfloat16 if device.type == "cuda" else torch.float32, entry["batch_sizes"], device,
             repeats=p["repeats"], recompute_up_to=entry["recompute_up_to"],
             compile_step=p["compile"] and device.type == "cuda", ceilings=report["ceilings"], budget=budget,
-            log=lambda line: print(f"[bench] {line}", flush=True),
+            log=lambda line: print(f"[bench] {line}", flush=True), attend_block=args.attend_block or None,
+            decode_math=args.decode_math,
         )  # fmt: skip
         report.setdefault("sampling", []).append(result)
 

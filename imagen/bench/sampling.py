@@ -4,6 +4,7 @@ GPT-2 `generate` with the same depth, width and vocabulary, measured side by sid
     python -m imagen.bench.sampling                      # CPU preset: the shapes size (8x8 tokens)
     python -m imagen.bench.sampling --preset gpu         # size B, 16x16 tokens, 16384 codes, bf16 (+ compiled)
     python -m imagen.bench.sampling --batch-sizes 1 16 64 --json out.json
+    python -m imagen.bench.sampling --preset gpu --attend-block 0 --decode-math   # variants of the cached step
 
 Every method samples the same number of image tokens per image with guidance (a doubled batch: conditional and
 unconditional rows); images/s counts images, not rows.
@@ -12,10 +13,12 @@ unconditional rows); images/s counts images, not rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from dataclasses import asdict
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from imagen.bench.common import device_name, timed
 from imagen.models.ar_transformer import ARTransformer
@@ -89,11 +92,16 @@ def decode_floor(
 def run_size(
     size: str, grid: int, vocab: int, text_length: int, dtype: torch.dtype, batch_sizes: list[int],
     device: torch.device, repeats: int = 3, recompute_up_to: int = 64, compile_step: bool = False,
-    hf_up_to: int = 1 << 30, ceilings: dict | None = None, budget=None, log=print,
+    hf_up_to: int = 1 << 30, ceilings: dict | None = None, budget=None, log=print, attend_block: int | None = 64,
+    decode_math: bool = False,
 ) -> dict:  # fmt: skip
     """Images/s of each method at each batch size for one model size; with `ceilings`, also the floor and the
-    ratio floor / measured of the fastest cached sampler (1.0 would be at the floor)."""
+    ratio floor / measured of the fastest cached sampler (1.0 would be at the floor). The cached samplers read
+    their keys in blocks of `attend_block` (`generate`; None: the whole cache at every step); `decode_math`: their
+    attention through SDPA's math backend (under `torch.compile`, plain matmuls and a softmax that inductor fuses)
+    instead of the fused attention kernels."""
     torch.manual_seed(0)
+    torch._dynamo.reset()  # compile for this size alone (another size's graphs would count against the cache limit)
     model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=128)
     model = model.to(device=device, dtype=dtype).eval()
     gpt2 = hf_gpt2(model, dtype, device)
@@ -118,11 +126,15 @@ def run_size(
                 row[f"{key}_error"] = f"{type(error).__name__}: {error}"
                 log(f"sampling {size} batch {batch} {key}: {row[f'{key}_error']}")
 
-        measure("kv_cache", lambda: generate(model, states, mask, settings, cache=eager_cache))
+        def cached(**kwargs):
+            with sdpa_kernel(SDPBackend.MATH) if decode_math else contextlib.nullcontext():
+                return generate(model, states, mask, settings, attend_block=attend_block, **kwargs)
+
+        measure("kv_cache", lambda: cached(cache=eager_cache))
         if step is not None:
             cache = KVCache.allocate(model, 2 * batch, text_length, device, dtype)
-            measure("kv_cache_compiled", lambda: generate(model, states, mask, settings, decode_step=step, cache=cache),
-                    warmup=2)  # fmt: skip
+            # two warm-up runs: the first compiles (for a new batch size) and the second records the CUDA graphs
+            measure("kv_cache_compiled", lambda: cached(decode_step=step, cache=cache), warmup=2)
             del cache
         if batch <= recompute_up_to:
             measure("recompute", lambda: generate_recompute(model, states, mask, settings))
@@ -144,7 +156,8 @@ def run_size(
         if "hf_gpt2_generate" in row:
             row["ratio_vs_hf"] = best / row["hf_gpt2_generate"]
         if "recompute" in row:
-            row["kv_cache_vs_recompute"] = row["kv_cache"] / row["recompute"]
+            row["kv_cache_vs_recompute"] = best / row["recompute"]
+            row["kv_cache_eager_vs_recompute"] = row["kv_cache"] / row["recompute"]
         if ceilings is not None:
             floor = batch / decode_floor(model, batch, text_length, dtype.itemsize, ceilings)
             row["floor"] = floor
@@ -160,21 +173,37 @@ def run_size(
         "text_length": text_length,
         "dtype": str(dtype).removeprefix("torch."),
         "settings": asdict(settings),
+        "attend_block": attend_block,
+        "decode_attention": "math" if decode_math else "default",
         "model": asdict(model.config),
         "images_per_second": rows,
     }
 
 
 def run(
-    preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute_above: int, compile_step: bool
-) -> dict:
+    preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute_above: int, compile_step: bool,
+    attend_block: int | None = 64, decode_math: bool = False,
+) -> dict:  # fmt: skip
     p = PRESETS[preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = run_size(
         p["size"], p["grid"], p["vocab"], p["text_len"], getattr(torch, p["dtype"]), batch_sizes or p["batch_sizes"],
-        device, repeats, skip_recompute_above, compile_step and device.type == "cuda",
+        device, repeats, skip_recompute_above, compile_step and device.type == "cuda", attend_block=attend_block,
+        decode_math=decode_math,
     )  # fmt: skip
     return {"preset": preset, "device": device_name(device), **report}
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attend-block",
+        type=int,
+        default=64,
+        help="cached samplers read keys in blocks of this many (0: all)",
+    )
+    parser.add_argument(
+        "--decode-math", action="store_true", help="cached samplers' attention through SDPA's math backend"
+    )
 
 
 def main() -> None:
@@ -190,9 +219,13 @@ def main() -> None:
         "--skip-recompute-above", type=int, default=64, help="recompute is slow: skip larger batches"
     )
     parser.add_argument("--no-compile", action="store_true", help="GPU: skip the torch.compile'd decode step")
+    add_decode_arguments(parser)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    report = run(args.preset, args.batch_sizes, args.repeats, args.skip_recompute_above, not args.no_compile)
+    report = run(
+        args.preset, args.batch_sizes, args.repeats, args.skip_recompute_above, not args.no_compile,
+        args.attend_block or None, args.decode_math,
+    )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

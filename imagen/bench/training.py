@@ -127,6 +127,7 @@ def run(
 
     record("plain_eager", plain_loop(model, loader, warmup, device))
     if compile_model and (budget is None or budget.allows(60)):
+        torch._dynamo.reset()  # compile for this size alone: another size's graphs would be recompiled mid-timing
         model.compile_blocks()
         record("plain_compiled", plain_loop(model, loader, warmup, device))
         result["compile_speedup"] = result["plain_eager"]["step_ms"] / result["plain_compiled"]["step_ms"]

@@ -214,11 +214,12 @@ class Block(nn.Module):
         self.drop = Dropout(c.dropout)
 
     def forward(
-        self, x, self_mask, cross_kv, cross_mask, cache_kv=None, positions=None, rope=None
+        self, x, self_mask, cross_kv, cross_mask, cache_kv=None, positions=None, rope=None, attend=None
     ) -> torch.Tensor:
         """x (B, T, D). With `cache_kv` = (k, v) buffers (B, H, S, hd), this step's keys and values are written at
-        sequence `positions` (T,) and attention runs over the whole buffer under `self_mask`. `rope`: (cos, sin)
-        (T, hd / 2) of x's positions, rotating self-attention queries and keys (2D RoPE)."""
+        sequence `positions` (T,) and attention runs over the buffer's first `attend` positions (None: all S) under
+        `self_mask`. `rope`: (cos, sin) (T, hd / 2) of x's positions, rotating self-attention queries and keys (2D
+        RoPE)."""
         h = self.norm1(x)
         k, v = self.attn.keys_values(h)
         if rope is not None:
@@ -227,7 +228,7 @@ class Block(nn.Module):
             k_buf, v_buf = cache_kv
             k_buf.index_copy_(2, positions, k.to(k_buf.dtype))
             v_buf.index_copy_(2, positions, v.to(v_buf.dtype))
-            k, v = k_buf, v_buf
+            k, v = k_buf[:, :, :attend], v_buf[:, :, :attend]  # (B, H, attend, hd) views
         x = x + self.drop(self.attn(h, k, v, self_mask, rope))
         if self.cross:
             x = x + self.drop(self.cross_attn(self.norm_cross(x), *cross_kv, cross_mask))
@@ -460,23 +461,29 @@ class ARTransformer(nn.Module):
                 cache.cross_v[i][:, :, :length] = v
         return self._cached_step(x, 0, cache)[:, -1]
 
-    def decode_step(self, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+    def decode_step(
+        self, token: torch.Tensor, position: torch.Tensor, cache, attend: int | None = None
+    ) -> torch.Tensor:
         """Feed image token (B,) that sits at image position `position` (0-dim long tensor); returns logits (B, V)
-        for the next position. Shapes are static (the whole cache is attended with a mask): CUDA-graph friendly."""
+        for the next position. Self-attention reads the first `attend` cache positions (None: all of them; they
+        must cover `position`'s, which the caller knows without reading the tensor). Shapes depend only on B and
+        `attend`, not on the position: CUDA-graph friendly."""
         x = self.embed(token[:, None], position + 1)
         seq_pos = position + 1 + self.prefix_length
         cache.key_valid.index_fill_(1, seq_pos.view(1), True)
-        return self._cached_step(x, seq_pos, cache)[:, -1]
+        return self._cached_step(x, seq_pos, cache, attend)[:, -1]
 
-    def _cached_step(self, x: torch.Tensor, start, cache) -> torch.Tensor:
+    def _cached_step(self, x: torch.Tensor, start, cache, attend: int | None = None) -> torch.Tensor:
         t = x.shape[1]
+        length = cache.self_k[0].shape[2] if attend is None else attend
         positions = torch.arange(t, device=x.device) + start  # sequence positions of x
-        index = torch.arange(cache.self_k[0].shape[2], device=x.device)
-        # (B, 1, T, S): causal within the cache, and only keys that were written
-        self_mask = (index[None, :] <= positions[:, None])[None, None] & cache.key_valid[:, None, None, :]
+        index = torch.arange(length, device=x.device)
+        written = cache.key_valid[:, None, None, :length]
+        # (B, 1, T, attend): causal within the cache, and only keys that were written
+        self_mask = (index[None, :] <= positions[:, None])[None, None] & written
         rope = self.rope_at(positions)
         for i, block in enumerate(self.blocks):
             cross_kv = (cache.cross_k[i], cache.cross_v[i]) if block.cross else None
             kv = (cache.self_k[i], cache.self_v[i])
-            x = block(x, self_mask, cross_kv, cache.text_mask, kv, positions, rope)
+            x = block(x, self_mask, cross_kv, cache.text_mask, kv, positions, rope, length)
         return self.head(self.norm(x))

@@ -1,4 +1,4 @@
-"""Sampling image tokens from an `ARTransformer`: prefill -> decode_one_token -> decode_n_tokens.
+"""Sampling image tokens from an `ARTransformer`: prefill, then one `decode_and_sample` step per token.
 
 The sampler owns a preallocated static KV cache (`KVCache`); the model only reads and writes the buffers it is
 handed, so sampling leaves the model exactly as it was. Classifier-free guidance runs as one doubled batch
@@ -23,7 +23,7 @@ class KVCache:
 
     self_k: list[torch.Tensor]
     self_v: list[torch.Tensor]
-    key_valid: torch.Tensor  # (B, S) bool: sequence positions written so far
+    key_valid: torch.Tensor  # (B, S) bool: sequence positions written so far (S: sequence length + 1)
     cross_k: list[torch.Tensor]
     cross_v: list[torch.Tensor]
     text_mask: torch.Tensor  # (B, 1, 1, L) bool
@@ -35,7 +35,9 @@ class KVCache:
         """Zeroed buffers for `batch` rows (the doubled batch under guidance) and `text_length` text positions."""
         c = model.config
         hd = c.dim // c.heads
-        seq = model.sequence_length
+        # one spare position, never written: no attended length (`attended_length`) equals the buffers' length, which
+        # would make a compiled step specialise on that equality and compile a second time
+        seq = model.sequence_length + 1
 
         def buffers(length: int) -> list[torch.Tensor]:
             return [
@@ -94,23 +96,32 @@ class SamplingSettings:
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
     def scale_at(self, step: int, num_steps: int) -> float:
         if self.cfg_schedule == "linear" and num_steps > 1:
             return 1.0 + (self.cfg_scale - 1.0) * step / (num_steps - 1)
         return self.cfg_scale
 
 
-def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Doubled-batch logits (2B, V) -> guided (B, V): uncond + scale * (cond - uncond)."""
+def guide(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Doubled-batch logits (2B, V) -> guided (B, V): uncond + scale * (cond - uncond) (`scale`: a number or a
+    0-dim tensor)."""
     cond, uncond = logits.float().chunk(2)
     return uncond + scale * (cond - uncond)
 
 
 def sample_token(
-    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids, with temperature, top-k and top-p; greedy at temperature 0 or top_k 1."""
-    if settings.temperature == 0 or settings.top_k == 1:
+    """(B, V) logits -> (B,) token ids, with temperature, top-k and top-p; greedy at temperature 0 or top_k 1.
+    `noise`: the (B, V) Exp(1) draws of the exponential race (drawn here with `generator` when None)."""
+    if settings.greedy:
         return logits.argmax(-1)
     logits = logits.float() / settings.temperature
     if settings.top_k is not None and settings.top_k < logits.shape[-1]:
@@ -122,8 +133,14 @@ def sample_token(
         remove = cumulative - sorted_logits.softmax(-1) > settings.top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     probs = logits.softmax(-1)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if noise is None:
+        noise = race_noise(probs.shape, probs.device, generator)
     return (probs / noise).argmax(-1)
+
+
+def race_noise(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exp(1) draws (float32) for `sample_token`'s exponential race."""
+    return torch.empty(shape, device=device).exponential_(1.0, generator=generator)
 
 
 def with_unconditional(model: ARTransformer, states: torch.Tensor, mask: torch.Tensor):
@@ -137,17 +154,54 @@ def prefill(model: ARTransformer, states: torch.Tensor, mask: torch.Tensor, cach
 
 
 def decode_one_token(
-    model: ARTransformer, token: torch.Tensor, position: torch.Tensor, cache: KVCache
+    model: ARTransformer,
+    token: torch.Tensor,
+    position: torch.Tensor,
+    cache: KVCache,
+    attend: int | None = None,
 ) -> torch.Tensor:
-    """Feed `token` (rows of the doubled batch) at image `position`; logits for the next one."""
-    return model.decode_step(token, position, cache)
+    """Feed `token` (rows of the doubled batch) at image `position`; logits for the next one. Self-attention reads
+    the first `attend` cache positions (None: all)."""
+    return model.decode_step(token, position, cache, attend)
+
+
+def decode_and_sample(
+    model: ARTransformer,
+    fed: torch.Tensor,
+    position: torch.Tensor,
+    cache: KVCache,
+    scale: torch.Tensor,
+    noise: torch.Tensor | None,
+    settings: SamplingSettings,
+    attend: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of `generate`: feed `fed` (B rows, 2B under guidance) at image `position`, guide the logits with
+    `scale` (0-dim tensor) and choose the next tokens with `noise` (B, V) (None when greedy). Returns the tokens
+    (B,) and the rows to feed next. `compiled_decode_step` compiles all of it as one graph."""
+    logits = decode_one_token(model, fed, position, cache, attend)
+    guided = guide(logits, scale) if settings.guided else logits
+    token = sample_token(guided, settings, noise=noise)
+    return token, torch.cat([token, token]) if settings.guided else token
 
 
 def compiled_decode_step() -> Callable:
-    """`decode_one_token` compiled for GPU decoding: fused kernels replayed as CUDA graphs (one graph per batch
-    shape; after a second batch size the kernels are compiled once for any batch). The KV cache's buffers have
-    static addresses (`KVCache.allocate`), so the in-place cache writes stay inside the graph."""
-    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    """`decode_and_sample` compiled for GPU decoding: the decode step, guidance and the token choice fused into one
+    graph replayed as a CUDA graph (one recording per batch size and attended length; the shapes are dynamic, so
+    one compilation serves every batch size above 1 and every length). The KV cache's buffers have static addresses (`KVCache.allocate`), so the in-place cache
+    writes stay inside the graph; the random draws come in as an input (`race_noise`), so a seeded generator
+    gives the eager sampler's tokens."""
+    return torch.compile(decode_and_sample, mode="reduce-overhead", fullgraph=True, dynamic=True)
+
+
+def attended_length(model: ARTransformer, position: int, block: int | None) -> int | None:
+    """Cache positions a decode step that feeds image `position` must read, rounded up to a multiple of `block`
+    (a few distinct lengths: few CUDA graphs), or None (all) without `block`."""
+    if block is None:
+        return None
+    if block < 1:
+        raise ValueError(f"attend_block must be a positive number of cache positions or None; got {block}")
+    needed = model.prefix_length + position + 2  # the prefix, BOS and tokens 0..position
+    return min(model.sequence_length, -(-needed // block) * block)
 
 
 @torch.no_grad()
@@ -159,12 +213,15 @@ def generate(
     generator: torch.Generator | None = None,
     decode_step: Callable | None = None,
     cache: KVCache | None = None,
+    attend_block: int | None = 64,
 ) -> torch.Tensor:
     """Sample image tokens (B, N) for text states (B, L, text_dim) with the static KV cache.
 
-    `decode_step` replaces `decode_one_token`, e.g. `compiled_decode_step()` (CUDA graphs on GPU). A `cache` from
+    `decode_step` replaces `decode_and_sample`, e.g. `compiled_decode_step()` (CUDA graphs on GPU). A `cache` from
     an earlier call with the same shapes is reused (a compiled step then replays its graphs); otherwise one is
-    allocated. The loop has no host syncs: positions are device tensors and tokens never leave the device.
+    allocated. Each step's self-attention reads the cache in blocks of `attend_block` positions, only as far as
+    the tokens written so far (None: the whole cache at every step). The loop has no host syncs: positions are
+    device tensors, tokens never leave the device, and the random draws are made on the device.
     """
     batch, n = states.shape[0], model.config.num_image_tokens
     if settings.guided:
@@ -172,17 +229,26 @@ def generate(
     rows, length, device = states.shape[0], states.shape[1], states.device
     if cache is None or not cache.fits(rows, length, device, states.dtype):
         cache = KVCache.allocate(model, rows, length, device, states.dtype)
-    step = decode_step or decode_one_token
-    positions = torch.arange(n, device=device)
+    step = decode_step or decode_and_sample
+    # the image position of the token fed; counted on the device (a view of arange would tie its length to the
+    # attended length in a compiled step's guards)
+    position = torch.zeros((), dtype=torch.long, device=device)
+    scales = torch.tensor([settings.scale_at(i, n) for i in range(n)], device=device)  # (N,) guidance
+
+    def noise() -> torch.Tensor | None:
+        return None if settings.greedy else race_noise((batch, model.config.vocab_size), device, generator)
+
     tokens = torch.empty(batch, n, dtype=torch.long, device=device)
     logits = prefill(model, states, mask, cache)
-    for i in range(n):
-        guided = guide(logits, settings.scale_at(i, n)) if settings.guided else logits
-        token = sample_token(guided, settings, generator)
+    token = sample_token(guide(logits, scales[0]) if settings.guided else logits, settings, noise=noise())
+    tokens[:, 0] = token
+    fed = torch.cat([token, token]) if settings.guided else token
+    for i in range(1, n):
+        attend = attended_length(model, i - 1, attend_block)
+        token, fed = step(model, fed, position, cache, scales[i], noise(), settings, attend)
         tokens[:, i] = token
-        if i + 1 < n:
-            fed = torch.cat([token, token]) if settings.guided else token
-            logits = step(model, fed, positions[i], cache)
+        fed = fed.clone()  # a CUDA graph's output is overwritten by its next replay
+        position += 1
     return tokens
 
 
