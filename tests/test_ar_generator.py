@@ -513,3 +513,38 @@ def test_code_vectors_feed_the_autoencoders_codes_and_travel_in_the_checkpoint(
     torch.testing.assert_close(
         restored.net(tokens, text.states, text.mask)[0], model.eval().net(tokens, text.states, text.mask)[0]
     )
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(compiled):
+    if compiled and not has_cpp_compiler():
+        pytest.skip("inductor on CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kept = ARTransformer.from_size("tiny", vocab_size=32, grid_size=(4, 4), text_dim=16, dropout=0.1)
+    recomputed = copy.deepcopy(kept)
+    recomputed.config.activation_checkpointing = True
+    if compiled:
+        kept.compile_blocks()
+        recomputed.compile_blocks()
+    tokens, states = torch.randint(0, 32, (3, 16)), torch.randn(3, 5, 16)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    saved_bytes = []
+    for net in (kept, recomputed):
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        torch.manual_seed(1)  # the same dropout masks and caption dropout in both
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = net(tokens, states, mask, targets=tokens, cond_drop_prob=0.5)[1]
+        saved_bytes.append(total)
+        loss.backward()
+    assert saved_bytes[1] < saved_bytes[0] / 2
+    for (name, p), q in zip(kept.named_parameters(), recomputed.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from imagen.models.sizes import config_from_size
 
@@ -46,6 +47,9 @@ class ARConfig:
     # the learned embedding of each input token: what a code looks like, known from the first step. 0: off (as in
     # checkpoints written before it existed); the generator stage sets it from its autoencoder (`model.code_vectors`).
     code_dim: int = 0
+    # Training recomputes each block's activations in the backward pass instead of keeping them (less memory for large
+    # sizes and batches, about a third more compute); sampling and evaluation are unaffected.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(self.grid_size)
@@ -408,9 +412,13 @@ class ARTransformer(nn.Module):
         else:
             self_mask, cross_mask = None, context_mask[:, None, None, :]  # None: causal
         rope = self.rope_at(torch.arange(x.shape[1], device=x.device))
+        recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             cross_kv = block.cross_attn.keys_values(context) if block.cross else None
-            x = block(x, self_mask, cross_kv, cross_mask, rope=rope)
+            if recompute:  # the recomputation replays the block's dropout masks (the RNG state is restored)
+                x = checkpoint(block, x, self_mask, cross_kv, cross_mask, rope=rope, use_reentrant=False)
+            else:
+                x = block(x, self_mask, cross_kv, cross_mask, rope=rope)
         logits = self.head(self.norm(x[:, self.prefix_length :]))
         loss = None
         if targets is not None:
