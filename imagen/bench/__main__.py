@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.executable).name, "-m", "imagen.bench", *(argv or sys.argv[1:])]),
         "errors": {},
         "not_measured": {
-            "data": "the JPEG loader and the token cache belong to the data issue; not benchmarked by this suite yet"
+            "data": "the JPEG loader and the token cache: `python -m imagen.bench.loader` (a step of imagen.bench.gpu_suite)"
         },
     }
 

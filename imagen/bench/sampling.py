@@ -182,9 +182,9 @@ def run_size(
 
 def run(
     preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute_above: int, compile_step: bool,
-    attend_block: int | None = 64, decode_math: bool = False,
+    attend_block: int | None = 64, decode_math: bool = False, grid: int | None = None,
 ) -> dict:  # fmt: skip
-    p = PRESETS[preset]
+    p = {**PRESETS[preset], **({"grid": grid} if grid else {})}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = run_size(
         p["size"], p["grid"], p["vocab"], p["text_len"], getattr(torch, p["dtype"]), batch_sizes or p["batch_sizes"],
@@ -214,6 +214,7 @@ def main() -> None:
         "--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--batch-sizes", type=int, nargs="*")
+    parser.add_argument("--grid", type=int, help="tokens per side (replaces the preset's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--skip-recompute-above", type=int, default=64, help="recompute is slow: skip larger batches"
@@ -224,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     report = run(
         args.preset, args.batch_sizes, args.repeats, args.skip_recompute_above, not args.no_compile,
-        args.attend_block or None, args.decode_math,
+        args.attend_block or None, args.decode_math, args.grid,
     )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
