@@ -16,6 +16,7 @@ from imagen.sampling.ar import (
     generate,
     generate_recompute,
     guide,
+    reusable_cache,
     with_unconditional,
 )
 from imagen.stages.ar_generator import has_cpp_compiler
@@ -70,6 +71,23 @@ def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, code_dim, s
     recomputed = generate_recompute(model, states, mask, settings, torch.Generator().manual_seed(7))
     assert cached.shape == (3, 12)
     assert torch.equal(cached, recomputed)
+
+
+def test_a_kept_cache_serves_later_calls_with_shorter_texts_as_a_fresh_one_would():
+    # the stage keeps one cache per number of rows for its compiled (CUDA-graph) sampler: buffers at fixed addresses
+    model, settings, caches = tiny_model(), SamplingSettings(cfg_scale=2.0, temperature=0.8, top_k=10), {}
+    long_states, long_mask = torch.randn(3, 9, 16), torch.ones(3, 9, dtype=torch.bool)
+    states, mask = text()  # 5 text positions, one caption padded
+    kept = reusable_cache(caches, model, long_states, settings)
+    generate(model, long_states, long_mask, settings, cache=kept)
+    assert reusable_cache(caches, model, states, settings) is kept and len(caches) == 1
+    sampled = [
+        generate(model, states, mask, settings, torch.Generator().manual_seed(3), cache=cache)
+        for cache in (kept, None)
+    ]
+    assert torch.equal(*sampled)
+    # a longer text than the cache holds gets a new one
+    assert reusable_cache(caches, model, torch.randn(3, 12, 16), settings) is not kept
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

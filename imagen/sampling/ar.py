@@ -63,15 +63,29 @@ class KVCache:
         return [*self.self_k, *self.self_v, self.key_valid, *self.cross_k, *self.cross_v, self.text_mask]
 
     def fits(self, batch: int, text_length: int, device, dtype) -> bool:
-        """Whether this cache can serve a call with these shapes (reuse keeps CUDA-graph addresses valid)."""
+        """Whether this cache can serve a call with these shapes (reuse keeps CUDA-graph addresses valid): as many
+        rows, and room for the text (a shorter one leaves the rest of the text positions masked out)."""
         k = self.self_k[0]
         return (
             k.shape[0] == batch
-            and self.text_mask.shape[-1] in (1, text_length)
-            and (not self.cross_k or self.cross_k[0].shape[2] == text_length)
+            and (not self.cross_k or self.cross_k[0].shape[2] >= text_length)
             and k.device == torch.device(device)
             and k.dtype == dtype
         )
+
+
+def reusable_cache(
+    caches: dict[int, KVCache], model: ARTransformer, states: torch.Tensor, settings: SamplingSettings
+) -> KVCache:
+    """The cache for a `generate` call on these text states, kept in `caches` (one per number of rows) for later
+    calls: a compiled step then replays the CUDA graphs it recorded on these buffers, where a new cache at new
+    addresses would record new ones, in a list that only grows. A text longer than any before gets a larger one."""
+    rows = states.shape[0] * (2 if settings.guided else 1)
+    cache = caches.get(rows)
+    if cache is None or not cache.fits(rows, states.shape[1], states.device, states.dtype):
+        length = max(states.shape[1], 0 if cache is None else cache.text_mask.shape[-1])
+        cache = caches[rows] = KVCache.allocate(model, rows, length, states.device, states.dtype)
+    return cache
 
 
 @dataclass
@@ -233,23 +247,39 @@ def generate(
     # the image position of the token fed; counted on the device (a view of arange would tie its length to the
     # attended length in a compiled step's guards)
     position = torch.zeros((), dtype=torch.long, device=device)
-    scales = torch.tensor([settings.scale_at(i, n) for i in range(n)], device=device)  # (N,) guidance
+    scales = torch.tensor([settings.scale_at(i, n) for i in range(n)])  # (N,) guidance
+    scales = scales.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scales
+    for buffer in cache.tensors():
+        varying(buffer, 0)  # the batch
+    for buffer in [*cache.cross_k, *cache.cross_v]:
+        varying(buffer, 2)  # the text length
+    varying(cache.text_mask, 3)
 
     def noise() -> torch.Tensor | None:
-        return None if settings.greedy else race_noise((batch, model.config.vocab_size), device, generator)
+        if settings.greedy:
+            return None
+        return varying(race_noise((batch, model.config.vocab_size), device, generator), 0)
 
     tokens = torch.empty(batch, n, dtype=torch.long, device=device)
     logits = prefill(model, states, mask, cache)
     token = sample_token(guide(logits, scales[0]) if settings.guided else logits, settings, noise=noise())
     tokens[:, 0] = token
-    fed = torch.cat([token, token]) if settings.guided else token
+    fed = varying(torch.cat([token, token]) if settings.guided else token, 0)
     for i in range(1, n):
         attend = attended_length(model, i - 1, attend_block)
         token, fed = step(model, fed, position, cache, scales[i], noise(), settings, attend)
         tokens[:, i] = token
-        fed = fed.clone()  # a CUDA graph's output is overwritten by its next replay
+        fed = varying(fed.clone(), 0)  # a CUDA graph's output is overwritten by its next replay
         position += 1
     return tokens
+
+
+def varying(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """`tensor`, marked for a compiled step as varying in `dim` from call to call. Otherwise the first compilation
+    ties a size that happens to equal one of the model's (64 rows and 64-wide heads) to that value, and the next
+    batch size compiles again."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
 from imagen.models.text_encoder import CaptionTokenizer, TextStates
-from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate
+from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate, reusable_cache
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
@@ -367,15 +367,15 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         settings: SamplingSettings | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache."""
-        step = None
+        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache. With `model.compile` on a GPU,
+        each token's step is one CUDA graph, and the module keeps a KV cache per batch size for the graphs to reuse."""
+        settings, step, cache = settings or self.sampling, None, None
         if self.hparams.compile and text.states.is_cuda:
             if getattr(self, "_decode_step", None) is None:
-                self._decode_step = compiled_decode_step()
+                self._decode_step, self._sampling_caches = compiled_decode_step(), {}
             step = self._decode_step
-        return generate(
-            self.net, text.states, text.mask, settings or self.sampling, generator, decode_step=step
-        )
+            cache = reusable_cache(self._sampling_caches, self.net, text.states, settings)
+        return generate(self.net, text.states, text.mask, settings, generator, decode_step=step, cache=cache)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
