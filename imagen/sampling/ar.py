@@ -201,9 +201,9 @@ def decode_and_sample(
 def compiled_decode_step() -> Callable:
     """`decode_and_sample` compiled for GPU decoding: the decode step, guidance and the token choice fused into one
     graph replayed as a CUDA graph (one recording per batch size and attended length; the shapes are dynamic, so
-    one compilation serves every batch size above 1 and every length). The KV cache's buffers have static addresses (`KVCache.allocate`), so the in-place cache
-    writes stay inside the graph; the random draws come in as an input (`race_noise`), so a seeded generator
-    gives the eager sampler's tokens."""
+    one compilation serves every batch size above 1 and every length). The KV cache's buffers have static
+    addresses (`KVCache.allocate`), so the in-place cache writes stay inside the graph; the random draws come in as
+    an input (`race_noise`), so a seeded generator gives the eager sampler's tokens."""
     return torch.compile(decode_and_sample, mode="reduce-overhead", fullgraph=True, dynamic=True)
 
 
