@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.executable).name, "-m", "imagen.bench", *(argv or sys.argv[1:])]),
         "errors": {},
         "not_measured": {
-            "data": "the JPEG loader and the token cache: `python -m imagen.bench.loader` (a step of imagen.bench.gpu_suite)"
+            "data": "JPEG loader and token cache: `python -m imagen.bench.loader`, a step of imagen.bench.gpu_suite"
         },
     }
 
