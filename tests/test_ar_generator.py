@@ -19,7 +19,7 @@ from imagen.sampling.ar import (
     reusable_cache,
     with_unconditional,
 )
-from imagen.stages.ar_generator import has_cpp_compiler
+from imagen.stages.ar_generator import ARGeneratorStage, has_cpp_compiler
 from tests.conftest import TINY_SHAPES
 from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
@@ -566,3 +566,25 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_fewer_activ
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_epoch_end_scoring_runs_under_the_trainers_precision(make_cfg, tiny_autoencoder_ckpt, tmp_path):  # noqa: F811
+    # Lightning autocasts only the step methods; the stage runs its epoch-end scoring (retrieval) under the Trainer's
+    # precision too, and keeps the sampling at epoch start in float32
+    seen = {}
+
+    def recording(name, method):
+        def wrapped(self, split):
+            seen[name] = torch.is_autocast_enabled("cpu")
+            return method(self, split)
+
+        return wrapped
+
+    start, end = ARGeneratorStage._eval_epoch_start, ARGeneratorStage._eval_epoch_end
+    with (
+        mock.patch.object(ARGeneratorStage, "_eval_epoch_start", recording("start", start)),
+        mock.patch.object(ARGeneratorStage, "_eval_epoch_end", recording("end", end)),
+    ):
+        _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "bf16", ["trainer.val_check_interval=3",
+                       "trainer.precision=bf16-mixed", "model.eval_prompts=4"])  # fmt: skip
+    assert seen == {"start": False, "end": True}

@@ -549,11 +549,19 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
+    def _trainer_precision(self):
+        """The Trainer's precision (bf16 autocast under `bf16-mixed`) for the scoring at the end of an evaluation
+        (retrieval re-scores thousands of pairs with the captioner and the generator): Lightning applies it to the
+        step methods only. Sampling at the start stays in float32: under bf16 the quickstart's held-out judge
+        accuracy fell by 2.0 and 4.6 points (two checkpoints, one draw each; BENCHMARKS.md, session 25)."""
+        return self.trainer.precision_plugin.forward_context()
+
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start("val")
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        with self._trainer_precision():
+            self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -562,7 +570,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         self._eval_epoch_start("test")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        with self._trainer_precision():
+            self._eval_epoch_end("test")
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict:
