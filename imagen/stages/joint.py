@@ -491,7 +491,8 @@ class JointStage(ARGeneratorStage):
             relevant = scene_relevance(scenes)
         else:  # no ground truth beyond the pairing itself
             relevant = torch.eye(len(index), dtype=torch.bool)
-        similarity = text.float() @ image.float().t()  # (texts, images)
+        with torch.autocast("cpu", enabled=False):  # float32 even under the Trainer's bf16 (on_*_epoch_end)
+            similarity = text.float() @ image.float().t()  # (texts, images)
         ks = self.hparams.retrieval_ks
         values = retrieval_metrics(similarity, similarity.t(), relevant, ks)
         nearest = self.hparams.retrieval_rerank
