@@ -48,7 +48,7 @@ class ARConfig:
     # checkpoints written before it existed); the generator stage sets it from its autoencoder (`model.code_vectors`).
     code_dim: int = 0
     # Training recomputes each block's activations in the backward pass instead of keeping them (less memory for large
-    # sizes and batches, about a third more compute); sampling and evaluation are unaffected.
+    # sizes and batches, a second forward pass through each block); sampling and evaluation are unaffected.
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
