@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -59,6 +60,7 @@ def text(batch: int = 3):
         SamplingSettings(cfg_scale=3.0, top_k=10),
         SamplingSettings(cfg_scale=1.0, temperature=0.8, top_p=0.9),
         SamplingSettings(cfg_scale=2.0, cfg_schedule="linear"),
+        SamplingSettings(cfg_scale=3.0, top_k=10, cfg_until=0.5),  # tokens 6..11 unguided
     ],  # fmt: skip
 )
 # attend_block 5: self-attention reads 5, 10, then all 12 (18 with the text prefix) cache positions; None: all
@@ -90,6 +92,28 @@ def test_a_kept_cache_serves_later_calls_with_shorter_texts_as_a_fresh_one_would
     assert reusable_cache(caches, model, torch.randn(3, 12, 16), settings) is not kept
 
 
+def test_guidance_stops_after_cfg_until_and_the_unconditional_rows_leave_the_batch():
+    model, (states, mask) = tiny_model(), text()
+    with torch.no_grad():  # weights 3x their initial scale: the caption then changes which tokens are drawn
+        for p in model.parameters():
+            p.mul_(3)
+    settings = SamplingSettings(cfg_scale=3.0, top_k=10, cfg_until=0.4)  # 12 tokens: the first 5 guided
+    rows_fed = []
+
+    def step(model, fed, *args):
+        rows_fed.append(fed.shape[0])
+        return decode_and_sample(model, fed, *args)
+
+    cut = generate(model, states, mask, settings, torch.Generator().manual_seed(7), decode_step=step)
+    assert rows_fed == [6] * 4 + [3] * 7  # steps feed tokens 0..10: guided rows while they choose tokens 1..4
+    recomputed = generate_recompute(model, states, mask, settings, torch.Generator().manual_seed(7))
+    assert torch.equal(cut, recomputed)
+    full = generate(model, states, mask, replace(settings, cfg_until=1.0), torch.Generator().manual_seed(7))
+    assert torch.equal(cut[:, :5], full[:, :5]) and not torch.equal(cut, full)
+    with pytest.raises(ValueError, match=r"cfg_until must be in \(0, 1\]; got 0"):
+        SamplingSettings(cfg_until=0)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_decode_step_is_one_graph_and_samples_the_eager_tokens(backend):
     # the GPU sampler's step (decode, guidance, token choice) must trace as one graph (fullgraph: no graph break)
@@ -99,7 +123,8 @@ def test_compiled_decode_step_is_one_graph_and_samples_the_eager_tokens(backend)
         pytest.skip("inductor on CPU needs a C++ compiler")
     torch._dynamo.reset()
     model = tiny_model("prefix")
-    settings = SamplingSettings(cfg_scale=2.0, cfg_schedule="linear", temperature=0.9, top_k=8)
+    # guidance stops after half the tokens: the step runs on the doubled batch, then on the conditional rows alone
+    settings = SamplingSettings(cfg_scale=2.0, cfg_schedule="linear", temperature=0.9, top_k=8, cfg_until=0.5)
     step = torch.compile(decode_and_sample, backend=backend, fullgraph=True, dynamic=True)
     for batch in (3, 2):
         states, mask = text(batch)

@@ -50,7 +50,7 @@ def test_cpu_step_benchmark_times_the_variants_and_restores_the_attention(tmp_pa
 
 def test_gpu_sampler_checks_run_on_cpu_with_inductor():
     # the checks a GPU run makes of the compiled sampler step; here inductor compiles for CPU (no CUDA graphs, so
-    # the one step left out of them is expected)
+    # the one step left out of them is expected, and one more for the unguided step after `cfg_until`)
     if not has_cpp_compiler():
         pytest.skip("inductor on CPU needs a C++ compiler")
     checks = correctness_checks(torch.device("cpu"), compile_step=True)
@@ -59,4 +59,18 @@ def test_gpu_sampler_checks_run_on_cpu_with_inductor():
         "compiled_equals_eager": True,
         "compilations": 1,
         "cudagraph_skips": 1,
+        "cfg_until_compiled_equals_eager": True,
+        "cfg_until_cudagraph_skips": 1,
     }
+
+
+def test_sampling_bench_measures_guidance_stopped_early_beside_full_guidance():
+    from imagen.bench.sampling import run_size
+
+    report = run_size("tiny", 4, 64, 8, torch.float32, [2], torch.device("cpu"), repeats=1, recompute_up_to=0,
+                      hf_up_to=0, cfg_until=0.5)  # fmt: skip
+    (row,) = report["images_per_second"]
+    # the other figures guide every token
+    assert report["cfg_until"] == 0.5 and report["settings"]["cfg_until"] == 1.0
+    assert row["kv_cache"] > 0 and row["kv_cache_cfg_until"] > 0
+    assert row["kv_cache_cfg_until_speedup"] == row["kv_cache_cfg_until"] / row["kv_cache"]

@@ -58,9 +58,9 @@ def test_sample_defaults_to_the_checkpoints_settings(make_cfg, generator_ckpt, t
     assert row["settings"] == recorded
     # one setting given: the others stay the checkpoint's; top_k=0 and top_p=1 turn the cut-offs off
     sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=1",
-                      "temperature=1.0", "top_k=0", "top_p=1.0"))  # fmt: skip
+                      "temperature=1.0", "top_k=0", "top_p=1.0", "cfg_until=0.5"))  # fmt: skip
     row = json.loads((tmp_path / "out" / "samples.jsonl").read_text())
-    assert row["settings"] == {**recorded, "temperature": 1.0, "top_k": None, "top_p": 1.0}
+    assert row["settings"] == {**recorded, "temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_until": 0.5}
 
 
 def test_sample_is_reproducible_for_a_seed(make_cfg, generator_ckpt, tmp_path):

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -106,6 +107,16 @@ def correctness_checks(device: torch.device, compile_step: bool) -> dict:
         result["compiled_equals_eager"] = same
         result["compilations"] = counters["stats"]["unique_graphs"]  # 1 expected
         result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]  # 0 expected
+        # guidance stopped halfway: the second half decodes the conditional rows on views of the cache's buffers
+        stopped = replace(sampled, cfg_until=0.5)
+        eager, compiled = (
+            generate(model, states, mask, stopped, torch.Generator(device).manual_seed(0), s, attend_block=4)
+            for s in (None, step)
+        )
+        result["cfg_until_compiled_equals_eager"] = bool((eager == compiled).all())
+        result["cfg_until_cudagraph_skips"] = (
+            counters["inductor"]["cudagraph_skips"] - result["cudagraph_skips"]
+        )
     return result
 
 

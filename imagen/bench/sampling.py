@@ -5,6 +5,7 @@ GPT-2 `generate` with the same depth, width and vocabulary, measured side by sid
     python -m imagen.bench.sampling --preset gpu         # size B, 16x16 tokens, 16384 codes, bf16 (+ compiled)
     python -m imagen.bench.sampling --batch-sizes 1 16 64 --json out.json
     python -m imagen.bench.sampling --preset gpu --attend-block 0 --decode-math   # variants of the cached step
+    python -m imagen.bench.sampling --cfg-until 0.5      # also: guidance for the first half of the tokens only
 
 Every method samples the same number of image tokens per image with guidance (a doubled batch: conditional and
 unconditional rows); images/s counts images, not rows.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -93,13 +94,15 @@ def run_size(
     size: str, grid: int, vocab: int, text_length: int, dtype: torch.dtype, batch_sizes: list[int],
     device: torch.device, repeats: int = 3, recompute_up_to: int = 64, compile_step: bool = False,
     hf_up_to: int = 1 << 30, ceilings: dict | None = None, budget=None, log=print, attend_block: int | None = 64,
-    decode_math: bool = False,
+    decode_math: bool = False, cfg_until: float | None = None,
 ) -> dict:  # fmt: skip
     """Images/s of each method at each batch size for one model size; with `ceilings`, also the floor and the
     ratio floor / measured of the fastest cached sampler (1.0 would be at the floor). The cached samplers read
     their keys in blocks of `attend_block` (`generate`; None: the whole cache at every step); `decode_math`: their
     attention through SDPA's math backend (under `torch.compile`, plain matmuls and a softmax that inductor fuses)
-    instead of the fused attention kernels."""
+    instead of the fused attention kernels. `cfg_until`: the cached samplers are also measured with guidance for
+    that fraction of the tokens only (`*_cfg_until`, and their speedup over full guidance); every other figure
+    guides all tokens."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # compile for this size alone (another size's graphs would count against the cache limit)
     model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=128)
@@ -126,7 +129,7 @@ def run_size(
                 row[f"{key}_error"] = f"{type(error).__name__}: {error}"
                 log(f"sampling {size} batch {batch} {key}: {row[f'{key}_error']}")
 
-        def cached(**kwargs):
+        def cached(settings=settings, **kwargs):
             with sdpa_kernel(SDPBackend.MATH) if decode_math else contextlib.nullcontext():
                 return generate(model, states, mask, settings, attend_block=attend_block, **kwargs)
 
@@ -135,6 +138,19 @@ def run_size(
             cache = KVCache.allocate(model, 2 * batch, text_length, device, dtype)
             # two warm-up runs: the first compiles (for a new batch size) and the second records the CUDA graphs
             measure("kv_cache_compiled", lambda: cached(decode_step=step, cache=cache), warmup=2)
+        if cfg_until is not None:
+            stopped = replace(settings, cfg_until=cfg_until)
+            measure("kv_cache_cfg_until", lambda: cached(cache=eager_cache, settings=stopped))
+            if step is not None:
+                measure(
+                    "kv_cache_compiled_cfg_until",
+                    lambda: cached(decode_step=step, cache=cache, settings=stopped),
+                    warmup=2,
+                )
+            for key in ("kv_cache", "kv_cache_compiled"):
+                if key in row and f"{key}_cfg_until" in row:
+                    row[f"{key}_cfg_until_speedup"] = row[f"{key}_cfg_until"] / row[key]
+        if step is not None:
             del cache
         if batch <= recompute_up_to:
             measure("recompute", lambda: generate_recompute(model, states, mask, settings))
@@ -175,6 +191,7 @@ def run_size(
         "settings": asdict(settings),
         "attend_block": attend_block,
         "decode_attention": "math" if decode_math else "default",
+        "cfg_until": cfg_until,
         "model": asdict(model.config),
         "images_per_second": rows,
     }
@@ -182,14 +199,14 @@ def run_size(
 
 def run(
     preset: str, batch_sizes: list[int] | None, repeats: int, skip_recompute_above: int, compile_step: bool,
-    attend_block: int | None = 64, decode_math: bool = False, grid: int | None = None,
+    attend_block: int | None = 64, decode_math: bool = False, grid: int | None = None, cfg_until: float | None = None,
 ) -> dict:  # fmt: skip
     p = {**PRESETS[preset], **({"grid": grid} if grid else {})}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = run_size(
         p["size"], p["grid"], p["vocab"], p["text_len"], getattr(torch, p["dtype"]), batch_sizes or p["batch_sizes"],
         device, repeats, skip_recompute_above, compile_step and device.type == "cuda", attend_block=attend_block,
-        decode_math=decode_math,
+        decode_math=decode_math, cfg_until=cfg_until,
     )  # fmt: skip
     return {"preset": preset, "device": device_name(device), **report}
 
@@ -221,11 +238,16 @@ def main() -> None:
     )
     parser.add_argument("--no-compile", action="store_true", help="GPU: skip the torch.compile'd decode step")
     add_decode_arguments(parser)
+    parser.add_argument(
+        "--cfg-until",
+        type=float,
+        help="also measure the cached samplers guiding this fraction of tokens only",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     report = run(
         args.preset, args.batch_sizes, args.repeats, args.skip_recompute_above, not args.no_compile,
-        args.attend_block or None, args.decode_math, args.grid,
+        args.attend_block or None, args.decode_math, args.grid, args.cfg_until,
     )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

@@ -68,7 +68,8 @@ def load_generator(path: str, trust: bool):
 def sampling_settings(cfg: DictConfig, recorded: SamplingSettings) -> SamplingSettings:
     """The settings given on the command line; a null one is the checkpoint's `recorded` (its validation's);
     `top_k=0` turns top-k off."""
-    given = {key: cfg[key] for key in ("cfg_scale", "temperature", "top_k", "top_p") if cfg[key] is not None}
+    keys = ("cfg_scale", "cfg_until", "temperature", "top_k", "top_p")
+    given = {key: cfg[key] for key in keys if cfg[key] is not None}
     if given.get("top_k") == 0:
         given["top_k"] = None
     return replace(recorded, **given)

@@ -2,14 +2,15 @@
 
 The sampler owns a preallocated static KV cache (`KVCache`); the model only reads and writes the buffers it is
 handed, so sampling leaves the model exactly as it was. Classifier-free guidance runs as one doubled batch
-(conditional rows, then unconditional rows). Token choice avoids host syncs: top-k through `torch.topk` (no sort
+(conditional rows, then unconditional rows), for every token or the first `cfg_until` of them. Token choice avoids host syncs: top-k through `torch.topk` (no sort
 of the vocabulary) and the exponential race `argmax(p / E), E ~ Exp(1)` instead of `multinomial`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,14 +54,30 @@ class KVCache:
             cross_v=buffers(text_length) if cross else [],
             text_mask=torch.zeros(batch, 1, 1, text_length if cross else 1, dtype=torch.bool, device=device),
         )
-        if torch.device(device).type == "cuda":
-            # fixed addresses: a compiled decode step may mutate them in place and still replay as a CUDA graph
-            for buffer in cache.tensors():
-                torch._dynamo.mark_static_address(buffer)
-        return cache
+        return cache.static()
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.self_k, *self.self_v, self.key_valid, *self.cross_k, *self.cross_v, self.text_mask]
+
+    def static(self) -> KVCache:
+        """Marks the buffers' addresses as fixed (on a GPU), so that a compiled decode step may mutate them in place
+        and still replay as a CUDA graph, instead of copying them in at every step."""
+        if self.key_valid.device.type == "cuda":
+            for buffer in self.tensors():
+                torch._dynamo.mark_static_address(buffer)
+        return self
+
+    def first_rows(self, rows: int) -> KVCache:
+        """The first `rows` rows of every buffer, as views of the same memory: the conditional half of a guided
+        batch, decoded alone once guidance stops (`SamplingSettings.cfg_until`)."""
+        return KVCache(
+            self_k=[k[:rows] for k in self.self_k],
+            self_v=[v[:rows] for v in self.self_v],
+            key_valid=self.key_valid[:rows],
+            cross_k=[k[:rows] for k in self.cross_k],
+            cross_v=[v[:rows] for v in self.cross_v],
+            text_mask=self.text_mask[:rows],
+        ).static()
 
     def fits(self, batch: int, text_length: int, device, dtype) -> bool:
         """Whether this cache can serve a call with these shapes (reuse keeps CUDA-graph addresses valid): as many
@@ -95,10 +112,15 @@ class SamplingSettings:
     temperature: float = 0.7
     top_k: int | None = None
     top_p: float | None = None
+    # the fraction of each image's tokens chosen with guidance; the rest are conditional only, and the unconditional
+    # rows leave the batch (half the rows per step from there on)
+    cfg_until: float = 1.0
 
     def __post_init__(self) -> None:
         if self.cfg_schedule not in ("constant", "linear"):
             raise ValueError(f"cfg_schedule must be constant or linear; got {self.cfg_schedule!r}")
+        if not 0 < self.cfg_until <= 1:
+            raise ValueError(f"cfg_until must be in (0, 1]; got {self.cfg_until}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -113,6 +135,10 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    def guided_tokens(self, num_tokens: int) -> int:
+        """How many of an image's `num_tokens` tokens are chosen with guidance (at least the first; 0 unguided)."""
+        return max(1, math.ceil(self.cfg_until * num_tokens)) if self.guided else 0
 
     def scale_at(self, step: int, num_steps: int) -> float:
         if self.cfg_schedule == "linear" and num_steps > 1:
@@ -249,11 +275,8 @@ def generate(
     position = torch.zeros((), dtype=torch.long, device=device)
     scales = torch.tensor([settings.scale_at(i, n) for i in range(n)])  # (N,) guidance
     scales = scales.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scales
-    for buffer in cache.tensors():
-        varying(buffer, 0)  # the batch
-    for buffer in [*cache.cross_k, *cache.cross_v]:
-        varying(buffer, 2)  # the text length
-    varying(cache.text_mask, 3)
+    guided_tokens = settings.guided_tokens(n)
+    mark_varying(cache)
 
     def noise() -> torch.Tensor | None:
         if settings.greedy:
@@ -266,6 +289,9 @@ def generate(
     tokens[:, 0] = token
     fed = varying(torch.cat([token, token]) if settings.guided else token, 0)
     for i in range(1, n):
+        if i == guided_tokens:  # guidance stops: the conditional rows go on alone, on their half of the cache
+            settings, cache = replace(settings, cfg_scale=1.0), mark_varying(cache.first_rows(batch))
+            fed = varying(fed[:batch].clone(), 0)
         attend = attended_length(model, i - 1, attend_block)
         token, fed = step(model, fed, position, cache, scales[i], noise(), settings, attend)
         tokens[:, i] = token
@@ -282,6 +308,16 @@ def varying(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor
 
 
+def mark_varying(cache: KVCache) -> KVCache:
+    """`cache`'s batch and text-length dimensions marked as varying (`varying`)."""
+    for buffer in cache.tensors():
+        varying(buffer, 0)  # the batch
+    for buffer in [*cache.cross_k, *cache.cross_v]:
+        varying(buffer, 2)  # the text length
+    varying(cache.text_mask, 3)
+    return cache
+
+
 @torch.no_grad()
 def generate_recompute(
     model: ARTransformer,
@@ -292,12 +328,14 @@ def generate_recompute(
 ) -> torch.Tensor:
     """The same sampling without a cache: a full forward over the prefix at every step (the baseline)."""
     batch, n = states.shape[0], model.config.num_image_tokens
-    if settings.guided:
-        states, mask = with_unconditional(model, states, mask)
+    guided_tokens = settings.guided_tokens(n)
+    both = with_unconditional(model, states, mask) if guided_tokens else None
     tokens = torch.zeros(batch, n, dtype=torch.long, device=states.device)
     for i in range(n):
-        fed = torch.cat([tokens, tokens]) if settings.guided else tokens
-        logits = model(fed[:, : i + 1], states, mask)[0][:, i]
-        guided = guide(logits, settings.scale_at(i, n)) if settings.guided else logits
-        tokens[:, i] = sample_token(guided, settings, generator)
+        if i < guided_tokens:
+            logits = model(torch.cat([tokens, tokens])[:, : i + 1], *both)[0][:, i]
+            logits = guide(logits, settings.scale_at(i, n))
+        else:
+            logits = model(tokens[:, : i + 1], states, mask)[0][:, i]
+        tokens[:, i] = sample_token(logits, settings, generator)
     return tokens
