@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
 from imagen.checkpoints import CheckpointError
 from imagen.cli.sample import sample
+from imagen.sampling.ar import KVCache
 from tests.conftest import TINY_SHAPES, train_tiny_stage
 from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
@@ -80,3 +84,21 @@ def test_sample_errors_name_the_problem(make_cfg, generator_ckpt, tiny_autoencod
         sample(sample_cfg(make_cfg, tmp_path, f"ckpt={tmp_path / 'missing.ckpt'}", "prompts=[x]"))
     with pytest.raises(CheckpointError, match="autoencoder"):
         sample(sample_cfg(make_cfg, tmp_path, f"ckpt={tiny_autoencoder_ckpt}", "prompts=[x]"))
+    with pytest.raises(ValueError, match=r"decode_dtype='float16': must be one of \['bfloat16', 'float32'\]"):
+        sample(
+            sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[x]", "decode_dtype=float16")
+        )
+
+
+def test_sample_decodes_in_bfloat16(make_cfg, generator_ckpt, tmp_path):
+    # the generator's weights and its KV cache in bf16 (the text encoder and the autoencoder stay as they were)
+    with mock.patch.object(KVCache, "allocate", wraps=KVCache.allocate) as allocate:
+        summary = sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=2",
+                                    "decode_dtype=bfloat16"))  # fmt: skip
+    assert allocate.call_args.args[4] == torch.bfloat16
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert summary["images"] == 2 and all(r["decode_dtype"] == "bfloat16" for r in rows)
+    assert all(
+        math.isfinite(r["scores"]["mean_token_logprob"]) and r["scores"]["mean_token_logprob"] < 0
+        for r in rows
+    )

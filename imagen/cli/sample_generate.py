@@ -30,6 +30,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def decode_dtype(name: str) -> torch.dtype:
+    if name not in DECODE_DTYPES:
+        raise ValueError(f"decode_dtype={name!r}: must be one of {sorted(DECODE_DTYPES)}")
+    return DECODE_DTYPES[name]
+
+
 def read_prompts(cfg: DictConfig) -> list[str]:
     """Prompts from `prompts` (a list) and/or `prompts_file` (one per line); an empty result is an error."""
     prompts = [str(p) for p in (cfg.prompts or [])]
@@ -81,6 +90,7 @@ def sample_generate(cfg: DictConfig) -> dict:
     stage = load_generator(cfg.ckpt, cfg.trust_checkpoint)
     device = resolve_device(cfg.device)
     stage.to(device)
+    stage.net.to(decode_dtype(cfg.decode_dtype))  # the generator's weights; its KV cache follows them
     settings = sampling_settings(cfg, stage.sampling)
     out_dir = Path(cfg.out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -112,7 +122,8 @@ def sample_generate(cfg: DictConfig) -> dict:
                 save_png(to_uint8(image[None])[0], file)
                 images.append(image.cpu())
                 records.append({"prompt": caption, "prompt_index": p, "sample": s, "seed": int(cfg.seed),
-                                "settings": asdict(settings), "file": str(file.relative_to(out_dir)),
+                                "settings": asdict(settings), "decode_dtype": cfg.decode_dtype,
+                                "file": str(file.relative_to(out_dir)),
                                 "scores": {"mean_token_logprob": round(float(score), 5)}})  # fmt: skip
                 if best is not None:
                     records[-1]["scores"][f"rerank_{stage.rerank.score}"] = round(float(best), 5)

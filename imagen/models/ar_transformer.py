@@ -310,6 +310,11 @@ class ARTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' floating-point type: text states are cast to it, and a sampler's KV cache is kept in it."""
+        return self.head.weight.dtype
+
     def compile_blocks(self, device_type: str | None = None, **compile_kwargs) -> ARTransformer:
         """`torch.compile` each Transformer block in place (regional compilation): the blocks share one compiled
         graph, so compiling takes seconds rather than minutes and the model stays a plain module. For CPU
@@ -352,6 +357,7 @@ class ARTransformer(nn.Module):
     ):
         """Text states (B, L, text_dim) -> (B, L, dim) and mask, with rows replaced by the null caption where
         dropped (`drop` (B,) bool, or drawn with `drop_prob`): caption dropout for classifier-free guidance."""
+        states = states.to(self.dtype)
         if drop is None and drop_prob > 0:
             drop = torch.rand(states.shape[0], device=states.device) < drop_prob
         # even when no row is dropped: under DDP every parameter must take part in each step

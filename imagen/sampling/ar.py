@@ -99,9 +99,9 @@ def reusable_cache(
     addresses would record new ones, in a list that only grows. A text longer than any before gets a larger one."""
     rows = states.shape[0] * (2 if settings.guided else 1)
     cache = caches.get(rows)
-    if cache is None or not cache.fits(rows, states.shape[1], states.device, states.dtype):
+    if cache is None or not cache.fits(rows, states.shape[1], states.device, model.dtype):
         length = max(states.shape[1], 0 if cache is None else cache.text_mask.shape[-1])
-        cache = caches[rows] = KVCache.allocate(model, rows, length, states.device, states.dtype)
+        cache = caches[rows] = KVCache.allocate(model, rows, length, states.device, model.dtype)
     return cache
 
 
@@ -255,7 +255,7 @@ def generate(
     cache: KVCache | None = None,
     attend_block: int | None = 64,
 ) -> torch.Tensor:
-    """Sample image tokens (B, N) for text states (B, L, text_dim) with the static KV cache.
+    """Sample image tokens (B, N) for text states (B, L, text_dim) with the static KV cache, in the model's dtype.
 
     `decode_step` replaces `decode_and_sample`, e.g. `compiled_decode_step()` (CUDA graphs on GPU). A `cache` from
     an earlier call with the same shapes is reused (a compiled step then replays its graphs); otherwise one is
@@ -264,6 +264,7 @@ def generate(
     device tensors, tokens never leave the device, and the random draws are made on the device.
     """
     batch, n = states.shape[0], model.config.num_image_tokens
+    states = states.to(model.dtype)  # the cache's dtype
     if settings.guided:
         states, mask = with_unconditional(model, states, mask)
     rows, length, device = states.shape[0], states.shape[1], states.device
