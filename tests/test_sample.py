@@ -84,6 +84,8 @@ def test_sample_errors_name_the_problem(make_cfg, generator_ckpt, tiny_autoencod
         sample(sample_cfg(make_cfg, tmp_path, f"ckpt={tmp_path / 'missing.ckpt'}", "prompts=[x]"))
     with pytest.raises(CheckpointError, match="autoencoder"):
         sample(sample_cfg(make_cfg, tmp_path, f"ckpt={tiny_autoencoder_ckpt}", "prompts=[x]"))
+    with pytest.raises(ValueError, match="compile_decode='yes': must be auto, true or false"):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[x]", "compile_decode=yes"))
     with pytest.raises(ValueError, match=r"decode_dtype='float16': must be one of \['bfloat16', 'float32'\]"):
         sample(
             sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[x]", "decode_dtype=float16")
@@ -102,3 +104,10 @@ def test_sample_decodes_in_bfloat16(make_cfg, generator_ckpt, tmp_path):
         math.isfinite(r["scores"]["mean_token_logprob"]) and r["scores"]["mean_token_logprob"] < 0
         for r in rows
     )
+
+
+def test_compile_decode_compiles_the_sampler_on_a_gpu_only_when_auto():
+    from imagen.cli.sample_generate import compile_decode
+
+    assert compile_decode("auto", torch.device("cuda")) and not compile_decode("auto", torch.device("cpu"))
+    assert compile_decode(True, torch.device("cpu")) and not compile_decode(False, torch.device("cuda"))

@@ -39,6 +39,15 @@ def decode_dtype(name: str) -> torch.dtype:
     return DECODE_DTYPES[name]
 
 
+def compile_decode(value, device: torch.device) -> bool:
+    """`compile_decode`: auto (on a GPU), true or false."""
+    if value == "auto":
+        return device.type == "cuda"
+    if not isinstance(value, bool):
+        raise ValueError(f"compile_decode={value!r}: must be auto, true or false")
+    return value
+
+
 def read_prompts(cfg: DictConfig) -> list[str]:
     """Prompts from `prompts` (a list) and/or `prompts_file` (one per line); an empty result is an error."""
     prompts = [str(p) for p in (cfg.prompts or [])]
@@ -91,6 +100,7 @@ def sample_generate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     stage.to(device)
     stage.net.to(decode_dtype(cfg.decode_dtype))  # the generator's weights; its KV cache follows them
+    stage.compile_sampler = compile_decode(cfg.compile_decode, device)
     settings = sampling_settings(cfg, stage.sampling)
     out_dir = Path(cfg.out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

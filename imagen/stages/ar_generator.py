@@ -185,6 +185,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.sampling = SamplingSettings(**(sampling or {}))
+        # on a GPU, the decode step compiled and replayed as CUDA graphs (`sample.py compile_decode=` sets it)
+        self.compile_sampler = compile
         judged = {
             f"{name}{s}{kind}": MeanMetric()
             for s in GROUP_SUFFIX.values()
@@ -367,10 +369,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         settings: SamplingSettings | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache. With `model.compile` on a GPU,
-        each token's step is one CUDA graph, and the module keeps a KV cache per batch size for the graphs to reuse."""
+        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache. With `compile_sampler` (from
+        `model.compile`) on a GPU, each token's step is one CUDA graph, and the module keeps a KV cache per batch size
+        for the graphs to reuse."""
         settings, step, cache = settings or self.sampling, None, None
-        if self.hparams.compile and text.states.is_cuda:
+        if self.compile_sampler and text.states.is_cuda:
             if getattr(self, "_decode_step", None) is None:
                 self._decode_step, self._sampling_caches = compiled_decode_step(), {}
             step = self._decode_step
