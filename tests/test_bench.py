@@ -74,3 +74,17 @@ def test_sampling_bench_measures_guidance_stopped_early_beside_full_guidance():
     assert report["cfg_until"] == 0.5 and report["settings"]["cfg_until"] == 1.0
     assert row["kv_cache"] > 0 and row["kv_cache_cfg_until"] > 0
     assert row["kv_cache_cfg_until_speedup"] == row["kv_cache_cfg_until"] / row["kv_cache"]
+
+
+def test_gpu_suite_steps_compose_and_share_the_whole_budget(make_cfg, tmp_path):
+    # the suite runs only on a lent GPU: a misspelt override must show here, not there
+    from imagen.bench.gpu_suite import build_plan, parse_args
+
+    plan = build_plan(parse_args(["--out", str(tmp_path / "out")]), tmp_path / "out", tmp_path / "work")
+    assert [name for name, *_ in plan] == ["bench", "autoencoder", "generator", "sample", "loader"]
+    assert sum(share for *_, share in plan) == pytest.approx(1.0)
+    for name, command, _ in plan:
+        if command[1] in ("train.py", "sample.py"):
+            overrides = [o for o in command[2:] if not o.startswith(("hydra.", "paths.cache_dir", "extras."))]
+            cfg = make_cfg(overrides, config_name=command[1].removesuffix(".py"))
+            assert cfg.get("trainer", {}).get("accelerator", "gpu") == "gpu", name
