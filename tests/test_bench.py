@@ -24,7 +24,13 @@ def test_cpu_preset_measures_every_section(tmp_path):
             assert row[key] > 0, key
         # the floor is a lower bound on time, so no sampler can beat it
         assert row["floor_over_best"] >= 1
+    # where the time goes: operators (kernels on a GPU) by their time, the largest first, their shares of the whole
+    for entry in (rows[1], report["training"][0]):
+        top = entry["profile"]["top"]
+        assert top and [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+        assert 0 < sum(t["share"] for t in top) <= 1 + 1e-9
     (training,) = report["training"]
+    assert any(t["name"] in ("aten::mm", "aten::addmm") for t in training["profile"]["top"])
     assert training["plain_eager"]["tokens_per_s"] > 0 and 0 < training["plain_eager"]["mfu"] < 1
     assert training["lightning_overhead"] > 0
     assert report["autoencoder"]["decode_images_per_s"] > 0

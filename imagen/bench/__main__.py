@@ -8,7 +8,9 @@ Sections, in this order (the most important first, so a run cut short by its bud
 ceilings (measured matmul FLOP/s and copy bandwidth), correctness checks of the cached and compiled samplers,
 sampling (KV cache eager and compiled, full recompute, HF GPT-2 `generate`, the bandwidth/compute floor), AR
 training (tokens/s, MFU, compile speedup, Lightning overhead), the autoencoder (encode, decode, train step).
-Writes OUT/bench.json after every section and prints a table of the targets with the measured ratios.
+Sampling at batch 64 and three training steps of each size also run under the profiler: the kernels that take
+their time (`profile` in their entries). Writes OUT/bench.json after every section and prints a table of the
+targets with the measured ratios.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ PRESETS = {
             {"size": "L", "batch_sizes": [1, 64], "recompute_up_to": 0},
         ],
         "autoencoder": {"size": "f16", "image_size": 256, "batch": 64, "train_batch": 16},
+        # where the time goes: one sampling call at this batch and three training steps, under the profiler
+        "profile_sampling_batch": 64,
+        "profile_training": True,
     },
     "cpu": {
         "ceilings": {"matmul_size": 512, "copy_mib": 64},
@@ -66,6 +71,8 @@ PRESETS = {
         "text_dim": 32,
         "sampling": [{"size": "tiny", "batch_sizes": [1, 4], "recompute_up_to": 4}],
         "autoencoder": {"size": "tiny", "image_size": 32, "batch": 4, "train_batch": 2},
+        "profile_sampling_batch": 4,
+        "profile_training": True,
     },
 }
 
@@ -266,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
             repeats=p["repeats"], recompute_up_to=entry["recompute_up_to"],
             compile_step=p["compile"] and device.type == "cuda", ceilings=report["ceilings"], budget=budget,
             log=lambda line: print(f"[bench] {line}", flush=True), attend_block=args.attend_block or None,
-            decode_math=args.decode_math,
+            decode_math=args.decode_math, profile_batch=p["profile_sampling_batch"],
         )  # fmt: skip
         report.setdefault("sampling", []).append(result)
 
@@ -274,8 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
         result = training_bench.run(
             entry["size"], entry["batch"], p["train_steps"], p["train_warmup"], p["grid"], p["vocab"],
             p["text_length"], p["text_dim"], report["ceilings"]["matmul_flops"], device, p["compile"], budget,
+            profile=p["profile_training"],
         )  # fmt: skip
-        print(f"[bench] training: {json.dumps(result)}", flush=True)
+        print(
+            f"[bench] training: {json.dumps({k: v for k, v in result.items() if k != 'profile'})}", flush=True
+        )
         report.setdefault("training", []).append(result)
 
     def autoencoder() -> None:

@@ -53,6 +53,42 @@ def measure_ceilings(device: torch.device, matmul_size: int, copy_mib: int) -> d
     }
 
 
+def profile_ops(fn: Callable[[], object], device: torch.device, rows: int = 15) -> dict:
+    """One run of `fn` under `torch.profiler`: the `rows` kernels with the most time on the GPU (on a CPU: the
+    operators with the most self time), with their share of the total, to show where a step's time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        fn()
+        synchronize(device)
+    if cuda:  # the kernels themselves (with CUDA graphs, the ones inside each replayed graph)
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        microseconds = [e.self_device_time_total for e in events]
+    else:
+        events = list(prof.key_averages())
+        microseconds = [e.self_cpu_time_total for e in events]
+    total = sum(microseconds) or 1
+    ranked = sorted(zip(microseconds, events, strict=True), key=lambda pair: -pair[0])[:rows]
+    return {
+        "time": "GPU kernel time" if cuda else "CPU self time",
+        "total_ms": total / 1e3,
+        "top": [
+            {"name": e.key[:120], "calls": e.count, "ms": us / 1e3, "share": us / total} for us, e in ranked
+        ],
+    }
+
+
+def profile_lines(profile: dict, rows: int = 10) -> list[str]:
+    """`profile_ops`'s result as log lines, the largest first."""
+    lines = [f"{profile['time']}: {profile['total_ms']:.1f} ms in all"]
+    for entry in profile["top"][:rows]:
+        lines.append(f"  {entry['share']:6.1%} {entry['ms']:9.2f} ms {entry['calls']:6d}x  {entry['name']}")
+    return lines
+
+
 class Budget:
     """Wall-clock budget for a whole suite: sections ask whether time is left before they start a measurement."""
 

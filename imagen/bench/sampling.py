@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from imagen.bench.common import device_name, timed
+from imagen.bench.common import device_name, profile_lines, profile_ops, timed
 from imagen.models.ar_transformer import ARTransformer
 from imagen.sampling.ar import KVCache, SamplingSettings, compiled_decode_step, generate, generate_recompute
 
@@ -94,7 +94,7 @@ def run_size(
     size: str, grid: int, vocab: int, text_length: int, dtype: torch.dtype, batch_sizes: list[int],
     device: torch.device, repeats: int = 3, recompute_up_to: int = 64, compile_step: bool = False,
     hf_up_to: int = 1 << 30, ceilings: dict | None = None, budget=None, log=print, attend_block: int | None = 64,
-    decode_math: bool = False, cfg_until: float | None = None,
+    decode_math: bool = False, cfg_until: float | None = None, profile_batch: int | None = None,
 ) -> dict:  # fmt: skip
     """Images/s of each method at each batch size for one model size; with `ceilings`, also the floor and the
     ratio floor / measured of the fastest cached sampler (1.0 would be at the floor). The cached samplers read
@@ -102,7 +102,8 @@ def run_size(
     attention through SDPA's math backend (under `torch.compile`, plain matmuls and a softmax that inductor fuses)
     instead of the fused attention kernels. `cfg_until`: the cached samplers are also measured with guidance for
     that fraction of the tokens only (`*_cfg_until`, and their speedup over full guidance); every other figure
-    guides all tokens."""
+    guides all tokens. At `profile_batch`, one call of the fastest cached sampler runs under the profiler
+    (`profile_ops`: the kernels that take its time)."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # compile for this size alone (another size's graphs would count against the cache limit)
     model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=128)
@@ -150,6 +151,17 @@ def run_size(
             for key in ("kv_cache", "kv_cache_compiled"):
                 if key in row and f"{key}_cfg_until" in row:
                     row[f"{key}_cfg_until_speedup"] = row[f"{key}_cfg_until"] / row[key]
+        if batch == profile_batch:
+            compiled = row.get("kv_cache_compiled", 0) > row.get("kv_cache", 0)
+            row["profile_of"] = "kv_cache_compiled" if compiled else "kv_cache"
+            run = (
+                (lambda: cached(decode_step=step, cache=cache))
+                if compiled
+                else lambda: cached(cache=eager_cache)
+            )
+            row["profile"] = profile_ops(run, device)
+            for line in profile_lines(row["profile"]):
+                log(f"sampling {size} batch {batch} {row['profile_of']} profile | {line}")
         if step is not None:
             del cache
         if batch <= recompute_up_to:
@@ -180,7 +192,7 @@ def run_size(
             row["floor_over_best"] = floor / best
         rows.append(row)
         log(f"sampling {size} | " + " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in row.items()))  # fmt: skip
+                                               for k, v in row.items() if k != "profile"))  # fmt: skip
     return {
         "size": size,
         "params": model.num_params(),

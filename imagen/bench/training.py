@@ -13,9 +13,9 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from imagen.bench.common import synchronize
+from imagen.bench.common import profile_lines, profile_ops, synchronize
 from imagen.models.ar_transformer import ARTransformer
 from imagen.stages.optim import build_optimizer
 
@@ -103,9 +103,10 @@ def lightning_loop(model: ARTransformer, loader: DataLoader, warmup: int, device
 
 def run(
     size: str, batch: int, steps: int, warmup: int, grid: int, vocab: int, text_length: int, text_dim: int,
-    peak_flops: float, device: torch.device, compile_model: bool, budget=None,
+    peak_flops: float, device: torch.device, compile_model: bool, budget=None, profile: bool = False,
 ) -> dict:  # fmt: skip
-    """Plain eager, plain compiled and Lightning (compiled where `compile_model`) for one model size."""
+    """Plain eager, plain compiled and Lightning (compiled where `compile_model`) for one model size; with
+    `profile`, three steps of the plain loop (compiled where it was) run under the profiler (`profile_ops`)."""
     torch.manual_seed(0)
     model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=text_dim).to(
         device
@@ -132,6 +133,12 @@ def run(
         record("plain_compiled", plain_loop(model, loader, warmup, device))
         result["compile_speedup"] = result["plain_eager"]["step_ms"] / result["plain_compiled"]["step_ms"]
     reference = "plain_compiled" if "plain_compiled" in result else "plain_eager"
+    if profile:
+        steps = DataLoader(Subset(data, range(3 * batch)), batch_size=batch, drop_last=True, pin_memory=pin)
+        result["profile_of"] = reference
+        result["profile"] = profile_ops(lambda: plain_loop(model, steps, 0, device), device)
+        for line in profile_lines(result["profile"]):
+            print(f"[bench] training {size} {reference} profile | {line}", flush=True)
     record("lightning", lightning_loop(model, loader, warmup, device))
     result["lightning_overhead"] = result["lightning"]["step_ms"] / result[reference]["step_ms"]
     result["lightning_compared_with"] = reference
