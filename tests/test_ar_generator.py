@@ -61,6 +61,7 @@ def text(batch: int = 3):
         SamplingSettings(cfg_scale=1.0, temperature=0.8, top_p=0.9),
         SamplingSettings(cfg_scale=2.0, cfg_schedule="linear"),
         SamplingSettings(cfg_scale=3.0, top_k=10, cfg_until=0.5),  # tokens 6..11 unguided
+        SamplingSettings(cfg_scale=2.0, cfg_schedule="linear", cfg_until=0.5),  # the ramp over tokens 0..5
     ],  # fmt: skip
 )
 # attend_block 5: self-attention reads 5, 10, then all 12 (18 with the text prefix) cache positions; None: all
@@ -90,6 +91,8 @@ def test_a_kept_cache_serves_later_calls_with_shorter_texts_as_a_fresh_one_would
     assert torch.equal(*sampled)
     # a longer text than the cache holds gets a new one
     assert reusable_cache(caches, model, torch.randn(3, 12, 16), settings) is not kept
+    # the cache is kept in the model's dtype, whatever the text states'
+    assert reusable_cache({}, model.to(torch.bfloat16), states, settings).self_k[0].dtype == torch.bfloat16
 
 
 def test_guidance_stops_after_cfg_until_and_the_unconditional_rows_leave_the_batch():
@@ -112,6 +115,9 @@ def test_guidance_stops_after_cfg_until_and_the_unconditional_rows_leave_the_bat
     assert torch.equal(cut[:, :5], full[:, :5]) and not torch.equal(cut, full)
     with pytest.raises(ValueError, match=r"cfg_until must be in \(0, 1\]; got 0"):
         SamplingSettings(cfg_until=0)
+    assert (
+        SamplingSettings(cfg_scale=2.0, cfg_until=0.55).guided_tokens(100) == 55
+    )  # not 56 from 55.000000000000007
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

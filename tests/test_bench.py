@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -66,15 +67,19 @@ def test_gpu_sampler_checks_run_on_cpu_with_inductor():
         "compilations": 1,
         "cudagraph_skips": 1,
         "cfg_until_compiled_equals_eager": True,
+        "cfg_until_compilations": 1,
         "cfg_until_cudagraph_skips": 1,
     }
 
 
 def test_sampling_bench_measures_guidance_stopped_early_beside_full_guidance():
     from imagen.bench.sampling import run_size
+    from imagen.sampling.ar import generate
 
-    report = run_size("tiny", 4, 64, 8, torch.float32, [2], torch.device("cpu"), repeats=1, recompute_up_to=0,
-                      hf_up_to=0, cfg_until=0.5)  # fmt: skip
+    with mock.patch("imagen.bench.sampling.generate", wraps=generate) as sampled:
+        report = run_size("tiny", 4, 64, 8, torch.float32, [2], torch.device("cpu"), repeats=1, recompute_up_to=0,
+                          hf_up_to=0, cfg_until=0.5)  # fmt: skip
+    assert {call.args[3].cfg_until for call in sampled.call_args_list} == {1.0, 0.5}
     (row,) = report["images_per_second"]
     # the other figures guide every token
     assert report["cfg_until"] == 0.5 and report["settings"]["cfg_until"] == 1.0

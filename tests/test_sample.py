@@ -94,10 +94,26 @@ def test_sample_errors_name_the_problem(make_cfg, generator_ckpt, tiny_autoencod
 
 def test_sample_decodes_in_bfloat16(make_cfg, generator_ckpt, tmp_path):
     # the generator's weights and its KV cache in bf16 (the text encoder and the autoencoder stay as they were)
-    with mock.patch.object(KVCache, "allocate", wraps=KVCache.allocate) as allocate:
+    from imagen.cli.sample_generate import load_generator
+
+    stages = []
+
+    def load(*args, **kwargs):
+        stages.append(load_generator(*args, **kwargs))
+        return stages[-1]
+
+    with (
+        mock.patch.object(KVCache, "allocate", wraps=KVCache.allocate) as allocate,
+        mock.patch("imagen.cli.sample_generate.load_generator", load),
+    ):
         summary = sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=2",
                                     "decode_dtype=bfloat16"))  # fmt: skip
     assert allocate.call_args.args[4] == torch.bfloat16
+    (stage,) = stages
+    assert {p.dtype for p in stage.net.parameters()} == {torch.bfloat16}
+    assert {p.dtype for m in (stage.text_encoder, stage.autoencoder) for p in m.parameters()} == {
+        torch.float32
+    }
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert summary["images"] == 2 and all(r["decode_dtype"] == "bfloat16" for r in rows)
     assert all(

@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bench-share", type=float, default=0.56, help="fraction of the budget for the bench"
     )
     parser.add_argument("--loader-share", type=float, default=0.06, help="fraction for the loader benchmark")
-    parser.add_argument("--sample-share", type=float, default=0.06, help="fraction for sample.py")
+    parser.add_argument("--sample-share", type=float, default=0.08, help="fraction for sample.py")
     return parser.parse_args(argv)
 
 

@@ -40,7 +40,7 @@ def decode_dtype(name: str) -> torch.dtype:
 
 
 def compile_decode(value, device: torch.device) -> bool:
-    """`compile_decode`: auto (on a GPU), true or false."""
+    """`compile_decode`: auto (on a GPU), true or false (the stage compiles the decode step on a GPU only)."""
     if value == "auto":
         return device.type == "cuda"
     if not isinstance(value, bool):
@@ -100,7 +100,7 @@ def sample_generate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     stage.to(device)
     stage.net.to(decode_dtype(cfg.decode_dtype))  # the generator's weights; its KV cache follows them
-    stage.compile_sampler = compile_decode(cfg.compile_decode, device)
+    stage.compile_decode = compile_decode(cfg.compile_decode, device)
     settings = sampling_settings(cfg, stage.sampling)
     out_dir = Path(cfg.out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 The sampler owns a preallocated static KV cache (`KVCache`); the model only reads and writes the buffers it is
 handed, so sampling leaves the model exactly as it was. Classifier-free guidance runs as one doubled batch
-(conditional rows, then unconditional rows), for every token or the first `cfg_until` of them. Token choice avoids host syncs: top-k through `torch.topk` (no sort
-of the vocabulary) and the exponential race `argmax(p / E), E ~ Exp(1)` instead of `multinomial`.
+(conditional rows, then unconditional rows), for every token or the first `cfg_until` of them. Token choice avoids
+host syncs: top-k through `torch.topk` (no sort of the vocabulary) and the exponential race `argmax(p / E),
+E ~ Exp(1)` instead of `multinomial`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class KVCache:
 
     def static(self) -> KVCache:
         """Marks the buffers' addresses as fixed (on a GPU), so that a compiled decode step may mutate them in place
-        and still replay as a CUDA graph, instead of copying them in at every step."""
+        and still replay as a CUDA graph (an ordinary input mutated in place keeps a step out of CUDA graphs)."""
         if self.key_valid.device.type == "cuda":
             for buffer in self.tensors():
                 torch._dynamo.mark_static_address(buffer)
@@ -112,8 +113,8 @@ class SamplingSettings:
     temperature: float = 0.7
     top_k: int | None = None
     top_p: float | None = None
-    # the fraction of each image's tokens chosen with guidance; the rest are conditional only, and the unconditional
-    # rows leave the batch (half the rows per step from there on)
+    # the fraction of each image's tokens chosen with guidance (a linear schedule ramps over those); the rest are
+    # conditional only, and the unconditional rows leave the batch (half the rows per step from there on)
     cfg_until: float = 1.0
 
     def __post_init__(self) -> None:
@@ -138,7 +139,8 @@ class SamplingSettings:
 
     def guided_tokens(self, num_tokens: int) -> int:
         """How many of an image's `num_tokens` tokens are chosen with guidance (at least the first; 0 unguided)."""
-        return max(1, math.ceil(self.cfg_until * num_tokens)) if self.guided else 0
+        # rounded first: 0.55 * 100 is 55.000000000000007 in floating point
+        return max(1, math.ceil(round(self.cfg_until * num_tokens, 9))) if self.guided else 0
 
     def scale_at(self, step: int, num_steps: int) -> float:
         if self.cfg_schedule == "linear" and num_steps > 1:
@@ -227,7 +229,8 @@ def decode_and_sample(
 def compiled_decode_step() -> Callable:
     """`decode_and_sample` compiled for GPU decoding: the decode step, guidance and the token choice fused into one
     graph replayed as a CUDA graph (one recording per batch size and attended length; the shapes are dynamic, so
-    one compilation serves every batch size above 1 and every length). The KV cache's buffers have static
+    one compilation serves every batch size above 1 and every length, and a second the unguided steps after
+    `cfg_until`). The KV cache's buffers have static
     addresses (`KVCache.allocate`), so the in-place cache writes stay inside the graph; the random draws come in as
     an input (`race_noise`), so a seeded generator gives the eager sampler's tokens."""
     return torch.compile(decode_and_sample, mode="reduce-overhead", fullgraph=True, dynamic=True)
@@ -274,9 +277,11 @@ def generate(
     # the image position of the token fed; counted on the device (a view of arange would tie its length to the
     # attended length in a compiled step's guards)
     position = torch.zeros((), dtype=torch.long, device=device)
-    scales = torch.tensor([settings.scale_at(i, n) for i in range(n)])  # (N,) guidance
-    scales = scales.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scales
     guided_tokens = settings.guided_tokens(n)
+    scales = torch.tensor(
+        [settings.scale_at(i, guided_tokens) for i in range(n)]
+    )  # (N,) guidance (the first used)
+    scales = scales.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scales
     mark_varying(cache)
 
     def noise() -> torch.Tensor | None:
@@ -335,7 +340,7 @@ def generate_recompute(
     for i in range(n):
         if i < guided_tokens:
             logits = model(torch.cat([tokens, tokens])[:, : i + 1], *both)[0][:, i]
-            logits = guide(logits, settings.scale_at(i, n))
+            logits = guide(logits, settings.scale_at(i, guided_tokens))
         else:
             logits = model(tokens[:, : i + 1], states, mask)[0][:, i]
         tokens[:, i] = sample_token(logits, settings, generator)

@@ -185,8 +185,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.sampling = SamplingSettings(**(sampling or {}))
-        # on a GPU, the decode step compiled and replayed as CUDA graphs (`sample.py compile_decode=` sets it)
-        self.compile_sampler = compile
+        # on a GPU, the decode step compiled and replayed as CUDA graphs (`sample.py compile_decode=` sets it too)
+        self.compile_decode = compile
         judged = {
             f"{name}{s}{kind}": MeanMetric()
             for s in GROUP_SUFFIX.values()
@@ -369,11 +369,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         settings: SamplingSettings | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache. With `compile_sampler` (from
+        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache. With `compile_decode` (from
         `model.compile`) on a GPU, each token's step is one CUDA graph, and the module keeps a KV cache per batch size
         for the graphs to reuse."""
         settings, step, cache = settings or self.sampling, None, None
-        if self.compile_sampler and text.states.is_cuda:
+        if self.compile_decode and text.states.is_cuda:
             if getattr(self, "_decode_step", None) is None:
                 self._decode_step, self._sampling_caches = compiled_decode_step(), {}
             step = self._decode_step
@@ -411,7 +411,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
     def unconditional_token_logprob(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) mean log-probability of the tokens given the empty caption (the unconditional half of guidance)."""
         states, mask = self.net.null_condition(len(tokens), 1, tokens.device)
-        return self.token_logprob(tokens, TextStates(states.to(self.net.null_text.dtype), mask))
+        return self.token_logprob(tokens, TextStates(states, mask))
 
     def _eval_generator(self) -> torch.Generator:
         # a private generator: sampling during validation never touches the global RNG used by training
