@@ -70,6 +70,11 @@ class HFFeaturePerceptualLoss(nn.Module):
                 x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
             )
         hidden = self.backbone(pixel_values=x, output_hidden_states=True).hidden_states
+        if not all(-len(hidden) <= i < len(hidden) for i in self.layers):
+            raise ValueError(
+                f"model.perceptual.layers={list(self.layers)}: the {self.backbone.config.model_type} backbone returns "
+                f"{len(hidden)} hidden states (indices {-len(hidden)} to {len(hidden) - 1})"
+            )
         return [
             F.normalize(hidden[i].flatten(2) if hidden[i].dim() == 4 else hidden[i], dim=1)
             for i in self.layers
