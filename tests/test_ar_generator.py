@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import replace
 from unittest import mock
 
@@ -456,6 +457,36 @@ def test_pretrained_text_encoder_loads_offline_and_trains(make_cfg, tiny_autoenc
     assert model.text_encoder.dim == 32
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
     assert model.trainer.global_step == 6
+
+
+def test_frozen_pretrained_encoder_keeps_its_states_in_an_on_disk_cache(tmp_path):
+    from imagen.models.text_encoder import PretrainedTextEncoder
+
+    path = tmp_path / "bert"
+    save_tiny_hf_encoder("bert", path)
+    captions = [
+        "a small red circle",
+        "a large blue square above a small green triangle",
+        "a small red circle",
+    ]
+    encoder = PretrainedTextEncoder(str(path), cache_dir=str(tmp_path / "cache"))
+    states, mask = encoder._encode(captions)  # straight from the model, padded by the tokenizer
+    first = encoder(captions)
+    assert encoder.cache_path.is_file() and len(encoder._cache) == 2
+    assert torch.equal(first.mask, mask)
+    torch.testing.assert_close(first.states[first.mask], states[mask])
+    assert first.states[~first.mask].abs().sum() == 0  # padding positions are zero
+    # a new encoder over the same folder reads the states back instead of running the model
+    again = PretrainedTextEncoder(str(path), cache_dir=str(tmp_path / "cache"))
+    with mock.patch.object(again, "_encode", side_effect=AssertionError("encoded again")):
+        reread = again(captions[::-1])
+    assert torch.equal(reread.states, first.states.flip(0)) and torch.equal(reread.mask, first.mask.flip(0))
+    # other weights saved into the same folder: the old states are not used for them
+    shutil.rmtree(path)
+    torch.manual_seed(1)
+    save_tiny_hf_encoder("bert", path)
+    retrained = PretrainedTextEncoder(str(path), cache_dir=str(tmp_path / "cache"))
+    assert retrained.cache_path != encoder.cache_path and not retrained._cache
 
 
 def save_tiny_hf_encoder(kind: str, path) -> None:

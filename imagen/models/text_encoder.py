@@ -204,6 +204,18 @@ class ScratchTextEncoder(nn.Module):
             self.tokenizer = CaptionTokenizer.from_str(state["tokenizer"])
 
 
+def weights_identity(pretrained: str, model: nn.Module) -> str:
+    """What names the weights `pretrained` loaded: a local folder's path and its files' sizes and modification
+    times (weights saved there again get a new identity), or the hub name and the commit it resolved to."""
+    folder = Path(pretrained)
+    if folder.is_dir():
+        files = sorted(f for f in folder.iterdir() if f.is_file())
+        return "|".join(
+            [str(folder.resolve()), *(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)]
+        )
+    return f"{pretrained}@{getattr(model.config, '_commit_hash', None)}"
+
+
 class PretrainedTextEncoder(nn.Module):
     """A Hugging Face text encoder; `pretrained` is a hub name or a local folder saved with `save_pretrained`."""
 
@@ -242,9 +254,9 @@ class PretrainedTextEncoder(nn.Module):
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if cache_dir and freeze:
             key = hashlib.sha256(
-                f"{Path(pretrained).resolve() if Path(pretrained).exists() else pretrained}|{max_length}".encode()
-            ).hexdigest()[:16]
-            self.cache_path = Path(cache_dir) / "text_encoder" / f"{key}.pt"
+                f"{weights_identity(pretrained, self.model)}|{max_length}".encode()
+            ).hexdigest()
+            self.cache_path = Path(cache_dir) / "text_encoder" / f"{key[:16]}.pt"
             if self.cache_path.exists():
                 self._cache = torch.load(self.cache_path, map_location="cpu", weights_only=True)
 
