@@ -339,3 +339,37 @@ def test_resampled_training_stream_has_the_epoch_length(tmp_path, monkeypatch):
     first, second = drain(dm), drain(dm)
     assert len(first) == len(second) == 10  # this rank's half of the epoch, 5 per worker
     assert first != second  # a fresh draw of shards and shuffle each epoch
+
+
+def test_malformed_metadata_and_annotations_name_the_file_and_line(tmp_path):
+    from imagen.data.formats import index_coco, index_imagefolder
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "a red circle"}\n{"file_name": "b.png",\n'
+    )
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'metadata.jsonl'}:2: not a JSON object"):
+        index_imagefolder(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"text": "a red circle"}\n')
+    with pytest.raises(ValueError, match="metadata.jsonl: a row has no 'file_name' column"):
+        index_imagefolder(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="no metadata.jsonl or metadata.csv"):
+        index_imagefolder(tmp_path)
+    # metadata.csv works too; an image without a row is reported, not dropped
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,a red circle\n")
+    records = index_imagefolder(tmp_path)
+    assert records[0].read_captions() == ["a red circle"]
+    assert records[1].problem.reason == "missing_caption" and records[1].image.name == "b.png"
+
+    annotations = tmp_path / "captions.json"
+    annotations.write_text('{"images": []')
+    with pytest.raises(ValueError, match=rf"data.annotations={annotations}: cannot read a COCO JSON"):
+        index_coco(tmp_path, annotations)
+    annotations.write_text('{"images": []}')
+    with pytest.raises(ValueError, match="no 'annotations' list"):
+        index_coco(tmp_path, annotations)
+    annotations.write_text('{"images": [], "annotations": [{"image_id": 1}]}')
+    with pytest.raises(ValueError, match=r"annotations\[0\] lacks 'image_id' or 'caption'"):
+        index_coco(tmp_path, annotations)
