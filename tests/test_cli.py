@@ -1,4 +1,5 @@
-"""The entry points as a user runs them: subprocesses of train.py (DDP simulation, SLURM launcher config)."""
+"""The entry points as a user runs them: subprocesses of train.py (DDP simulation, a multirun sweep with W&B, SLURM
+launcher config) and the logger configs."""
 
 from __future__ import annotations
 
@@ -91,3 +92,31 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert OmegaConf.to_container(cfg.trainer.plugins) == [
         {"_target_": "lightning.pytorch.plugins.environments.SLURMEnvironment", "auto_requeue": True}
     ]
+
+
+def test_multirun_gives_each_job_its_own_wandb_run_and_a_missing_optimized_metric_is_an_error(tmp_path):
+    tiny = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "model.net.quantizer=vq",
+            "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false", "extras.print_config=false",
+            "logger=wandb", "logger.wandb.offline=true"]  # fmt: skip
+    result = run_train("-m", *tiny, "seed=1,2", "optimized_metric=val/psnr", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "shapes_autoencoder" / "multiruns").iterdir()
+    runs = [list((sweep / job / "wandb").glob("offline-run-*")) for job in ("0", "1")]
+    assert [len(r) for r in runs] == [1, 1], runs  # one W&B run per job, in the job's own directory
+    assert runs[0][0].name.rsplit("-", 1)[1] != runs[1][0].name.rsplit("-", 1)[1]  # with ids of their own
+    missing = run_train(*tiny, "optimized_metric=val/missing", cwd=tmp_path)
+    assert missing.returncode != 0
+    assert "optimized_metric='val/missing' was not logged" in missing.stderr
+
+
+def test_every_logger_config_instantiates_and_names_the_run_after_its_directory(tmp_path):
+    from imagen.cli.utils import instantiate_loggers
+
+    run_dir = tmp_path / "logs" / "shapes_autoencoder" / "runs" / "2026-12-06_10-00-00"
+    cfg = compose_config(["experiment=shapes_autoencoder", "logger=many_loggers", "logger.wandb.offline=true",
+                          f"paths.log_dir={tmp_path / 'logs'}"], run_dir)  # fmt: skip
+    loggers = {type(logger).__name__: logger for logger in instantiate_loggers(cfg.logger)}
+    assert set(loggers) == {"ResumableCSVLogger", "TensorBoardLogger", "WandbLogger"}
+    assert cfg.run_name == "shapes_autoencoder/runs/2026-12-06_10-00-00"
+    assert loggers["WandbLogger"]._wandb_init["name"] == cfg.run_name
+    assert loggers["WandbLogger"]._wandb_init["group"] == "shapes_autoencoder"

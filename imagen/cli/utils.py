@@ -29,12 +29,25 @@ def run_id(output_dir: str) -> str:
     return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
 
 
+def run_name(output_dir: str, log_dir: str) -> str:
+    """A logger's name for a run: its directory under the log folder (`shapes_joint/runs/2026-12-06_10-00-00`, or
+    `.../multiruns/<time>/<job>` for a job of a sweep), which says where its files are; elsewhere the folder's name."""
+    output, logs = Path(output_dir).resolve(), Path(log_dir).resolve()
+    return output.relative_to(logs).as_posix() if output.is_relative_to(logs) else output.name
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers used in conf/ (idempotent)."""
     if not OmegaConf.has_resolver("imagen.auto_precision"):
         OmegaConf.register_new_resolver("imagen.auto_precision", auto_precision)
     if not OmegaConf.has_resolver("imagen.run_id"):
         OmegaConf.register_new_resolver("imagen.run_id", run_id)
+    if not OmegaConf.has_resolver("imagen.run_name"):
+        OmegaConf.register_new_resolver("imagen.run_name", run_name)
+    if not OmegaConf.has_resolver("imagen.launch_dir"):
+        # where the command was started (`hydra.job.chdir` is false, so every job runs there too); unlike
+        # ${hydra:runtime.cwd} it resolves before Hydra sets up a job, as a multirun's sweep directory needs
+        OmegaConf.register_new_resolver("imagen.launch_dir", os.getcwd)
 
 
 register_resolvers()
