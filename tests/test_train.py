@@ -87,6 +87,16 @@ def test_experiment_composes_and_instantiates(make_cfg, experiment_overrides, ex
     assert datamodule is not None and sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.parametrize("mode", ["fdr", "limit", "overfit", "profiler"])
+def test_debug_modes_run_without_a_logger(make_cfg, experiment_overrides, mode):
+    # debug modes have no logger, so the default callbacks' learning-rate monitor must step aside
+    steps = [] if mode == "fdr" else ["trainer.max_steps=4", "trainer.val_check_interval=2"]
+    cfg = make_cfg([*experiment_overrides("shapes_autoencoder"), f"debug={mode}", *steps])
+    assert cfg.task_name == "debug" and cfg.logger is None
+    _, objects = train(cfg)
+    assert objects["trainer"].state.finished and objects["trainer"].global_step == (1 if mode == "fdr" else 4)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_fast_dev_run(make_cfg, experiment_overrides, experiment):
     cfg = make_cfg([*experiment_overrides(experiment), "trainer.fast_dev_run=true", "logger=csv"])

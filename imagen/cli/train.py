@@ -90,6 +90,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
+    monitors = [c for c in callbacks if isinstance(c, pl.callbacks.LearningRateMonitor)]
+    # Lightning refuses the monitor without a logger (`logger=null`, the debug modes)
+    if monitors and not loggers:
+        log.info("no logger: callbacks.learning_rate_monitor is left out (it writes to a logger)")
+        callbacks = [c for c in callbacks if c not in monitors]
     # the checkpoint writer joins whatever plugins the trainer config lists (the SLURM environment)
     plugins = [
         *(hydra.utils.instantiate(cfg.trainer.get("plugins")) or []),
