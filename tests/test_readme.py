@@ -1,5 +1,6 @@
 """The README's commands stay true: every `train.py`, `sample.py` and `imagen.cli.encode` command in its bash blocks
-composes with the shipped configs (a renamed key or a value Hydra cannot parse fails here, not for a reader)."""
+composes and resolves with the shipped configs (a renamed key, an interpolation of an undefined one or a value Hydra
+cannot parse fails here, not for a reader)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import shlex
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import REPO, compose_config
 
@@ -54,4 +56,7 @@ def test_the_readme_has_commands_of_every_entry_point():
 def test_readme_command_composes(config, overrides, tmp_path):
     if "hydra/launcher=slurm" in overrides:
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    compose_config(overrides, tmp_path / "run", config)
+    cfg = compose_config(overrides, tmp_path / "run", config)
+    OmegaConf.to_container(
+        cfg, resolve=True, throw_on_missing=False
+    )  # every interpolation names a defined key
