@@ -97,3 +97,22 @@ def test_consecutive_non_finite_steps_stop_the_run(make_cfg, tmp_path, monkeypat
         assert torch.equal(weights[f"net.{name}"], value), (
             "the checkpoint holds the weights from before the fault"
         )
+
+
+def test_a_diverged_model_is_named_at_validation_not_a_bincount_error(make_cfg, tmp_path):
+    # lr 1e9: the first step leaves finite but huge weights (the next step's non-finite gradients are skipped), so the
+    # encoder's outputs at validation are not finite and the quantizer's ids fall outside the codebook
+    cfg = make_cfg([*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2", "model.optimizer.lr=1e9"],
+                   run_dir=tmp_path / "run")  # fmt: skip
+    with pytest.raises(ValueError, match=r"outside the codebook's \[0, \d+\): a quantizer fed non-finite"):
+        train(cfg)
+
+
+def test_codebook_usage_counts_the_ids():
+    from imagen.metrics.codebook import CodebookUsage
+
+    usage = CodebookUsage(4)
+    usage.update(torch.tensor([[0, 1], [1, 0]]))
+    assert usage.compute()["usage"] == 0.5 and usage.compute()["perplexity"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match=r"token ids from -3 to 1, outside the codebook's \[0, 4\)"):
+        usage.update(torch.tensor([-3, 1]))
