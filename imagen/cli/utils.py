@@ -36,6 +36,15 @@ def run_name(output_dir: str, log_dir: str) -> str:
     return output.relative_to(logs).as_posix() if output.is_relative_to(logs) else output.name
 
 
+def launch_dir() -> str:
+    """Where the command was started: Hydra's `runtime.cwd` inside a job (right even under `hydra.job.chdir=true`),
+    else the working directory, as when a multirun's sweeper resolves its directory before any job is set up (where
+    ${hydra:runtime.cwd} cannot resolve)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers used in conf/ (idempotent)."""
     if not OmegaConf.has_resolver("imagen.auto_precision"):
@@ -45,9 +54,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("imagen.run_name"):
         OmegaConf.register_new_resolver("imagen.run_name", run_name)
     if not OmegaConf.has_resolver("imagen.launch_dir"):
-        # where the command was started (`hydra.job.chdir` is false, so every job runs there too); unlike
-        # ${hydra:runtime.cwd} it resolves before Hydra sets up a job, as a multirun's sweep directory needs
-        OmegaConf.register_new_resolver("imagen.launch_dir", os.getcwd)
+        OmegaConf.register_new_resolver("imagen.launch_dir", launch_dir)
 
 
 register_resolvers()
