@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from dataclasses import replace
 from unittest import mock
@@ -481,10 +482,12 @@ def test_frozen_pretrained_encoder_keeps_its_states_in_an_on_disk_cache(tmp_path
     with mock.patch.object(again, "_encode", side_effect=AssertionError("encoded again")):
         reread = again(captions[::-1])
     assert torch.equal(reread.states, first.states.flip(0)) and torch.equal(reread.mask, first.mask.flip(0))
-    # other weights saved into the same folder: the old states are not used for them
+    # other weights saved into the same folder later: the old states are not used for them
     shutil.rmtree(path)
     torch.manual_seed(1)
     save_tiny_hf_encoder("bert", path)
+    for file in path.iterdir():  # "later" by a second, whatever the file system's timestamp resolution
+        os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))
     retrained = PretrainedTextEncoder(str(path), cache_dir=str(tmp_path / "cache"))
     assert retrained.cache_path != encoder.cache_path and not retrained._cache
 

@@ -23,10 +23,15 @@ from tests.test_train import (  # noqa: F401  (session fixtures)
 )
 
 
-def run_train(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python train.py OVERRIDES` in `cwd`; past `timeout` seconds (a hung DDP run) its whole process group, the
-    processes DDP launched included, is killed and the test fails."""
+def run_train(
+    *overrides: str, cwd: Path, timeout: int = 600, root_env: bool = True
+) -> subprocess.CompletedProcess:
+    """`python train.py OVERRIDES` in `cwd` (IMAGEN_ROOT set to it, or, without `root_env`, unset: the paths then
+    follow the launch directory); past `timeout` seconds (a hung DDP run) its whole process group, the processes DDP
+    launched included, is killed and the test fails."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "IMAGEN_ROOT": str(cwd)}
+    if not root_env:
+        env.pop("IMAGEN_ROOT")
     command = [sys.executable, str(REPO / "train.py"), *overrides]
     with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as process:  # fmt: skip
@@ -97,13 +102,19 @@ def test_slurm_launcher_config_composes(tmp_path):
 def test_multirun_gives_each_job_its_own_wandb_run_and_a_missing_optimized_metric_is_an_error(tmp_path):
     tiny = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "model.net.quantizer=vq",
             "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false", "extras.print_config=false",
-            "logger=wandb", "logger.wandb.offline=true"]  # fmt: skip
-    result = run_train("-m", *tiny, "seed=1,2", "optimized_metric=val/psnr", cwd=tmp_path)
+            "logger=many_loggers", "logger.wandb.offline=true"]  # fmt: skip
+    # the paths from the launch directory (no IMAGEN_ROOT), even though each job runs in its own (job.chdir)
+    result = run_train("-m", *tiny, "seed=1,2", "optimized_metric=val/psnr", "hydra.job.chdir=true", cwd=tmp_path,
+                       root_env=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "logs" / "shapes_autoencoder" / "multiruns").iterdir()
     runs = [list((sweep / job / "wandb").glob("offline-run-*")) for job in ("0", "1")]
     assert [len(r) for r in runs] == [1, 1], runs  # one W&B run per job, in the job's own directory
     assert runs[0][0].name.rsplit("-", 1)[1] != runs[1][0].name.rsplit("-", 1)[1]  # with ids of their own
+    for job in ("0", "1"):  # the config the loggers got (the CSV logger's copy)
+        logged = OmegaConf.load(sweep / job / "csv" / "hparams.yaml")
+        assert logged.paths.log_dir == str(tmp_path / "logs")
+        assert logged.run_name == f"shapes_autoencoder/multiruns/{sweep.name}/{job}"
     missing = run_train(*tiny, "optimized_metric=val/missing", cwd=tmp_path)
     assert missing.returncode != 0
     assert "optimized_metric='val/missing' was not logged" in missing.stderr

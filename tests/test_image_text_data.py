@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -348,7 +349,7 @@ def test_malformed_metadata_and_annotations_name_the_file_and_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(
         '{"file_name": "a.png", "text": "a red circle"}\n{"file_name": "b.png",\n'
     )
-    with pytest.raises(ValueError, match=rf"{tmp_path / 'metadata.jsonl'}:2: not a JSON object"):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'metadata.jsonl'}:2: not a JSON object")):
         index_imagefolder(tmp_path)
     (tmp_path / "metadata.jsonl").write_text('{"text": "a red circle"}\n')
     with pytest.raises(ValueError, match="metadata.jsonl: a row has no 'file_name' column"):
@@ -365,7 +366,9 @@ def test_malformed_metadata_and_annotations_name_the_file_and_line(tmp_path):
 
     annotations = tmp_path / "captions.json"
     annotations.write_text('{"images": []')
-    with pytest.raises(ValueError, match=rf"data.annotations={annotations}: cannot read a COCO JSON"):
+    with pytest.raises(
+        ValueError, match=re.escape(f"data.annotations={annotations}: cannot read a COCO JSON")
+    ):
         index_coco(tmp_path, annotations)
     annotations.write_text('{"images": []}')
     with pytest.raises(ValueError, match="no 'annotations' list"):

@@ -174,6 +174,12 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
     def _eval_step(self, batch: dict, split: str) -> None:
         images = batch["image"]
         recon, q = self.net(images)
+        if not torch.isfinite(recon).all():  # straight-through quantizers pass a non-finite encoding on
+            raise FloatingPointError(
+                f"the autoencoder's reconstructions are not finite at {split} (global step {self.global_step}): "
+                "training has diverged (the log names any skipped non-finite steps); lower model.optimizer.lr or "
+                "resume from an earlier checkpoint"
+            )
         recon = recon.clamp(-1, 1)
         m = self.metrics[split]
         m["psnr"].update((recon + 1) / 2, (images + 1) / 2)
