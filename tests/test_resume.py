@@ -179,6 +179,9 @@ def test_wandb_continues_the_same_run_after_a_resume(make_cfg, tmp_path):
     first, again, other = wandb_cfg(tmp_path / "a"), wandb_cfg(tmp_path / "a"), wandb_cfg(tmp_path / "b")
     assert first["id"] == again["id"] != other["id"]
     assert first["resume"] == "allow"
+    # a new run at a used path (the quickstart moves a stage's earlier run aside to train it again) is a new W&B run
+    (tmp_path / "a").rename(tmp_path / "a.previous")
+    assert wandb_cfg(tmp_path / "a")["id"] != first["id"]
 
 
 def test_shuffle_order_accepts_any_seed_an_unseeded_run_has():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +27,21 @@ log = logging.getLogger("imagen")
 
 
 def run_id(output_dir: str) -> str:
-    """A logger run id that is the same for every start of one run directory (a resume continues the run)."""
-    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+    """A logger run id kept in the run directory (`.run_id`): every start of one directory (a resume, every DDP rank)
+    gets the same id and continues the logger's run; a new directory gets a new one, even at a path used before (the
+    quickstart moves a stage's earlier run aside before it trains the stage again)."""
+    path = Path(output_dir) / ".run_id"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = hashlib.sha1(f"{path.resolve()}|{time.time_ns()}|{os.getpid()}".encode()).hexdigest()[:16]
+        draft = path.with_name(f".run_id.{os.getpid()}")
+        draft.write_text(fresh)
+        with contextlib.suppress(
+            FileExistsError
+        ):  # processes started together: the first to link names the run
+            os.link(draft, path)
+        draft.unlink()
+    return path.read_text().strip()
 
 
 def run_name(output_dir: str, log_dir: str) -> str:
