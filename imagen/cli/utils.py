@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import warnings
@@ -34,7 +35,9 @@ def run_id(output_dir: str) -> str:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = hashlib.sha1(f"{path.resolve()}|{time.time_ns()}|{os.getpid()}".encode()).hexdigest()[:16]
-        draft = path.with_name(f".run_id.{os.getpid()}")
+        draft = path.with_name(
+            f".run_id.{socket.gethostname()}.{os.getpid()}"
+        )  # one per process, across nodes
         draft.write_text(fresh)
         with contextlib.suppress(
             FileExistsError
