@@ -35,13 +35,11 @@ def run_id(output_dir: str) -> str:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = hashlib.sha1(f"{path.resolve()}|{time.time_ns()}|{os.getpid()}".encode()).hexdigest()[:16]
-        draft = path.with_name(
-            f".run_id.{socket.gethostname()}.{os.getpid()}"
-        )  # one per process, across nodes
+        # a draft per process (nodes may share the file system); of processes started together, the first to link
+        # its draft names the run
+        draft = path.with_name(f".run_id.{socket.gethostname()}.{os.getpid()}")
         draft.write_text(fresh)
-        with contextlib.suppress(
-            FileExistsError
-        ):  # processes started together: the first to link names the run
+        with contextlib.suppress(FileExistsError):
             os.link(draft, path)
         draft.unlink()
     return path.read_text().strip()
