@@ -89,6 +89,23 @@ def test_tiny_model_overfits_and_its_checkpoint_round_trips_through_sample(make_
     assert found == [("Anna Kowalski", "PER", 0, 13), ("Warsaw", "LOC", 54, 60)]
     assert all(0 < e["score"] <= 1 for e in record["entities"]) and summary["entities"] == 2
 
+    # a plain text file in (not CoNLL: one sentence per line, a blank line between documents), one record per line
+    plain = tmp_path / "news.txt"
+    plain.write_text(f"{text}\n\nThe talks in Warsaw went on.\n")
+    out = tmp_path / "file_out"
+    summary = sample(make_cfg(["task=ner", f"ckpt={ckpt}", f"input={plain}", f"out_dir={out}"], "sample"))
+    records = [json.loads(line) for line in (out / "entities.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == [text, "The talks in Warsaw went on."]
+    assert [(e["text"], e["type"]) for e in records[1]["entities"]] == [("Warsaw", "LOC")]
+    assert all(r["text"][e["start"] : e["end"]] == e["text"] for r in records for e in r["entities"])
+    # a CoNLL file to JSON lines: each sentence's text is its tokens joined by spaces, and the offsets point into it
+    out = tmp_path / "conll_jsonl"
+    sample(make_cfg(["task=ner", f"ckpt={ckpt}", f"input={train_file}", f"out_dir={out}"], "sample"))
+    records = [json.loads(line) for line in (out / "entities.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == [" ".join(s.tokens) for s in read_conll(train_file)]
+    assert sum(len(r["entities"]) for r in records) > 0
+    assert all(r["text"][e["start"] : e["end"]] == e["text"] for r in records for e in r["entities"])
+
 
 @pytest.mark.parametrize(
     "overrides",

@@ -9,6 +9,7 @@ config and labels travel in it, so no hub access or `pretrained` folder is neede
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import re
@@ -78,22 +79,36 @@ def words_of(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     return [m.group() for m in matches], [m.span() for m in matches]
 
 
-def read_input(path: str | Path) -> tuple[list[Sentence], bool]:
-    """Sentences of `path` and whether they carry gold tags: a CoNLL column file if it parses as one, else
-    plain text with one sentence per line (a blank line ends a document)."""
+Span = tuple[int, int]
+
+
+def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[list[Span]]]:
+    """Sentences of `path`, whether they carry gold tags, and each sentence's text with its words' character spans.
+    A CoNLL column file if it parses as one (the text: its tokens joined by spaces), else plain text with one
+    sentence per line (the text: the line as written; a blank line ends a document)."""
     try:
-        return read_conll(path), True
+        sentences = read_conll(path)
     except ConllFormatError:
         pass
-    sentences, document = [], 0
+    else:
+        texts, spans = [], []
+        for s in sentences:
+            texts.append(" ".join(s.tokens))
+            starts = [0, *itertools.accumulate(len(t) + 1 for t in s.tokens)][:-1]
+            spans.append([(start, start + len(t)) for start, t in zip(starts, s.tokens, strict=True)])
+        return sentences, True, texts, spans
+    sentences, texts, spans, document = [], [], [], 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            tokens, _ = words_of(line)
+            line = line.rstrip("\r\n")
+            tokens, token_spans = words_of(line)
             if tokens:
                 sentences.append(Sentence(tokens, ["O"] * len(tokens), document, f"{path}:{number}"))
+                texts.append(line)
+                spans.append(token_spans)
             elif sentences and sentences[-1].document == document:
                 document += 1
-    return sentences, False
+    return sentences, False, texts, spans
 
 
 @torch.no_grad()
@@ -177,15 +192,7 @@ def sample_ner(cfg: DictConfig) -> dict:
     else:
         if not Path(cfg.input).is_file():
             raise FileNotFoundError(f"input={cfg.input}: no such file")
-        sentences, has_gold = read_input(cfg.input)
-        texts, all_spans = [], []
-        for s in sentences:  # the sentence's text: its tokens joined by spaces
-            texts.append(" ".join(s.tokens))
-            spans, start = [], 0
-            for token in s.tokens:
-                spans.append((start, start + len(token)))
-                start += len(token) + 1
-            all_spans.append(spans)
+        sentences, has_gold, texts, all_spans = read_input(cfg.input)
     predictions = predict(
         model, sentences, cfg.batch_size, _device(cfg.device), show_progress=cfg.text is None
     )
