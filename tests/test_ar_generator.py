@@ -448,7 +448,7 @@ def test_validation_samples_with_the_weights_it_scores_under_ema(
     assert loaded.generate_images(["a small red circle on the left"]).shape == (1, 3, size, size)
 
 
-@pytest.mark.parametrize("kind", ["bert", "t5"])
+@pytest.mark.parametrize("kind", ["bert", "t5", "clip"])
 def test_pretrained_text_encoder_loads_offline_and_trains(make_cfg, tiny_autoencoder_ckpt, tmp_path, kind):  # noqa: F811
     path = tmp_path / kind
     save_tiny_hf_encoder(kind, path)
@@ -456,6 +456,10 @@ def test_pretrained_text_encoder_loads_offline_and_trains(make_cfg, tiny_autoenc
                            ["model/text_encoder=pretrained", f"model.text_encoder.pretrained={path}",
                             "model.text_encoder.cache_dir=null", "trainer.limit_val_batches=0"])  # fmt: skip
     assert model.text_encoder.dim == 32
+    expected = {"bert": "BertModel", "t5": "T5EncoderModel", "clip": "CLIPTextModel"}[
+        kind
+    ]  # the encoder half alone
+    assert type(model.text_encoder.model).__name__ == expected
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
     assert model.trainer.global_step == 6
 
@@ -508,17 +512,36 @@ def save_tiny_hf_encoder(kind: str, path) -> None:
         config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64)  # fmt: skip
         BertModel(config).save_pretrained(path)
-    else:
-        from transformers import PreTrainedTokenizerFast, T5Config, T5Model
+    else:  # t5 or clip: a word-level fast tokenizer
+        from transformers import PreTrainedTokenizerFast
 
-        vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}
+        eos = "</s>" if kind == "t5" else "<|endoftext|>"
+        vocab = {w: i for i, w in enumerate(["<pad>", eos, "<unk>", *words])}
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+            tokenizer_object=tok, pad_token="<pad>", eos_token=eos, unk_token="<unk>"
         ).save_pretrained(path)
-        config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
-        T5Model(config).save_pretrained(path)
+        if kind == "t5":
+            from transformers import T5Config, T5Model
+
+            config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+            T5Model(config).save_pretrained(path)
+        else:  # a whole CLIP model (text and vision), as the hub's CLIP checkpoints are: the encoder takes its text half
+            from transformers import CLIPConfig, CLIPModel
+
+            tiny = {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
+            text = {**tiny, "vocab_size": len(vocab), "max_position_embeddings": 64, "pad_token_id": 0,
+                    "eos_token_id": 1}  # fmt: skip
+            vision = {**tiny, "image_size": 32, "patch_size": 16}
+            CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
+                path
+            )
 
 
 def test_compiled_blocks_train_like_eager(make_cfg, tiny_autoencoder_ckpt, tmp_path):  # noqa: F811
