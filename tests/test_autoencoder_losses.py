@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
 import pandas as pd
 import pytest
 import torch
@@ -37,6 +38,11 @@ def test_perceptual_loss_compares_features_of_a_frozen_backbone(tiny_vit):
     assert value.item() > 0 and reconstruction.grad.abs().sum() > 0
     assert all(not p.requires_grad and p.grad is None for p in loss.backbone.parameters())
     assert not loss.train().backbone.training  # frozen: stays in eval mode
+    # the frozen backbone stays out of the state dict (and checkpoints); loading one still checks every key
+    assert loss.state_dict() == {}
+    loss.load_state_dict({}, strict=True)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        loss.load_state_dict({"other.weight": torch.zeros(1)}, strict=True)
     # images of another size are resized to the backbone's
     assert loss(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)).item() > 0
     with pytest.raises(
@@ -66,3 +72,7 @@ def test_gan_stage_steps_the_discriminator_from_its_start_step(make_cfg, tiny_vi
     adversarial = logged.dropna(subset=["train/d_loss"])
     assert sorted(adversarial["step"]) == [2, 3] and adversarial["train/g_loss"].notna().all()
     assert objects["model"].perceptual is not None
+    # its checkpoints hold no perceptual weights, and load strictly into a new stage of the same config
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and not any(key.startswith("perceptual.") for key in state)
+    hydra.utils.instantiate(cfg.model, _convert_="all").load_state_dict(state, strict=True)

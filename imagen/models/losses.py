@@ -57,6 +57,20 @@ class HFFeaturePerceptualLoss(nn.Module):
         self.image_size = image_size or getattr(cfg, "image_size", None)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        # the frozen backbone comes from `pretrained` at every start: its weights stay out of the state dict, so out of
+        # checkpoints (DINOv2-small would add 88 MB to each), and loading takes them from the module (strict loading
+        # still holds)
+        self.register_state_dict_post_hook(self._without_backbone)
+        self.register_load_state_dict_pre_hook(self._with_backbone)
+
+    @staticmethod
+    def _without_backbone(module, state_dict, prefix, local_metadata) -> None:
+        for key in [k for k in state_dict if k.startswith(f"{prefix}backbone.")]:
+            del state_dict[key]
+
+    def _with_backbone(self, module, state_dict, prefix, *args) -> None:
+        for key, value in self.backbone.state_dict(prefix=f"{prefix}backbone.").items():
+            state_dict.setdefault(key, value)
 
     def train(self, mode: bool = True) -> HFFeaturePerceptualLoss:
         super().train(mode)
