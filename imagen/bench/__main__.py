@@ -33,7 +33,13 @@ from imagen.bench import sampling as sampling_bench
 from imagen.bench import training as training_bench
 from imagen.bench.common import Budget, device_name, measure_ceilings
 from imagen.models.ar_transformer import ARTransformer
-from imagen.sampling.ar import KVCache, SamplingSettings, compiled_decode_step, generate, generate_recompute
+from imagen.sampling.ar import (
+    SamplingSettings,
+    compiled_decode_step,
+    generate,
+    generate_recompute,
+    reusable_cache,
+)
 
 PRESETS = {
     "gpu": {
@@ -117,13 +123,12 @@ def correctness_checks(device: torch.device, compile_step: bool) -> dict:
         result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]  # 0 expected
         # guidance stopped halfway: the second half decodes the conditional rows on views of the cache's buffers, twice
         # on one cache (as the stage keeps it), so the second call replays the graphs the first recorded on the views
-        stopped, cache, same = replace(sampled, cfg_until=0.5), None, True
+        stopped, caches, same = replace(sampled, cfg_until=0.5), {}, True
         for seed in (0, 1):
             eager = generate(
                 model, states, mask, stopped, torch.Generator(device).manual_seed(seed), attend_block=4
             )
-            if cache is None:
-                cache = KVCache.allocate(model, 2 * len(states), states.shape[1], device, model.dtype)
+            cache = reusable_cache(caches, model, states, stopped)
             compiled = generate(
                 model,
                 states,

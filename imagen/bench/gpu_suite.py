@@ -44,6 +44,11 @@ def read_jsonl(path: Path) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else None
 
 
+def stage_dirs(work: Path) -> tuple[Path, Path]:
+    """The run directories of the autoencoder and generator steps."""
+    return work / "autoencoder", work / "generator"
+
+
 def build_plan(args: argparse.Namespace, out: Path, work: Path) -> list[tuple[str, list[str], float]]:
     """(name, command, share of the budget) of each step, in order."""
     python = sys.executable
@@ -54,7 +59,7 @@ def build_plan(args: argparse.Namespace, out: Path, work: Path) -> list[tuple[st
         "extras.print_config=false",
         f"paths.cache_dir={work / 'cache'}",
     ]
-    ae_dir, gen_dir = work / "autoencoder", work / "generator"
+    ae_dir, gen_dir = stage_dirs(work)
     bench_budget = 0.85 * args.bench_share * args.budget_s  # it stops starting measurements in time to finish
     stage_share = (1 - args.bench_share - args.loader_share - args.sample_share) / 2
     prompts = '["a small red circle on the left","a large blue square above a small green triangle"]'
@@ -105,10 +110,11 @@ def main() -> None:
             results.append({"name": name, "rc": "skipped: out of time"})
             continue
         results.append(step(name, command, out, timeout=min(left, share * args.budget_s * 1.5)))
+    ae_dir, gen_dir = stage_dirs(work)
     summary = {
         "steps": results,
-        "autoencoder_metrics": read_json(work / "autoencoder" / "metrics.json"),
-        "generator_metrics": read_json(work / "generator" / "metrics.json"),
+        "autoencoder_metrics": read_json(ae_dir / "metrics.json"),
+        "generator_metrics": read_json(gen_dir / "metrics.json"),
         "sample_manifest": read_jsonl(out / "sample" / "samples.jsonl"),
         "loader": read_json(out / "loader.json"),
     }

@@ -73,13 +73,13 @@ def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
     )
 
 
-def words_of(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+Span = tuple[int, int]  # a word's character offsets in its text: [start, end)
+
+
+def words_of(text: str) -> tuple[list[str], list[Span]]:
     """CoNLL-like tokens of raw text (punctuation split off) and their character spans."""
     matches = list(_WORD.finditer(text))
     return [m.group() for m in matches], [m.span() for m in matches]
-
-
-Span = tuple[int, int]
 
 
 def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[list[Span]]]:

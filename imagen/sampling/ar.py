@@ -230,9 +230,9 @@ def compiled_decode_step() -> Callable:
     """`decode_and_sample` compiled for GPU decoding: the decode step, guidance and the token choice fused into one
     graph replayed as a CUDA graph (one recording per batch size and attended length; the shapes are dynamic, so
     one compilation serves every batch size above 1 and every length, and a second the unguided steps after
-    `cfg_until`). The KV cache's buffers have static
-    addresses (`KVCache.allocate`), so the in-place cache writes stay inside the graph; the random draws come in as
-    an input (`race_noise`), so a seeded generator gives the eager sampler's tokens."""
+    `cfg_until`). The KV cache's buffers have static addresses (`KVCache.allocate`), so the in-place cache writes
+    stay inside the graph; the random draws come in as an input (`race_noise`), so a seeded generator gives the
+    eager sampler's tokens."""
     return torch.compile(decode_and_sample, mode="reduce-overhead", fullgraph=True, dynamic=True)
 
 
@@ -278,9 +278,8 @@ def generate(
     # attended length in a compiled step's guards)
     position = torch.zeros((), dtype=torch.long, device=device)
     guided_tokens = settings.guided_tokens(n)
-    scales = torch.tensor(
-        [settings.scale_at(i, guided_tokens) for i in range(n)]
-    )  # (N,) guidance (the first used)
+    # (N,) guidance at each token (only the first `guided_tokens` are used)
+    scales = torch.tensor([settings.scale_at(i, guided_tokens) for i in range(n)])
     scales = scales.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scales
     mark_varying(cache)
 
