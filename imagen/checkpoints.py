@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,21 @@ def read_export(out_dir: str | Path) -> dict[str, Any]:
         "hyper_parameters": config.get("hyper_parameters", {}),
         "global_step": (config.get("source") or {}).get("global_step"),
     }
+
+
+def check_config(theirs, ours, prefix: str, what: str, hint: str) -> None:
+    """Two configs of one dataclass (a checkpoint's, this run's) must agree, but for the fields the dataclass lists in
+    `training_only` (a run may set its own: dropout while fine-tuning): else an error naming every differing field
+    as `prefix.field: checkpoint X, this run Y`."""
+    a, b = asdict(theirs), asdict(ours)
+    skip = getattr(type(ours), "training_only", ())
+    diff = [
+        f"{prefix}.{k}: checkpoint {a[k]!r}, this run {b[k]!r}" for k in b if a[k] != b[k] and k not in skip
+    ]
+    if diff:
+        raise ValueError(
+            f"{what} configured differently; set the run's config to match ({hint}):\n  " + "\n  ".join(diff)
+        )
 
 
 def plain_state_dict(state: dict, info: dict) -> dict:

@@ -213,6 +213,28 @@ def test_a_transformer_configured_differently_is_refused(make_cfg, tiny_joint_ck
         stage.configure_model()
 
 
+def test_an_autoencoder_quantizing_differently_is_refused(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
+    # cosine codes have no weights of their own: without the check the checkpoint would load and give other tokens
+    base = ["experiment=shapes_autoencoder", *TINY_SHAPES, *TINY_AUTOENCODER]
+    cfg = make_cfg([*base, "+model.net.vq_cosine=false", f"model.init_from={tiny_autoencoder_ckpt}"])
+    with pytest.raises(
+        InstantiationException, match=r"(?s)model.init_from: .* model\.net\.vq_cosine: checkpoint True"
+    ):
+        hydra.utils.instantiate(cfg.model, _convert_="all")
+    stage = hydra.utils.instantiate(make_cfg([*base, "+model.net.vq_cosine=false"]).model, _convert_="all")
+    with pytest.raises(
+        ValueError, match=r"(?s)ckpt_path: the checkpoint being resumed .* model\.net\.vq_cosine"
+    ):
+        stage.on_load_checkpoint(torch.load(tiny_autoencoder_ckpt, map_location="cpu", weights_only=True))
+    # the codebook's EMA decay acts only while training: a fine-tune sets its own
+    cfg = make_cfg([*base, "+model.net.vq_decay=0.5", f"model.init_from={tiny_autoencoder_ckpt}"])
+    stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+    saved = torch.load(tiny_autoencoder_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    ours = stage.state_dict()
+    for key in [key for key in saved if key.startswith("net.")]:
+        torch.testing.assert_close(ours[key], saved[key], msg=key)
+
+
 def test_a_finetune_may_set_its_own_dropout(make_cfg, tiny_joint_ckpt, tiny_autoencoder_ckpt):  # noqa: F811
     # dropout acts only while training: the checkpoint's weights load into a run that regularises its fine-tune
     cfg = make_cfg(["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, "model.net.dropout=0.1",
@@ -343,6 +365,24 @@ def test_new_words_start_at_the_mean_row_of_the_words_they_are_like(make_cfg, ti
         old, new = before.state_dict()[name], after.state_dict()[name]
         torch.testing.assert_close(new[orange], (old[red] + old[blue]) / 2, msg=name)
         torch.testing.assert_close(new[red], old[red], msg=name)  # learning rate 0: nothing else moved
+
+
+def test_added_words_leave_the_known_words_as_they_were():
+    from imagen.models.text_encoder import CaptionTokenizer
+
+    tokenizer = CaptionTokenizer()
+    tokenizer.train(["a small stars shape", "a large circle"], vocab_size=100)
+    before = tokenizer.tokenizer.encode("a stars shape").ids
+    assert tokenizer.add_words(["A star on the left"], max_vocab=100) == ["left", "on", "star", "the"]
+    # "star" is a word of its own, not a piece of "stars"; new words take the next ids, case-folded as the rest
+    assert tokenizer.tokenizer.encode("a stars shape").ids == before
+    star = tokenizer.token_id("star")
+    assert star >= 10 and tokenizer.tokenizer.encode("A STAR stars").ids == [before[0], star, before[1]]
+    restored = CaptionTokenizer.from_str(tokenizer.to_str())
+    assert restored.tokenizer.encode("a star stars shape").ids == [before[0], star, *before[1:]]
+    assert restored.vocab_size == tokenizer.vocab_size == 14
+    with pytest.raises(ValueError, match="adding 1 words exceeds the text encoder's vocab_size=14"):
+        tokenizer.add_words(["a red star"], max_vocab=14)
 
 
 class SignalAtStep(pl.Callback):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -50,6 +51,8 @@ class ARConfig:
     # Training recomputes each block's activations in the backward pass instead of keeping them (less memory for large
     # sizes and batches, a second forward pass through each block); sampling and evaluation are unaffected.
     activation_checkpointing: bool = False
+    # fields that act only while training: a checkpoint loads whatever this run sets (`check_config`)
+    training_only: ClassVar[tuple[str, ...]] = ("dropout", "activation_checkpointing")
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(self.grid_size)
@@ -159,9 +162,10 @@ def attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
         )
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
-    if mask is None:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    probs = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(v.dtype)
+    seen = mask if mask is not None else torch.ones_like(scores[0, 0], dtype=torch.bool).tril()
+    probs = scores.masked_fill(~seen, float("-inf")).float().softmax(dim=-1).to(v.dtype)
+    if mask is not None:  # a query that may see no key gets zeros (softmax over no key is NaN), as from SDPA
+        probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return dropout_cpu_fast(probs, dropout) @ v
 
 

@@ -8,6 +8,7 @@ optional cosine codes, dead-code replacement), FSQ and LFQ.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,10 @@ class AutoencoderConfig:
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
     # lfq
     lfq_entropy_weight: float = 0.1
+    # fields that act only while training: a checkpoint loads whatever this run sets (`check_config`)
+    training_only: ClassVar[tuple[str, ...]] = (
+        "vq_decay", "vq_kmeans_init", "vq_dead_code_threshold", "commitment_weight", "lfq_entropy_weight",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,8 @@ class ImageTextConfig:
     # embeddings through a projection: what a code looks like, known from the first step. 0: off (checkpoints
     # written before it existed); the joint stage sets it from its autoencoder (`model.image_code_vectors`).
     code_dim: int = 0
+    # fields that act only while training: a checkpoint loads whatever this run sets (`check_config`)
+    training_only: ClassVar[tuple[str, ...]] = ("dropout",)
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(self.grid_size)

@@ -64,7 +64,13 @@ class CaptionTokenizer:
             self.tokenizer.normalizer.normalize_str(c))} - set(vocab))  # fmt: skip
         if self.vocab_size + len(words) > max_vocab:
             raise ValueError(f"adding {len(words)} words exceeds the text encoder's vocab_size={max_vocab}")
-        self.tokenizer.add_tokens(words)
+        # into the word-level model itself, after the last id: an added token would match inside known words ("star"
+        # would split "stars" into "star" + [UNK])
+        first = self.vocab_size
+        known = self.tokenizer.get_vocab(with_added_tokens=False)
+        self.tokenizer.model = models.WordLevel(
+            {**known, **{w: first + i for i, w in enumerate(words)}}, unk_token="[UNK]"
+        )
         return words
 
     @property

@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from imagen.checkpoints import (
+    check_config,
     load_autoencoder,
     load_init_from,
     load_state_strict,
@@ -57,25 +58,6 @@ def module_spec(module: nn.Module) -> dict:
     """`{_target_, **init_args}` of a module that records its constructor arguments in `init_args`."""
     cls = type(module)
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **module.init_args}
-
-
-# config fields that act only while training: a run may set its own (dropout while fine-tuning, BENCHMARKS.md)
-TRAINING_ONLY_FIELDS = ("dropout",)
-
-
-def check_config(theirs, ours, prefix: str, what: str, hint: str) -> None:
-    """Two configs of one dataclass (a checkpoint's, this run's) must agree, but for `TRAINING_ONLY_FIELDS`: else an
-    error naming every differing field as `prefix.field: checkpoint X, this run Y`."""
-    a, b = asdict(theirs), asdict(ours)
-    diff = [
-        f"{prefix}.{k}: checkpoint {a[k]!r}, this run {b[k]!r}"
-        for k in b
-        if a[k] != b[k] and k not in TRAINING_ONLY_FIELDS
-    ]
-    if diff:
-        raise ValueError(
-            f"{what} configured differently; set the run's config to match ({hint}):\n  " + "\n  ".join(diff)
-        )
 
 
 class FrozenAutoencoderMixin:

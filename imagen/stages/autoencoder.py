@@ -13,9 +13,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from imagen.callbacks.fault import grads_are_finite
-from imagen.checkpoints import load_init_from
+from imagen.checkpoints import check_config, load_init_from, read_checkpoint, stage_info
 from imagen.metrics.codebook import CodebookUsage
-from imagen.models.autoencoder import Autoencoder
+from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
@@ -76,7 +76,20 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
         self.disc_optimizer_factory = disc_optimizer
         self.metrics = nn.ModuleDict({split: self._split_metrics() for split in ("val", "test")})
         if init_from:  # fine-tuning: the network of another autoencoder run (a resume then overrides it)
-            load_init_from(self, init_from, "autoencoder", ("net.",), trust_checkpoint)
+            checkpoint = read_checkpoint(init_from, trust_checkpoint)
+            self.check_net_config(
+                stage_info(checkpoint, init_from, "autoencoder"), init_from, "model.init_from"
+            )
+            load_init_from(self, init_from, "autoencoder", ("net.",), checkpoint=checkpoint)
+
+    def check_net_config(self, info: dict, source: str, key: str) -> None:
+        """The network described by a checkpoint's `imagen` entry must be this one: quantizer settings without
+        weights of their own (FSQ levels, cosine codes) would otherwise load strictly and map images to other tokens."""
+        if "net_config" in info:
+            check_config(
+                AutoencoderConfig(**info["net_config"]), self.net.config, "model.net",
+                f"{key}: {source} holds an autoencoder", "the settings it was trained with",
+            )  # fmt: skip
 
     def _split_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict(
@@ -234,6 +247,10 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
         return {"inputs_reconstructions": pairs.flatten(0, 1)}
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume (`ckpt_path`) must build the network the checkpoint holds (called before Lightning's strict load)."""
+        self.check_net_config(checkpoint.get("imagen") or {}, "the checkpoint being resumed", "ckpt_path")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain types only: later stages rebuild the network from this without unpickling any object.

@@ -25,6 +25,7 @@ import torch.nn as nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import BLEUScore
 
+from imagen.checkpoints import check_config
 from imagen.data.shapes import Scene, matches_caption
 from imagen.metrics.captions import caption_correct, preserved_attributes
 from imagen.metrics.judge import Judge
@@ -35,7 +36,7 @@ from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, TextStates
 from imagen.sampling.ar import SamplingSettings
 from imagen.sampling.caption import CaptionDecoding, decode_captions, ids_to_text
 from imagen.sampling.rerank import best_of
-from imagen.stages.ar_generator import GROUP_SUFFIX, ARGeneratorStage, check_config
+from imagen.stages.ar_generator import GROUP_SUFFIX, ARGeneratorStage
 
 log = logging.getLogger(__name__)
 
