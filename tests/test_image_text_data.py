@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import tarfile
 from pathlib import Path
@@ -85,6 +86,24 @@ def test_one_folder_is_split_into_disjoint_train_val_test(tmp_path):
     assert not (names["train"] & names["val"]) and not (names["train"] & names["test"])
 
 
+def test_imagefolder_rows_of_one_image_are_one_record_in_one_split(tmp_path):
+    from imagen.data.formats import index_imagefolder
+
+    pairs = make_pairs(20, size=(8, 8))
+    for p in pairs:
+        (tmp_path / f"{p.stem}.png").write_bytes(p.png)
+    # one row per caption, an image's rows apart: first captions, then second captions (reversed)
+    rows = [{"file_name": f"{p.stem}.png", "text": p.captions[0]} for p in pairs]
+    rows += [{"file_name": f"./{p.stem}.png", "text": p.captions[1]} for p in reversed(pairs)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = index_imagefolder(tmp_path)
+    assert [(r.image.name, r.captions) for r in records] == [(f"{p.stem}.png", p.captions) for p in pairs]
+    dm = ImageTextDataModule("imagefolder", root=str(tmp_path), image_size=8, holdout_fraction=0.1)
+    dm.setup()
+    names = [[r.image.name for r in dm.datasets[s].records] for s in ("train", "val", "test")]
+    assert [len(n) for n in names] == [16, 2, 2] and len(set().union(*names)) == 20  # no image in two splits
+
+
 def test_split_subfolders(tmp_path):
     for split, n in (("train", 5), ("validation", 2), ("test", 3)):
         write_imagefolder(tmp_path / split, make_pairs(n, seed=len(split)))
@@ -125,6 +144,32 @@ def test_every_mode_becomes_rgb_and_transparency_is_white():
         else:
             r, g, b = out.getpixel((2, 2))
             assert r > 200 and g < 60 and b < 60
+
+
+def test_sixteen_bit_is_scaled_by_257_whatever_its_content():
+    for value, expected in ((200, 1), (300, 1), (32896, 128), (65535, 255)):
+        out = open_image(encoded(Image.fromarray(np.full((4, 4), value, dtype=np.uint16))), "x", None)
+        assert out.getpixel((0, 0)) == (expected,) * 3, value
+
+
+def test_trns_transparency_is_white():
+    for mode, background, opaque in (("RGB", (0, 0, 0), (255, 0, 0)), ("L", 0, 128), ("L", 9, 0)):
+        image = Image.new(mode, (4, 4), background)  # transparent by a PNG tRNS color, not an alpha channel
+        image.putpixel((0, 0), opaque)
+        out = open_image(encoded(image, transparency=background), "x", None)
+        assert out.getpixel((2, 2)) == (255, 255, 255)
+        assert out.getpixel((0, 0)) == image.convert("RGB").getpixel((0, 0))
+
+
+def test_max_pixels_replaces_pillow_s_limit(monkeypatch):
+    # Pillow's default limit, scaled down: data.max_pixels over it lets 90,000 pixels pass
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = encoded(Image.new("RGB", (300, 300)))
+    assert open_image(data, "big.png", None).size == (300, 300)  # null: no limit
+    assert open_image(data, "big.png", 100_000).size == (300, 300)
+    with pytest.raises(BadSample, match=r"big.png: too_many_pixels.*data.max_pixels=50000"):
+        open_image(data, "big.png", 50_000)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored for other readers
 
 
 def test_exif_orientation_is_applied():
@@ -322,7 +367,7 @@ def test_webdataset_split_over_two_ranks_and_workers(tmp_path, monkeypatch):
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))  # what webdataset's split_by_node reads (as torch.distributed)
         monkeypatch.setenv("WORLD_SIZE", "2")
-        dm = ImageTextDataModule("webdataset", shards=shard_spec(shards), image_size=8, resampled=False,
+        dm = ImageTextDataModule("webdataset", shards=every_split(shard_spec(shards)), image_size=8, resampled=False,
                                  shuffle_buffer=10, batch_size=5, num_workers=2)  # fmt: skip
         seen[rank] = drain(dm, "train")
     all_names = seen[0] + seen[1]
@@ -376,3 +421,12 @@ def test_malformed_metadata_and_annotations_name_the_file_and_line(tmp_path):
     annotations.write_text('{"images": [], "annotations": [{"image_id": 1}]}')
     with pytest.raises(ValueError, match=r"annotations\[0\] lacks 'image_id' or 'caption'"):
         index_coco(tmp_path, annotations)
+    captions = [{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": None}]
+    annotations.write_text(json.dumps({"images": [], "annotations": captions}))
+    with pytest.raises(ValueError, match=r"annotations\[1\] has a caption that is no string"):
+        index_coco(tmp_path, annotations)
+    for entry, key in (({"file_name": "a.png"}, "id"), ({"id": 1, "file_name": None}, "file_name")):
+        images = [{"id": 0, "file_name": "b.png"}, entry]
+        annotations.write_text(json.dumps({"images": images, "annotations": []}))
+        with pytest.raises(ValueError, match=rf"captions.json: images\[1\] lacks '{key}'"):
+            index_coco(tmp_path, annotations)

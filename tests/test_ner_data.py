@@ -87,6 +87,16 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_conll(ragged)
 
 
+def test_bom_is_skipped_and_latin1_names_file_and_line(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\n".encode("utf-8-sig"))
+    assert [s.tokens for s in read_conll(bom)] == [["EU"]]  # the BOM does not hide -DOCSTART-
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("EU B-ORG\n\nFran\u00e7ois B-PER\n".encode("latin-1"))
+    with pytest.raises(ConllFormatError, match=r"latin1\.txt:3: not UTF-8 .*iconv -f latin1 -t utf-8"):
+        read_conll(latin1)
+
+
 def test_label_set_covers_all_splits_and_given_labels_are_checked():
     train = [Sentence(["a", "b"], ["B-PER", "O"], 0, "train:1")]
     test = [Sentence(["c"], ["B-EVENT"], 0, "test:7")]  # a type seen only in test
@@ -137,6 +147,28 @@ def test_hf_dataset_loads_offline(tmp_path, tokenizer):
     assert len(data.sentences["val"]) == 2
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape[0] == 2
+
+
+def test_hf_rows_are_checked_like_file_lines():
+    import datasets
+
+    def split(ner_tags, tags_feature=None, tokens=(("Peter", "in", "York"),)):
+        features = None
+        if tags_feature is not None:
+            features = datasets.Features(
+                {"tokens": datasets.Sequence(datasets.Value("string")), "ner_tags": tags_feature}
+            )
+        rows = {"tokens": [list(t) for t in tokens], "ner_tags": ner_tags}
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    ids = datasets.Sequence(datasets.Value("int64"))  # tag ids without a ClassLabel's names
+    with pytest.raises(ConllFormatError, match=r"ds\[train\]\[0\]: 'ner_tags' holds tag ids .* no label"):
+        sentences_from_hf(split([[1, 0, 3]], ids), "ds[train]")
+    with pytest.raises(ConllFormatError, match=r"ds\[train\]\[0\]: expected a tag .* in 'ner_tags', got 'X'"):
+        sentences_from_hf(split([["B-PER", "O", "X"]]), "ds[train]")
+    with pytest.raises(ConllFormatError, match=r"ds\[train\]\[1\]: 2 'tokens' but 3 'ner_tags'"):
+        sentences_from_hf(split([["O"], ["O", "O", "O"]], tokens=[["a"], ["b", "c"]]), "ds[train]")
+    assert sentences_from_hf(split([["B-PER", "O", "B-LOC"]]))[0].tags == ["B-PER", "O", "B-LOC"]
 
 
 def test_slow_tokenizer_is_refused():
@@ -240,3 +272,16 @@ def test_document_context_feeds_neighbours_without_labels(tokenizer):
 def test_window_context_must_leave_room():
     with pytest.raises(ValueError, match="window_context=40 leaves no room"):
         EncodingSettings(max_length=64, window_context=40).word_cap(2)
+
+
+def test_sample_input_files_with_a_bom_or_in_latin1(tmp_path):
+    from imagen.cli.sample_ner import read_input
+
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes("\ufeffAngela Merkel visited Paris .\n".encode())
+    sentences, gold, texts, _ = read_input(plain)
+    assert not gold and sentences[0].tokens[0] == "Angela" and texts == ["Angela Merkel visited Paris ."]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Fran\xe7ois visited Paris .\n".encode("latin-1"))
+    with pytest.raises(ConllFormatError, match=r"latin1.txt:1: not UTF-8"):
+        read_input(latin1)

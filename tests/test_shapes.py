@@ -254,3 +254,28 @@ def test_hflip_items_show_the_mirrored_scene_with_its_caption():
         assert item["negative_caption"] not in scene.mirrored().captions()
     with pytest.raises(ValueError, match=r"data.train_hflip=true .* \['left'\]"):
         ShapesDataModule(positions=["left", "center"], train_hflip=True, use_judge=False)
+
+
+@pytest.mark.parametrize("new_concept", [False, True])
+def test_hflip_never_mirrors_a_sample_into_another_prompt_group(new_concept):
+    # mirrored, a training "red at right" would be the held-out "red at left" (or a replayed "orange at right" the
+    # new concept "orange at left")
+    from imagen.data.shapes_datamodule import NewConceptShapesDataModule, ShapesDataModule
+
+    sizes = dict(num_train=300, num_val=4, num_val_heldout=4, num_test=4, num_test_heldout=4, use_judge=False,
+                 train_hflip=True)  # fmt: skip
+    if new_concept:
+        colors = ["red", "green", "blue", "yellow", "purple", "cyan", "orange"]
+        concept = [{"color": "orange", "position": "left"}]
+        dm = NewConceptShapesDataModule(new_concept=concept, num_replay=300, colors=colors, **sizes)
+    else:
+        dm = ShapesDataModule(heldout=[{"color": "red", "position": "left"}], **sizes)
+    dataset, split = dm.train_dataloader().dataset, dm.split("train")
+    mirrored = 0
+    for index in range(len(dataset)):
+        for seed in range(2):
+            item = dataset[(index, seed)]
+            shown = Scene(tuple(scene_from_targets(item["target"].numpy(), dm.config)))
+            assert dm.scene_group(shown) == dm.scene_group(split.scenes[index]), item["caption"]
+            mirrored += item["caption"] not in split.captions[index]
+    assert mirrored > len(dataset) / 4  # the others are still mirrored (half of their items)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,14 @@ from imagen.checkpoints import load_autoencoder
 from imagen.data.image_text import ImageTextDataModule
 from imagen.data.token_cache import TokenCacheDataset, TokenCacheError, write_token_cache
 from tests.conftest import compose_config
-from tests.image_text_fixtures import make_pairs, write_autoencoder_ckpt, write_coco, write_image_txt
+from tests.image_text_fixtures import (
+    make_pairs,
+    shard_spec,
+    write_autoencoder_ckpt,
+    write_coco,
+    write_image_txt,
+    write_shards,
+)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +133,75 @@ def test_encode_command(coco_dm, ckpt, tmp_path):
                          tmp_path / "run", config_name="encode")  # fmt: skip
     encode(cfg)
     assert [len(TokenCacheDataset(tmp_path / "cache" / s)) for s in ("train", "val", "test")] == [8, 1, 1]
+
+
+def test_webdataset_encode_over_ranks_keeps_every_tar_and_the_held_out_ones_apart(
+    ckpt, tmp_path, monkeypatch
+):
+    pairs = make_pairs(10, size=(32, 32))
+    shards = write_shards(tmp_path / "wds", pairs, per_shard=2)  # 5 tars: train 0-2, val 3, test 4
+    # one unreadable tar, and one empty: recorded, not fatal
+    (tmp_path / "wds" / "00002.tar").write_bytes(b"not a tar" * 100)
+    with tarfile.open(tmp_path / "wds" / "00001.tar", "w"):
+        pass
+    dm = ImageTextDataModule("webdataset", shards=shard_spec(shards), image_size=32, max_bad_fraction=1.0)
+    out = tmp_path / "cache"
+    for rank in (1, 0):  # each process encodes its own tars, whatever webdataset's rank split would give it
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        write_token_cache(str(ckpt), dm, out, ("train", "val", "test"), device="cpu")
+    numbers = lambda split: sorted(  # noqa: E731  (of the samples' first captions, "picture number N")
+        int(c.split()[-1]) for c in TokenCacheDataset(out / split).all_captions() if "picture" in c
+    )
+    caption_numbers = {split: numbers(split) for split in ("train", "val", "test")}
+    assert caption_numbers == {"train": [0, 1], "val": [6, 7], "test": [8, 9]}
+    records = TokenCacheDataset(out / "train").index["shards"]
+    assert [(r["count"], r["bad"]) for r in records] == [
+        (2, {}),
+        (0, {"empty_shard": 1}),
+        (0, {"unreadable_shard": 1}),
+    ]
+
+
+def test_a_resumed_encode_with_other_settings_is_refused(coco_dm, ckpt, tmp_path):
+    out = tmp_path / "cache"
+    write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=3, device="cpu", max_shards=1)
+    with pytest.raises(TokenCacheError, match=r"shard_00000.json: encoded with other inputs than this run"):
+        write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=2, device="cpu")
+    other = write_autoencoder_ckpt(tmp_path / "other.ckpt", size="shapes")
+    with pytest.raises(TokenCacheError, match=r"shard_00000.json: encoded with other autoencoder_sha256"):
+        write_token_cache(str(other), coco_dm, out, ("train",), shard_size=3, device="cpu")
+    # the same settings: resumes
+    result = write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=3, device="cpu")
+    assert result["train"] == {"written": ["shard_00001", "shard_00002"], "skipped": ["shard_00000"]}
+
+
+def test_an_exported_autoencoder_encodes_and_the_datamodule_checks_its_keys(coco_dm, ckpt, tmp_path):
+    from imagen.checkpoints import export_checkpoint
+
+    exported = export_checkpoint(str(ckpt), tmp_path / "exported")
+    out = tmp_path / "cache"
+    write_token_cache(str(exported), coco_dm, out, ("train", "val"), shard_size=4, device="cpu")
+    root = {"train": str(out / "train"), "val": str(out / "val")}  # one directory per split
+    dm = ImageTextDataModule("token_cache", root=root, image_size=32, autoencoder_ckpt=str(exported))
+    assert len(dm.build_dataset("train")) == 8 and len(dm.build_dataset("val")) == 1
+    with pytest.raises(ValueError, match="data.root has no 'test' entry"):
+        dm.build_dataset("test")
+    with pytest.raises(ValueError, match="data.verify='checksums': choose size or checksum"):
+        ImageTextDataModule("token_cache", root=str(out), verify="checksums")
+
+
+def test_training_from_the_cache_resumes_at_the_same_batch(coco_dm, ckpt, tmp_path):
+    write_token_cache(str(ckpt), coco_dm, tmp_path / "cache", ("train",), shard_size=4, device="cpu")
+    torch.manual_seed(3)  # the run's seed: the order of every epoch follows from it
+    dm = ImageTextDataModule("token_cache", root=str(tmp_path / "cache"), image_size=32, batch_size=2)
+    loader = dm._loader("train")
+    run = iter(loader)
+    seen = [next(run)["name"] for _ in range(2)]
+    state = loader.state_dict()  # what Lightning writes into a checkpoint after two steps
+    rest = [batch["name"] for batch in run]
+    torch.manual_seed(3)  # the restarted run
+    restarted = ImageTextDataModule("token_cache", root=str(tmp_path / "cache"), image_size=32, batch_size=2)
+    loader = restarted._loader("train")
+    loader.load_state_dict(state)
+    assert [batch["name"] for batch in loader] == rest and len(seen + rest) == 4

@@ -88,8 +88,9 @@ def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[
     sentence per line (the text: the line as written; a blank line ends a document)."""
     try:
         sentences = read_conll(path)
-    except ConllFormatError:
-        pass
+    except ConllFormatError as e:
+        if "not UTF-8" in str(e):  # no plain text either: the error names the line to convert
+            raise
     else:
         texts, spans = [], []
         for s in sentences:
@@ -98,7 +99,7 @@ def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[
             spans.append([(start, start + len(t)) for start, t in zip(starts, s.tokens, strict=True)])
         return sentences, True, texts, spans
     sentences, texts, spans, document = [], [], [], 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             tokens, token_spans = words_of(line)

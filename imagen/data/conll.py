@@ -44,7 +44,13 @@ _TAG = re.compile(r"^(O|[BIES]-\S+)$")
 
 
 class ConllFormatError(ValueError):
-    """A line that is not `TOKEN ... TAG`; the message starts with `file:line`."""
+    """A line that is not UTF-8 `TOKEN ... TAG`; the message starts with `file:line` (or `dataset[split][row]`)."""
+
+
+def check_tag(tag, where: str, column: str) -> None:
+    """Raise `ConllFormatError` at `where` unless `tag` is O, B-X, I-X, E-X or S-X."""
+    if not isinstance(tag, str) or not _TAG.match(tag):
+        raise ConllFormatError(f"{where}: expected a tag (O, B-TYPE, I-TYPE) {column}, got {tag!r}")
 
 
 @dataclass
@@ -66,8 +72,9 @@ def fixture_dir(name: str = "conll_tiny") -> str:
 def read_conll(path: str | Path, scheme: str = "auto") -> list[Sentence]:
     """Sentences of a CoNLL-style file, tags converted to IOB2 (see `to_iob2`).
 
-    Raises `ConllFormatError` naming `file:line` for a line without a token and a tag, with a column count
-    different from the file's first line, or whose last column is not a tag (O, B-X, I-X, E-X, S-X).
+    The file is UTF-8 (a byte order mark is allowed). Raises `ConllFormatError` naming `file:line` for a line that
+    is not UTF-8, without a token and a tag, with a column count different from the file's first line, or whose
+    last column is not a tag (O, B-X, I-X, E-X, S-X).
     """
     path = Path(path)
     sentences: list[Sentence] = []
@@ -81,9 +88,15 @@ def read_conll(path: str | Path, scheme: str = "auto") -> list[Sentence]:
             tokens.clear()
             tags.clear()
 
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip()
+    with open(path, "rb") as f:  # decoded line by line (\n, \r\n or \r), so that an error names its line
+        for number, raw in enumerate(f.read().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8-sig").rstrip()  # a BOM would make '-DOCSTART-' a token
+            except UnicodeDecodeError as e:
+                raise ConllFormatError(
+                    f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start} of the line); convert the file, "
+                    "e.g. `iconv -f latin1 -t utf-8` for the Latin-1 CoNLL-2002/2003 releases"
+                ) from None
             if not line:
                 end_sentence()
                 continue
@@ -104,10 +117,7 @@ def read_conll(path: str | Path, scheme: str = "auto") -> list[Sentence]:
                 raise ConllFormatError(
                     f"{where}: expected {columns} columns like the lines above, got {len(fields)}: {line!r}"
                 )
-            if not _TAG.match(fields[-1]):
-                raise ConllFormatError(
-                    f"{where}: expected a tag (O, B-TYPE, I-TYPE) in the last column, got {fields[-1]!r}"
-                )
+            check_tag(fields[-1], where, "in the last column")
             if not tokens:
                 start = number
             tokens.append(fields[0])
@@ -120,7 +130,8 @@ def sentences_from_hf(dataset, name: str = "dataset") -> list[Sentence]:
     """Sentences of a Hugging Face `datasets.Dataset` with `tokens` and `ner_tags` columns (tag ids or strings).
 
     Rows whose only token is `-DOCSTART-` end documents, as in the column files; without them the split is one
-    document. Tags are returned as they are (convert with `convert_scheme`).
+    document. Tags are returned as they are (convert with `convert_scheme`). Raises `ConllFormatError` naming
+    `name[row]` for a row whose tags and tokens differ in number, or with a tag that is not O, B-X, I-X, E-X or S-X.
     """
     for column in ("tokens", "ner_tags"):
         if column not in dataset.column_names:
@@ -132,12 +143,23 @@ def sentences_from_hf(dataset, name: str = "dataset") -> list[Sentence]:
     sentences: list[Sentence] = []
     document = 0
     for i, row in enumerate(dataset):
-        if row["tokens"] == [DOCSTART]:
+        tokens, tags, where = list(row["tokens"]), list(row["ner_tags"]), f"{name}[{i}]"
+        if tokens == [DOCSTART]:
             document += 1 if sentences else 0
             continue
-        if row["tokens"]:
-            tags = [names[t] for t in row["ner_tags"]] if names else list(row["ner_tags"])
-            sentences.append(Sentence(list(row["tokens"]), tags, document, f"{name}[{i}]"))
+        if len(tags) != len(tokens):
+            raise ConllFormatError(f"{where}: {len(tokens)} 'tokens' but {len(tags)} 'ner_tags'")
+        if names:
+            tags = [names[t] if 0 <= t < len(names) else t for t in tags]
+        elif any(isinstance(t, int) for t in tags):
+            raise ConllFormatError(
+                f"{where}: 'ner_tags' holds tag ids {tags}, but the dataset's ner_tags feature ({feature}) has no "
+                "label names; make it a Sequence(ClassLabel(names=[...])) or store the tags as strings"
+            )
+        for tag in tags:
+            check_tag(tag, where, "in 'ner_tags'")
+        if tokens:
+            sentences.append(Sentence(tokens, tags, document, where))
     return sentences
 
 

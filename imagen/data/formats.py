@@ -49,7 +49,8 @@ def _is_image(path: Path) -> bool:
 
 def index_imagefolder(root: Path, caption_column: str = "text") -> list[Record]:
     """Records of a Hugging Face imagefolder directory (images may sit in subfolders; `file_name` is relative
-    to the metadata file's folder). Images without a metadata row are records with a missing caption."""
+    to the metadata file's folder), one per image with the captions of all its rows. Images without a metadata
+    row are records with a missing caption."""
     files = {
         p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file() and _is_image(p)
     }
@@ -68,22 +69,22 @@ def index_imagefolder(root: Path, caption_column: str = "text") -> list[Record]:
     else:
         raise FileNotFoundError(f"{root}: no metadata.jsonl or metadata.csv (imagefolder needs one)")
     meta_name = jsonl if jsonl.is_file() else csv_file
-    records: list[Record] = []
-    described: set[str] = set()
+    captions: dict[str, list[str]] = defaultdict(list)  # file_name -> its captions (one row or several)
     for row in rows:
         if "file_name" not in row:
             raise ValueError(f"{meta_name}: a row has no 'file_name' column: {row}")
-        name = Path(row["file_name"]).as_posix()
-        described.add(name)
+        value = row.get(caption_column)
+        found = captions[Path(row["file_name"]).as_posix()]
+        if value is not None:
+            found += list(value) if isinstance(value, list) else [str(value)]
+    records: list[Record] = []
+    for name, found in captions.items():  # in the order of the files' first rows
         path = root / name
         if name not in files:
-            problem = BadSample("missing_image", str(path))
-            records.append(Record(path, problem=problem))
-            continue
-        value = row.get(caption_column)
-        captions = None if value is None else (list(value) if isinstance(value, list) else [str(value)])
-        records.append(Record(path, captions=captions))
-    for name in sorted(set(files) - described):
+            records.append(Record(path, problem=BadSample("missing_image", str(path))))
+        else:
+            records.append(Record(path, captions=found or None))
+    for name in sorted(set(files) - set(captions)):
         records.append(Record(files[name], problem=BadSample("missing_caption", str(files[name]))))
     return records
 
@@ -115,9 +116,14 @@ def index_coco(images: Path, annotations: Path) -> list[Record]:
     for number, ann in enumerate(data["annotations"]):
         if "image_id" not in ann or "caption" not in ann:
             raise ValueError(f"{annotations}: annotations[{number}] lacks 'image_id' or 'caption': {ann}")
-        captions[ann["image_id"]].append(str(ann["caption"]))
+        if not isinstance(ann["caption"], str):
+            raise ValueError(f"{annotations}: annotations[{number}] has a caption that is no string: {ann}")
+        captions[ann["image_id"]].append(ann["caption"])
     records = []
-    for entry in data["images"]:
+    for number, entry in enumerate(data["images"]):
+        for key in ("id", "file_name"):
+            if entry.get(key) is None:
+                raise ValueError(f"{annotations}: images[{number}] lacks {key!r}: {entry}")
         path = Path(images) / entry["file_name"]
         if entry["id"] not in captions:
             records.append(Record(path, problem=BadSample("missing_caption", str(path))))

@@ -20,7 +20,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import webdataset as wds
-from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from imagen.data.bad_samples import BadSample, BadSampleTracker, TooManyBadSamples
@@ -42,6 +41,7 @@ from imagen.data.preprocess import (
     to_tensor,
     truncate_caption,
 )
+from imagen.data.resumable import ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,14 @@ class RecordDataset(Dataset):
         raise TooManyBadSamples(f"every one of the {len(self.records)} samples is bad: {bad[:5]} ...")
 
 
-def _worker_seed() -> int:
-    """A per-rank, per-worker seed that changes every epoch and follows the global seed: the DataLoader draws a
-    fresh base seed from the main process's torch RNG each time it starts its workers."""
+def _worker_seed(epoch: int) -> int:
+    """A per-rank, per-worker, per-epoch seed that follows the global seed: the DataLoader draws a base seed from
+    the main process's torch RNG whenever it starts its workers, and persistent workers keep theirs, so `epoch`
+    (the worker's count of its passes) tells their epochs apart."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
     info = get_worker_info()
     base = info.seed if info is not None else int(torch.randint(2**62, ()))
-    return wds.utils.make_seed(base, rank, worker)
+    return wds.utils.make_seed(base, rank, worker, epoch)
 
 
 class WebDatasetStream(IterableDataset):
@@ -143,17 +144,22 @@ class WebDatasetStream(IterableDataset):
     `resampled=True` (training): every rank and worker draws shards at random with replacement, forever; an
     epoch is `samples_per_epoch` samples in all (split evenly over ranks and workers). `resampled=False`: each
     shard is read once per epoch, split by rank (`wds.split_by_node`) and then by dataloader worker
-    (`wds.split_by_worker`), so no two ranks or workers read the same shard.
+    (`wds.split_by_worker`), so no two ranks or workers read the same shard; `split_shards=False` reads every
+    shard here (the token cache writer gives each process its own).
     Members: an image (`.jpg/.jpeg/.png/.webp`) and a caption (`.txt`, else `caption_key` of `.json`).
+    `substitute=False` (the token cache writer): shards that give no good sample end with an item holding only
+    `bad`, instead of an error.
     """
 
     def __init__(self, urls: list[str], preprocess: Preprocess, policy: str = "skip", resampled: bool = False,
                  samples_per_epoch: int | None = None, shuffle_buffer: int = 0, caption_key: str = "caption",
-                 limit: int | None = None):  # fmt: skip
+                 limit: int | None = None, split_shards: bool = True, substitute: bool = True):  # fmt: skip
         super().__init__()
         self.urls, self.preprocess, self.policy = list(urls), preprocess, policy
         self.resampled, self.samples_per_epoch, self.limit = resampled, samples_per_epoch, limit
         self.shuffle_buffer, self.caption_key = shuffle_buffer, caption_key
+        self.split_shards, self.substitute = split_shards, substitute
+        self.epoch = 0  # passes over the stream in this process (a persistent worker's count of its epochs)
 
     def captions_of(self, raw: dict, name: str) -> list[str] | None:
         """A tar sample's captions: the lines of `.txt`, else `caption_key` of `.json` (None: neither)."""
@@ -178,8 +184,10 @@ class WebDatasetStream(IterableDataset):
         return self.preprocess(raw[image_key], self.captions_of(raw, name), f"{name}.{image_key}")
 
     def __iter__(self) -> Iterator[dict]:
+        self.epoch += 1
+        seed = _worker_seed(self.epoch)
         bad: list[tuple[str, str]] = []
-
+        count = 0  # good samples yielded
         failed: set[str] = set()
 
         def shard_error(exn: Exception) -> bool:
@@ -194,17 +202,23 @@ class WebDatasetStream(IterableDataset):
             if self.policy == "raise":
                 raise error from exn
             bad.append((error.reason, error.name))
+            if (
+                self.resampled and not count and failed >= set(self.urls)
+            ):  # drawing them again would never end
+                raise TooManyBadSamples(f"no shard of data.shards could be read: {bad[:5]}") from exn
             return True
 
         if self.resampled:
-            stages = [wds.ResampledShards(self.urls, worker_seed=_worker_seed, deterministic=True)]
+            stages = [wds.ResampledShards(self.urls, worker_seed=lambda: seed, deterministic=True)]
         else:
-            stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
+            stages = [wds.SimpleShardList(self.urls)]
+            if self.split_shards:
+                stages += [wds.split_by_node, wds.split_by_worker]
         stages.append(wds.tarfile_to_samples(handler=shard_error))
         if self.shuffle_buffer:
-            stages.append(wds.shuffle(self.shuffle_buffer, rng=random.Random(_worker_seed())))
+            stages.append(wds.shuffle(self.shuffle_buffer, rng=random.Random(seed)))
         # one good item is held back so that drops after the last good sample travel with it
-        count, budget, held = 0, self._budget(), None
+        budget, held = self._budget(), None
         for raw in wds.DataPipeline(*stages):
             try:
                 item = self.sample(raw)
@@ -222,6 +236,8 @@ class WebDatasetStream(IterableDataset):
         if held is not None:
             held["bad"] += bad
             yield held
+        elif bad and not self.substitute:
+            yield {"bad": bad}
         elif bad:
             raise TooManyBadSamples(f"no good sample in this rank/worker's shards; dropped: {bad[:5]}")
 
@@ -256,13 +272,19 @@ def collate(items: list[dict]) -> dict:
 
 
 def expand_shards(spec: str | list[str], key: str = "data.shards") -> list[str]:
-    """`DIR/{00000..00099}.tar` (brace notation), a list, or a glob -> shard paths; an error names the key."""
+    """`DIR/{00000..00099}.tar` (brace notation), a list, or a glob -> shard paths; an error names the key, and
+    the local files that do not exist (URLs and `pipe:` commands are read as they come)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls = [url for s in specs for url in wds.shardlists.expand_urls(s)]
     if len(urls) == 1 and any(c in urls[0] for c in "*?["):
         urls = sorted(str(p) for p in Path("/").glob(str(Path(urls[0]).resolve()).lstrip("/")))
     if not urls:
         raise ValueError(f"{key}={spec!r}: matches no shard")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{key}={spec!r}: {len(missing)} of {len(urls)} shards do not exist: {missing[:3]}"
+        )
     return urls
 
 
@@ -283,11 +305,12 @@ class ImageTextDataModule(pl.LightningDataModule):
     Path keys (`root`, `images`, `annotations`, `shards`) take one value or a `{train, val, test}` mapping. With
     one `root`, the splits are its `train/`, `val/` (or `validation/`) and `test/` subfolders if present;
     otherwise (and for one COCO file) validation and test are a held-out `holdout_fraction` each. WebDataset
-    with one shard spec evaluates on its first `eval_samples` samples (with a warning).
+    without its own val (test) shards holds the last training shard but one (the last) out of training for them;
+    evaluation reads at most `eval_samples` samples per rank and worker.
 
     Bad samples follow `bad_samples` (`skip` | `raise`); under `skip` they are counted by reason, logged every
-    epoch and summarized at the end of each stage (also into `bad_samples.json` in the run directory), and the
-    run stops once more than `max_bad_fraction` of the samples read were bad.
+    epoch and summarized at the end of each stage (also into `bad_samples.json` in the run directory, one file per
+    rank under DDP), and the run stops once more than `max_bad_fraction` of the samples read were bad.
     """
 
     def __init__(
@@ -298,6 +321,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         annotations: str | dict | None = None,
         shards: str | list | dict | None = None,
         caption_column: str = "text",
+        caption_key: str = "caption",
         image_size: int = 256,
         random_crop: bool = True,
         max_pixels: int | None = 64_000_000,
@@ -327,6 +351,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.format={format!r} is unknown; choose from {FORMATS}")
         if bad_samples not in POLICIES:
             raise ValueError(f"data.bad_samples={bad_samples!r}: choose from {POLICIES}")
+        if verify not in ("size", "checksum"):
+            raise ValueError(f"data.verify={verify!r}: choose size or checksum")
         self.datasets: dict[str, Dataset] = {}
         self.bad = BadSampleTracker(max_bad_fraction, bad_check_after)
         self._epoch: int | None = None
@@ -371,37 +397,54 @@ class ImageTextDataModule(pl.LightningDataModule):
         }
 
     def _shards(self, split: str) -> tuple[list[str], bool]:
-        """A split's shard list, and whether it is the training shards reused for evaluation."""
+        """A split's shard list, and whether it is held out of the training shards: a split without its own entry
+        (one spec for all, or a mapping without it) gets one of them, never read in training (val the last but
+        one, test the last)."""
         h = self.hparams
         if h.shards is None:
             raise ValueError(
                 "data.shards is required for data=webdataset, e.g. data.shards='DIR/{00000..00099}.tar'"
             )
-        spec = split_value(h.shards, split)
-        if spec is None and split != "train":
-            return expand_shards(split_value(h.shards, "train"), "data.shards.train"), True
+        per_split = isinstance(h.shards, dict)
+        if per_split and split != "train" and split_value(h.shards, split) is not None:
+            return expand_shards(split_value(h.shards, split), f"data.shards.{split}"), False
+        spec = split_value(h.shards, "train")
         if spec is None:
             raise ValueError("data.shards has no 'train' entry")
-        return expand_shards(
-            spec, f"data.shards.{split}" if isinstance(h.shards, dict) else "data.shards"
-        ), False
+        key = "data.shards.train" if per_split else "data.shards"
+        urls = expand_shards(spec, key)
+        held = [s for s in ("val", "test") if not per_split or split_value(h.shards, s) is None]
+        if len(urls) <= len(held):
+            raise ValueError(
+                f"{key}={spec!r} matches {len(urls)} shard(s): too few to hold out one for each of {held} and "
+                "train on the rest; give data.shards as {train: ..., val: ..., test: ...}"
+            )
+        keep = len(urls) - len(held)
+        return (urls[:keep], False) if split == "train" else ([urls[keep + held.index(split)]], True)
 
     def build_dataset(self, split: str) -> Dataset:
         h = self.hparams
         if h.format == "token_cache":
             from imagen.data.token_cache import TokenCacheDataset
 
-            return TokenCacheDataset(Path(h.root) / split, random_caption=split == "train", verify=h.verify,
+            if h.root is None:
+                raise ValueError(
+                    "data.root is required for data=token_cache (the encoder's output directory)"
+                )
+            root = split_value(h.root, split)
+            if root is None:
+                raise ValueError(f"data.root has no {split!r} entry")
+            directory = Path(root) if isinstance(h.root, dict) else Path(root) / split
+            return TokenCacheDataset(directory, random_caption=split == "train", verify=h.verify,
                                      image_size=h.image_size, autoencoder_ckpt=h.autoencoder_ckpt)  # fmt: skip
         if h.format == "webdataset":
-            urls, reused = self._shards(split)
-            if reused:
-                log.warning(f"data.shards has no {split} entry: {split} reads the first {h.eval_samples} "
-                            "training samples")  # fmt: skip
+            urls, held_out = self._shards(split)
+            if held_out:
+                log.info(f"data.shards has no {split} entry: {split} reads {urls[0]}, held out of training")
             train = split == "train"
             return WebDatasetStream(urls, self.preprocess(split), h.bad_samples, resampled=train and h.resampled,
                                     samples_per_epoch=h.samples_per_epoch, shuffle_buffer=h.shuffle_buffer if train else 0,
-                                    limit=None if train else h.eval_samples)  # fmt: skip
+                                    caption_key=h.caption_key, limit=None if train else h.eval_samples)  # fmt: skip
         if not hasattr(self, "_all_records"):
             self._all_records = self._records()
         if split not in self._all_records:
@@ -455,20 +498,17 @@ class ImageTextDataModule(pl.LightningDataModule):
         h = self.hparams
         dataset = self.datasets.get(split) or self.build_dataset(split)
         self.datasets[split] = dataset
-        train = split == "train"
-        iterable = isinstance(dataset, IterableDataset)
         workers = h.num_workers
-        extra = {"prefetch_factor": h.prefetch_factor} if workers > 0 and h.prefetch_factor else {}
+        settings = {"num_workers": workers, "pin_memory": h.pin_memory, "collate_fn": collate,
+                    "persistent_workers": h.persistent_workers and workers > 0}  # fmt: skip
+        if workers > 0 and h.prefetch_factor:
+            settings["prefetch_factor"] = h.prefetch_factor
+        if split == "train" and not isinstance(dataset, IterableDataset):
+            # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything)
+            return ResumableLoader(dataset, h.batch_size, seed=torch.initial_seed(), **settings)
+        # a stream shuffles itself; its last batch may hold the last drops
         return DataLoader(
-            dataset,
-            batch_size=h.batch_size if train else h.eval_batch_size,
-            shuffle=train and not iterable,
-            drop_last=train and not iterable,  # a stream's last batch may hold the last drops
-            num_workers=workers,
-            pin_memory=h.pin_memory,
-            persistent_workers=h.persistent_workers and workers > 0,
-            collate_fn=collate,
-            **extra,
+            dataset, batch_size=h.batch_size if split == "train" else h.eval_batch_size, **settings
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -513,11 +553,15 @@ class ImageTextDataModule(pl.LightningDataModule):
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
-    @rank_zero_only
     def _write_summary(self) -> None:
+        """`bad_samples.json` in the run directory: this process's counts (under DDP each rank reads its own samples
+        and writes its own file, `bad_samples.rank<N>.json` beside rank 0's)."""
         if self.trainer is None or not self.trainer.default_root_dir:
             return
-        path = Path(self.trainer.default_root_dir) / "bad_samples.json"
+        rank = self._rank()
+        path = Path(self.trainer.default_root_dir) / (
+            "bad_samples.json" if rank == 0 else f"bad_samples.rank{rank}.json"
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         summary = {"counts": dict(self.bad.total), "examples": self.bad.examples, "good": self.bad.good,
                    "truncated_captions": self.bad.truncated}  # fmt: skip

@@ -21,47 +21,47 @@ WHITE = (255, 255, 255)
 def open_image(data: bytes, name: str, max_pixels: int | None, draft_size: int | None = None) -> Image.Image:
     """Decode image bytes to an RGB image with its EXIF orientation applied.
 
-    `max_pixels` is checked from the header, before decoding (decompression bombs). `draft_size` lets the
-    JPEG decoder downscale by a power of two while keeping both sides >= `draft_size` (much faster decoding).
+    `max_pixels` (None: no limit) is Pillow's decompression-bomb limit while the image is read: checked from the
+    header, before decoding. `draft_size` lets the JPEG decoder downscale by a power of two while keeping both
+    sides >= `draft_size` (much faster decoding).
     """
     if not data:
         raise BadSample("empty_file", name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
+    default_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels or None
+    try:
+        with warnings.catch_warnings():  # refuse over the limit, not only over twice it
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise BadSample("not_an_image", name) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadSample("too_many_pixels", name, str(e)) from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise BadSample("corrupt_image", name, str(e)) from None
-        width, height = image.size
-        if max_pixels and width * height > max_pixels:
-            raise BadSample("too_many_pixels", name, f"{width}x{height} > data.max_pixels={max_pixels}")
-        try:
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
-            raise BadSample("corrupt_image", name, str(e)) from None
+            return to_rgb(ImageOps.exif_transpose(image))
+    except UnidentifiedImageError:
+        raise BadSample("not_an_image", name) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample("too_many_pixels", name, f"over data.max_pixels={max_pixels}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSample("corrupt_image", name, str(e)) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = default_limit
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB: transparency is composited on white, 16-bit and float grayscale are scaled to
-    8 bits, CMYK / palette / YCbCr / 1-bit are converted."""
-    if image.mode == "RGB":
+    """Any Pillow mode -> RGB: transparency (an alpha channel or a PNG `tRNS` color) is composited on white,
+    16-bit (divided by 257) and float grayscale are scaled to 8 bits, CMYK / palette / YCbCr / 1-bit are
+    converted."""
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float32)
-        if image.mode != "F" or values.max() > 1.0:
+        if image.mode.startswith("I;16"):
+            values = values / 257.0  # 65535 -> 255, whatever the image's brightest value
+        elif image.mode != "F" or values.max() > 1.0:
             values = values / (257.0 if values.max() > 255 else 1.0)
         else:  # float images in [0, 1]
             values = values * 255.0
         image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
+    if "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")

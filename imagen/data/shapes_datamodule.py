@@ -96,15 +96,17 @@ class ShapesDataset(Dataset):
     reuses its words (`Scene.hard_negative`; another training scene's caption when there is none).
 
     Indexed by `index` or by `(index, item_seed)` (from `EpochShuffleSampler`); training draws a fresh caption
-    paraphrase each time, from `item_seed` when given, else from the torch RNG (seeded per worker). With `hflip`, half
-    of the items (drawn the same way) show the image mirrored left-right with its caption, target and hard negative
-    those of the mirrored scene (`Scene.mirrored`).
+    paraphrase each time, from `item_seed` when given, else from the torch RNG (seeded per worker). With `hflip` (True,
+    or per sample whether it may be mirrored), half of the items (drawn the same way) show the image mirrored
+    left-right with its caption, target and hard negative those of the mirrored scene (`Scene.mirrored`).
     """
 
-    def __init__(self, split: ShapesSplit, hard_negatives: ShapesConfig | None = None, hflip: bool = False):
+    def __init__(
+        self, split: ShapesSplit, hard_negatives: ShapesConfig | None = None, hflip: bool | np.ndarray = False
+    ):
         self.split = split
         self.hard_negatives = hard_negatives
-        self.hflip = hflip
+        self.hflip = np.broadcast_to(np.asarray(hflip, dtype=bool), (len(split.scenes),))
 
     def __len__(self) -> int:
         return len(self.split.scenes)
@@ -115,7 +117,7 @@ class ShapesDataset(Dataset):
         scene, paraphrases = s.scenes[index], s.captions[index]
         image = torch.from_numpy(s.images[index]).permute(2, 0, 1).float().div(127.5).sub(1.0)
         target = torch.from_numpy(s.targets[index])
-        if self.hflip and self._mirror(index, item_seed):
+        if self.hflip[index] and self._mirror(index, item_seed):
             scene = scene.mirrored()
             paraphrases = scene.captions()
             image = image.flip(-1)
@@ -328,10 +330,23 @@ class ShapesDataModule(pl.LightningDataModule):
             "persistent_workers": h.persistent_workers and h.num_workers > 0,
         }
 
+    def mirrorable(self, split: ShapesSplit) -> np.ndarray:
+        """(N,) bool: whether a sample's mirror image stays in its prompt group (`scene_group`). A mirrored "red at
+        right" would otherwise teach a held-out "red at left" (`data.heldout` naming a position)."""
+        keep = np.array([self.scene_group(s.mirrored()) == self.scene_group(s) for s in split.scenes])
+        if not keep.all():
+            log.info(
+                f"data.train_hflip: {int((~keep).sum())} of {len(keep)} training samples are never mirrored: their "
+                "mirror image would change their prompt group (a held-out composition or the new concept)"
+            )
+        return keep
+
     def train_dataloader(self) -> DataLoader:
         # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything)
         h = self.hparams
-        dataset = ShapesDataset(self.split("train"), self.config if h.hard_negatives else None, h.train_hflip)
+        split = self.split("train")
+        hflip = self.mirrorable(split) if h.train_hflip else False
+        dataset = ShapesDataset(split, self.config if h.hard_negatives else None, hflip)
         return ResumableLoader(
             dataset,
             self.hparams.batch_size,

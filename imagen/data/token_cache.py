@@ -47,6 +47,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_sha256(path: str | Path) -> str:
+    """The SHA-256 of a checkpoint file, or of an exported folder's weights."""
+    from imagen.checkpoints import EXPORT_WEIGHTS
+
+    path = Path(path)
+    return file_sha256(path / EXPORT_WEIGHTS if path.is_dir() else path)
+
+
 def file_crc32(path: str | Path) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -63,9 +71,15 @@ def shard_name(number: int) -> str:
 
 
 def write_shard(
-    directory: Path, name: str, tokens: np.ndarray, captions: list[str], bad: dict[str, int]
+    directory: Path,
+    name: str,
+    tokens: np.ndarray,
+    captions: list[str],
+    bad: dict[str, int],
+    encoded_from: dict | None = None,
 ) -> dict:
-    """Write one shard (files first, its record last, each atomically); returns the record."""
+    """Write one shard (files first, its record last, each atomically); returns the record. `encoded_from`: the
+    autoencoder, sizes and inputs it was made from, which a resumed encode must match."""
     data = [c.encode("utf-8") for c in captions]
     offsets = np.zeros(len(data) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(d) for d in data])
@@ -78,6 +92,8 @@ def write_shard(
         os.replace(tmp, path)
         files[key] = {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
     record = {"name": name, "count": int(tokens.shape[0]), "files": files, "bad": bad}
+    if encoded_from is not None:
+        record["encoded_from"] = encoded_from
     _write_json(directory / f"{name}.json", record)
     return record
 
@@ -88,12 +104,21 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def shard_finished(directory: Path, name: str) -> bool:
-    """A shard whose record exists and whose files have the recorded sizes."""
+def shard_finished(directory: Path, name: str, encoded_from: dict | None = None) -> bool:
+    """A shard whose record exists and whose files have the recorded sizes. Made from other inputs or settings than
+    `encoded_from` (a resumed encode that changed them), it is an error naming what differs."""
     record_path = directory / f"{name}.json"
     if not record_path.is_file():
         return False
     record = json.loads(record_path.read_text())
+    theirs = record.get("encoded_from")
+    if encoded_from is not None and theirs != encoded_from:
+        differ = sorted(k for k in encoded_from if (theirs or {}).get(k) != encoded_from[k])
+        raise TokenCacheError(
+            f"{record_path}: encoded with other {', '.join(differ)} than this run "
+            f"({[(theirs or {}).get(k) for k in differ]} against {[encoded_from[k] for k in differ]}); "
+            "encode into a new directory, or delete this one"
+        )
     return all(
         (directory / f"{name}.{k}.npy").is_file()
         and (directory / f"{name}.{k}.npy").stat().st_size == f["bytes"]
@@ -132,24 +157,33 @@ def encode_split(
     dataset.preprocess.random_crop = False  # and the center crop (one fixed token grid per image)
     if isinstance(dataset, RecordDataset):
         dataset.substitute = False  # a bad sample is left out of the cache, never replaced by a duplicate
-        starts = range(0, len(dataset), shard_size)
+        spans = [range(s, min(s + shard_size, len(dataset))) for s in range(0, len(dataset), shard_size)]
+        first_last = lambda span: [str(dataset.records[i].image) for i in (span[0], span[-1])]  # noqa: E731
+        # (name, samples, inputs: its first and last image and its count)
         units = [
-            (shard_name(i), Subset(dataset, range(s, min(s + shard_size, len(dataset)))))
-            for i, s in enumerate(starts)
+            (shard_name(i), Subset(dataset, span), [*first_last(span), len(span)])
+            for i, span in enumerate(spans)
         ]
-    elif isinstance(dataset, WebDatasetStream):  # one output shard per input tar
-        units = [(shard_name(i), WebDatasetStream([u], dataset.preprocess, dataset.policy, caption_key=dataset.caption_key))
-                 for i, u in enumerate(dataset.urls)]  # fmt: skip
+    elif isinstance(dataset, WebDatasetStream):  # one output shard per input tar, whatever the process's rank
+        units = [
+            (shard_name(i), WebDatasetStream([url], dataset.preprocess, dataset.policy, split_shards=False,
+                                             caption_key=dataset.caption_key, substitute=False), url)
+            for i, url in enumerate(dataset.urls)
+        ]  # fmt: skip
     else:
         raise ValueError(f"cannot encode a {type(dataset).__name__}")
-    names = [name for name, _ in units]
+    # what each shard is made from: the autoencoder's weights, the sizes and its inputs
+    settings = {k: v for k, v in header.items() if k != "autoencoder"}
+    settings["autoencoder_sha256"] = header["autoencoder"]["sha256"]
+    encoded_from = {name: {**settings, "inputs": inputs} for name, _, inputs in units}
+    names = [name for name, _, _ in units]
     result: dict[str, list[str]] = {"written": [], "skipped": []}
     tracker = BadSampleTracker(datamodule.hparams.max_bad_fraction, datamodule.hparams.bad_check_after)
     workers = datamodule.hparams.num_workers
-    for number, (name, unit) in enumerate(units):
+    for number, (name, unit, inputs) in enumerate(units):
         if number % world != rank:
             continue
-        if shard_finished(out, name):
+        if shard_finished(out, name, encoded_from[name]):
             result["skipped"].append(name)
             continue
         if max_shards is not None and len(result["written"]) >= max_shards:
@@ -166,15 +200,19 @@ def encode_split(
                 grid = autoencoder.encode(batch["image"].to(device))  # (B, h, w)
             tokens.append(grid.cpu().numpy().astype(header["dtype"]))
             captions += batch["all_captions"] if "all_captions" in batch else batch["caption"]
+        # an empty tar: counted, so that the cache says where samples are missing
+        if not tokens and not bad.total:
+            bad.update([("empty_shard", str(inputs))], good=0)
+            tracker.update([("empty_shard", str(inputs))], good=0)
         h, w = header["grid"]
         array = np.concatenate(tokens) if tokens else np.zeros((0, h, w), dtype=header["dtype"])
-        write_shard(out, name, array, captions, dict(bad.total))
+        write_shard(out, name, array, captions, dict(bad.total), encoded_from[name])
         result["written"].append(name)
         log.info(f"[rank {rank}] {out / name}: {array.shape[0]} samples, bad {dict(bad.total) or 'none'}")
     tracker.check(final=True)
     if tracker.bad:
         log.warning(f"[rank {rank}] encoding {split}: {tracker.summary()}")
-    if all(shard_finished(out, n) for n in names):
+    if all(shard_finished(out, n, encoded_from[n]) for n in names):
         shards = [json.loads((out / f"{n}.json").read_text()) for n in names]
         _write_json(out / "index.json", {**header, "version": VERSION, "split": split, "shards": shards,
                                          "total": sum(s["count"] for s in shards)})  # fmt: skip
@@ -208,7 +246,7 @@ def write_token_cache(
     if size % f:
         raise ValueError(f"data.image_size={size} is not divisible by the autoencoder's factor {f}")
     header = {
-        "autoencoder": {"path": str(autoencoder_ckpt), "sha256": file_sha256(autoencoder_ckpt)},
+        "autoencoder": {"path": str(autoencoder_ckpt), "sha256": checkpoint_sha256(autoencoder_ckpt)},
         "image_size": size,
         "grid": [size // f, size // f],
         "vocab_size": autoencoder.vocab_size,
@@ -279,7 +317,7 @@ class TokenCacheDataset(Dataset):
         if image_size is not None and image_size != self.index["image_size"]:
             raise TokenCacheError(f"data.image_size={image_size}, but {self.directory} was encoded at "
                                   f"{self.index['image_size']} px; set data.image_size={self.index['image_size']}")  # fmt: skip
-        if autoencoder_ckpt and file_sha256(autoencoder_ckpt) != self.index["autoencoder"]["sha256"]:
+        if autoencoder_ckpt and checkpoint_sha256(autoencoder_ckpt) != self.index["autoencoder"]["sha256"]:
             raise TokenCacheError(f"model.autoencoder_ckpt={autoencoder_ckpt} is not the checkpoint {self.directory} "
                                   f"was encoded with ({self.index['autoencoder']['path']})")  # fmt: skip
         if self.index["total"] == 0:
