@@ -123,17 +123,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
+def find_resume_checkpoint(run_dir: str | Path, trust: bool = False) -> tuple[Path, dict] | None:
     """The newest readable checkpoint of a run directory, for resuming, and its contents; None if there is none.
 
     Candidates are `checkpoints/*.ckpt` and Lightning's SLURM requeue checkpoints (`hpc_ckpt_N.ckpt`), newest
-    first; a truncated or corrupt one is reported (naming the file) and skipped.
+    first; a truncated or corrupt one is reported (naming the file) and skipped. `trust`: as for `read_checkpoint`.
     """
     run_dir = Path(run_dir)
     candidates = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         try:
-            return path, read_checkpoint(path)
+            return path, read_checkpoint(path, trust)
         except CheckpointError as e:
             log.warning(f"cannot resume from {e}; trying an older checkpoint")
     return None

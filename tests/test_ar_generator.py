@@ -677,3 +677,16 @@ def test_epoch_end_scoring_runs_under_the_trainers_precision(make_cfg, tiny_auto
         _generator_run(make_cfg, tiny_autoencoder_ckpt, tmp_path, "bf16", ["trainer.val_check_interval=3",
                        "trainer.precision=bf16-mixed", "model.eval_prompts=4"])  # fmt: skip
     assert seen == {"start": False, "end": True}
+
+
+def test_every_parameter_gets_a_gradient_without_caption_dropout():
+    # DDP without find_unused_parameters needs each parameter in every step: the null caption too, at cond_drop_prob=0
+    from imagen.models.ar_transformer import ARTransformer
+
+    torch.manual_seed(0)
+    net = ARTransformer.from_size("tiny", vocab_size=16, grid_size=(2, 2), text_dim=8).train()
+    tokens, states, mask = torch.randint(16, (3, 4)), torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    _, loss = net(tokens, states, mask, targets=tokens, cond_drop_prob=0.0)
+    loss.backward()
+    assert [name for name, p in net.named_parameters() if p.grad is None] == []
+    assert net.null_text.grad.abs().sum() == 0  # taking part changes nothing: no caption was dropped

@@ -77,6 +77,23 @@ CASES = [
     (["test_before_fit=true"], ConfigError, "test_before_fit=true tests the starting weights of a fine-tune"),
     (["+model.lora=8"], ConfigError, "model.lora must be null or a mapping such as {r: 8, alpha: 16}; got 8"),
     (["+model.lora={r: 4}"], ConfigError, "model.lora: the autoencoder stage has no LoRA adapters"),
+    (["ckpt_path={ner_ckpt}"], ConfigError, "ckpt_path: checkpoint .* is from the 'ner' stage; expected"),
+    (
+        ["model=autoencoder_gan", "trainer=ddp"],
+        ConfigError,
+        "trainer.strategy: DDP without find_unused_parameters stops at the first step that leaves parameters "
+        "without a gradient, as model.discriminator",
+    ),
+    (
+        ["model=autoencoder_gan", "trainer=ddp_sim"],
+        ConfigError,
+        "set trainer.strategy.find_unused_parameters=true",
+    ),
+    (
+        ["callbacks=[default,early_stopping]", "callbacks.model_checkpoint.monitor=null"],
+        ConfigError,
+        "callbacks.early_stopping.monitor is null",
+    ),
 ]
 
 
@@ -140,3 +157,15 @@ def test_generator_needs_an_autoencoder_checkpoint(make_cfg, tmp_path):
     )
     with pytest.raises(ConfigError, match="model.autoencoder_ckpt=.*no such file"):
         train(cfg)
+
+
+def test_ddp_with_heads_that_learn_nothing_needs_find_unused_parameters(make_cfg, tmp_path):
+    # a captioner-only joint run leaves the generator without a gradient in every step
+    overrides = ["experiment=shapes_joint", f"model.autoencoder_ckpt={tmp_path / 'ae.ckpt'}",
+                 "model.loss_weights.generation=0", "trainer=ddp_sim"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"as model.loss_weights.generation=0 does; set trainer.strategy"):
+        check_train_config(make_cfg(overrides))
+    cfg = make_cfg([*overrides, "trainer.strategy=ddp_find_unused_parameters_true"])
+    # the next check fails: this one passed
+    with pytest.raises(ConfigError, match="model.autoencoder_ckpt=.*no such file"):
+        check_train_config(cfg)

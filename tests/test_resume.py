@@ -184,6 +184,24 @@ def test_wandb_continues_the_same_run_after_a_resume(make_cfg, tmp_path):
     assert wandb_cfg(tmp_path / "a")["id"] != first["id"]
 
 
+def test_a_fresh_start_in_a_used_directory_is_a_new_wandb_run(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    steps = ["experiment=shapes_autoencoder", "trainer.max_steps=1", *SMALL, "trainer.val_check_interval=1"]
+    run.mkdir()
+    (run / ".run_id").write_text("killedbeforeitsfirstcheckpoint\n")
+    train(make_cfg(steps, run_dir=run))  # ckpt_path=auto finds no checkpoint: training starts afresh
+    assert (run / ".run_id.killedbeforeitsfirstcheckpoint").is_file() and not (run / ".run_id").exists()
+    (run / ".run_id").write_text("second\n")
+    train(make_cfg([*steps, "trainer.max_steps=2"], run_dir=run))  # resumes its checkpoint: the same W&B run
+    assert (run / ".run_id").read_text() == "second\n"
+    train(make_cfg([*steps, "ckpt_path=null"], run_dir=run))  # starts again: a new one
+    assert not (run / ".run_id").exists()
+    assert make_cfg([*steps, "logger=wandb"], run_dir=run).logger.wandb.id not in (
+        "second",
+        "killedbeforeitsfirstcheckpoint",
+    )
+
+
 def test_shuffle_order_accepts_any_seed_an_unseeded_run_has():
     from imagen.data.resumable import EpochShuffleSampler
 

@@ -39,6 +39,18 @@ def test_sample_refuses_a_checkpoint_that_runs_code(make_cfg, tmp_path, evil_ckp
     assert not marker.exists(), "the payload must not have run"
 
 
+def test_auto_resume_reads_a_trusted_checkpoint_only_when_told(tmp_path, evil_ckpt):
+    from imagen.checkpoints import find_resume_checkpoint
+
+    path, marker = evil_ckpt
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    path.rename(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    # refused, reported, skipped
+    assert find_resume_checkpoint(tmp_path / "run") is None and not marker.exists()
+    found, checkpoint = find_resume_checkpoint(tmp_path / "run", trust=True)  # trust_checkpoint=true
+    assert found.name == "last.ckpt" and checkpoint["imagen"]["stage"] == "ar_generator" and marker.exists()
+
+
 @pytest.mark.parametrize("stage", ["autoencoder", "generator"])
 def test_init_from_refuses_a_checkpoint_that_runs_code(make_cfg, evil_ckpt, tiny_autoencoder_ckpt, stage):  # noqa: F811
     path, marker = evil_ckpt

@@ -71,27 +71,51 @@ def _check_checkpointing(cfg: DictConfig) -> None:
         raise ConfigError(
             f"ckpt_path={ckpt_path}: no such file; use ckpt_path=auto to resume this run directory"
         )
+    stage = STAGES.get(_target(cfg.model).rsplit(".", 1)[-1])
+    if ckpt_path not in (None, "auto") and stage:
+        _check_stage_checkpoint(cfg, "ckpt_path", ckpt_path, stage)
     if not cfg.get("train", True) and cfg.get("test", True) and ckpt_path is None:
         raise ConfigError(
             "train=false test=true needs ckpt_path=PATH (the checkpoint to evaluate) or ckpt_path=auto"
         )
 
 
-def _check_stage_checkpoint(cfg: DictConfig, key: str, stage: str) -> None:
-    """`model.<key>` must be an existing checkpoint (or exported folder) of `stage`; reads only its description."""
+def _check_stage_checkpoint(cfg: DictConfig, key: str, path: str | None, stage: str) -> None:
+    """The checkpoint `key` names must exist and be one (or an exported folder) of `stage`; reads only its
+    description."""
     from imagen.checkpoints import CheckpointError, read_checkpoint, stage_info
 
-    path = cfg.model.get(key)
     if not path:
         return
     if not Path(path).exists():
         raise ConfigError(
-            f"model.{key}={path}: no such file; point it at a checkpoint (.ckpt) of the {stage} stage"
+            f"{key}={path}: no such file; point it at a checkpoint (.ckpt) of the {stage} stage"
         )
     try:
         stage_info(read_checkpoint(path, trust=bool(cfg.get("trust_checkpoint"))), path, stage)
     except CheckpointError as e:
-        raise ConfigError(f"model.{key}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def _check_unused_parameters(cfg: DictConfig) -> None:
+    """DDP without `find_unused_parameters` fails at the first step in which a parameter gets no gradient."""
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, DictConfig):
+        finds = not _target(strategy).endswith("DDPStrategy") or bool(strategy.get("find_unused_parameters"))
+    else:
+        finds = not str(strategy).startswith("ddp") or "find_unused_parameters_true" in str(strategy)
+    model = cfg.model
+    unused = [f"model.loss_weights.{k}=0" for k, v in (model.get("loss_weights") or {}).items() if v == 0]
+    if model.get("discriminator") is not None:
+        unused.append(
+            "model.discriminator (no gradient before model.adversarial_start_step, nor in its own step)"
+        )
+    if unused and not finds:
+        raise ConfigError(
+            f"trainer.strategy: DDP without find_unused_parameters stops at the first step that leaves parameters "
+            f"without a gradient, as {', '.join(unused)} does; set trainer.strategy.find_unused_parameters=true "
+            "(or trainer.strategy=ddp_find_unused_parameters_true)"
+        )
 
 
 def _check_finetuning(model: DictConfig) -> None:
@@ -127,6 +151,13 @@ def check_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{group}: no _target_; pick a config group option, e.g. {group}=<name>")
     _check_types(cfg)
     _check_checkpointing(cfg)
+    _check_unused_parameters(cfg)
+    stopping = OmegaConf.select(cfg, "callbacks.early_stopping")
+    if _target(stopping) and stopping.get("monitor") is None:
+        raise ConfigError(
+            "callbacks.early_stopping.monitor is null: it follows callbacks.model_checkpoint.monitor, which this "
+            "config leaves unset; name the metric to watch, e.g. callbacks.early_stopping.monitor=val/loss"
+        )
 
     model = cfg.model
     net = model.get("net")
@@ -177,10 +208,10 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "test_before_fit=true tests the starting weights of a fine-tune: it needs model.init_from and train=true"
         )
-    _check_stage_checkpoint(cfg, "autoencoder_ckpt", "autoencoder")
+    _check_stage_checkpoint(cfg, "model.autoencoder_ckpt", model.get("autoencoder_ckpt"), "autoencoder")
     stage = STAGES.get(_target(model).rsplit(".", 1)[-1])
     if stage:
-        _check_stage_checkpoint(cfg, "init_from", stage)
+        _check_stage_checkpoint(cfg, "model.init_from", model.get("init_from"), stage)
 
     max_steps = cfg.trainer.get("max_steps", -1)
     if (max_steps is None or max_steps <= 0) and model.get("scheduler") is not None:

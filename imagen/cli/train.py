@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from imagen.cli.utils import (
     instantiate_callbacks,
     instantiate_loggers,
     metric_for_sweeper,
+    retire_run_id,
     task_wrapper,
     tensor_metrics,
     write_metrics,
@@ -39,7 +41,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """The checkpoint to resume from. `ckpt_path=auto` (the default): the newest readable checkpoint of this run
     directory, if any (a corrupt one is reported and skipped); a path: that file, which must be readable."""
     if cfg.ckpt_path == "auto":
-        found = find_resume_checkpoint(cfg.paths.output_dir)
+        found = find_resume_checkpoint(cfg.paths.output_dir, trust=cfg.trust_checkpoint)
         if found is None:
             return None
         path, checkpoint = found
@@ -89,6 +91,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    ckpt_path = resolve_ckpt_path(cfg) if cfg.train else None
+    # a fresh start in a used directory logs a new W&B run; the launching process decides, before any rank reads it
+    launcher = pl.utilities.rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+    if cfg.train and ckpt_path is None and launcher:
+        retire_run_id(output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
     monitors = [c for c in callbacks if isinstance(c, pl.callbacks.LearningRateMonitor)]
     # Lightning refuses the monitor without a logger (`logger=null`, the debug modes)
@@ -113,7 +120,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     timings: dict[str, float] = {}
     weights_only = not cfg.trust_checkpoint
     if cfg.train:
-        ckpt_path = resolve_ckpt_path(cfg)
         if cfg.get("test_before_fit"):
             # a resumed run keeps what its first attempt measured: the starting weights are tested once
             before = recorded_before_fit(output_dir) if ckpt_path else {}

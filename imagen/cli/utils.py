@@ -30,7 +30,8 @@ log = logging.getLogger("imagen")
 def run_id(output_dir: str) -> str:
     """A logger run id kept in the run directory (`.run_id`): every start of one directory (a resume, every DDP rank)
     gets the same id and continues the logger's run; a new directory gets a new one, even at a path used before (the
-    quickstart moves a stage's earlier run aside before it trains the stage again)."""
+    quickstart moves a stage's earlier run aside before it trains the stage again), and so does a fresh start in a
+    used one (train.py retires its id first: `retire_run_id`)."""
     path = Path(output_dir) / ".run_id"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +44,13 @@ def run_id(output_dir: str) -> str:
             os.link(draft, path)
         draft.unlink()
     return path.read_text().strip()
+
+
+def retire_run_id(output_dir: str | Path) -> None:
+    """Move the run directory's `.run_id` aside (`.run_id.<id>`), so that the next `run_id` names a new run."""
+    path = Path(output_dir) / ".run_id"
+    if path.is_file():
+        os.replace(path, path.with_name(f".run_id.{path.read_text().strip()}"))
 
 
 def run_name(output_dir: str, log_dir: str) -> str:

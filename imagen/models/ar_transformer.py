@@ -362,9 +362,9 @@ class ARTransformer(nn.Module):
         """Text states (B, L, text_dim) -> (B, L, dim) and mask, with rows replaced by the null caption where
         dropped (`drop` (B,) bool, or drawn with `drop_prob`): caption dropout for classifier-free guidance."""
         states = states.to(self.dtype)
-        if drop is None and drop_prob > 0:
+        if drop is None and (drop_prob > 0 or self.training):
             drop = torch.rand(states.shape[0], device=states.device) < drop_prob
-        # even when no row is dropped: under DDP every parameter must take part in each step
+        # even when no row is dropped (or none can be): under DDP every parameter must take part in each step
         if drop is not None:
             null_states, null_mask = self.null_condition(states.shape[0], states.shape[1], states.device)
             states = torch.where(drop[:, None, None], null_states.to(states.dtype), states)
