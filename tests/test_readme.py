@@ -10,6 +10,7 @@ import shlex
 import pytest
 from omegaconf import OmegaConf
 
+from imagen.cli.pipeline import ignored_overrides, is_pipeline
 from tests.conftest import REPO, compose_config
 
 ENTRY_POINTS = {"train.py": "train", "sample.py": "sample", "-m imagen.cli.encode": "encode"}
@@ -60,3 +61,6 @@ def test_readme_command_composes(config, overrides, tmp_path):
     OmegaConf.to_container(
         cfg, resolve=True, throw_on_missing=False
     )  # every interpolation names a defined key
+    # the quickstart refuses what it would not pass on to its stages
+    if config == "train" and is_pipeline(cfg):
+        assert ignored_overrides([o for o in overrides if "=" in o]) == []

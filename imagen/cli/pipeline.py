@@ -144,12 +144,18 @@ def summary_table(rows: list[dict]) -> str:
 PIPELINE_KEYS = {"pipeline", "experiment", "paths", "hydra", "extras", "task_name", "tags"}
 
 
+def ignored_overrides(overrides: list[str]) -> list[str]:
+    """The command-line overrides a pipeline would not pass on to its stages."""
+    return [
+        o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0].split("/")[0] not in PIPELINE_KEYS
+    ]
+
+
 def check_command_line() -> None:
     """Refuse overrides the pipeline would not pass on (`python train.py model.lr=...` runs no single stage)."""
     if not HydraConfig.initialized():
         return
-    ignored = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0]
-               .split("/")[0] not in PIPELINE_KEYS]  # fmt: skip
+    ignored = ignored_overrides(list(HydraConfig.get().overrides.task))
     if ignored:
         raise ValueError(
             f"{ignored}: the quickstart pipeline does not pass these to its stages. Train one stage with "
