@@ -66,6 +66,20 @@ def test_generator_trains_from_each_format(corpora, cache, ckpt, tmp_path, fmt):
     assert "val/nll_bits" in (tmp_path / "csv" / "metrics.csv").read_text()
 
 
+@pytest.mark.parametrize("fmt", ["webdataset", "token_cache"])
+def test_joint_model_trains_and_evaluates_from_a_stream_and_from_the_cache(
+    corpora, cache, ckpt, tmp_path, fmt
+):
+    # a stream gives no sample index, the cache no image: retrieval, caption grids and metrics do without
+    data = ["data=token_cache", f"data.root={cache}"] if fmt == "token_cache" else corpora[fmt]
+    steps = [o for o in STEPS if not o.startswith("callbacks.image_logger=")]  # with the image grids
+    train_tiny_stage(["experiment=coco_joint", *data, *TINY_CORPUS, *TINY_GENERATOR, "model.image_text.size=tiny",
+                      "model.rerank.candidates=2", f"model.autoencoder_ckpt={ckpt}", *steps], tmp_path)  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"val/nll_bits", "val/caption_nll", "val/recall_at_1_t2i"} <= set(metrics)
+    assert [p.parent.name for p in (tmp_path / "images" / "val").glob("captioned/*.png")] == ["captioned"]
+
+
 def test_autoencoder_trains_on_a_corpus_with_ten_percent_bad_samples(tmp_path, caplog):
     root = write_image_txt(tmp_path / "txt", make_pairs(36))
     (root / "empty.png").write_bytes(b"")

@@ -1,7 +1,8 @@
 """One image-text DataModule for real corpora: imagefolder, image_txt, coco, webdataset and the token cache.
 
 Items are `{"image": (3, S, S) float in [-1, 1], "caption": str, "name": str}` (token cache:
-`{"tokens": (h * w,) long, "caption": str, "name": str}`); batches add `bad` (the (reason, file) pairs of the
+`{"tokens": (h * w,) long, "caption": str, "name": str}`), plus `index` in the map-style formats (the sample's
+index in its split); batches add `bad` (the (reason, file) pairs of the
 samples dropped before them) and `truncated`, which the datamodule takes out in the main process and counts
 (`imagen.data.bad_samples`), so drops inside dataloader workers are counted too.
 """
@@ -116,8 +117,9 @@ class RecordDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         bad: list[tuple[str, str]] = []
         for offset in range(len(self.records)):
+            read = (index + offset) % len(self.records)
             try:
-                return _with_bad(self.load(self.records[(index + offset) % len(self.records)]), bad)
+                return {**_with_bad(self.load(self.records[read]), bad), "index": read}
             except BadSample as e:
                 if self.policy == "raise":
                     raise
@@ -265,6 +267,8 @@ def collate(items: list[dict]) -> dict:
     }
     if good and "all_captions" in good[0]:
         batch["all_captions"] = [item["all_captions"] for item in good]
+    if good and "index" in good[0]:  # the dataset's index of each sample (map-style formats)
+        batch["index"] = torch.tensor([item["index"] for item in good])
     for key in ("image", "tokens"):
         if good and key in good[0]:
             batch[key] = torch.stack([item[key] for item in good])
@@ -547,7 +551,9 @@ class ImageTextDataModule(pl.LightningDataModule):
             self._epoch = None
         if self.bad.good or self.bad.bad:
             level = logging.WARNING if self.bad.bad else logging.INFO
-            log.log(level, f"[rank {self._rank()}] data ({stage}): {self.bad.summary()}")
+            log.log(
+                level, f"[rank {self._rank()}] data ({getattr(stage, 'value', stage)}): {self.bad.summary()}"
+            )
             self._write_summary()
 
     def _rank(self) -> int:

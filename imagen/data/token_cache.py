@@ -349,7 +349,12 @@ class TokenCacheDataset(Dataset):
         grid, captions = self.captions(index)
         pick = int(torch.randint(len(captions), ())) if self.random_caption and len(captions) > 1 else 0
         tokens = torch.from_numpy(grid.astype(np.int64)).flatten()  # (h, w) -> (h * w,) raster order
-        return {"tokens": tokens, "caption": captions[pick], "name": f"{self.directory.name}/{index}"}
+        return {
+            "tokens": tokens,
+            "caption": captions[pick],
+            "name": f"{self.directory.name}/{index}",
+            "index": index,
+        }
 
     def all_captions(self, limit: int | None = None) -> list[str]:
         """Every caption of the first samples, up to `limit` captions."""

@@ -242,7 +242,15 @@ class JointStage(ARGeneratorStage):
         generator: torch.Generator | None = None,
     ) -> list[str]:
         """Images (B, 3, H, W) in [-1, 1] -> captions."""
-        tokens = self.image_tokens(images.to(self.device))
+        return self.caption_tokens(self.image_tokens(images.to(self.device)), decoding, generator)
+
+    def caption_tokens(
+        self,
+        tokens: torch.Tensor,
+        decoding: CaptionDecoding | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """Images as (B, h * w) tokens -> captions."""
         features = self.image_text.encode_image(tokens)
         return self.decode_captions(tokens, features, decoding or self.caption_decoding, generator)
 
@@ -423,6 +431,12 @@ class JointStage(ARGeneratorStage):
         scenes = datamodule.split(split).scenes
         return [scenes[i] for i in index.tolist()]
 
+    def _stream_index(self, split: str, n: int) -> torch.Tensor:
+        """Indices for the samples of a stream (WebDataset), which has none: this rank's count of the split's samples
+        so far, above the rank (`rank << 40`), so that gathered retrieval sets keep every sample once."""
+        start = sum(len(rows[2]) for rows in self._embeddings.get(split, []))
+        return torch.arange(start, start + n) + (self.global_rank << 40)
+
     def _references(self, split: str, index: torch.Tensor, captions: list[str]) -> list[list[str]]:
         """Every paraphrase of each image's caption when the data has them, spelled as the tokenizer decodes."""
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -441,7 +455,7 @@ class JointStage(ARGeneratorStage):
     def _eval_step(self, batch: dict, split: str) -> None:
         w, metrics = self.weights, self.metrics[split]
         captions = list(batch["caption"])
-        tokens = self.image_tokens(batch["image"])
+        tokens = self.batch_tokens(batch)
         n = tokens.shape[0]
         text = self.encode_text(captions) if w.generation or w.matching else None
         if w.generation:
@@ -450,7 +464,7 @@ class JointStage(ARGeneratorStage):
         if not (w.caption or w.matching):
             return
         features = self.image_text.encode_image(tokens)
-        index = batch["index"]
+        index = batch["index"] if "index" in batch else self._stream_index(split, n)
         if w.caption:
             ids = self.caption_ids(captions)
             loss = self.image_text.caption_loss(features, ids)
@@ -643,7 +657,9 @@ class JointStage(ARGeneratorStage):
     def log_images(self, batch: dict) -> dict:
         images = super().log_images(batch) if self.weights.generation else {}
         if self.weights.caption:
-            images["captioned"] = (batch["image"], self.caption_images(batch["image"]))
+            tokens = self.batch_tokens(batch)
+            pictures = batch["image"] if "image" in batch else self.decode_tokens(tokens)
+            images["captioned"] = (pictures, self.caption_tokens(tokens))
         return images
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
