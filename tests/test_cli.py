@@ -131,3 +131,26 @@ def test_every_logger_config_instantiates_and_names_the_run_after_its_directory(
     assert cfg.run_name == "shapes_autoencoder/runs/2026-12-06_10-00-00"
     assert loggers["WandbLogger"]._wandb_init["name"] == cfg.run_name
     assert loggers["WandbLogger"]._wandb_init["group"] == "shapes_autoencoder"
+
+
+def test_a_failed_run_is_marked_failed_in_wandb(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from omegaconf import OmegaConf
+
+    from imagen.cli.utils import task_wrapper
+
+    finished = []
+    wandb = types.SimpleNamespace(run=object(), finish=lambda exit_code=0: finished.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+
+    @task_wrapper
+    def failing(cfg):
+        raise RuntimeError("diverged")
+
+    with pytest.raises(RuntimeError, match="diverged"):
+        failing(cfg)
+    assert task_wrapper(lambda cfg: "done")(cfg) == "done"
+    assert finished == [1, 0]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from imagen.cli.sample import sample
 from imagen.cli.train import train
@@ -420,6 +421,11 @@ def test_the_captioner_and_matcher_train_at_their_own_learning_rate(make_cfg, ti
     assert len(lrs) == 2 and max(lrs) / min(lrs) == pytest.approx(3.0)  # the schedule scales both alike
     with pytest.raises(ValueError, match="'text_encoder'"):
         build_optimizer(torch.optim.AdamW, model, 0.05, {"text_encoder": 1e-3})
+    # the optimizer's own decay would be silently replaced by the stage's per-group one
+    with pytest.raises(
+        ValueError, match="model.optimizer.weight_decay=0.1 would be overridden by model.weight_decay"
+    ):
+        build_optimizer(functools.partial(torch.optim.AdamW, weight_decay=0.1), model, 0.05)
     model["image_text"].requires_grad_(False)  # frozen (or LoRA elsewhere): its rate has nothing to apply to
     optimizer = build_optimizer(
         functools.partial(torch.optim.AdamW, lr=3e-3), model, 0.05, {"image_text": 1e-3}
@@ -594,6 +600,16 @@ def test_judge_acc_takes_each_prompt_s_first_candidate_and_the_reranked_figure_i
     assert stage.metrics["val"]["judge_acc_reranked"].compute() == 1.0
 
 
+def test_images_to_caption_are_cropped_not_squashed(tmp_path):
+    from imagen.cli.sample_caption import read_image
+
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+    pixels[:, 16:48, 2] = 255  # blue in the middle, black at the sides: the center crop is all blue
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image = read_image(tmp_path / "wide.png", 32)  # the shorter side already: a crop alone
+    assert image.shape == (3, 32, 32) and torch.all(image[2] == 1) and torch.all(image[:2] == -1)
+
+
 def test_sample_reranks_and_captions(make_cfg, joint_ckpt, tmp_path):
     out = tmp_path / "gen"
     summary = sample(make_cfg([f"out_dir={out}", f"ckpt={joint_ckpt}", 'prompts=["a small red circle on the left"]',
@@ -606,12 +622,15 @@ def test_sample_reranks_and_captions(make_cfg, joint_ckpt, tmp_path):
     pixels = to_uint8(torch.rand(3, 3, 32, 32) * 2 - 1)
     for i, image in enumerate(pixels):
         save_png(image, folder / f"img_{i}.png")
+    (folder / "img_broken.png").write_bytes(
+        b"not a png"
+    )  # skipped, counted and named: the others are captioned
     for decoding in ("greedy", "beam", "nucleus"):
         cap_out = tmp_path / decoding
         summary = sample(make_cfg([f"out_dir={cap_out}", f"ckpt={joint_ckpt}", "task=caption", f"images={folder}",
                                    f"decoding={decoding}"], config_name="sample"))  # fmt: skip
         rows = [json.loads(line) for line in (cap_out / "captions.jsonl").read_text().splitlines()]
-        assert summary["captions"] == 3
+        assert summary["captions"] == 3 and summary["skipped"] == [str(folder / "img_broken.png")]
         assert [r["file"] for r in rows] == [str(folder / f"img_{i}.png") for i in range(3)]
         assert all(isinstance(r["caption"], str) and r["decoding"] == decoding for r in rows)
     with pytest.raises(FileNotFoundError, match="images="):

@@ -1,9 +1,10 @@
 """`python sample.py task=caption ckpt=PATH images=DIR`: image -> text with a trained joint-stage checkpoint.
 
-Every PNG/JPEG/BMP/WebP file in `images` (a folder, or one file) is resized to the stage's image size and
-captioned with `decoding=greedy|beam|nucleus` (beams re-scored by the matcher and the generator:
-`caption_match_weight`, `caption_generator_weight`);
-`captions.jsonl` (file, caption, decoding) goes to `out_dir`.
+Every PNG/JPEG/BMP/WebP file in `images` (a folder, or one file) is read as evaluation reads images (EXIF
+orientation, transparency on white, shorter side resized to the stage's image size, center crop) and captioned with
+`decoding=greedy|beam|nucleus` (beams re-scored by the matcher and the generator: `caption_match_weight`,
+`caption_generator_weight`); `captions.jsonl` (file, caption, decoding) goes to `out_dir`. A file that cannot be
+read is skipped, and the skips are counted and named at the end.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 
 from imagen.checkpoints import CheckpointError
 from imagen.cli.sample_generate import resolve_device
+from imagen.data.bad_samples import BadSample
+from imagen.data.preprocess import open_image, resize_crop, to_tensor
+from imagen.progress import progress_bar
 from imagen.sampling.caption import CaptionDecoding
 
 log = logging.getLogger("imagen")
@@ -42,10 +44,11 @@ def image_files(images: str | None) -> list[Path]:
 
 
 def read_image(path: Path, size: int) -> torch.Tensor:
-    """An image file -> (3, size, size) float in [-1, 1] (RGB, resized with a box filter)."""
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    """An image file -> (3, size, size) float in [-1, 1], as the data's evaluation split reads it; `BadSample` if it
+    cannot be read."""
+    return to_tensor(
+        resize_crop(open_image(path.read_bytes(), str(path), max_pixels=None), size, random_crop=False)
+    )
 
 
 @torch.no_grad()
@@ -75,13 +78,30 @@ def sample_caption(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "captions.jsonl"
-    with open(manifest, "w") as f:
+    skipped: list[str] = []
+    with open(manifest, "w") as f, progress_bar() as progress:
+        task = progress.add_task(f"captioning {len(files)} images", total=len(files))
         for start in range(0, len(files), cfg.batch_size):
-            chunk = files[start : start + cfg.batch_size]
-            images = torch.stack([read_image(p, size) for p in chunk])
-            for path, caption in zip(chunk, stage.caption_images(images, decoding, generator), strict=True):
-                f.write(
-                    json.dumps({"file": str(path), "caption": caption, "decoding": decoding.method}) + "\n"
-                )
-    log.info(f"captioned {len(files)} images: {manifest}")
-    return {"captions": len(files), "manifest": str(manifest)}
+            batch, chunk, images = files[start : start + cfg.batch_size], [], []
+            for path in batch:
+                try:
+                    images.append(read_image(path, size))
+                    chunk.append(path)
+                except BadSample as e:
+                    log.warning(f"skipped {e}")
+                    skipped.append(str(path))
+            if chunk:
+                captions = stage.caption_images(torch.stack(images), decoding, generator)
+                for path, caption in zip(chunk, captions, strict=True):
+                    f.write(
+                        json.dumps({"file": str(path), "caption": caption, "decoding": decoding.method})
+                        + "\n"
+                    )
+            progress.update(task, advance=len(batch))
+    captioned = len(files) - len(skipped)
+    log.info(f"captioned {captioned} images: {manifest}")
+    if skipped:
+        log.warning(
+            f"{len(skipped)} of {len(files)} images could not be read and were skipped: {skipped[:10]}"
+        )
+    return {"captions": captioned, "skipped": skipped, "manifest": str(manifest)}

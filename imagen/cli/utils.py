@@ -143,13 +143,14 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg, save_to=cfg.paths.output_dir)
 
 
-def finish_loggers() -> None:
-    """Close the W&B run (if any) so that the next job of a multirun starts a new one."""
+def finish_loggers(exit_code: int = 0) -> None:
+    """Close the W&B run (if any) so that the next job of a multirun starts a new one; a failed run is marked as
+    such (`exit_code` 1: "Failed" in W&B, not "Finished")."""
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def task_wrapper(task: Callable) -> Callable:
@@ -158,12 +159,14 @@ def task_wrapper(task: Callable) -> Callable:
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
         try:
-            return task(cfg)
-        except Exception:
-            log.exception(f"run failed; its directory: {cfg.paths.output_dir}")
+            result = task(cfg)
+        except BaseException as e:  # also a KeyboardInterrupt: the run did not finish
+            if isinstance(e, Exception):
+                log.exception(f"run failed; its directory: {cfg.paths.output_dir}")
+            finish_loggers(exit_code=1)
             raise
-        finally:
-            finish_loggers()
+        finish_loggers()
+        return result
 
     return wrapped
 

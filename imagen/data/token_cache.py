@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from imagen.data.bad_samples import BadSampleTracker
+from imagen.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +181,9 @@ def encode_split(
     result: dict[str, list[str]] = {"written": [], "skipped": []}
     tracker = BadSampleTracker(datamodule.hparams.max_bad_fraction, datamodule.hparams.bad_check_after)
     workers = datamodule.hparams.num_workers
-    for number, (name, unit, inputs) in enumerate(units):
-        if number % world != rank:
-            continue
-        if shard_finished(out, name, encoded_from[name]):
-            result["skipped"].append(name)
-            continue
-        if max_shards is not None and len(result["written"]) >= max_shards:
-            break
+
+    def encode_shard(name: str, unit, inputs) -> tuple[int, dict[str, int]]:
+        """Encode one unit into shard `name`; returns its sample count and bad samples by reason."""
         tokens, captions, bad = [], [], BadSampleTracker(max_bad_fraction=1.0)
         loader = DataLoader(unit, batch_size=batch_size, num_workers=workers if isinstance(unit, Subset) else 0,
                             collate_fn=collate)  # fmt: skip
@@ -207,8 +203,21 @@ def encode_split(
         h, w = header["grid"]
         array = np.concatenate(tokens) if tokens else np.zeros((0, h, w), dtype=header["dtype"])
         write_shard(out, name, array, captions, dict(bad.total), encoded_from[name])
-        result["written"].append(name)
-        log.info(f"[rank {rank}] {out / name}: {array.shape[0]} samples, bad {dict(bad.total) or 'none'}")
+        return array.shape[0], dict(bad.total)
+
+    mine = [unit for number, unit in enumerate(units) if number % world == rank]  # this rank's shards
+    with progress_bar() as bar:
+        task = bar.add_task(f"[rank {rank}] encoding {split}: {len(mine)} shards", total=len(mine))
+        for name, unit, inputs in mine:
+            if shard_finished(out, name, encoded_from[name]):
+                result["skipped"].append(name)
+            elif max_shards is not None and len(result["written"]) >= max_shards:
+                break
+            else:
+                count, shard_bad = encode_shard(name, unit, inputs)
+                result["written"].append(name)
+                log.info(f"[rank {rank}] {out / name}: {count} samples, bad {shard_bad or 'none'}")
+            bar.update(task, advance=1)
     tracker.check(final=True)
     if tracker.bad:
         log.warning(f"[rank {rank}] encoding {split}: {tracker.summary()}")

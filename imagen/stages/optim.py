@@ -34,6 +34,12 @@ def build_optimizer(
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters; is everything frozen?")
+    own = getattr(optimizer, "keywords", {}).get("weight_decay")
+    if weight_decay is not None and own is not None:
+        raise ValueError(
+            f"model.optimizer.weight_decay={own} would be overridden by model.weight_decay={weight_decay} (which "
+            "decays >= 2-D parameters only); set model.weight_decay and remove model.optimizer.weight_decay"
+        )
 
     def groups_of(named: list[tuple[str, nn.Parameter]]) -> list[dict]:
         if weight_decay is None:
