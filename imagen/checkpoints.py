@@ -3,6 +3,7 @@ loaded strictly with a report of what did not match."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -25,6 +26,20 @@ class CheckpointError(RuntimeError):
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """The SHA-256 of a checkpoint file, or of an exported folder's weights: which weights a later run was given."""
+    path = Path(path)
+    return file_sha256(path / EXPORT_WEIGHTS if path.is_dir() else path)
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:

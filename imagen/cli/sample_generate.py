@@ -49,8 +49,10 @@ def compile_decode(value, device: torch.device) -> bool:
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
-    """Prompts from `prompts` (a list) and/or `prompts_file` (one per line); an empty result is an error."""
-    prompts = [str(p) for p in (cfg.prompts or [])]
+    """Prompts from `prompts` (a list, or one prompt) and/or `prompts_file` (one per line); an empty result is an
+    error."""
+    given = cfg.prompts or []
+    prompts = [given] if isinstance(given, str) else [str(p) for p in given]
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
         if not path.is_file():
@@ -106,6 +108,8 @@ def sample_generate(cfg: DictConfig) -> dict:
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     candidates = int(cfg.get("rerank_candidates") or 1)
+    if candidates < 1:
+        raise ValueError(f"rerank_candidates={candidates} must be >= 1 (1: no reranking)")
     if candidates > 1 and not hasattr(stage, "generate_reranked_tokens"):
         raise ValueError(f"rerank_candidates={candidates} needs a joint-stage checkpoint (a matching head); {cfg.ckpt} "
                          "is a generator checkpoint")  # fmt: skip

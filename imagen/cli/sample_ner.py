@@ -26,6 +26,7 @@ from imagen.data.conll import (
     EncodingSettings,
     NerWindows,
     Sentence,
+    check_tag,
     collate_windows,
     read_conll,
     tokenizer_from_files,
@@ -49,6 +50,7 @@ class NerModel:
     tokenizer: object
     labels: list[str]
     settings: EncodingSettings
+    scoring: str = "conlleval"  # the entity scoring its run reported (`model.scoring`)
 
 
 def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
@@ -70,6 +72,7 @@ def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
         tokenizer_from_files(info["tokenizer_files"]),
         labels,
         EncodingSettings(**info["encoding"]),
+        info.get("scoring", "conlleval"),
     )
 
 
@@ -82,6 +85,17 @@ def words_of(text: str) -> tuple[list[str], list[Span]]:
     return [m.group() for m in matches], [m.span() for m in matches]
 
 
+def first_line_is_conll(path: str | Path) -> bool:
+    """Whether the first non-blank line of a file is `TOKEN ... TAG`: a column file, not plain text."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        fields = next((line.split() for line in f if line.strip()), [])
+    try:
+        check_tag(fields[-1] if len(fields) >= 2 else None, str(path), "")
+    except ConllFormatError:
+        return False
+    return True
+
+
 def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[list[Span]]]:
     """Sentences of `path`, whether they carry gold tags, and each sentence's text with its words' character spans.
     A CoNLL column file if it parses as one (the text: its tokens joined by spaces), else plain text with one
@@ -89,7 +103,8 @@ def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[
     try:
         sentences = read_conll(path)
     except ConllFormatError as e:
-        if "not UTF-8" in str(e):  # no plain text either: the error names the line to convert
+        # a column file with a bad line, or no text at all: the error names the line
+        if "not UTF-8" in str(e) or first_line_is_conll(path):
             raise
     else:
         texts, spans = [], []
@@ -221,9 +236,8 @@ def sample_ner(cfg: DictConfig) -> dict:
                     f.write(f"{token} {gold} {pred}\n" if has_gold else f"{token} {pred}\n")
                 f.write("\n")
     if has_gold:
-        summary["f1"] = entity_report([s.tags for s in sentences], [t for t, _ in predictions])["micro avg"][
-            "f1"
-        ]
+        gold, pred = [s.tags for s in sentences], [t for t, _ in predictions]
+        summary["f1"] = entity_report(gold, pred, model.scoring)["micro avg"]["f1"]
     summary["path"] = str(path)
     log.info(f"NER: {summary}")
     return summary

@@ -16,7 +16,6 @@ Written by `python -m imagen.cli.encode` (`write_token_cache`), one process per 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from imagen.checkpoints import checkpoint_sha256
 from imagen.data.bad_samples import BadSampleTracker
 from imagen.progress import progress_bar
 
@@ -38,22 +38,6 @@ FILES = ("tokens", "captions", "offsets")
 
 class TokenCacheError(RuntimeError):
     """A token cache that is incomplete, corrupt, or made for another autoencoder or image size."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """The SHA-256 of a checkpoint file, or of an exported folder's weights."""
-    from imagen.checkpoints import EXPORT_WEIGHTS
-
-    path = Path(path)
-    return file_sha256(path / EXPORT_WEIGHTS if path.is_dir() else path)
 
 
 def file_crc32(path: str | Path) -> int:

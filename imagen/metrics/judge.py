@@ -79,7 +79,9 @@ class Judge:
 def judge_cache_path(
     cache_dir: str | os.PathLike, shapes: ShapesConfig, config: JudgeConfig, steps: int
 ) -> Path:
-    key = f"{shapes.appearance_key()}-c{config.channels}-s{steps}-v{JUDGE_VERSION}"
+    # the renderer, and the scenes it learns from (one object, or one and two)
+    scenes = f"o{shapes.max_objects}-p{shapes.two_object_prob:g}"
+    key = f"{shapes.appearance_key()}-{scenes}-c{config.channels}-s{steps}-v{JUDGE_VERSION}"
     return Path(cache_dir) / "judge" / f"judge-{key}.pt"
 
 

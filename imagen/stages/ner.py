@@ -13,7 +13,7 @@ import torch
 
 from imagen.checkpoints import load_init_from, read_checkpoint, stage_info
 from imagen.data.conll import ConllDataModule, NerWindows, tokenizer_files
-from imagen.metrics.ner import entity_report, report_rows, report_table, token_report
+from imagen.metrics.ner import SCORING_MODES, entity_report, report_rows, report_table, token_report
 from imagen.models.ner import NerTagger, encoder_config_dict
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer, warmup_linear
@@ -70,6 +70,8 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
         trust_checkpoint: bool = False,
     ):
         super().__init__()
+        if scoring not in SCORING_MODES:
+            raise ValueError(f"model.scoring={scoring!r} is unknown; choose from {SCORING_MODES}")
         self.save_hyperparameters(logger=False, ignore=["optimizer"])
         self.net = NerTagger.from_pretrained(pretrained, head=head, dropout=dropout)
         self.optimizer_factory = optimizer
@@ -171,6 +173,9 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
             log.warning(
                 f"{split}: scored {len(gold)} of {len(dataset.sentences)} sentences (the rest were not run)"
             )
+        if not gold:  # no sentence was run to its end (limited batches): nothing to score
+            self._predictions = None
+            return
         entities = entity_report(gold, pred, self.hparams.scoring)
         micro = entities["micro avg"]
         values = {f"{split}/{k}": micro[k] for k in ("precision", "recall", "f1")}
