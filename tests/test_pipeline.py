@@ -120,18 +120,33 @@ def test_overrides_the_pipeline_would_ignore_are_refused(tmp_path):
     assert list(cfg.pipeline.common) == ["model.net.quantizer=vq"]
 
 
-def test_the_settings_digest_follows_every_value_of_the_composed_config():
+SETTINGS = {
+    "model": {"image_code_vectors": True, "net": {"dim": 256, "grid": [8, 8]}},
+    "paths": {"out": "${hydra:runtime.cwd}"},
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: c["model"].update(image_code_vectors=False),  # a top-level flag
+        lambda c: c["model"]["net"].update(dim=257),  # a nested value
+        lambda c: c["model"]["net"]["grid"].__setitem__(1, 16),  # a list item
+        lambda c: c["model"]["net"].update(width=c["model"]["net"].pop("dim")),  # a renamed key
+        lambda c: c["paths"].update(out="${hydra:runtime.output_dir}"),  # an interpolation, unresolved
+    ],
+    ids=["flag", "nested", "list item", "renamed key", "interpolation"],
+)
+def test_the_settings_digest_follows_every_value_of_the_composed_config(change):
+    import copy
+
     from omegaconf import OmegaConf
 
     from imagen.cli.pipeline import settings_digest
 
-    base = {
-        "model": {"image_code_vectors": True, "net": {"dim": 256}},
-        "paths": {"out": "${hydra:runtime.cwd}"},
-    }
-    changed = {**base, "model": {"image_code_vectors": False, "net": {"dim": 256}}}
-    assert settings_digest(OmegaConf.create(base)) == settings_digest(OmegaConf.create(base))
-    assert settings_digest(OmegaConf.create(base)) != settings_digest(OmegaConf.create(changed))
+    changed = copy.deepcopy(SETTINGS)
+    change(changed)
+    assert settings_digest(OmegaConf.create(SETTINGS)) != settings_digest(OmegaConf.create(changed))
 
 
 # The regression guard. The quickstart's joint stage (1800 steps since session 18) measured 85.9% and 85.5%
