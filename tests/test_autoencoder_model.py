@@ -62,7 +62,8 @@ def dead_code_moves(threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     model = tiny("vq", vq_kmeans_init=False, vq_dead_code_threshold=threshold, codebook_size=64)
     codebook = model.quantizer.impl._codebook
     model.train()
-    x = torch.zeros(8, 3, 32, 32)  # a constant image: every position maps to a handful of codes, the rest are dead
+    # a constant image: every position maps to a handful of codes, the rest are dead
+    x = torch.zeros(8, 3, 32, 32)
     before = codebook.embed.clone()
     with torch.no_grad():
         tokens = model.quantizer(model.encoder(x)).indices

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch import Callback
 
-from imagen.callbacks.fault import NonFiniteError, grads_are_finite
+from imagen.callbacks.fault import NonFiniteError, NonFiniteGuard, grads_are_finite
 from imagen.checkpoints import read_checkpoint
 from imagen.cli.train import train
 from imagen.stages.autoencoder import AutoencoderStage
 from tests.conftest import TINY_SHAPES
+from tests.test_callbacks import TwoLayers
+from tests.test_cli import run_train
+from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (a session fixture)
 
 # FSQ: no codebook statistics, so that a skipped step changes no tensor of the network at all
 RUN = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "test=false", "logger=csv",
@@ -97,6 +101,66 @@ def test_consecutive_non_finite_steps_stop_the_run(make_cfg, tmp_path, monkeypat
         assert torch.equal(weights[f"net.{name}"], value), (
             "the checkpoint holds the weights from before the fault"
         )
+
+
+class NaNLossAtBatches(TwoLayers):
+    """The loss of the given batches is NaN: with NaN gradients, or (`nan_grads=False`) with finite ones."""
+
+    def __init__(self, batches: set[int], nan_grads: bool):
+        super().__init__()
+        self.batches, self.nan_grads = batches, nan_grads
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx not in self.batches:
+            return loss
+        return loss * float("nan") if self.nan_grads else loss + float("nan")
+
+
+@pytest.mark.parametrize("nan_grads", [True, False])
+def test_with_accumulation_a_step_is_judged_on_all_its_micro_batches(tmp_path, nan_grads):
+    # batch 2 is the first of the two that make step 1: that step is skipped and counted once. Before, each
+    # micro-batch counted (under DDP, on the rank with the NaN only), and a NaN loss with finite gradients was stepped
+    module = NaNLossAtBatches({2}, nan_grads)
+    guard = NonFiniteGuard(max_consecutive=2)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
+    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[guard], default_root_dir=tmp_path,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, data)
+    assert trainer.global_step == 4
+    assert (guard.total, guard.consecutive, guard.first_bad_step) == (1, 0, 1)
+    assert torch.equal(module.raw[3], module.start[2]), "step 1 left the weights as they were"
+    assert not torch.equal(module.raw[5], module.start[4])
+
+
+class NaNWeightOnRank1(Callback):
+    """From step `step` on, rank 1's copy of one weight of the network is NaN (a fault on one GPU)."""
+
+    def __init__(self, step: int = 1):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step >= self.step:
+            with torch.no_grad():
+                next(pl_module.net.parameters()).fill_(float("nan"))
+
+
+def test_ddp_ranks_stop_together_on_a_fault_of_one(tmp_path, tiny_autoencoder_ckpt):  # noqa: F811
+    # with accumulation, rank 1 alone had counted its micro-batches and stopped after one skipped step; rank 0 then
+    # failed on the lost connection (under NCCL: hung)
+    result = run_train(
+        "experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+        "+callbacks.nan._target_=tests.test_faults.NaNWeightOnRank1", "callbacks.nonfinite_guard.max_consecutive=2",
+        "callbacks.image_logger=null", "trainer=ddp_sim", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6",
+        "trainer.val_check_interval=6", "test=false", "extras.print_config=false", f"paths.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path, timeout=180,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "ARGeneratorStage stage: 2 consecutive non-finite steps (steps 1-2" in result.stderr, (
+        result.stderr[-3000:]
+    )
+    assert "steps 1-1" not in result.stderr and "Connection closed by peer" not in result.stderr
 
 
 def test_a_diverged_autoencoder_is_named_at_validation(make_cfg, tmp_path):

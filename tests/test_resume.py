@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from imagen.checkpoints import read_checkpoint
+from imagen.cli.checks import ConfigError
 from imagen.cli.train import train
 from tests.conftest import REPO, TINY_SHAPES
 
@@ -126,6 +127,25 @@ def test_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     assert not list((run / "checkpoints").glob(".*.tmp")), "no temporary file is left behind"
 
 
+@pytest.mark.parametrize("rerun", ["ckpt_path=auto", "ckpt_path=null"])
+def test_last_ckpt_stays_the_newest_after_a_signal_and_a_rerun(make_cfg, tmp_path, rerun):
+    """The checkpoint written on a signal is the checkpoint callback's `last.ckpt`, without a validation on the way
+    out; rerunning the command, resumed or started afresh in the used directory, goes on updating that file."""
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    overrides = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "test=false", "logger=csv",
+                 "trainer.max_steps=8", "trainer.val_check_interval=100"]  # fmt: skip
+    signalled = ["+callbacks.preempt._target_=tests.test_finetune.SignalAtStep", "+callbacks.preempt.step=2"]
+    _, objects = train(make_cfg([*overrides, *signalled], run_dir=run))
+    assert objects.get("preempted")
+    assert not [k for k in objects["trainer"].callback_metrics if k.startswith("val/")], "no validation ran"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt"]
+    assert 2 <= read_checkpoint(checkpoints / "last.ckpt")["global_step"] < 8
+
+    train(make_cfg([*overrides, rerun], run_dir=run))
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 8
+    assert not list(checkpoints.glob("last-v*.ckpt"))
+
+
 def test_corrupt_checkpoints_are_reported_and_the_newest_valid_one_is_used(make_cfg, tmp_path, caplog):
     run = tmp_path / "run"
     overrides = [
@@ -150,8 +170,9 @@ def test_corrupt_checkpoints_are_reported_and_the_newest_valid_one_is_used(make_
     assert objects["trainer"].global_step == 16
     assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 16
 
-    with pytest.raises(Exception, match="step_000012.ckpt is truncated or corrupt"):
-        (checkpoints / "step_000012.ckpt").touch()
+    # the resumed run wrote step 12 again; a truncated one given as ckpt_path is refused before the run starts
+    (checkpoints / "step_000012.ckpt").write_bytes((checkpoints / "step_000012.ckpt").read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"ckpt_path: checkpoint .*step_000012.ckpt is truncated"):
         train(
             make_cfg(
                 [*overrides, f"ckpt_path={checkpoints / 'step_000012.ckpt'}"], run_dir=tmp_path / "other"

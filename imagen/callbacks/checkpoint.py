@@ -19,6 +19,11 @@ class LastAndBestCheckpoint(ModelCheckpoint):
 
     _last_saved_step: int | None = None
 
+    def __init__(self, *args, enable_version_counter: bool = False, **kwargs) -> None:
+        # a file of the same name is overwritten: with Lightning's default, a `last.ckpt` this callback did not write
+        # (a fresh run in a used run directory) makes it save `last-v1.ckpt` from then on, and leave `last.ckpt` stale
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_monitor(trainer)
         super().on_validation_end(trainer, pl_module)

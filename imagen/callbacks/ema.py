@@ -1,11 +1,57 @@
 """Exponential moving average of the weights: Lightning's callback with an exact, fused update."""
 
+import contextlib
+import copy
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+
+def frozen_submodules(root: nn.Module) -> list[nn.Module]:
+    """The largest submodules of `root` that hold parameters and train none of them."""
+    found: dict[str, nn.Module] = {}
+    for name, module in root.named_modules():
+        if module is root or any(name.startswith(f"{outer}.") for outer in found):
+            continue
+        parameters = list(module.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            found[name] = module
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def frozen_shared_by_deepcopy(root: nn.Module) -> Iterator[None]:
+    """Within the block, `copy.deepcopy(root)` shares the frozen submodules of `root` as they are at the time of the
+    copy (`frozen_submodules`), and their tensors wherever the copy meets them, instead of copying them."""
+
+    def deepcopy_sharing(memo: dict) -> nn.Module:
+        object.__delattr__(root, "__deepcopy__")  # once: later copies, of either module, are plain
+        memo.update({id(x): x for m in frozen_submodules(root) for x in (m, *m.parameters(), *m.buffers())})
+        return copy.deepcopy(root, memo)
+
+    object.__setattr__(root, "__deepcopy__", deepcopy_sharing)
+    try:
+        yield
+    finally:
+        vars(root).pop("__deepcopy__", None)
+
+
+def ema_update_skipping_shared(decay: float):
+    """`get_ema_multi_avg_fn(decay)` over the averaged tensors that are not the live ones: those of the frozen
+    modules the average shares are left alone, in time and in value (an integer buffer would be rounded)."""
+    update = get_ema_multi_avg_fn(decay)
+
+    def update_unshared(averaged: list, current: list, n_averaged) -> None:
+        pairs = [(a, c) for a, c in zip(averaged, current, strict=True) if a.data_ptr() != c.data_ptr()]
+        if pairs:
+            update(*map(list, zip(*pairs, strict=True)), n_averaged)
+
+    return update_unshared
 
 
 class EMAWeights(EMAWeightAveraging):
@@ -13,7 +59,13 @@ class EMAWeights(EMAWeightAveraging):
 
     Lightning's own update computes `decay * average + (1 - decay) * weight`, which moves a weight that never changes
     (a frozen text encoder, the frozen autoencoder) by rounding at every step; `lerp` leaves it bit-identical, so
-    frozen modules are saved exactly as they were loaded. Validation, test and checkpoints use the averaged weights.
+    frozen modules are saved exactly as they were loaded. Frozen modules are not copied at all: the average shares
+    them with the module (the largest submodules whose parameters are all frozen, unless `device` puts the average
+    elsewhere), and its update passes over them.
+
+    Validation, test and checkpoints use the averaged weights. The module's `on_validation_epoch_end` sees them too
+    (they are swapped out at `on_validation_end`, before the checkpoint callbacks save); at the end of training they
+    stay in the module, and a checkpoint written then still records the raw weights in `current_model_state`.
     """
 
     def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
@@ -22,13 +74,45 @@ class EMAWeights(EMAWeightAveraging):
         super().__init__(decay=decay, **kwargs)
         # the AveragedModel's arguments: the fused lerp in place of the per-tensor `avg_fn` the parent sets
         self._kwargs = {**{k: v for k, v in self._kwargs.items() if k != "avg_fn"},
-                        "multi_avg_fn": get_ema_multi_avg_fn(decay)}  # fmt: skip
+                        "multi_avg_fn": ema_update_skipping_shared(decay)}  # fmt: skip
+        self._swapped_at_train_end = (
+            False  # then the module holds the average, the averaged copy the raw weights
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # the parent calls `configure_model` before copying the module and warns that sharded layers would not be
-        # averaged; the imagen stages' `configure_model` loads weights, adds adapters and compiles, and shards nothing
-        with warnings.catch_warnings():
+        # averaged; the imagen stages' `configure_model` loads weights, adds adapters, freezes and compiles, and
+        # shards nothing
+        self._swapped_at_train_end = False
+        sharing = frozen_shared_by_deepcopy(pl_module) if self._device is None else contextlib.nullcontext()
+        with warnings.catch_warnings(), sharing:
             warnings.filterwarnings(
                 "ignore", message=".*WeightAveraging doesn't support sharding model layers"
             )
             super().setup(trainer, pl_module, stage)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._swapped_at_train_end:  # after training the module holds the average already
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Callbacks' hooks run before the module's: its `on_validation_epoch_end` still needs the average."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._average_model is not None and not self._swapped_at_train_end:
+            self._swap_models(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # swapped rather than copied: `last.ckpt`, written after this, keeps the raw weights (`on_save_checkpoint`)
+        self._swap_models(pl_module)
+        self._swapped_at_train_end = True
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None and self._swapped_at_train_end:
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (
+                checkpoint["current_model_state"],
+                checkpoint["state_dict"],
+            )

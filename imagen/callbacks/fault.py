@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class NonFiniteGuard(Callback):
     A skipped step leaves weights and optimizer moments untouched (the gradients are dropped, so the optimizer
     passes over every parameter); the LR schedule and the data still advance, as with a skipped AMP step. On the
     stop, a checkpoint of the weights from before the fault is written next to the others. Under DDP the decision
-    is taken jointly, so every rank skips the same steps.
+    is taken jointly, so every rank skips, counts and stops at the same steps. With gradient accumulation a step is
+    skipped when the loss of any of its micro-batches was not finite, and counted once.
     """
 
     def __init__(self, max_consecutive: int = 5):
@@ -114,8 +116,8 @@ class NonFiniteGuard(Callback):
         self.total = 0
         self.consecutive = 0
         self.first_bad_step: int | None = None
-        self._bad_loss = False
-        self._skipped = False
+        self._bad_loss = False  # on this rank, since the last optimizer step
+        self._stepped = self._skipped = False  # in this batch, decided jointly
         self._step = 0
 
     def state_dict(self) -> dict:
@@ -126,8 +128,8 @@ class NonFiniteGuard(Callback):
         self.first_bad_step = state_dict["first_bad_step"]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._bad_loss = self._skipped = False
-        self._step = trainer.global_step  # the step this batch computes
+        self._stepped = self._skipped = False
+        self._step = trainer.global_step  # the step this batch computes (or accumulates towards)
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if not bool(torch.isfinite(loss).all()):
@@ -135,13 +137,22 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         bad = self._bad_loss or not grads_are_finite(optimizer)
+        self._bad_loss = False
+        self._stepped = True
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             optimizer.zero_grad(set_to_none=True)  # torch optimizers pass over parameters without a gradient
             self._skipped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._stepped:  # accumulating: the step is taken, and judged, with a later batch
+            return
+        if not pl_module.automatic_optimization:
+            # a backward after the batch's last optimizer step (the discriminator, which the autoencoder stage
+            # steps itself) counts too, jointly
+            self._skipped |= trainer.strategy.reduce_boolean_decision(self._bad_loss, all=False)
+        self._bad_loss = False
         step = self._step
-        if self._skipped or self._bad_loss:
+        if self._skipped:
             self.total += 1
             self.consecutive += 1
             if self.consecutive == 1:
@@ -170,9 +181,23 @@ def checkpoint_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints"
 
 
+def write_last_checkpoint(trainer: pl.Trainer) -> str:
+    """Write `last.ckpt` now; returns its path. Through the ModelCheckpoint callback when it keeps one, so that it
+    goes on updating that file (a file it did not write would make it save `last-v1.ckpt` and so on)."""
+    callback = trainer.checkpoint_callback
+    # not with save_last="link": that links the callback's newest save, of an earlier step
+    if isinstance(callback, ModelCheckpoint) and callback.save_last is True:
+        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+        return callback.last_model_path
+    path = checkpoint_dir(trainer) / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
 class Preemption(Callback):
     """On one of `signals` (SIGUSR1: SLURM's warning before the time limit; SIGTERM: preemption, `scancel`), write
-    a checkpoint at the end of the current batch and stop training cleanly.
+    a checkpoint at the end of the current batch and stop training cleanly, without the validation Lightning runs
+    before a stop.
 
     The signal only sets a flag; the checkpoint is written between batches, never in the middle of an optimizer
     step. Under SLURM with auto-requeue (conf/hydra/launcher/slurm.yaml) SIGUSR1 is then handed to Lightning's
@@ -219,8 +244,7 @@ class Preemption(Callback):
             trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)  # hpc_ckpt_N.ckpt + requeue
             self.checkpoint = "hpc_ckpt (SLURM requeue)"
         else:
-            path = checkpoint_dir(trainer) / "last.ckpt"
-            trainer.save_checkpoint(path)
-            self.checkpoint = str(path)
+            self.checkpoint = write_last_checkpoint(trainer)
         self.stopped_at_step = trainer.global_step
+        trainer.limit_val_batches = 0  # else Lightning validates before it stops, in the time the signal left
         trainer.should_stop = True

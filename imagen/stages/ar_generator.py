@@ -475,8 +475,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         """Further scores of images generated for prompts of `group` (a subclass's: the round trip)."""
 
     def _eval_epoch_start(self, split: str) -> None:
-        # Generation is scored when the epoch starts: a weight-averaging callback (EMA) swaps its weights in before
-        # this hook and back out before the module's on_*_epoch_end, so sampling there would use the raw weights.
+        # Generation is scored when the epoch starts, after a weight-averaging callback (EMA) swapped its weights in;
+        # Lightning's own averaging callback swaps them back out before the module's on_*_epoch_end (EMAWeights keeps
+        # them in until on_validation_end).
         self._generated_values = {split: self._judge_generated(split)}
         self._score_binding(split)
 

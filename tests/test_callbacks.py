@@ -1,0 +1,126 @@
+"""The EMA callback: which weights validation, checkpoints and the end of training see, and its frozen modules."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from imagen.callbacks import EMAWeights
+from imagen.callbacks.checkpoint import LastAndBestCheckpoint
+from imagen.checkpoints import read_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BIG = 2**40 + 1  # an integer that float32 arithmetic would round
+
+
+class TwoLayers(pl.LightningModule):
+    """A frozen layer (with an integer buffer) and a trained one; records the trained layer's weights at the start
+    and the end of each step and those each validation hook sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen, self.trained = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+        self.frozen.requires_grad_(False)
+        self.frozen.register_buffer("count", torch.tensor(BIG))
+        self.start: list[torch.Tensor] = []
+        self.raw: list[torch.Tensor] = []
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def weight(self) -> torch.Tensor:
+        return self.trained.weight.detach().clone()
+
+    def training_step(self, batch, batch_idx):
+        return self.trained(self.frozen(batch[0])).square().mean()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.start.append(self.weight())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.raw.append(self.weight())
+
+    def validation_step(self, batch, batch_idx):
+        self.seen["validation_step"] = self.weight()
+
+    def on_validation_epoch_end(self):  # where the joint stage scores retrieval
+        self.seen["on_validation_epoch_end"] = self.weight()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.trained.parameters(), lr=0.1)
+
+
+def fit(module: TwoLayers, tmp_path, ckpt_path=None, **trainer_args) -> EMAWeights:
+    """Train with EMA (decay 0.5) and the run's checkpoint callback (a checkpoint at each validation and the end),
+    validating by steps as conf/trainer does."""
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
+    ema = EMAWeights(decay=0.5)
+    checkpoints = LastAndBestCheckpoint(dirpath=tmp_path, filename="step_{step:06d}", save_last=True, save_top_k=-1,
+                                        auto_insert_metric_name=False)  # fmt: skip
+    trainer = pl.Trainer(callbacks=[ema, checkpoints], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+                         **{"check_val_every_n_epoch": None, "val_check_interval": 100, "limit_val_batches": 1,
+                            **trainer_args})  # fmt: skip
+    trainer.fit(module, data, data, ckpt_path=ckpt_path)
+    return ema
+
+
+def expected_average(raw: list[torch.Tensor]) -> torch.Tensor:
+    """decay 0.5: the first update copies, each later one moves half way."""
+    average = raw[0]
+    for weight in raw[1:]:
+        average = torch.lerp(average, weight, 0.5)
+    return average
+
+
+def test_a_checkpoint_at_the_end_of_training_keeps_the_raw_weights(tmp_path):
+    # no validation at the last step (the quickstart's joint stage): last.ckpt is written after EMA's on_train_end
+    module = TwoLayers()
+    fit(module, tmp_path, max_steps=6, limit_val_batches=0)
+    saved = read_checkpoint(tmp_path / "last.ckpt")
+    assert saved["global_step"] == 6
+    assert torch.equal(saved["current_model_state"]["trained.weight"], module.raw[-1])
+    assert torch.equal(saved["state_dict"]["trained.weight"], expected_average(module.raw))
+    assert not torch.equal(module.raw[-1], expected_average(module.raw))
+    # the test after fit runs on the average
+    assert torch.equal(module.trained.weight, expected_average(module.raw))
+
+
+def test_validation_epoch_end_sees_the_average_and_checkpoints_keep_both(tmp_path):
+    module = TwoLayers()
+    fit(module, tmp_path, max_steps=4, val_check_interval=3)
+    average = expected_average(module.raw[:3])
+    assert torch.equal(module.seen["validation_step"], average)
+    assert torch.equal(module.seen["on_validation_epoch_end"], average)
+    saved = read_checkpoint(tmp_path / "step_000003.ckpt")  # written at the end of that validation
+    assert torch.equal(saved["state_dict"]["trained.weight"], average)
+    assert torch.equal(saved["current_model_state"]["trained.weight"], module.raw[2])
+    # training went on from the raw weights
+    assert torch.equal(module.start[3], module.raw[2]) and not torch.equal(module.raw[2], average)
+
+
+def test_frozen_modules_are_shared_with_the_average_not_copied(tmp_path):
+    module = TwoLayers()
+    frozen = {k: v.clone() for k, v in module.frozen.state_dict().items()}
+    ema = fit(module, tmp_path, max_steps=6, val_check_interval=3)
+    averaged = ema._average_model.module
+    assert averaged.frozen is module.frozen and averaged.trained is not module.trained
+    assert averaged.frozen.weight.data_ptr() == module.frozen.weight.data_ptr()
+    # averaging and the swaps for validation and at the end leave the frozen layer as it was, its integer too
+    assert torch.equal(module.trained.weight, expected_average(module.raw))
+    for name, value in module.frozen.state_dict().items():
+        assert torch.equal(value, frozen[name]), name
+    assert module.frozen.count.item() == BIG
+    saved = read_checkpoint(tmp_path / "last.ckpt")
+    keys = set(module.state_dict())
+    assert set(saved["state_dict"]) == set(saved["current_model_state"]) == keys
+    assert torch.equal(saved["state_dict"]["frozen.weight"], frozen["weight"])
+    # a resume loads both the average and the raw weights into the shared layout
+    resumed = TwoLayers()
+    ema = fit(
+        resumed, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt", max_steps=7, limit_val_batches=0
+    )
+    assert torch.equal(ema._average_model.module.trained.weight, resumed.raw[-1])  # the final swap
+    assert torch.equal(resumed.trained.weight, torch.lerp(expected_average(module.raw), resumed.raw[-1], 0.5))
+    assert resumed.frozen.count.item() == BIG and ema._average_model.module.frozen is resumed.frozen
