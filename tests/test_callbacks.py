@@ -124,3 +124,17 @@ def test_frozen_modules_are_shared_with_the_average_not_copied(tmp_path):
     assert torch.equal(ema._average_model.module.trained.weight, resumed.raw[-1])  # the final swap
     assert torch.equal(resumed.trained.weight, torch.lerp(expected_average(module.raw), resumed.raw[-1], 0.5))
     assert resumed.frozen.count.item() == BIG and ema._average_model.module.frozen is resumed.frozen
+
+
+def test_a_validation_after_fit_sees_the_average(tmp_path):
+    module = TwoLayers()
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
+    trainer = pl.Trainer(callbacks=[EMAWeights(decay=0.5)], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", max_steps=6,
+                         num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=100,
+                         limit_val_batches=1)  # fmt: skip
+    trainer.fit(module, data, data)
+    trainer.validate(module, data, verbose=False)
+    assert torch.equal(module.seen["validation_step"], expected_average(module.raw))
+    assert torch.equal(module.weight(), expected_average(module.raw))  # and it stays in the module

@@ -165,6 +165,10 @@ def test_ddp_with_heads_that_learn_nothing_needs_find_unused_parameters(make_cfg
                  "model.loss_weights.generation=0", "trainer=ddp_sim"]  # fmt: skip
     with pytest.raises(ConfigError, match=r"as model.loss_weights.generation=0 does; set trainer.strategy"):
         check_train_config(make_cfg(overrides))
+    # the default strategy (auto) on several devices is DDP too
+    gpus = [*overrides[:-1], "trainer=gpu", "trainer.devices=4"]
+    with pytest.raises(ConfigError, match=r"as model.loss_weights.generation=0 does; set trainer.strategy"):
+        check_train_config(make_cfg(gpus))
     cfg = make_cfg([*overrides, "trainer.strategy=ddp_find_unused_parameters_true"])
     # the next check fails: this one passed
     with pytest.raises(ConfigError, match="model.autoencoder_ckpt=.*no such file"):

@@ -65,15 +65,35 @@ def test_every_rank_writes_the_bad_samples_it_skipped(tmp_path, monkeypatch):
     with tarfile.open(shards[1], "a") as tar:  # a sample whose image cannot be decoded
         add_member(tar, "broken.png", b"not a png")
         add_member(tar, "broken.txt", b"a caption")
-    monkeypatch.setenv("RANK", "1")  # this process is rank 1 of 2: it reads the second of the three shards
+    monkeypatch.setenv(
+        "RANK", "1"
+    )  # this process is rank 1 of 2: it trains on the second of the three shards
     monkeypatch.setenv("WORLD_SIZE", "2")
-    dm = ImageTextDataModule("webdataset", shards={"train": shard_spec(shards), "val": shard_spec(shards)},
-                             image_size=8, resampled=False, max_bad_fraction=1.0)  # fmt: skip
+    dm = ImageTextDataModule("webdataset", shards={"train": shard_spec(shards), "val": shard_spec(shards),
+                             "test": shard_spec(shards)}, image_size=8, resampled=False, max_bad_fraction=1.0)  # fmt: skip
     trainer = SimpleNamespace(global_rank=1, default_root_dir=str(tmp_path / "run"), training=False)
     monkeypatch.setattr(dm, "trainer", trainer)
-    names = [name for batch in dm._loader("val") for name in dm.on_before_batch_transfer(batch, 0)["name"]]
+    names = [name for batch in dm._loader("train") for name in dm.on_before_batch_transfer(batch, 0)["name"]]
     assert len(names) == 2 and all("00001.tar" in name for name in names)
-    dm.teardown("validate")
+    dm.teardown("fit")
     summary = json.loads((tmp_path / "run" / "bad_samples.rank1.json").read_text())
     assert summary["counts"] == {"not_an_image": 1} and summary["good"] == 2
     assert not (tmp_path / "run" / "bad_samples.json").exists()  # rank 0's own file
+
+
+def test_every_rank_and_worker_evaluates_its_share_of_one_held_out_shard(tmp_path, monkeypatch):
+    # one held-out shard and two ranks of two workers: a shard split would leave three readers without a sample
+    shards = write_shards(
+        tmp_path / "wds", make_pairs(24, size=(8, 8)), per_shard=8
+    )  # 3 shards: train, val, test
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = ImageTextDataModule("webdataset", shards=shard_spec(shards), image_size=8, num_workers=2,
+                                 eval_batch_size=1, eval_samples=None)  # fmt: skip
+        seen[rank] = [name for batch in dm._loader("val") for name in batch["name"]]
+    assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+    assert sorted(name.rsplit(":", 1)[1] for name in seen[0] + seen[1]) == [
+        f"img{i:03d}.png" for i in range(8, 16)
+    ]

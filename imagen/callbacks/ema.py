@@ -83,7 +83,8 @@ class EMAWeights(EMAWeightAveraging):
         # the parent calls `configure_model` before copying the module and warns that sharded layers would not be
         # averaged; the imagen stages' `configure_model` loads weights, adds adapters, freezes and compiles, and
         # shards nothing
-        self._swapped_at_train_end = False
+        if stage == "fit":  # a validate or test after fit finds the average in the module still
+            self._swapped_at_train_end = False
         sharing = frozen_shared_by_deepcopy(pl_module) if self._device is None else contextlib.nullcontext()
         with warnings.catch_warnings(), sharing:
             warnings.filterwarnings(

@@ -99,9 +99,17 @@ def _check_stage_checkpoint(cfg: DictConfig, key: str, path: str | None, stage: 
 
 def _check_unused_parameters(cfg: DictConfig) -> None:
     """DDP without `find_unused_parameters` fails at the first step in which a parameter gets no gradient."""
-    strategy = cfg.trainer.get("strategy")
+    strategy, devices = cfg.trainer.get("strategy"), cfg.trainer.get("devices", 1)
+    several = (cfg.trainer.get("num_nodes") or 1) > 1 or (
+        len(devices) > 1 if OmegaConf.is_list(devices) else isinstance(devices, int) and devices > 1
+    )
     if isinstance(strategy, DictConfig):
         finds = not _target(strategy).endswith("DDPStrategy") or bool(strategy.get("find_unused_parameters"))
+    elif strategy in (
+        None,
+        "auto",
+    ):  # Lightning picks DDP, without find_unused_parameters, for several devices
+        finds = not several
     else:
         finds = not str(strategy).startswith("ddp") or "find_unused_parameters_true" in str(strategy)
     model = cfg.model

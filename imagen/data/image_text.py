@@ -16,6 +16,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import numpy as np
@@ -145,9 +146,11 @@ class WebDatasetStream(IterableDataset):
 
     `resampled=True` (training): every rank and worker draws shards at random with replacement, forever; an
     epoch is `samples_per_epoch` samples in all (split evenly over ranks and workers). `resampled=False`: each
-    shard is read once per epoch, split by rank (`wds.split_by_node`) and then by dataloader worker
-    (`wds.split_by_worker`), so no two ranks or workers read the same shard; `split_shards=False` reads every
-    shard here (the token cache writer gives each process its own).
+    shard is read once per epoch, shared out by `split`: "shards" (training) splits the shards by rank
+    (`wds.split_by_node`) and then by dataloader worker (`wds.split_by_worker`), so no two ranks or workers read the
+    same shard; "samples" (evaluation, whose one held-out shard must reach every rank) has every rank and worker read
+    every shard and keep every (ranks x workers)-th sample; "none" reads every shard here (the token cache writer
+    gives each process its own).
     Members: an image (`.jpg/.jpeg/.png/.webp`) and a caption (`.txt`, else `caption_key` of `.json`).
     `substitute=False` (the token cache writer): shards that give no good sample end with an item holding only
     `bad`, instead of an error.
@@ -155,12 +158,14 @@ class WebDatasetStream(IterableDataset):
 
     def __init__(self, urls: list[str], preprocess: Preprocess, policy: str = "skip", resampled: bool = False,
                  samples_per_epoch: int | None = None, shuffle_buffer: int = 0, caption_key: str = "caption",
-                 limit: int | None = None, split_shards: bool = True, substitute: bool = True):  # fmt: skip
+                 limit: int | None = None, split: str = "shards", substitute: bool = True):  # fmt: skip
         super().__init__()
         self.urls, self.preprocess, self.policy = list(urls), preprocess, policy
         self.resampled, self.samples_per_epoch, self.limit = resampled, samples_per_epoch, limit
         self.shuffle_buffer, self.caption_key = shuffle_buffer, caption_key
-        self.split_shards, self.substitute = split_shards, substitute
+        if split not in ("shards", "samples", "none"):
+            raise ValueError(f"split={split!r}: choose shards, samples or none")
+        self.split, self.substitute = split, substitute
         self.epoch = 0  # passes over the stream in this process (a persistent worker's count of its epochs)
 
     def captions_of(self, raw: dict, name: str) -> list[str] | None:
@@ -187,10 +192,13 @@ class WebDatasetStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         self.epoch += 1
-        seed = _worker_seed(self.epoch)
+        # drawn only where it is used: an evaluation pass leaves the global RNG alone
+        seed = _worker_seed(self.epoch) if self.resampled or self.shuffle_buffer else None
         bad: list[tuple[str, str]] = []
         count = 0  # good samples yielded
         failed: set[str] = set()
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        share, shares = rank * workers + worker, world * workers
 
         def shard_error(exn: Exception) -> bool:
             text = " ".join(map(str, exn.args))  # webdataset appends the url, or names the open file
@@ -203,20 +211,26 @@ class WebDatasetStream(IterableDataset):
             )
             if self.policy == "raise":
                 raise error from exn
-            bad.append((error.reason, error.name))
+            if self.split != "samples" or share == 0:  # a shard every reader opens is counted once
+                bad.append((error.reason, error.name))
             if (
                 self.resampled and not count and failed >= set(self.urls)
             ):  # drawing them again would never end
                 raise TooManyBadSamples(f"no shard of data.shards could be read: {bad[:5]}") from exn
             return True
 
+        def this_share(samples: Iterator[dict]) -> Iterator[dict]:
+            return (sample for i, sample in enumerate(samples) if i % shares == share)
+
         if self.resampled:
             stages = [wds.ResampledShards(self.urls, worker_seed=lambda: seed, deterministic=True)]
         else:
             stages = [wds.SimpleShardList(self.urls)]
-            if self.split_shards:
+            if self.split == "shards":
                 stages += [wds.split_by_node, wds.split_by_worker]
         stages.append(wds.tarfile_to_samples(handler=shard_error))
+        if not self.resampled and self.split == "samples":
+            stages.append(this_share)
         if self.shuffle_buffer:
             stages.append(wds.shuffle(self.shuffle_buffer, rng=random.Random(seed)))
         # one good item is held back so that drops after the last good sample travel with it
@@ -284,7 +298,8 @@ def expand_shards(spec: str | list[str], key: str = "data.shards") -> list[str]:
         urls = sorted(str(p) for p in Path("/").glob(str(Path(urls[0]).resolve()).lstrip("/")))
     if not urls:
         raise ValueError(f"{key}={spec!r}: matches no shard")
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    local = [u for u in urls if not urlparse(u).scheme and u != "-"]  # not a URL, `pipe:` command or stdin
+    missing = [u for u in local if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{key}={spec!r}: {len(missing)} of {len(urls)} shards do not exist: {missing[:3]}"
@@ -448,7 +463,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             train = split == "train"
             return WebDatasetStream(urls, self.preprocess(split), h.bad_samples, resampled=train and h.resampled,
                                     samples_per_epoch=h.samples_per_epoch, shuffle_buffer=h.shuffle_buffer if train else 0,
-                                    caption_key=h.caption_key, limit=None if train else h.eval_samples)  # fmt: skip
+                                    caption_key=h.caption_key, limit=None if train else h.eval_samples,
+                                    split="shards" if train else "samples")  # fmt: skip
         if not hasattr(self, "_all_records"):
             self._all_records = self._records()
         if split not in self._all_records:

@@ -97,11 +97,15 @@ def shard_finished(directory: Path, name: str, encoded_from: dict | None = None)
         return False
     record = json.loads(record_path.read_text())
     theirs = record.get("encoded_from")
-    if encoded_from is not None and theirs != encoded_from:
-        differ = sorted(k for k in encoded_from if (theirs or {}).get(k) != encoded_from[k])
+    if (
+        theirs is None and encoded_from is not None
+    ):  # written before shards recorded their inputs: not checkable
+        log.warning(f"{record_path}: the shard does not record what it was encoded from; kept unchecked")
+    elif encoded_from is not None and theirs != encoded_from:
+        differ = sorted(k for k in encoded_from if theirs.get(k) != encoded_from[k])
         raise TokenCacheError(
             f"{record_path}: encoded with other {', '.join(differ)} than this run "
-            f"({[(theirs or {}).get(k) for k in differ]} against {[encoded_from[k] for k in differ]}); "
+            f"({[theirs.get(k) for k in differ]} against {[encoded_from[k] for k in differ]}); "
             "encode into a new directory, or delete this one"
         )
     return all(
@@ -151,7 +155,7 @@ def encode_split(
         ]
     elif isinstance(dataset, WebDatasetStream):  # one output shard per input tar, whatever the process's rank
         units = [
-            (shard_name(i), WebDatasetStream([url], dataset.preprocess, dataset.policy, split_shards=False,
+            (shard_name(i), WebDatasetStream([url], dataset.preprocess, dataset.policy, split="none",
                                              caption_key=dataset.caption_key, substitute=False), url)
             for i, url in enumerate(dataset.urls)
         ]  # fmt: skip
