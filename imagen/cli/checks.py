@@ -105,11 +105,8 @@ def _check_unused_parameters(cfg: DictConfig) -> None:
     )
     if isinstance(strategy, DictConfig):
         finds = not _target(strategy).endswith("DDPStrategy") or bool(strategy.get("find_unused_parameters"))
-    elif strategy in (
-        None,
-        "auto",
-    ):  # Lightning picks DDP, without find_unused_parameters, for several devices
-        finds = not several
+    elif strategy in (None, "auto"):
+        finds = not several  # Lightning picks DDP, without find_unused_parameters, for several devices
     else:
         finds = not str(strategy).startswith("ddp") or "find_unused_parameters_true" in str(strategy)
     model = cfg.model

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from imagen.checkpoints import plain_state_dict, read_checkpoint
 from imagen.data.conll import (
+    ConllEncodingError,
     ConllFormatError,
     EncodingSettings,
     NerWindows,
@@ -102,9 +103,10 @@ def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[
     sentence per line (the text: the line as written; a blank line ends a document)."""
     try:
         sentences = read_conll(path)
-    except ConllFormatError as e:
-        # a column file with a bad line, or no text at all: the error names the line
-        if "not UTF-8" in str(e) or first_line_is_conll(path):
+    except ConllEncodingError:  # no text at all: the error names the line to convert
+        raise
+    except ConllFormatError:
+        if first_line_is_conll(path):  # a column file with a bad line: the error names it
             raise
     else:
         texts, spans = [], []

@@ -47,6 +47,10 @@ class ConllFormatError(ValueError):
     """A line that is not UTF-8 `TOKEN ... TAG`; the message starts with `file:line` (or `dataset[split][row]`)."""
 
 
+class ConllEncodingError(ConllFormatError):
+    """A line that is not UTF-8: no text format reads the file as it is."""
+
+
 def check_tag(tag, where: str, column: str) -> None:
     """Raise `ConllFormatError` at `where` unless `tag` is O, B-X, I-X, E-X or S-X."""
     if not isinstance(tag, str) or not _TAG.match(tag):
@@ -93,7 +97,7 @@ def read_conll(path: str | Path, scheme: str = "auto") -> list[Sentence]:
             try:
                 line = raw.decode("utf-8-sig").rstrip()  # a BOM would make '-DOCSTART-' a token
             except UnicodeDecodeError as e:
-                raise ConllFormatError(
+                raise ConllEncodingError(
                     f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start} of the line); convert the file, "
                     "e.g. `iconv -f latin1 -t utf-8` for the Latin-1 CoNLL-2002/2003 releases"
                 ) from None

@@ -213,9 +213,8 @@ class WebDatasetStream(IterableDataset):
                 raise error from exn
             if self.split != "samples" or share == 0:  # a shard every reader opens is counted once
                 bad.append((error.reason, error.name))
-            if (
-                self.resampled and not count and failed >= set(self.urls)
-            ):  # drawing them again would never end
+            # a resampled stream would draw them again forever
+            if self.resampled and not count and failed >= set(self.urls):
                 raise TooManyBadSamples(f"no shard of data.shards could be read: {bad[:5]}") from exn
             return True
 
@@ -425,8 +424,9 @@ class ImageTextDataModule(pl.LightningDataModule):
                 "data.shards is required for data=webdataset, e.g. data.shards='DIR/{00000..00099}.tar'"
             )
         per_split = isinstance(h.shards, dict)
-        if per_split and split != "train" and split_value(h.shards, split) is not None:
-            return expand_shards(split_value(h.shards, split), f"data.shards.{split}"), False
+        own = split_value(h.shards, split) if per_split and split != "train" else None
+        if own is not None:
+            return expand_shards(own, f"data.shards.{split}"), False
         spec = split_value(h.shards, "train")
         if spec is None:
             raise ValueError("data.shards has no 'train' entry")
