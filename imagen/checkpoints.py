@@ -42,20 +42,23 @@ def checkpoint_sha256(path: str | Path) -> str:
     return file_sha256(path / EXPORT_WEIGHTS if path.is_dir() else path)
 
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, trust: bool = False, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint onto the CPU without executing code from it.
 
     `path` is a Lightning checkpoint file, read with `torch.load(weights_only=True)`, or a folder written by
     `export_checkpoint` (safetensors weights + YAML). A file that needs full unpickling (it holds arbitrary Python
-    objects) is refused unless `trust=True`, since unpickling can run code.
+    objects) is refused unless `trust=True`, since unpickling can run code. `mmap`: the tensors of a file are
+    mapped, not read, until used (for a look at its description: cheap on a checkpoint of many GB).
     """
     path = Path(path)
     if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
         return read_export(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
+    # only torch.save's zip format maps; an older or corrupt file is read whole
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if not trust:
             raise CheckpointError(
@@ -64,7 +67,7 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
                 f"({str(e).splitlines()[0]})"
             ) from None
         log.warning(f"loading {path} with full unpickling (trusted by the caller)")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
 

@@ -40,6 +40,24 @@ def test_truncated_and_missing_checkpoints_name_the_file(tmp_path):
         read_checkpoint(tmp_path / "nope.ckpt")
 
 
+def test_a_mapped_read_gives_the_same_contents_and_the_same_refusals(tmp_path):
+    """`mmap=True` (the start-of-run checks read only a checkpoint's description) on torch.save's zip format, and on
+    the legacy format, which cannot be mapped and is read whole."""
+    contents = {"state_dict": {"w": torch.arange(1000.0)}, "imagen": {"stage": "autoencoder"}}
+    for name, zip_format in (("zip.ckpt", True), ("legacy.ckpt", False)):
+        torch.save(contents, tmp_path / name, _use_new_zipfile_serialization=zip_format)
+        read = read_checkpoint(tmp_path / name, mmap=True)
+        assert read["imagen"] == contents["imagen"]
+        torch.testing.assert_close(read["state_dict"]["w"], contents["state_dict"]["w"])
+    torch.save({"payload": RunsCode(tmp_path / "pwned")}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="refusing"):
+        read_checkpoint(tmp_path / "evil.ckpt", mmap=True)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "zip.ckpt").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(tmp_path / "cut.ckpt", mmap=True)
+
+
 def test_strict_load_lists_every_bad_key():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     state = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(4), "2.weight": torch.zeros(1)}

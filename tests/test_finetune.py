@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from imagen.checkpoints import read_checkpoint
+from imagen.checkpoints import CheckpointError, read_checkpoint
 from imagen.cli.checks import ConfigError, check_train_config
 from imagen.cli.export import main as export_main
 from imagen.cli.sample import sample
@@ -189,6 +189,33 @@ def test_lora_trains_adapters_only_and_its_checkpoint_round_trips(make_cfg, gene
     summary = sample(make_cfg([f"ckpt={ckpt}", "prompts=[a small red circle]", "n=2", f"out_dir={tmp_path / 's'}"],
                               config_name="sample"))  # fmt: skip
     assert summary["images"] == 2
+
+
+def test_init_from_refuses_an_autoencoder_whose_tokens_mean_other_images(
+    make_cfg,
+    tiny_joint_ckpt,  # noqa: F811
+    tiny_autoencoder_ckpt,  # noqa: F811
+    tmp_path,
+):
+    """Same vocabulary size, other encoder: the strict load would pass and train on codes of other meaning. A
+    decoder trained further keeps the tokens, and is accepted."""
+    checkpoint = torch.load(tiny_autoencoder_ckpt, map_location="cpu", weights_only=True)
+    weights = [k for k in checkpoint["state_dict"] if k.endswith("weight")]
+    encoder_key = next(k for k in weights if k.startswith("net.encoder."))
+    decoder_key = next(k for k in weights if k.startswith("net.decoder."))
+    for part, key in (("decoder", decoder_key), ("encoder", encoder_key)):
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key] + 0.01
+        other = tmp_path / f"other_{part}.ckpt"
+        torch.save(checkpoint, other)
+        cfg = make_cfg(["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, f"model.autoencoder_ckpt={other}",
+                        f"model.init_from={tiny_joint_ckpt}"])  # fmt: skip
+        stage = hydra.utils.instantiate(cfg.model, _convert_="all")
+        if part == "decoder":
+            stage.configure_model()
+            continue
+        with pytest.raises(CheckpointError, match=rf"(?s)model.autoencoder_ckpt={other} is not the autoencoder "
+                                                  rf"that model.init_from={tiny_joint_ckpt}.*{key[4:]}"):  # fmt: skip
+            stage.configure_model()
 
 
 def test_a_transformer_configured_differently_is_refused(make_cfg, tiny_joint_ckpt, tiny_autoencoder_ckpt):  # noqa: F811

@@ -60,10 +60,19 @@ def _gather_rows_in_process(rank: int, world: int, init_file: str, out_dir: str)
         dist.all_gather(parts, t)
         return torch.stack(parts)
 
+    def broadcast(obj, src):
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
     n = 3 - rank  # rank 0 holds 3 rows, rank 1 holds 2: padded for the exchange
     rows = torch.arange(n * 2, dtype=torch.float).view(n, 2) + 10 * rank
     index = torch.arange(n) * world + rank
-    torch.save(gather_rows([rows, index], all_gather, world), f"{out_dir}/rank{rank}.pt")
+    both = gather_rows([rows, index], all_gather, world)
+    # rank 0 holds nothing (an evaluation stream with fewer samples than ranks x workers): it still takes part
+    one = gather_rows(None if rank == 0 else [rows.half(), index], all_gather, world, broadcast)
+    none = gather_rows(None, all_gather, world, broadcast)
+    torch.save((both, one, none), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -73,9 +82,13 @@ def test_gather_rows_concatenates_every_process_share_on_every_process(tmp_path)
     mp.spawn(_gather_rows_in_process, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     expected_rows = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(4.0).view(2, 2) + 10])
     for rank in range(2):
-        rows, index = torch.load(tmp_path / f"rank{rank}.pt")
+        (rows, index), (rows_of_one, index_of_one), none = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(rows, expected_rows)
         assert index.tolist() == [0, 2, 4, 1, 3]
+        # rank 1's rows only, in their own dtype on both ranks
+        torch.testing.assert_close(rows_of_one, expected_rows[3:].half())
+        assert index_of_one.tolist() == [1, 3]
+        assert none is None
 
 
 def test_hard_negative_captions_enter_only_the_image_to_text_half_of_the_contrastive_loss():

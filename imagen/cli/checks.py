@@ -92,7 +92,7 @@ def _check_stage_checkpoint(cfg: DictConfig, key: str, path: str | None, stage: 
             f"{key}={path}: no such file; point it at a checkpoint (.ckpt) of the {stage} stage"
         )
     try:
-        stage_info(read_checkpoint(path, trust=bool(cfg.get("trust_checkpoint"))), path, stage)
+        stage_info(read_checkpoint(path, bool(cfg.get("trust_checkpoint")), mmap=True), path, stage)
     except CheckpointError as e:
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
 

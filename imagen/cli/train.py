@@ -46,7 +46,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             return None
         path, checkpoint = found
     elif cfg.ckpt_path:
-        path, checkpoint = cfg.ckpt_path, read_checkpoint(cfg.ckpt_path, trust=cfg.trust_checkpoint)
+        path, checkpoint = cfg.ckpt_path, read_checkpoint(cfg.ckpt_path, cfg.trust_checkpoint, mmap=True)
     else:
         return None
     if pl.utilities.rank_zero_only.rank == 0:

@@ -55,17 +55,37 @@ def rerank_top_k(
 
 
 def gather_rows(
-    tensors: Sequence[torch.Tensor], all_gather: Callable[[torch.Tensor], torch.Tensor], world_size: int
-) -> list[torch.Tensor]:
+    tensors: Sequence[torch.Tensor] | None,
+    all_gather: Callable[[torch.Tensor], torch.Tensor],
+    world_size: int,
+    broadcast: Callable[[object, int], object] | None = None,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor] | None:
     """Each process's rows (N_rank, ...) of every tensor, concatenated over the processes in rank order; every
     process gets the same result. `all_gather(t)` returns (world_size, *t.shape) (`LightningModule.all_gather`).
-    Processes may hold different N: the rows are padded to the longest for the exchange and cut back after."""
+    Processes may hold different N: the rows are padded to the longest for the exchange and cut back after.
+
+    A process with no rows passes None and still takes part: `broadcast(obj, src)` (`strategy.broadcast`) gives it
+    the row shapes and dtypes of the first process with rows. None everywhere when no process has rows. `device`:
+    where the exchanged tensors live (NCCL needs CUDA tensors)."""
     if world_size == 1:
-        return list(tensors)
-    counts = all_gather(torch.tensor([len(tensors[0])], device=tensors[0].device)).flatten().tolist()
+        return None if tensors is None else list(tensors)
+    held = 0 if tensors is None else len(tensors[0])
+    counts = all_gather(torch.tensor([held], device=device)).flatten().tolist()
+    if not any(counts):
+        return None
+    source = next(rank for rank, n in enumerate(counts) if n)
+    if min(counts) == 0:  # every process takes part in the exchange, so an empty one needs the layout
+        if broadcast is None:
+            raise ValueError(f"gather_rows: a process holds no rows ({counts}) and no broadcast was given")
+        layout = [(t.shape[1:], t.dtype) for t in tensors] if held else None
+        layout = broadcast(layout, source)
+        if tensors is None:
+            tensors = [torch.empty(0, *shape, dtype=dtype, device=device) for shape, dtype in layout]
     longest = max(counts)
     gathered = []
     for t in tensors:
+        t = t.to(device)
         padded = torch.cat([t, t.new_zeros(longest - len(t), *t.shape[1:])])
         rows = all_gather(padded)  # (world_size, longest, ...)
         gathered.append(torch.cat([rows[rank, :n] for rank, n in enumerate(counts)]))

@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from imagen.checkpoints import (
+    CheckpointError,
     check_config,
     load_autoencoder,
     load_init_from,
@@ -203,6 +204,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
                 checkpoint = read_checkpoint(path, self.hparams.trust_checkpoint)
             # settings first: a differing one is named, where the strict load would only list keys
             self.check_net_config(stage_info(checkpoint, path, self.STAGE), path, "model.init_from")
+            if self.hparams.autoencoder_ckpt:
+                self.check_same_tokens(checkpoint, path)
             load_init_from(
                 self, path, self.STAGE, prefixes, self.hparams.trust_checkpoint, checkpoint=checkpoint
             )
@@ -274,6 +277,30 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             "e.g. model.net.rope=false for checkpoints written before RoPE, model.code_vectors=false for those "
             "written before code vectors",
         )  # fmt: skip
+
+    def check_same_tokens(self, checkpoint: dict, source: str) -> None:
+        """`model.init_from` with a `model.autoencoder_ckpt` of its own: that autoencoder must turn images into the
+        tokens the checkpoint was trained on. Its encoder and codebook must equal the ones the checkpoint holds (a
+        decoder trained further is fine); another autoencoder of the same vocabulary size would load and train on
+        codes that mean other images."""
+        state = checkpoint["state_dict"]
+        differing = [
+            name
+            for name, ours in self.autoencoder.state_dict().items()
+            if not name.startswith("decoder.")
+            and not (
+                (theirs := state.get(f"autoencoder.{name}")) is not None
+                and theirs.shape == ours.shape
+                and torch.equal(theirs.to(ours), ours)
+            )
+        ]
+        if differing:
+            raise CheckpointError(
+                f"model.autoencoder_ckpt={self.hparams.autoencoder_ckpt} is not the autoencoder that "
+                f"model.init_from={source} was trained with: its encoder or codebook differs "
+                f"({', '.join(differing[:3])}{', ...' if len(differing) > 3 else ''}), so its tokens mean other "
+                "images. Leave model.autoencoder_ckpt unset (null) to use the checkpoint's own autoencoder"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resume (`ckpt_path`) must build the same networks the checkpoint holds; Lightning calls this after

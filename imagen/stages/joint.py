@@ -492,12 +492,14 @@ class JointStage(ARGeneratorStage):
         distributed sampler's padding repeats some samples: each index counts once), so all ranks log the same.
         With `retrieval_rerank`, the embedding-only figures are logged too, as `recall_at_{k}_{t2i,i2t}_embedding`."""
         rows = self._embeddings.pop(split, [])
-        if not rows:
+        parts = [torch.cat(part) for part in zip(*rows, strict=True)] if rows else None
+        if self.trainer.world_size > 1:  # a rank without rows takes part too; the exchange runs on the device
+            parts = gather_rows(
+                parts, self.all_gather, self.trainer.world_size, self.trainer.strategy.broadcast, self.device
+            )
+            parts = None if parts is None else [t.cpu() for t in parts]
+        if parts is None:
             return {}
-        parts = [torch.cat(part) for part in zip(*rows, strict=True)]
-        if self.trainer.world_size > 1:  # the exchange runs on the device (NCCL needs CUDA tensors)
-            parts = gather_rows([t.to(self.device) for t in parts], self.all_gather, self.trainer.world_size)
-            parts = [t.cpu() for t in parts]
         index = parts[2]
         first = torch.from_numpy(np.sort(np.unique(index.numpy(), return_index=True)[1]))
         text, image, index, *pairs = (t[first] for t in parts)
