@@ -100,3 +100,57 @@ def test_gpu_suite_steps_compose_and_share_the_whole_budget(make_cfg, tmp_path):
             overrides = [o for o in command[2:] if not o.startswith(("hydra.", "paths.cache_dir", "extras."))]
             cfg = make_cfg(overrides, config_name=command[1].removesuffix(".py"))
             assert cfg.get("trainer", {}).get("accelerator", "gpu") == "gpu", name
+
+
+def test_a_section_cut_short_keeps_what_it_measured(tmp_path):
+    # bench.json is written after every measurement (a GPU run is killed at its time limit); here the Lightning loop
+    # fails after the plain loop was timed, and the plain loop's figures stay in the report and on disk
+    import imagen.bench.training as training_bench
+
+    with mock.patch.object(training_bench, "lightning_loop", side_effect=RuntimeError("killed")):
+        report = main(["--preset", "cpu", "--out", str(tmp_path), "--sections", "training"])
+    assert report["errors"] == {"training tiny": "RuntimeError: killed"}
+    (saved,) = json.loads((tmp_path / "bench.json").read_text())["training"]
+    assert saved["plain_eager"]["tokens_per_s"] > 0 and "lightning" not in saved
+    assert "| training tiny: MFU (best loop) |" in (tmp_path / "targets.md").read_text()
+
+
+def test_a_failing_profiler_is_reported_beside_the_figures():
+    from imagen.bench.common import profile_lines, profile_ops
+
+    def fails():
+        raise RuntimeError("CUPTI unavailable")
+
+    profile = profile_ops(fails, torch.device("cpu"))
+    assert profile == {"error": "RuntimeError: CUPTI unavailable"}
+    assert profile_lines(profile) == ["profiler failed: RuntimeError: CUPTI unavailable"]
+
+
+def test_gpu_suite_brings_back_four_files_and_stops_a_step_with_sigterm_first(tmp_path, monkeypatch):
+    # a lent GPU machine returns at most 8 files from OUT; a step past its time gets SIGTERM (a training run then
+    # writes its checkpoint) before SIGKILL, and what every step left is packed after each step
+    import sys
+    import tarfile
+
+    import imagen.bench.gpu_suite as gpu_suite
+
+    on_term = ("import signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *a: (print('terminated'), sys.exit(3)))\n"
+               "print('started')\ntime.sleep(60)")  # fmt: skip
+    plan = [
+        ("bench", [sys.executable, "-c", "print('measured')"], 0.5),
+        ("generator", [sys.executable, "-c", on_term], 0.5),
+    ]
+    monkeypatch.setattr(gpu_suite, "build_plan", lambda *args: plan)
+    monkeypatch.setattr(gpu_suite, "GRACE_S", 1)
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = gpu_suite.main(["--out", str(out), "--work", str(work), "--budget-s", "4"])
+    assert rc == 1
+    # bench.json and targets.md come from the real bench step
+    assert sorted(p.name for p in out.iterdir()) == ["suite.tar.gz", "summary.json"]
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    assert [(s["name"], s["rc"]) for s in steps] == [("bench", 0), ("generator", "timeout")]
+    with tarfile.open(out / "suite.tar.gz") as tar:
+        logs = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+    assert logs["logs/bench.log"] == "measured\n"
+    assert logs["logs/generator.log"] == "started\nterminated\n"

@@ -55,15 +55,19 @@ def measure_ceilings(device: torch.device, matmul_size: int, copy_mib: int) -> d
 
 def profile_ops(fn: Callable[[], object], device: torch.device, rows: int = 15) -> dict:
     """One run of `fn` under `torch.profiler`: the `rows` kernels with the most time on the GPU (on a CPU: the
-    operators with the most self time), with their share of the total, to show where a step's time goes."""
+    operators with the most self time), with their share of the total, to show where a step's time goes. A failure
+    comes back as {"error": ...}, so that the figures measured beside it are kept."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
-        fn()
+    try:
         synchronize(device)
+        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+            fn()
+            synchronize(device)
+    except Exception as error:  # noqa: BLE001 (the profile is an aid; the section's timings stand without it)
+        return {"error": f"{type(error).__name__}: {error}"}
     if cuda:  # the kernels themselves (with CUDA graphs, the ones inside each replayed graph)
         events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
         microseconds = [e.self_device_time_total for e in events]
@@ -83,6 +87,8 @@ def profile_ops(fn: Callable[[], object], device: torch.device, rows: int = 15) 
 
 def profile_lines(profile: dict, rows: int = 10) -> list[str]:
     """`profile_ops`'s result as log lines, the largest first."""
+    if "error" in profile:
+        return [f"profiler failed: {profile['error']}"]
     lines = [f"{profile['time']}: {profile['total_ms']:.1f} ms in all"]
     for entry in profile["top"][:rows]:
         lines.append(f"  {entry['share']:6.1%} {entry['ms']:9.2f} ms {entry['calls']:6d}x  {entry['name']}")

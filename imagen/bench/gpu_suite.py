@@ -1,35 +1,56 @@
 """Every GPU check and benchmark in one short run, for a session that is lent a GPU for a few minutes.
 
     python -m imagen.bench.gpu_suite --out $OUT [--budget-s 500] [--work /tmp/imagen_gpu]
+    python -m imagen.bench.gpu_suite --out $OUT --bench-args="--decode-math"   # `=`: the value starts with --
 
-Runs, each in its own process with its own time limit, logging to OUT/<name>.log:
+Runs, each in its own process with its own time limit (then SIGTERM, which a training run answers by writing its
+checkpoint, and SIGKILL 20 s later), logging to WORK/logs/<name>.log:
 1. the performance suite, GPU preset (`python -m imagen.bench`: ceilings, sampler checks, sampling, training,
-   autoencoder), which writes OUT/bench.json and OUT/targets.md;
+   autoencoder), which writes OUT/bench.json (after every measurement) and OUT/targets.md;
 2. a short autoencoder run on the GPU (bf16-mixed): the stage trains, validates and tests on CUDA;
 3. a short generator run on its checkpoint: training, sampling during validation and the test metrics on CUDA;
-4. `sample.py` on that checkpoint in bf16 with the compiled decode step (the deployment path), images to OUT/sample;
+4. `sample.py` on that checkpoint in bf16 with the compiled decode step (the deployment path);
 5. the data loader benchmark (`python -m imagen.bench.loader`: JPEG decoding per worker and the token cache, on
-   the machine's CPUs), which writes OUT/loader.json: whether the host feeds the card.
-Run directories and caches go under --work; OUT gets only the few files worth bringing back, and
-OUT/summary.json (return codes, seconds, the runs' metrics).
+   the machine's CPUs): whether the host feeds the card.
+Run directories and caches go under --work (a fresh run starts every stage from scratch: `ckpt_path=null`). OUT
+gets four files, rewritten after every step, so that a run cut short keeps what it did: bench.json, targets.md,
+summary.json (return codes, seconds, the runs' metrics, the loader's figures) and suite.tar.gz (the logs, the
+stages' metrics, the loader's JSON and the sampled images).
+
+On a machine without network, the packages its image lacks travel as wheels (BENCHMARKS.md, "Running the suite
+on a lent GPU").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+GRACE_S = 20  # between SIGTERM and SIGKILL
 
-def step(name: str, command: list[str], out: Path, timeout: float) -> dict:
+
+def step(name: str, command: list[str], logs: Path, timeout: float) -> dict:
+    """Run `command` with its output in logs/<name>.log; past `timeout`, SIGTERM, then SIGKILL after `GRACE_S`."""
     start = time.time()
-    with open(out / f"{name}.log", "w") as log:
+    with open(logs / f"{name}.log", "w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         try:
-            rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = process.wait(timeout=max(timeout - GRACE_S, 1))
         except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             rc = "timeout"
     result = {"name": name, "command": " ".join(command), "rc": rc, "seconds": round(time.time() - start, 1)}
     print(json.dumps(result), flush=True)
@@ -37,16 +58,45 @@ def step(name: str, command: list[str], out: Path, timeout: float) -> dict:
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A step's JSON file; None if it wrote none, {"unreadable": ...} if it was cut off while writing."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError as error:
+        return {"unreadable": f"{path}: {error}"}
 
 
 def read_jsonl(path: Path) -> list[dict] | None:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    except json.JSONDecodeError as error:
+        return [{"unreadable": f"{path}: {error}"}]
 
 
 def stage_dirs(work: Path) -> tuple[Path, Path]:
     """The run directories of the autoencoder and generator steps."""
     return work / "autoencoder", work / "generator"
+
+
+def report(out: Path, work: Path, results: list[dict]) -> None:
+    """OUT/summary.json and OUT/suite.tar.gz from what the steps have left so far."""
+    ae_dir, gen_dir = stage_dirs(work)
+    summary = {
+        "steps": results,
+        "autoencoder_metrics": read_json(ae_dir / "metrics.json"),
+        "generator_metrics": read_json(gen_dir / "metrics.json"),
+        "sample_manifest": read_jsonl(work / "sample_out" / "samples.jsonl"),
+        "loader": read_json(work / "loader.json"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    packed = [work / "logs", work / "loader.json", work / "sample_out", ae_dir / "metrics.json",
+              gen_dir / "metrics.json"]  # fmt: skip
+    with tarfile.open(out / ".suite.tar.gz", "w:gz") as tar:
+        for path in packed:
+            if path.exists():
+                tar.add(path, arcname=str(path.relative_to(work)))
+    os.replace(out / ".suite.tar.gz", out / "suite.tar.gz")
 
 
 def build_plan(args: argparse.Namespace, out: Path, work: Path) -> list[tuple[str, list[str], float]]:
@@ -56,6 +106,7 @@ def build_plan(args: argparse.Namespace, out: Path, work: Path) -> list[tuple[st
         python,
         "train.py",
         "trainer=gpu",
+        "ckpt_path=null",
         "extras.print_config=false",
         f"paths.cache_dir={work / 'cache'}",
     ]
@@ -69,13 +120,14 @@ def build_plan(args: argparse.Namespace, out: Path, work: Path) -> list[tuple[st
         ("autoencoder", [*train, "experiment=shapes_autoencoder", "trainer.max_steps=500",
                          "trainer.val_check_interval=250", f"hydra.run.dir={ae_dir}"], stage_share),
         ("generator", [*train, "experiment=shapes_generator", "data.num_train=20000", "trainer.max_steps=300",
-                       "trainer.val_check_interval=150", f"model.autoencoder_ckpt={ae_dir}/checkpoints/last.ckpt",
-                       f"hydra.run.dir={gen_dir}"], stage_share),
+                       "trainer.val_check_interval=150", "model.test_prompts=128",
+                       f"model.autoencoder_ckpt={ae_dir}/checkpoints/last.ckpt", f"hydra.run.dir={gen_dir}"],
+         stage_share),
         ("sample", [python, "sample.py", f"ckpt={gen_dir}/checkpoints/last.ckpt", f"prompts={prompts}", "n=16",
-                    "decode_dtype=bfloat16", f"out_dir={out / 'sample'}", f"hydra.run.dir={work / 'sample'}"],
+                    "decode_dtype=bfloat16", f"out_dir={work / 'sample_out'}", f"hydra.run.dir={work / 'sample'}"],
          args.sample_share),
         ("loader", [python, "-m", "imagen.bench.loader", "--workers", "0", "4", "--seconds", "3",
-                    "--json", str(out / "loader.json")], args.loader_share),
+                    "--json", str(work / "loader.json")], args.loader_share),
     ]  # fmt: skip
 
 
@@ -83,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True, help="folder for logs, run directories and summary.json")
+    parser.add_argument("--out", required=True, help="bench.json, targets.md, summary.json, suite.tar.gz")
     parser.add_argument("--budget-s", type=float, default=500, help="seconds for all steps together")
     parser.add_argument("--work", default="/tmp/imagen_gpu", help="run directories and caches")
     parser.add_argument("--bench-args", default="", help="extra arguments for `python -m imagen.bench`")
@@ -95,34 +147,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.budget_s
     plan = build_plan(args, out, work)
-    results = []
+    results: list[dict] = []
     for i, (name, command, share) in enumerate(plan):
         # a step may overrun its share by half, but never into the time held back for the steps after it
         left = deadline - time.time() - sum(s for *_, s in plan[i + 1 :]) * args.budget_s
-        if left < 30:
+        if left < min(30, 0.5 * share * args.budget_s):
             results.append({"name": name, "rc": "skipped: out of time"})
-            continue
-        results.append(step(name, command, out, timeout=min(left, share * args.budget_s * 1.5)))
-    ae_dir, gen_dir = stage_dirs(work)
-    summary = {
-        "steps": results,
-        "autoencoder_metrics": read_json(ae_dir / "metrics.json"),
-        "generator_metrics": read_json(gen_dir / "metrics.json"),
-        "sample_manifest": read_jsonl(out / "sample" / "samples.jsonl"),
-        "loader": read_json(out / "loader.json"),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        else:
+            results.append(step(name, command, work / "logs", timeout=min(left, share * args.budget_s * 1.5)))
+        report(out, work, results)
     failed = [r["name"] for r in results if r["rc"] != 0]
     print("failed or skipped: " + ", ".join(failed) if failed else "all steps passed")
-    sys.exit(1 if failed else 0)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import torch
@@ -95,6 +96,7 @@ def run_size(
     device: torch.device, repeats: int = 3, recompute_up_to: int = 64, compile_step: bool = False,
     hf_up_to: int = 1 << 30, ceilings: dict | None = None, budget=None, log=print, attend_block: int | None = 64,
     decode_math: bool = False, cfg_until: float | None = None, profile_batch: int | None = None,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict:  # fmt: skip
     """Images/s of each method at each batch size for one model size; with `ceilings`, also the floor and the
     ratio floor / measured of the fastest cached sampler (1.0 would be at the floor). The cached samplers read
@@ -103,7 +105,8 @@ def run_size(
     instead of the fused attention kernels. `cfg_until`: the cached samplers are also measured with guidance for
     that fraction of the tokens only (`*_cfg_until`, and their speedup over full guidance); every other figure
     guides all tokens. At `profile_batch`, one call of the fastest cached sampler runs under the profiler
-    (`profile_ops`: the kernels that take its time)."""
+    (`profile_ops`: the kernels that take its time). `progress(result)` after each batch size: the result so far
+    (the same dict, filled in), for a caller that saves it before a time limit can cut the run short."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # compile for this size alone (another size's graphs would count against the cache limit)
     model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=128)
@@ -113,6 +116,20 @@ def run_size(
     n = model.config.num_image_tokens
     step = compiled_decode_step() if compile_step else None
     rows = []
+    result = {
+        "size": size,
+        "params": model.num_params(),
+        "tokens_per_image": n,
+        "vocab": vocab,
+        "text_length": text_length,
+        "dtype": str(dtype).removeprefix("torch."),
+        "settings": asdict(settings),
+        "attend_block": attend_block,
+        "decode_attention": "math" if decode_math else "default",
+        "cfg_until": cfg_until,
+        "model": asdict(model.config),
+        "images_per_second": rows,
+    }
     for batch in batch_sizes:
         if budget is not None and not budget.allows(30):
             log(f"sampling {size} batch {batch}: skipped (time budget)")
@@ -121,6 +138,7 @@ def run_size(
         states = torch.randn(batch, text_length, 128, device=device, dtype=dtype)
         mask = torch.ones(batch, text_length, dtype=torch.bool, device=device)
         row: dict = {"batch": batch}
+        rows.append(row)  # filled in as it is measured
         eager_cache = KVCache.allocate(model, 2 * batch, text_length, device, dtype)
 
         def measure(key: str, fn, warmup: int = 1) -> None:
@@ -129,6 +147,8 @@ def run_size(
             except Exception as error:  # one failing method must not lose the others' figures
                 row[f"{key}_error"] = f"{type(error).__name__}: {error}"
                 log(f"sampling {size} batch {batch} {key}: {row[f'{key}_error']}")
+            if progress is not None:
+                progress(result)
 
         def cached(settings=settings, **kwargs):
             with sdpa_kernel(SDPBackend.MATH) if decode_math else contextlib.nullcontext():
@@ -190,23 +210,11 @@ def run_size(
             floor = batch / decode_floor(model, batch, text_length, dtype.itemsize, ceilings)
             row["floor"] = floor
             row["floor_over_best"] = floor / best
-        rows.append(row)
         log(f"sampling {size} | " + " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items() if k != "profile"))  # fmt: skip
-    return {
-        "size": size,
-        "params": model.num_params(),
-        "tokens_per_image": n,
-        "vocab": vocab,
-        "text_length": text_length,
-        "dtype": str(dtype).removeprefix("torch."),
-        "settings": asdict(settings),
-        "attend_block": attend_block,
-        "decode_attention": "math" if decode_math else "default",
-        "cfg_until": cfg_until,
-        "model": asdict(model.config),
-        "images_per_second": rows,
-    }
+        if progress is not None:
+            progress(result)
+    return result
 
 
 def run(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -104,9 +105,11 @@ def lightning_loop(model: ARTransformer, loader: DataLoader, warmup: int, device
 def run(
     size: str, batch: int, steps: int, warmup: int, grid: int, vocab: int, text_length: int, text_dim: int,
     peak_flops: float, device: torch.device, compile_model: bool, budget=None, profile: bool = False,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict:  # fmt: skip
     """Plain eager, plain compiled and Lightning (compiled where `compile_model`) for one model size; with
-    `profile`, three steps of the plain loop (compiled where it was) run under the profiler (`profile_ops`)."""
+    `profile`, three steps of the plain loop (compiled where it was) run under the profiler (`profile_ops`).
+    `progress(result)` after each loop: the result so far (the same dict, filled in)."""
     torch.manual_seed(0)
     model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=text_dim).to(
         device
@@ -125,6 +128,8 @@ def run(
             "tokens_per_s": tokens_per_step / seconds_per_step,
             "mfu": flops_per_step / seconds_per_step / peak_flops,
         }
+        if progress is not None:
+            progress(result)
 
     record("plain_eager", plain_loop(model, loader, warmup, device))
     if compile_model and (budget is None or budget.allows(60)):
