@@ -138,3 +138,28 @@ def test_a_validation_after_fit_sees_the_average(tmp_path):
     trainer.validate(module, data, verbose=False)
     assert torch.equal(module.seen["validation_step"], expected_average(module.raw))
     assert torch.equal(module.weight(), expected_average(module.raw))  # and it stays in the module
+
+
+@pytest.mark.parametrize("own_signal", [True, False])
+def test_preemption_under_slurm_hands_the_requeue_signal_to_lightnings_requeue(own_signal):
+    """With SLURM auto-requeue, the warning before the time limit goes to Lightning's handler (hpc_ckpt_N.ckpt, then
+    `scontrol requeue`) on every rank, also on one that did not receive it itself."""
+    import signal
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from imagen.callbacks.fault import Preemption
+
+    handed = []
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # some rank received it
+        _accelerator_connector=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=True)),
+        _signal_connector=SimpleNamespace(_slurm_sigusr_handler_fn=lambda signum, frame: handed.append(signum)),
+        global_step=7, limit_val_batches=1.0, should_stop=False,
+    )  # fmt: skip
+    callback = Preemption()
+    callback.received = signal.SIGUSR1 if own_signal else None
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert handed == [signal.SIGUSR1]
+    assert trainer.should_stop and trainer.limit_val_batches == 0 and callback.stopped_at_step == 7

@@ -97,6 +97,17 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert OmegaConf.to_container(cfg.trainer.plugins) == [
         {"_target_": "lightning.pytorch.plugins.environments.SLURMEnvironment", "auto_requeue": True}
     ]
+    # the warning before the time limit is the signal Lightning's requeue and the preemption callback answer (submitit
+    # asks for USR2 of its own accord, which its handler answers by requeueing without a checkpoint)
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    sbatch = _make_sbatch_string(command="python train.py", folder=str(tmp_path), signal_delay_s=launcher["signal_delay_s"],
+                                 additional_parameters=launcher["additional_parameters"])  # fmt: skip
+    requeue = SLURMEnvironment(auto_requeue=True).requeue_signal
+    assert f"#SBATCH --signal={requeue.name.removeprefix('SIG')}@90\n" in sbatch
+    assert requeue.name in cfg.callbacks.preemption.signals
 
 
 def test_multirun_gives_each_job_its_own_wandb_run_and_a_missing_optimized_metric_is_an_error(tmp_path):

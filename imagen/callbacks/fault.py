@@ -200,9 +200,10 @@ class Preemption(Callback):
     before a stop.
 
     The signal only sets a flag; the checkpoint is written between batches, never in the middle of an optimizer
-    step. Under SLURM with auto-requeue (conf/hydra/launcher/slurm.yaml) SIGUSR1 is then handed to Lightning's
-    own requeue handler (it writes `hpc_ckpt_N.ckpt` and requeues the job); elsewhere `last.ckpt` is written.
-    Rerunning the same command resumes from it (`ckpt_path=auto`).
+    step. Under SLURM with auto-requeue (conf/hydra/launcher/slurm.yaml) the environment's requeue signal (SIGUSR1,
+    which the launcher asks SLURM to send) is then handed to Lightning's own requeue handler (it writes
+    `hpc_ckpt_N.ckpt` and requeues the job); elsewhere `last.ckpt` is written. Rerunning the same command resumes
+    from it (`ckpt_path=auto`).
     """
 
     def __init__(self, signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGTERM")):
@@ -234,13 +235,11 @@ class Preemption(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        signum = self.received if self.received is not None else signal.SIGUSR1
         environment = trainer._accelerator_connector.cluster_environment
-        if (
-            signum == signal.SIGUSR1
-            and isinstance(environment, SLURMEnvironment)
-            and environment.auto_requeue
-        ):
+        slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        requeue = environment.requeue_signal if slurm else signal.SIGUSR1
+        signum = self.received if self.received is not None else requeue  # another rank's signal
+        if slurm and signum == requeue:
             trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)  # hpc_ckpt_N.ckpt + requeue
             self.checkpoint = "hpc_ckpt (SLURM requeue)"
         else:
