@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import open_dict
+from omegaconf import open_dict, read_write
 
 from imagen.cli.train import train
 from tests.conftest import TINY_SHAPES, compose_config
@@ -119,6 +119,31 @@ def test_overrides_the_pipeline_would_ignore_are_refused(tmp_path):
     assert hint in result.stderr
     cfg = compose_config([hint.strip("'")], tmp_path)
     assert list(cfg.pipeline.common) == ["model.net.quantizer=vq"]
+    # the metric a sweeper optimizes is read from the pipeline's own config (its merged test metrics)
+    from imagen.cli.pipeline import ignored_overrides
+
+    assert ignored_overrides(["optimized_metric=test/judge_acc", "model.lr=1e-3"]) == ["model.lr=1e-3"]
+
+
+def test_each_job_of_a_quickstart_sweep_keeps_its_stages_in_its_own_directory(tmp_path):
+    """`python train.py -m 'pipeline.common=["seed=1"],["seed=2"]'`: one shared `pipeline.dir` would have each job
+    move aside and delete the stages of the job before it. A `pipeline.dir` given on the command line is kept."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from imagen.cli.pipeline import pipeline_root
+
+    for extra, expected in (
+        ([], tmp_path / "job"),
+        ([f"pipeline.dir={tmp_path / 'mine'}"], tmp_path / "mine"),
+    ):
+        cfg = compose_config(['pipeline.common=["seed=1"]', *extra], tmp_path / "job")
+        assert pipeline_root(cfg) == Path(cfg.pipeline.dir)  # a single run: the fixed folder
+        with read_write(cfg.hydra), open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.overrides.task = ['pipeline.common=["seed=1"]', *extra]
+        HydraConfig().set_config(cfg)
+        assert pipeline_root(cfg) == expected
 
 
 SETTINGS = {

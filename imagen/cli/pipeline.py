@@ -24,6 +24,7 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from imagen.checkpoints import checkpoint_sha256
@@ -162,7 +163,16 @@ def summary_table(rows: list[dict]) -> str:
 
 
 # command-line keys a pipeline itself uses; any other would be silently ignored, since each stage composes its own
-PIPELINE_KEYS = {"pipeline", "experiment", "paths", "hydra", "extras", "task_name", "tags"}
+PIPELINE_KEYS = {
+    "pipeline",
+    "experiment",
+    "paths",
+    "hydra",
+    "extras",
+    "task_name",
+    "tags",
+    "optimized_metric",
+}
 
 
 def ignored_overrides(overrides: list[str]) -> list[str]:
@@ -185,12 +195,23 @@ def check_command_line() -> None:
         )
 
 
+def pipeline_root(cfg: DictConfig) -> Path:
+    """`pipeline.dir`; in a multirun (`-m`), each job's own directory unless the command line sets `pipeline.dir`:
+    jobs of a sweep sharing one folder would resume, move aside and delete each other's stages."""
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        given = any(o.lstrip("+~").startswith("pipeline.dir=") for o in hydra_cfg.overrides.task)
+        if hydra_cfg.mode == RunMode.MULTIRUN and not given:
+            return Path(cfg.paths.output_dir)
+    return Path(cfg.pipeline.dir)
+
+
 def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Run (or reuse) every stage in order; write the summary to `pipeline.dir`; return the merged metrics."""
     from imagen.cli.train import train  # the stages are ordinary runs
 
     check_command_line()
-    root = Path(cfg.pipeline.dir)
+    root = pipeline_root(cfg)
     checkpoints: dict[str, str] = {}
     rows, metrics, objects = [], {}, {}
     for name in cfg.pipeline.stages:
