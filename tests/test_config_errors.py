@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -173,3 +175,25 @@ def test_ddp_with_heads_that_learn_nothing_needs_find_unused_parameters(make_cfg
     # the next check fails: this one passed
     with pytest.raises(ConfigError, match="model.autoencoder_ckpt=.*no such file"):
         check_train_config(cfg)
+
+
+def test_ddp_in_a_local_multirun_is_refused(make_cfg):
+    """Lightning re-runs the command line for the other ranks, `-m` and the sweep included: each rank would run
+    every job. Under the SLURM launcher, SLURM starts the ranks, and a single run is fine."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    def multirun(cfg):
+        with read_write(cfg.hydra), open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    ddp = ["experiment=shapes_autoencoder", "trainer=ddp_sim"]
+    check_train_config(make_cfg(ddp))  # a single run
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 with DDP in a local multirun \(-m\)"):
+        check_train_config(multirun(make_cfg(ddp)))
+    check_train_config(multirun(make_cfg(["experiment=shapes_autoencoder", "trainer.devices=1"])))
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        check_train_config(multirun(make_cfg([*ddp, "hydra/launcher=slurm"])))

@@ -97,12 +97,36 @@ def _check_stage_checkpoint(cfg: DictConfig, key: str, path: str | None, stage: 
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
 
 
+def _several_devices_per_node(trainer: DictConfig) -> bool:
+    devices = trainer.get("devices", 1)
+    return len(devices) > 1 if OmegaConf.is_list(devices) else isinstance(devices, int) and devices > 1
+
+
+def _check_ddp_in_local_multirun(cfg: DictConfig) -> None:
+    """Lightning starts the other ranks of DDP on one node by running this command line again, `-m` and the sweep
+    included: under Hydra's local launcher every rank would run the whole sweep, in other directories."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    strategy = cfg.trainer.get("strategy")
+    name = _target(strategy) if isinstance(strategy, DictConfig) else str(strategy)
+    subprocesses = name.endswith("DDPStrategy") or name.startswith("ddp") or name in ("None", "auto")
+    if "spawn" in name or "fork" in name or "notebook" in name or not _several_devices_per_node(cfg.trainer):
+        subprocesses = False
+    if subprocesses and "submitit" not in _target(HydraConfig.get().launcher).lower():
+        raise ConfigError(
+            f"trainer.devices={cfg.trainer.devices} with DDP in a local multirun (-m): Lightning starts the other "
+            "ranks by running this command line again, sweep included, so each rank would run every job. Sweep "
+            "with hydra/launcher=slurm (SLURM starts the ranks), or run each job alone"
+        )
+
+
 def _check_unused_parameters(cfg: DictConfig) -> None:
     """DDP without `find_unused_parameters` fails at the first step in which a parameter gets no gradient."""
-    strategy, devices = cfg.trainer.get("strategy"), cfg.trainer.get("devices", 1)
-    several = (cfg.trainer.get("num_nodes") or 1) > 1 or (
-        len(devices) > 1 if OmegaConf.is_list(devices) else isinstance(devices, int) and devices > 1
-    )
+    strategy = cfg.trainer.get("strategy")
+    several = (cfg.trainer.get("num_nodes") or 1) > 1 or _several_devices_per_node(cfg.trainer)
     if isinstance(strategy, DictConfig):
         finds = not _target(strategy).endswith("DDPStrategy") or bool(strategy.get("find_unused_parameters"))
     elif strategy in (None, "auto"):
@@ -157,6 +181,7 @@ def check_train_config(cfg: DictConfig) -> None:
     _check_types(cfg)
     _check_checkpointing(cfg)
     _check_unused_parameters(cfg)
+    _check_ddp_in_local_multirun(cfg)
     stopping = OmegaConf.select(cfg, "callbacks.early_stopping")
     if _target(stopping) and stopping.get("monitor") is None:
         raise ConfigError(
