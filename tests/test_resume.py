@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -230,3 +231,17 @@ def test_shuffle_order_accepts_any_seed_an_unseeded_run_has():
     sampler = EpochShuffleSampler(10, seed=2**64 - 1)
     assert sorted(sampler) == list(range(10))
     assert list(EpochShuffleSampler(10, seed=3)) == list(EpochShuffleSampler(10, seed=3))
+
+
+def test_a_finished_run_run_again_keeps_the_metrics_its_training_measured(make_cfg, tmp_path):
+    """`ckpt_path=auto` on a finished run trains nothing (a sweep re-run in a fixed `hydra.sweep.dir`); its
+    metrics.json keeps the validation figures, which a sweeper's `optimized_metric` may name."""
+    run = tmp_path / "run"
+    overrides = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "logger=csv",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2", "optimized_metric=val/psnr"]  # fmt: skip
+    first, _ = train(make_cfg(overrides, run_dir=run))
+    again, objects = train(make_cfg(overrides, run_dir=run))
+    assert objects["trainer"].global_step == 2
+    assert again["val/psnr"] == first["val/psnr"]
+    assert json.loads((run / "metrics.json").read_text())["val/psnr"] == first["val/psnr"]
+    assert "test/psnr" in again

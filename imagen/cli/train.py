@@ -65,12 +65,12 @@ def test_before_fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule) 
     return {f"before/{k}": v for k, v in before.items() if k.startswith("test/")}
 
 
-def recorded_before_fit(output_dir: Path) -> dict[str, float]:
-    """The `before/...` metrics an earlier attempt of this run wrote to its metrics.json ({} if none)."""
+def recorded_metrics(output_dir: Path, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The metrics under `prefixes` an earlier attempt of this run wrote to its metrics.json ({} if none)."""
     path = output_dir / "metrics.json"
     if not path.is_file():
         return {}
-    return {k: v for k, v in json.loads(path.read_text()).items() if k.startswith("before/")}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k.startswith(prefixes)}
 
 
 @task_wrapper
@@ -122,7 +122,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if cfg.train:
         if cfg.get("test_before_fit"):
             # a resumed run keeps what its first attempt measured: the starting weights are tested once
-            before = recorded_before_fit(output_dir) if ckpt_path else {}
+            before = recorded_metrics(output_dir, ("before/",)) if ckpt_path else {}
             if before:
                 if pl.utilities.rank_zero_only.rank == 0:
                     log.info(f"test_before_fit skipped: resuming, the {len(before)} before/... metrics of the "
@@ -133,9 +133,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 timings["time/test_before_fit_seconds"] = time.time() - start
                 write_metrics(before, output_dir / "metrics.json")  # so that a resume of this run finds them
             metrics.update(before)
+        restored_step = (
+            read_checkpoint(ckpt_path, cfg.trust_checkpoint, mmap=True).get("global_step")
+            if ckpt_path
+            else None
+        )
         start = time.time()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
         timings["time/fit_seconds"] = time.time() - start
+        if (
+            trainer.global_step == restored_step
+        ):  # a finished run run again: it keeps what its training measured
+            metrics.update(recorded_metrics(output_dir, ("train/", "val/")))
         metrics.update(tensor_metrics(trainer.callback_metrics))
         preemption = next(
             (c for c in callbacks if isinstance(c, Preemption) and c.received is not None), None
