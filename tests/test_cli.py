@@ -84,6 +84,15 @@ def test_ddp_sim_evaluates_prompt_groups_smaller_than_the_world(tmp_path, tiny_j
     assert math.isfinite(written["test/fid"])
 
 
+def test_the_resolved_config_prints_without_a_run_directory(tmp_path):
+    # `--cfg job --resolve` composes without setting up a run: the logger's run name and id resolve to ""
+    result = run_train("experiment=shapes_autoencoder", "logger=wandb", "--cfg", "job", "--resolve", cwd=tmp_path,
+                       timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "run_name: ''" in result.stdout
+    assert not list(tmp_path.rglob(".run_id")), "no run directory is made"
+
+
 def test_slurm_launcher_config_composes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = compose_config(["hydra/launcher=slurm", "experiment=shapes_autoencoder", "trainer=ddp", "trainer.devices=4",

@@ -27,11 +27,13 @@ from imagen.precision import auto_precision
 log = logging.getLogger("imagen")
 
 
-def run_id(output_dir: str) -> str:
+def run_id(output_dir: str | None) -> str:
     """A logger run id kept in the run directory (`.run_id`): every start of one directory (a resume, every DDP rank)
     gets the same id and continues the logger's run; a new directory gets a new one, even at a path used before (the
     quickstart moves a stage's earlier run aside before it trains the stage again), and so does a fresh start in a
-    used one (train.py retires its id first: `retire_run_id`)."""
+    used one (train.py retires its id first: `retire_run_id`). None (no run directory: `--cfg job --resolve`): ""."""
+    if output_dir is None:
+        return ""
     path = Path(output_dir) / ".run_id"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,9 +55,12 @@ def retire_run_id(output_dir: str | Path) -> None:
         os.replace(path, path.with_name(f".run_id.{path.read_text().strip()}"))
 
 
-def run_name(output_dir: str, log_dir: str) -> str:
+def run_name(output_dir: str | None, log_dir: str) -> str:
     """A logger's name for a run: its directory under the log folder (`shapes_joint/runs/2026-12-06_10-00-00`, or
-    `.../multiruns/<time>/<job>` for a job of a sweep), which says where its files are; elsewhere the folder's name."""
+    `.../multiruns/<time>/<job>` for a job of a sweep), which says where its files are; elsewhere the folder's name;
+    "" without a run directory (`--cfg job --resolve`)."""
+    if output_dir is None:
+        return ""
     output, logs = Path(output_dir).resolve(), Path(log_dir).resolve()
     return output.relative_to(logs).as_posix() if output.is_relative_to(logs) else output.name
 
