@@ -125,6 +125,23 @@ def test_overrides_the_pipeline_would_ignore_are_refused(tmp_path):
     assert ignored_overrides(["optimized_metric=test/judge_acc", "model.lr=1e-3"]) == ["model.lr=1e-3"]
 
 
+def test_stage_overrides_quote_paths_that_the_override_grammar_would_parse(tmp_path):
+    # a launch directory such as `exp(1)`, or a Hydra sweep folder named `lr=0.1,seed=2`, in every path a stage gets
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from imagen.cli.pipeline import override_value, stage_overrides
+
+    root = tmp_path / "exp(1) lr=0.1,seed=2 it's"
+    cfg = compose_config([f"paths.root_dir={override_value(str(root))}"], tmp_path / "run")
+    ckpt = str(root / "logs" / "quickstart" / "autoencoder" / "checkpoints" / "last.ckpt")
+    overrides = stage_overrides(cfg, "joint", {"autoencoder": ckpt}, root / "logs" / "quickstart" / "joint")
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(overrides)}
+    assert parsed["model.autoencoder_ckpt"] == ckpt
+    assert parsed["paths.root_dir"] == str(root)
+    assert parsed["paths.log_dir"] == str(root / "logs")
+    assert parsed["hydra.run.dir"] == str(root / "logs" / "quickstart" / "joint")
+
+
 def test_each_job_of_a_quickstart_sweep_keeps_its_stages_in_its_own_directory(tmp_path):
     """`python train.py -m 'pipeline.common=["seed=1"],["seed=2"]'`: one shared `pipeline.dir` would have each job
     move aside and delete the stages of the job before it. A `pipeline.dir` given on the command line is kept."""

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -46,12 +47,24 @@ SUMMARY_METRICS = [
 ]
 
 
+def override_value(value: str) -> str:
+    """`value` as the value of a Hydra override: quoted where the grammar would read its characters (parentheses,
+    commas, '=', spaces, quotes, ...) as syntax; a backslash escapes only a quote or the backslashes before one."""
+    if re.fullmatch(r"[A-Za-z0-9_./:+@%-]+", value):
+        return value
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: 2 * m.group(1), value).replace("'", "\\'")
+    return f"'{escaped}'"
+
+
 def stage_overrides(cfg: DictConfig, name: str, checkpoints: dict[str, str], run_dir: Path) -> list[str]:
-    """The stage's own overrides with `{stage}` checkpoint references filled in, then the shared ones."""
+    """The stage's own overrides with `{stage}` checkpoint references filled in, then the shared ones; the paths
+    quoted as override values need."""
     overrides = []
     for item in [*cfg.pipeline.stages[name], *cfg.pipeline.get("common", [])]:
         item = str(item)
         for earlier, ckpt in checkpoints.items():
+            if item.endswith("={" + earlier + "}"):  # the whole value
+                item = item.removesuffix("{" + earlier + "}") + override_value(ckpt)
             item = item.replace("{" + earlier + "}", ckpt)
         for later in cfg.pipeline.stages:
             if "{" + later + "}" in item:
@@ -63,12 +76,12 @@ def stage_overrides(cfg: DictConfig, name: str, checkpoints: dict[str, str], run
     paths = cfg.paths
     return [
         *overrides,
-        f"paths.root_dir={paths.root_dir}",
-        f"paths.data_dir={paths.data_dir}",
-        f"paths.log_dir={paths.log_dir}",
-        f"paths.cache_dir={paths.cache_dir}",
-        f"paths.output_dir={run_dir}",
-        f"hydra.run.dir={run_dir}",
+        *(
+            f"paths.{key}={override_value(str(paths[key]))}"
+            for key in ("root_dir", "data_dir", "log_dir", "cache_dir")
+        ),
+        f"paths.output_dir={override_value(str(run_dir))}",
+        f"hydra.run.dir={override_value(str(run_dir))}",
     ]
 
 
