@@ -154,3 +154,12 @@ def test_gpu_suite_brings_back_four_files_and_stops_a_step_with_sigterm_first(tm
         logs = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
     assert logs["logs/bench.log"] == "measured\n"
     assert logs["logs/generator.log"] == "started\nterminated\n"
+
+
+def test_the_autoencoder_section_stands_when_sampling_measured_nothing(tmp_path):
+    import imagen.bench.sampling as sampling_bench
+
+    with mock.patch.object(sampling_bench, "run_size", side_effect=RuntimeError("out of memory")):
+        report = main(["--preset", "cpu", "--out", str(tmp_path), "--sections", "sampling", "autoencoder"])
+    assert report["errors"] == {"sampling tiny": "RuntimeError: out of memory"}
+    assert report["autoencoder"]["decode_images_per_s"] > 0 and "autoencoder_decode_share" not in report

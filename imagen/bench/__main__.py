@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["autoencoder"] = result
         print(f"[bench] autoencoder: {json.dumps(result)}", flush=True)
         first = next(
-            (r for r in report.get("sampling", [{}])[0].get("images_per_second", []) if r["batch"] == 64),
+            (r for r in (report.get("sampling") or [{}])[0].get("images_per_second", []) if r["batch"] == 64),
             None,
         )
         if first is not None and "skipped" not in first:
