@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -29,3 +31,16 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def retire_metrics(self) -> Path | None:
+        """A fresh start in a used run directory (`ckpt_path=null`): the earlier run's metrics.csv moves aside to
+        `metrics.previous<N>.csv`, so that this run's steps, from 0 again, do not follow the old ones in one file.
+        Returns where it went (None: there was none)."""
+        path = Path(self.log_dir) / "metrics.csv"
+        if not path.is_file():
+            return None
+        n = 1
+        while (target := path.with_name(f"metrics.previous{n}.csv")).exists():
+            n += 1
+        os.replace(path, target)
+        return target

@@ -152,14 +152,16 @@ def test_preemption_under_slurm_hands_the_requeue_signal_to_lightnings_requeue(o
     from imagen.callbacks.fault import Preemption
 
     handed = []
+    # the environment's requeue signal, whichever it is (here not Lightning's default, SIGUSR1)
+    environment = SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR2)
     trainer = SimpleNamespace(
         strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # some rank received it
-        _accelerator_connector=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=True)),
+        _accelerator_connector=SimpleNamespace(cluster_environment=environment),
         _signal_connector=SimpleNamespace(_slurm_sigusr_handler_fn=lambda signum, frame: handed.append(signum)),
         global_step=7, limit_val_batches=1.0, should_stop=False,
     )  # fmt: skip
-    callback = Preemption()
-    callback.received = signal.SIGUSR1 if own_signal else None
+    callback = Preemption(signals=["SIGUSR2", "SIGTERM"])
+    callback.received = signal.SIGUSR2 if own_signal else None
     callback.on_train_batch_end(trainer, None, None, None, 0)
-    assert handed == [signal.SIGUSR1]
+    assert handed == [signal.SIGUSR2]
     assert trainer.should_stop and trainer.limit_val_batches == 0 and callback.stopped_at_step == 7

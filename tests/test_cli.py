@@ -117,6 +117,10 @@ def test_slurm_launcher_config_composes(tmp_path):
     requeue = SLURMEnvironment(auto_requeue=True).requeue_signal
     assert f"#SBATCH --signal={requeue.name.removeprefix('SIG')}@90\n" in sbatch
     assert requeue.name in cfg.callbacks.preemption.signals
+    # another sbatch option, added as the config's comment says, keeps the signal
+    cfg = compose_config(["hydra/launcher=slurm", "experiment=shapes_autoencoder",
+                          "+hydra.launcher.additional_parameters.account=lab"], tmp_path)  # fmt: skip
+    assert dict(cfg.hydra.launcher.additional_parameters) == {"signal": "USR1@90", "account": "lab"}
 
 
 def test_multirun_gives_each_job_its_own_wandb_run_and_a_missing_optimized_metric_is_an_error(tmp_path):

@@ -195,5 +195,17 @@ def test_ddp_in_a_local_multirun_is_refused(make_cfg):
     with pytest.raises(ConfigError, match=r"trainer.devices=2 with DDP in a local multirun \(-m\)"):
         check_train_config(multirun(make_cfg(ddp)))
     check_train_config(multirun(make_cfg(["experiment=shapes_autoencoder", "trainer.devices=1"])))
+    for devices in ("-1", "'0,1'", "[0,1]"):  # every device, a string list, a list
+        with pytest.raises(ConfigError, match="in a local multirun"):
+            check_train_config(multirun(make_cfg([*ddp, f"trainer.devices={devices}"])))
+    spawned = [
+        "+trainer.strategy._target_=lightning.pytorch.strategies.DDPStrategy",
+        "+trainer.strategy.start_method=spawn",
+    ]
+    check_train_config(
+        multirun(
+            make_cfg(["experiment=shapes_autoencoder", "trainer=ddp_sim", "~trainer.strategy", *spawned])
+        )
+    )
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
         check_train_config(multirun(make_cfg([*ddp, "hydra/launcher=slurm"])))

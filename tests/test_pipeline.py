@@ -140,6 +140,9 @@ def test_stage_overrides_quote_paths_that_the_override_grammar_would_parse(tmp_p
     assert parsed["paths.root_dir"] == str(root)
     assert parsed["paths.log_dir"] == str(root / "logs")
     assert parsed["hydra.run.dir"] == str(root / "logs" / "quickstart" / "joint")
+    # a path the grammar reads back as it is stays unquoted, so the stage records of earlier runs still match
+    for plain in ("/Users/Jane Doe/imagen", "/data/run-1/last.ckpt", r"C:\runs\a"):
+        assert override_value(plain) == plain
 
 
 def test_each_job_of_a_quickstart_sweep_keeps_its_stages_in_its_own_directory(tmp_path):

@@ -145,6 +145,9 @@ def test_last_ckpt_stays_the_newest_after_a_signal_and_a_rerun(make_cfg, tmp_pat
     train(make_cfg([*overrides, rerun], run_dir=run))
     assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 8
     assert not list(checkpoints.glob("last-v*.ckpt"))
+    # the CSV log: a resume appends to metrics.csv; a fresh start writes its own, the earlier one kept beside it
+    previous = sorted(p.name for p in (run / "csv").glob("metrics.previous*.csv"))
+    assert previous == (["metrics.previous1.csv"] if rerun == "ckpt_path=null" else [])
 
 
 def test_corrupt_checkpoints_are_reported_and_the_newest_valid_one_is_used(make_cfg, tmp_path, caplog):

@@ -342,8 +342,12 @@ def main(argv: list[str] | None = None) -> dict:
             (r for r in (report.get("sampling") or [{}])[0].get("images_per_second", []) if r["batch"] == 64),
             None,
         )
-        if first is not None and "skipped" not in first:
-            best = max(first[k] for k in ("kv_cache", "kv_cache_compiled") if k in first)
+        best = (
+            max((first[k] for k in ("kv_cache", "kv_cache_compiled") if k in first), default=None)
+            if first
+            else None
+        )
+        if best is not None:
             decode = 1 / result["decode_images_per_s"]
             report["autoencoder_decode_share"] = decode / (1 / best + decode)
 

@@ -3,8 +3,8 @@
     python -m imagen.bench.gpu_suite --out $OUT [--budget-s 500] [--work /tmp/imagen_gpu]
     python -m imagen.bench.gpu_suite --out $OUT --bench-args="--decode-math"   # `=`: the value starts with --
 
-Runs, each in its own process with its own time limit (then SIGTERM, which a training run answers by writing its
-checkpoint, and SIGKILL 20 s later), logging to WORK/logs/<name>.log:
+Runs, each in its own process with its own time limit (SIGTERM 20 s before it, which a training run answers by
+writing its checkpoint, and SIGKILL at it), logging to WORK/logs/<name>.log:
 1. the performance suite, GPU preset (`python -m imagen.bench`: ceilings, sampler checks, sampling, training,
    autoencoder), which writes OUT/bench.json (after every measurement) and OUT/targets.md;
 2. a short autoencoder run on the GPU (bf16-mixed): the stage trains, validates and tests on CUDA;
@@ -36,18 +36,20 @@ GRACE_S = 20  # between SIGTERM and SIGKILL
 
 
 def step(name: str, command: list[str], logs: Path, timeout: float) -> dict:
-    """Run `command` with its output in logs/<name>.log; past `timeout`, SIGTERM, then SIGKILL after `GRACE_S`."""
+    """Run `command` with its output in logs/<name>.log; SIGTERM when the grace period (`GRACE_S`, or a quarter of a
+    short step's time) before `timeout` begins, SIGKILL at `timeout`."""
     start = time.time()
+    grace = min(GRACE_S, timeout / 4)
     with open(logs / f"{name}.log", "w") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
         try:
-            rc = process.wait(timeout=max(timeout - GRACE_S, 1))
+            rc = process.wait(timeout=timeout - grace)
         except subprocess.TimeoutExpired:
             process.terminate()
             try:
-                process.wait(timeout=GRACE_S)
+                process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()

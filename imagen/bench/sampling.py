@@ -130,6 +130,8 @@ def run_size(
         "model": asdict(model.config),
         "images_per_second": rows,
     }
+    if progress is not None:
+        progress(result)
     for batch in batch_sizes:
         if budget is not None and not budget.allows(30):
             log(f"sampling {size} batch {batch}: skipped (time budget)")

@@ -97,9 +97,20 @@ def _check_stage_checkpoint(cfg: DictConfig, key: str, path: str | None, stage: 
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
 
 
-def _several_devices_per_node(trainer: DictConfig) -> bool:
+def _several_devices_per_node(trainer: DictConfig, auto_counts: bool = False) -> bool:
+    """`trainer.devices` names more than one device: a count, a list, "0,1"; -1 (all) too. With `auto_counts`, "auto"
+    counts where this machine has several GPUs."""
     devices = trainer.get("devices", 1)
-    return len(devices) > 1 if OmegaConf.is_list(devices) else isinstance(devices, int) and devices > 1
+    if OmegaConf.is_list(devices):
+        return len(devices) > 1
+    text = str(devices).strip()
+    if text == "auto":
+        import torch
+
+        return auto_counts and torch.cuda.device_count() > 1
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()]) > 1
+    return text.lstrip("-").isdigit() and (int(text) > 1 or int(text) == -1)
 
 
 def _check_ddp_in_local_multirun(cfg: DictConfig) -> None:
@@ -112,9 +123,23 @@ def _check_ddp_in_local_multirun(cfg: DictConfig) -> None:
         return
     strategy = cfg.trainer.get("strategy")
     name = _target(strategy) if isinstance(strategy, DictConfig) else str(strategy)
-    subprocesses = name.endswith("DDPStrategy") or name.startswith("ddp") or name in ("None", "auto")
-    if "spawn" in name or "fork" in name or "notebook" in name or not _several_devices_per_node(cfg.trainer):
+    if isinstance(strategy, DictConfig):
+        name += f"_{strategy.get('start_method', '')}"
+    # Lightning's launcher for these on one node re-runs the command line (spawn, fork: it does not)
+    relaunching = (
+        "DDPStrategy",
+        "FSDPStrategy",
+        "DeepSpeedStrategy",
+        "ddp",
+        "fsdp",
+        "deepspeed",
+        "None",
+        "auto",
+    )
+    subprocesses = any(name.split(".")[-1].startswith(kind) for kind in relaunching)
+    if any(kind in name for kind in ("spawn", "fork", "notebook")):
         subprocesses = False
+    subprocesses = subprocesses and _several_devices_per_node(cfg.trainer, auto_counts=True)
     if subprocesses and "submitit" not in _target(HydraConfig.get().launcher).lower():
         raise ConfigError(
             f"trainer.devices={cfg.trainer.devices} with DDP in a local multirun (-m): Lightning starts the other "

@@ -25,6 +25,8 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,10 +50,14 @@ SUMMARY_METRICS = [
 
 
 def override_value(value: str) -> str:
-    """`value` as the value of a Hydra override: quoted where the grammar would read its characters (parentheses,
-    commas, '=', spaces, quotes, ...) as syntax; a backslash escapes only a quote or the backslashes before one."""
-    if re.fullmatch(r"[A-Za-z0-9_./:+@%-]+", value):
-        return value
+    """`value` as the value of a Hydra override: as it is where the grammar reads it back unchanged (so that the
+    stage records of earlier runs still match), else quoted (parentheses, commas, '=', quotes, ...); a backslash
+    escapes only a quote or the backslashes before one."""
+    try:
+        if OverridesParser.create().parse_override(f"k={value}").value() == value:
+            return value
+    except HydraException:  # the grammar does not parse it unquoted
+        pass
     escaped = re.sub(r"(\\+)(?='|$)", lambda m: 2 * m.group(1), value).replace("'", "\\'")
     return f"'{escaped}'"
 

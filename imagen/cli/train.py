@@ -31,6 +31,7 @@ from imagen.cli.utils import (
     tensor_metrics,
     write_metrics,
 )
+from imagen.loggers import ResumableCSVLogger
 
 log = logging.getLogger("imagen")
 
@@ -94,9 +95,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     ckpt_path = resolve_ckpt_path(cfg) if cfg.train else None
     # a fresh start in a used directory logs a new W&B run; the launching process decides, before any rank reads it
     launcher = pl.utilities.rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
-    if cfg.train and ckpt_path is None and launcher:
+    fresh_start = cfg.train and ckpt_path is None and launcher
+    if fresh_start:
         retire_run_id(output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers if fresh_start else []:  # and the CSV log starts a new file
+        if isinstance(logger, ResumableCSVLogger) and (moved := logger.retire_metrics()):
+            log.info(f"a fresh start in a used run directory: the earlier metrics.csv is now {moved}")
     monitors = [c for c in callbacks if isinstance(c, pl.callbacks.LearningRateMonitor)]
     # Lightning refuses the monitor without a logger (`logger=null`, the debug modes)
     if monitors and not loggers:

@@ -291,7 +291,9 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             and not (
                 (theirs := state.get(f"autoencoder.{name}")) is not None
                 and theirs.shape == ours.shape
-                and torch.equal(theirs.to(ours), ours)
+                and torch.equal(
+                    theirs, ours.to(theirs.dtype)
+                )  # as the checkpoint stored them (bf16-true: rounded)
             )
         ]
         if differing:
