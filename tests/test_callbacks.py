@@ -154,8 +154,11 @@ def test_preemption_under_slurm_hands_the_requeue_signal_to_lightnings_requeue(o
     handed = []
     # the environment's requeue signal, whichever it is (here not Lightning's default, SIGUSR1)
     environment = SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR2)
+    another_rank = torch.tensor(
+        int(signal.SIGUSR2)
+    )  # the highest signal any rank received: here, another one's
     trainer = SimpleNamespace(
-        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: True),  # some rank received it
+        strategy=SimpleNamespace(root_device=torch.device("cpu"), reduce=lambda t, reduce_op: torch.maximum(t, another_rank)),
         _accelerator_connector=SimpleNamespace(cluster_environment=environment),
         _signal_connector=SimpleNamespace(_slurm_sigusr_handler_fn=lambda signum, frame: handed.append(signum)),
         global_step=7, limit_val_batches=1.0, should_stop=False,

@@ -180,3 +180,32 @@ def test_codebook_usage_counts_the_ids():
     assert usage.compute()["usage"] == 0.5 and usage.compute()["perplexity"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match=r"token ids from -3 to 1, outside the codebook's \[0, 4\)"):
         usage.update(torch.tensor([-3, 1]))
+
+
+class SigtermOnRank1(Callback):
+    """Rank 1 alone receives SIGTERM after step `step` (a preemption that reached one process first)."""
+
+    def __init__(self, step: int = 2):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_ddp_ranks_stop_together_when_one_is_signalled(tmp_path):
+    # the signal is exchanged between the ranks (the highest number any received), so both write the checkpoint and
+    # stop at the same step, without a validation on the way out
+    result = run_train(
+        "experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "callbacks.image_logger=null",
+        "+callbacks.term._target_=tests.test_faults.SigtermOnRank1", "trainer=ddp_sim", "trainer.max_steps=40",
+        "trainer.val_check_interval=40", "test=false", "extras.print_config=false", f"paths.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ckpt,) = (tmp_path / "logs").rglob("last.ckpt")
+    assert 2 <= read_checkpoint(ckpt)["global_step"] < 40
+    assert "stopped by a signal at step" in result.stderr + result.stdout

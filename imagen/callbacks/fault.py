@@ -233,13 +233,14 @@ class Preemption(Callback):
         self.on_train_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        # the highest signal number any rank received (SIGTERM over SIGUSR1): every rank takes the same way out
+        received = torch.tensor(int(self.received or 0), device=trainer.strategy.root_device)
+        signum = int(trainer.strategy.reduce(received, reduce_op="max"))
+        if not signum:
             return
         environment = trainer._accelerator_connector.cluster_environment
         slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
-        requeue = environment.requeue_signal if slurm else signal.SIGUSR1
-        signum = self.received if self.received is not None else requeue  # another rank's signal
-        if slurm and signum == requeue:
+        if slurm and signum == environment.requeue_signal:
             trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)  # hpc_ckpt_N.ckpt + requeue
             self.checkpoint = "hpc_ckpt (SLURM requeue)"
         else:
