@@ -13,6 +13,7 @@ import pytest
 import yaml
 from omegaconf import open_dict, read_write
 
+from imagen.cli.pipeline import STAGE_RECORD
 from imagen.cli.train import train
 from tests.conftest import TINY_SHAPES, compose_config
 from tests.test_joint import TINY_JOINT
@@ -164,6 +165,26 @@ def test_each_job_of_a_quickstart_sweep_keeps_its_stages_in_its_own_directory(tm
             cfg.hydra.overrides.task = ['pipeline.common=["seed=1"]', *extra]
         HydraConfig().set_config(cfg)
         assert pipeline_root(cfg) == expected
+
+
+def test_a_quickstart_sweep_runs_each_job_in_its_own_directory(tmp_path):
+    """`python train.py -m 'pipeline.common=["seed=1"],["seed=2"]'` end to end (a one-stage pipeline)."""
+    from tests.test_cli import run_train
+
+    stage = ["experiment=shapes_autoencoder", *TINY_SHAPES, *TINY_AUTOENCODER, "trainer.max_steps=2",
+             "trainer.val_check_interval=2", "extras.print_config=false"]  # fmt: skip
+    stages = "pipeline.stages={autoencoder: [" + ", ".join(json.dumps(o) for o in stage) + "]}"
+    result = run_train("-m", stages, "~pipeline.stages.joint", 'pipeline.common=["seed=1"],["seed=2"]',
+                       "extras.print_config=false", cwd=tmp_path, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((tmp_path / "logs" / "quickstart" / "multiruns").glob("*/[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job, seed in zip(jobs, (1, 2), strict=True):
+        assert (job / "autoencoder" / "checkpoints" / "last.ckpt").is_file() and (
+            job / "summary.md"
+        ).is_file()
+        assert f"seed={seed}" in yaml.safe_load((job / "autoencoder" / STAGE_RECORD).read_text())["overrides"]
+    assert not (tmp_path / "logs" / "quickstart" / "autoencoder").exists()
 
 
 SETTINGS = {
