@@ -38,21 +38,23 @@ log = logging.getLogger("imagen")
 CONFIG_PATH = "pkg://imagen.conf"
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from. `ckpt_path=auto` (the default): the newest readable checkpoint of this run
-    directory, if any (a corrupt one is reported and skipped); a path: that file, which must be readable."""
+def resolve_ckpt_path(cfg: DictConfig) -> tuple[str | None, int | None]:
+    """The checkpoint to resume from and its global step ((None, None): none). `ckpt_path=auto` (the default): the
+    newest readable checkpoint of this run directory, if any (a corrupt one is reported and skipped); a path: that
+    file, which must be readable."""
     if cfg.ckpt_path == "auto":
         found = find_resume_checkpoint(cfg.paths.output_dir, trust=cfg.trust_checkpoint)
         if found is None:
-            return None
+            return None, None
         path, checkpoint = found
     elif cfg.ckpt_path:
         path, checkpoint = cfg.ckpt_path, read_checkpoint(cfg.ckpt_path, cfg.trust_checkpoint, mmap=True)
     else:
-        return None
+        return None, None
+    step = checkpoint.get("global_step")
     if pl.utilities.rank_zero_only.rank == 0:
-        log.info(f"resuming from {path} at step {checkpoint.get('global_step')}")
-    return str(path)
+        log.info(f"resuming from {path} at step {step}")
+    return str(path), step
 
 
 def test_before_fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule) -> dict[str, float]:
@@ -92,15 +94,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    ckpt_path = resolve_ckpt_path(cfg) if cfg.train else None
+    ckpt_path, restored_step = resolve_ckpt_path(cfg) if cfg.train else (None, None)
     # a fresh start in a used directory logs a new W&B run; the launching process decides, before any rank reads it
     launcher = pl.utilities.rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
     fresh_start = cfg.train and ckpt_path is None and launcher
     if fresh_start:
         retire_run_id(output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
-    for logger in loggers if fresh_start else []:  # and the CSV log starts a new file
-        if isinstance(logger, ResumableCSVLogger) and (moved := logger.retire_metrics()):
+    csv_loggers = [logger for logger in loggers if fresh_start and isinstance(logger, ResumableCSVLogger)]
+    for logger in csv_loggers:  # a fresh start's CSV log starts a new file too
+        if moved := logger.retire_metrics():
             log.info(f"a fresh start in a used run directory: the earlier metrics.csv is now {moved}")
     monitors = [c for c in callbacks if isinstance(c, pl.callbacks.LearningRateMonitor)]
     # Lightning refuses the monitor without a logger (`logger=null`, the debug modes)
@@ -138,17 +141,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 timings["time/test_before_fit_seconds"] = time.time() - start
                 write_metrics(before, output_dir / "metrics.json")  # so that a resume of this run finds them
             metrics.update(before)
-        restored_step = (
-            read_checkpoint(ckpt_path, cfg.trust_checkpoint, mmap=True).get("global_step")
-            if ckpt_path
-            else None
-        )
         start = time.time()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
         timings["time/fit_seconds"] = time.time() - start
-        if (
-            trainer.global_step == restored_step
-        ):  # a finished run run again: it keeps what its training measured
+        # a finished run run again (nothing left to train) keeps what its training measured
+        if ckpt_path and trainer.global_step == restored_step:
             metrics.update(recorded_metrics(output_dir, ("train/", "val/")))
         metrics.update(tensor_metrics(trainer.callback_metrics))
         preemption = next(
@@ -166,7 +163,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         if cfg.train:
             trainer.test(model=model, datamodule=datamodule)  # the trained weights (averaged, with EMA)
         else:
-            ckpt_path = resolve_ckpt_path(cfg)
+            ckpt_path, _ = resolve_ckpt_path(cfg)
             if not ckpt_path:
                 raise ValueError("train=false test=true needs ckpt_path=PATH (the checkpoint to evaluate)")
             trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)

@@ -284,18 +284,18 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         decoder trained further is fine); another autoencoder of the same vocabulary size would load and train on
         codes that mean other images."""
         state = checkpoint["state_dict"]
-        differing = [
-            name
-            for name, ours in self.autoencoder.state_dict().items()
-            if not name.startswith("decoder.")
-            and not (
-                (theirs := state.get(f"autoencoder.{name}")) is not None
+
+        def same(name: str, ours: torch.Tensor) -> bool:
+            """Compared as the checkpoint stored them (under bf16-true: rounded)."""
+            theirs = state.get(f"autoencoder.{name}")
+            return (
+                theirs is not None
                 and theirs.shape == ours.shape
-                and torch.equal(
-                    theirs, ours.to(theirs.dtype)
-                )  # as the checkpoint stored them (bf16-true: rounded)
+                and torch.equal(theirs, ours.to(theirs.dtype))
             )
-        ]
+
+        own = self.autoencoder.state_dict().items()
+        differing = [name for name, ours in own if not name.startswith("decoder.") and not same(name, ours)]
         if differing:
             raise CheckpointError(
                 f"model.autoencoder_ckpt={self.hparams.autoencoder_ckpt} is not the autoencoder that "
