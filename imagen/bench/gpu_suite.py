@@ -59,21 +59,20 @@ def step(name: str, command: list[str], logs: Path, timeout: float) -> dict:
     return result
 
 
-def read_json(path: Path) -> dict | None:
-    """A step's JSON file; None if it wrote none, {"unreadable": ...} if it was cut off while writing."""
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError as error:
-        return {"unreadable": f"{path}: {error}"}
-
-
-def read_jsonl(path: Path) -> list[dict] | None:
+def read_json(path: Path, lines: bool = False) -> dict | list[dict] | None:
+    """A step's JSON file (`lines`: JSON lines); None if it wrote none, {"unreadable": ...} for a file or line cut
+    off while being written (the lines before it are kept)."""
     if not path.is_file():
         return None
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines()]
-    except json.JSONDecodeError as error:
-        return [{"unreadable": f"{path}: {error}"}]
+    records = path.read_text().splitlines() if lines else [path.read_text()]
+    read = []
+    for number, record in enumerate(records, 1):
+        try:
+            read.append(json.loads(record))
+        except json.JSONDecodeError as error:
+            read.append({"unreadable": f"{path}{f' line {number}' if lines else ''}: {error}"})
+            break
+    return read if lines else read[0]
 
 
 def stage_dirs(work: Path) -> tuple[Path, Path]:
@@ -88,7 +87,7 @@ def report(out: Path, work: Path, results: list[dict]) -> None:
         "steps": results,
         "autoencoder_metrics": read_json(ae_dir / "metrics.json"),
         "generator_metrics": read_json(gen_dir / "metrics.json"),
-        "sample_manifest": read_jsonl(work / "sample_out" / "samples.jsonl"),
+        "sample_manifest": read_json(work / "sample_out" / "samples.jsonl", lines=True),
         "loader": read_json(work / "loader.json"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
