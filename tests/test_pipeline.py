@@ -167,6 +167,36 @@ def test_each_job_of_a_quickstart_sweep_keeps_its_stages_in_its_own_directory(tm
         assert pipeline_root(cfg) == expected
 
 
+def test_the_command_lines_tags_and_extras_reach_every_stage_without_retraining_it(tmp_path, monkeypatch):
+    """`python train.py tags=[baseline] extras.print_config=false`: each stage's run is tagged (W&B) and reports as
+    asked; a stage that finished under other tags is reused, not trained again."""
+    import imagen.cli.train
+    from imagen.cli.pipeline import run_pipeline
+
+    stage_runs = []
+
+    def fake_train(stage_cfg):  # records what each stage was given and leaves a finished run
+        stage_runs.append((list(stage_cfg.tags), stage_cfg.extras.print_config))
+        run_dir = Path(stage_cfg.paths.output_dir)
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        (run_dir / "metrics.json").write_text('{"test/psnr": 30.0}')
+        return {"test/psnr": 30.0}, {}
+
+    monkeypatch.setattr(imagen.cli.train, "train", fake_train)
+    for tags, trained in (("[baseline]", [(["baseline"], False)] * 2), ("[other]", [])):
+        stage_runs.clear()
+        cfg = compose_config(
+            [f"pipeline.dir={tmp_path / 'quickstart'}", f"tags={tags}", "extras.print_config=false"],
+            tmp_path / "run",
+        )
+        _, objects = run_pipeline(cfg)
+        assert stage_runs == trained
+        assert [r["reused"] for r in objects["rows"]] == [not trained] * 2
+    record = yaml.safe_load((tmp_path / "quickstart" / "joint" / STAGE_RECORD).read_text())
+    assert not any(o.startswith(("tags", "extras")) for o in record["overrides"])
+
+
 def test_a_quickstart_sweep_runs_each_job_in_its_own_directory(tmp_path):
     """`python train.py -m 'pipeline.common=["seed=1"],["seed=2"]'` end to end (a one-stage pipeline)."""
     from tests.test_cli import run_train

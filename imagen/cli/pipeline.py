@@ -7,7 +7,8 @@ by the last checkpoint of the earlier stage `other`. With `pipeline.reuse`, a st
 holds a finished run of the same overrides, the same composed config and the same checkpoints of the earlier stages
 it reads (metrics.json, checkpoints/last.ckpt, pipeline_stage.yaml; a default changed in `conf/` since, or an earlier
 stage trained again, counts as a change) is not trained again. A finished run is never resumed: a stage trained
-again starts afresh, its earlier run moved aside.
+again starts afresh, its earlier run moved aside. The command line's `tags` and `extras.*` reach every stage too;
+they are labels, so a stage finished under other tags is still reused.
 """
 
 from __future__ import annotations
@@ -194,11 +195,26 @@ PIPELINE_KEYS = {
 }
 
 
+# the pipeline's command-line keys that it also gives every stage: they label or report a run without changing what
+# it trains, so a stage that finished without them is still reused
+LABEL_KEYS = {"tags", "extras"}
+
+
+def override_key(override: str) -> str:
+    """The top-level key an override sets: `+model.net.dim=8` -> `model`, `trainer/gpu` -> `trainer`."""
+    return override.lstrip("+~").split("=")[0].split(".")[0].split("/")[0]
+
+
 def ignored_overrides(overrides: list[str]) -> list[str]:
     """The command-line overrides a pipeline would not pass on to its stages."""
-    return [
-        o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0].split("/")[0] not in PIPELINE_KEYS
-    ]
+    return [o for o in overrides if override_key(o) not in PIPELINE_KEYS]
+
+
+def label_overrides() -> list[str]:
+    """The command line's `tags=...` and `extras.*=...`, which each stage gets too."""
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if override_key(o) in LABEL_KEYS]
 
 
 def check_command_line() -> None:
@@ -231,6 +247,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
     check_command_line()
     root = pipeline_root(cfg)
+    labels = label_overrides()
     checkpoints: dict[str, str] = {}
     rows, metrics, objects = [], {}, {}
     for name in cfg.pipeline.stages:
@@ -238,7 +255,9 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         overrides = stage_overrides(cfg, name, checkpoints, run_dir)
         with config_module():
             stage_cfg = compose(config_name="train", overrides=overrides)
-        digest = settings_digest(stage_cfg)
+            digest = settings_digest(stage_cfg)  # and the stage record's overrides: without the labels
+            if labels:
+                stage_cfg = compose(config_name="train", overrides=[*overrides, *labels])
         inputs = upstream_checkpoints(cfg, name, checkpoints)
         reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest, inputs)
         start = time.time()
