@@ -357,6 +357,45 @@ def test_too_many_bad_samples_stop():
         tracker.update([("corrupt_image", f"{i}.png") for i in range(2)], good=12)
 
 
+def _report_bad_samples_in_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+    def reduce(tensor, group=None, reduce_op="mean"):  # what DDPStrategy.reduce does for "sum"
+        assert reduce_op == "sum"
+        dist.all_reduce(tensor)
+        return tensor
+
+    logged = []
+    logger = types.SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    strategy = types.SimpleNamespace(reduce=reduce, root_device=torch.device("cpu"))
+    dm = ImageTextDataModule(
+        "image_txt", root=every_split("unused"), bad_samples="skip", max_bad_fraction=1.0
+    )
+    dm.trainer = types.SimpleNamespace(world_size=world, global_rank=rank, is_global_zero=rank == 0, global_step=7,
+                                       strategy=strategy, loggers=[logger], default_root_dir=None)  # fmt: skip
+    # rank 0 read one truncated JPEG; rank 1 two empty files and a corrupt image; only rank 1 has a count to warn of
+    bad = [("corrupt_image", "a.jpg")] if rank == 0 else [("empty_file", "b.png"), ("empty_file", "c.png")]
+    dm.bad.update(bad + [("corrupt_image", "d.jpg")] * rank, good=10)
+    dm.report_epoch(0)
+    dm.report_epoch(1)  # nothing bad this epoch: every rank still takes part, nothing is logged
+    torch.save(logged, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_logged_bad_sample_counts_are_the_sums_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_report_bad_samples_in_process, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    assert torch.load(tmp_path / "rank0.pt") == [
+        (7, {"data/bad_corrupt_image": 2.0, "data/bad_empty_file": 2.0})
+    ]
+    assert torch.load(tmp_path / "rank1.pt") == []  # the loggers write on rank 0 only
+
+
 # -- WebDataset under DDP: every sample once per epoch, no shard on two ranks ------------------------------------
 
 

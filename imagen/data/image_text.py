@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from imagen.data.bad_samples import BadSample, BadSampleTracker, TooManyBadSamples
+from imagen.data.bad_samples import REASONS, BadSample, BadSampleTracker, TooManyBadSamples
 from imagen.data.formats import (
     SPLITS,
     Record,
@@ -553,13 +553,28 @@ class ImageTextDataModule(pl.LightningDataModule):
         return batch
 
     def report_epoch(self, epoch: int) -> None:
+        """Warn with this process's counts of the epoch; log the counts of all processes (`data/bad_<reason>`).
+        Under DDP every rank calls it at the same step (its first training batch of the next epoch, or teardown)."""
         counts = self.bad.end_epoch()
         if counts:
             log.warning(f"[rank {self._rank()}] epoch {epoch}: skipped bad samples by reason {counts}")
-            if self.trainer is not None and self.trainer.is_global_zero:
-                for logger in self.trainer.loggers:
-                    logger.log_metrics({f"data/bad_{k}": float(v) for k, v in counts.items()},
-                                       step=self.trainer.global_step)  # fmt: skip
+        trainer = self.trainer
+        if trainer is None:
+            return
+        if trainer.world_size > 1:  # each rank reads its own shards: sum, every rank taking part
+            reasons = (*REASONS, "other")
+            local = [counts.get(r, 0) for r in REASONS] + [
+                sum(n for r, n in counts.items() if r not in REASONS)
+            ]
+            summed = trainer.strategy.reduce(
+                torch.tensor(local, device=trainer.strategy.root_device), reduce_op="sum"
+            )
+            counts = {reason: int(n) for reason, n in zip(reasons, summed.tolist(), strict=True) if n}
+        if counts and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {f"data/bad_{k}": float(v) for k, v in counts.items()}, step=trainer.global_step
+                )
 
     def teardown(self, stage: str) -> None:
         if self._epoch is not None:
