@@ -48,14 +48,17 @@ def train_command(run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *KILL_RUN, f"hydra.run.dir={run_dir}", *SMALL, *extra]
 
 
-def start(command: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+def start(command: list[str], cwd: Path, log: Path, own_group: bool = False) -> subprocess.Popen:
+    """The command in the background; `own_group`: in a process group of its own, which `os.killpg` stops with the
+    processes it starts (the other DDP ranks)."""
     env = {
         **os.environ,
         "PYTHONWARNINGS": "ignore",
         "IMAGEN_ROOT": str(cwd),
         "IMAGEN_CACHE": str(cwd / "cache"),
     }
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=own_group)  # fmt: skip
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -110,6 +113,37 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
             assert torch.equal(value, resumed["optimizer"][index][name]), (
                 f"optimizer state {index}.{name} differs"
             )
+
+
+def test_a_killed_ddp_run_resumes_within_its_epoch_to_bit_identical_weights(tmp_path):
+    """Two processes (`trainer=ddp_sim`), 7 batches each per epoch: both killed after the checkpoint of step 60, in
+    the middle of an epoch; the same command resumes and ends with an uninterrupted run's weights. (Lightning wraps a
+    sampler that is not a DistributedSampler in one of its own, whose position a checkpoint does not keep: the
+    resumed epoch then trained again on its first batches.) FSQ, which draws no random numbers: the data alone."""
+    ddp = ["trainer=ddp_sim", "trainer.max_steps=120", "data.num_train=112", "model.net.quantizer=fsq"]
+    reference = tmp_path / "reference"
+    run_to_end(train_command(reference, *ddp), tmp_path, tmp_path / "reference.log")
+
+    run = tmp_path / "killed"
+    process = start(train_command(run, *ddp), tmp_path, tmp_path / "killed.log", own_group=True)
+    wait_for(run / "checkpoints" / "last.ckpt", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 60
+    # saved in the middle of epoch 8 (of 7 batches), by the loader itself
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 8, "batches": 4, "num_replicas": 2}
+    ]
+
+    run_to_end(train_command(run, *ddp), tmp_path, tmp_path / "resumed.log")
+    expected, resumed = (
+        state(reference / "checkpoints" / "last.ckpt"),
+        state(run / "checkpoints" / "last.ckpt"),
+    )
+    assert resumed["step"] == expected["step"] == 120
+    different = [k for k, v in expected["weights"].items() if not torch.equal(v, resumed["weights"][k])]
+    assert not different, f"weights differ after resume: {different}"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
@@ -234,6 +268,44 @@ def test_shuffle_order_accepts_any_seed_an_unseeded_run_has():
     sampler = EpochShuffleSampler(10, seed=2**64 - 1)
     assert sorted(sampler) == list(range(10))
     assert list(EpochShuffleSampler(10, seed=3)) == list(EpochShuffleSampler(10, seed=3))
+
+
+def test_under_ddp_each_process_takes_its_share_of_the_epoch_and_resumes_within_it(monkeypatch):
+    import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
+
+    from imagen.data.resumable import EpochShuffleSampler, ResumableLoader
+
+    whole = list(EpochShuffleSampler(11, seed=5))  # one process
+    shares = [list(EpochShuffleSampler(11, seed=5, num_replicas=2, rank=rank)) for rank in (0, 1)]
+    assert [i for pair in zip(*shares, strict=True) for i in pair] == whole[
+        :10
+    ]  # item 11 waits for another epoch
+
+    def loader_of_rank(
+        rank: int, world: int = 2
+    ) -> ResumableLoader:  # as in a process of an initialised group
+        monkeypatch.setattr(dist, "is_initialized", lambda: world > 1)
+        monkeypatch.setattr(dist, "get_world_size", lambda: world)
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        return ResumableLoader(list(range(11)), batch_size=2, seed=5)
+
+    for rank in (0, 1):
+        loader = loader_of_rank(rank)
+        # Lightning wraps any other sampler in a DistributedSampler of its own, whose position is not checkpointed
+        assert isinstance(loader.sampler, DistributedSampler) and len(loader) == 2
+        uninterrupted = [b.tolist() for b in loader]
+        assert sum(uninterrupted, []) == shares[rank][:4]
+        first = next(iter(loader))
+        state = loader.state_dict()  # a checkpoint after the first batch (rank 0's is saved; both are alike)
+        assert state == {"epoch": 0, "batches": 1, "num_replicas": 2} and first.tolist() == uninterrupted[0]
+        resumed = loader_of_rank(rank)
+        resumed.load_state_dict(state)
+        assert [b.tolist() for b in resumed] == uninterrupted[1:]
+    # on one process, the epoch goes on after the 4 items the two processes took
+    alone = loader_of_rank(0, world=1)
+    alone.load_state_dict({"epoch": 0, "batches": 1, "num_replicas": 2})
+    assert [b.tolist() for b in alone] == [whole[4:6], whole[6:8], whole[8:10]]
 
 
 def test_a_finished_run_run_again_keeps_the_metrics_its_training_measured(make_cfg, tmp_path):

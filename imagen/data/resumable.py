@@ -8,23 +8,51 @@ is perturbed by) the model's random draws.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
-class EpochShuffleSampler(Sampler):
-    """A permutation of `range(num_items)` per epoch from (`seed`, epoch); skips the first `start` items once.
+class EpochShuffleSampler(DistributedSampler):
+    """A permutation of `range(num_items)` per epoch from (`seed`, epoch), shared out between processes; skips the
+    first `start` items of this process's share once.
+
+    Under DDP (`num_replicas` processes; by default those of the initialised process group) the process of rank r
+    takes the permutation's items r, r + num_replicas, ...; the last `num_items % num_replicas` are left out of the
+    epoch, so every process has as many batches. Every process must have the same `seed`. A `DistributedSampler`,
+    so that Lightning keeps it instead of wrapping it in one of its own, whose position it could not resume.
 
     With `item_seeds=True` it yields `(index, item_seed)` pairs: a dataset with per-item randomness (a random
     caption paraphrase) draws from `item_seed` instead of the global RNG.
     """
 
-    def __init__(self, num_items: int, seed: int, item_seeds: bool = False):
+    def __init__(
+        self,
+        num_items: int,
+        seed: int,
+        item_seeds: bool = False,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):  # not DistributedSampler.__init__, which wants a dataset: the attributes it sets are set here
+        distributed = dist.is_available() and dist.is_initialized()
+        self.num_replicas = (
+            num_replicas if num_replicas is not None else dist.get_world_size() if distributed else 1
+        )
+        self.rank = rank if rank is not None else dist.get_rank() if distributed else 0
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} of {self.num_replicas} processes")
         self.num_items = num_items
+        self.num_samples = num_items // self.num_replicas  # this process's share of an epoch
+        self.total_size = self.num_samples * self.num_replicas
         self.seed = int(seed)
         self.item_seeds = item_seeds
+        self.shuffle, self.drop_last = True, True
         self.epoch = 0
         self.start = 0
 
@@ -34,7 +62,7 @@ class EpochShuffleSampler(Sampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_samples
 
     def __iter__(self) -> Iterator:
         # any int seed (torch.initial_seed() of an unseeded run is up to 2**64 - 1) maps into the generator's range
@@ -42,7 +70,7 @@ class EpochShuffleSampler(Sampler):
         order = torch.randperm(self.num_items, generator=generator).tolist()
         seeds = torch.randint(2**62, (self.num_items,), generator=generator).tolist()
         start, self.start = self.start, 0
-        for position in range(start, self.num_items):
+        for position in range(self.rank + start * self.num_replicas, self.total_size, self.num_replicas):
             yield (order[position], seeds[position]) if self.item_seeds else order[position]
 
 
@@ -68,8 +96,8 @@ class ResumableLoader(DataLoader):
         super().__init__(
             dataset,
             batch_size=batch_size,
-            # Lightning passes its own sampler when it rebuilds the loader (DDP, overfit_batches): the position is
-            # then not tracked
+            # Lightning passes its own sampler when it rebuilds the loader (overfit_batches; not for DDP, as the
+            # sampler is a DistributedSampler): the position is then not tracked
             sampler=self.epoch_sampler if sampler is None else sampler,
             drop_last=drop_last,
             # the base seed of worker processes: from this generator, not from the global RNG
@@ -87,13 +115,23 @@ class ResumableLoader(DataLoader):
     def state_dict(self) -> dict:
         if self.sampler is not self.epoch_sampler:
             return {}
-        return {"epoch": self.epoch_sampler.epoch, "batches": self._yielded}
+        return {"epoch": self.epoch_sampler.epoch, "batches": self._yielded,
+                "num_replicas": self.epoch_sampler.num_replicas}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         if not state or self.sampler is not self.epoch_sampler:
             return
         epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
-            epoch, batches = epoch + 1, 0
+        saved_replicas, replicas = int(state.get("num_replicas", 1)), self.epoch_sampler.num_replicas
+        start = batches * self.batch_size  # items of each process's share
+        if saved_replicas != replicas:
+            # the items taken so far are the permutation's first start * saved_replicas
+            start = start * saved_replicas // replicas
+            log.warning(
+                f"resuming on {replicas} processes from a checkpoint of {saved_replicas}: the epoch goes on after the "
+                f"first {start * replicas} of its items (the position in the epoch is kept, not each process's share)"
+            )
+        if start // self.batch_size >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, start = epoch + 1, 0
         self.epoch_sampler.epoch = epoch
-        self.epoch_sampler.start = batches * self.batch_size
+        self.epoch_sampler.start = start
