@@ -535,6 +535,26 @@ def test_retrieval_pairs_are_scored_by_the_captioner_and_the_generator_at_each_d
         t2i(torch.tensor([0]), torch.tensor([1]))
 
 
+def test_retrieval_reranks_captions_of_different_lengths_from_different_batches(joint_ckpt):
+    """Each batch's caption ids are as wide as its longest caption: the batches are joined for the reranking."""
+    import types
+
+    stage = JointStage.from_checkpoint(joint_ckpt).eval()
+    stage.hparams.retrieval_rerank = 4  # as model/joint.yaml (the tiny test model does without)
+    stage._trainer = types.SimpleNamespace(world_size=1, datamodule=None, global_rank=0)
+    captions = ["a small red circle on the left of a large blue square"] * 3 + ["a red circle"] * 2
+    assert stage.caption_ids(captions[:3]).shape[1] > stage.caption_ids(captions[3:]).shape[1]
+    tokens = torch.randint(stage.image_text.config.vocab_size, (5, stage.net.config.num_image_tokens))
+    recalls = []
+    for batches in ([slice(0, 3), slice(3, 5)], [slice(0, 5)]):
+        with torch.no_grad():
+            for rows in batches:
+                batch = {"caption": captions[rows], "tokens": tokens[rows], "index": torch.arange(5)[rows]}
+                stage._eval_step(batch, "val")
+            recalls.append(stage._retrieval("val"))
+    assert recalls[0] == pytest.approx(recalls[1]) and "val/recall_at_1_t2i_embedding" in recalls[0]
+
+
 def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):
     stage = JointStage.from_checkpoint(joint_ckpt)
     net = stage.image_text

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.text import BLEUScore
 
@@ -484,6 +485,8 @@ class JointStage(ARGeneratorStage):
             image = self.image_text.image_embedding(features)
             rows = [self.image_text.text_embedding(text.states, text.mask), image, index]
             if self.hparams.retrieval_rerank > 1:  # it needs the captioner (checked in __init__)
+                # (B, max_caption_length): the batches' captions, padded each to its own longest, are joined later
+                ids = F.pad(ids, (0, self.image_text.config.max_caption_length - ids.shape[1]), value=PAD_ID)
                 rows += [features, ids, tokens]
             self._embeddings.setdefault(split, []).append(tuple(t.cpu() for t in rows))
 
@@ -503,6 +506,9 @@ class JointStage(ARGeneratorStage):
         index = parts[2]
         first = torch.from_numpy(np.sort(np.unique(index.numpy(), return_index=True)[1]))
         text, image, index, *pairs = (t[first] for t in parts)
+        if pairs:  # the captions' ids to the longest one's width (they were padded to max_caption_length)
+            features, ids, tokens = pairs
+            pairs = [features, ids[:, : int((ids != PAD_ID).sum(1).max())], tokens]
         scenes = self._scenes(split, index)
         if scenes is not None:
             relevant = scene_relevance(scenes)
