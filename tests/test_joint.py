@@ -555,6 +555,19 @@ def test_retrieval_reranks_captions_of_different_lengths_from_different_batches(
     assert recalls[0] == pytest.approx(recalls[1]) and "val/recall_at_1_t2i_embedding" in recalls[0]
 
 
+def test_images_become_the_same_tokens_under_the_trainers_bf16_as_in_float32(joint_ckpt):
+    stage = JointStage.from_checkpoint(joint_ckpt).eval()
+    torch.manual_seed(0)
+    images = torch.rand(32, 3, stage.hparams.image_size, stage.hparams.image_size) * 2 - 1
+    with torch.no_grad():
+        float32 = stage.autoencoder.encode(images).flatten(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what training and validation steps run under
+            assert not torch.equal(
+                stage.autoencoder.encode(images).flatten(1), float32
+            )  # bf16 would move some
+            assert torch.equal(stage.image_tokens(images), float32)
+
+
 def test_the_image_encoder_reads_the_autoencoder_code_vectors(joint_ckpt):
     stage = JointStage.from_checkpoint(joint_ckpt)
     net = stage.image_text

@@ -186,8 +186,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
 
     @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, h * w) token ids in raster order."""
-        return self.autoencoder.encode(images).flatten(1)
+        """(B, 3, H, W) -> (B, h * w) token ids in raster order, in float32 under the Trainer's bf16 too: the tokens
+        the token cache, sampling and the epoch-end evaluations see (bf16 moves latents near a boundary to another
+        code)."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.autoencoder.encode(images.float()).flatten(1)
 
     def configure_model(self) -> None:
         """`init_from`: the trained modules (`trained_modules()`, a subclass's too; the autoencoder when no
