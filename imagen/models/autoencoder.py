@@ -98,6 +98,7 @@ AUTOENCODER_SIZES: dict[str, AutoencoderConfig] = {
         latent_dim=256,
         codebook_size=16384,
         codebook_dim=8,
+        fsq_levels=(8, 8, 8, 6, 5),  # 15360 codes, as many as VQ's 16384 within FSQ's level choices
     ),
 }
 
