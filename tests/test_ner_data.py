@@ -64,6 +64,21 @@ def test_iobes_converts_to_iob2(tmp_path):
     assert read_conll(path)[0].tags == ["B-PER", "O", "B-LOC", "I-LOC"]
 
 
+def test_a_scheme_that_does_not_fit_the_file_names_line_tag_and_setting(tmp_path):
+    path = tmp_path / "iobes.txt"
+    path.write_text("EU S-ORG\nrejects O\n\nthe O\nPeter B-PER\nBlackburn E-PER\n")
+    with pytest.raises(ConllFormatError, match=r"iobes\.txt:1: tag 'S-ORG' does not fit data.scheme=iob2"):
+        read_conll(path, scheme="iob2")
+    with pytest.raises(
+        ConllFormatError,
+        match=r"iobes\.txt:1: tag 'S-ORG' does not fit data.scheme=iob1; .*data.scheme=iobes",
+    ):
+        read_conll(path, scheme="iob1")
+    path.write_text("EU O\n\nthe O\nPeter B-PER\nBlackburn E-PER\n")
+    with pytest.raises(ConllFormatError, match=r"iobes\.txt:5: tag 'E-PER'"):  # the word's own line
+        read_conll(path, scheme="iob2")
+
+
 def test_two_column_tab_file():
     sentences = read_conll(FIXTURES / "two_columns.tsv")
     assert [s.tokens for s in sentences] == [
@@ -114,6 +129,23 @@ def test_files_resolve_from_either_layout_or_by_name(tmp_path):
     assert resolve_files(tmp_path, {"test": "other.conll"})["test"].name == "other.conll"
     with pytest.raises(FileNotFoundError, match="train.txt, valid.txt, test.txt"):
         resolve_files(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("split", "name", "text"),
+    [
+        ("train", "train.txt", ""),
+        ("val", "valid.txt", "-DOCSTART- -X- -X- O\n\n"),
+        ("test", "test.txt", "\n\n"),
+    ],
+    ids=["empty", "only_docstart", "only_blank_lines"],
+)
+def test_a_split_without_sentences_names_its_key_and_file(tmp_path, tokenizer, split, name, text):
+    for file in ("train.txt", "valid.txt", "test.txt"):
+        (tmp_path / file).write_text(text if file == name else "EU B-ORG\nrejects O\n")
+    data = ConllDataModule(tokenizer=tokenizer.name_or_path, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"data.files.{split}=.*{name}: no sentences"):
+        data.setup("fit")
 
 
 def test_hf_dataset_loads_offline(tmp_path, tokenizer):

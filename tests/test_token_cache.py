@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tarfile
 
 import numpy as np
@@ -111,6 +112,65 @@ def test_load_is_verified(coco_dm, ckpt, tmp_path):
         TokenCacheDataset(out / "train", autoencoder_ckpt=str(other))
     with pytest.raises(TokenCacheError, match="data.image_size=64"):
         TokenCacheDataset(out / "train", image_size=64)
+
+
+def test_a_damaged_index_or_shard_names_the_file_and_how_to_reencode(coco_dm, ckpt, tmp_path):
+    out = tmp_path / "cache"
+    write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=4, device="cpu")
+    split, rerun = out / "train", r"rerun `python -m imagen.cli.encode`"
+    index_file = split / "index.json"
+    index_text = index_file.read_text()
+    index_file.write_text(index_text[: len(index_text) // 2])  # truncated
+    with pytest.raises(
+        TokenCacheError, match=rf"index.json: not valid JSON .*delete .*index.json and {rerun}"
+    ):
+        TokenCacheDataset(split)
+    index_file.write_text(json.dumps({k: v for k, v in json.loads(index_text).items() if k != "total"}))
+    with pytest.raises(TokenCacheError, match=r"index.json: no total"):
+        TokenCacheDataset(split)
+    index_file.unlink()  # as the error says: a rerun rebuilds the index from the finished shards
+    result = write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=4, device="cpu")
+    assert result["train"]["written"] == [] and len(TokenCacheDataset(split)) == 8
+
+    damage = rf"delete .*shard_00000.json and {rerun}"
+    captions = split / "shard_00000.captions.npy"
+    data = bytearray(captions.read_bytes())
+    data[-1] = 0xFF  # in the last sample's captions; the same size, so verify=size loads the cache
+    captions.write_bytes(bytes(data))
+    dataset = TokenCacheDataset(split)
+    with pytest.raises(
+        TokenCacheError, match=rf"shard_00000.captions.npy: .* sample 3 .* not UTF-8.*{damage}"
+    ):
+        dataset[3]
+    offsets = split / "shard_00000.offsets.npy"
+    np.save(offsets, np.load(offsets) + 1)
+    with pytest.raises(TokenCacheError, match=rf"shard_00000.offsets.npy: captions end at byte .*{damage}"):
+        TokenCacheDataset(split)
+    tokens = split / "shard_00000.tokens.npy"
+    tokens.write_bytes(b"\0" * 6 + tokens.read_bytes()[6:])  # the .npy magic
+    with pytest.raises(
+        TokenCacheError, match=rf"shard_00000.tokens.npy: not a readable .npy array .*{damage}"
+    ):
+        TokenCacheDataset(split)
+    (split / "shard_00000.json").unlink()
+    result = write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=4, device="cpu")
+    assert result["train"] == {"written": ["shard_00000"], "skipped": ["shard_00001"]}
+    dataset = TokenCacheDataset(split, verify="checksum")
+    assert dataset.captions(3)[1] == expected_tokens(coco_dm, ckpt)[1][3]
+
+
+def test_a_damaged_shard_record_on_resume_names_it(coco_dm, ckpt, tmp_path):
+    out = tmp_path / "cache"
+    write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=3, device="cpu", max_shards=1)
+    record = out / "train" / "shard_00000.json"
+    record.write_text(record.read_text()[:20])
+    with pytest.raises(
+        TokenCacheError, match=r"shard_00000.json: not valid JSON .*delete .*shard_00000.json and rerun"
+    ):
+        write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=3, device="cpu")
+    record.unlink()
+    result = write_token_cache(str(ckpt), coco_dm, out, ("train",), shard_size=3, device="cpu")
+    assert result["train"]["written"] == ["shard_00000", "shard_00001", "shard_00002"]
 
 
 def test_bad_samples_are_left_out_and_recorded(ckpt, tmp_path):

@@ -207,7 +207,26 @@ def convert_scheme(sentences: list[Sentence], scheme: str, source: str) -> list[
         log.info(f"{source}: {scheme.upper()} tags converted to IOB2")
         for s in sentences:
             s.tags = to_iob2(s.tags, scheme)
+    for s in sentences:  # E-/S- tags are left when data.scheme is not the file's
+        for word, tag in enumerate(s.tags):
+            if tag != "O" and tag[:2] not in ("B-", "I-"):
+                hint = (
+                    "set data.scheme=iobes, or auto to detect the scheme"
+                    if tag[:2] in ("E-", "S-")
+                    else "tags are O, B-TYPE, I-TYPE (or E-/S- under data.scheme=iobes)"
+                )
+                raise ConllFormatError(
+                    f"{word_origin(s, word)}: tag {tag!r} does not fit data.scheme={scheme}; {hint}"
+                )
     return sentences
+
+
+def word_origin(sentence: Sentence, word: int) -> str:
+    """`file:line` of a word of a file's sentence (its words are on consecutive lines), else `origin word N`."""
+    path, _, line = sentence.origin.rpartition(":")
+    if path and line.isdigit():
+        return f"{path}:{int(line) + word}"
+    return f"{sentence.origin} word {word}"
 
 
 def label_list(splits: dict[str, list[Sentence]], given: Sequence[str] | None = None) -> list[str]:
@@ -543,10 +562,15 @@ class ConllDataModule(pl.LightningDataModule):
     def read_splits(self) -> dict[str, list[Sentence]]:
         h = self.hparams
         if h.hf_dataset is None:
-            return {
-                split: read_conll(path, h.scheme)
-                for split, path in resolve_files(h.data_dir, h.files).items()
-            }
+            out = {}
+            for split, path in resolve_files(h.data_dir, h.files).items():
+                out[split] = read_conll(path, h.scheme)
+                if not out[split]:
+                    raise ValueError(
+                        f"data.files.{split}={path}: no sentences (the file is empty or holds only blank and "
+                        f"{DOCSTART} lines)"
+                    )
+            return out
         import datasets
 
         if (Path(h.hf_dataset) / "dataset_dict.json").is_file():
@@ -559,6 +583,8 @@ class ConllDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.hf_dataset={h.hf_dataset}: no {name!r} split (has {list(loaded)})")
             source = f"{h.hf_dataset}[{name}]"
             out[split] = convert_scheme(sentences_from_hf(loaded[name], source), h.scheme, source)
+            if not out[split]:
+                raise ValueError(f"data.hf_dataset={h.hf_dataset}: the {name!r} split has no sentences")
         return out
 
     def setup(self, stage: str | None = None) -> None:

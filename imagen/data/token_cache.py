@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 VERSION = 1
 FILES = ("tokens", "captions", "offsets")
+INDEX_KEYS = ("version", "autoencoder", "image_size", "shards", "total")
+RECORD_KEYS = ("name", "count", "files")  # of a shard's record, in its own file and in the index
+# a rerun encodes every shard without a finished record, and writes the index once all are finished
+RERUN = "rerun `python -m imagen.cli.encode` with the same settings"
 
 
 class TokenCacheError(RuntimeError):
@@ -50,6 +54,36 @@ def file_crc32(path: str | Path) -> int:
 
 def shard_name(number: int) -> str:
     return f"shard_{number:05d}"
+
+
+def reencode_hint(directory: Path, name: str) -> str:
+    """How to replace a damaged shard: without its record, a rerun encodes it again."""
+    return f"delete {directory / name}.json and {RERUN} to encode the shard again"
+
+
+def require_keys(value, keys: tuple[str, ...], where: str, fix: str) -> None:
+    """Raise `TokenCacheError` at `where` unless `value` is a dict holding `keys`."""
+    missing = [k for k in keys if k not in value] if isinstance(value, dict) else list(keys)
+    if missing:
+        raise TokenCacheError(f"{where}: no {', '.join(missing)} (corrupt or incomplete); {fix}")
+
+
+def read_json(path: Path, keys: tuple[str, ...], fix: str) -> dict:
+    """The dict in `path` with `keys`; `TokenCacheError` naming the file and `fix` when it is unreadable."""
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as e:  # JSON or UTF-8 errors of a truncated or damaged file
+        raise TokenCacheError(f"{path}: not valid JSON ({e}); {fix}") from None
+    require_keys(value, keys, str(path), fix)
+    return value
+
+
+def load_array(path: Path, fix: str) -> np.ndarray:
+    """A read-only memmap of a shard's `.npy` file; `TokenCacheError` naming it when its header is damaged."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise TokenCacheError(f"{path}: not a readable .npy array ({e}); {fix}") from None
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
@@ -95,7 +129,7 @@ def shard_finished(directory: Path, name: str, encoded_from: dict | None = None)
     record_path = directory / f"{name}.json"
     if not record_path.is_file():
         return False
-    record = json.loads(record_path.read_text())
+    record = read_json(record_path, RECORD_KEYS, reencode_hint(directory, name))
     theirs = record.get("encoded_from")
     if (
         theirs is None and encoded_from is not None
@@ -210,7 +244,7 @@ def encode_split(
     if tracker.bad:
         log.warning(f"[rank {rank}] encoding {split}: {tracker.summary()}")
     if all(shard_finished(out, n, encoded_from[n]) for n in names):
-        shards = [json.loads((out / f"{n}.json").read_text()) for n in names]
+        shards = [read_json(out / f"{n}.json", RECORD_KEYS, reencode_hint(out, n)) for n in names]
         _write_json(out / "index.json", {**header, "version": VERSION, "split": split, "shards": shards,
                                          "total": sum(s["count"] for s in shards)})  # fmt: skip
     return result
@@ -278,10 +312,13 @@ def load_index(directory: Path, verify: str = "size") -> dict:
         partial = sorted(p.name for p in directory.glob("shard_*.json")) if directory.is_dir() else []
         hint = f"; {len(partial)} finished shards: rerun the encode command to finish it" if partial else ""
         raise TokenCacheError(f"{path}: no index (not a token cache, or its encoding did not finish){hint}")
-    index = json.loads(path.read_text())
-    if index.get("version") != VERSION:
-        raise TokenCacheError(f"{path}: version {index.get('version')}, expected {VERSION}; re-encode")
-    for shard in index["shards"]:
+    rebuild = f"delete {path} and {RERUN} to rebuild it from the finished shards"
+    index = read_json(path, INDEX_KEYS, rebuild)
+    if index["version"] != VERSION:
+        raise TokenCacheError(f"{path}: version {index['version']}, expected {VERSION}; re-encode")
+    for number, shard in enumerate(index["shards"]):
+        require_keys(shard, RECORD_KEYS, f"{path}: shard {number}", rebuild)
+        fix = reencode_hint(directory, shard["name"])
         for key, expected in shard["files"].items():
             file = directory / f"{shard['name']}.{key}.npy"
             if not file.is_file():
@@ -291,12 +328,16 @@ def load_index(directory: Path, verify: str = "size") -> dict:
                     f"{file}: {file.stat().st_size} bytes, the index says {expected['bytes']}"
                 )
             if verify == "checksum" and file_crc32(file) != expected["crc32"]:
-                raise TokenCacheError(f"{file}: CRC32 mismatch (corrupt); re-encode this shard")
-        tokens = np.load(directory / f"{shard['name']}.tokens.npy", mmap_mode="r")
-        offsets = np.load(directory / f"{shard['name']}.offsets.npy", mmap_mode="r")
+                raise TokenCacheError(f"{file}: CRC32 mismatch (corrupt); {fix}")
+        tokens, captions, offsets = (load_array(directory / f"{shard['name']}.{k}.npy", fix) for k in FILES)
         if tokens.shape[0] != shard["count"] or offsets.shape[0] != shard["count"] + 1:
             raise TokenCacheError(
                 f"{directory / shard['name']}: {tokens.shape[0]} samples, index says {shard['count']}"
+            )
+        if offsets[-1] != captions.shape[0]:
+            raise TokenCacheError(
+                f"{directory / shard['name']}.offsets.npy: captions end at byte {offsets[-1]}, but captions.npy "
+                f"holds {captions.shape[0]} (corrupt); {fix}"
             )
     return index
 
@@ -328,10 +369,12 @@ class TokenCacheDataset(Dataset):
 
     def arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._arrays is None:
-            self._arrays = [
-                tuple(np.load(self.directory / f"{s['name']}.{k}.npy", mmap_mode="r") for k in FILES)
-                for s in self.index["shards"]
-            ]
+            self._arrays = []
+            for s in self.index["shards"]:
+                fix = reencode_hint(self.directory, s["name"])
+                self._arrays.append(
+                    tuple(load_array(self.directory / f"{s['name']}.{k}.npy", fix) for k in FILES)
+                )
         return self._arrays[shard]
 
     def captions(self, index: int) -> tuple[np.ndarray, list[str]]:
@@ -339,7 +382,14 @@ class TokenCacheDataset(Dataset):
         shard = int(np.searchsorted(self.ends, index, side="right"))
         local = index - (int(self.ends[shard - 1]) if shard else 0)
         tokens, data, offsets = self.arrays(shard)
-        text = bytes(data[offsets[local] : offsets[local + 1]]).decode("utf-8")
+        try:
+            text = bytes(data[offsets[local] : offsets[local + 1]]).decode("utf-8")
+        except UnicodeDecodeError:
+            name = self.index["shards"][shard]["name"]
+            raise TokenCacheError(
+                f"{self.directory / name}.captions.npy: the captions of sample {local} (item {index}) are not "
+                f"UTF-8 (corrupt; data.verify=checksum finds this at load); {reencode_hint(self.directory, name)}"
+            ) from None
         return tokens[local], text.split("\n")
 
     def __getitem__(self, index: int) -> dict:
