@@ -692,3 +692,36 @@ def test_every_parameter_gets_a_gradient_without_caption_dropout():
     loss.backward()
     assert [name for name, p in net.named_parameters() if p.grad is None] == []
     assert net.null_text.grad.abs().sum() == 0  # taking part changes nothing: no caption was dropped
+
+
+class Unpicklable:
+    """An object `torch.load(weights_only=True)` refuses: a checkpoint holding one needs trust_checkpoint=true."""
+
+
+def test_trust_checkpoint_reaches_the_autoencoder_checkpoint(make_cfg, tiny_autoencoder_ckpt, tmp_path):  # noqa: F811
+    import hydra
+    from hydra.errors import InstantiationException
+
+    checkpoint = torch.load(tiny_autoencoder_ckpt, weights_only=False)
+    torch.save({**checkpoint, "note": Unpicklable()}, tmp_path / "autoencoder.ckpt")
+    overrides = ["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR,
+                 f"model.autoencoder_ckpt={tmp_path / 'autoencoder.ckpt'}"]  # fmt: skip
+    with pytest.raises(InstantiationException, match="refusing it.*trust_checkpoint=true"):
+        hydra.utils.instantiate(make_cfg(overrides).model, _convert_="all")
+    stage = hydra.utils.instantiate(make_cfg([*overrides, "trust_checkpoint=true"]).model, _convert_="all")
+    assert stage.autoencoder.vocab_size == stage.net.config.vocab_size
+
+
+def test_the_new_concept_fine_tune_builds_a_generator_stage_too(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
+    """`experiment=shapes_finetune_new_concept model=ar_generator`, as its config and the README say; the joint
+    stage's `image_text_lr`, which the experiment sets to null, is refused when given a rate."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    # no init_from: the stage is only built here
+    overrides = ["experiment=shapes_finetune_new_concept", "model=ar_generator", *TINY_SHAPES, *TINY_GENERATOR,
+                 "model.init_from=null", f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}"]  # fmt: skip
+    stage = hydra.utils.instantiate(make_cfg(overrides).model, _convert_="all")
+    assert type(stage) is ARGeneratorStage and stage.hparams.new_words_like
+    with pytest.raises(InstantiationException, match="model.image_text_lr=0.001: the generator stage has no"):
+        hydra.utils.instantiate(make_cfg([*overrides, "model.image_text_lr=1e-3"]).model, _convert_="all")

@@ -115,15 +115,22 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         lora: dict | None = None,
         code_vectors: bool = False,
         new_words_like: list[str] | None = None,
+        image_text_lr: float | None = None,
     ):
         super().__init__()
+        if (
+            image_text_lr is not None
+        ):  # the joint stage's (its null is accepted: an experiment for both stages)
+            raise ValueError(
+                f"model.image_text_lr={image_text_lr}: the generator stage has no captioner or matcher"
+            )
         if not 0 <= token_noise < 1:
             raise ValueError(f"model.token_noise must be in [0, 1); got {token_noise}")
         # modules travel in the state dict, factories in the config: neither belongs in the hyperparameters
         ignore = ["net", "text_encoder", "optimizer", "scheduler", *self.MODULE_ARGS]
         self.save_hyperparameters(logger=False, ignore=ignore)
         if autoencoder_ckpt:
-            self.autoencoder = load_autoencoder(autoencoder_ckpt)
+            self.autoencoder = load_autoencoder(autoencoder_ckpt, trust_checkpoint)
         elif (
             autoencoder_config is not None
         ):  # rebuilt from this stage's own checkpoint, which holds its weights
