@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from imagen.data.bad_samples import REASONS, BadSample, BadSampleTracker, TooManyBadSamples
-from imagen.data.image_text import ImageTextDataModule, collate
+from imagen.data.image_text import ImageTextDataModule, Preprocess, collate
 from imagen.data.preprocess import clean_caption, open_image, resize_crop, truncate_caption
 from tests.image_text_fixtures import (
     add_member,
@@ -152,6 +152,16 @@ def test_sixteen_bit_is_scaled_by_257_whatever_its_content():
         assert out.getpixel((0, 0)) == (expected,) * 3, value
 
 
+def test_int32_and_float_grayscale_have_a_fixed_scale_whatever_their_content():
+    # brighter input never comes out darker: mode I (16-bit PGM, 32-bit TIFF) as 16 bits, mode F as [0, 1]
+    for mode, value, expected in (("I", 200, 1), ("I", 1000, 4), ("I", 65535, 255), ("I", 70000, 255),
+                                  ("F", 0.5, 128), ("F", 1.0, 255), ("F", 2.0, 255)):  # fmt: skip
+        dtype = np.int32 if mode == "I" else np.float32
+        image = Image.fromarray(np.full((4, 4), value, dtype=dtype), mode)
+        out = open_image(encoded(image, "TIFF"), "x", None)
+        assert out.getpixel((0, 0)) == (expected,) * 3, (mode, value)
+
+
 def test_trns_transparency_is_white():
     for mode, background, opaque in (("RGB", (0, 0, 0), (255, 0, 0)), ("L", 0, 128), ("L", 9, 0)):
         image = Image.new(mode, (4, 4), background)  # transparent by a PNG tRNS color, not an alpha channel
@@ -192,6 +202,28 @@ def test_resize_shorter_side_and_crops():
     torch.manual_seed(0)
     lefts = {int(np.asarray(resize_crop(strip, 32, random_crop=True))[0, 0, 0]) for _ in range(30)}
     assert len(lefts) > 5 and min(lefts) >= 0 and max(lefts) <= 32
+
+
+def test_a_thin_strip_is_resampled_only_where_it_is_cropped(monkeypatch):
+    # an ordinary image: the same as resizing all of it and cropping, up to resampling rounding
+    ramp = Image.fromarray(np.tile(np.arange(0, 250, 2.5).astype(np.uint8), (50, 1))).convert("RGB")  # 100x50
+    whole = np.asarray(
+        ramp.resize((64, 32), Image.BICUBIC, reducing_gap=3.0).crop((16, 0, 48, 32)), dtype=int
+    )
+    assert np.abs(np.asarray(resize_crop(ramp, 32, random_crop=False), dtype=int) - whole).max() <= 1
+    # 2x20000 pixels, far under data.max_pixels: shorter side 256 first would be 256x2,560,000 pixels (2.6 GB)
+    resize = Image.Image.resize
+
+    def bounded(self, size, *args, **kwargs):
+        assert size[0] * size[1] <= 256 * 256, f"an intermediate image of {size}"
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded)
+    strip = Image.new("RGB", (2, 20000), (200, 0, 0))
+    strip.paste((0, 0, 200), (0, 10000, 2, 20000))  # lower half blue: the centre crop straddles the edge
+    image = Preprocess(image_size=256)(encoded(strip), ["a strip"], "strip.png")["image"]
+    assert image.shape == (3, 256, 256)
+    assert image[0, 0, 0] > 0.5 > image[2, 0, 0] and image[2, -1, 0] > 0.5 > image[0, -1, 0]
 
 
 def test_caption_cleanup_and_counted_truncation():
@@ -305,6 +337,29 @@ def test_every_folder_bad_kind_raises_with_the_file_name(tmp_path, file):
     with pytest.raises(BadSample, match=Path(file).stem) as error:
         dataset[index]
     assert error.value.reason == FOLDER_KINDS[file]
+
+
+def test_an_unreadable_caption_or_image_file_is_a_bad_sample(tmp_path, monkeypatch):
+    root = write_image_txt(tmp_path / "txt", make_pairs(3, size=(8, 8)))
+    read_bytes = Path.read_bytes
+
+    def failing(self):  # what EACCES looks like (chmod cannot show it to root)
+        if self.name in ("img000.txt", "img001.png"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    dm = ImageTextDataModule("image_txt", root=every_split(str(root)), image_size=8, max_bad_fraction=1.0)
+    names = drain(dm, "val")
+    assert [Path(n).name for n in names] == ["img002.png"] * 3  # each bad one replaced by the next good one
+    assert dm.bad.total == {"unreadable_file": 2}
+    assert [Path(n).name for n in dm.bad.examples["unreadable_file"]] == ["img000.txt", "img001.png"]
+    assert dm.train_captions()  # fitting a tokenizer leaves the unreadable one out
+    dataset = ImageTextDataModule(
+        "image_txt", root=every_split(str(root)), bad_samples="raise"
+    ).build_dataset("val")
+    with pytest.raises(BadSample, match=r"img000.txt: unreadable_file \(.*Permission denied"):
+        dataset[0]
 
 
 def test_raise_from_a_dataloader_worker_names_file_and_reason(tmp_path):
@@ -469,3 +524,66 @@ def test_malformed_metadata_and_annotations_name_the_file_and_line(tmp_path):
         annotations.write_text(json.dumps({"images": images, "annotations": []}))
         with pytest.raises(ValueError, match=rf"captions.json: images\[1\] lacks '{key}'"):
             index_coco(tmp_path, annotations)
+
+
+def test_metadata_that_is_not_utf8_or_not_an_object_is_refused_naming_the_file(tmp_path):
+    from imagen.data.formats import index_coco, index_imagefolder
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    csv_file, jsonl = tmp_path / "metadata.csv", tmp_path / "metadata.jsonl"
+    csv_file.write_bytes("\ufefffile_name,text\na.png,café\n".encode())  # a BOM, as Excel writes
+    assert [r.captions for r in index_imagefolder(tmp_path)] == [["café"]]
+    csv_file.write_bytes("file_name,text\na.png,café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{csv_file}: not UTF-8 text")):
+        index_imagefolder(tmp_path)
+    csv_file.unlink()
+    jsonl.write_bytes('\ufeff{"file_name": "a.png", "text": "x"}\n'.encode())
+    assert [r.captions for r in index_imagefolder(tmp_path)] == [["x"]]
+    jsonl.write_text('{"file_name": "a.png", "text": "x"}\n5\n')
+    with pytest.raises(ValueError, match=re.escape(f"{jsonl}:2: not a JSON object: 5")):
+        index_imagefolder(tmp_path)
+    annotations = tmp_path / "captions.json"
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1, "caption": "café"}]}
+    annotations.write_bytes(json.dumps(coco, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(
+        ValueError, match=re.escape(f"data.annotations={annotations}: cannot read a COCO JSON")
+    ):
+        index_coco(tmp_path, annotations)
+    annotations.write_bytes(("\ufeff" + json.dumps(coco, ensure_ascii=False)).encode())
+    assert [r.captions for r in index_coco(tmp_path, annotations)] == [["café"]]
+
+
+def test_coco_captions_of_an_unlisted_image_are_a_missing_image(tmp_path):
+    images, annotations = write_coco(tmp_path / "coco", make_pairs(3, size=(8, 8)))
+    data = json.loads(annotations.read_text())
+    data["annotations"].append({"id": 1, "image_id": 99, "caption": "an image with no entry"})
+    annotations.write_text(json.dumps(data))
+    dm = ImageTextDataModule("coco", images=every_split(str(images)), annotations=every_split(str(annotations)),
+                             image_size=8, max_bad_fraction=1.0)  # fmt: skip
+    assert len(drain(dm, "val")) == 4  # the fourth record, image_id 99, replaced by the first
+    assert dm.bad.total == {"missing_image": 1}
+    assert dm.bad.examples["missing_image"] == [f"{annotations}#image_id=99"]
+
+
+def test_a_caption_column_no_row_has_is_refused_listing_the_columns(tmp_path):
+    root = write_imagefolder(tmp_path / "hf", make_pairs(6, size=(8, 8)))
+    dm = ImageTextDataModule("imagefolder", root=str(root), caption_column="caption", holdout_fraction=0.1)
+    with pytest.raises(
+        ValueError, match=r"data.caption_column='caption'.*columns are \['file_name', 'text'\]"
+    ):
+        dm.train_captions()
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"image_size": 0}, "data.image_size=0: must be an integer >= 1"),
+        ({"image_size": -8}, "data.image_size=-8: must be an integer >= 1"),
+        ({"holdout_fraction": -0.5}, r"data.holdout_fraction=-0.5: must be in \(0, 0.5\)"),
+        ({"holdout_fraction": 0.5}, r"data.holdout_fraction=0.5: must be in \(0, 0.5\)"),
+        ({"max_pixels": -1}, "data.max_pixels=-1: must be >= 1, or null for no limit"),
+    ],
+)
+def test_settings_out_of_range_are_refused_up_front(setting, message):
+    with pytest.raises(ValueError, match=message):
+        ImageTextDataModule("image_txt", root="unused", **setting)

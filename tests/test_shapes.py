@@ -279,3 +279,30 @@ def test_hflip_never_mirrors_a_sample_into_another_prompt_group(new_concept):
             assert dm.scene_group(shown) == dm.scene_group(split.scenes[index]), item["caption"]
             mirrored += item["caption"] not in split.captions[index]
     assert mirrored > len(dataset) / 4  # the others are still mirrored (half of their items)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_train": 0}, "data.num_train=0: the train split needs at least one scene"),
+        (
+            {"num_val": 0, "num_val_heldout": 0, "heldout": HELDOUT},
+            r"data.num_val=0 \+ data.num_val_heldout=0",
+        ),
+        ({"num_val": 0}, "data.num_val=0: the val split"),  # num_val_heldout counts only with data.heldout
+        ({"num_test": -1, "heldout": HELDOUT}, "data.num_test=-1 .*: each must be >= 0"),
+        ({"colors": []}, r"data.colors: unknown or empty \[\]"),
+    ],
+)
+def test_bad_datamodule_settings_name_the_key(kwargs, message):
+    from imagen.data.shapes_datamodule import ShapesDataModule
+
+    with pytest.raises(ValueError, match=message):
+        ShapesDataModule(use_judge=False, **kwargs)
+
+
+def test_new_concept_validation_may_hold_new_concept_scenes_only():
+    from imagen.data.shapes_datamodule import NewConceptShapesDataModule
+
+    dm = NewConceptShapesDataModule([{"color": "red"}], num_train=4, num_replay=0, num_val=0, use_judge=False)
+    assert len(dm.split("val").scenes) == dm.hparams.num_val_new

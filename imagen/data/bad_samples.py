@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # The reasons a sample is dropped (the keys of the counts); `truncated_caption` is counted but not dropped.
 REASONS = (
     "corrupt_image",  # a decoder error, including truncated files
+    "unreadable_file",  # an image or caption file that exists but cannot be read (permissions, I/O errors)
     "empty_file",  # zero bytes
     "not_an_image",  # a file Pillow cannot identify as an image
     "too_many_pixels",  # over data.max_pixels (decompression bombs)

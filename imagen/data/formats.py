@@ -12,6 +12,7 @@ its `problem`; the dataset reports it as a bad sample when it is read, like a fi
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -40,32 +41,47 @@ class Record:
             return self.captions
         if not self.caption_file.is_file():
             return None
-        return decode_text(self.caption_file.read_bytes(), str(self.caption_file)).splitlines()
+        try:
+            data = self.caption_file.read_bytes()
+        except OSError as e:  # permissions, I/O errors
+            raise BadSample("unreadable_file", str(self.caption_file), str(e)) from None
+        return decode_text(data, str(self.caption_file)).splitlines()
 
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file (a BOM, as Excel writes, is dropped); `ValueError` naming the file if it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
+
+
 def index_imagefolder(root: Path, caption_column: str = "text") -> list[Record]:
     """Records of a Hugging Face imagefolder directory (images may sit in subfolders; `file_name` is relative
     to the metadata file's folder), one per image with the captions of all its rows. Images without a metadata
-    row are records with a missing caption."""
+    row are records with a missing caption. `ValueError` (naming the file, and line for jsonl) for metadata that
+    is not UTF-8, a row that is not an object or lacks `file_name`, and a `caption_column` that no row has."""
     files = {
         p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file() and _is_image(p)
     }
     jsonl, csv_file = root / "metadata.jsonl", root / "metadata.csv"
     rows: list[dict] = []
     if jsonl.is_file():
-        for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read_text(jsonl).splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{jsonl}:{number}: not a JSON object ({e})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{jsonl}:{number}: not a JSON object: {line.strip()[:100]}")
+                rows.append(row)
     elif csv_file.is_file():
-        with open(csv_file, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(_read_text(csv_file), newline="")))
     else:
         raise FileNotFoundError(f"{root}: no metadata.jsonl or metadata.csv (imagefolder needs one)")
     meta_name = jsonl if jsonl.is_file() else csv_file
@@ -77,6 +93,11 @@ def index_imagefolder(root: Path, caption_column: str = "text") -> list[Record]:
         found = captions[Path(row["file_name"]).as_posix()]
         if value is not None:
             found += list(value) if isinstance(value, list) else [str(value)]
+    if rows and not any(caption_column in row for row in rows):
+        columns = sorted({key for row in rows for key in row})
+        raise ValueError(
+            f"data.caption_column={caption_column!r}: no row of {meta_name} has it; its columns are {columns}"
+        )
     records: list[Record] = []
     for name, found in captions.items():  # in the order of the files' first rows
         path = root / name
@@ -104,13 +125,14 @@ def index_image_txt(root: Path) -> list[Record]:
 
 
 def index_coco(images: Path, annotations: Path) -> list[Record]:
-    """Records of a COCO captions file: one per image entry, with all of its captions."""
+    """Records of a COCO captions file: one per image entry, with all of its captions. Captions of an `image_id`
+    with no `images` entry are a record with a missing image (named `<annotations>#image_id=<id>`)."""
     try:
-        data = json.loads(Path(annotations).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(Path(annotations).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"data.annotations={annotations}: cannot read a COCO JSON ({e})") from None
     for key in ("images", "annotations"):
-        if key not in data:
+        if not isinstance(data, dict) or key not in data:
             raise ValueError(f"data.annotations={annotations}: no {key!r} list (is it a captions file?)")
     captions: dict[int, list[str]] = defaultdict(list)
     for number, ann in enumerate(data["annotations"]):
@@ -129,6 +151,10 @@ def index_coco(images: Path, annotations: Path) -> list[Record]:
             records.append(Record(path, problem=BadSample("missing_caption", str(path))))
         else:
             records.append(Record(path, captions=captions[entry["id"]]))
+    listed = {entry["id"] for entry in data["images"]}
+    for image_id in (i for i in captions if i not in listed):  # captions of an image with no entry
+        name = f"{annotations}#image_id={image_id}"
+        records.append(Record(Path(name), problem=BadSample("missing_image", name)))
     return records
 
 

@@ -112,7 +112,7 @@ class RecordDataset(Dataset):
         except FileNotFoundError:
             raise BadSample("missing_image", str(record.image)) from None
         except OSError as e:
-            raise BadSample("corrupt_image", str(record.image), str(e)) from None
+            raise BadSample("unreadable_file", str(record.image), str(e)) from None
         return self.preprocess(data, captions, str(record.image))
 
     def __getitem__(self, index: int) -> dict:
@@ -371,6 +371,15 @@ class ImageTextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.bad_samples={bad_samples!r}: choose from {POLICIES}")
         if verify not in ("size", "checksum"):
             raise ValueError(f"data.verify={verify!r}: choose size or checksum")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"data.image_size={image_size!r}: must be an integer >= 1, e.g. 256")
+        if not 0 < holdout_fraction < 0.5:
+            raise ValueError(
+                f"data.holdout_fraction={holdout_fraction}: must be in (0, 0.5), the share of one folder or COCO "
+                "file held out for each of val and test (at least one sample each)"
+            )
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"data.max_pixels={max_pixels}: must be >= 1, or null for no limit")
         self.datasets: dict[str, Dataset] = {}
         self.bad = BadSampleTracker(max_bad_fraction, bad_check_after)
         self._epoch: int | None = None

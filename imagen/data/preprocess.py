@@ -48,18 +48,15 @@ def open_image(data: bytes, name: str, max_pixels: int | None, draft_size: int |
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB: transparency (an alpha channel or a PNG `tRNS` color) is composited on white,
-    16-bit (divided by 257) and float grayscale are scaled to 8 bits, CMYK / palette / YCbCr / 1-bit are
+    integer grayscale (`I;16*`, and `I`, which Pillow uses for 16-bit PGM) is divided by 257 and float grayscale
+    (`F`, taken as [0, 1]) multiplied by 255, values outside clipped; CMYK / palette / YCbCr / 1-bit are
     converted."""
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16"):
-            values = values / 257.0  # 65535 -> 255, whatever the image's brightest value
-        elif image.mode != "F" or values.max() > 1.0:
-            values = values / (257.0 if values.max() > 255 else 1.0)
-        else:  # float images in [0, 1]
-            values = values * 255.0
+        # a fixed scale per mode, never one read off the content: a brighter input never comes out darker
+        scale = 255.0 if image.mode == "F" else 1 / 257.0  # 65535 -> 255
+        values = np.asarray(image, dtype=np.float32) * scale
         image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L")
     if "transparency" in image.info:
         image = image.convert("RGBA")
@@ -71,18 +68,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_crop(image: Image.Image, size: int, random_crop: bool) -> Image.Image:
-    """Resize so that the shorter side is `size`, then crop a `size` x `size` square (random or centered)."""
+    """Resize so that the shorter side is `size`, then crop a `size` x `size` square (random or centered).
+
+    Only the cropped region is resampled (its box in source coordinates), so a thin strip never becomes a huge
+    intermediate image: the output is all that is allocated.
+    """
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
     if random_crop:
         left = int(torch.randint(new_w - size + 1, ()))
         top = int(torch.randint(new_h - size + 1, ()))
     else:
         left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    if (new_w, new_h) == (width, height):
+        return image.crop((left, top, left + size, top + size))
+    to_x, to_y = width / new_w, height / new_h  # resized -> source coordinates
+    box = (left * to_x, top * to_y, (left + size) * to_x, (top + size) * to_y)
+    return image.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -204,10 +204,10 @@ class ShapesDataModule(pl.LightningDataModule):
         defaults = ShapesConfig()
         self.config = ShapesConfig(
             image_size=image_size,
-            colors=list(colors or defaults.colors),
-            shapes=list(shapes or defaults.shapes),
-            sizes=list(sizes or defaults.sizes),
-            positions=list(positions or defaults.positions),
+            colors=list(defaults.colors if colors is None else colors),  # [] is refused, not replaced
+            shapes=list(defaults.shapes if shapes is None else shapes),
+            sizes=list(defaults.sizes if sizes is None else sizes),
+            positions=list(defaults.positions if positions is None else positions),
             max_objects=max_objects,
             two_object_prob=two_object_prob,
             jitter=jitter,
@@ -226,8 +226,28 @@ class ShapesDataModule(pl.LightningDataModule):
                 f"data.train_hflip=true mirrors positions, but the mirror image of {unmirrored} is not among "
                 f"data.positions={self.config.positions}"
             )
+        self.check_split_sizes()
         self.splits: dict[str, ShapesSplit] = {}
         self._judge: Judge | None = None
+
+    # the settings whose sum is a split's number of scenes (`*_heldout` only with `data.heldout`)
+    split_size_keys: dict[str, tuple[str, ...]] = {
+        "train": ("num_train",),
+        "val": ("num_val", "num_val_heldout"),
+        "test": ("num_test", "num_test_heldout"),
+    }
+
+    def check_split_sizes(self) -> None:
+        """Each `split_size_keys` setting must be >= 0 and each split hold at least one scene; `ValueError`."""
+        for split, keys in self.split_size_keys.items():
+            counted = {
+                f"data.{k}": self.hparams[k] for k in keys if self.config.heldout or "heldout" not in k
+            }
+            settings = " + ".join(f"{k}={v}" for k, v in counted.items())
+            if any(v < 0 for v in counted.values()):
+                raise ValueError(f"{settings}: each must be >= 0")
+            if sum(counted.values()) < 1:
+                raise ValueError(f"{settings}: the {split} split needs at least one scene")
 
     # groups of evaluation prompts (`eval_prompts`), each scored apart by the generator stages
     prompt_groups: tuple[str, ...] = ("seen", "heldout")
@@ -380,6 +400,11 @@ class NewConceptShapesDataModule(ShapesDataModule):
     """
 
     prompt_groups = ("seen", "heldout", "new")
+    split_size_keys = {
+        "train": ("num_replay", "num_train"),
+        "val": ("num_val", "num_val_heldout", "num_val_new"),
+        "test": ("num_test", "num_test_heldout", "num_test_new"),
+    }
 
     def __init__(
         self,
