@@ -10,7 +10,9 @@ import torch.nn as nn
 
 
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Weight decay on parameters with two or more dimensions (weights), none on biases, norms and gains."""
+    """Weight decay on parameters with two or more dimensions, none on biases, norms and gains (1-D). Embedding
+    tables and position tables are 2-D and decayed (nanoGPT's rule; the quickstart's figures were measured so), and
+    so is the generator's learned empty caption `null_text` (1, 1, D)."""
     decay, no_decay = [], []
     for _, p in named_params:
         if p.requires_grad:
