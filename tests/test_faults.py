@@ -209,3 +209,43 @@ def test_ddp_ranks_stop_together_when_one_is_signalled(tmp_path):
     (ckpt,) = (tmp_path / "logs").rglob("last.ckpt")
     assert 2 <= read_checkpoint(ckpt)["global_step"] < 40
     assert "stopped by a signal at step" in result.stderr + result.stdout
+
+
+def _random_streams_in_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    from imagen.callbacks.fault import RandomState
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    trainer = types.SimpleNamespace(global_rank=rank, world_size=world, reload_dataloaders_every_n_epochs=0)
+    callback = RandomState()
+    callback.setup(trainer, None, "fit")
+    torch.manual_seed(7)  # seed_everything: alike on every process
+    callback.on_train_start(trainer, None)
+    first = torch.rand(4)
+    saved = callback.state_dict()  # every process takes part
+    after_checkpoint = torch.rand(4)
+    resumed = RandomState()
+    resumed.setup(trainer, None, "fit")
+    resumed.load_state_dict(saved)  # rank 0's checkpoint, which holds every process's states
+    torch.manual_seed(7)
+    resumed.on_train_start(trainer, None)
+    resumed.on_train_batch_start(trainer, None, None, 0)
+    torch.save((first, after_checkpoint, torch.rand(4)), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_processes_draw_their_own_random_numbers_and_each_resumes_its_own(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_random_streams_in_process, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    (first0, after0, resumed0), (first1, after1, resumed1) = (
+        torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)
+    )
+    assert torch.equal(
+        first0, torch.rand(4, generator=torch.Generator().manual_seed(7))
+    )  # rank 0 keeps the run's
+    assert not torch.equal(first0, first1)  # dropout masks, caption dropout, noise: each process its own
+    assert torch.equal(resumed0, after0) and torch.equal(resumed1, after1)

@@ -48,29 +48,75 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def seed_process(seed: int, rank: int) -> None:
+    """Seed Python, NumPy and torch (every device) with a stream of (`seed`, `rank`)'s own."""
+    derived = int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(2, np.uint64)[0])
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived % 2**63)
+
+
 class RandomState(Callback):
-    """Makes a resumed run draw the same random numbers as an uninterrupted one.
+    """Makes a resumed run draw the same random numbers as an uninterrupted one, and DDP processes draw their own.
 
     The RNG states at the moment of a checkpoint are stored in it and restored just before the first training
     batch after a resume (whatever ran in between: setup, sanity checks, loader creation). Validation runs on a
     saved copy of the states, so the training trajectory does not depend on when validation (or a checkpoint
     written at its end) happens.
+
+    Under DDP every process was seeded alike (the shuffle of the data must agree); at the start of training the
+    processes of rank r > 0 move to streams of their own (`seed_process`), so that dropout masks, caption dropout and
+    token noise differ between processes. A checkpoint holds every process's states, and each gets its own back.
     """
 
     def __init__(self):
         self._pending: dict | None = None
         self._before_validation: dict | None = None
+        self._rank, self._world = 0, 1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._rank, self._world = trainer.global_rank, trainer.world_size
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if (
+            self._world == 1 or self._rank == 0 or self._pending is not None
+        ):  # a resume restores the saved streams
+            return
+        if (
+            trainer.reload_dataloaders_every_n_epochs
+        ):  # a loader built later would shuffle with the rank's seed
+            log.warning("trainer.reload_dataloaders_every_n_epochs: the DDP processes keep one random stream")
+            return
+        seed_process(torch.initial_seed(), self._rank)
 
     def state_dict(self) -> dict:
-        return rng_states()
+        if self._world == 1:
+            return rng_states()
+        # every process takes part in writing a checkpoint (Lightning's rule), so the states can be gathered
+        states: list[dict | None] = [None] * self._world
+        torch.distributed.all_gather_object(states, rng_states())
+        return {"ranks": states}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._pending is not None:
-            set_rng_states(self._pending)
-            self._pending = None
+        if self._pending is None:
+            return
+        states, self._pending = self._pending, None
+        if "ranks" not in states:  # saved by one process
+            set_rng_states(states)
+            if self._rank:
+                seed_process(torch.initial_seed(), self._rank)
+            return
+        saved = states["ranks"]
+        if len(saved) == self._world:
+            set_rng_states(saved[self._rank])
+            return
+        log.warning(f"resuming on {self._world} processes from {len(saved)}: the random streams start afresh")
+        set_rng_states(saved[0])
+        if self._rank:
+            seed_process(torch.initial_seed(), self._rank)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._before_validation = rng_states()
