@@ -51,8 +51,15 @@ def read_checkpoint(path: str | Path, trust: bool = False, mmap: bool = False) -
     mapped, not read, until used (for a look at its description: cheap on a checkpoint of many GB).
     """
     path = Path(path)
-    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
-        return read_export(path)
+    if path.is_dir():
+        if (path / EXPORT_WEIGHTS).is_file():
+            return read_export(path)
+        last = path / "checkpoints" / "last.ckpt"
+        raise CheckpointError(
+            f"checkpoint {path} is a folder without {EXPORT_WEIGHTS}, so not an exported checkpoint "
+            f"(`python -m imagen.cli.export CKPT DIR` writes one); pass a checkpoint file"
+            + (f", e.g. the run's {last}" if last.is_file() else "")
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     # only torch.save's zip format maps; an older or corrupt file is read whole
@@ -68,7 +75,8 @@ def read_checkpoint(path: str | Path, trust: bool = False, mmap: bool = False) -
             ) from None
         log.warning(f"loading {path} with full unpickling (trusted by the caller)")
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    # OSError: torch's zip reader meets some truncations as `[Errno 22] Invalid argument`, naming no file
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
 
 
@@ -190,9 +198,12 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, trust: bool = False
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        tensors, str(out_dir / EXPORT_WEIGHTS), metadata={"format": "pt", "stage": config["imagen"]["stage"]}
-    )
+    weights = out_dir / EXPORT_WEIGHTS
+    save_file(tensors, str(weights), metadata={"format": "pt", "stage": config["imagen"]["stage"]})
+    # safetensors writes a private temporary file (0600) and renames it: give it a new file's mode, as config.yaml
+    umask = os.umask(0)  # reading the umask means setting it; put back at once
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)
     (out_dir / EXPORT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     return out_dir
 

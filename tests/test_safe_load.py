@@ -3,6 +3,9 @@ checkpoints of another stage or config fail with the mismatched keys."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import hydra
@@ -10,7 +13,7 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from imagen.checkpoints import CheckpointError
+from imagen.checkpoints import CheckpointError, find_resume_checkpoint, read_checkpoint
 from imagen.cli.checks import ConfigError
 from imagen.cli.export import main as export_main
 from imagen.cli.sample import sample
@@ -41,8 +44,6 @@ def test_sample_refuses_a_checkpoint_that_runs_code(make_cfg, tmp_path, evil_ckp
 
 
 def test_auto_resume_reads_a_trusted_checkpoint_only_when_told(tmp_path, evil_ckpt):
-    from imagen.checkpoints import find_resume_checkpoint
-
     path, marker = evil_ckpt
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     path.rename(tmp_path / "run" / "checkpoints" / "last.ckpt")
@@ -80,6 +81,31 @@ def test_export_samples_the_same_images(make_cfg, generator_ckpt, tmp_path):  # 
         sample(cfg)
         images[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name / "images").glob("*.png"))}
     assert len(images["checkpoint"]) == 4 and images["checkpoint"] == images["export"]
+
+
+def test_exported_weights_get_a_new_files_permissions(generator_ckpt, tmp_path):  # noqa: F811
+    umask = os.umask(0o027)
+    try:
+        export_main([str(generator_ckpt), str(tmp_path / "exported")])
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "exported").iterdir()}
+    assert modes == {"config.yaml": 0o640, "model.safetensors": 0o640}
+
+
+@pytest.mark.parametrize("size", [5_000, 20_000, 50_000])
+def test_a_truncated_checkpoint_is_named_and_resuming_falls_back(generator_ckpt, tmp_path, size):  # noqa: F811
+    """Some cuts make torch's zip reader fail with a bare `OSError: [Errno 22] Invalid argument`."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(generator_ckpt, checkpoints / "step_000003.ckpt")
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(generator_ckpt.read_bytes()[:size])
+    os.utime(checkpoints / "step_000003.ckpt", ns=(1, 1))  # older than last.ckpt
+    with pytest.raises(CheckpointError, match=f"checkpoint {last} is truncated or corrupt"):
+        read_checkpoint(last)
+    found, checkpoint = find_resume_checkpoint(tmp_path / "run")
+    assert found == checkpoints / "step_000003.ckpt" and checkpoint["global_step"] == 3
 
 
 def test_init_from_checks_stage_and_config(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811

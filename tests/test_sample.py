@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from unittest import mock
 
@@ -13,9 +13,10 @@ import torch
 
 from imagen.checkpoints import CheckpointError
 from imagen.cli.sample import sample
+from imagen.images import save_png, to_uint8
 from imagen.sampling.ar import KVCache
 from tests.conftest import TINY_SHAPES, train_tiny_stage
-from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
+from tests.test_train import TINY_GENERATOR, TINY_JOINT, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,34 @@ def generator_ckpt(tmp_path_factory, tiny_autoencoder_ckpt) -> Path:  # noqa: F8
         ],  # fmt: skip
         tmp_path_factory.mktemp("tiny_generator"),
     )
+
+
+@pytest.fixture(scope="module")
+def captioner_ckpt(tmp_path_factory, tiny_autoencoder_ckpt) -> Path:  # noqa: F811
+    """A joint stage trained without the generation loss, whose caption decoding is not the default."""
+    return train_tiny_stage(
+        ["experiment=shapes_joint", *TINY_SHAPES, *TINY_JOINT, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+         "model.loss_weights.generation=0", "model.caption_decoding.generator_weight=0",
+         "model.retrieval_generator_weight=null", "model.caption_decoding.length_penalty=0.5",
+         "model.caption_decoding.max_length=7", "trainer.max_steps=2", "trainer.limit_val_batches=0"],
+        tmp_path_factory.mktemp("tiny_captioner"),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ner_ckpt(tmp_path_factory) -> Path:
+    return train_tiny_stage(
+        ["experiment=ner_tiny", "trainer.max_steps=2", "callbacks.rich_progress_bar=null"],
+        tmp_path_factory.mktemp("tiny_ner"),
+    )
+
+
+def edited_ckpt(path: Path, out: Path, edit) -> Path:
+    """A copy of checkpoint `path` at `out`, its contents changed in place by `edit`."""
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, out)
+    return out
 
 
 def sample_cfg(make_cfg, tmp_path, *overrides: str):
@@ -62,7 +91,7 @@ def test_sample_defaults_to_the_checkpoints_settings(make_cfg, generator_ckpt, t
     assert row["settings"] == recorded
     # one setting given: the others stay the checkpoint's; top_k=0 and top_p=1 turn the cut-offs off
     sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=1",
-                      "temperature=1.0", "top_k=0", "top_p=1.0", "cfg_until=0.5"))  # fmt: skip
+                      "temperature=1.0", "top_k=0", "top_p=1.0", "cfg_until=0.5", "overwrite=true"))  # fmt: skip
     row = json.loads((tmp_path / "out" / "samples.jsonl").read_text())
     assert row["settings"] == {**recorded, "temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_until": 0.5}
 
@@ -140,3 +169,123 @@ def test_compile_decode_compiles_the_sampler_on_a_gpu_only_when_auto():
 
     assert compile_decode("auto", torch.device("cuda")) and not compile_decode("auto", torch.device("cpu"))
     assert compile_decode(True, torch.device("cpu")) and not compile_decode(False, torch.device("cuda"))
+
+
+def test_an_out_dir_with_an_earlier_runs_outputs_is_refused_or_overwritten(
+    make_cfg, generator_ckpt, tmp_path
+):
+    out = tmp_path / "out"
+    sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=2"))
+    (out / "notes.txt").write_text("mine")  # not an output of sample.py: kept
+    with pytest.raises(FileExistsError, match=f"out_dir={out} holds an earlier run's images, grid.png, "
+                                              "samples.jsonl; .* overwrite=true"):  # fmt: skip
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=1"))
+    assert len(list((out / "images").glob("*.png"))) == 2
+    sample(
+        sample_cfg(
+            make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=1", "overwrite=true"
+        )
+    )
+    rows = (out / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and [p.name for p in (out / "images").iterdir()] == ["000_00.png"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_prompts_file_is_utf8_with_or_without_a_byte_order_mark(make_cfg, tmp_path):
+    from imagen.cli.sample_generate import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a red circle\r\n\n  a café square \n".encode("utf-8-sig"))
+    assert read_prompts(make_cfg([f"prompts_file={path}"], config_name="sample")) == [
+        "a red circle",
+        "a café square",
+    ]
+    path.write_bytes("a red circle\na café square\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"prompts_file={path}:2: not UTF-8 .*iconv"):
+        read_prompts(make_cfg([f"prompts_file={path}"], config_name="sample"))
+
+
+def test_a_joint_checkpoint_with_an_untrained_head_is_refused(make_cfg, captioner_ckpt, tmp_path, caplog):
+    error = f"checkpoint {captioner_ckpt} was trained with model.loss_weights.generation=0: its generator is untrained"
+    with pytest.raises(CheckpointError, match=error):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={captioner_ckpt}", "prompts=[a red circle]", "n=1"))
+
+    # a run that started from another's weights (model.init_from) keeps that run's generator: a warning
+    def started_from_a_run(checkpoint):
+        checkpoint["hyper_parameters"]["init_from"] = "earlier/last.ckpt"
+
+    fine_tuned = edited_ckpt(captioner_ckpt, tmp_path / "fine_tuned.ckpt", started_from_a_run)
+    summary = sample(sample_cfg(make_cfg, tmp_path, f"ckpt={fine_tuned}", "prompts=[a red circle]", "n=1"))
+    assert summary["images"] == 1
+    assert (
+        "its generator is that of the run it started from (model.init_from=earlier/last.ckpt)" in caplog.text
+    )
+
+    # the mirror case: a joint checkpoint trained without the caption loss has no captioner
+    def without_captions(checkpoint):
+        checkpoint["imagen"]["loss_weights"]["caption"] = 0.0
+        checkpoint["imagen"]["rerank"]["score"] = "match"
+
+    no_captioner = edited_ckpt(captioner_ckpt, tmp_path / "no_captioner.ckpt", without_captions)
+    image = save_png(to_uint8(torch.zeros(1, 3, 32, 32))[0], tmp_path / "images" / "a.png")
+    with pytest.raises(CheckpointError, match="model.loss_weights.caption=0: its captioner is untrained"):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={no_captioner}", "task=caption", f"images={image}"))
+
+
+def test_caption_decoding_starts_from_the_checkpoints_settings(make_cfg, captioner_ckpt, tmp_path):
+    from imagen.stages.joint import JointStage
+
+    save_png(to_uint8(torch.zeros(1, 3, 32, 32))[0], tmp_path / "images" / "a.png")
+    used = []
+
+    def caption_images(self, images, decoding=None, generator=None):
+        used.append(decoding)
+        return ["a caption"] * len(images)
+
+    with mock.patch.object(JointStage, "caption_images", caption_images):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={captioner_ckpt}", "task=caption",
+                          f"images={tmp_path / 'images'}", "beam_size=2"))  # fmt: skip
+    recorded = JointStage.from_checkpoint(str(captioner_ckpt)).caption_decoding
+    assert recorded.length_penalty == 0.5 and recorded.max_length == 7 and recorded.method == "beam"
+    assert used == [replace(recorded, beam_size=2)]  # only the setting given changes
+    assert json.loads((tmp_path / "out" / "captions.jsonl").read_text())["decoding"] == "beam"
+
+
+def test_sample_settings_errors_name_the_key(make_cfg, generator_ckpt, captioner_ckpt, tmp_path):
+    generate = [f"ckpt={generator_ckpt}", "prompts=[x]"]
+    with pytest.raises(ValueError, match="n=0 must be >= 1"):
+        sample(sample_cfg(make_cfg, tmp_path, *generate, "n=0"))
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        sample(sample_cfg(make_cfg, tmp_path, *generate, "batch_size=0"))
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={captioner_ckpt}", "task=caption", f"images={tmp_path}",
+                          "batch_size=0"))  # fmt: skip
+    with pytest.raises(ValueError, match="device='gpu' is not a device; use auto, cpu, cuda or cuda:N"):
+        sample(sample_cfg(make_cfg, tmp_path, *generate, "device=gpu"))
+    # a run directory is not an exported folder: the error says so and points at its last checkpoint
+    run = generator_ckpt.parent.parent
+    with pytest.raises(CheckpointError, match=f"checkpoint {run} is a folder without model.safetensors, so not an "
+                                              f"exported checkpoint.*e.g. the run's {generator_ckpt}"):  # fmt: skip
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={run}", "prompts=[x]"))
+
+
+def test_ner_sample_errors_name_the_key_and_the_checkpoint(make_cfg, ner_ckpt, tmp_path):
+    with (
+        mock.patch("torch.cuda.is_available", return_value=False),
+        pytest.raises(ValueError, match="device=cuda: CUDA is not available on this machine; use device=cpu"),
+    ):
+        sample(sample_cfg(make_cfg, tmp_path, "task=ner", f"ckpt={ner_ckpt}", "text=Hello", "device=cuda"))
+
+    def extra_key(checkpoint):
+        checkpoint["state_dict"]["net.extra.weight"] = torch.zeros(2)
+
+    bad = edited_ckpt(ner_ckpt, tmp_path / "bad.ckpt", extra_key)
+    with pytest.raises(CheckpointError, match=f"checkpoint ckpt={bad} does not match NerTagger:\n  unexpected keys: "
+                                              "extra.weight"):  # fmt: skip
+        sample(sample_cfg(make_cfg, tmp_path, "task=ner", f"ckpt={bad}", "text=Hello"))
+    # entities.jsonl of an earlier run is not overwritten without overwrite=true
+    sample(sample_cfg(make_cfg, tmp_path, "task=ner", f"ckpt={ner_ckpt}", "text=Hello"))
+    with pytest.raises(FileExistsError, match="holds an earlier run's entities.jsonl"):
+        sample(sample_cfg(make_cfg, tmp_path, "task=ner", f"ckpt={ner_ckpt}", "text=Hello"))
+    sample(sample_cfg(make_cfg, tmp_path, "task=ner", f"ckpt={ner_ckpt}", "text=Hi there", "overwrite=true"))
+    assert json.loads((tmp_path / "out" / "entities.jsonl").read_text())["text"] == "Hi there"

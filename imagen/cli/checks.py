@@ -36,7 +36,7 @@ def autoencoder_config_from_node(node: DictConfig):
         raise ConfigError(str(e)) from None
 
 
-def _expect_number(cfg: DictConfig, key: str, kind: type, minimum: float, fix: str) -> None:
+def expect_number(cfg: DictConfig, key: str, kind: type, minimum: float, fix: str) -> None:
     """`key` (dotted) must be a `kind` >= `minimum` when it is set."""
     value = OmegaConf.select(cfg, key)
     if value is None:
@@ -48,12 +48,12 @@ def _expect_number(cfg: DictConfig, key: str, kind: type, minimum: float, fix: s
 
 
 def _check_types(cfg: DictConfig) -> None:
-    _expect_number(cfg, "seed", int, 0, "e.g. seed=7")
-    _expect_number(cfg, "data.batch_size", int, 1, "e.g. data.batch_size=64")
-    _expect_number(cfg, "data.num_workers", int, 0, "e.g. data.num_workers=4")
-    _expect_number(cfg, "model.optimizer.lr", float, 0, "e.g. model.optimizer.lr=3e-4")
-    _expect_number(cfg, "callbacks.model_checkpoint.every_n_train_steps", int, 1, "or null to save by time")
-    _expect_number(cfg, "callbacks.nonfinite_guard.max_consecutive", int, 1, "e.g. 5")
+    expect_number(cfg, "seed", int, 0, "e.g. seed=7")
+    expect_number(cfg, "data.batch_size", int, 1, "e.g. data.batch_size=64")
+    expect_number(cfg, "data.num_workers", int, 0, "e.g. data.num_workers=4")
+    expect_number(cfg, "model.optimizer.lr", float, 0, "e.g. model.optimizer.lr=3e-4")
+    expect_number(cfg, "callbacks.model_checkpoint.every_n_train_steps", int, 1, "or null to save by time")
+    expect_number(cfg, "callbacks.nonfinite_guard.max_consecutive", int, 1, "e.g. 5")
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer; e.g. trainer.max_steps=2000")

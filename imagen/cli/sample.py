@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
+from imagen.checkpoints import CheckpointError
+from imagen.cli.checks import expect_number
 from imagen.cli.utils import apply_extras, task_wrapper
 
 log = logging.getLogger("imagen")
@@ -14,10 +19,86 @@ log = logging.getLogger("imagen")
 TASKS = ("generate", "caption", "ner")
 
 
+def resolve_device(name: str | int) -> torch.device:
+    """`device`: auto (a GPU if there is one), cpu, cuda or cuda:N; another name, or CUDA where there is none, is an
+    error naming the key."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: CUDA is not available on this machine; use device=cpu")
+    return device
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The settings of every task, checked before a checkpoint is read; each failure names its key."""
+    expect_number(cfg, "batch_size", int, 1, "e.g. batch_size=16")
+    if cfg.task == "generate":
+        expect_number(cfg, "n", int, 1, "the images per prompt, e.g. n=4")
+    resolve_device(cfg.device)
+
+
+def prepare_out_dir(cfg: DictConfig, outputs: tuple[str, ...]) -> Path:
+    """`out_dir`, created. The task's `outputs` there from an earlier run are an error naming them, or are deleted
+    first with `overwrite=true`: a run's outputs are never mixed with stale ones."""
+    out_dir = Path(cfg.out_dir)
+    found = [name for name in outputs if (out_dir / name).exists()]
+    if found and not cfg.overwrite:
+        raise FileExistsError(
+            f"out_dir={out_dir} holds an earlier run's {', '.join(found)}; choose another out_dir (by default each "
+            "run gets a new one) or pass overwrite=true to delete them first"
+        )
+    for name in found:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def text_lines(path: str | Path, key: str) -> list[str]:
+    """The lines of a UTF-8 text file (a byte order mark is dropped; split at \\n, \\r\\n or \\r). A missing file, or
+    a line that is not UTF-8, is an error naming `key`, the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file")
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{key}={path}:{number}: not UTF-8 ({e.reason} at byte {e.start} of the line); convert the file, "
+                "e.g. `iconv -f latin1 -t utf-8`"
+            ) from None
+    return lines
+
+
+def check_trained(stage, checkpoint: dict, loss: str, head: str, path: str) -> None:
+    """A joint-stage checkpoint trained with `model.loss_weights.<loss>=0` has an untrained `head`: an error, or a
+    warning where the run started from another's weights (`model.init_from`), which that head keeps."""
+    if getattr(stage.weights, loss):
+        return
+    init_from = (checkpoint.get("hyper_parameters") or {}).get("init_from")
+    trained = f"checkpoint {path} was trained with model.loss_weights.{loss}=0"
+    if init_from:
+        log.warning(f"{trained}: its {head} is that of the run it started from (model.init_from={init_from})")
+        return
+    raise CheckpointError(
+        f"{trained}: its {head} is untrained; use a checkpoint trained with model.loss_weights.{loss} > 0"
+    )
+
+
 @task_wrapper
 def sample(cfg: DictConfig) -> dict:
     """Run the task named by `cfg.task`; returns a summary (output paths and counts)."""
     apply_extras(cfg)
+    check_settings(cfg)
     if cfg.task == "ner":
         from imagen.cli.sample_ner import sample_ner
 

@@ -3,29 +3,34 @@
 Every PNG/JPEG/BMP/WebP file in `images` (a folder, or one file) is read as evaluation reads images (EXIF
 orientation, transparency on white, shorter side resized to the stage's image size, center crop) and captioned with
 `decoding=greedy|beam|nucleus` (beams re-scored by the matcher and the generator: `caption_match_weight`,
-`caption_generator_weight`); `captions.jsonl` (file, caption, decoding) goes to `out_dir`. A file that cannot be
-read is skipped, and the skips are counted and named at the end.
+`caption_generator_weight`; a setting not given is the checkpoint's, `model.caption_decoding`); `captions.jsonl`
+(file, caption, decoding) goes to `out_dir`. A file that cannot be read is skipped, and the skips are counted and
+named at the end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from imagen.checkpoints import CheckpointError
-from imagen.cli.sample_generate import resolve_device
+from imagen.checkpoints import CheckpointError, read_checkpoint
+from imagen.cli.sample import check_trained, prepare_out_dir, resolve_device
 from imagen.data.bad_samples import BadSample
 from imagen.data.preprocess import open_image, resize_crop, to_tensor
 from imagen.progress import progress_bar
-from imagen.sampling.caption import CaptionDecoding
 
 log = logging.getLogger("imagen")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# command-line key -> `CaptionDecoding` field; null: the checkpoint's own (`model.caption_decoding`)
+DECODING_KEYS = {"decoding": "method", "beam_size": "beam_size", "caption_top_p": "top_p",
+                 "caption_temperature": "temperature", "caption_match_weight": "match_weight",
+                 "caption_generator_weight": "generator_weight"}  # fmt: skip
 
 
 def image_files(images: str | None) -> list[Path]:
@@ -56,27 +61,20 @@ def sample_caption(cfg: DictConfig) -> dict:
     from imagen.stages.joint import JointStage
 
     files = image_files(cfg.images)
+    checkpoint = read_checkpoint(cfg.ckpt, cfg.trust_checkpoint)  # read once: it fills the stage
     try:
-        stage = JointStage.from_checkpoint(cfg.ckpt, trust=cfg.trust_checkpoint)
+        stage = JointStage.from_checkpoint(cfg.ckpt, trust=cfg.trust_checkpoint, checkpoint=checkpoint)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {cfg.ckpt} is not a compatible joint checkpoint: {e}") from None
-    if not stage.weights.caption:
-        log.warning(f"{cfg.ckpt} was trained with model.loss_weights.caption=0: its captioner is untrained")
+    check_trained(stage, checkpoint, "caption", "captioner", cfg.ckpt)
     device = resolve_device(cfg.device)
     stage.to(device)
-    weights = {  # null: the checkpoint's own setting
-        name: getattr(stage.caption_decoding, name)
-        if cfg[f"caption_{name}"] is None
-        else cfg[f"caption_{name}"]
-        for name in ("match_weight", "generator_weight")
-    }
-    decoding = CaptionDecoding(method=cfg.decoding, beam_size=cfg.beam_size, top_p=cfg.caption_top_p,
-                               temperature=cfg.caption_temperature, **weights)  # fmt: skip
+    given = {field: cfg[key] for key, field in DECODING_KEYS.items() if cfg[key] is not None}
+    decoding = replace(stage.caption_decoding, **given)
     stage.check_caption_rescoring(decoding, "caption_{}")
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     size = stage.hparams.image_size
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(cfg, ("captions.jsonl",))
     manifest = out_dir / "captions.jsonl"
     skipped: list[str] = []
     with open(manifest, "w") as f, progress_bar() as progress:

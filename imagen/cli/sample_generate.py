@@ -9,25 +9,17 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from imagen.checkpoints import CheckpointError
+from imagen.cli.sample import check_trained, prepare_out_dir, resolve_device, text_lines
 from imagen.images import captioned_grid, save_png, to_uint8
 from imagen.progress import progress_bar
 from imagen.sampling.ar import SamplingSettings
 
 log = logging.getLogger("imagen")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name}: CUDA is not available on this machine; use device=cpu")
-    return torch.device(name)
 
 
 DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,10 +46,7 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     given = cfg.prompts or []
     prompts = [given] if isinstance(given, str) else [str(p) for p in given]
     if cfg.prompts_file:
-        path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts_file={path}: no such file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += text_lines(cfg.prompts_file, "prompts_file")
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(
@@ -67,7 +56,8 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def load_generator(path: str, trust: bool):
-    """The generator or joint stage of a checkpoint; a checkpoint of another stage is a clear error."""
+    """The generator or joint stage of a checkpoint; a checkpoint of another stage, or a joint one whose generator
+    was not trained, is a clear error."""
     from imagen.checkpoints import read_checkpoint
     from imagen.stages.ar_generator import ARGeneratorStage
     from imagen.stages.joint import JointStage
@@ -81,6 +71,8 @@ def load_generator(path: str, trust: bool):
         raise
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} is not a compatible {cls.STAGE} checkpoint: {e}") from None
+    if cls is JointStage:
+        check_trained(stage, checkpoint, "generation", "generator", path)
     stage.merge_lora()  # a LoRA fine-tune samples at the plain model's speed
     return stage
 
@@ -104,8 +96,8 @@ def sample_generate(cfg: DictConfig) -> dict:
     stage.net.to(decode_dtype(cfg.decode_dtype))  # the generator's weights; its KV cache follows them
     stage.compile_decode = compile_decode(cfg.compile_decode, device)
     settings = sampling_settings(cfg, stage.sampling)
-    out_dir = Path(cfg.out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(cfg, ("images", "grid.png", "samples.jsonl"))
+    (out_dir / "images").mkdir()
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     candidates = int(cfg.get("rerank_candidates") or 1)
     if candidates < 1:

@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from imagen.checkpoints import plain_state_dict, read_checkpoint
+from imagen.checkpoints import load_state_strict, plain_state_dict, read_checkpoint
+from imagen.cli.sample import prepare_out_dir, resolve_device, text_lines
 from imagen.data.conll import (
     ConllEncodingError,
     ConllFormatError,
@@ -55,7 +56,8 @@ class NerModel:
 
 
 def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
-    """Rebuild tokenizer, encoder and head of a NER stage checkpoint (offline) and load its weights."""
+    """Rebuild tokenizer, encoder and head of a NER stage checkpoint (offline) and load its weights; weights that do
+    not fit the head and encoder it describes are a `CheckpointError` listing the keys."""
     info = checkpoint.get("imagen") or {}
     if info.get("stage") != "ner":
         raise ValueError(
@@ -67,7 +69,7 @@ def load_ner_model(checkpoint: dict, source: str = "checkpoint") -> NerModel:
     )
     prefix = "net."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    tagger.load_state_dict(plain_state_dict(state, info))  # LoRA adapters folded into the weights
+    load_state_strict(tagger, plain_state_dict(state, info), source=source)  # LoRA adapters folded in
     return NerModel(
         tagger.eval(),
         tokenizer_from_files(info["tokenizer_files"]),
@@ -116,16 +118,14 @@ def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[
             spans.append([(start, start + len(t)) for start, t in zip(starts, s.tokens, strict=True)])
         return sentences, True, texts, spans
     sentences, texts, spans, document = [], [], [], 0
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            tokens, token_spans = words_of(line)
-            if tokens:
-                sentences.append(Sentence(tokens, ["O"] * len(tokens), document, f"{path}:{number}"))
-                texts.append(line)
-                spans.append(token_spans)
-            elif sentences and sentences[-1].document == document:
-                document += 1
+    for number, line in enumerate(text_lines(path, "input"), 1):
+        tokens, token_spans = words_of(line)
+        if tokens:
+            sentences.append(Sentence(tokens, ["O"] * len(tokens), document, f"{path}:{number}"))
+            texts.append(line)
+            spans.append(token_spans)
+        elif sentences and sentences[-1].document == document:
+            document += 1
     return sentences, False, texts, spans
 
 
@@ -182,12 +182,6 @@ def entities_of(text: str, spans: list[tuple[int, int]], tags: list[str], probs:
     return out
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def sample_ner(cfg: DictConfig) -> dict:
     """Tag `cfg.text` or the sentences of `cfg.input`; returns {"path", "sentences", "entities"} (+ "f1" when
     the input has gold tags)."""
@@ -211,12 +205,11 @@ def sample_ner(cfg: DictConfig) -> dict:
         if not Path(cfg.input).is_file():
             raise FileNotFoundError(f"input={cfg.input}: no such file")
         sentences, has_gold, texts, all_spans = read_input(cfg.input)
+    out_dir = prepare_out_dir(cfg, ("entities.jsonl", "predictions.conll"))
     predictions = predict(
-        model, sentences, cfg.batch_size, _device(cfg.device), show_progress=cfg.text is None
+        model, sentences, cfg.batch_size, resolve_device(cfg.device), show_progress=cfg.text is None
     )
 
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"sentences": len(sentences)}
     if cfg.format == "jsonl":
         path = out_dir / "entities.jsonl"
