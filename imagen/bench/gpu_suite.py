@@ -125,7 +125,8 @@ def build_plan(args: argparse.Namespace, out: Path, work: Path) -> list[tuple[st
                        f"model.autoencoder_ckpt={ae_dir}/checkpoints/last.ckpt", f"hydra.run.dir={gen_dir}"],
          stage_share),
         ("sample", [python, "sample.py", f"ckpt={gen_dir}/checkpoints/last.ckpt", f"prompts={prompts}", "n=16",
-                    "decode_dtype=bfloat16", f"out_dir={work / 'sample_out'}", f"hydra.run.dir={work / 'sample'}"],
+                    "decode_dtype=bfloat16", f"out_dir={work / 'sample_out'}", "overwrite=true",  # a rerun on a warm machine
+                    f"hydra.run.dir={work / 'sample'}"],
          args.sample_share),
         ("loader", [python, "-m", "imagen.bench.loader", "--workers", "0", "4", "--seconds", "3",
                     "--json", str(work / "loader.json")], args.loader_share),
