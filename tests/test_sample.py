@@ -69,7 +69,14 @@ def sample_cfg(make_cfg, tmp_path, *overrides: str):
 def test_sample_writes_images_grid_and_manifest(make_cfg, generator_ckpt, tmp_path):
     prompts = '["a small red circle on the left","a large blue square above a small green triangle"]'
     cfg = sample_cfg(
-        make_cfg, tmp_path, f"ckpt={generator_ckpt}", f"prompts={prompts}", "n=3", "cfg_scale=2.0", "top_k=20"
+        make_cfg,
+        tmp_path,
+        f"ckpt={generator_ckpt}",
+        f"prompts={prompts}",
+        "n=3",
+        "cfg_scale=2.0",
+        "top_k=20",
+        "batch_size=4",
     )
     summary = sample(cfg)
     out = tmp_path / "out"
@@ -77,6 +84,9 @@ def test_sample_writes_images_grid_and_manifest(make_cfg, generator_ckpt, tmp_pa
     assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 6
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt_index"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert [r["batch"] for r in rows] == [0, 0, 0, 0, 1, 1] and rows[0][
+        "batch_size"
+    ] == 4  # what the draws depend on
     assert rows[0]["settings"]["cfg_scale"] == 2.0 and rows[0]["settings"]["top_k"] == 20
     assert all((out / r["file"]).is_file() and r["scores"]["mean_token_logprob"] < 0 for r in rows)
 

@@ -127,7 +127,9 @@ def sample_generate(cfg: DictConfig) -> dict:
                 file = out_dir / "images" / f"{p:03d}_{s:02d}.png"
                 save_png(to_uint8(image[None])[0], file)
                 images.append(image.cpu())
+                # the seed draws for the whole batch: an image is reproduced by the same command, not its seed alone
                 records.append({"prompt": caption, "prompt_index": p, "sample": s, "seed": int(cfg.seed),
+                                "batch": start // per_call, "batch_size": cfg.batch_size,
                                 "settings": asdict(settings), "decode_dtype": cfg.decode_dtype,
                                 "file": str(file.relative_to(out_dir)),
                                 "scores": {"mean_token_logprob": round(float(score), 5)}})  # fmt: skip
