@@ -127,3 +127,29 @@ def test_code_vectors_are_the_decoder_inputs_of_each_id(quantizer):
     assert vectors.shape[0] == model.vocab_size
     ids = torch.randint(model.vocab_size, (2, 3, 5))
     torch.testing.assert_close(vectors[ids].permute(0, 3, 1, 2), model.quantizer.codes_from_indices(ids))
+
+
+def _vq_codebook_under_ddp(rank: int, world: int, init_file: str, out_dir: str, synchronise: bool) -> None:
+    import torch.distributed as dist
+
+    # the same model on every process, built before the process group exists (as in a run)
+    torch.manual_seed(0)
+    quantizer = Autoencoder.from_size("tiny", quantizer="vq", vq_dead_code_threshold=2.0).quantizer.train()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if synchronise:
+        quantizer.synchronise_codebook()
+    torch.manual_seed(1 + rank)  # each process its own batches and random draws
+    for _ in range(3):
+        quantizer(torch.randn(4, quantizer.impl.project_in.in_features, 4, 4) * (1 + rank))
+    torch.save(quantizer.impl._codebook.embed, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("synchronise", [True, False])
+def test_ddp_processes_keep_one_vq_codebook(tmp_path, synchronise):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_vq_codebook_under_ddp, args=(2, str(tmp_path / "init"), str(tmp_path), synchronise), nprocs=2)
+    codebooks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    # without it, each process's updates and dead-code replacements make a codebook of its own
+    assert torch.equal(*codebooks) == synchronise

@@ -119,9 +119,9 @@ def test_a_killed_ddp_run_resumes_within_its_epoch_to_bit_identical_weights(tmp_
     """Two processes (`trainer=ddp_sim`), 7 batches each per epoch: both killed after the checkpoint of step 60, in
     the middle of an epoch; the same command resumes and ends with an uninterrupted run's weights. (Lightning wraps a
     sampler that is not a DistributedSampler in one of its own, whose position a checkpoint does not keep: the
-    resumed epoch then trained again on its first batches.) FSQ: VQ's codebook is not synchronised between the
-    processes (each updates its own; DDP then copies one process's to the others), and a checkpoint keeps rank 0's."""
-    ddp = ["trainer=ddp_sim", "trainer.max_steps=120", "data.num_train=112", "model.net.quantizer=fsq"]
+    resumed epoch then trained again on its first batches.) VQ: its codebook is kept the same on both processes
+    (`synchronise_codebook`), and each process's random streams, which its dead-code replacement draws from, resume."""
+    ddp = ["trainer=ddp_sim", "trainer.max_steps=120", "data.num_train=112"]
     reference = tmp_path / "reference"
     run_to_end(train_command(reference, *ddp), tmp_path, tmp_path / "reference.log")
 

@@ -250,6 +250,28 @@ class Quantizer(nn.Module):
             quantized, indices, aux = self.impl(z)
         return QuantizerOutput(quantized, indices.long(), aux.sum())
 
+    def synchronise_codebook(self) -> None:
+        """VQ under DDP: sum the codebook's statistics (cluster sizes and sums, k-means init) over the processes and
+        draw dead-code replacements from all of their batches, so every process keeps the same codebook.
+        vector-quantize-pytorch turns this on (`sync_codebook`) only when the process group exists as the quantizer
+        is built, which is before Lightning starts it: call this once it does."""
+        if self.kind != "vq" or not torch.distributed.is_initialized():
+            return
+        from importlib.metadata import version
+
+        from vector_quantize_pytorch.vector_quantize_pytorch import sample_vectors_distributed
+
+        codebook = self.impl._codebook  # the attributes its constructor sets from `use_ddp`
+        settings = ("use_ddp", "all_reduce_fn", "kmeans_all_reduce_fn", "sample_fn", "replace_sample_fn")
+        if not all(hasattr(codebook, name) for name in settings):
+            raise RuntimeError(
+                f"vector-quantize-pytorch {version('vector-quantize-pytorch')}: its codebook lacks one of {settings}, "
+                "which imagen sets to synchronise VQ codebooks under DDP; use the version in pyproject.toml"
+            )
+        codebook.use_ddp = True
+        codebook.all_reduce_fn = codebook.kmeans_all_reduce_fn = torch.distributed.all_reduce
+        codebook.sample_fn = codebook.replace_sample_fn = sample_vectors_distributed
+
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) token ids -> (B, D, h, w) decoder input; the exact inverse of the index lookup."""
         if self.kind == "vq":

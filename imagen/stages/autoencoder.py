@@ -172,6 +172,8 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
         return optimizers, schedulers
 
     def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            self.net.quantizer.synchronise_codebook()
         if self.discriminator is not None and str(self.trainer.precision).startswith("16"):
             raise ValueError(
                 "trainer.precision=16-mixed is not supported with the adversarial loss (the discriminator step "
