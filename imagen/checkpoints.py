@@ -3,6 +3,7 @@ loaded strictly with a report of what did not match."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -75,8 +76,13 @@ def read_checkpoint(path: str | Path, trust: bool = False, mmap: bool = False) -
             ) from None
         log.warning(f"loading {path} with full unpickling (trusted by the caller)")
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    # OSError: torch's zip reader meets some truncations as `[Errno 22] Invalid argument`, naming no file
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
+    except (
+        OSError
+    ) as e:  # torch's zip reader meets some truncations as EINVAL, naming no file; others are I/O
+        if e.errno != errno.EINVAL:
+            raise
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
 
 

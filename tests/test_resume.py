@@ -279,20 +279,23 @@ def test_under_ddp_each_process_takes_its_share_of_the_epoch_and_resumes_within_
 
     whole = list(EpochShuffleSampler(11, seed=5))  # one process
     shares = [list(EpochShuffleSampler(11, seed=5, num_replicas=2, rank=rank)) for rank in (0, 1)]
-    assert [i for pair in zip(*shares, strict=True) for i in pair] == whole[
-        :10
-    ]  # item 11 waits for another epoch
+    # interleaved, the one-process order; its 11th item is left out of this epoch (another one in each epoch)
+    assert [i for pair in zip(*shares, strict=True) for i in pair] == whole[:10]
+    # without drop_last (NER) every item is taken, the first again to fill the last round
+    shares = [list(EpochShuffleSampler(11, seed=5, num_replicas=2, rank=r, drop_last=False)) for r in (0, 1)]
+    assert [i for pair in zip(*shares, strict=True) for i in pair] == [*whole, whole[0]]
 
-    def loader_of_rank(
-        rank: int, world: int = 2
-    ) -> ResumableLoader:  # as in a process of an initialised group
+    # as in a process of an initialised group, whose rank 0's seed every process takes
+    def loader_of_rank(rank: int, world: int = 2, seed: int = 5) -> ResumableLoader:
         monkeypatch.setattr(dist, "is_initialized", lambda: world > 1)
         monkeypatch.setattr(dist, "get_world_size", lambda: world)
         monkeypatch.setattr(dist, "get_rank", lambda: rank)
-        return ResumableLoader(list(range(11)), batch_size=2, seed=5)
+        monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src: objects.__setitem__(0, 5))
+        return ResumableLoader(list(range(11)), batch_size=2, seed=seed)
 
+    shares = [list(EpochShuffleSampler(11, seed=5, num_replicas=2, rank=rank)) for rank in (0, 1)]
     for rank in (0, 1):
-        loader = loader_of_rank(rank)
+        loader = loader_of_rank(rank, seed=rank)  # an unseeded run: each process drew its own
         # Lightning wraps any other sampler in a DistributedSampler of its own, whose position is not checkpointed
         assert isinstance(loader.sampler, DistributedSampler) and len(loader) == 2
         uninterrupted = [b.tolist() for b in loader]
@@ -303,10 +306,10 @@ def test_under_ddp_each_process_takes_its_share_of_the_epoch_and_resumes_within_
         resumed = loader_of_rank(rank)
         resumed.load_state_dict(state)
         assert [b.tolist() for b in resumed] == uninterrupted[1:]
-    # on one process, the epoch goes on after the 4 items the two processes took
+    # on one process, the epoch goes on at the batch where Lightning's own count of it resumes
     alone = loader_of_rank(0, world=1)
     alone.load_state_dict({"epoch": 0, "batches": 1, "num_replicas": 2})
-    assert [b.tolist() for b in alone] == [whole[4:6], whole[6:8], whole[8:10]]
+    assert [b.tolist() for b in alone] == [whole[2:4], whole[4:6], whole[6:8], whole[8:10]]
 
 
 def test_a_finished_run_run_again_keeps_the_metrics_its_training_measured(make_cfg, tmp_path):

@@ -199,6 +199,15 @@ def test_an_out_dir_with_an_earlier_runs_outputs_is_refused_or_overwritten(
     rows = (out / "samples.jsonl").read_text().splitlines()
     assert len(rows) == 1 and [p.name for p in (out / "images").iterdir()] == ["000_00.png"]
     assert (out / "notes.txt").read_text() == "mine"
+    # an images/ folder holding anything else is not sample.py's: refused even with overwrite=true, all kept
+    (out / "images" / "holiday.jpg").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"holds files sample.py did not write \(\['holiday.jpg'\]\)"):
+        sample(
+            sample_cfg(
+                make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "overwrite=true"
+            )
+        )
+    assert (out / "images" / "holiday.jpg").is_file() and (out / "samples.jsonl").is_file()
 
 
 def test_prompts_file_is_utf8_with_or_without_a_byte_order_mark(make_cfg, tmp_path):

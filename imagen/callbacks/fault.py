@@ -78,13 +78,11 @@ class RandomState(Callback):
         self._rank, self._world = trainer.global_rank, trainer.world_size
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if (
-            self._world == 1 or self._rank == 0 or self._pending is not None
-        ):  # a resume restores the saved streams
+        # rank 0 keeps the run's stream; a resume restores the saved ones
+        if self._world == 1 or self._rank == 0 or self._pending is not None:
             return
-        if (
-            trainer.reload_dataloaders_every_n_epochs
-        ):  # a loader built later would shuffle with the rank's seed
+        # a loader built later would shuffle with the rank's seed
+        if trainer.reload_dataloaders_every_n_epochs:
             log.warning("trainer.reload_dataloaders_every_n_epochs: the DDP processes keep one random stream")
             return
         seed_process(torch.initial_seed(), self._rank)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from imagen.cli.utils import apply_extras, task_wrapper
 log = logging.getLogger("imagen")
 
 TASKS = ("generate", "caption", "ner")
+SAMPLE_IMAGE = re.compile(r"\d{3,}_\d{2,}\.png")  # images/PPP_SS.png
 
 
 def resolve_device(name: str | int) -> torch.device:
@@ -51,9 +53,17 @@ def prepare_out_dir(cfg: DictConfig, outputs: tuple[str, ...]) -> Path:
             f"out_dir={out_dir} holds an earlier run's {', '.join(found)}; choose another out_dir (by default each "
             "run gets a new one) or pass overwrite=true to delete them first"
         )
+    folders = [
+        out_dir / name for name in found if (out_dir / name).is_dir() and not (out_dir / name).is_symlink()
+    ]
+    for folder in folders:  # holding more than what sample.py writes there: nothing is deleted
+        others = [p.name for p in folder.iterdir() if not SAMPLE_IMAGE.fullmatch(p.name)]
+        if others:
+            raise FileExistsError(f"out_dir={out_dir}: {folder} holds files sample.py did not write ({others[:3]}); "
+                                  "choose another out_dir")  # fmt: skip
     for name in found:
         path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
+        if path in folders:
             shutil.rmtree(path)
         else:
             path.unlink()

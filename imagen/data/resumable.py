@@ -23,10 +23,12 @@ class EpochShuffleSampler(DistributedSampler):
     """A permutation of `range(num_items)` per epoch from (`seed`, epoch), shared out between processes; skips the
     first `start` items of this process's share once.
 
-    Under DDP (`num_replicas` processes; by default those of the initialised process group) the process of rank r
-    takes the permutation's items r, r + num_replicas, ...; the last `num_items % num_replicas` are left out of the
-    epoch, so every process has as many batches. Every process must have the same `seed`. A `DistributedSampler`,
-    so that Lightning keeps it instead of wrapping it in one of its own, whose position it could not resume.
+    Under DDP (`num_replicas` processes; by default those of the initialised process group, which then all take rank
+    0's `seed`: an unseeded run draws one per process) the process of rank r takes the permutation's items r,
+    r + num_replicas, ...; so that every process has as many, `drop_last` leaves the last `num_items % num_replicas`
+    out of the epoch, else the permutation's first items are taken again to fill the last round (as
+    `DistributedSampler`). A `DistributedSampler`, so that Lightning keeps it instead of wrapping it in one of its
+    own, whose position it could not resume.
 
     With `item_seeds=True` it yields `(index, item_seed)` pairs: a dataset with per-item randomness (a random
     caption paraphrase) draws from `item_seed` instead of the global RNG.
@@ -39,20 +41,30 @@ class EpochShuffleSampler(DistributedSampler):
         item_seeds: bool = False,
         num_replicas: int | None = None,
         rank: int | None = None,
+        drop_last: bool = True,
     ):  # not DistributedSampler.__init__, which wants a dataset: the attributes it sets are set here
-        distributed = dist.is_available() and dist.is_initialized()
-        self.num_replicas = (
-            num_replicas if num_replicas is not None else dist.get_world_size() if distributed else 1
-        )
-        self.rank = rank if rank is not None else dist.get_rank() if distributed else 0
+        if (
+            num_replicas is None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
+            num_replicas, rank = dist.get_world_size(), dist.get_rank()
+            shared = [int(seed)]
+            dist.broadcast_object_list(shared, src=0)
+            seed = shared[0]
+        self.num_replicas = num_replicas or 1
+        self.rank = rank or 0
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank {self.rank} of {self.num_replicas} processes")
         self.num_items = num_items
-        self.num_samples = num_items // self.num_replicas  # this process's share of an epoch
+        self.drop_last = drop_last
+        # this process's share of an epoch
+        self.num_samples = num_items // self.num_replicas if drop_last else -(-num_items // self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
         self.seed = int(seed)
         self.item_seeds = item_seeds
-        self.shuffle, self.drop_last = True, True
+        self.shuffle = True
         self.epoch = 0
         self.start = 0
 
@@ -71,6 +83,7 @@ class EpochShuffleSampler(DistributedSampler):
         seeds = torch.randint(2**62, (self.num_items,), generator=generator).tolist()
         start, self.start = self.start, 0
         for position in range(self.rank + start * self.num_replicas, self.total_size, self.num_replicas):
+            position %= self.num_items  # past the end (no drop_last): the permutation's first items again
             yield (order[position], seeds[position]) if self.item_seeds else order[position]
 
 
@@ -92,7 +105,7 @@ class ResumableLoader(DataLoader):
         generator: torch.Generator | None = None,
         **kwargs,
     ):
-        self.epoch_sampler = EpochShuffleSampler(len(dataset), seed, item_seeds)
+        self.epoch_sampler = EpochShuffleSampler(len(dataset), seed, item_seeds, drop_last=drop_last)
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -123,15 +136,14 @@ class ResumableLoader(DataLoader):
             return
         epoch, batches = int(state["epoch"]), int(state["batches"])
         saved_replicas, replicas = int(state.get("num_replicas", 1)), self.epoch_sampler.num_replicas
-        start = batches * self.batch_size  # items of each process's share
         if saved_replicas != replicas:
-            # the items taken so far are the permutation's first start * saved_replicas
-            start = start * saved_replicas // replicas
             log.warning(
-                f"resuming on {replicas} processes from a checkpoint of {saved_replicas}: the epoch goes on after the "
-                f"first {start * replicas} of its items (the position in the epoch is kept, not each process's share)"
+                f"resuming on {replicas} processes from a checkpoint of {saved_replicas}: each goes on at batch "
+                f"{batches} of its share of the epoch, where Lightning counts it, so some of the epoch's items are "
+                "skipped or seen twice"
             )
-        if start // self.batch_size >= len(self):  # saved at the end of an epoch: the next one starts afresh
+        start = batches * self.batch_size  # this process's items taken
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
             epoch, start = epoch + 1, 0
         self.epoch_sampler.epoch = epoch
         self.epoch_sampler.start = start

@@ -118,9 +118,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         image_text_lr: float | None = None,
     ):
         super().__init__()
-        if (
-            image_text_lr is not None
-        ):  # the joint stage's (its null is accepted: an experiment for both stages)
+        # the joint stage's setting: null is accepted, as an experiment for both stages gives it
+        if image_text_lr is not None:
             raise ValueError(
                 f"model.image_text_lr={image_text_lr}: the generator stage has no captioner or matcher"
             )
