@@ -281,6 +281,12 @@ def test_sample_settings_errors_name_the_key(make_cfg, generator_ckpt, captioner
                           "batch_size=0"))  # fmt: skip
     with pytest.raises(ValueError, match="device='gpu' is not a device; use auto, cpu, cuda or cuda:N"):
         sample(sample_cfg(make_cfg, tmp_path, *generate, "device=gpu"))
+    with (
+        mock.patch("torch.cuda.is_available", return_value=True),
+        mock.patch("torch.cuda.device_count", return_value=2),
+        pytest.raises(ValueError, match=r"device=cuda:2: this machine has 2 GPUs \(cuda:0 ...\)"),
+    ):
+        sample(sample_cfg(make_cfg, tmp_path, *generate, "device=cuda:2"))
     # a run directory is not an exported folder: the error says so and points at its last checkpoint
     run = generator_ckpt.parent.parent
     with pytest.raises(CheckpointError, match=f"checkpoint {run} is a folder without model.safetensors, so not an "

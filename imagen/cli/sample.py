@@ -32,6 +32,8 @@ def resolve_device(name: str | int) -> torch.device:
         raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name}: CUDA is not available on this machine; use device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name}: this machine has {torch.cuda.device_count()} GPUs (cuda:0 ...)")
     return device
 
 
