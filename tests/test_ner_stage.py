@@ -172,3 +172,31 @@ def test_sample_refuses_missing_and_untrusted_checkpoints(make_cfg, tmp_path):
         sample(make_cfg(["task=ner", f"ckpt={pickled}", "text=Hello"], "sample"))
     with pytest.raises(ValueError, match="not a NER stage checkpoint"):
         sample(make_cfg(["task=ner", f"ckpt={pickled}", "text=Hello", "trust_checkpoint=true"], "sample"))
+
+
+def test_raw_text_is_cut_into_conll_words_with_their_offsets():
+    import unicodedata
+
+    from imagen.cli.sample_ner import words_of
+
+    text = "Germany's Merkel met U.S. officials at AT&T in New-York."
+    words, spans = words_of(text)
+    assert words == [
+        "Germany",
+        "'s",
+        "Merkel",
+        "met",
+        "U.S.",
+        "officials",
+        "at",
+        "AT&T",
+        "in",
+        "New-York",
+        ".",
+    ]
+    assert [text[a:b] for a, b in spans] == words
+    # decomposed accents and Indic vowel signs are combining marks: part of their word
+    assert words_of(unicodedata.normalize("NFD", "Jürgen Müller"))[0] == [
+        unicodedata.normalize("NFD", w) for w in ("Jürgen", "Müller")
+    ]
+    assert words_of("नरेंद्र मोदी")[0] == ["नरेंद्र", "मोदी"]

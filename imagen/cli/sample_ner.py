@@ -12,10 +12,10 @@ import functools
 import itertools
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -40,8 +40,13 @@ from imagen.progress import progress_bar
 log = logging.getLogger("imagen")
 
 FORMATS = ("jsonl", "conll")
-# a word: letters/digits joined by inner - ' . & (U.S, don't, AT&T); any other non-space character alone
-_WORD = re.compile(r"\w+(?:[-'’.&]\w+)*|[^\w\s]")
+# CoNLL-like words: an abbreviation of capitals (U.S.); letters, digits and combining marks (decomposed accents,
+# Indic vowel signs) joined by inner - & . or an apostrophe (AT&T, 3.5, O'Neil); a clitic split off as CoNLL does
+# (Germany 's, I 'm); any other non-space character alone
+CLITIC = r"['’](?:s|re|ve|ll|d|m|t)\b"
+_WORD = regex.compile(
+    rf"(?:\p{{Lu}}\.){{2,}}|[\w\p{{M}}]+(?:(?:[-&.]|(?!{CLITIC})['’])[\w\p{{M}}]+)*|{CLITIC}|[^\w\p{{M}}\s]"
+)
 
 
 @dataclass
