@@ -329,3 +329,26 @@ def test_a_column_file_with_a_bad_line_is_an_error_not_plain_text(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConllFormatError, match=r"typo.conll:10: expected"):
         read_input(path)
+
+
+def test_a_byte_level_bpe_tokenizer_of_any_model_type_reads_words_as_running_text(tmp_path):
+    """A space before each pre-split word, as in running text: by the tokenizer's own setting for the model types
+    listed in conll.py, else on its pre-tokenizer (here a tokenizer class that ignores add_prefix_space)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import ModernBertConfig, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    bpe.train_from_iterator(["Anna told Warsaw", "Anna visited Warsaw and told Bob"] * 10, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(tmp_path)  # fmt: skip
+    ModernBertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64).save_pretrained(tmp_path)  # fmt: skip
+    tokenizer = load_tokenizer(str(tmp_path))
+    words = tokenizer(["Anna", "told", "Warsaw"], is_split_into_words=True, add_special_tokens=False)[
+        "input_ids"
+    ]
+    running = tokenizer(" Anna told Warsaw", add_special_tokens=False)["input_ids"]
+    assert words == running and tokenizer.convert_ids_to_tokens(words)[0].startswith("Ġ")

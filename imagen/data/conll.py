@@ -14,6 +14,7 @@ context comes from the neighbouring sentences of the same document (the BERT pap
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import tempfile
@@ -281,12 +282,21 @@ _PREFIX_SPACE_MODELS = {"roberta", "xlm-roberta", "longformer", "gpt2", "bart", 
 
 
 def load_tokenizer(name_or_path: str):
-    """The fast tokenizer of `name_or_path` (hub name or local folder); a slow-only tokenizer raises."""
+    """The fast tokenizer of `name_or_path` (hub name or local folder); a slow-only tokenizer raises. A byte-level
+    BPE one puts a space before each pre-split word, as running text has it: by its own setting for the model
+    types whose tokenizer class takes it, else on its pre-tokenizer."""
+    from tokenizers import pre_tokenizers
     from transformers import AutoConfig, AutoTokenizer
 
     model_type = AutoConfig.from_pretrained(name_or_path).model_type
     kwargs = {"add_prefix_space": True} if model_type in _PREFIX_SPACE_MODELS else {}
-    return require_fast(AutoTokenizer.from_pretrained(name_or_path, **kwargs), name_or_path)
+    tokenizer = require_fast(AutoTokenizer.from_pretrained(name_or_path, **kwargs), name_or_path)
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space"):
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=True, use_regex=pre.get("use_regex", True)
+        )
+    return tokenizer
 
 
 def require_fast(tokenizer, name: str):
