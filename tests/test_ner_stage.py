@@ -200,3 +200,15 @@ def test_raw_text_is_cut_into_conll_words_with_their_offsets():
         unicodedata.normalize("NFD", w) for w in ("Jürgen", "Müller")
     ]
     assert words_of("नरेंद्र मोदी")[0] == ["नरेंद्र", "मोदी"]
+
+
+def test_a_file_of_one_token_per_line_without_tags_is_read_as_sentences(tmp_path):
+    from imagen.cli.sample_ner import read_input
+
+    path = tmp_path / "tokens.txt"
+    path.write_text("Anna\nKowalski\nvisited\nWarsaw\n.\n\nHe\nleft\n")
+    sentences, has_gold, texts, spans = read_input(path)
+    assert [s.tokens for s in sentences] == [["Anna", "Kowalski", "visited", "Warsaw", "."], ["He", "left"]]
+    assert not has_gold and texts[0] == "Anna Kowalski visited Warsaw ." and spans[0][1] == (5, 13)
+    path.write_text("Anna\nWarsaw\n")  # one block: a list of one-word lines, each its own sentence
+    assert [s.tokens for s in read_input(path)[0]] == [["Anna"], ["Warsaw"]]

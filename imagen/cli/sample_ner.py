@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from imagen.checkpoints import load_state_strict, plain_state_dict, read_checkpoint
 from imagen.cli.sample import prepare_out_dir, resolve_device, text_lines
 from imagen.data.conll import (
+    DOCSTART,
     ConllEncodingError,
     ConllFormatError,
     EncodingSettings,
@@ -104,10 +105,40 @@ def first_line_is_conll(path: str | Path) -> bool:
     return True
 
 
+def joined_texts(sentences: list[Sentence]) -> tuple[list[str], list[list[Span]]]:
+    """Each sentence's text, its tokens joined by spaces, and the tokens' character spans in it."""
+    texts, spans = [], []
+    for s in sentences:
+        texts.append(" ".join(s.tokens))
+        starts = [0, *itertools.accumulate(len(t) + 1 for t in s.tokens)][:-1]
+        spans.append([(start, start + len(t)) for start, t in zip(starts, s.tokens, strict=True)])
+    return texts, spans
+
+
+def token_blocks(lines: list[str], source: str) -> list[Sentence] | None:
+    """Sentences of a CoNLL-style file without tags (one token per line, blank lines between sentences), or None
+    where the lines are not that: a line of several words, one block only (a list, one item per line), or no
+    sentence of several lines."""
+    sentences, tokens, start = [], [], 1
+    for number, line in enumerate([*lines, ""], 1):
+        fields = line.split()
+        if len(fields) > 1:
+            return None
+        if fields and fields[0] != DOCSTART:
+            tokens.append(fields[0])
+        elif tokens:
+            sentences.append(Sentence(tokens, ["O"] * len(tokens), 0, f"{source}:{start}"))
+            tokens = []
+        if not fields:
+            start = number + 1
+    return sentences if len(sentences) > 1 and any(len(s.tokens) > 1 for s in sentences) else None
+
+
 def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[list[Span]]]:
     """Sentences of `path`, whether they carry gold tags, and each sentence's text with its words' character spans.
-    A CoNLL column file if it parses as one (the text: its tokens joined by spaces), else plain text with one
-    sentence per line (the text: the line as written; a blank line ends a document)."""
+    A CoNLL column file if it parses as one (the text: its tokens joined by spaces), or one token per line without
+    tags (blank lines between sentences), else plain text with one sentence per line (the text: the line as
+    written; a blank line ends a document)."""
     try:
         sentences = read_conll(path)
     except ConllEncodingError:  # no text at all: the error names the line to convert
@@ -116,14 +147,13 @@ def read_input(path: str | Path) -> tuple[list[Sentence], bool, list[str], list[
         if first_line_is_conll(path):  # a column file with a bad line: the error names it
             raise
     else:
-        texts, spans = [], []
-        for s in sentences:
-            texts.append(" ".join(s.tokens))
-            starts = [0, *itertools.accumulate(len(t) + 1 for t in s.tokens)][:-1]
-            spans.append([(start, start + len(t)) for start, t in zip(starts, s.tokens, strict=True)])
-        return sentences, True, texts, spans
+        return sentences, True, *joined_texts(sentences)
+    lines = text_lines(path, "input")
+    blocks = token_blocks(lines, str(path))
+    if blocks is not None:
+        return blocks, False, *joined_texts(blocks)
     sentences, texts, spans, document = [], [], [], 0
-    for number, line in enumerate(text_lines(path, "input"), 1):
+    for number, line in enumerate(lines, 1):
         tokens, token_spans = words_of(line)
         if tokens:
             sentences.append(Sentence(tokens, ["O"] * len(tokens), document, f"{path}:{number}"))
