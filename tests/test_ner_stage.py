@@ -212,3 +212,13 @@ def test_a_file_of_one_token_per_line_without_tags_is_read_as_sentences(tmp_path
     assert not has_gold and texts[0] == "Anna Kowalski visited Warsaw ." and spans[0][1] == (5, 13)
     path.write_text("Anna\nWarsaw\n")  # one block: a list of one-word lines, each its own sentence
     assert [s.tokens for s in read_input(path)[0]] == [["Anna"], ["Warsaw"]]
+
+
+def test_roberta_style_encoders_read_two_positions_fewer_than_they_have():
+    from transformers import BertConfig, RobertaConfig
+
+    from imagen.models.ner import usable_positions
+
+    assert usable_positions(BertConfig(max_position_embeddings=512)) == 512
+    # positions start after the padding index: 514 embeddings, 512 tokens
+    assert usable_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512

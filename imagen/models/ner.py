@@ -186,6 +186,19 @@ class NerTagger(nn.Module):
         return tags, probs.gather(2, tags[:, :, None]).squeeze(2)
 
 
+# encoders that number positions from pad_token_id + 1 (RoBERTa's scheme), so that many fewer tokens fit
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                            "data2vec-text", "longformer"}  # fmt: skip
+
+
+def usable_positions(config) -> int | None:
+    """How many tokens an encoder of this (Hugging Face) config reads at most; None where it does not say."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and getattr(config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
 def tiny_random_encoder(path: str | Path, words: Iterable[str] | None = None, seed: int = 0) -> str:
     """Write a tiny randomly initialised BERT (hidden 32, 2 layers, 2 heads) and a fast WordPiece tokenizer to
     `path` with `save_pretrained`, unless it is already there; returns `path`.

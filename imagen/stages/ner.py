@@ -14,7 +14,7 @@ import torch
 from imagen.checkpoints import load_init_from, read_checkpoint, stage_info
 from imagen.data.conll import ConllDataModule, NerWindows, tokenizer_files
 from imagen.metrics.ner import SCORING_MODES, entity_report, report_rows, report_table, token_report
-from imagen.models.ner import NerTagger, encoder_config_dict
+from imagen.models.ner import NerTagger, encoder_config_dict, usable_positions
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer, warmup_linear
 
@@ -96,7 +96,7 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
             raise ValueError(
                 "model.head=crf tags words (first subtokens); it cannot be used with data.label_all_subtokens=true"
             )
-        max_positions = getattr(self.net.encoder.config, "max_position_embeddings", None)
+        max_positions = usable_positions(self.net.encoder.config)
         if max_positions is not None and settings.max_length > max_positions:
             raise ValueError(
                 f"data.max_length={settings.max_length} exceeds the encoder's {max_positions} positions"
