@@ -50,12 +50,14 @@ class TwoLayers(pl.LightningModule):
         return torch.optim.SGD(self.trained.parameters(), lr=0.1)
 
 
-def fit(module: TwoLayers, tmp_path, ckpt_path=None, **trainer_args) -> EMAWeights:
+def fit(
+    module: TwoLayers, tmp_path, ckpt_path=None, ema_args: dict | None = None, **trainer_args
+) -> EMAWeights:
     """Train with EMA (decay 0.5) and the run's checkpoint callback (a checkpoint at each validation and the end),
     validating by steps as conf/trainer does."""
     torch.manual_seed(0)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
-    ema = EMAWeights(decay=0.5)
+    ema = EMAWeights(decay=0.5, **(ema_args or {}))
     checkpoints = LastAndBestCheckpoint(dirpath=tmp_path, filename="step_{step:06d}", save_last=True, save_top_k=-1,
                                         auto_insert_metric_name=False)  # fmt: skip
     trainer = pl.Trainer(callbacks=[ema, checkpoints], logger=False, enable_progress_bar=False,
@@ -124,6 +126,25 @@ def test_frozen_modules_are_shared_with_the_average_not_copied(tmp_path):
     assert torch.equal(ema._average_model.module.trained.weight, resumed.raw[-1])  # the final swap
     assert torch.equal(resumed.trained.weight, torch.lerp(expected_average(module.raw), resumed.raw[-1], 0.5))
     assert resumed.frozen.count.item() == BIG and ema._average_model.module.frozen is resumed.frozen
+
+
+def test_a_finished_run_run_again_is_tested_on_the_average(tmp_path):
+    # `ckpt_path=auto` on a run that has finished (killed in its test, a sweep re-run): the fit trains nothing
+    module = TwoLayers()
+    fit(module, tmp_path, max_steps=6, limit_val_batches=0)
+    again = TwoLayers()
+    fit(again, tmp_path / "again", ckpt_path=tmp_path / "last.ckpt", max_steps=6, limit_val_batches=0)
+    assert again.raw == [] and torch.equal(again.trained.weight, expected_average(module.raw))
+
+
+def test_before_the_first_update_the_raw_weights_are_validated_tested_and_saved(tmp_path):
+    module = TwoLayers()  # `update_starting_at_step` past the run: the average stays the initial copy
+    fit(module, tmp_path, ema_args={"update_starting_at_step": 100}, max_steps=4, val_check_interval=3)
+    assert torch.equal(module.seen["validation_step"], module.raw[2])
+    assert torch.equal(module.trained.weight, module.raw[-1])
+    assert torch.equal(
+        read_checkpoint(tmp_path / "last.ckpt")["state_dict"]["trained.weight"], module.raw[-1]
+    )
 
 
 def test_a_validation_after_fit_sees_the_average(tmp_path):

@@ -63,9 +63,11 @@ class EMAWeights(EMAWeightAveraging):
     them with the module (the largest submodules whose parameters are all frozen, unless `device` puts the average
     elsewhere), and its update passes over them.
 
-    Validation, test and checkpoints use the averaged weights. The module's `on_validation_epoch_end` sees them too
-    (they are swapped out at `on_validation_end`, before the checkpoint callbacks save); at the end of training they
-    stay in the module, and a checkpoint written then still records the raw weights in `current_model_state`.
+    Validation, test and checkpoints use the averaged weights, once there are any (`update_starting_at_step`: until
+    the first update they are the raw ones). The module's `on_validation_epoch_end` sees them too (they are swapped
+    out at `on_validation_end`, before the checkpoint callbacks save); at the end of training they stay in the
+    module, and a checkpoint written then still records the raw weights in `current_model_state`. A finished run
+    run again (the fit has nothing left to train) gets the average back at the end of the fit, for its test.
     """
 
     def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
@@ -75,9 +77,13 @@ class EMAWeights(EMAWeightAveraging):
         # the AveragedModel's arguments: the fused lerp in place of the per-tensor `avg_fn` the parent sets
         self._kwargs = {**{k: v for k, v in self._kwargs.items() if k != "avg_fn"},
                         "multi_avg_fn": ema_update_skipping_shared(decay)}  # fmt: skip
-        self._swapped_at_train_end = (
-            False  # then the module holds the average, the averaged copy the raw weights
-        )
+        # then the module holds the average, the averaged copy the raw weights
+        self._swapped_at_train_end = False
+        self._swapped_for_validation = False
+
+    def _averaged(self) -> bool:
+        """Whether the average has had an update (before one, it is a copy of the initial weights)."""
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # the parent calls `configure_model` before copying the module and warns that sharded layers would not be
@@ -93,27 +99,40 @@ class EMAWeights(EMAWeightAveraging):
             super().setup(trainer, pl_module, stage)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._swapped_at_train_end:  # after training the module holds the average already
-            super().on_validation_epoch_start(trainer, pl_module)
+        # after training the module holds the average already
+        if not self._swapped_at_train_end and self._averaged():
+            self._swap_models(pl_module)
+            self._swapped_for_validation = True
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Callbacks' hooks run before the module's: its `on_validation_epoch_end` still needs the average."""
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._average_model is not None and not self._swapped_at_train_end:
+        if self._swapped_for_validation:
             self._swap_models(pl_module)
+            self._swapped_for_validation = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # swapped rather than copied: `last.ckpt`, written after this, keeps the raw weights (`on_save_checkpoint`)
-        self._swap_models(pl_module)
-        self._swapped_at_train_end = True
+        if self._averaged():
+            self._swap_models(pl_module)
+            self._swapped_at_train_end = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a resumed run with nothing left to train skips `on_train_end`: the module holds the raw weights
+        if not self._swapped_at_train_end:
+            self.on_train_end(trainer, pl_module)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if self._average_model is not None and self._swapped_at_train_end:
+        if self._average_model is None:
+            return
+        if self._swapped_at_train_end:
             checkpoint["state_dict"], checkpoint["current_model_state"] = (
                 checkpoint["current_model_state"],
                 checkpoint["state_dict"],
             )
+        elif not self._averaged():  # no average yet: the weights to evaluate and share are the raw ones
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
