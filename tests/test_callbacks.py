@@ -189,3 +189,20 @@ def test_preemption_under_slurm_hands_the_requeue_signal_to_lightnings_requeue(o
     callback.on_train_batch_end(trainer, None, None, None, 0)
     assert handed == [signal.SIGUSR2]
     assert trainer.should_stop and trainer.limit_val_batches == 0 and callback.stopped_at_step == 7
+
+
+def test_preemption_runs_after_the_other_callbacks_of_a_batch():
+    # its checkpoint at the end of a batch must hold that batch's EMA update (`callbacks=[default,ema]` lists EMA
+    # after it), or the resumed run's average misses one step
+    from omegaconf import OmegaConf
+
+    from imagen.cli.utils import instantiate_callbacks
+
+    cfg = OmegaConf.create({"preemption": {"_target_": "imagen.callbacks.fault.Preemption"},
+                            "random_state": {"_target_": "imagen.callbacks.fault.RandomState"},
+                            "ema": {"_target_": "imagen.callbacks.EMAWeights", "decay": 0.9}})  # fmt: skip
+    assert [type(c).__name__ for c in instantiate_callbacks(cfg)] == [
+        "RandomState",
+        "EMAWeights",
+        "Preemption",
+    ]

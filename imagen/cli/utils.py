@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from imagen.callbacks.fault import Preemption
 from imagen.precision import auto_precision
 
 log = logging.getLogger("imagen")
@@ -93,7 +94,9 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
     """Build every entry of the `callbacks` dict that has a `_target_` (entries set to null are skipped).
 
     An entry that is only settings (an experiment tuning `callbacks.model_checkpoint` after `callbacks=none`
-    removed the callback itself) is skipped with a warning that names it.
+    removed the callback itself) is skipped with a warning that names it. `Preemption` goes last (Lightning puts
+    the checkpoint callbacks after it): the checkpoint it writes at the end of a batch holds what every other
+    callback did in that batch (an EMA update).
     """
     callbacks: list[Callback] = []
     for name, entry in (cfg or {}).items():
@@ -106,7 +109,9 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
             )
         elif entry is not None:
             raise ValueError(f"callbacks.{name}: expected a config with _target_, got {entry!r}")
-    return callbacks
+    return sorted(
+        callbacks, key=lambda callback: isinstance(callback, Preemption)
+    )  # stable: the rest in order
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
