@@ -312,6 +312,27 @@ def test_under_ddp_each_process_takes_its_share_of_the_epoch_and_resumes_within_
     assert [b.tolist() for b in alone] == [whole[2:4], whole[4:6], whole[6:8], whole[8:10]]
 
 
+def test_a_run_stopped_in_its_test_keeps_its_validation_figures_when_run_again(
+    make_cfg, tmp_path, monkeypatch
+):
+    from imagen.stages.autoencoder import AutoencoderStage
+
+    run = tmp_path / "run"
+    overrides = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "logger=csv",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2", "optimized_metric=val/psnr"]  # fmt: skip
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed in the test")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AutoencoderStage, "test_step", killed)
+        with pytest.raises(RuntimeError, match="killed in the test"):
+            train(make_cfg(overrides, run_dir=run))
+    measured = json.loads((run / "metrics.json").read_text())["val/psnr"]
+    again, _ = train(make_cfg(overrides, run_dir=run))  # nothing left to train: tested, its val/ figures kept
+    assert again["val/psnr"] == measured and "test/psnr" in again
+
+
 def test_a_finished_run_run_again_keeps_the_metrics_its_training_measured(make_cfg, tmp_path):
     """`ckpt_path=auto` on a finished run trains nothing (a sweep re-run in a fixed `hydra.sweep.dir`); its
     metrics.json keeps the validation figures, which a sweeper's `optimized_metric` may name."""

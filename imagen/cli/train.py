@@ -158,6 +158,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 f"Run the same command again to resume (run directory {output_dir})"
             )
             return metrics, objects
+        # so that a run stopped in its test keeps, when run again, what its training measured
+        write_metrics({**metrics, **timings}, output_dir / "metrics.json")
     if cfg.test:
         start = time.time()
         if cfg.train:
