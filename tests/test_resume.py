@@ -333,6 +333,19 @@ def test_a_run_stopped_in_its_test_keeps_its_validation_figures_when_run_again(
     assert again["val/psnr"] == measured and "test/psnr" in again
 
 
+def test_a_run_stopped_early_trains_no_further_when_run_again(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    overrides = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "logger=csv",
+                 "callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=1",
+                 "callbacks.early_stopping.min_delta=100", "trainer.max_steps=20", "trainer.val_check_interval=2"]  # fmt: skip
+    first, objects = train(make_cfg(overrides, run_dir=run))
+    stopped_at = objects["trainer"].global_step
+    assert stopped_at < 20
+    again, objects = train(make_cfg(overrides, run_dir=run))
+    assert objects["trainer"].global_step == stopped_at
+    assert again["test/psnr"] == first["test/psnr"] and again["val/psnr"] == first["val/psnr"]
+
+
 def test_a_finished_run_run_again_keeps_the_metrics_its_training_measured(make_cfg, tmp_path):
     """`ckpt_path=auto` on a finished run trains nothing (a sweep re-run in a fixed `hydra.sweep.dir`); its
     metrics.json keeps the validation figures, which a sweeper's `optimized_metric` may name."""

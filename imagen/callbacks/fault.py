@@ -12,7 +12,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
@@ -292,3 +293,16 @@ class Preemption(Callback):
         self.stopped_at_step = trainer.global_step
         trainer.limit_val_batches = 0  # else Lightning validates before it stops, in the time the signal left
         trainer.should_stop = True
+
+
+class ResumableEarlyStopping(EarlyStopping):
+    """Lightning's `EarlyStopping`, whose stop holds when the run is resumed: a run that stopped early and is run
+    again (`ckpt_path=auto`) trains no further, as one that reached `max_steps` (Lightning restores the stop's
+    reason but trains on, and the best checkpoint moves)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
+            reason = self.stopping_reason_message or self.stopping_reason.value
+            log.info(f"the run stopped early at epoch {self.stopped_epoch} ({reason}); nothing left to train")
+            trainer.should_stop = True
