@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -209,3 +210,24 @@ def test_ddp_in_a_local_multirun_is_refused(make_cfg):
     )
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
         check_train_config(multirun(make_cfg([*ddp, "hydra/launcher=slurm"])))
+
+
+def test_a_monitor_in_a_run_that_never_validates_is_named(make_cfg, caplog):
+    from imagen.cli.checks import check_train_config
+
+    base = ["experiment=shapes_autoencoder", "callbacks=[default,early_stopping]"]
+    for overrides, why in (
+        (["trainer.max_steps=10", "trainer.val_check_interval=20"], "trainer.val_check_interval=20 > "),
+        (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="imagen"):
+            check_train_config(make_cfg([*base, *overrides]))
+        for name in ("model_checkpoint", "early_stopping"):
+            assert (
+                f"callbacks.{name}.monitor=val/psnr never sees a value" in caplog.text and why in caplog.text
+            )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imagen"):
+        check_train_config(make_cfg([*base, "trainer.max_steps=40", "trainer.val_check_interval=20"]))
+    assert "never sees a value" not in caplog.text

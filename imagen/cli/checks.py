@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("imagen")
 
 
 class ConfigError(ValueError):
@@ -78,6 +81,25 @@ def _check_checkpointing(cfg: DictConfig) -> None:
         raise ConfigError(
             "train=false test=true needs ckpt_path=PATH (the checkpoint to evaluate) or ckpt_path=auto"
         )
+    _warn_monitor_without_validation(cfg)
+
+
+def _warn_monitor_without_validation(cfg: DictConfig) -> None:
+    """A checkpoint or early-stopping monitor in a run that never validates does nothing: say so."""
+    trainer = cfg.trainer
+    interval, max_steps = trainer.get("val_check_interval"), trainer.get("max_steps")
+    steps_only = trainer.get("check_val_every_n_epoch") is None and isinstance(interval, int)
+    if trainer.get("limit_val_batches") == 0:
+        why = "trainer.limit_val_batches=0"
+    elif steps_only and isinstance(max_steps, int) and 0 < max_steps < interval:
+        why = f"trainer.val_check_interval={interval} > trainer.max_steps={max_steps}"
+    else:
+        return
+    for name in ("model_checkpoint", "early_stopping"):
+        node = OmegaConf.select(cfg, f"callbacks.{name}")
+        if _target(node) and node.get("monitor"):
+            log.warning(f"callbacks.{name}.monitor={node.monitor} never sees a value: the run does not validate "
+                        f"({why}); only last.ckpt is written and nothing stops early")  # fmt: skip
 
 
 def _check_stage_checkpoint(cfg: DictConfig, key: str, path: str | None, stage: str) -> None:
