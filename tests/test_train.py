@@ -100,6 +100,10 @@ def test_debug_modes_run_without_a_logger(make_cfg, experiment_overrides, mode):
     assert cfg.task_name == "debug" and cfg.logger is None
     _, objects = train(cfg)
     assert objects["trainer"].state.finished and objects["trainer"].global_step == (1 if mode == "fdr" else 4)
+    if mode == "fdr":  # one batch of each split, no checkpoints
+        assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
+    if mode == "profiler":  # it times the steps, not anomaly detection
+        assert not cfg.trainer.detect_anomaly
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

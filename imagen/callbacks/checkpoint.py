@@ -30,6 +30,8 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         self._refresh_last(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skips(trainer):  # Lightning's own end-of-training `last.ckpt` does not skip a fast_dev_run
+            return
         super().on_train_end(trainer, pl_module)
         self._refresh_last(trainer)
 
