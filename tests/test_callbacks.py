@@ -206,3 +206,16 @@ def test_preemption_runs_after_the_other_callbacks_of_a_batch():
         "EMAWeights",
         "Preemption",
     ]
+
+
+def test_the_progress_bar_names_the_epoch_without_a_negative_count():
+    import types
+
+    from imagen.progress import StepProgressBar
+
+    bar = StepProgressBar()
+    for max_epochs, expected in ((-1, "Epoch 3"), (None, "Epoch 3"), (5, "Epoch 3/4")):
+        bar._trainer = types.SimpleNamespace(
+            max_epochs=max_epochs
+        )  # runs are bounded by steps: max_epochs=-1
+        assert bar._get_train_description(3).strip() == expected
