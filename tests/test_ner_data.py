@@ -331,24 +331,34 @@ def test_a_column_file_with_a_bad_line_is_an_error_not_plain_text(tmp_path):
         read_input(path)
 
 
-def test_a_byte_level_bpe_tokenizer_of_any_model_type_reads_words_as_running_text(tmp_path):
-    """A space before each pre-split word, as in running text: by the tokenizer's own setting for the model types
-    listed in conll.py, else on its pre-tokenizer (here a tokenizer class that ignores add_prefix_space)."""
+@pytest.mark.parametrize("kind", ["generic", "roberta"])
+def test_a_byte_level_bpe_tokenizer_of_any_model_type_reads_words_as_running_text(tmp_path, kind):
+    """A space before each pre-split word, as in running text, in training and in the tokenizer a checkpoint keeps:
+    a model type outside the list in conll.py whose tokenizer class takes add_prefix_space (RobertaTokenizer under
+    data2vec-text) or ignores it (a plain PreTrainedTokenizerFast under ModernBERT)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import ModernBertConfig, PreTrainedTokenizerFast
+    from transformers import Data2VecTextConfig, ModernBertConfig, PreTrainedTokenizerFast, RobertaTokenizer
+
+    from imagen.data.conll import tokenizer_files, tokenizer_from_files
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     bpe.train_from_iterator(["Anna told Warsaw", "Anna visited Warsaw and told Bob"] * 10, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(tmp_path)  # fmt: skip
-    ModernBertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64).save_pretrained(tmp_path)  # fmt: skip
-    tokenizer = load_tokenizer(str(tmp_path))
-    words = tokenizer(["Anna", "told", "Warsaw"], is_split_into_words=True, add_special_tokens=False)[
-        "input_ids"
-    ]
-    running = tokenizer(" Anna told Warsaw", add_special_tokens=False)["input_ids"]
-    assert words == running and tokenizer.convert_ids_to_tokens(words)[0].startswith("Ġ")
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    small = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 64}  # fmt: skip
+    if kind == "generic":
+        PreTrainedTokenizerFast(tokenizer_object=bpe, **specials).save_pretrained(tmp_path)
+        ModernBertConfig(**small).save_pretrained(tmp_path)
+    else:
+        bpe.model.save(str(tmp_path))  # vocab.json, merges.txt
+        RobertaTokenizer.from_pretrained(tmp_path, **specials).save_pretrained(tmp_path)
+        Data2VecTextConfig(**small).save_pretrained(tmp_path)
+    trained_with = load_tokenizer(str(tmp_path))
+    kept = tokenizer_from_files(tokenizer_files(trained_with))  # what sample.py task=ner predicts with
+    for tokenizer in (trained_with, kept):
+        words = tokenizer(["Anna", "told", "Warsaw"], is_split_into_words=True, add_special_tokens=False)
+        running = tokenizer(" Anna told Warsaw", add_special_tokens=False)["input_ids"]
+        assert words["input_ids"] == running and tokenizer.convert_ids_to_tokens(running)[0].startswith("Ġ")

@@ -283,20 +283,31 @@ _PREFIX_SPACE_MODELS = {"roberta", "xlm-roberta", "longformer", "gpt2", "bart", 
 
 def load_tokenizer(name_or_path: str):
     """The fast tokenizer of `name_or_path` (hub name or local folder); a slow-only tokenizer raises. A byte-level
-    BPE one puts a space before each pre-split word, as running text has it: by its own setting for the model
-    types whose tokenizer class takes it, else on its pre-tokenizer."""
-    from tokenizers import pre_tokenizers
+    BPE one puts a space before each pre-split word, as running text has it: by its class's own setting, which
+    `tokenizer_config.json` keeps (the listed model types, and any other whose class takes it), else on its
+    pre-tokenizer, which `tokenizer.json` keeps."""
     from transformers import AutoConfig, AutoTokenizer
 
     model_type = AutoConfig.from_pretrained(name_or_path).model_type
     kwargs = {"add_prefix_space": True} if model_type in _PREFIX_SPACE_MODELS else {}
     tokenizer = require_fast(AutoTokenizer.from_pretrained(name_or_path, **kwargs), name_or_path)
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space"):
-        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
-            add_prefix_space=True, use_regex=pre.get("use_regex", True)
+    if byte_level_without_space(tokenizer):
+        tokenizer = require_fast(
+            AutoTokenizer.from_pretrained(name_or_path, add_prefix_space=True), name_or_path
         )
+    if byte_level_without_space(tokenizer):  # a class that ignores the setting
+        from tokenizers import pre_tokenizers
+
+        use_regex = json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"].get("use_regex", True)
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True,
+                                                                             use_regex=use_regex)  # fmt: skip
     return tokenizer
+
+
+def byte_level_without_space(tokenizer) -> bool:
+    """Whether a byte-level BPE tokenizer would read a pre-split word without the space running text has."""
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    return pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space")
 
 
 def require_fast(tokenizer, name: str):
