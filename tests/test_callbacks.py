@@ -219,3 +219,14 @@ def test_the_progress_bar_names_the_epoch_without_a_negative_count():
             max_epochs=max_epochs
         )  # runs are bounded by steps: max_epochs=-1
         assert bar._get_train_description(3).strip() == expected
+
+
+def test_resumable_early_stopping_reads_and_writes_lightnings_checkpoint_state():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from imagen.callbacks.fault import ResumableEarlyStopping
+
+    ours, lightnings = (
+        cls(monitor="val/psnr", mode="max") for cls in (ResumableEarlyStopping, EarlyStopping)
+    )
+    assert ours.state_key == lightnings.state_key  # a run checkpointed by either resumes with the other

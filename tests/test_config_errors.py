@@ -217,7 +217,10 @@ def test_a_monitor_in_a_run_that_never_validates_is_named(make_cfg, caplog):
 
     base = ["experiment=shapes_autoencoder", "callbacks=[default,early_stopping]"]
     for overrides, why in (
-        (["trainer.max_steps=10", "trainer.val_check_interval=20"], "trainer.val_check_interval=20 > "),
+        (
+            ["trainer.max_steps=10", "trainer.val_check_interval=20"],
+            "trainer.val_check_interval=20 batches, past ",
+        ),
         (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0"),
     ):
         caplog.clear()
@@ -230,4 +233,7 @@ def test_a_monitor_in_a_run_that_never_validates_is_named(make_cfg, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="imagen"):
         check_train_config(make_cfg([*base, "trainer.max_steps=40", "trainer.val_check_interval=20"]))
+        # 10 optimizer steps of 2 batches each reach the 20th batch
+        check_train_config(make_cfg([*base, "trainer.max_steps=10", "trainer.val_check_interval=20",
+                                     "trainer.accumulate_grad_batches=2"]))  # fmt: skip
     assert "never sees a value" not in caplog.text

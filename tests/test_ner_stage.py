@@ -195,6 +195,7 @@ def test_raw_text_is_cut_into_conll_words_with_their_offsets():
         ".",
     ]
     assert [text[a:b] for a, b in spans] == words
+    assert words_of("GERMANY'S coach can't say")[0] == ["GERMANY", "'S", "coach", "ca", "n't", "say"]
     # decomposed accents and Indic vowel signs are combining marks: part of their word
     assert words_of(unicodedata.normalize("NFD", "Jürgen Müller"))[0] == [
         unicodedata.normalize("NFD", w) for w in ("Jürgen", "Müller")
@@ -210,6 +211,8 @@ def test_a_file_of_one_token_per_line_without_tags_is_read_as_sentences(tmp_path
     sentences, has_gold, texts, spans = read_input(path)
     assert [s.tokens for s in sentences] == [["Anna", "Kowalski", "visited", "Warsaw", "."], ["He", "left"]]
     assert not has_gold and texts[0] == "Anna Kowalski visited Warsaw ." and spans[0][1] == (5, 13)
+    path.write_text("-DOCSTART-\n\nAnna\nleft\n\n-DOCSTART-\n\nHe\nstayed\n")  # two documents
+    assert [s.document for s in read_input(path)[0]] == [0, 1]
     path.write_text("Anna\nWarsaw\n")  # one block: a list of one-word lines, each its own sentence
     assert [s.tokens for s in read_input(path)[0]] == [["Anna"], ["Warsaw"]]
 

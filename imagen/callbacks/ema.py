@@ -90,7 +90,7 @@ class EMAWeights(EMAWeightAveraging):
         # averaged; the imagen stages' `configure_model` loads weights, adds adapters, freezes and compiles, and
         # shards nothing
         if stage == "fit":  # a validate or test after fit finds the average in the module still
-            self._swapped_at_train_end = False
+            self._swapped_at_train_end = self._swapped_for_validation = False
         sharing = frozen_shared_by_deepcopy(pl_module) if self._device is None else contextlib.nullcontext()
         with warnings.catch_warnings(), sharing:
             warnings.filterwarnings(

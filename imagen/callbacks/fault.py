@@ -300,6 +300,12 @@ class ResumableEarlyStopping(EarlyStopping):
     again (`ckpt_path=auto`) trains no further, as one that reached `max_steps` (Lightning restores the stop's
     reason but trains on, and the best checkpoint moves)."""
 
+    @property
+    def state_key(self) -> str:  # Lightning's EarlyStopping's: its checkpoints resume this one, and back
+        return EarlyStopping._generate_state_key(self, monitor=self.monitor, mode=self.mode).replace(
+            type(self).__qualname__, EarlyStopping.__qualname__, 1
+        )
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if self.stopping_reason != EarlyStoppingReason.NOT_STOPPED:

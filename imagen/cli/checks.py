@@ -87,12 +87,15 @@ def _check_checkpointing(cfg: DictConfig) -> None:
 def _warn_monitor_without_validation(cfg: DictConfig) -> None:
     """A checkpoint or early-stopping monitor in a run that never validates does nothing: say so."""
     trainer = cfg.trainer
+    if not cfg.get("train", True):
+        return
     interval, max_steps = trainer.get("val_check_interval"), trainer.get("max_steps")
     steps_only = trainer.get("check_val_every_n_epoch") is None and isinstance(interval, int)
+    batches = max_steps * (trainer.get("accumulate_grad_batches") or 1) if isinstance(max_steps, int) else 0
     if trainer.get("limit_val_batches") == 0:
         why = "trainer.limit_val_batches=0"
-    elif steps_only and isinstance(max_steps, int) and 0 < max_steps < interval:
-        why = f"trainer.val_check_interval={interval} > trainer.max_steps={max_steps}"
+    elif steps_only and 0 < batches < interval:  # the interval counts batches, max_steps optimizer steps
+        why = f"trainer.val_check_interval={interval} batches, past trainer.max_steps={max_steps}"
     else:
         return
     for name in ("model_checkpoint", "early_stopping"):

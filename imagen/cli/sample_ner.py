@@ -43,10 +43,11 @@ log = logging.getLogger("imagen")
 FORMATS = ("jsonl", "conll")
 # CoNLL-like words: an abbreviation of capitals (U.S.); letters, digits and combining marks (decomposed accents,
 # Indic vowel signs) joined by inner - & . or an apostrophe (AT&T, 3.5, O'Neil); a clitic split off as CoNLL does
-# (Germany 's, I 'm); any other non-space character alone
-CLITIC = r"['’](?:s|re|ve|ll|d|m|t)\b"
+# (Germany 's, I 'm, do n't, GERMANY 'S); any other non-space character alone
+CLITIC = r"(?i:['’](?:s|re|ve|ll|d|m)|n['’]t)\b"
 _WORD = regex.compile(
-    rf"(?:\p{{Lu}}\.){{2,}}|[\w\p{{M}}]+(?:(?:[-&.]|(?!{CLITIC})['’])[\w\p{{M}}]+)*|{CLITIC}|[^\w\p{{M}}\s]"
+    rf"(?:\p{{Lu}}\.){{2,}}|[\w\p{{M}}]+(?={CLITIC})|[\w\p{{M}}]+(?:(?:[-&.]|(?!{CLITIC})['’])[\w\p{{M}}]+)*"
+    rf"|{CLITIC}|[^\w\p{{M}}\s]"
 )
 
 
@@ -119,18 +120,20 @@ def token_blocks(lines: list[str], source: str) -> list[Sentence] | None:
     """Sentences of a CoNLL-style file without tags (one token per line, blank lines between sentences), or None
     where the lines are not that: a line of several words, one block only (a list, one item per line), or no
     sentence of several lines."""
-    sentences, tokens, start = [], [], 1
+    sentences, tokens, start, document = [], [], 1, 0
     for number, line in enumerate([*lines, ""], 1):
         fields = line.split()
         if len(fields) > 1:
             return None
         if fields and fields[0] != DOCSTART:
             tokens.append(fields[0])
-        elif tokens:
-            sentences.append(Sentence(tokens, ["O"] * len(tokens), 0, f"{source}:{start}"))
+            continue
+        if tokens:
+            sentences.append(Sentence(tokens, ["O"] * len(tokens), document, f"{source}:{start}"))
             tokens = []
-        if not fields:
-            start = number + 1
+        if fields and sentences:  # -DOCSTART- starts another document
+            document += 1
+        start = number + 1
     return sentences if len(sentences) > 1 and any(len(s.tokens) > 1 for s in sentences) else None
 
 

@@ -188,7 +188,8 @@ class NerTagger(nn.Module):
 
 # encoders that number positions from pad_token_id + 1 (RoBERTa's scheme), so that many fewer tokens fit
 PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
-                            "data2vec-text", "longformer"}  # fmt: skip
+                            "data2vec-text", "longformer", "mpnet", "ibert", "xmod", "luke", "lilt", "markuplm",
+                            "layoutlmv3"}  # fmt: skip
 
 
 def usable_positions(config) -> int | None:
