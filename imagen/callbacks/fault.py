@@ -103,16 +103,16 @@ class RandomState(Callback):
         if self._pending is None:
             return
         states, self._pending = self._pending, None
-        if "ranks" not in states:  # saved by one process
-            set_rng_states(states)
-            if self._rank:
-                seed_process(torch.initial_seed(), self._rank)
-            return
-        saved = states["ranks"]
+        saved = states.get(
+            "ranks", [states]
+        )  # every process's, or one process's (a single-process checkpoint)
         if len(saved) == self._world:
             set_rng_states(saved[self._rank])
             return
-        log.warning(f"resuming on {self._world} processes from {len(saved)}: the random streams start afresh")
+        if "ranks" in states:
+            log.warning(
+                f"resuming on {self._world} processes from {len(saved)}: the random streams start afresh"
+            )
         set_rng_states(saved[0])
         if self._rank:
             seed_process(torch.initial_seed(), self._rank)
@@ -302,9 +302,8 @@ class ResumableEarlyStopping(EarlyStopping):
 
     @property
     def state_key(self) -> str:  # Lightning's EarlyStopping's: its checkpoints resume this one, and back
-        return EarlyStopping._generate_state_key(self, monitor=self.monitor, mode=self.mode).replace(
-            type(self).__qualname__, EarlyStopping.__qualname__, 1
-        )
+        key = self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        return key.replace(type(self).__qualname__, "EarlyStopping", 1)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

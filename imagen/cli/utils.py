@@ -109,9 +109,8 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
             )
         elif entry is not None:
             raise ValueError(f"callbacks.{name}: expected a config with _target_, got {entry!r}")
-    return sorted(
-        callbacks, key=lambda callback: isinstance(callback, Preemption)
-    )  # stable: the rest in order
+    # a stable sort: the others keep their order
+    return sorted(callbacks, key=lambda callback: isinstance(callback, Preemption))
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:

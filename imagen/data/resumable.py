@@ -43,12 +43,8 @@ class EpochShuffleSampler(DistributedSampler):
         rank: int | None = None,
         drop_last: bool = True,
     ):  # not DistributedSampler.__init__, which wants a dataset: the attributes it sets are set here
-        if (
-            num_replicas is None
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if num_replicas is None and distributed:
             num_replicas, rank = dist.get_world_size(), dist.get_rank()
             shared = [int(seed)]
             dist.broadcast_object_list(shared, src=0)
