@@ -166,12 +166,12 @@ def test_the_autoencoder_section_stands_when_sampling_measured_nothing(tmp_path)
 
 
 def test_gpu_suite_reads_what_a_step_cut_off_while_writing_left(tmp_path):
-    from imagen.bench.gpu_suite import read_json
+    from imagen.bench.gpu_suite import read_step_output
 
-    assert read_json(tmp_path / "none.json") is None
+    assert read_step_output(tmp_path / "none.json") is None
     (tmp_path / "cut.json").write_text('{"val/psnr": 3')
-    assert read_json(tmp_path / "cut.json")["unreadable"].startswith(f"{tmp_path / 'cut.json'}: ")
+    assert read_step_output(tmp_path / "cut.json")["unreadable"].startswith(f"{tmp_path / 'cut.json'}: ")
     (tmp_path / "samples.jsonl").write_text('{"image": "a.png"}\n{"image": "b.png"}\n{"ima')
-    records = read_json(tmp_path / "samples.jsonl", lines=True)
+    records = read_step_output(tmp_path / "samples.jsonl", lines=True)
     assert records[:2] == [{"image": "a.png"}, {"image": "b.png"}]
     assert len(records) == 3 and records[2]["unreadable"].startswith(f"{tmp_path / 'samples.jsonl'} line 3: ")

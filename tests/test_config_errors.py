@@ -66,6 +66,7 @@ CASES = [
         "trainer.precision=16-mixed cannot train the adversarial loss",
     ),
     (["train=false", "ckpt_path=null"], ConfigError, "train=false test=true needs ckpt_path=PATH"),
+    (["train=false", "test=false"], ConfigError, "train=false test=false: nothing to run"),
     (["model.init_from=/no/such.ckpt"], ConfigError, "model.init_from=/no/such.ckpt: no such file"),
     (
         ["model.init_from={ner_ckpt}"],

@@ -524,6 +524,15 @@ def test_malformed_metadata_and_annotations_name_the_file_and_line(tmp_path):
         annotations.write_text(json.dumps({"images": images, "annotations": []}))
         with pytest.raises(ValueError, match=rf"captions.json: images\[1\] lacks '{key}'"):
             index_coco(tmp_path, annotations)
+    # entries that are no objects, and lists that are no lists, are named too
+    for data, message in (
+        ({"images": ["a.png"], "annotations": []}, r"images\[0\] is no JSON object: 'a.png'"),
+        ({"images": [], "annotations": [[1, "a"]]}, r"annotations\[0\] is no JSON object"),
+        ({"images": {"id": 1}, "annotations": []}, "no 'images' list"),
+    ):
+        annotations.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=message):
+            index_coco(tmp_path, annotations)
 
 
 def test_metadata_that_is_not_utf8_or_not_an_object_is_refused_naming_the_file(tmp_path):
@@ -582,6 +591,7 @@ def test_a_caption_column_no_row_has_is_refused_listing_the_columns(tmp_path):
         ({"holdout_fraction": -0.5}, r"data.holdout_fraction=-0.5: must be in \(0, 0.5\)"),
         ({"holdout_fraction": 0.5}, r"data.holdout_fraction=0.5: must be in \(0, 0.5\)"),
         ({"max_pixels": -1}, "data.max_pixels=-1: must be >= 1, or null for no limit"),
+        ({"max_caption_chars": 0}, "data.max_caption_chars=0: must be >= 1, or null for no limit"),
     ],
 )
 def test_settings_out_of_range_are_refused_up_front(setting, message):

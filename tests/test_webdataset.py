@@ -97,3 +97,13 @@ def test_every_rank_and_worker_evaluates_its_share_of_one_held_out_shard(tmp_pat
     assert sorted(name.rsplit(":", 1)[1] for name in seen[0] + seen[1]) == [
         f"img{i:03d}.png" for i in range(8, 16)
     ]
+
+
+def test_a_caption_key_that_the_json_captions_lack_is_refused_up_front(tmp_path):
+    shards = write_shards(tmp_path / "wds", make_pairs(6, size=(8, 8)), per_shard=2, json_captions=True)
+    spec = shard_spec(shards)
+    dm = ImageTextDataModule("webdataset", shards=spec, image_size=8, resampled=False, caption_key="text")
+    with pytest.raises(ValueError, match=r"data.caption_key='text': .*00000.tar .* its keys: \['caption'\]"):
+        dm.build_dataset("train")
+    dm = ImageTextDataModule("webdataset", shards=spec, image_size=8, resampled=False, eval_samples=None)
+    assert len([name for batch in dm._loader("train") for name in batch["name"]]) == 2  # the one training shard

@@ -59,7 +59,7 @@ def step(name: str, command: list[str], logs: Path, timeout: float) -> dict:
     return result
 
 
-def read_json(path: Path, lines: bool = False) -> dict | list[dict] | None:
+def read_step_output(path: Path, lines: bool = False) -> dict | list[dict] | None:
     """A step's JSON file (`lines`: JSON lines); None if it wrote none, {"unreadable": ...} for a file or line cut
     off while being written (the lines before it are kept)."""
     if not path.is_file():
@@ -85,10 +85,10 @@ def report(out: Path, work: Path, results: list[dict]) -> None:
     ae_dir, gen_dir = stage_dirs(work)
     summary = {
         "steps": results,
-        "autoencoder_metrics": read_json(ae_dir / "metrics.json"),
-        "generator_metrics": read_json(gen_dir / "metrics.json"),
-        "sample_manifest": read_json(work / "sample_out" / "samples.jsonl", lines=True),
-        "loader": read_json(work / "loader.json"),
+        "autoencoder_metrics": read_step_output(ae_dir / "metrics.json"),
+        "generator_metrics": read_step_output(gen_dir / "metrics.json"),
+        "sample_manifest": read_step_output(work / "sample_out" / "samples.jsonl", lines=True),
+        "loader": read_step_output(work / "loader.json"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     packed = [work / "logs", work / "loader.json", work / "sample_out", ae_dir / "metrics.json",

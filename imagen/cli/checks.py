@@ -77,6 +77,8 @@ def _check_checkpointing(cfg: DictConfig) -> None:
     stage = STAGES.get(_target(cfg.model).rsplit(".", 1)[-1])
     if ckpt_path not in (None, "auto") and stage:
         _check_stage_checkpoint(cfg, "ckpt_path", ckpt_path, stage)
+    if not cfg.get("train", True) and not cfg.get("test", True):
+        raise ConfigError("train=false test=false: nothing to run; set train=true, test=true or both")
     if not cfg.get("train", True) and cfg.get("test", True) and ckpt_path is None:
         raise ConfigError(
             "train=false test=true needs ckpt_path=PATH (the checkpoint to evaluate) or ckpt_path=auto"

@@ -132,8 +132,11 @@ def index_coco(images: Path, annotations: Path) -> list[Record]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"data.annotations={annotations}: cannot read a COCO JSON ({e})") from None
     for key in ("images", "annotations"):
-        if not isinstance(data, dict) or key not in data:
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise ValueError(f"data.annotations={annotations}: no {key!r} list (is it a captions file?)")
+        for number, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{annotations}: {key}[{number}] is no JSON object: {entry!r}")
     captions: dict[int, list[str]] = defaultdict(list)
     for number, ann in enumerate(data["annotations"]):
         if "image_id" not in ann or "caption" not in ann:

@@ -181,6 +181,20 @@ class WebDatasetStream(IterableDataset):
             return None if value is None else (value if isinstance(value, list) else [str(value)])
         return None
 
+    def check_caption_key(self) -> None:
+        """Refuse a `caption_key` that the first sample's `.json` lacks when it has no `.txt` (every sample would be
+        a `missing_caption` skip). A first shard that cannot be read is left to the stream to report."""
+        try:
+            raw = next(iter(wds.DataPipeline(wds.SimpleShardList(self.urls[:1]), wds.tarfile_to_samples())))
+            meta = json.loads(raw["json"]) if "json" in raw and "txt" not in raw else None
+        except Exception:  # noqa: BLE001 - unreadable shards and samples are counted when read
+            return
+        if isinstance(meta, dict) and self.caption_key not in meta:
+            raise ValueError(
+                f"data.caption_key={self.caption_key!r}: the first sample of {self.urls[0]} "
+                f"({raw.get('__key__')}) has no .txt and its .json has no such key; its keys: {sorted(meta)}"
+            )
+
     def sample(self, raw: dict) -> dict:
         """A grouped tar sample (`__key__`, `__url__`, members by extension) -> an item, or `BadSample`."""
         name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
@@ -378,8 +392,9 @@ class ImageTextDataModule(pl.LightningDataModule):
                 f"data.holdout_fraction={holdout_fraction}: must be in (0, 0.5), the share of one folder or COCO "
                 "file held out for each of val and test (at least one sample each)"
             )
-        if max_pixels is not None and max_pixels < 1:
-            raise ValueError(f"data.max_pixels={max_pixels}: must be >= 1, or null for no limit")
+        for key, value in (("max_pixels", max_pixels), ("max_caption_chars", max_caption_chars)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key}={value}: must be >= 1, or null for no limit")
         self.datasets: dict[str, Dataset] = {}
         self.bad = BadSampleTracker(max_bad_fraction, bad_check_after)
         self._epoch: int | None = None
@@ -470,10 +485,13 @@ class ImageTextDataModule(pl.LightningDataModule):
             if held_out:
                 log.info(f"data.shards has no {split} entry: {split} reads {urls[0]}, held out of training")
             train = split == "train"
-            return WebDatasetStream(urls, self.preprocess(split), h.bad_samples, resampled=train and h.resampled,
+            dataset = WebDatasetStream(urls, self.preprocess(split), h.bad_samples, resampled=train and h.resampled,
                                     samples_per_epoch=h.samples_per_epoch, shuffle_buffer=h.shuffle_buffer if train else 0,
                                     caption_key=h.caption_key, limit=None if train else h.eval_samples,
                                     split="shards" if train else "samples")  # fmt: skip
+            if train:
+                dataset.check_caption_key()
+            return dataset
         if not hasattr(self, "_all_records"):
             self._all_records = self._records()
         if split not in self._all_records:
