@@ -106,4 +106,5 @@ def test_a_caption_key_that_the_json_captions_lack_is_refused_up_front(tmp_path)
     with pytest.raises(ValueError, match=r"data.caption_key='text': .*00000.tar .* its keys: \['caption'\]"):
         dm.build_dataset("train")
     dm = ImageTextDataModule("webdataset", shards=spec, image_size=8, resampled=False, eval_samples=None)
-    assert len([name for batch in dm._loader("train") for name in batch["name"]]) == 2  # the one training shard
+    names = [name for batch in dm._loader("train") for name in batch["name"]]
+    assert len(names) == 2  # the one training shard
