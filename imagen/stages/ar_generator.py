@@ -31,6 +31,7 @@ from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
 from imagen.models.text_encoder import CaptionTokenizer, TextStates
 from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate, reusable_cache
+from imagen.stages.evaluation import without_sampler_repeats
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
@@ -181,8 +182,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             for s in GROUP_SUFFIX.values()
             for name, kind in (("judge_acc", ""), ("judge_acc", "_recon"), ("binding_acc", ""))
         }
-        self.metrics = nn.ModuleDict(
-            {split: nn.ModuleDict({"nll": MeanMetric(), **judged}) for split in ("val", "test")}
+        self.metrics = nn.ModuleDict(  # a diverged batch's nan stays in nll
+            {
+                split: nn.ModuleDict({"nll": MeanMetric(nan_strategy="disable"), **judged})
+                for split in ("val", "test")
+            }
         )
 
     # -- conditioning and tokens --------------------------------------------------------------------------------------
@@ -571,7 +575,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         self._eager_evaluation(False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        if (batch := without_sampler_repeats(self.trainer, batch, batch_idx)) is not None:
+            self._eval_step(batch, "val")
 
     def _trainer_precision(self):
         """The Trainer's precision (bf16 autocast under `bf16-mixed`) for the scoring at the end of an evaluation
@@ -588,7 +593,8 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        if (batch := without_sampler_repeats(self.trainer, batch, batch_idx)) is not None:
+            self._eval_step(batch, "test")
 
     def on_test_epoch_start(self) -> None:
         self._eval_epoch_start("test")

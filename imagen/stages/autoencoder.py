@@ -17,6 +17,7 @@ from imagen.checkpoints import check_config, load_init_from, read_checkpoint, st
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
+from imagen.stages.evaluation import without_sampler_repeats
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
@@ -208,7 +209,8 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
             heldout = heldout.expand_as(exact)
             # updated on every batch, even with none held out: under DDP every rank must take part in compute()
             m["judge_acc_heldout"].update(exact[heldout])
-        self.log(f"{split}/rec_loss", self.reconstruction_loss(images, recon), sync_dist=True)
+        loss = self.reconstruction_loss(images, recon)
+        self.log(f"{split}/rec_loss", loss, sync_dist=True, batch_size=len(images))
 
     def _eval_epoch_end(self, split: str) -> None:
         m = self.metrics[split]
@@ -229,13 +231,15 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
             metric.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        if (batch := without_sampler_repeats(self.trainer, batch, batch_idx)) is not None:
+            self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        if (batch := without_sampler_repeats(self.trainer, batch, batch_idx)) is not None:
+            self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

@@ -179,7 +179,7 @@ class JointStage(ARGeneratorStage):
         for split in ("val", "test"):
             self.metrics[split].update(
                 {
-                    "caption_nll": MeanMetric(),  # bits per caption token
+                    "caption_nll": MeanMetric(nan_strategy="disable"),  # bits per caption token (nan stays)
                     "bleu4": BLEUScore(n_gram=4),
                     **{name: MeanMetric() for name in grouped},
                 }
@@ -469,7 +469,8 @@ class JointStage(ARGeneratorStage):
         if w.caption:
             ids = self.caption_ids(captions)
             loss = self.image_text.caption_loss(features, ids)
-            metrics["caption_nll"].update(loss / math.log(2), weight=n)
+            # a mean over the batch's caption tokens: weighted by their number
+            metrics["caption_nll"].update(loss / math.log(2), weight=(ids[:, 1:] != PAD_ID).sum())
             generated = self.decode_captions(tokens, features, self.caption_decoding, self._eval_generator())
             metrics["bleu4"].update(generated, self._references(split, index, captions))
             scenes = self._scenes(split, index)
