@@ -57,7 +57,7 @@ def fit(
     validating by steps as conf/trainer does."""
     torch.manual_seed(0)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
-    ema = EMAWeights(decay=0.5, **(ema_args or {}))
+    ema = EMAWeights(**{"decay": 0.5, **(ema_args or {})})
     checkpoints = LastAndBestCheckpoint(dirpath=tmp_path, filename="step_{step:06d}", save_last=True, save_top_k=-1,
                                         auto_insert_metric_name=False)  # fmt: skip
     trainer = pl.Trainer(callbacks=[ema, checkpoints], logger=False, enable_progress_bar=False,
@@ -126,6 +126,18 @@ def test_frozen_modules_are_shared_with_the_average_not_copied(tmp_path):
     assert torch.equal(ema._average_model.module.trained.weight, resumed.raw[-1])  # the final swap
     assert torch.equal(resumed.trained.weight, torch.lerp(expected_average(module.raw), resumed.raw[-1], 0.5))
     assert resumed.frozen.count.item() == BIG and ema._average_model.module.frozen is resumed.frozen
+
+
+def test_integer_buffers_of_trained_modules_are_copied_not_averaged(tmp_path):
+    module = TwoLayers()  # FSQ's levels sit beside trained weights: an average would round 6 down to 5
+    module.trained.register_buffer("levels", torch.tensor([8, 6, 5], dtype=torch.int32))
+    module.trained.register_buffer("steps", torch.tensor(0))
+    module.on_train_batch_end = lambda *args: module.trained.steps.add_(1)  # a count the module keeps
+    ema = fit(module, tmp_path, ema_args={"decay": 0.9995}, max_steps=6, val_check_interval=3)
+    average, raw = module.trained, ema._average_model.module.trained  # swapped at the end of training
+    assert average.levels.tolist() == raw.levels.tolist() == [8, 6, 5]
+    # the average took the count at its last update, before the module's hook counted the 6th step
+    assert (average.steps.item(), raw.steps.item()) == (5, 6)
 
 
 def test_a_finished_run_run_again_is_tested_on_the_average(tmp_path):

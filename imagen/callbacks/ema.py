@@ -43,11 +43,15 @@ def frozen_shared_by_deepcopy(root: nn.Module) -> Iterator[None]:
 
 def ema_update_skipping_shared(decay: float):
     """`get_ema_multi_avg_fn(decay)` over the averaged tensors that are not the live ones: those of the frozen
-    modules the average shares are left alone, in time and in value (an integer buffer would be rounded)."""
+    modules the average shares are left alone, in time and in value. Integer and bool tensors (FSQ's levels, step
+    counts) are copied, not averaged: an average would round them down."""
     update = get_ema_multi_avg_fn(decay)
 
     def update_unshared(averaged: list, current: list, n_averaged) -> None:
         pairs = [(a, c) for a, c in zip(averaged, current, strict=True) if a.data_ptr() != c.data_ptr()]
+        for a, c in [(a, c) for a, c in pairs if not (a.is_floating_point() or a.is_complex())]:
+            a.copy_(c)
+        pairs = [(a, c) for a, c in pairs if a.is_floating_point() or a.is_complex()]
         if pairs:
             update(*map(list, zip(*pairs, strict=True)), n_averaged)
 
