@@ -39,7 +39,8 @@ def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 class HFFeaturePerceptualLoss(nn.Module):
-    """Perceptual distance: mean squared difference of normalized hidden states of a frozen vision model.
+    """Perceptual distance between images: how far apart a frozen vision model's hidden states put them, per position
+    (a patch token, a feature-map cell) as the squared distance of the unit-length feature vectors.
 
     `pretrained` is a Hugging Face hub name or a local folder of any `AutoModel` vision backbone that returns
     `hidden_states` (ViT, DINOv2, ConvNeXt, ...). Loading it needs the weights, so this loss is off by default.
@@ -89,14 +90,18 @@ class HFFeaturePerceptualLoss(nn.Module):
                 f"model.perceptual.layers={list(self.layers)}: the {self.backbone.config.model_type} backbone returns "
                 f"{len(hidden)} hidden states (indices {-len(hidden)} to {len(hidden) - 1})"
             )
+        # (B, positions, C): a ViT's tokens as they are, a conv net's (B, C, H, W) maps flattened; each position's
+        # feature vector to unit length over its channels
         return [
-            F.normalize(hidden[i].flatten(2) if hidden[i].dim() == 4 else hidden[i], dim=1)
+            F.normalize(hidden[i].flatten(2).transpose(1, 2) if hidden[i].dim() == 4 else hidden[i], dim=-1)
             for i in self.layers
         ]
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed over layers: the squared distance of unit feature vectors (0 to 4), averaged over positions."""
         with torch.no_grad():
             target_features = self._features(target)
         return sum(
-            F.mse_loss(a, b) for a, b in zip(self._features(reconstruction), target_features, strict=True)
+            (a - b).square().sum(-1).mean()
+            for a, b in zip(self._features(reconstruction), target_features, strict=True)
         )
