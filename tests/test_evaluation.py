@@ -43,3 +43,26 @@ def test_batches_of_a_loader_without_a_distributed_sampler_are_kept_whole():
     trainer = SimpleNamespace(testing=False, val_dataloaders=loader)
     batch = {"index": torch.tensor([4])}
     assert without_sampler_repeats(trainer, batch, 2) is batch
+
+
+def test_autoencoder_psnr_and_ssim_are_computed_in_float32_under_bf16(tmp_path):
+    import functools
+
+    import lightning.pytorch as pl
+    from torchmetrics.functional import structural_similarity_index_measure as ssim
+
+    from imagen.models.autoencoder import Autoencoder
+    from imagen.stages.autoencoder import AutoencoderStage
+
+    torch.manual_seed(0)
+    stage = AutoencoderStage(
+        Autoencoder.from_size("tiny", quantizer="fsq"), functools.partial(torch.optim.AdamW)
+    )
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.validate(stage, DataLoader([{"image": image} for image in images], batch_size=4), verbose=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        recon = stage.net(images)[0].clamp(-1, 1)  # the model runs in bf16, as the Trainer runs it
+    expected = ssim((recon.float() + 1) / 2, (images + 1) / 2, data_range=1.0)
+    assert trainer.callback_metrics["val/ssim"].item() == pytest.approx(expected.item(), abs=1e-6)

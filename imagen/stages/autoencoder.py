@@ -198,8 +198,10 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
             )
         recon = recon.clamp(-1, 1)
         m = self.metrics[split]
-        m["psnr"].update((recon + 1) / 2, (images + 1) / 2)
-        m["ssim"].update((recon + 1) / 2, (images + 1) / 2)
+        with torch.autocast(self.device.type, enabled=False):  # in float32 under the Trainer's bf16 too
+            scaled, target = (recon.float() + 1) / 2, (images.float() + 1) / 2
+            m["psnr"].update(scaled, target)
+            m["ssim"].update(scaled, target)
         m["codebook"].update(q.indices)
         judge = self._judge()
         if judge is not None and "target" in batch:
