@@ -39,7 +39,9 @@ def test_perceptual_loss_compares_features_of_a_frozen_backbone(tiny_vit):
     # each position's feature vector is normalized over its channels: the distance is the mean over positions
     features = [f.detach() for f in loss._features(reconstruction)]
     assert all(f.shape == (2, 17, 32) and torch.allclose(f.norm(dim=-1), torch.ones(2, 17)) for f in features)
-    expected = sum((a - b).square().sum(-1).mean() for a, b in zip(features, loss._features(target), strict=True))
+    expected = sum(
+        (a - b).square().sum(-1).mean() for a, b in zip(features, loss._features(target), strict=True)
+    )
     assert 0 < value.item() <= 4 * 2 and value.item() == pytest.approx(expected.item())
     assert all(not p.requires_grad and p.grad is None for p in loss.backbone.parameters())
     assert not loss.train().backbone.training  # frozen: stays in eval mode

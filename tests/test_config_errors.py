@@ -65,6 +65,11 @@ CASES = [
         ConfigError,
         "trainer.precision=16-mixed cannot train the adversarial loss",
     ),
+    (
+        ["experiment=shapes_autoencoder", "trainer.precision=16-mixed"],
+        ConfigError,
+        r"trainer.precision=16-mixed cannot clip gradients here .*set model.grad_clip=null",
+    ),
     (["train=false", "ckpt_path=null"], ConfigError, "train=false test=true needs ckpt_path=PATH"),
     (["train=false", "test=false"], ConfigError, "train=false test=false: nothing to run"),
     (["model.init_from=/no/such.ckpt"], ConfigError, "model.init_from=/no/such.ckpt: no such file"),

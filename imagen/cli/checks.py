@@ -252,11 +252,12 @@ def check_train_config(cfg: DictConfig) -> None:
                 f"{ae.downsample_factor} (model.net.channel_mult={list(ae.channel_mult)}); use a multiple of "
                 f"{ae.downsample_factor}"
             )
-    if model.get("discriminator") is not None and str(cfg.trainer.get("precision")).startswith("16"):
-        raise ConfigError(
-            f"trainer.precision={cfg.trainer.precision} cannot train the adversarial loss (the discriminator step "
-            "bypasses the grad scaler); use trainer.precision=bf16-mixed or 32-true"
-        )
+    if _target(model).endswith("AutoencoderStage") and str(cfg.trainer.get("precision")).startswith("16"):
+        from imagen.stages.autoencoder import fp16_unsupported
+
+        why = fp16_unsupported(model.get("discriminator") is not None, model.get("grad_clip"))
+        if why:
+            raise ConfigError(f"trainer.precision={cfg.trainer.precision} {why}")
     if isinstance(net, DictConfig) and _target(model).endswith(("ARGeneratorStage", "JointStage")):
         for derived in ("vocab_size", "grid_size", "text_dim"):
             if derived in net:

@@ -30,6 +30,17 @@ def image_gradient_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tens
     return dx + dy
 
 
+def fp16_unsupported(adversarial: bool, grad_clip: float | None) -> str | None:
+    """Why the stage cannot train under fp16 loss scaling (its manual optimization never unscales), or None."""
+    if adversarial:
+        why = "cannot train the adversarial loss (the discriminator step bypasses the grad scaler)"
+    elif grad_clip:
+        why = "cannot clip gradients here (model.grad_clip: they are clipped still scaled); set model.grad_clip=null"
+    else:
+        return None
+    return f"{why}, or use trainer.precision=bf16-mixed or 32-true"
+
+
 class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
     """Trains `net` (encoder -> quantizer -> decoder) to reconstruct images through discrete tokens.
 
@@ -175,11 +186,10 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
             self.net.quantizer.synchronise_codebook()
-        if self.discriminator is not None and str(self.trainer.precision).startswith("16"):
-            raise ValueError(
-                "trainer.precision=16-mixed is not supported with the adversarial loss (the discriminator step "
-                "bypasses the grad scaler); use bf16-mixed or 32-true"
-            )
+        if str(self.trainer.precision).startswith("16"):
+            why = fp16_unsupported(self.discriminator is not None, self.hparams.grad_clip)
+            if why:
+                raise ValueError(f"trainer.precision={self.trainer.precision} {why}")
 
     # -- evaluation -----------------------------------------------------------------------------------------------
 
