@@ -401,7 +401,17 @@ def test_greedy_captions_without_a_generator_ignore_the_beam_weights(make_cfg, t
     assert cfg.model.caption_decoding.generator_weight > 0  # the default, never read by greedy decoding
     stage = hydra.utils.instantiate(cfg.model, _convert_="all")
     with pytest.raises(ValueError, match="set caption_decoding_generator_weight=0"):
-        stage.check_caption_rescoring(replace(stage.caption_decoding, method="beam"), "caption_decoding_{}")
+        stage.check_caption_decoding(replace(stage.caption_decoding, method="beam"), "caption_decoding_{}")
+    # captions longer than the captioner's positions: refused up front, not when a caption first runs past them
+    limit = stage.image_text.config.max_caption_length
+    for length in (limit + 1, 1):
+        with pytest.raises(
+            ValueError, match=rf"model.caption_decoding.max_length={length}: .* 2 to {limit} tokens"
+        ):
+            stage.check_caption_decoding(
+                replace(stage.caption_decoding, max_length=length), "model.caption_decoding.{}"
+            )
+    stage.check_caption_decoding(replace(stage.caption_decoding, max_length=limit))
 
 
 def test_the_captioner_and_matcher_train_at_their_own_learning_rate(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
@@ -492,6 +502,15 @@ def test_test_split_reports_retrieval_and_caption_metrics(
         assert (
             written[f"test/recall_at_10_{direction}"] == written[f"test/recall_at_10_{direction}_embedding"]
         )
+
+
+def test_logged_images_leave_the_training_random_numbers_alone(joint_ckpt):
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    stage.caption_decoding = replace(stage.caption_decoding, method="nucleus")  # draws random numbers
+    tokens = torch.randint(stage.image_text.config.vocab_size, (2, stage.net.config.num_image_tokens))
+    state = torch.get_rng_state()
+    images = stage.log_images({"tokens": tokens, "caption": ["a small red circle", "a large blue square"]})
+    assert len(images["captioned"][1]) == 2 and torch.equal(torch.get_rng_state(), state)
 
 
 def test_retrieval_pairs_are_scored_by_the_captioner_and_the_generator_at_each_direction_s_weight(joint_ckpt):

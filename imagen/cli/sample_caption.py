@@ -71,7 +71,7 @@ def sample_caption(cfg: DictConfig) -> dict:
     stage.to(device)
     given = {field: cfg[key] for key, field in DECODING_KEYS.items() if cfg[key] is not None}
     decoding = replace(stage.caption_decoding, **given)
-    stage.check_caption_rescoring(decoding, "caption_{}")
+    stage.check_caption_decoding(decoding, "caption_{}")
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     size = stage.hparams.image_size
     out_dir = prepare_out_dir(cfg, ("captions.jsonl",))

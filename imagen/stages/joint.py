@@ -142,7 +142,6 @@ class JointStage(ARGeneratorStage):
                 )
             self.retrieval_generator_weight[direction] = float(weight)
         self.caption_decoding = CaptionDecoding(**(caption_decoding or {}))
-        self.check_caption_rescoring(self.caption_decoding, "model.caption_decoding.{}")
         if isinstance(getattr(text_encoder, "tokenizer", None), CaptionTokenizer):
             caption_vocab_size, max_caption_length = text_encoder.vocab_size, text_encoder.max_length
         else:
@@ -161,6 +160,7 @@ class JointStage(ARGeneratorStage):
             )
             if codes is not None:  # a checkpoint's own vectors replace these when its state dict loads
                 self.image_text.set_code_vectors(codes)
+        self.check_caption_decoding(self.caption_decoding, "model.caption_decoding.{}")
         c = self.image_text.config
         if (c.vocab_size, c.grid_size, c.text_dim) != (
             self.autoencoder.vocab_size,
@@ -255,9 +255,17 @@ class JointStage(ARGeneratorStage):
         features = self.image_text.encode_image(tokens)
         return self.decode_captions(tokens, features, decoding or self.caption_decoding, generator)
 
-    def check_caption_rescoring(self, decoding: CaptionDecoding, key: str = "{}") -> None:
-        """A decoding that re-scores beams with a head this stage did not train is an error naming its config key
-        (`key.format(field)`). Greedy and nucleus decoding never re-score: their weights are not read."""
+    def check_caption_decoding(self, decoding: CaptionDecoding, key: str = "{}") -> None:
+        """A decoding this stage cannot run is an error naming its config key (`key.format(field)`): captions longer
+        than the captioner's positions, or beams re-scored with a head this stage did not train (greedy and nucleus
+        decoding never re-score: their weights are not read)."""
+        limit = self.image_text.config.max_caption_length
+        if decoding.max_length is not None and not 2 <= decoding.max_length <= limit:
+            name = key.format("max_length")
+            raise ValueError(
+                f"{name}={decoding.max_length}: the captioner reads captions of 2 to {limit} tokens ([BOS] and [EOS] "
+                f"included); set {name}=null for its {limit}"
+            )
         if not decoding.rescored:
             return
         heads = {"match_weight": ("matching", "matcher"), "generator_weight": ("generation", "generator")}
@@ -280,7 +288,7 @@ class JointStage(ARGeneratorStage):
         """Image tokens (B, N) and their features (B, N, dim) -> captions. With `decoding.match_weight` /
         `generator_weight`, each final beam's score gains the matcher's logit / the generator's mean log p(image
         tokens | caption), so the kept caption is one the other two heads also find true of the image."""
-        self.check_caption_rescoring(decoding)
+        self.check_caption_decoding(decoding)
 
         def rescore(captions: list[str]) -> torch.Tensor:  # (B * K,): the K beams of one image adjacent
             beams = len(captions) // len(tokens)
@@ -668,7 +676,7 @@ class JointStage(ARGeneratorStage):
         if self.weights.caption:
             tokens = self.batch_tokens(batch)
             pictures = batch["image"] if "image" in batch else self.decode_tokens(tokens)
-            images["captioned"] = (pictures, self.caption_tokens(tokens))
+            images["captioned"] = (pictures, self.caption_tokens(tokens, generator=self._eval_generator()))
         return images
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
