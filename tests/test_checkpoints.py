@@ -115,3 +115,69 @@ def test_a_monitored_metric_the_run_never_logs_names_the_key_and_keeps_the_steps
             tmp_path,
         )  # fmt: skip
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def fit_with_schedule(tmp_path, manual: bool, **checkpoint_args) -> tuple[dict, list[str]]:
+    """7 steps, validating at step 4, with a checkpoint schedule: the step `last.ckpt` holds at the start of each
+    step (the checkpoint callback runs after the module's hooks: by then it has saved the step before), and the
+    top-k checkpoints."""
+    import lightning.pytorch as pl
+
+    from imagen.callbacks.checkpoint import LastAndBestCheckpoint
+
+    last = tmp_path / "last.ckpt"
+    seen: dict[int, int | None] = {}
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.automatic_optimization = not manual
+
+        def on_train_batch_start(self, batch, batch_idx):
+            seen[self.global_step] = read_checkpoint(last)["global_step"] if last.exists() else None
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch[0]).square().mean()
+            if manual:
+                optimizer = self.optimizers()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", 1.0 / (1 + self.global_step))  # better at every validation
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 2)), batch_size=4)
+    checkpoints = LastAndBestCheckpoint(dirpath=tmp_path, filename="step_{step:06d}", monitor="val/loss",
+                                        save_last=True, save_top_k=1, auto_insert_metric_name=False,
+                                        **checkpoint_args)  # fmt: skip
+    trainer = pl.Trainer(callbacks=[checkpoints], logger=False, enable_progress_bar=False, accelerator="cpu",
+                         enable_model_summary=False, max_steps=7, check_val_every_n_epoch=None,
+                         val_check_interval=4, limit_val_batches=1, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(Module(), data, data)
+    return seen, sorted(p.name for p in tmp_path.glob("step_*.ckpt"))
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_scheduled_saves_write_last_before_the_first_validation_and_every_validation_chooses(
+    tmp_path, manual
+):
+    seen, best = fit_with_schedule(tmp_path, manual, every_n_train_steps=2)
+    # last.ckpt at steps 2 and 4 (the validation at 4 chooses too) and 6, before the first validation's metric
+    assert seen == {0: None, 1: None, 2: 2, 3: 2, 4: 4, 5: 4, 6: 6}
+    assert best == [
+        "step_000004.ckpt"
+    ]  # chosen at the validation of step 4, though a scheduled save came first
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 7
+
+
+def test_a_time_schedule_saves_under_manual_optimization(tmp_path):
+    import datetime
+
+    seen, _ = fit_with_schedule(tmp_path, manual=True, train_time_interval=datetime.timedelta(0))
+    assert seen == {step: step or None for step in range(7)}  # every step's weights, at the next one's start

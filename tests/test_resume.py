@@ -28,7 +28,7 @@ KILL_RUN = [
 ]
 # ... made small: 16 px images, 7 batches of 8 per epoch, so that every checkpoint (steps 40, 80, ...) falls in the
 # middle of an epoch; VQ (random dead-code replacement) so that the restored RNG matters; validation every 60 steps,
-# so that it runs between a checkpoint and the kill and, at steps 120 and 240, at the step of a checkpoint.
+# so that it runs between two checkpoints and, at steps 120 and 240, at the step of a checkpoint.
 SMALL = [
     *(o for o in TINY_SHAPES if not o.startswith(("data.num_train=", "data.batch_size="))),
     "data.num_train=56",
@@ -116,7 +116,7 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
 
 
 def test_a_killed_ddp_run_resumes_within_its_epoch_to_bit_identical_weights(tmp_path):
-    """Two processes (`trainer=ddp_sim`), 7 batches each per epoch: both killed after the checkpoint of step 60, in
+    """Two processes (`trainer=ddp_sim`), 7 batches each per epoch: both killed after the checkpoint of step 40, in
     the middle of an epoch; the same command resumes and ends with an uninterrupted run's weights. (Lightning wraps a
     sampler that is not a DistributedSampler in one of its own, whose position a checkpoint does not keep: the
     resumed epoch then trained again on its first batches.) VQ: its codebook is kept the same on both processes
@@ -131,10 +131,10 @@ def test_a_killed_ddp_run_resumes_within_its_epoch_to_bit_identical_weights(tmp_
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert checkpoint["global_step"] == 60
-    # saved in the middle of epoch 8 (of 7 batches), by the loader itself
+    assert checkpoint["global_step"] == 40  # the first scheduled save, before the first validation (step 60)
+    # saved in the middle of epoch 5 (of 7 batches), by the loader itself
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 8, "batches": 4, "num_replicas": 2}
+        {"epoch": 5, "batches": 5, "num_replicas": 2}
     ]
 
     run_to_end(train_command(run, *ddp), tmp_path, tmp_path / "resumed.log")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -15,6 +17,12 @@ class LastAndBestCheckpoint(ModelCheckpoint):
     Lightning 2.6 writes `last.ckpt` only beside a new top-k checkpoint: a run whose final validation does not beat
     an earlier one ends with `last.ckpt` holding that earlier step, while the test and the next pipeline stage see
     the final weights, and a resume after a crash repeats every step since the best one.
+
+    Saves on a schedule (`every_n_train_steps`, `train_time_interval`) write `last.ckpt`, under automatic and manual
+    optimization alike; with a monitor, the top-k checkpoints are chosen at every validation, on fresh metrics.
+    Lightning 2.6 put scheduled saves off until the first validation when a monitor is set (a run validating every
+    5000 steps kept nothing before), ignored `train_time_interval` under manual optimization, and a scheduled save
+    at a validation's step kept that validation from choosing its top-k checkpoint.
     """
 
     _last_saved_step: int | None = None
@@ -24,8 +32,36 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         # (a fresh run in a used run directory) makes it save `last-v1.ckpt` from then on, and leave `last.ckpt` stale
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if self._train_time_interval is not None:
+            now = time.monotonic()
+            interval = self._train_time_interval.total_seconds()
+            elapsed = self._last_time_checked is not None and now - self._last_time_checked >= interval
+            if trainer.strategy.broadcast(elapsed):  # rank 0's clock decides for every rank
+                self._last_time_checked, due = now, True
+        # once per step (accumulated batches share one), and not again after a validation's save at this step
+        if (
+            not due
+            or self._last_saved_step == trainer.global_step
+            or self._should_skip_saving_checkpoint(trainer)
+        ):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None:  # the newest weights are the top-k ones
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+            return
+        chosen = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_global_step_saved = chosen  # a validation at this step still chooses its top-k checkpoint
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_monitor(trainer)
+        if (
+            self.monitor is not None
+        ):  # every validation chooses (Lightning's does only after a scheduled save)
+            self._defer_save_until_validation = True
         super().on_validation_end(trainer, pl_module)
         self._refresh_last(trainer)
 
