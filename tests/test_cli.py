@@ -147,12 +147,12 @@ def test_multirun_gives_each_job_its_own_wandb_run_and_a_missing_optimized_metri
 def test_every_logger_config_instantiates_and_names_the_run_after_its_directory(tmp_path):
     from imagen.cli.utils import instantiate_loggers
 
-    run_dir = tmp_path / "logs" / "shapes_autoencoder" / "runs" / "2026-12-06_10-00-00"
+    run_dir = tmp_path / "logs" / "shapes_autoencoder" / "runs" / "2026-12-06_10-00-00_123456"
     cfg = compose_config(["experiment=shapes_autoencoder", "logger=many_loggers", "logger.wandb.offline=true",
                           f"paths.log_dir={tmp_path / 'logs'}"], run_dir)  # fmt: skip
     loggers = {type(logger).__name__: logger for logger in instantiate_loggers(cfg.logger)}
     assert set(loggers) == {"ResumableCSVLogger", "TensorBoardLogger", "WandbLogger"}
-    assert cfg.run_name == "shapes_autoencoder/runs/2026-12-06_10-00-00"
+    assert cfg.run_name == "shapes_autoencoder/runs/2026-12-06_10-00-00_123456"
     assert loggers["WandbLogger"]._wandb_init["name"] == cfg.run_name
     assert loggers["WandbLogger"]._wandb_init["group"] == "shapes_autoencoder"
 
@@ -178,3 +178,11 @@ def test_a_failed_run_is_marked_failed_in_wandb(monkeypatch, tmp_path):
         failing(cfg)
     assert task_wrapper(lambda cfg: "done")(cfg) == "done"
     assert finished == [1, 0]
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("imagen.conf", version_base="1.3"):
+        runs = [compose("train", return_hydra_config=True).hydra for _ in range(2)]
+    assert runs[0].run.dir != runs[1].run.dir and runs[0].sweep.dir != runs[1].sweep.dir

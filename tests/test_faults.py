@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -9,9 +19,9 @@ from lightning.pytorch import Callback
 
 from imagen.callbacks.fault import NonFiniteError, NonFiniteGuard, grads_are_finite
 from imagen.checkpoints import read_checkpoint
-from imagen.cli.train import train
+from imagen.cli.train import BASIC_LAUNCHER, StoppedBySignal, end_stopped_run, train
 from imagen.stages.autoencoder import AutoencoderStage
-from tests.conftest import TINY_SHAPES
+from tests.conftest import REPO, TINY_SHAPES
 from tests.test_callbacks import TwoLayers
 from tests.test_cli import run_train
 from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (a session fixture)
@@ -249,3 +259,200 @@ def test_ddp_processes_draw_their_own_random_numbers_and_each_resumes_its_own(tm
     )  # rank 0 keeps the run's
     assert not torch.equal(first0, first1)  # dropout masks, caption dropout, noise: each process its own
     assert torch.equal(resumed0, after0) and torch.equal(resumed1, after1)
+
+
+# -- a run stopped by a signal, under a sweeper or SLURM --------------------------------------------------------------
+
+SIGNALLED = ["+callbacks.term._target_=tests.test_faults.SignalAtStep", "+callbacks.term.step=1"]
+
+
+class SignalAtStep(Callback):
+    """Sends this process `signal` (a name) after training step `step`: SIGTERM as a preemption, or SIGUSR1 as
+    SLURM's warning before the time limit. With `once` (a file it then writes), only if that file is not there: in
+    the first run of a test only."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM", once: str | None = None):
+        self.step, self.signal, self.once = step, signal, once
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step or (self.once and os.path.exists(self.once)):
+            return
+        if self.once:
+            open(self.once, "w").close()
+        os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+def set_hydra_job(cfg, mode, launcher: str) -> None:
+    """Make `cfg`'s Hydra config that of a job run in `mode` (a RunMode) by `launcher` (its `_target_`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.mode = mode
+        cfg.hydra.launcher = {"_target_": launcher}
+    HydraConfig().set_config(cfg)
+
+
+SUBMITIT_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+
+
+@pytest.mark.parametrize(
+    ("mode", "launcher", "expected"),
+    [("RUN", BASIC_LAUNCHER, None), ("MULTIRUN", SUBMITIT_LAUNCHER, StoppedBySignal),
+     ("MULTIRUN", BASIC_LAUNCHER, SystemExit)],
+)  # fmt: skip
+def test_what_main_makes_of_a_run_stopped_by_a_signal(make_cfg, tmp_path, caplog, mode, launcher, expected):
+    # a single run returns (exit status 0); a job of a local multirun ends the sweep, whose next job would run in the
+    # time the signal left; a job of its own fails, so that Optuna counts a failed trial (it got None, which escaped
+    # max_failure_rate, and a NaN would end the study: Optuna 2.x refuses it, and the sweeper fails on that)
+    from hydra.types import RunMode
+
+    cfg = make_cfg(["optimized_metric=val/psnr"], run_dir=tmp_path / "run")
+    set_hydra_job(cfg, RunMode[mode], launcher)
+    caplog.set_level("INFO")
+    if expected is None:
+        assert end_stopped_run(cfg, {"preempted": True, "requeued": False}) is None
+        assert f"to resume: python {sys.argv[0]} " in caplog.text
+        assert caplog.text.rstrip().endswith(f"hydra.run.dir={tmp_path / 'run'}")
+        return
+    with pytest.raises(expected) as raised:
+        end_stopped_run(cfg, {"preempted": True, "requeued": False})
+    if expected is SystemExit:
+        assert raised.value.code == 1
+        assert "To resume it in its directory: python " in caplog.text
+    sweep_dir = Path(os.getcwd()) / cfg.hydra.sweep.dir
+    assert f"hydra.sweep.dir={sweep_dir}" in caplog.text + str(raised.value)
+
+
+def test_a_non_finite_optimized_metric_fails_the_trial(make_cfg, tmp_path, monkeypatch):
+    # returned, a NaN ended an Optuna 2.x study (Optuna refuses it, and the sweeper fails on that refusal)
+    import imagen.cli.train as train_module
+
+    cfg = make_cfg(["optimized_metric=val/psnr"], run_dir=tmp_path / "run")
+    monkeypatch.setattr(train_module, "train", lambda cfg: ({"val/psnr": float("nan")}, {}))
+    with pytest.raises(FloatingPointError, match=r"optimized_metric=val/psnr is nan: training diverged"):
+        train_module.main(cfg)
+    monkeypatch.setattr(train_module, "train", lambda cfg: ({"val/psnr": 21.5}, {}))
+    assert train_module.main(cfg) == 21.5
+
+
+def test_a_requeued_run_ends_its_process_without_a_result(make_cfg, tmp_path):
+    from hydra.types import RunMode
+
+    cfg = make_cfg(["optimized_metric=val/psnr"], run_dir=tmp_path / "run")
+    for mode in (RunMode.RUN, RunMode.MULTIRUN):
+        set_hydra_job(cfg, mode, SUBMITIT_LAUNCHER)
+        with pytest.raises(SystemExit) as raised:  # a pipeline's stage too
+            end_stopped_run(cfg, {"preempted": True, "stages": {"autoencoder": {"requeued": True}}})
+        assert raised.value.code == 0
+
+
+def test_a_signal_ends_a_local_multirun_with_the_command_that_resumes_it(tmp_path):
+    # before, Hydra's basic launcher went on to the next job, the command exited 0 and the log said "run the same
+    # command again", which makes a new sweep directory
+    overrides = ["-m", "experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "callbacks.image_logger=null",
+                 "trainer.max_steps=3", "trainer.val_check_interval=3", "test=false", "extras.print_config=false",
+                 "logger=csv", "seed=1,2", *SIGNALLED, f"+callbacks.term.once={tmp_path / 'signalled'}"]  # fmt: skip
+    result = run_train(*overrides, cwd=tmp_path, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    (sweep,) = (tmp_path / "logs" / "shapes_autoencoder" / "multiruns").iterdir()
+    assert read_checkpoint(sweep / "0" / "checkpoints" / "last.ckpt")["global_step"] == 1
+    assert not (sweep / "1").exists(), "the sweep's next job did not start"
+    command = shlex.split(re.search(r"To resume it in its directory: (.*)", output).group(1))
+    assert command[:2] == ["python", str(REPO / "train.py")] and command[-1] == f"hydra.sweep.dir={sweep}"
+
+    resumed = run_train(*command[2:], cwd=tmp_path, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list(sweep.parent.iterdir()) == [sweep], "the same sweep directory"
+    resumed_job = sweep / "0" / "checkpoints" / "last.ckpt"
+    assert f"resuming from {resumed_job} at step 1" in resumed.stderr + resumed.stdout
+    for job in ("0", "1"):
+        assert read_checkpoint(sweep / job / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def run_train_main(*overrides: str) -> None:
+    """`python train.py OVERRIDES` in this process: the function of a submitit job."""
+    from imagen.cli.train import main
+
+    sys.argv = [str(REPO / "train.py"), *overrides]
+    main()
+
+
+SUBMITIT_JOB = """
+import sys
+from submitit.core.submission import process_job
+from submitit.core.utils import DelayedSubmission, JobPaths
+from tests.test_faults import run_train_main
+
+folder, job_id, *overrides = sys.argv[1:]
+DelayedSubmission(run_train_main, *overrides).dump(JobPaths(folder, job_id, task_id=0).submitted_pickle)
+process_job(folder)
+"""
+
+
+def test_a_requeued_slurm_job_leaves_its_result_to_the_requeued_attempt(tmp_path):
+    # submitit writes a job's result when its function returns: the launcher collected the first attempt's (None)
+    # while the requeued job still ran. SLURM and `scontrol` are faked: the job is this process, `scontrol` a script
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from submitit.core.utils import JobPaths
+
+    bin_dir, folder, run = tmp_path / "bin", tmp_path / "submitit", tmp_path / "run"
+    bin_dir.mkdir()
+    folder.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore",
+           "IMAGEN_ROOT": str(tmp_path), "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train",
+           "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+           "SLURM_JOB_NUM_NODES": "1"}  # fmt: skip
+    overrides = ["hydra/launcher=slurm", "experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny",
+                 "callbacks.image_logger=null", "trainer.max_steps=3", "trainer.val_check_interval=3", "test=false",
+                 "extras.print_config=false", "logger=csv", "optimized_metric=val/psnr", f"hydra.run.dir={run}",
+                 *SIGNALLED, "+callbacks.term.signal=SIGUSR1"]  # fmt: skip
+    result_pickle = JobPaths(folder, "4242", task_id=0).result_pickle
+
+    def attempt() -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", SUBMITIT_JOB, str(folder), "4242", *overrides]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+
+    first = attempt()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert read_checkpoint(run / "hpc_ckpt_1.ckpt")["global_step"] == 1
+    assert not result_pickle.exists(), "the requeued attempt returned a result"
+    assert "this attempt ends without a result" in first.stdout + first.stderr
+
+    second = attempt()  # the requeued job: it resumes, finishes and returns the metric
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed_from = rf"resuming from {re.escape(str(run))}/\S+\.ckpt at step 1"
+    assert re.search(resumed_from, second.stdout + second.stderr)
+    outcome, _ = pickle.loads(result_pickle.read_bytes())
+    assert outcome == "success"
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_the_optuna_sweep_survives_a_failed_trial_keeps_its_study_and_gives_each_trial_a_directory(tmp_path):
+    # the sweeper's defaults: max_failure_rate 0 (one failed trial ended the study) and an in-memory study. A rerun
+    # in the same sweep directory numbers its jobs from 0 again: with `<job>` directories, its job 0 resumed
+    # (ckpt_path=auto) the first attempt's trial 0, whatever that trial's values
+    from omegaconf import OmegaConf
+
+    from imagen.cli.train import optuna_storage
+
+    config = OmegaConf.load(REPO / "conf" / "hparams_search" / "shapes_autoencoder_optuna.yaml")
+    sweeper = config.hydra.sweeper
+    assert 1 / sweeper.n_jobs <= sweeper.max_failure_rate < 1, "the rate is judged per batch of n_jobs trials"
+    storage = {"_target_": "imagen.cli.train.optuna_storage", "sweep_dir": "${hydra.sweep.dir}"}
+    assert OmegaConf.to_container(sweeper.storage) == storage
+    url = optuna_storage(str(tmp_path / "sweep"))
+    assert url == f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
+    # the sweeper opens the database before its launcher makes the directory
+    sqlite3.connect(url.removeprefix("sqlite:///")).close()
+
+    trial = {"model": {"optimizer": {"lr": 0.0025}, "net": {"quantizer": "lfq"}}, "data": {"batch_size": 64}}
+    job = OmegaConf.merge(config, trial, {"hydra": {"job": {"num": 3}}})
+    assert job.hydra.sweep.subdir == "3_lfq_bs64_lr0.0025"
+    subdir = OmegaConf.to_container(config.hydra.sweep)["subdir"]  # unresolved
+    for key in sweeper.params:
+        assert f"${{{key}}}" in subdir, f"{key}: a swept value the directory does not name"

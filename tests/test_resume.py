@@ -185,6 +185,38 @@ def test_last_ckpt_stays_the_newest_after_a_signal_and_a_rerun(make_cfg, tmp_pat
     assert previous == (["metrics.previous1.csv"] if rerun == "ckpt_path=null" else [])
 
 
+def test_auto_resume_refuses_a_run_directory_trained_with_other_settings(make_cfg, tmp_path):
+    """A sweep run again in the same hydra.sweep.dir with other values: its jobs resumed the earlier jobs'
+    checkpoints, trained nothing and reported the earlier settings' metrics."""
+    run = tmp_path / "run"
+    overrides = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "test=false", "logger=csv",
+                 "trainer.val_check_interval=100", "model.optimizer.lr=0.001"]  # fmt: skip
+    train(make_cfg([*overrides, "trainer.max_steps=2"], run_dir=run))
+    last = run / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        ConfigError, match=r"ckpt_path=auto: .* other settings: model.optimizer.lr=0.004 \(was 0.001\)"
+    ):
+        train(make_cfg([*overrides, "trainer.max_steps=4", "model.optimizer.lr=0.004"], run_dir=run))
+    assert read_checkpoint(last)["global_step"] == 2
+    # a longer run and another number of loader workers are the same run
+    train(make_cfg([*overrides, "trainer.max_steps=4", "data.num_workers=1"], run_dir=run))
+    assert read_checkpoint(last)["global_step"] == 4
+    # an explicit checkpoint resumes as asked; a fresh start records its own settings
+    train(
+        make_cfg(
+            [*overrides, "trainer.max_steps=6", "model.optimizer.lr=0.004", f"ckpt_path={last}"], run_dir=run
+        )
+    )
+    assert read_checkpoint(last)["global_step"] == 6
+    train(
+        make_cfg(
+            [*overrides, "trainer.max_steps=2", "model.optimizer.lr=0.004", "ckpt_path=null"], run_dir=run
+        )
+    )
+    train(make_cfg([*overrides, "trainer.max_steps=4", "model.optimizer.lr=0.004"], run_dir=run))
+    assert read_checkpoint(last)["global_step"] == 4
+
+
 def test_corrupt_checkpoints_are_reported_and_the_newest_valid_one_is_used(make_cfg, tmp_path, caplog):
     run = tmp_path / "run"
     overrides = [

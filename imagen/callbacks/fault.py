@@ -247,13 +247,15 @@ class Preemption(Callback):
     The signal only sets a flag; the checkpoint is written between batches, never in the middle of an optimizer
     step. Under SLURM with auto-requeue (conf/hydra/launcher/slurm.yaml) the environment's requeue signal (SIGUSR1,
     which the launcher asks SLURM to send) is then handed to Lightning's own requeue handler (it writes
-    `hpc_ckpt_N.ckpt` and requeues the job); elsewhere `last.ckpt` is written. Rerunning the same command resumes
-    from it (`ckpt_path=auto`).
+    `hpc_ckpt_N.ckpt` and requeues the job; `requeued` is then true, and `main` ends the process without a result,
+    so that submitit collects the requeued attempt's); elsewhere `last.ckpt` is written. Rerunning the same command
+    resumes from it (`ckpt_path=auto`).
     """
 
     def __init__(self, signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGTERM")):
         self.signals = [getattr(signal, name) for name in signals]
         self.received: int | None = None
+        self.requeued = False  # handed to Lightning's SLURM requeue
         self.stopped_at_step: int | None = None
         self.checkpoint: str | None = None
         self._previous: dict = {}
@@ -288,6 +290,7 @@ class Preemption(Callback):
         if slurm and signum == environment.requeue_signal:
             trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)  # hpc_ckpt_N.ckpt + requeue
             self.checkpoint = "hpc_ckpt (SLURM requeue)"
+            self.requeued = True
         else:
             self.checkpoint = write_last_checkpoint(trainer)
         self.stopped_at_step = trainer.global_step

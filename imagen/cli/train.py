@@ -23,9 +23,11 @@ from imagen.cli.checks import check_train_config
 from imagen.cli.pipeline import is_pipeline, run_pipeline
 from imagen.cli.utils import (
     apply_extras,
+    check_resume_settings,
     instantiate_callbacks,
     instantiate_loggers,
     metric_for_sweeper,
+    record_run_settings,
     retire_run_id,
     task_wrapper,
     tensor_metrics,
@@ -95,11 +97,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     ckpt_path, restored_step = resolve_ckpt_path(cfg) if cfg.train else (None, None)
+    if ckpt_path is not None and cfg.ckpt_path == "auto":
+        check_resume_settings(cfg, output_dir, ckpt_path)
     # a fresh start in a used directory logs a new W&B run; the launching process decides, before any rank reads it
     launcher = pl.utilities.rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
     fresh_start = cfg.train and ckpt_path is None and launcher
     if fresh_start:
         retire_run_id(output_dir)
+        record_run_settings(cfg, output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
     csv_loggers = [logger for logger in loggers if fresh_start and isinstance(logger, ResumableCSVLogger)]
     for logger in csv_loggers:  # a fresh start's CSV log starts a new file too
@@ -153,9 +158,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         )
         if preemption is not None:
             objects["preempted"] = True
+            objects["requeued"] = preemption.requeued
             log.info(
-                f"stopped by a signal at step {preemption.stopped_at_step}; checkpoint: {preemption.checkpoint}. "
-                f"Run the same command again to resume (run directory {output_dir})"
+                f"stopped by a signal at step {preemption.stopped_at_step}; checkpoint: {preemption.checkpoint} "
+                f"(run directory {output_dir})"
             )
             return metrics, objects
         # so that a run stopped in its test keeps, when run again, what its training measured
@@ -180,12 +186,93 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     return metrics, objects
 
 
+def optuna_storage(sweep_dir: str) -> str:
+    """The Optuna study's database in `sweep_dir`, as a storage URL (conf/hparams_search/*optuna.yaml): a rerun in
+    the same sweep directory continues the study. The directory is made here, since the sweeper opens the database
+    before its launcher makes it."""
+    path = Path(sweep_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'optuna.db'}"
+
+
+def resume_command(key: str, directory: str | Path) -> str:
+    """This process's command line with `key=directory` in place of any value it gave for `key`: the command that
+    resumes its run (`hydra.run.dir`) or its sweep (`hydra.sweep.dir`)."""
+    import shlex
+    import sys
+
+    args = [arg for arg in sys.argv[1:] if not arg.lstrip("+").startswith(f"{key}=")]
+    return shlex.join(["python", sys.argv[0], *args, f"{key}={directory}"])
+
+
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+class StoppedBySignal(RuntimeError):
+    """A job of a sweep stopped by a signal before it finished, its checkpoint written: it has no metric to return,
+    and the sweeper counts it as failed."""
+
+
+def end_stopped_run(cfg: DictConfig, objects: dict) -> None:
+    """What `main` does with a run that a signal stopped, its checkpoint written:
+    - SLURM requeued the job: the process exits (status 0) without returning, so that submitit writes no result for
+      this attempt and its launcher collects the requeued attempt's;
+    - a job of a multirun under Hydra's basic launcher (the jobs one after another in this process): the sweep ends
+      (status 1) instead of going on to its next job, and the command that resumes it in the same sweep directory
+      is logged (the same command would start a new one);
+    - a job of a multirun that is a process of its own (the submitit launcher): raises `StoppedBySignal`, which
+      Hydra records as the job's failure: Optuna marks the trial failed, counted against `max_failure_rate`, and
+      Hydra's basic sweeper fails once its jobs ended. (A NaN would end an Optuna 2.x study: the sweeper fails on
+      Optuna's refusal of it; a None fails the trial, but escapes `max_failure_rate`.)
+    - a single run: returns (exit status 0), the command that resumes it logged.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    rank_zero = pl.utilities.rank_zero_only.rank == 0
+    stages = [objects, *objects.get("stages", {}).values()]  # a pipeline's
+    if any(stage.get("requeued") for stage in stages):
+        if rank_zero:
+            log.info("SLURM requeued the job: this attempt ends without a result; the requeued one resumes")
+        raise SystemExit(0)
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        if rank_zero:
+            log.info(f"to resume: {resume_command('hydra.run.dir', hydra_cfg.runtime.output_dir)}")
+        return
+    sweep_dir = Path(hydra_cfg.runtime.cwd) / hydra_cfg.sweep.dir
+    if hydra_cfg.launcher.get("_target_") == BASIC_LAUNCHER:
+        log.error(
+            "the sweep ends with this job (its next jobs would run in the time the signal left). To resume it in its "
+            f"directory: {resume_command('hydra.sweep.dir', sweep_dir)}"
+        )
+        raise SystemExit(1)
+    # this process's command line is the launcher's
+    raise StoppedBySignal(
+        f"stopped by a signal before it finished; its checkpoint is in {cfg.paths.output_dir}. To resume it, run the "
+        f"sweep's command again with hydra.sweep.dir={sweep_dir}"
+    )
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Train as configured; returns the value of `optimized_metric` to a sweeper (`end_stopped_run`: a run that a
+    signal stopped). A value that is not finite is an error, the trial's failure (a NaN would end an Optuna 2.x
+    study, see `end_stopped_run`)."""
+    import math
+
     metrics, objects = train(cfg)
     if objects.get("preempted"):
-        return None
-    return metric_for_sweeper(metrics, cfg.get("optimized_metric"))
+        return end_stopped_run(cfg, objects)
+    value = metric_for_sweeper(metrics, cfg.get("optimized_metric"))
+    if value is not None and not math.isfinite(value):
+        raise FloatingPointError(
+            f"optimized_metric={cfg.optimized_metric} is {value}: training diverged (run directory "
+            f"{cfg.paths.output_dir}); lower model.optimizer.lr"
+        )
+    return value
 
 
 if __name__ == "__main__":

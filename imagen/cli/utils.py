@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from imagen.callbacks.fault import Preemption
+from imagen.cli.checks import ConfigError
 from imagen.precision import auto_precision
 
 log = logging.getLogger("imagen")
@@ -56,8 +57,64 @@ def retire_run_id(output_dir: str | Path) -> None:
         os.replace(path, path.with_name(f".run_id.{path.read_text().strip()}"))
 
 
+RUN_SETTINGS = "run_settings.json"
+# settings that change how fast a run goes, not what it trains
+SPEED_KEYS = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
+              "data.eval_batch_size", "model.compile")  # fmt: skip
+
+
+def run_settings(cfg: DictConfig) -> dict:
+    """What a run trains, flattened to dotted keys: its model, data and seed, less the settings of its speed
+    (`SPEED_KEYS`). Interpolations are left as written: a run extended by `trainer.max_steps` (its LR schedule's
+    length follows) or moved to another machine (`paths`) is the same run."""
+
+    def flatten(value, key: str) -> dict:
+        if isinstance(value, dict) and value:
+            return {k: v for name, item in value.items() for k, v in flatten(item, f"{key}.{name}").items()}
+        return {key: value}
+
+    settings = {"seed": cfg.get("seed")}
+    for group in ("model", "data"):
+        node = cfg.get(group)
+        if node is not None:
+            settings.update(flatten(OmegaConf.to_container(node, resolve=False), group))
+    return {k: v for k, v in settings.items() if k not in SPEED_KEYS}
+
+
+def record_run_settings(cfg: DictConfig, output_dir: str | Path) -> None:
+    """Keep what a fresh start trains (`run_settings`) in its run directory, for `check_resume_settings`."""
+    path = Path(output_dir) / RUN_SETTINGS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run_settings(cfg), indent=1, sort_keys=True, default=str))
+
+
+def check_resume_settings(cfg: DictConfig, output_dir: str | Path, ckpt_path: str) -> None:
+    """`ckpt_path=auto` resumes a run only with the settings it started with: a run directory reused with others (a
+    sweep run again in the same `hydra.sweep.dir` with other values) would otherwise go on training, or report, what
+    the earlier settings trained. An explicit `ckpt_path` resumes whatever it is given."""
+    path = Path(output_dir) / RUN_SETTINGS
+    if not path.is_file():  # a run started before the record was kept
+        return
+    recorded = json.loads(path.read_text())
+    current = json.loads(json.dumps(run_settings(cfg), default=str))  # the record's types (tuples as lists)
+    changed = sorted(
+        k for k in recorded.keys() | current.keys() if recorded.get(k, "<unset>") != current.get(k, "<unset>")
+    )
+    if not changed:
+        return
+    shown = ", ".join(
+        f"{k}={current.get(k, '<unset>')} (was {recorded.get(k, '<unset>')})" for k in changed[:5]
+    )
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    raise ConfigError(
+        f"ckpt_path=auto: the run directory {output_dir} holds a run trained with other settings: {shown}{more} "
+        f"({path}). Use another run directory (hydra.run.dir / hydra.sweep.dir), start afresh here with "
+        f"ckpt_path=null, or resume anyway with ckpt_path={ckpt_path}"
+    )
+
+
 def run_name(output_dir: str | None, log_dir: str) -> str:
-    """A logger's name for a run: its directory under the log folder (`shapes_joint/runs/2026-12-06_10-00-00`, or
+    """A logger's name for a run: its directory under the log folder (`shapes_joint/runs/2026-12-06_10-00-00_123456`, or
     `.../multiruns/<time>/<job>` for a job of a sweep), which says where its files are; elsewhere the folder's name;
     "" without a run directory (`--cfg job --resolve`)."""
     if output_dir is None:
