@@ -44,3 +44,22 @@ class ResumableCSVLogger(CSVLogger):
             n += 1
         os.replace(path, target)
         return target
+
+
+def retire_tensorboard_events(log_dir: str | Path) -> Path | None:
+    """A fresh start in a used run directory: the earlier run's TensorBoard files (`events.out.tfevents.*`,
+    `hparams.yaml`) move to `previous<N>/` beside them, which TensorBoard shows as a run of its own, instead of two
+    runs' steps from 0 drawn as one curve. Returns where they went (None: there were none)."""
+    log_dir = Path(log_dir)
+    files = (
+        [*log_dir.glob("events.out.tfevents.*"), *log_dir.glob("hparams.yaml")] if log_dir.is_dir() else []
+    )
+    if not files:
+        return None
+    n = 1
+    while (target := log_dir / f"previous{n}").exists():
+        n += 1
+    target.mkdir()
+    for path in files:
+        os.replace(path, target / path.name)
+    return target

@@ -217,6 +217,18 @@ def test_auto_resume_refuses_a_run_directory_trained_with_other_settings(make_cf
     assert read_checkpoint(last)["global_step"] == 4
 
 
+def test_a_fresh_start_in_a_used_directory_keeps_the_earlier_tensorboard_run_apart(make_cfg, tmp_path):
+    run, events = tmp_path / "run", tmp_path / "run" / "tensorboard"
+    overrides = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "test=false",
+                 "logger=tensorboard", "trainer.max_steps=2", "trainer.val_check_interval=100"]  # fmt: skip
+    train(make_cfg(overrides, run_dir=run))
+    first = sorted(p.name for p in events.glob("events.out.tfevents.*"))
+    assert first
+    train(make_cfg([*overrides, "ckpt_path=null"], run_dir=run))
+    assert sorted(p.name for p in (events / "previous1").iterdir()) == sorted([*first, "hparams.yaml"])
+    assert len(list(events.glob("events.out.tfevents.*"))) == 1  # the fresh start's own
+
+
 def test_corrupt_checkpoints_are_reported_and_the_newest_valid_one_is_used(make_cfg, tmp_path, caplog):
     run = tmp_path / "run"
     overrides = [

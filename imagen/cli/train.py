@@ -33,7 +33,7 @@ from imagen.cli.utils import (
     tensor_metrics,
     write_metrics,
 )
-from imagen.loggers import ResumableCSVLogger
+from imagen.loggers import ResumableCSVLogger, retire_tensorboard_events
 
 log = logging.getLogger("imagen")
 
@@ -106,10 +106,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         retire_run_id(output_dir)
         record_run_settings(cfg, output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
-    csv_loggers = [logger for logger in loggers if fresh_start and isinstance(logger, ResumableCSVLogger)]
-    for logger in csv_loggers:  # a fresh start's CSV log starts a new file too
-        if moved := logger.retire_metrics():
+    for logger in loggers if fresh_start else []:  # a fresh start's CSV and TensorBoard logs start anew too
+        if isinstance(logger, ResumableCSVLogger) and (moved := logger.retire_metrics()):
             log.info(f"a fresh start in a used run directory: the earlier metrics.csv is now {moved}")
+        if isinstance(logger, pl.loggers.TensorBoardLogger) and (
+            moved := retire_tensorboard_events(logger.log_dir)
+        ):
+            log.info(
+                f"a fresh start in a used run directory: the earlier TensorBoard files are now in {moved}"
+            )
     monitors = [c for c in callbacks if isinstance(c, pl.callbacks.LearningRateMonitor)]
     # Lightning refuses the monitor without a logger (`logger=null`, the debug modes)
     if monitors and not loggers:
