@@ -139,6 +139,7 @@ def test_multirun_gives_each_job_its_own_wandb_run_and_a_missing_optimized_metri
         logged = OmegaConf.load(sweep / job / "csv" / "hparams.yaml")
         assert logged.paths.log_dir == str(tmp_path / "logs")
         assert logged.run_name == f"shapes_autoencoder/multiruns/{sweep.name}/{job}"
+        assert logged.logger.wandb.group == f"shapes_autoencoder/multiruns/{sweep.name}"  # the sweep's own
     missing = run_train(*tiny, "optimized_metric=val/missing", cwd=tmp_path)
     assert missing.returncode != 0
     assert "optimized_metric='val/missing' was not logged" in missing.stderr

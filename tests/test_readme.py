@@ -57,8 +57,8 @@ def test_the_readme_has_commands_of_every_entry_point():
 def test_readme_command_composes(config, overrides, tmp_path):
     if "hydra/launcher=slurm" in overrides:
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    if any(o.startswith("hparams_search=") and o.endswith("_optuna") for o in overrides):
-        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # the sweep extra, not installed for the tests
+    if any(o.startswith("hparams_search=") and o.endswith("_optuna") for o in overrides):  # the sweep extra
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_config(overrides, tmp_path / "run", config)
     OmegaConf.to_container(
         cfg, resolve=True, throw_on_missing=False

@@ -123,6 +123,13 @@ def run_name(output_dir: str | None, log_dir: str) -> str:
     return output.relative_to(logs).as_posix() if output.is_relative_to(logs) else output.name
 
 
+def run_group(run_name: str, task_name: str) -> str:
+    """A logger's group for a run: its sweep (`<task>/multiruns/<time>`) for a job of one, so that a sweep's jobs are
+    compared apart from other runs; else its task."""
+    parts = run_name.split("/")
+    return "/".join(parts[:3]) if len(parts) >= 4 and parts[1] == "multiruns" else task_name
+
+
 def launch_dir() -> str:
     """Where the command was started: Hydra's `runtime.cwd` inside a job (right even under `hydra.job.chdir=true`),
     else the working directory, as when a multirun's sweeper resolves its directory before any job is set up (where
@@ -140,6 +147,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("imagen.run_id", run_id)
     if not OmegaConf.has_resolver("imagen.run_name"):
         OmegaConf.register_new_resolver("imagen.run_name", run_name)
+    if not OmegaConf.has_resolver("imagen.run_group"):
+        OmegaConf.register_new_resolver("imagen.run_group", run_group)
     if not OmegaConf.has_resolver("imagen.launch_dir"):
         OmegaConf.register_new_resolver("imagen.launch_dir", launch_dir)
 
