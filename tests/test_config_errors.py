@@ -157,6 +157,19 @@ def test_unknown_key_is_rejected_at_composition(make_cfg):
         make_cfg(["trainer.max_stepz=3"])
 
 
+def test_the_new_concept_data_counts_its_replayed_scenes_as_training_batches(make_cfg, tmp_path):
+    overrides = ["experiment=shapes_finetune_new_concept", f"model.init_from={tmp_path / 'missing.ckpt'}"]
+    # 16 new-concept scenes x 8 repeats + 1600 replayed: batches of 32 fill; the missing init_from is the next error
+    with pytest.raises(ConfigError, match="model.init_from=.*missing.ckpt: no such file"):
+        check_train_config(make_cfg([*overrides, "data.num_train=16"]))
+    with pytest.raises(
+        ConfigError, match=r"data.num_train=2 x data.new_repeats \+ data.num_replay is smaller"
+    ):
+        check_train_config(
+            make_cfg([*overrides, "data.num_train=2", "data.new_repeats=1", "data.num_replay=4"])
+        )
+
+
 def test_generator_needs_an_autoencoder_checkpoint(make_cfg, tmp_path):
     cfg = make_cfg(["experiment=shapes_generator", *TINY_SHAPES])
     with pytest.raises(MissingMandatoryValue, match="autoencoder_ckpt"):

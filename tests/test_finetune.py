@@ -146,6 +146,25 @@ def test_merged_state_dict_equals_peft_merge():
         add_lora(net, LoraSettings(target_modules=["qq"]))
 
 
+def test_lora_refuses_to_train_a_pretrained_text_encoder_run_without_gradients(make_cfg, tiny_autoencoder_ckpt,  # noqa: F811
+                                                                                  tmp_path):  # fmt: skip
+    from tests.test_ar_generator import save_tiny_hf_encoder
+
+    save_tiny_hf_encoder("bert", tmp_path / "bert")
+    tiny = [o for o in TINY_GENERATOR if "text_encoder" not in o]
+    base = ["experiment=shapes_generator", *TINY_SHAPES, *tiny, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+            "model/text_encoder=pretrained", f"model.text_encoder.pretrained={tmp_path / 'bert'}",
+            "model.text_encoder.cache_dir=null", "model.lora={r: 4, trainable: [text_encoder]}"]  # fmt: skip
+    stage = hydra.utils.instantiate(make_cfg(base).model, _convert_="all")
+    with pytest.raises(ValueError, match="set model.text_encoder.freeze=false"):
+        stage.apply_finetuning()
+    stage = hydra.utils.instantiate(
+        make_cfg([*base, "model.text_encoder.freeze=false"]).model, _convert_="all"
+    )
+    stage.apply_finetuning()  # trains, with gradients
+    assert all(p.requires_grad for p in stage.text_encoder.parameters())
+
+
 def test_lora_trains_adapters_only_and_its_checkpoint_round_trips(make_cfg, generator_ckpt, tiny_autoencoder_ckpt,  # noqa: F811
                                                                   tmp_path):  # fmt: skip
     run = tmp_path / "lora"

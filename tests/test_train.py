@@ -156,6 +156,17 @@ def test_gradient_clipping_works_with_fused_adamw_under_bf16(make_cfg, experimen
     assert objects["trainer"].global_step == 2  # Lightning did not refuse clipping the fused optimizer
 
 
+def test_the_generator_trains_under_bf16_true_with_its_autoencoder_in_float32(make_cfg, experiment_overrides):
+    import torch
+
+    cfg = make_cfg([*experiment_overrides("shapes_generator"), "trainer.precision=bf16-true", "trainer.max_steps=2",
+                    "test=false", "callbacks=none", "logger=csv"])  # fmt: skip
+    _, objects = train(cfg)
+    model = objects["model"]
+    assert objects["trainer"].global_step == 2 and next(model.net.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in model.autoencoder.parameters()} == {torch.float32}
+
+
 def clipping_module(precision: str, grouped: bool):
     """A LightningModule with the clipping mixin, two linear layers (`small`, `large`; clipped apart when `grouped`)
     and a stand-in trainer of the given precision."""
@@ -183,6 +194,25 @@ def grad_norm(module) -> float:
     import torch
 
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+
+
+def test_adamw_is_fused_unless_the_config_chooses():
+    import functools
+
+    import torch
+
+    from imagen.stages.optim import build_optimizer
+
+    model = torch.nn.Linear(3, 3)
+    chosen = {
+        "default": functools.partial(torch.optim.AdamW, lr=1e-3),
+        "fused=false": functools.partial(torch.optim.AdamW, fused=False),  # e.g. to clip gradients under fp16
+        "foreach=true": functools.partial(torch.optim.AdamW, foreach=True),
+    }
+    options = {name: build_optimizer(partial, model).defaults for name, partial in chosen.items()}
+    assert {name: (o["fused"], o["foreach"]) for name, o in options.items()} == {
+        "default": (True, None), "fused=false": (False, None), "foreach=true": (None, True)
+    }  # fmt: skip
 
 
 def test_fused_clipping_clips_the_gradient_norm():

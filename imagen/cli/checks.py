@@ -265,10 +265,15 @@ def check_train_config(cfg: DictConfig) -> None:
                     f"model.net.{derived} is derived from the autoencoder's codebook and the text encoder; remove it"
                 )
     batch_size, num_train = cfg.data.get("batch_size"), cfg.data.get("num_train")
+    counted = f"data.num_train={num_train}"
+    repeats, replay = cfg.data.get("new_repeats"), cfg.data.get("num_replay")
+    if (
+        isinstance(num_train, int) and isinstance(repeats, int) and isinstance(replay, int)
+    ):  # a new concept's data
+        num_train, counted = num_train * repeats + replay, f"{counted} x data.new_repeats + data.num_replay"
     if isinstance(batch_size, int) and isinstance(num_train, int) and num_train < batch_size:
         raise ConfigError(
-            f"data.num_train={num_train} is smaller than data.batch_size={batch_size}: no full training batch; "
-            "lower data.batch_size"
+            f"{counted} is smaller than data.batch_size={batch_size}: no full training batch; lower data.batch_size"
         )
     if _target(model).endswith("AutoencoderStage") and cfg.trainer.get("gradient_clip_val") is not None:
         raise ConfigError(

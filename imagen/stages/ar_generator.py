@@ -63,11 +63,18 @@ def module_spec(module: nn.Module) -> dict:
 
 
 class FrozenAutoencoderMixin:
-    """A frozen first stage: kept in eval mode whatever the trainer asks (taming-transformers' rule)."""
+    """A frozen first stage: kept in eval mode whatever the trainer asks (taming-transformers' rule), and in float32
+    whatever dtype the rest is cast to (`trainer.precision=bf16-true` casts every weight): its tokens are computed
+    in float32, the tokens the token cache and sampling see."""
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.autoencoder.eval()
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.autoencoder.float()  # a move to another device keeps it there; a cast to another dtype is undone
         return self
 
 

@@ -114,6 +114,15 @@ class FineTuningMixin:
         self._frozen = check_freeze(self.hparams.get("freeze"))
         for name in self._frozen:
             named_submodule(self, name, "model.freeze").requires_grad_(False).eval()
+        for (
+            name,
+            module,
+        ) in self.named_modules():  # a pretrained text encoder run without gradients (`freeze`)
+            if getattr(module, "freeze", False) is True and any(p.requires_grad for p in module.parameters()):
+                raise ValueError(
+                    f"model.lora sets {name} to train, but model.{name}.freeze=true runs it without gradients (from "
+                    f"its output cache), so it would never learn; set model.{name}.freeze=false"
+                )
         self._finetuning_applied = True
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -31,7 +31,7 @@ def build_optimizer(
     With `weight_decay` set, decay applies to >= 2-D parameters only. `lrs` gives the parameters under a submodule
     (`{"image_text": 1e-3}`) their own learning rate; schedules scale every group alike. AdamW is fused on GPUs and
     CPUs (one kernel per step instead of one per tensor: on a 2-core CPU, 3 ms instead of 16 ms per step for the
-    shapes generator).
+    shapes generator) unless the partial sets `fused` or `foreach` itself.
     """
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not params:
@@ -60,8 +60,13 @@ def build_optimizer(
         groups += [{**group, "lr": lr} for group in groups_of(named)]
     groups = [g for g in groups if g["params"]]
     kwargs = {}
-    target = getattr(optimizer, "func", optimizer)
-    if target is torch.optim.AdamW and params[0][1].device.type in ("cuda", "cpu"):
+    target, chosen = getattr(optimizer, "func", optimizer), getattr(optimizer, "keywords", {}).keys()
+    # fused unless the config chose (model.optimizer.fused=false, e.g. to clip under fp16, or foreach)
+    if (
+        target is torch.optim.AdamW
+        and params[0][1].device.type in ("cuda", "cpu")
+        and not {"fused", "foreach"} & chosen
+    ):
         kwargs["fused"] = True
     return optimizer(groups, **kwargs)
 
