@@ -109,7 +109,8 @@ def check_resume_settings(cfg: DictConfig, output_dir: str | Path, ckpt_path: st
     raise ConfigError(
         f"ckpt_path=auto: the run directory {output_dir} holds a run trained with other settings: {shown}{more} "
         f"({path}). Use another run directory (hydra.run.dir / hydra.sweep.dir), start afresh here with "
-        f"ckpt_path=null, or resume anyway with ckpt_path={ckpt_path}"
+        f"ckpt_path=null, or resume anyway with ckpt_path={ckpt_path} (its optimizer and LR schedule state, learning "
+        "rates included, then come from the checkpoint)"
     )
 
 
