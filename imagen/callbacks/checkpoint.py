@@ -58,9 +58,8 @@ class LastAndBestCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_monitor(trainer)
-        if (
-            self.monitor is not None
-        ):  # every validation chooses (Lightning's does only after a scheduled save)
+        # with a monitor, every validation chooses the best (Lightning's only after a scheduled save)
+        if self.monitor is not None:
             self._defer_save_until_validation = True
         super().on_validation_end(trainer, pl_module)
         self._refresh_last(trainer)
