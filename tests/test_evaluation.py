@@ -66,3 +66,14 @@ def test_autoencoder_psnr_and_ssim_are_computed_in_float32_under_bf16(tmp_path):
         recon = stage.net(images)[0].clamp(-1, 1)  # the model runs in bf16, as the Trainer runs it
     expected = ssim((recon.float() + 1) / 2, (images + 1) / 2, data_range=1.0)
     assert trainer.callback_metrics["val/ssim"].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_an_evaluation_loss_is_weighted_and_keeps_a_diverged_batch_s_nan():
+    from imagen.metrics import loss_mean
+
+    mean = loss_mean()
+    mean.update(torch.tensor(2.0), weight=8)  # a batch of 8
+    mean.update(torch.tensor(1.0), weight=1)  # the last batch, of 1
+    assert mean.compute().item() == pytest.approx(17 / 9)
+    mean.update(torch.tensor(float("nan")), weight=8)
+    assert mean.compute().isnan()  # not dropped: a diverged model does not report the other batches' figure

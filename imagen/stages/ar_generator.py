@@ -25,6 +25,7 @@ from imagen.checkpoints import (
     stage_info,
 )
 from imagen.data.shapes import Scene
+from imagen.metrics import loss_mean
 from imagen.metrics.judge import Judge
 from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -190,10 +191,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             for name, kind in (("judge_acc", ""), ("judge_acc", "_recon"), ("binding_acc", ""))
         }
         self.metrics = nn.ModuleDict(  # a diverged batch's nan stays in nll
-            {
-                split: nn.ModuleDict({"nll": MeanMetric(nan_strategy="disable"), **judged})
-                for split in ("val", "test")
-            }
+            {split: nn.ModuleDict({"nll": loss_mean(), **judged}) for split in ("val", "test")}
         )
 
     # -- conditioning and tokens --------------------------------------------------------------------------------------

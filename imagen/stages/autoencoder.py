@@ -14,6 +14,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from imagen.callbacks.fault import grads_are_finite
 from imagen.checkpoints import check_config, load_init_from, read_checkpoint, stage_info
+from imagen.metrics import loss_mean
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
@@ -109,6 +110,7 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
                 "psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
                 "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
                 "codebook": CodebookUsage(self.net.vocab_size),
+                "rec_loss": loss_mean(),  # over every sample of all ranks
                 "judge_acc": MeanMetric(),
                 "judge_acc_heldout": MeanMetric(),  # the subset of scenes with a held-out composition
             }
@@ -221,8 +223,7 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
             heldout = heldout.expand_as(exact)
             # updated on every batch, even with none held out: under DDP every rank must take part in compute()
             m["judge_acc_heldout"].update(exact[heldout])
-        loss = self.reconstruction_loss(images, recon)
-        self.log(f"{split}/rec_loss", loss, sync_dist=True, batch_size=len(images))
+        m["rec_loss"].update(self.reconstruction_loss(images, recon), weight=len(images))
 
     def _eval_epoch_end(self, split: str) -> None:
         m = self.metrics[split]
@@ -230,6 +231,7 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
         values = {
             f"{split}/psnr": m["psnr"].compute(),
             f"{split}/ssim": m["ssim"].compute(),
+            f"{split}/rec_loss": m["rec_loss"].compute(),
             f"{split}/codebook_usage": codebook["usage"],
             f"{split}/perplexity": codebook["perplexity"],
         }

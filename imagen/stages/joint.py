@@ -28,6 +28,7 @@ from torchmetrics.text import BLEUScore
 
 from imagen.checkpoints import check_config
 from imagen.data.shapes import Scene, matches_caption
+from imagen.metrics import loss_mean
 from imagen.metrics.captions import caption_correct, preserved_attributes
 from imagen.metrics.judge import Judge
 from imagen.metrics.retrieval import gather_rows, rerank_top_k, retrieval_metrics
@@ -179,7 +180,7 @@ class JointStage(ARGeneratorStage):
         for split in ("val", "test"):
             self.metrics[split].update(
                 {
-                    "caption_nll": MeanMetric(nan_strategy="disable"),  # bits per caption token (nan stays)
+                    "caption_nll": loss_mean(),  # bits per caption token
                     "bleu4": BLEUScore(n_gram=4),
                     **{name: MeanMetric() for name in grouped},
                 }
