@@ -77,6 +77,30 @@ def test_training_split_picks_among_all_captions(corpora):
     assert seen == {"picture number 0", "another caption 0"}
 
 
+def test_training_crops_and_captions_follow_the_item_seed_and_resume(corpora):
+    def loader():
+        torch.manual_seed(5)  # the run's seed
+        dm = ImageTextDataModule("coco", image_size=32, batch_size=2, **corpora["coco"])
+        return dm._loader("train")
+
+    def items(loader) -> list[tuple[str, bytes]]:
+        pairs = [zip(batch["caption"], batch["image"], strict=True) for batch in loader]
+        return [(caption, image.numpy().tobytes()) for batch in pairs for caption, image in batch]
+
+    run, rng = loader(), torch.get_rng_state()
+    epochs = []
+    for epoch in range(2):
+        run.sampler.set_epoch(epoch)
+        epochs.append(items(run))
+    # the random crops and captions leave the model's RNG alone, and draw both captions of the samples
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len({c.split()[0] for c, _ in epochs[0] + epochs[1]}) == 2
+    restarted = loader()
+    restarted.load_state_dict({"epoch": 1, "batches": 1, "num_replicas": 1})  # saved after a step of epoch 1
+    restarted.sampler.set_epoch(1)
+    assert items(restarted) == epochs[1][2:]  # the same captions and crops as the uninterrupted run
+
+
 def test_one_folder_is_split_into_disjoint_train_val_test(tmp_path):
     root = write_image_txt(tmp_path / "txt", make_pairs(20))
     dm = ImageTextDataModule("image_txt", root=str(root), image_size=32, holdout_fraction=0.1)
@@ -202,6 +226,12 @@ def test_resize_shorter_side_and_crops():
     torch.manual_seed(0)
     lefts = {int(np.asarray(resize_crop(strip, 32, random_crop=True))[0, 0, 0]) for _ in range(30)}
     assert len(lefts) > 5 and min(lefts) >= 0 and max(lefts) <= 32
+    seeded = [
+        np.asarray(resize_crop(strip, 32, True, np.random.default_rng(seed)))[0, 0, 0] for seed in range(30)
+    ]
+    assert len(set(seeded)) > 5 and seeded == [  # from the generator: the same for the same seed
+        np.asarray(resize_crop(strip, 32, True, np.random.default_rng(seed)))[0, 0, 0] for seed in range(30)
+    ]
 
 
 def test_a_thin_strip_is_resampled_only_where_it_is_cropped(monkeypatch):

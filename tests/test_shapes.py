@@ -183,6 +183,49 @@ def test_hard_negative_captions_reuse_the_words_and_are_false_of_the_image():
     assert twins.hard_negative(np.random.default_rng(0), POSITIONS, ["small", "large"]) is None
 
 
+@pytest.mark.parametrize(
+    "heldout", [[{"color": "red", "size": "large"}], [{"shape": "circle", "position": "left"}]]
+)
+def test_hard_negatives_never_name_a_held_out_composition(heldout):
+    # resized or moved (or two objects swapping looks), a training scene's negative could show a held-out composition
+    from imagen.data.shapes_datamodule import ShapesDataModule
+    from imagen.metrics.captions import parse_shapes_caption
+
+    dm = ShapesDataModule(heldout=heldout, num_train=600, num_val=4, num_val_heldout=4, num_test=4,
+                          num_test_heldout=4, use_judge=False, hard_negatives=True)  # fmt: skip
+    dataset, scenes = dm.train_dataloader().dataset, dm.split("train").scenes
+    for index in range(len(dataset)):
+        for seed in range(2):
+            negative = parse_shapes_caption(dataset[(index, seed)]["negative_caption"])
+            assert dm.scene_group(negative) == "seen", (scenes[index].captions()[0], negative.captions()[0])
+            assert not matches_caption(list(scenes[index].objects), negative)
+    small_red, sizes = Scene((ShapeObject("red", "circle", "small", "left"),)), ["small", "large"]
+    not_large = lambda scene: scene.objects[0].size != "large"  # noqa: E731
+    for seed in range(10):  # only moved: resized, it would be a large red circle
+        negative = small_red.hard_negative(np.random.default_rng(seed), POSITIONS, sizes, not_large)
+        assert negative.objects[0].size == "small" and negative.objects[0].position != "left"
+    assert small_red.hard_negative(np.random.default_rng(0), ["left"], sizes, not_large) is None
+
+
+def test_the_negative_of_look_alike_objects_is_another_scene_false_of_the_image():
+    # two objects that look the same have no swapped negative: the negative is another training scene's caption,
+    # never that of one of its repeats (new_repeats) or of a look-alike (the same objects in the same relation)
+    from imagen.data.shapes_datamodule import ShapesDataset
+
+    small = ShapeObject("red", "circle", "small", "left")
+    twins = Scene((small, replace(small, position="center")), "left of")
+    look_alike = Scene((replace(small, position="bottom left"), replace(small, position="bottom")), "left of")
+    other = Scene((ShapeObject("blue", "square", "large", "top"),))
+    config = ShapesConfig(jitter=0)
+    split = render_split(config, "train", [twins, twins, twins, look_alike, other], np.random.default_rng(0))
+    dataset = ShapesDataset(split, hard_negatives=config)
+    for seed in range(20):
+        assert dataset[(0, seed)]["negative_caption"] in other.captions()
+    alone = render_split(config, "train", [twins, look_alike], np.random.default_rng(0))
+    with pytest.raises(ValueError, match="data.hard_negatives: every one of the 2 training scenes shows"):
+        ShapesDataset(alone, hard_negatives=config)[(0, 0)]
+
+
 def test_train_two_object_prob_changes_the_training_split_only():
     from imagen.data.shapes_datamodule import ShapesDataModule
 

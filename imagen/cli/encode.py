@@ -21,7 +21,12 @@ def encode(cfg: DictConfig) -> dict:
                                cfg.batch_size, cfg.device, cfg.max_shards)  # fmt: skip
     for split, names in result.items():
         log.info(f"{split}: wrote {len(names['written'])} shards, {len(names['skipped'])} already finished")
-    log.info(f"token cache: {cfg.out_dir}")
+    unfinished = {split: len(names["unfinished"]) for split, names in result.items() if names["unfinished"]}
+    if unfinished:  # other processes' shards (or those past max_shards): no index.json for these splits yet
+        log.warning(f"token cache {cfg.out_dir} is not complete: shards still unfinished by split {unfinished}; "
+                    "it loads once the other processes finish theirs, or rerun this command to encode them")  # fmt: skip
+    else:
+        log.info(f"token cache: {cfg.out_dir}")
     return result
 
 

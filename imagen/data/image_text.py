@@ -53,7 +53,8 @@ POLICIES = ("skip", "raise")
 
 @dataclass
 class Preprocess:
-    """Bytes + raw captions -> an item; raises `BadSample`."""
+    """Bytes + raw captions -> an item; raises `BadSample`. The random crop and caption draw from `seed` when given
+    (a training item's seed, `EpochShuffleSampler(item_seeds=True)`), else from the torch RNG."""
 
     image_size: int = 256
     random_crop: bool = False  # else a center crop
@@ -64,12 +65,17 @@ class Preprocess:
         False  # also `all_captions`: every caption, one per line (the token cache writer)
     )
 
-    def __call__(self, image_bytes: bytes, captions: list[str] | None, name: str) -> dict:
+    def __call__(
+        self, image_bytes: bytes, captions: list[str] | None, name: str, seed: int | None = None
+    ) -> dict:
         # captions first: a caption problem skips the decode
         cut = [truncate_caption(c, self.max_caption_chars) for c in clean_captions(captions, name)]
-        pick = int(torch.randint(len(cut), ())) if self.random_caption and len(cut) > 1 else 0
+        rng = None if seed is None else np.random.default_rng(seed)
+        pick = 0
+        if self.random_caption and len(cut) > 1:
+            pick = int(rng.integers(len(cut))) if rng is not None else int(torch.randint(len(cut), ()))
         image = open_image(image_bytes, name, self.max_pixels, draft_size=self.image_size)
-        image = resize_crop(image, self.image_size, self.random_crop)
+        image = resize_crop(image, self.image_size, self.random_crop, rng)
         item = {
             "image": to_tensor(image),
             "caption": cut[pick][0],
@@ -89,8 +95,9 @@ def _with_bad(item: dict, bad: list[tuple[str, str]]) -> dict:
 
 
 class RecordDataset(Dataset):
-    """Map-style dataset over `Record`s. Under `policy="skip"` a bad sample is replaced by the next good one
-    (its record travels in the item's `bad`); under `"raise"` the `BadSample` propagates."""
+    """Map-style dataset over `Record`s, indexed by `index` or `(index, item_seed)` (the seed of `Preprocess`'s
+    random choices). Under `policy="skip"` a bad sample is replaced by the next good one (its record travels in the
+    item's `bad`); under `"raise"` the `BadSample` propagates."""
 
     def __init__(
         self, records: list[Record], preprocess: Preprocess, policy: str = "skip", substitute: bool = True
@@ -105,7 +112,7 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, record: Record) -> dict:
+    def load(self, record: Record, seed: int | None = None) -> dict:
         captions = record.read_captions()
         try:
             data = record.image.read_bytes()
@@ -113,14 +120,15 @@ class RecordDataset(Dataset):
             raise BadSample("missing_image", str(record.image)) from None
         except OSError as e:
             raise BadSample("unreadable_file", str(record.image), str(e)) from None
-        return self.preprocess(data, captions, str(record.image))
+        return self.preprocess(data, captions, str(record.image), seed)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, item_seed = key if isinstance(key, tuple) else (key, None)
         bad: list[tuple[str, str]] = []
         for offset in range(len(self.records)):
             read = (index + offset) % len(self.records)
             try:
-                return {**_with_bad(self.load(self.records[read]), bad), "index": read}
+                return {**_with_bad(self.load(self.records[read], item_seed), bad), "index": read}
             except BadSample as e:
                 if self.policy == "raise":
                     raise
@@ -551,8 +559,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         if workers > 0 and h.prefetch_factor:
             settings["prefetch_factor"] = h.prefetch_factor
         if split == "train" and not isinstance(dataset, IterableDataset):
-            # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything)
-            return ResumableLoader(dataset, h.batch_size, seed=torch.initial_seed(), **settings)
+            # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything), and each
+            # item's random crop and caption from its item seed: a resumed run draws what an uninterrupted one does
+            return ResumableLoader(
+                dataset, h.batch_size, seed=torch.initial_seed(), item_seeds=True, **settings
+            )
         # a stream shuffles itself; its last batch may hold the last drops
         return DataLoader(
             dataset, batch_size=h.batch_size if split == "train" else h.eval_batch_size, **settings

@@ -67,8 +67,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_crop(image: Image.Image, size: int, random_crop: bool) -> Image.Image:
-    """Resize so that the shorter side is `size`, then crop a `size` x `size` square (random or centered).
+def resize_crop(
+    image: Image.Image, size: int, random_crop: bool, rng: np.random.Generator | None = None
+) -> Image.Image:
+    """Resize so that the shorter side is `size`, then crop a `size` x `size` square (random or centered). A random
+    crop draws from `rng` when given, else from the torch RNG.
 
     Only the cropped region is resampled (its box in source coordinates), so a thin strip never becomes a huge
     intermediate image: the output is all that is allocated.
@@ -76,7 +79,9 @@ def resize_crop(image: Image.Image, size: int, random_crop: bool) -> Image.Image
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if random_crop:
+    if random_crop and rng is not None:
+        left, top = (int(rng.integers(n - size + 1)) for n in (new_w, new_h))
+    elif random_crop:
         left = int(torch.randint(new_w - size + 1, ()))
         top = int(torch.randint(new_h - size + 1, ()))
     else:

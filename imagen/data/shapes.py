@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -113,19 +114,30 @@ class Scene:
             self.relation,
         )
 
-    def hard_negative(self, rng: np.random.Generator, positions: list[str], sizes: list[str]) -> Scene | None:
+    def hard_negative(
+        self,
+        rng: np.random.Generator,
+        positions: list[str],
+        sizes: list[str],
+        keep: Callable[[Scene], bool] | None = None,
+    ) -> Scene | None:
         """A scene whose caption is false of this one's image but close to its caption, a hard negative for
         contrastive matching (NegCLIP): two objects exchange their appearances; one object moves to another of
-        `positions` or takes another of `sizes`. It never pairs a color with a shape this scene lacks. None for two
-        objects that look the same."""
+        `positions` or takes another of `sizes` (either at even odds). It never pairs a color with a shape this scene
+        lacks. Only scenes `keep` accepts are drawn (a training split's: no held-out composition). None for two
+        objects that look the same, or when `keep` accepts none."""
         if len(self.objects) == 2:
-            return self.attributes_swapped()
+            swapped = self.attributes_swapped()
+            return swapped if swapped is not None and (keep is None or keep(swapped)) else None
         (obj,) = self.objects
-        if len(sizes) > 1 and (len(positions) < 2 or rng.random() < 0.5):
-            others = [s for s in sizes if s != obj.size]
-            return Scene((replace(obj, size=others[rng.integers(len(others))]),))
-        others = [p for p in positions if p != obj.position]
-        return Scene((replace(obj, position=others[rng.integers(len(others))]),)) if others else None
+        resized = [Scene((replace(obj, size=s),)) for s in sizes if s != obj.size]
+        moved = [Scene((replace(obj, position=p),)) for p in positions if p != obj.position]
+        kinds = [[s for s in kind if keep is None or keep(s)] for kind in (resized, moved)]
+        kinds = [kind for kind in kinds if kind]
+        if not kinds:
+            return None
+        kind = kinds[0] if len(kinds) == 1 or rng.random() < 0.5 else kinds[1]
+        return kind[rng.integers(len(kind))]
 
     def mirrored(self) -> Scene:
         """The scene mirrored left-right: what its image flipped horizontally shows (every shape is symmetric about

@@ -18,6 +18,7 @@ from imagen.data.shapes import (
     SceneSampler,
     ShapesConfig,
     has_combination,
+    matches_caption,
     mirror_words,
     render,
     scene_targets,
@@ -82,6 +83,20 @@ def render_split(
     )
 
 
+@dataclass(frozen=True)
+class SceneGroups:
+    """The prompt group of a scene (called with it): `new` if it shows `new_concept`, `heldout` if it holds a held-out
+    composition of `config`, else `seen`. Picklable, for the training dataset in dataloader workers."""
+
+    config: ShapesConfig
+    new_concept: tuple[dict[str, str], ...] = ()
+
+    def __call__(self, scene: Scene) -> str:
+        if self.new_concept and any(has_combination(o, list(self.new_concept)) for o in scene.objects):
+            return "new"
+        return "heldout" if any(self.config.is_heldout(o) for o in scene.objects) else "seen"
+
+
 def take_rows(split: ShapesSplit, rows: np.ndarray) -> ShapesSplit:
     """The split's samples at `rows` (in that order, repeats allowed)."""
     choice = None if split.caption_choice is None else split.caption_choice[rows]
@@ -93,7 +108,9 @@ def take_rows(split: ShapesSplit, rows: np.ndarray) -> ShapesSplit:
 class ShapesDataset(Dataset):
     """Items: image (3, H, W) float in [-1, 1], caption, target (GRID*GRID, 3), heldout, index; with
     `hard_negatives` (a training split's `ShapesConfig`) also `negative_caption`, a caption false of the image that
-    reuses its words (`Scene.hard_negative`; another training scene's caption when there is none).
+    reuses its words (`Scene.hard_negative`, kept in the shown scene's prompt group by `scene_groups`, by default
+    `SceneGroups(hard_negatives)`, so that no held-out composition enters training); else the caption of another
+    training scene that is false of the image.
 
     Indexed by `index` or by `(index, item_seed)` (from `EpochShuffleSampler`); training draws a fresh caption
     paraphrase each time, from `item_seed` when given, else from the torch RNG (seeded per worker). With `hflip` (True,
@@ -102,10 +119,17 @@ class ShapesDataset(Dataset):
     """
 
     def __init__(
-        self, split: ShapesSplit, hard_negatives: ShapesConfig | None = None, hflip: bool | np.ndarray = False
+        self,
+        split: ShapesSplit,
+        hard_negatives: ShapesConfig | None = None,
+        hflip: bool | np.ndarray = False,
+        scene_groups: SceneGroups | None = None,
     ):
         self.split = split
         self.hard_negatives = hard_negatives
+        if scene_groups is None and hard_negatives is not None:
+            scene_groups = SceneGroups(hard_negatives)
+        self.scene_groups = scene_groups
         self.hflip = np.broadcast_to(np.asarray(hflip, dtype=bool), (len(split.scenes),))
 
     def __len__(self) -> int:
@@ -150,12 +174,27 @@ class ShapesDataset(Dataset):
         """A hard negative caption of item `index`, which shows `scene`."""
         seed = int(torch.randint(2**31, ())) if item_seed is None else item_seed
         rng = np.random.default_rng([seed, index])
-        config, scenes = self.hard_negatives, self.split.scenes
-        negative = scene.hard_negative(rng, config.positions, config.sizes)
+        config, group = self.hard_negatives, self.scene_groups(scene)
+        same_group = lambda other: self.scene_groups(other) == group  # noqa: E731
+        negative = scene.hard_negative(rng, config.positions, config.sizes, keep=same_group)
         if negative is None:
-            negative = scenes[(index + 1) % len(scenes)]
+            negative = self.other_scene(scene, rng)
         paraphrases = negative.captions()
         return paraphrases[rng.integers(len(paraphrases))]
+
+    def other_scene(self, scene: Scene, rng: np.random.Generator) -> Scene:
+        """A training scene whose caption is false of `scene`'s image, from a random start (the repeats of a scene,
+        `new_repeats`, and its look-alikes are passed over)."""
+        scenes = self.split.scenes
+        start = int(rng.integers(len(scenes)))
+        for offset in range(len(scenes)):
+            other = scenes[(start + offset) % len(scenes)]
+            if not matches_caption(list(scene.objects), other):
+                return other
+        raise ValueError(
+            f"data.hard_negatives: every one of the {len(scenes)} training scenes shows what the caption of "
+            f"{scene.captions()[0]!r} says, so none is a negative; add training scenes (data.num_train)"
+        )
 
 
 class ShapesDataModule(pl.LightningDataModule):
@@ -227,6 +266,7 @@ class ShapesDataModule(pl.LightningDataModule):
                 f"data.positions={self.config.positions}"
             )
         self.check_split_sizes()
+        self.scene_groups = SceneGroups(self.config)
         self.splits: dict[str, ShapesSplit] = {}
         self._judge: Judge | None = None
 
@@ -253,8 +293,9 @@ class ShapesDataModule(pl.LightningDataModule):
     prompt_groups: tuple[str, ...] = ("seen", "heldout")
 
     def scene_group(self, scene: Scene) -> str:
-        """The prompt group of a scene: `heldout` if it holds a held-out composition, else `seen`."""
-        return "heldout" if any(self.config.is_heldout(o) for o in scene.objects) else "seen"
+        """The prompt group of a scene: `heldout` if it holds a held-out composition, else `seen` (`new` if it
+        shows the new concept of `NewConceptShapesDataModule`)."""
+        return self.scene_groups(scene)
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: trains and caches the judge once.
@@ -366,7 +407,7 @@ class ShapesDataModule(pl.LightningDataModule):
         h = self.hparams
         split = self.split("train")
         hflip = self.mirrorable(split) if h.train_hflip else False
-        dataset = ShapesDataset(split, self.config if h.hard_negatives else None, hflip)
+        dataset = ShapesDataset(split, self.config if h.hard_negatives else None, hflip, self.scene_groups)
         return ResumableLoader(
             dataset,
             self.hparams.batch_size,
@@ -422,11 +463,7 @@ class NewConceptShapesDataModule(ShapesDataModule):
         self.config.check_combinations(self.new_concept, "data.new_concept")
         if new_repeats < 1:
             raise ValueError(f"data.new_repeats must be >= 1; got {new_repeats}")
-
-    def scene_group(self, scene: Scene) -> str:
-        if any(has_combination(o, self.new_concept) for o in scene.objects):
-            return "new"
-        return super().scene_group(scene)
+        self.scene_groups = SceneGroups(self.config, tuple(self.new_concept))
 
     def split_scenes(self, split: str) -> tuple[list[Scene], np.random.Generator]:
         h = self.hparams

@@ -149,11 +149,30 @@ def shard_finished(directory: Path, name: str, encoded_from: dict | None = None)
     )
 
 
+# SLURM's step ids above this are its special steps (batch script, extern, interactive), not an srun job step
+SLURM_SPECIAL_STEPS = 0xFFFFFFF0
+
+
+def in_srun_step() -> bool:
+    """Whether this process is a task of a job step launched by `srun`, where `SLURM_PROCID` is its task's rank. In
+    the batch script itself SLURM also sets `SLURM_PROCID=0` and `SLURM_NTASKS` (the job's tasks), but no step id."""
+    step = os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID", ""))
+    return step.isdigit() and int(step) < SLURM_SPECIAL_STEPS and "SLURM_PROCID" in os.environ
+
+
 def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of encoding processes (torchrun's or SLURM's variables)."""
-    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_key in os.environ and world_key in os.environ:
-            return int(os.environ[rank_key]), int(os.environ[world_key])
+    """This process's rank and the number of encoding processes: torchrun's `RANK`/`WORLD_SIZE`, else SLURM's task
+    rank and count inside an `srun` step; else 0 of 1 (a script run directly in an sbatch job encodes every shard)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if in_srun_step():
+        tasks = os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))
+        return int(os.environ["SLURM_PROCID"]), int(tasks)
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        log.warning(
+            f"SLURM_NTASKS={os.environ['SLURM_NTASKS']} outside an srun step: this process encodes every shard alone; "
+            "launch it with `srun` to share the shards between the tasks"
+        )
     return 0, 1
 
 
@@ -170,8 +189,9 @@ def encode_split(
     world: int = 1,
     max_shards: int | None = None,
 ) -> dict[str, list[str]]:
-    """Encode one split into `out` (this rank's shards: every `world`-th); returns the written and skipped
-    shard names. The split's index is written by whichever rank finds every shard finished."""
+    """Encode one split into `out` (this rank's shards: every `world`-th); returns the shard names this rank
+    `written` and `skipped` (already finished), and those of the split still `unfinished` (other ranks', or past
+    `max_shards`). The split's index is written by whichever rank finds every shard finished."""
     from imagen.data.image_text import RecordDataset, WebDatasetStream, collate
 
     out.mkdir(parents=True, exist_ok=True)
@@ -243,11 +263,23 @@ def encode_split(
     tracker.check(final=True)
     if tracker.bad:
         log.warning(f"[rank {rank}] encoding {split}: {tracker.summary()}")
-    if all(shard_finished(out, n, encoded_from[n]) for n in names):
+    result["unfinished"] = [n for n in names if not shard_finished(out, n, encoded_from[n])]
+    if not result["unfinished"]:
         shards = [read_json(out / f"{n}.json", RECORD_KEYS, reencode_hint(out, n)) for n in names]
         _write_json(out / "index.json", {**header, "version": VERSION, "split": split, "shards": shards,
                                          "total": sum(s["count"] for s in shards)})  # fmt: skip
+    else:
+        log.warning(f"[rank {rank}] {out}: {unfinished_note(len(result['unfinished']), len(names), world)}")
     return result
+
+
+def unfinished_note(unfinished: int, total: int, world: int) -> str:
+    """Why a split has no `index.json` yet after this process finished, and what completes it."""
+    done = f"{total - unfinished} of {total} shards are finished, so index.json is not written yet"
+    if world > 1:
+        return (f"{done}: the other {world - 1} of the {world} processes must finish theirs (the last to finish "
+                f"writes it), or {RERUN} to encode the missing shards")  # fmt: skip
+    return f"{done}; {RERUN} to encode the remaining {unfinished}"
 
 
 def write_token_cache(
@@ -262,7 +294,7 @@ def write_token_cache(
 ) -> dict[str, dict[str, list[str]]]:
     """Encode `splits` of an image-text datamodule with a trained autoencoder into `out_dir/<split>/`.
 
-    Resumable: finished shards are skipped. Several processes (`RANK`/`WORLD_SIZE` or SLURM's variables)
+    Resumable: finished shards are skipped. Several processes (`RANK`/`WORLD_SIZE`, or the tasks of an `srun` step)
     share the shards; each uses `cuda:LOCAL_RANK` when `device=auto` finds GPUs.
     """
     from imagen.checkpoints import load_autoencoder
@@ -343,10 +375,12 @@ def load_index(directory: Path, verify: str = "size") -> dict:
 
 
 class TokenCacheDataset(Dataset):
-    """Items `{"tokens": (h * w,) long, "caption": str, "name": str}` from one split of a token cache.
+    """Items `{"tokens": (h * w,) long, "caption": str, "name": str, "index": int}` from one split of a token cache.
 
     Checks at construction (see `load_index`), plus the image size and, when given, that `autoencoder_ckpt` is
-    the checkpoint the cache was encoded with. Memmaps are opened lazily (per dataloader worker)."""
+    the checkpoint the cache was encoded with. Memmaps are opened lazily, by each dataloader worker: a pickled
+    dataset leaves them out. Indexed by `index` or by `(index, item_seed)` (`EpochShuffleSampler(item_seeds=True)`):
+    `random_caption` picks one of a sample's captions from `item_seed` when given, else from the torch RNG."""
 
     def __init__(self, directory: str | Path, random_caption: bool = False, verify: str = "size",
                  image_size: int | None = None, autoencoder_ckpt: str | None = None):  # fmt: skip
@@ -366,6 +400,10 @@ class TokenCacheDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self.index["total"])
+
+    def __getstate__(self) -> dict:
+        # a pickled dataset (a spawned dataloader worker's) maps the shards itself, not a copy of their data
+        return {**self.__dict__, "_arrays": None}
 
     def arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._arrays is None:
@@ -392,9 +430,14 @@ class TokenCacheDataset(Dataset):
             ) from None
         return tokens[local], text.split("\n")
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, item_seed = key if isinstance(key, tuple) else (key, None)
         grid, captions = self.captions(index)
-        pick = int(torch.randint(len(captions), ())) if self.random_caption and len(captions) > 1 else 0
+        pick = 0
+        if self.random_caption and len(captions) > 1 and item_seed is not None:
+            pick = item_seed % len(captions)
+        elif self.random_caption and len(captions) > 1:
+            pick = int(torch.randint(len(captions), ()))
         tokens = torch.from_numpy(grid.astype(np.int64)).flatten()  # (h, w) -> (h * w,) raster order
         return {
             "tokens": tokens,
