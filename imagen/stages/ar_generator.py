@@ -74,8 +74,16 @@ class FrozenAutoencoderMixin:
         return self
 
     def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.autoencoder.float()  # a move to another device keeps it there; a cast to another dtype is undone
+        """`fn` (a move, a cast) on everything but the autoencoder, which only follows a move to another device."""
+        modules = self._modules
+        object.__setattr__(self, "_modules", {k: v for k, v in modules.items() if k != "autoencoder"})
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            object.__setattr__(self, "_modules", modules)  # the same dict: the modules' order is kept
+        if recurse and "autoencoder" in modules:
+            device = next(self.autoencoder.parameters()).device
+            self.autoencoder.to(fn(torch.zeros((), device=device)).device)
         return self
 
 
