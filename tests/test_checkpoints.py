@@ -154,8 +154,8 @@ def fit_with_schedule(tmp_path, manual: bool, **checkpoint_args) -> tuple[dict, 
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 2)), batch_size=4)
     checkpoints = LastAndBestCheckpoint(dirpath=tmp_path, filename="step_{step:06d}", monitor="val/loss",
-                                        save_last=True, save_top_k=1, auto_insert_metric_name=False,
-                                        **checkpoint_args)  # fmt: skip
+                                        **{"save_last": True, "save_top_k": 1, "auto_insert_metric_name": False,
+                                           **checkpoint_args})  # fmt: skip
     trainer = pl.Trainer(callbacks=[checkpoints], logger=False, enable_progress_bar=False, accelerator="cpu",
                          enable_model_summary=False, max_steps=7, check_val_every_n_epoch=None,
                          val_check_interval=4, limit_val_batches=1, num_sanity_val_steps=0)  # fmt: skip
@@ -181,3 +181,12 @@ def test_a_time_schedule_saves_under_manual_optimization(tmp_path):
 
     seen, _ = fit_with_schedule(tmp_path, manual=True, train_time_interval=datetime.timedelta(0))
     assert seen == {step: step or None for step in range(7)}  # every step's weights, at the next one's start
+
+
+def test_without_last_a_schedule_leaves_the_choice_to_validation_and_a_link_is_refused(tmp_path):
+    from imagen.callbacks.checkpoint import LastAndBestCheckpoint
+
+    seen, best = fit_with_schedule(tmp_path, manual=False, every_n_train_steps=2, save_last=False)
+    assert set(seen.values()) == {None} and best == ["step_000004.ckpt"]
+    with pytest.raises(ValueError, match="save_last='link' is not supported"):
+        LastAndBestCheckpoint(dirpath=tmp_path, monitor="val/loss", save_last="link")

@@ -436,6 +436,7 @@ def test_the_optuna_sweep_survives_a_failed_trial_keeps_its_study_and_gives_each
     # the sweeper's defaults: max_failure_rate 0 (one failed trial ended the study) and an in-memory study. A rerun
     # in the same sweep directory numbers its jobs from 0 again: with `<job>` directories, its job 0 resumed
     # (ckpt_path=auto) the first attempt's trial 0, whatever that trial's values
+    from hydra.core.utils import setup_globals
     from omegaconf import OmegaConf
 
     from imagen.cli.train import optuna_storage
@@ -452,7 +453,8 @@ def test_the_optuna_sweep_survives_a_failed_trial_keeps_its_study_and_gives_each
 
     trial = {"model": {"optimizer": {"lr": 0.0025}, "net": {"quantizer": "lfq"}}, "data": {"batch_size": 64}}
     job = OmegaConf.merge(config, trial, {"hydra": {"job": {"num": 3}}})
-    assert job.hydra.sweep.subdir == "3_lfq_bs64_lr0.0025"
+    setup_globals()  # Hydra's `now` resolver
+    assert re.fullmatch(r"\d\d-\d\d-\d\d_\d{6}_3_lfq_bs64_lr0.0025", job.hydra.sweep.subdir)
     subdir = OmegaConf.to_container(config.hydra.sweep)["subdir"]  # unresolved
     for key in sweeper.params:
         assert f"${{{key}}}" in subdir, f"{key}: a swept value the directory does not name"

@@ -201,13 +201,18 @@ def test_auto_resume_refuses_a_run_directory_trained_with_other_settings(make_cf
     # a longer run and another number of loader workers are the same run
     train(make_cfg([*overrides, "trainer.max_steps=4", "data.num_workers=1"], run_dir=run))
     assert read_checkpoint(last)["global_step"] == 4
-    # an explicit checkpoint resumes as asked; a fresh start records its own settings
+    # an explicit checkpoint resumes as asked, and the run goes on with its settings; a fresh start records its own
     train(
         make_cfg(
             [*overrides, "trainer.max_steps=6", "model.optimizer.lr=0.004", f"ckpt_path={last}"], run_dir=run
         )
     )
     assert read_checkpoint(last)["global_step"] == 6
+    lr = "model.optimizer.lr=0.004"
+    train(
+        make_cfg([*overrides, "trainer.max_steps=7", lr], run_dir=run)
+    )  # the run goes on with those settings
+    assert read_checkpoint(last)["global_step"] == 7
     train(
         make_cfg(
             [*overrides, "trainer.max_steps=2", "model.optimizer.lr=0.004", "ckpt_path=null"], run_dir=run

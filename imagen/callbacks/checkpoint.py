@@ -31,6 +31,10 @@ class LastAndBestCheckpoint(ModelCheckpoint):
         # a file of the same name is overwritten: with Lightning's default, a `last.ckpt` this callback did not write
         # (a fresh run in a used run directory) makes it save `last-v1.ckpt` from then on, and leave `last.ckpt` stale
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+        if self.save_last == "link":  # a link to the newest top-k file: not the newest weights here
+            raise ValueError(
+                "callbacks.model_checkpoint.save_last='link' is not supported; use true (a file)"
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0

@@ -104,6 +104,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     fresh_start = cfg.train and ckpt_path is None and launcher
     if fresh_start:
         retire_run_id(output_dir)
+    if (
+        launcher and cfg.train and (ckpt_path is None or cfg.ckpt_path != "auto")
+    ):  # a start, or a chosen resume
         record_run_settings(cfg, output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers if fresh_start else []:  # a fresh start's CSV and TensorBoard logs start anew too

@@ -58,15 +58,19 @@ def retire_run_id(output_dir: str | Path) -> None:
 
 
 RUN_SETTINGS = "run_settings.json"
-# settings that change how fast a run goes, not what it trains
-SPEED_KEYS = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
-              "data.eval_batch_size", "model.compile")  # fmt: skip
+# settings a resumed run may change: how fast it goes and how it evaluates, not what it trains (a key or its subtree);
+# the autoencoder a generator resumes with is checked against its checkpoint's by the stage itself
+RESUMABLE_CHANGES = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
+                     "data.eval_batch_size", "model.compile", "model.compile_options", "model.compile_decode",
+                     "model.net.activation_checkpointing", "model.eval_batch_size", "model.eval_prompts",
+                     "model.test_prompts", "model.eval_seed", "model.compute_fid", "model.sampling",
+                     "model.caption_decoding", "model.autoencoder_ckpt")  # fmt: skip
 
 
 def run_settings(cfg: DictConfig) -> dict:
-    """What a run trains, flattened to dotted keys: its model, data and seed, less the settings of its speed
-    (`SPEED_KEYS`). Interpolations are left as written: a run extended by `trainer.max_steps` (its LR schedule's
-    length follows) or moved to another machine (`paths`) is the same run."""
+    """What a run is, flattened to dotted keys: its model, data and seed. Interpolations are left as written: a run
+    extended by `trainer.max_steps` (its LR schedule's length follows) or moved to another machine (`paths`) is the
+    same run."""
 
     def flatten(value, key: str) -> dict:
         if isinstance(value, dict) and value:
@@ -78,7 +82,16 @@ def run_settings(cfg: DictConfig) -> dict:
         node = cfg.get(group)
         if node is not None:
             settings.update(flatten(OmegaConf.to_container(node, resolve=False), group))
-    return {k: v for k, v in settings.items() if k not in SPEED_KEYS}
+    return settings
+
+
+def trained_settings(settings: dict) -> dict:
+    """`run_settings` less what a resume may change (`RESUMABLE_CHANGES`)."""
+    return {
+        k: v
+        for k, v in settings.items()
+        if not any(k == c or k.startswith(f"{c}.") for c in RESUMABLE_CHANGES)
+    }
 
 
 def record_run_settings(cfg: DictConfig, output_dir: str | Path) -> None:
@@ -95,8 +108,8 @@ def check_resume_settings(cfg: DictConfig, output_dir: str | Path, ckpt_path: st
     path = Path(output_dir) / RUN_SETTINGS
     if not path.is_file():  # a run started before the record was kept
         return
-    recorded = json.loads(path.read_text())
-    current = json.loads(json.dumps(run_settings(cfg), default=str))  # the record's types (tuples as lists)
+    recorded = trained_settings(json.loads(path.read_text()))
+    current = trained_settings(json.loads(json.dumps(run_settings(cfg), default=str)))  # the record's types
     changed = sorted(
         k for k in recorded.keys() | current.keys() if recorded.get(k, "<unset>") != current.get(k, "<unset>")
     )
