@@ -114,10 +114,8 @@ class FineTuningMixin:
         self._frozen = check_freeze(self.hparams.get("freeze"))
         for name in self._frozen:
             named_submodule(self, name, "model.freeze").requires_grad_(False).eval()
-        for (
-            name,
-            module,
-        ) in self.named_modules():  # a pretrained text encoder run without gradients (`freeze`)
+        # a pretrained text encoder that `freeze` runs without gradients cannot be trained
+        for name, module in self.named_modules():
             if getattr(module, "freeze", False) is True and any(p.requires_grad for p in module.parameters()):
                 raise ValueError(
                     f"model.lora sets {name} to train, but model.{name}.freeze=true runs it without gradients (from "
