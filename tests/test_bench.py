@@ -24,8 +24,10 @@ def test_cpu_preset_measures_every_section(tmp_path):
     for row in rows:
         for key in ("kv_cache", "recompute", "hf_gpt2_generate", "floor"):
             assert row[key] > 0, key
-        # the floor is a lower bound on time, so no sampler can beat it
+        # the floor is a lower bound on time, so no sampler can beat it; each method is given against it
         assert row["floor_over_best"] >= 1
+        for key in ("kv_cache", "recompute", "hf_gpt2_generate"):
+            assert row[f"floor_over_{key}"] >= 1, key
     # where the time goes: operators (kernels on a GPU) by their time, the largest first, their shares of the whole
     for entry in (rows[1], report["training"][0]):
         top = entry["profile"]["top"]
@@ -38,6 +40,10 @@ def test_cpu_preset_measures_every_section(tmp_path):
     assert report["autoencoder"]["decode_images_per_s"] > 0
     table = (tmp_path / "targets.md").read_text()
     assert "| sampling tiny batch 1: best / HF generate | >= 8x |" in table
+    assert "| size | batch | KV eager | KV compiled | recompute | HF generate |" in table
+    assert f"| tiny | 4 | {rows[1]['floor_over_kv_cache']:.2f}x | - |" in table
+    assert "causal attention counted in full (PaLM convention)" in table and "repeats=1," in table
+    assert training["mfu_convention"] in table
 
 
 def test_cpu_step_benchmark_times_the_variants_and_restores_the_attention(tmp_path):
@@ -175,3 +181,158 @@ def test_gpu_suite_reads_what_a_step_cut_off_while_writing_left(tmp_path):
     records = read_step_output(tmp_path / "samples.jsonl", lines=True)
     assert records[:2] == [{"image": "a.png"}, {"image": "b.png"}]
     assert len(records) == 3 and records[2]["unreadable"].startswith(f"{tmp_path / 'samples.jsonl'} line 3: ")
+
+
+def test_a_failing_cached_sampler_leaves_the_other_methods_and_strict_json(tmp_path):
+    # eager KV sampling out of memory at a batch: recompute, HF generate and the floor of that batch and of the later
+    # batches stay, each ratio only where both its terms were measured, and bench.json has no bare NaN
+    import imagen.bench.sampling as sampling_bench
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    with mock.patch.object(sampling_bench, "generate", side_effect=refuse):
+        main(["--preset", "cpu", "--out", str(tmp_path), "--sections", "sampling"])
+
+    def no_constant(name):
+        raise AssertionError(f"bare {name} in bench.json")
+
+    report = json.loads((tmp_path / "bench.json").read_text(), parse_constant=no_constant)
+    assert report["errors"] == {}
+    rows = report["sampling"][0]["images_per_second"]
+    assert [r["batch"] for r in rows] == [1, 4]
+    for row in rows:
+        assert row["kv_cache_error"] == "RuntimeError: CUDA out of memory"
+        assert row["recompute"] > 0 and row["hf_gpt2_generate"] > 0 and row["floor"] > 0
+        assert row["floor_over_recompute"] > 0 and row["floor_over_hf_gpt2_generate"] > 0
+        unmeasured = {"ratio_vs_hf", "kv_cache_vs_recompute", "floor_over_best", "floor_over_kv_cache"}
+        assert not unmeasured & set(row)
+
+
+def test_strict_json_writes_non_finite_floats_as_null():
+    from imagen.bench.common import strict_json
+
+    text = strict_json({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}})
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+def test_sigterm_keeps_the_complete_files_and_names_the_cut_section(tmp_path):
+    # gpu_suite stops the bench with SIGTERM at its limit: the section it cut is recorded, what was measured before it
+    # is kept, and both files are complete (written to a temporary file, then renamed over the old one)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import os, signal, sys, time\n"
+        "from unittest import mock\n"
+        "import imagen.bench.training as training_bench\n"
+        "from imagen.bench.__main__ import main\n"
+        "def killed(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "with mock.patch.object(training_bench, 'lightning_loop', killed):\n"
+        "    main(['--preset', 'cpu', '--out', sys.argv[1], '--sections', 'training'])\n"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "targets.md"]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["terminated"] == "training tiny"
+    assert report["errors"]["training tiny"].startswith("terminated by SIGTERM")
+    (training,) = report["training"]
+    assert training["plain_eager"]["tokens_per_s"] > 0 and "lightning" not in training
+    assert "| training tiny: MFU (best loop) |" in (out / "targets.md").read_text()
+
+
+def test_sections_past_the_budget_are_skipped_not_started(tmp_path):
+    from imagen.bench.common import source_digest
+
+    report = main(["--preset", "cpu", "--out", str(tmp_path), "--budget-s", "0", "--sections", "training",
+                   "autoencoder"])  # fmt: skip
+    assert report["not_measured"]["training tiny"] == "time budget"
+    assert report["not_measured"]["autoencoder"] == "time budget"
+    assert not report.get("training") and "autoencoder" not in report and report["errors"] == {}
+    # what ran: the digest of the source (a lent GPU machine's git metadata is the session's starting commit)
+    assert report["source_sha256"] == source_digest() and report["git_dirty"] in (True, False)
+
+
+def test_training_loops_past_the_budget_are_skipped_not_started():
+    from imagen.bench.training import run
+
+    class EagerOnly:  # room for the first part asked about (the eager loop), none after it
+        asked = 0
+
+        def allows(self, seconds):
+            self.asked += 1
+            return self.asked == 1
+
+    result = run("tiny", 2, 2, 1, 4, 64, 8, 32, 1e12, torch.device("cpu"), compile_model=False, budget=EagerOnly(),
+                 profile=True)  # fmt: skip
+    assert result["plain_eager"]["tokens_per_s"] > 0
+    assert "lightning" not in result and "profile" not in result
+    assert result["skipped"] == {"profile": "time budget", "lightning": "time budget"}
+
+
+def test_the_matmul_ceiling_is_a_warmed_up_loop_of_calls():
+    # a card's first calls run slower (clocks, heuristics): a peak timed on them would inflate MFU
+    import time
+
+    from imagen.bench.common import measure_ceilings
+
+    calls = []
+
+    def mm(*args, **kwargs):
+        calls.append(None)
+        time.sleep(0.02 if len(calls) <= 15 else 0.001)
+
+    with mock.patch("torch.mm", mm):
+        ceilings = measure_ceilings(torch.device("cpu"), matmul_size=64, copy_mib=1)
+    assert 2 * 64**3 / ceilings["matmul_flops"] < 0.005  # seconds per call: the fast ones
+    assert len(calls) >= 15 + 5 * 20 and "best of 5 loops of 20 calls" in ceilings["timing"]
+
+
+def test_source_digest_covers_the_code_and_config_that_run(tmp_path):
+    import shutil
+
+    from imagen.bench.common import source_digest
+
+    files = {"imagen/a.py": "a = 1\n", "imagen/sub/b.py": "b = 2\n", "conf/x.yaml": "x: 1\n",
+             "conf/local/y.yaml": "y: 1\n", "imagen/__pycache__/a.pyc": "", "README.md": "r\n"}  # fmt: skip
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    digest = source_digest(tmp_path)
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")
+    assert source_digest(tmp_path.parent / "copy") == digest
+    # not run, or not carried to a lent machine (git ignores conf/local): no change
+    for name in ("README.md", "conf/local/y.yaml", "imagen/__pycache__/a.pyc"):
+        (tmp_path / name).write_text("changed\n")
+    assert source_digest(tmp_path) == digest
+    (tmp_path / "imagen/sub/b.py").write_text("b = 3\n")
+    assert source_digest(tmp_path) != digest
+    (tmp_path / "imagen/sub/b.py").write_text("b = 2\n")
+    (tmp_path / "imagen/a.py").rename(tmp_path / "imagen/c.py")
+    assert source_digest(tmp_path) != digest
+
+
+def test_a_batch_that_fails_outside_the_methods_leaves_the_next_batches():
+    # out of memory allocating the KV cache at the large batch: the batch is recorded with its floor, the next runs
+    from imagen.bench.sampling import KVCache, run_size
+
+    allocate = KVCache.allocate
+
+    def refuse_large(model, rows, *args, **kwargs):
+        if rows == 8:
+            raise RuntimeError("CUDA out of memory")
+        return allocate(model, rows, *args, **kwargs)
+
+    ceilings = {"copy_bytes_per_s": 1e10, "matmul_flops": 1e11}
+    with mock.patch.object(KVCache, "allocate", side_effect=refuse_large):
+        report = run_size("tiny", 4, 64, 8, torch.float32, [4, 2], torch.device("cpu"), repeats=1, recompute_up_to=0,
+                          hf_up_to=0, ceilings=ceilings)  # fmt: skip
+    large, small = report["images_per_second"]
+    assert large["error"] == "RuntimeError: CUDA out of memory" and large["floor"] > 0
+    assert small["kv_cache"] > 0 and small["floor_over_kv_cache"] == small["floor_over_best"] > 0

@@ -10,7 +10,12 @@ sampling (KV cache eager and compiled, full recompute, HF GPT-2 `generate`, the 
 training (tokens/s, MFU, compile speedup, Lightning overhead), the autoencoder (encode, decode, train step).
 Sampling at batch 64 and three training steps of each size also run under the profiler: the kernels that take
 their time (`profile` in their entries). Writes OUT/bench.json and OUT/targets.md (the targets with the measured
-ratios) after every measurement, so that a run cut short keeps its figures, and prints that table at the end.
+ratios) after every measurement, each atomically (a temporary file renamed over it), so that a run cut short keeps
+its last complete figures; SIGTERM (the suite's time limit) ends the run with the section it cut recorded in
+`errors`. A section (and each loop of a training section) starts only while the budget has room for it, else it
+is listed in `not_measured` (`skipped` inside an entry). Prints the table at the end. bench.json records the
+commit, whether the tree differed from it (`git_dirty`) and `source_sha256`, the digest of the source that ran
+(`python -m imagen.bench.common` computes it for a checkout; BENCHMARKS.md: matching it to a commit).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -32,7 +39,15 @@ from torch._dynamo.utils import counters
 from imagen.bench import autoencoder as autoencoder_bench
 from imagen.bench import sampling as sampling_bench
 from imagen.bench import training as training_bench
-from imagen.bench.common import Budget, device_name, measure_ceilings
+from imagen.bench.common import (
+    REPO_ROOT,
+    Budget,
+    device_name,
+    measure_ceilings,
+    source_digest,
+    strict_json,
+)
+from imagen.files import write_text_atomic
 from imagen.models.ar_transformer import ARTransformer
 from imagen.sampling.ar import (
     SamplingSettings,
@@ -67,7 +82,7 @@ PRESETS = {
         "profile_training": True,
     },
     "cpu": {
-        "ceilings": {"matmul_size": 512, "copy_mib": 64},
+        "ceilings": {"matmul_size": 512, "copy_mib": 64, "loops": 2},
         "repeats": 1,
         "compile": False,
         "grid": 4,
@@ -83,6 +98,9 @@ PRESETS = {
         "profile_training": True,
     },
 }
+# seconds a section needs left in the budget to start (its parts are gated again inside: sampling per batch size,
+# training per loop); the first training size starts if its eager loop fits, a later one only with room to compile
+SECTION_S = {"sampling": 60, "first training": 30, "training": 90, "autoencoder": 20}
 
 
 def correctness_checks(device: torch.device, compile_step: bool) -> dict:
@@ -163,14 +181,31 @@ def _correctness_checks(device: torch.device, compile_step: bool) -> dict:
     return result
 
 
-def git_commit() -> str:
+class Terminated(BaseException):
+    """SIGTERM (the suite's time limit): passes the sections' handlers, which catch only `Exception`."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def git(*command: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+        out = subprocess.run(["git", *command], capture_output=True, text=True, timeout=10, cwd=REPO_ROOT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """HEAD: on a lent GPU machine, the session's starting commit, not necessarily what ran (`source_sha256` is)."""
+    return (git("rev-parse", "--short", "HEAD") or "").strip() or "unknown"
+
+
+def git_dirty() -> bool | None:
+    """Whether the working tree differs from HEAD (`git status --porcelain`); None without git."""
+    status = git("status", "--porcelain")
+    return None if status is None else bool(status.strip())
 
 
 def target_rows(report: dict) -> list[tuple[str, str, str, bool | None]]:
@@ -232,6 +267,48 @@ def print_targets(rows) -> str:
     return "\n".join(lines)
 
 
+FLOOR_COLUMNS = {"kv_cache": "KV eager", "kv_cache_compiled": "KV compiled", "recompute": "recompute",
+                 "hf_gpt2_generate": "HF generate"}  # fmt: skip
+
+
+def floor_table(report: dict) -> str:
+    """Each sampling method's time per image over the floor's (`floor_over_<method>`), by size and batch; "" when
+    no floor was measured."""
+    lines = []
+    for entry in report.get("sampling", []):
+        for row in entry.get("images_per_second", []):
+            if "floor" in row:
+                cells = [
+                    f"{row[f'floor_over_{k}']:.2f}x" if f"floor_over_{k}" in row else "-"
+                    for k in FLOOR_COLUMNS
+                ]
+                lines.append(f"| {entry.get('size')} | {row['batch']} | {' | '.join(cells)} |")
+    if not lines:
+        return ""
+    return "\n".join([
+        "Sampling, time per image / the floor's (1.0 = at the bandwidth/compute floor; `floor_over_<method>`):",
+        "",
+        f"| size | batch | {' | '.join(FLOOR_COLUMNS.values())} |",
+        "|" + " --- |" * (2 + len(FLOOR_COLUMNS)),
+        *lines,
+    ])  # fmt: skip
+
+
+def targets_text(report: dict) -> str:
+    """targets.md: the targets, each sampling method against the floor, and how the figures were taken."""
+    parts = [print_targets(target_rows(report)), floor_table(report)]
+    timing = report.get("ceilings", {}).get("timing", "-")
+    dirty = {True: " + uncommitted changes", False: "", None: " (dirty: unknown)"}[report.get("git_dirty")]
+    parts.append("\n".join([
+        f"- MFU: {training_bench.MFU_CONVENTION}.",
+        f"- Timing: repeats={report.get('repeats')}, timed runs per figure after the warm-up (their median); "
+        f"the ceilings: {timing}.",
+        f"- Source: commit {report.get('commit')}{dirty}, sha256 {report.get('source_sha256')} "
+        "(`python -m imagen.bench.common`).",
+    ]))  # fmt: skip
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -271,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "source_sha256": source_digest(),
+        "repeats": p["repeats"],
         "command": " ".join([Path(sys.executable).name, "-m", "imagen.bench", *(argv or sys.argv[1:])]),
         "errors": {},
         "not_measured": {
@@ -279,21 +359,34 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     def save() -> None:
-        (out / "bench.json").write_text(json.dumps(report, indent=2))
-        (out / "targets.md").write_text(print_targets(target_rows(report)) + "\n")
+        write_text_atomic(out / "bench.json", strict_json(report))
+        write_text_atomic(out / "targets.md", targets_text(report))
+
+    running: dict = {}  # the section in progress: name and start
 
     def section(name: str, fn) -> None:
         if name != "ceilings" and name.split()[0] not in args.sections:
             return
-        start = time.monotonic()
+        running.update(name=name, start=time.monotonic())
         try:
             fn()
         except Exception as error:  # one failing section must not lose the others' figures
             report["errors"][name] = f"{type(error).__name__}: {error}"
             traceback.print_exc()
-        report.setdefault("section_seconds", {})[name] = round(time.monotonic() - start, 1)
+        report.setdefault("section_seconds", {})[name] = round(time.monotonic() - running.pop("start"), 1)
+        running.clear()
         print(f"[bench] {name}: {report['section_seconds'][name]} s", flush=True)
         save()
+
+    def gated(name: str, needs: float, fn) -> None:
+        """`section(name, fn)` while the budget has `needs` seconds left, else listed as not measured."""
+        if name.split()[0] not in args.sections:
+            return
+        if budget.allows(needs):
+            section(name, fn)
+        else:
+            report["not_measured"][name] = "time budget"
+            print(f"[bench] {name}: skipped (time budget)", flush=True)
 
     def ceilings() -> None:
         report["ceilings"] = measure_ceilings(device, **p["ceilings"])
@@ -351,29 +444,46 @@ def main(argv: list[str] | None = None) -> dict:
             decode = 1 / result["decode_images_per_s"]
             report["autoencoder_decode_share"] = decode / (1 / best + decode)
 
-    section("ceilings", ceilings)
-    section("checks", checks)
-    sampling_entries, training_entries = list(p["sampling"]), list(p["training"])
-    # the first size of each first (the targets' main figures), then the autoencoder, then the larger sizes
-    if sampling_entries:
-        first = sampling_entries.pop(0)
-        section(f"sampling {first['size']}", lambda: sampling(first))
-    if training_entries:
-        first = training_entries.pop(0)
-        section(f"training {first['size']}", lambda: training(first))
-    section("autoencoder", autoencoder)
-    for kind, entries, needs, run_entry in (
-        ("training", training_entries, 90, training),
-        ("sampling", sampling_entries, 60, sampling),
-    ):
-        for entry in entries:
-            name = f"{kind} {entry['size']}"
-            if budget.allows(needs):
-                section(name, lambda e=entry, f=run_entry: f(e))
-            else:
-                report["not_measured"][name] = "time budget"
+    def run_sections() -> None:
+        section("ceilings", ceilings)
+        section("checks", checks)
+        sampling_entries, training_entries = list(p["sampling"]), list(p["training"])
+        # the first size of each first (the targets' main figures), then the autoencoder, then the larger sizes
+        if sampling_entries:
+            first = sampling_entries.pop(0)
+            gated(f"sampling {first['size']}", SECTION_S["sampling"], lambda: sampling(first))
+        if training_entries:
+            first = training_entries.pop(0)
+            gated(f"training {first['size']}", SECTION_S["first training"], lambda: training(first))
+        gated("autoencoder", SECTION_S["autoencoder"], autoencoder)
+        for kind, entries, run_entry in (
+            ("training", training_entries, training),
+            ("sampling", sampling_entries, sampling),
+        ):
+            for entry in entries:
+                gated(f"{kind} {entry['size']}", SECTION_S[kind], lambda e=entry, f=run_entry: f(e))
+
+    # SIGTERM (gpu_suite's limit, SIGKILL 20 s later) raises `Terminated`: the cut section is recorded, then saved
+    handles_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if handles_sigterm else None
+    try:
+        run_sections()
+    except Terminated as signal_name:
+        name = running.get("name", "between sections")
+        report["errors"][name] = (
+            f"terminated by {signal_name} (the time limit); what it measured before is kept"
+        )
+        report["terminated"] = name
+        if "start" in running:
+            report.setdefault("section_seconds", {})[name] = round(time.monotonic() - running["start"], 1)
+        print(f"[bench] {report['errors'][name]}", flush=True)
+        save()
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     save()
-    print(print_targets(target_rows(report)), flush=True)
+    print(targets_text(report), flush=True)
     return report
 
 

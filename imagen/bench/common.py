@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import platform
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def device_name(device: torch.device) -> str:
@@ -34,22 +41,55 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmup: 
     return sorted(times)[len(times) // 2]
 
 
-def measure_ceilings(device: torch.device, matmul_size: int, copy_mib: int) -> dict:
+def seconds_per_call(
+    fn: Callable[[], object], device: torch.device, calls: int = 20, loops: int = 5, warmup_s: float = 0.2
+) -> float:
+    """Best seconds per call of `fn` over `loops` loops of `calls` back-to-back calls, each loop timed between two
+    synchronizes (so neither the synchronize nor a launch gap counts per call), after at least `warmup_s` of the
+    same loops untimed (clocks up, caches and library heuristics settled): a throughput ceiling, not a latency."""
+    synchronize(device)
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    best = math.inf
+    for _ in range(loops):
+        synchronize(device)
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - begin) / calls)
+    return best
+
+
+def measure_ceilings(
+    device: torch.device,
+    matmul_size: int,
+    copy_mib: int,
+    calls: int = 20,
+    loops: int = 5,
+    warmup_s: float = 0.2,
+) -> dict:
     """The card's measured ceilings: matmul FLOP/s (bf16 on GPU, fp32 on CPU) and copy bandwidth (bytes read +
-    written per second). Ratios elsewhere are taken against these, not against datasheet numbers."""
+    written per second), each from `seconds_per_call`. Ratios elsewhere are taken against these, not against
+    datasheet numbers (so a low peak would inflate MFU: hence the warm-up and the best of several loops)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = matmul_size
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: torch.mm(a, b), repeats=10, device=device, warmup=3)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    seconds = seconds_per_call(lambda: torch.mm(a, b, out=out), device, calls, loops, warmup_s)
     src = torch.empty(copy_mib * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_seconds = timed(lambda: dst.copy_(src), repeats=10, device=device, warmup=3)
+    copy_seconds = seconds_per_call(lambda: dst.copy_(src), device, calls, loops, warmup_s)
     return {
         "matmul_dtype": str(dtype).removeprefix("torch."),
         "matmul_size": n,
         "matmul_flops": 2 * n**3 / seconds,
         "copy_bytes_per_s": 2 * src.numel() / copy_seconds,
+        "timing": f"best of {loops} loops of {calls} calls, after >= {warmup_s} s of warm-up",
     }
 
 
@@ -106,3 +146,37 @@ class Budget:
 
     def allows(self, seconds: float) -> bool:
         return self.left() >= seconds
+
+
+def source_digest(root: str | Path = REPO_ROOT) -> str:
+    """sha256 over the source that runs: every imagen/**/*.py and conf/**/*.yaml under `root` (but conf/local, which
+    git ignores), sorted by path, each as its path, a NUL, its bytes and a NUL. The same on a copy of the working tree
+    (a lent GPU machine's) as here, and for a commit C on `git archive C imagen conf` unpacked (BENCHMARKS.md)."""
+    root = Path(root)
+    files = [*root.glob("imagen/**/*.py"), *root.glob("conf/**/*.yaml")]
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        name = path.relative_to(root).as_posix()
+        if name.startswith("conf/local/") or not path.is_file():
+            continue
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def strict_json(value: object) -> str:
+    """`value` as indented strict JSON: every non-finite float (NaN from a ratio with a failed term, inf) as null."""
+
+    def finite(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, allow_nan=False)
+
+
+if __name__ == "__main__":  # python -m imagen.bench.common [ROOT]: the source digest a bench.json records
+    print(source_digest(sys.argv[1] if len(sys.argv) > 1 else REPO_ROOT))

@@ -32,6 +32,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from imagen.files import write_text_atomic
+
 GRACE_S = 20  # between SIGTERM and SIGKILL
 
 
@@ -90,7 +92,8 @@ def report(out: Path, work: Path, results: list[dict]) -> None:
         "sample_manifest": read_step_output(work / "sample_out" / "samples.jsonl", lines=True),
         "loader": read_step_output(work / "loader.json"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    # through a temporary file, as the archive: a suite killed meanwhile leaves the last complete one
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     packed = [work / "logs", work / "loader.json", work / "sample_out", ae_dir / "metrics.json",
               gen_dir / "metrics.json"]  # fmt: skip
     with tarfile.open(out / ".suite.tar.gz", "w:gz") as tar:

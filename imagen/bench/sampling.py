@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from imagen.bench.common import device_name, profile_lines, profile_ops, timed
+from imagen.bench.common import device_name, profile_lines, profile_ops, strict_json, timed
+from imagen.files import write_text_atomic
 from imagen.models.ar_transformer import ARTransformer
 from imagen.sampling.ar import KVCache, SamplingSettings, compiled_decode_step, generate, generate_recompute
 
@@ -91,6 +93,32 @@ def decode_floor(
     return total
 
 
+CACHED = ("kv_cache", "kv_cache_compiled")  # the cached samplers, eager and compiled
+METHODS = (*CACHED, "recompute", "hf_gpt2_generate")
+
+
+def add_ratios(row: dict, floor: float | None = None) -> None:
+    """The ratios between the images/s a batch measured, each only where both its terms were measured (a method that
+    failed, out of memory at a large batch, leaves the others' ratios): `ratio_vs_hf` and `kv_cache_vs_recompute`
+    for the fastest cached sampler, `kv_cache_eager_vs_recompute`. With `floor` (the floor's images/s):
+    `floor_over_<method>` = floor / method = the method's time per image over the floor's (1.0: at the floor) for
+    every method measured, and `floor_over_best` for the fastest cached sampler."""
+    best = max((row[k] for k in CACHED if k in row), default=None)
+
+    def ratio(name: str, a: float | None, b: float | None) -> None:
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b) and b > 0:
+            row[name] = a / b
+
+    ratio("ratio_vs_hf", best, row.get("hf_gpt2_generate"))
+    ratio("kv_cache_vs_recompute", best, row.get("recompute"))
+    ratio("kv_cache_eager_vs_recompute", row.get("kv_cache"), row.get("recompute"))
+    if floor is not None:
+        row["floor"] = floor
+        ratio("floor_over_best", floor, best)
+        for key in METHODS:
+            ratio(f"floor_over_{key}", floor, row.get(key))
+
+
 def run_size(
     size: str, grid: int, vocab: int, text_length: int, dtype: torch.dtype, batch_sizes: list[int],
     device: torch.device, repeats: int = 3, recompute_up_to: int = 64, compile_step: bool = False,
@@ -98,15 +126,16 @@ def run_size(
     decode_math: bool = False, cfg_until: float | None = None, profile_batch: int | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:  # fmt: skip
-    """Images/s of each method at each batch size for one model size; with `ceilings`, also the floor and the
-    ratio floor / measured of the fastest cached sampler (1.0 would be at the floor). The cached samplers read
-    their keys in blocks of `attend_block` (`generate`; None: the whole cache at every step); `decode_math`: their
-    attention through SDPA's math backend (under `torch.compile`, plain matmuls and a softmax that inductor fuses)
-    instead of the fused attention kernels. `cfg_until`: the cached samplers are also measured with guidance for
-    that fraction of the tokens only (`*_cfg_until`, and their speedup over full guidance); every other figure
-    guides all tokens. At `profile_batch`, one call of the fastest cached sampler runs under the profiler
-    (`profile_ops`: the kernels that take its time). `progress(result)` after each batch size: the result so far
-    (the same dict, filled in), for a caller that saves it before a time limit can cut the run short."""
+    """Images/s of each method at each batch size for one model size; with `ceilings`, also the floor and each
+    method's ratio to it (`add_ratios`). The cached samplers read their keys in blocks of `attend_block`
+    (`generate`; None: the whole cache at every step); `decode_math`: their attention through SDPA's math backend
+    (under `torch.compile`, plain matmuls and a softmax that inductor fuses) instead of the fused attention kernels.
+    `cfg_until`: the cached samplers are also measured with guidance for that fraction of the tokens only
+    (`*_cfg_until`, and their speedup over full guidance); every other figure guides all tokens. At
+    `profile_batch`, one call of the fastest cached sampler runs under the profiler (`profile_ops`: the kernels
+    that take its time). A failing method is recorded as `<method>_error`, a batch that fails outside them as
+    `error`; the other methods and batches are measured all the same. `progress(result)` after each measurement:
+    the result so far (the same dict, filled in), for a caller that saves it before a time limit cuts the run."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # compile for this size alone (another size's graphs would count against the cache limit)
     model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=128)
@@ -132,16 +161,13 @@ def run_size(
     }
     if progress is not None:
         progress(result)
-    for batch in batch_sizes:
-        if budget is not None and not budget.allows(30):
-            log(f"sampling {size} batch {batch}: skipped (time budget)")
-            rows.append({"batch": batch, "skipped": "time budget"})
-            continue
+
+    def measure_batch(batch: int, row: dict) -> None:
+        """Every method at one batch size, into `row` (its buffers are freed on return, also after a failure)."""
         states = torch.randn(batch, text_length, 128, device=device, dtype=dtype)
         mask = torch.ones(batch, text_length, dtype=torch.bool, device=device)
-        row: dict = {"batch": batch}
-        rows.append(row)  # filled in as it is measured
         eager_cache = KVCache.allocate(model, 2 * batch, text_length, device, dtype)
+        cache = None
 
         def measure(key: str, fn, warmup: int = 1) -> None:
             try:
@@ -170,10 +196,10 @@ def run_size(
                     lambda: cached(decode_step=step, cache=cache, settings=stopped),
                     warmup=2,
                 )
-            for key in ("kv_cache", "kv_cache_compiled"):
+            for key in CACHED:
                 if key in row and f"{key}_cfg_until" in row:
                     row[f"{key}_cfg_until_speedup"] = row[f"{key}_cfg_until"] / row[key]
-        if batch == profile_batch:
+        if batch == profile_batch and any(k in row for k in CACHED):
             compiled = row.get("kv_cache_compiled", 0) > row.get("kv_cache", 0)
             row["profile_of"] = "kv_cache_compiled" if compiled else "kv_cache"
             run = (
@@ -184,8 +210,7 @@ def run_size(
             row["profile"] = profile_ops(run, device)
             for line in profile_lines(row["profile"]):
                 log(f"sampling {size} batch {batch} {row['profile_of']} profile | {line}")
-        if step is not None:
-            del cache
+        cache = eager_cache = None  # free for the methods below
         if batch <= recompute_up_to:
             measure("recompute", lambda: generate_recompute(model, states, mask, settings))
         if batch <= hf_up_to:
@@ -202,16 +227,23 @@ def run_size(
                     )  # fmt: skip
 
             measure("hf_gpt2_generate", hf_generate)
-        best = max((row[k] for k in ("kv_cache", "kv_cache_compiled") if k in row), default=float("nan"))
-        if "hf_gpt2_generate" in row:
-            row["ratio_vs_hf"] = best / row["hf_gpt2_generate"]
-        if "recompute" in row:
-            row["kv_cache_vs_recompute"] = best / row["recompute"]
-            row["kv_cache_eager_vs_recompute"] = row["kv_cache"] / row["recompute"]
+
+    for batch in batch_sizes:
+        if budget is not None and not budget.allows(30):
+            log(f"sampling {size} batch {batch}: skipped (time budget)")
+            rows.append({"batch": batch, "skipped": "time budget"})
+            continue
+        row: dict = {"batch": batch}
+        rows.append(row)  # filled in as it is measured
+        try:
+            measure_batch(batch, row)
+        except Exception as error:  # e.g. out of memory allocating a cache: the smaller batches still run
+            row["error"] = f"{type(error).__name__}: {error}"
+            log(f"sampling {size} batch {batch}: {row['error']}")
+        floor = None
         if ceilings is not None:
             floor = batch / decode_floor(model, batch, text_length, dtype.itemsize, ceilings)
-            row["floor"] = floor
-            row["floor_over_best"] = floor / best
+        add_ratios(row, floor)
         log(f"sampling {size} | " + " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items() if k != "profile"))  # fmt: skip
         if progress is not None:
@@ -272,8 +304,7 @@ def main() -> None:
         args.attend_block or None, args.decode_math, args.grid, args.cfg_until,
     )  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_text_atomic(Path(args.json), strict_json(report))
 
 
 if __name__ == "__main__":

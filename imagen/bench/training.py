@@ -3,7 +3,8 @@
 Both loops run the same steps on the same model: bf16 autocast, teacher-forced cross-entropy with caption
 dropout, backward, AdamW (fused on GPU, decay on >= 2-D weights) from pre-tokenized data (image token ids and
 pre-encoded text states, as a token cache supplies them). MFU = model FLOPs per second (`flops_per_sample`, x3
-for training) / the measured matmul ceiling.
+for training) / the measured matmul ceiling; causal attention's scores and weighted values are counted in full
+(the PaLM convention: no halving for the mask), as `MFU_CONVENTION` says in each result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from imagen.models.ar_transformer import ARTransformer
 from imagen.stages.optim import build_optimizer
 
 COND_DROP_PROB = 0.1
+# seconds each part of `run` may take at most on the GPU preset (data, warm-up and timed steps; the compilation for
+# "plain_compiled"): a part starts only while the budget has that much left, else it is recorded under `skipped`
+COST_S = {"plain_eager": 20, "plain_compiled": 60, "profile": 10, "lightning": 30}
+MFU_CONVENTION = (
+    "model FLOPs x3 (forward + backward, no activation recompute) / the measured matmul peak; causal "
+    "attention counted in full (PaLM convention)"
+)
 
 
 def token_data(model: ARTransformer, samples: int, text_length: int) -> TensorDataset:
@@ -108,19 +116,27 @@ def run(
     progress: Callable[[dict], None] | None = None,
 ) -> dict:  # fmt: skip
     """Plain eager, plain compiled and Lightning (compiled where `compile_model`) for one model size; with
-    `profile`, three steps of the plain loop (compiled where it was) run under the profiler (`profile_ops`).
-    `progress(result)` after each loop: the result so far (the same dict, filled in)."""
+    `profile`, three steps of the plain loop (compiled where it was) run under the profiler (`profile_ops`). Each
+    part starts only while `budget` has its `COST_S` left (else `skipped`). `progress(result)` after each loop: the
+    result so far (the same dict, filled in)."""
     torch.manual_seed(0)
     model = ARTransformer.from_size(size, vocab_size=vocab, grid_size=(grid, grid), text_dim=text_dim).to(
         device
     )
-    data = token_data(model, batch * (warmup + steps), text_length)
-    pin = device.type == "cuda"
-    loader = DataLoader(data, batch_size=batch, shuffle=False, drop_last=True, pin_memory=pin)
     flops_per_step = 3 * model.flops_per_sample(text_length) * batch
     tokens_per_step = batch * model.config.num_image_tokens
     result = {"size": size, "params": model.num_params(), "batch": batch, "tokens_per_step": tokens_per_step}
     result["train_flops_per_step"] = flops_per_step
+    result["mfu_convention"] = MFU_CONVENTION
+
+    def allows(part: str) -> bool:
+        if budget is None or budget.allows(COST_S[part]):
+            return True
+        result.setdefault("skipped", {})[part] = "time budget"
+        print(f"[bench] training {size} {part}: skipped (time budget)", flush=True)
+        if progress is not None:
+            progress(result)
+        return False
 
     def record(name: str, seconds_per_step: float) -> None:
         result[name] = {
@@ -131,20 +147,26 @@ def run(
         if progress is not None:
             progress(result)
 
+    if not allows("plain_eager"):
+        return result
+    data = token_data(model, batch * (warmup + steps), text_length)
+    pin = device.type == "cuda"
+    loader = DataLoader(data, batch_size=batch, shuffle=False, drop_last=True, pin_memory=pin)
     record("plain_eager", plain_loop(model, loader, warmup, device))
-    if compile_model and (budget is None or budget.allows(60)):
+    if compile_model and allows("plain_compiled"):
         torch._dynamo.reset()  # compile for this size alone: another size's graphs would be recompiled mid-timing
         model.compile_blocks()
         record("plain_compiled", plain_loop(model, loader, warmup, device))
         result["compile_speedup"] = result["plain_eager"]["step_ms"] / result["plain_compiled"]["step_ms"]
     reference = "plain_compiled" if "plain_compiled" in result else "plain_eager"
-    if profile:
+    if profile and allows("profile"):
         steps = DataLoader(Subset(data, range(3 * batch)), batch_size=batch, drop_last=True, pin_memory=pin)
         result["profile_of"] = reference
         result["profile"] = profile_ops(lambda: plain_loop(model, steps, 0, device), device)
         for line in profile_lines(result["profile"]):
             print(f"[bench] training {size} {reference} profile | {line}", flush=True)
-    record("lightning", lightning_loop(model, loader, warmup, device))
-    result["lightning_overhead"] = result["lightning"]["step_ms"] / result[reference]["step_ms"]
-    result["lightning_compared_with"] = reference
+    if allows("lightning"):
+        record("lightning", lightning_loop(model, loader, warmup, device))
+        result["lightning_overhead"] = result["lightning"]["step_ms"] / result[reference]["step_ms"]
+        result["lightning_compared_with"] = reference
     return result

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from imagen.callbacks.fault import Preemption
 from imagen.cli.checks import ConfigError
+from imagen.files import write_text_atomic
 from imagen.precision import auto_precision
 
 log = logging.getLogger("imagen")
@@ -98,7 +99,7 @@ def record_run_settings(cfg: DictConfig, output_dir: str | Path) -> None:
     """Keep what a fresh start trains (`run_settings`) in its run directory, for `check_resume_settings`."""
     path = Path(output_dir) / RUN_SETTINGS
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(run_settings(cfg), indent=1, sort_keys=True, default=str))
+    write_text_atomic(path, json.dumps(run_settings(cfg), indent=1, sort_keys=True, default=str))
 
 
 def check_resume_settings(cfg: DictConfig, output_dir: str | Path, ckpt_path: str) -> None:
@@ -277,10 +278,7 @@ def tensor_metrics(metrics: dict) -> dict[str, float]:
 @rank_zero_only
 def write_metrics(metrics: dict[str, float], path: str | Path) -> None:
     """Write metrics.json atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
 
 
 def metric_for_sweeper(metrics: dict[str, float], name: str | None) -> float | None:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from imagen.checkpoints import checkpoint_sha256
 from imagen.data.bad_samples import BadSampleTracker
+from imagen.files import write_text_atomic
 from imagen.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,7 @@ def write_shard(
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
 def shard_finished(directory: Path, name: str, encoded_from: dict | None = None) -> bool:
