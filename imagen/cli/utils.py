@@ -96,7 +96,8 @@ def trained_settings(settings: dict) -> dict:
 
 
 def record_run_settings(cfg: DictConfig, output_dir: str | Path) -> None:
-    """Keep what a fresh start trains (`run_settings`) in its run directory, for `check_resume_settings`."""
+    """Keep what a run trains (`run_settings`: at a fresh start or a chosen resume) in its run directory, for
+    `check_resume_settings`."""
     path = Path(output_dir) / RUN_SETTINGS
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(run_settings(cfg), indent=1, sort_keys=True, default=str))
