@@ -20,6 +20,7 @@ from imagen.sampling.ar import (
     generate_recompute,
     guide,
     reusable_cache,
+    sample_token,
     with_unconditional,
 )
 from imagen.stages.ar_generator import ARGeneratorStage, has_cpp_compiler
@@ -352,6 +353,16 @@ def test_top_k_one_is_deterministic_argmax_decoding():
     c = generate(model, states, mask, SamplingSettings(), torch.Generator().manual_seed(1))
     d = generate(model, states, mask, SamplingSettings(), torch.Generator().manual_seed(2))
     assert not torch.equal(c, d)
+
+
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_a_tiny_temperature_samples_the_argmax_not_token_zero(top_p):
+    # logits / 1e-39 overflow to inf; the softmax of a row of infs is NaN, and NaN's argmax is token 0
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0], [1.0, -2.0, 0.0, 4.0]])
+    for temperature in (1e-39, 1e-30):
+        tokens = sample_token(logits, SamplingSettings(temperature=temperature, top_p=top_p),
+                              torch.Generator().manual_seed(0))
+        assert tokens.tolist() == [1, 3]
 
 
 def test_model_overfits_one_batch():

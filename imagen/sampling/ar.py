@@ -165,7 +165,9 @@ def sample_token(
     `noise`: the (B, V) Exp(1) draws of the exponential race (drawn here with `generator` when None)."""
     if settings.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / settings.temperature
+    logits = logits.float()
+    # shifted so the largest is 0: at a tiny temperature the quotient is then 0 and -inf, not inf (NaN after softmax)
+    logits = (logits - logits.amax(-1, keepdim=True)) / settings.temperature
     if settings.top_k is not None and settings.top_k < logits.shape[-1]:
         kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
