@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 from dataclasses import replace
@@ -15,10 +16,12 @@ from imagen.cli.train import train
 from imagen.models.ar_transformer import ARTransformer
 from imagen.sampling.ar import (
     SamplingSettings,
+    candidate_seeds,
     decode_and_sample,
     generate,
     generate_recompute,
     guide,
+    race_noise,
     reusable_cache,
     sample_token,
     with_unconditional,
@@ -77,6 +80,46 @@ def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, code_dim, s
     recomputed = generate_recompute(model, states, mask, settings, torch.Generator().manual_seed(7))
     assert cached.shape == (3, 12)
     assert torch.equal(cached, recomputed)
+
+
+def test_seeded_draws_are_exponential_and_depend_on_the_seed_step_and_token_alone():
+    seeds = torch.tensor([5, 6, 5, 2**40 + 5])
+    draws = race_noise((4, 2**16), "cpu", seeds=seeds, step=3)
+    assert torch.equal(draws[0], draws[2])  # the same seed: the same draws, wherever the row is
+    assert torch.equal(race_noise((1, 2**16), "cpu", seeds=seeds[1:2], step=3)[0], draws[1])
+    for other in (draws[1], draws[3], race_noise((1, 2**16), "cpu", seeds=seeds[:1], step=4)[0]):
+        assert (other == draws[0]).float().mean() < 0.001  # another seed (its high bits too) or step
+        assert abs(torch.corrcoef(torch.stack([other, draws[0]]))[0, 1]) < 0.02
+    # Exp(1): mean 1, variance 1, P(E > 1) = 1/e
+    for row in draws[1:]:
+        assert abs(row.mean() - 1) < 0.02 and abs(row.var() - 1) < 0.04
+        assert abs((row > 1).float().mean() - math.exp(-1)) < 0.01
+    with pytest.raises(ValueError, match="one per row"):
+        race_noise((3, 8), "cpu", seeds=seeds)
+
+
+def test_an_image_sampled_with_a_seed_does_not_depend_on_its_batch():
+    model, (states, mask) = tiny_model(), text()
+    settings = SamplingSettings(cfg_scale=3.0, temperature=1.0, top_k=10, cfg_until=0.5)
+    seeds = torch.tensor([10, 11, 12])
+    together = generate(model, states, mask, settings, seeds=seeds)
+    for row in range(3):
+        alone = generate(
+            model, states[row : row + 1], mask[row : row + 1], settings, seeds=seeds[row : row + 1]
+        )
+        assert torch.equal(alone[0], together[row])
+    assert torch.equal(generate_recompute(model, states, mask, settings, seeds=seeds), together)
+    other = generate(model, states, mask, settings, seeds=seeds + 3)
+    assert not torch.equal(other, together)  # the draws do follow the seeds
+    with pytest.raises(ValueError, match="not both"):
+        generate(model, states, mask, settings, torch.Generator(), seeds=seeds)
+
+
+def test_candidate_seeds_keep_the_images_seed_first_and_are_distinct():
+    seeds = torch.tensor([0, 1, 7])
+    candidates = candidate_seeds(seeds, 4)  # prompt-major
+    assert candidates.shape == (12,) and candidates.view(3, 4)[:, 0].tolist() == [0, 1, 7]
+    assert len(set(candidates.tolist())) == 12 and bool((candidates >= 0).all())
 
 
 def test_a_kept_cache_serves_later_calls_with_shorter_texts_as_a_fresh_one_would():
@@ -360,8 +403,9 @@ def test_a_tiny_temperature_samples_the_argmax_not_token_zero(top_p):
     # logits / 1e-39 overflow to inf; the softmax of a row of infs is NaN, and NaN's argmax is token 0
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.0], [1.0, -2.0, 0.0, 4.0]])
     for temperature in (1e-39, 1e-30):
-        tokens = sample_token(logits, SamplingSettings(temperature=temperature, top_p=top_p),
-                              torch.Generator().manual_seed(0))
+        tokens = sample_token(
+            logits, SamplingSettings(temperature=temperature, top_p=top_p), torch.Generator().manual_seed(0)
+        )
         assert tokens.tolist() == [1, 3]
 
 

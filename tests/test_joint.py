@@ -639,6 +639,20 @@ def test_reranking_returns_the_best_candidate_and_one_image_per_prompt(joint_ckp
     torch.testing.assert_close(scores, all_scores.max(1).values)
 
 
+def test_reranking_with_seeds_draws_each_images_plain_sample_as_its_first_candidate(joint_ckpt):
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    settings = replace(stage.sampling, temperature=1.0)
+    prompts = ["a small red circle on the left", "a large blue square above a small green triangle"]
+    seeds = torch.tensor([3, 9])
+    candidates, _, _ = stage._sample_candidates(prompts, 3, settings, seeds=seeds)  # (2 * 3, N), prompt-major
+    plain = stage.generate_tokens(stage.encode_text(prompts), settings, seeds=seeds)
+    assert torch.equal(candidates.view(2, 3, -1)[:, 0], plain)
+    assert not torch.equal(candidates.view(2, 3, -1)[:, 1], plain)
+    # and an image's candidates do not depend on the other prompts
+    alone, _, _ = stage._sample_candidates(prompts[1:], 3, settings, seeds=seeds[1:])
+    assert torch.equal(alone, candidates[3:])
+
+
 def test_judge_acc_takes_each_prompt_s_first_candidate_and_the_reranked_figure_its_best(
     joint_ckpt, monkeypatch
 ):

@@ -84,9 +84,7 @@ def test_sample_writes_images_grid_and_manifest(make_cfg, generator_ckpt, tmp_pa
     assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 6
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt_index"] for r in rows] == [0, 0, 0, 1, 1, 1]
-    assert [r["batch"] for r in rows] == [0, 0, 0, 0, 1, 1] and rows[0][
-        "batch_size"
-    ] == 4  # what the draws depend on
+    assert [r["seed"] for r in rows] == [0, 1, 2, 0, 1, 2]  # seed + sample index
     assert rows[0]["settings"]["cfg_scale"] == 2.0 and rows[0]["settings"]["top_k"] == 20
     assert all((out / r["file"]).is_file() and r["scores"]["mean_token_logprob"] < 0 for r in rows)
 
@@ -114,6 +112,25 @@ def test_sample_is_reproducible_for_a_seed(make_cfg, generator_ckpt, tmp_path):
         sample(cfg)
         files.append([(tmp_path / name / "images" / f"000_0{i}.png").read_bytes() for i in range(2)])
     assert files[0] == files[1]
+
+
+def test_an_image_depends_on_its_prompt_and_seed_not_on_its_batch(make_cfg, generator_ckpt, tmp_path):
+    prompts = '["a small red circle on the left","a large blue square above a small green triangle"]'
+    runs = {}
+    for name, overrides in {"batch_1": ["batch_size=1"], "batch_4": ["batch_size=4"]}.items():
+        sample(sample_cfg(make_cfg, tmp_path / name, f"ckpt={generator_ckpt}", f"prompts={prompts}", "n=3", "seed=5",
+                          "temperature=1.0", *overrides))  # fmt: skip
+        runs[name] = {p.name: p.read_bytes() for p in (tmp_path / name / "out" / "images").glob("*.png")}
+    assert len(runs["batch_1"]) == 6 and runs["batch_1"] == runs["batch_4"]
+    assert len(set(runs["batch_1"].values())) == 6  # and the images differ from each other
+    # one image alone, from its record's seed
+    row = [
+        json.loads(line) for line in (tmp_path / "batch_4" / "out" / "samples.jsonl").read_text().splitlines()
+    ][4]
+    alone = tmp_path / "alone"
+    sample(sample_cfg(make_cfg, alone, f"ckpt={generator_ckpt}", f"prompts=[{row['prompt']}]", "n=1",
+                      f"seed={row['seed']}", "temperature=1.0"))  # fmt: skip
+    assert (alone / "out" / "images" / "000_00.png").read_bytes() == runs["batch_4"]["001_01.png"]
 
 
 def test_sample_errors_name_the_problem(make_cfg, generator_ckpt, tiny_autoencoder_ckpt, tmp_path):  # noqa: F811

@@ -98,13 +98,13 @@ def sample_generate(cfg: DictConfig) -> dict:
     settings = sampling_settings(cfg, stage.sampling)
     out_dir = prepare_out_dir(cfg, ("images", "grid.png", "samples.jsonl"))
     (out_dir / "images").mkdir()
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     candidates = int(cfg.get("rerank_candidates") or 1)
     if candidates < 1:
         raise ValueError(f"rerank_candidates={candidates} must be >= 1 (1: no reranking)")
     if candidates > 1 and not hasattr(stage, "generate_reranked_tokens"):
         raise ValueError(f"rerank_candidates={candidates} needs a joint-stage checkpoint (a matching head); {cfg.ckpt} "
                          "is a generator checkpoint")  # fmt: skip
+    # sample s of every prompt has seed `seed + s`, and its draws depend on that seed alone (`race_noise`)
     jobs = [(p, prompt, s) for p, prompt in enumerate(prompts) for s in range(cfg.n)]
     per_call = max(1, cfg.batch_size // candidates)  # each kept image costs `candidates` samples
     images, records = [], []
@@ -113,12 +113,13 @@ def sample_generate(cfg: DictConfig) -> dict:
         for start in range(0, len(jobs), per_call):
             batch = jobs[start : start + per_call]
             captions = [caption for _, caption, _ in batch]
+            seeds = torch.tensor([int(cfg.seed) + s for _, _, s in batch], device=device)
             if candidates > 1:
                 tokens, rerank_scores = stage.generate_reranked_tokens(
-                    captions, candidates, settings, generator
+                    captions, candidates, settings, seeds=seeds
                 )
             else:
-                tokens = stage.generate_tokens(stage.encode_text(captions), settings, generator)
+                tokens = stage.generate_tokens(stage.encode_text(captions), settings, seeds=seeds)
                 rerank_scores = [None] * len(batch)
             text = stage.encode_text(captions)
             pixels = stage.decode_tokens(tokens)
@@ -127,9 +128,8 @@ def sample_generate(cfg: DictConfig) -> dict:
                 file = out_dir / "images" / f"{p:03d}_{s:02d}.png"
                 save_png(to_uint8(image[None])[0], file)
                 images.append(image.cpu())
-                # the seed draws for the whole batch: an image is reproduced by the same command, not its seed alone
-                records.append({"prompt": caption, "prompt_index": p, "sample": s, "seed": int(cfg.seed),
-                                "batch": start // per_call, "batch_size": cfg.batch_size,
+                # `prompts=[<prompt>] seed=<seed> n=1` and the same settings give this image again
+                records.append({"prompt": caption, "prompt_index": p, "sample": s, "seed": int(cfg.seed) + s,
                                 "settings": asdict(settings), "decode_dtype": cfg.decode_dtype,
                                 "file": str(file.relative_to(out_dir)),
                                 "scores": {"mean_token_logprob": round(float(score), 5)}})  # fmt: skip

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from imagen.models.ar_transformer import ARTransformer
+from imagen.models.ar_transformer import ARTransformer, lowbias32
 
 
 @dataclass
@@ -182,9 +182,42 @@ def sample_token(
     return (probs / noise).argmax(-1)
 
 
-def race_noise(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exp(1) draws (float32) for `sample_token`'s exponential race."""
-    return torch.empty(shape, device=device).exponential_(1.0, generator=generator)
+def race_noise(
+    shape,
+    device,
+    generator: torch.Generator | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+) -> torch.Tensor:
+    """(B, V) Exp(1) draws (float32) for `sample_token`'s exponential race: from `generator`, or, given per-image
+    `seeds` (B,) int64, a counter-based function of (seed, image token `step`, token id) alone, so that an image's
+    draws depend neither on the batch it is sampled in nor on the device. 24 random bits per draw either way."""
+    if seeds is None:
+        return torch.empty(shape, device=device).exponential_(1.0, generator=generator)
+    if tuple(seeds.shape) != tuple(shape[:1]):
+        raise ValueError(
+            f"seeds of shape {tuple(seeds.shape)} for draws of shape {tuple(shape)}: one per row"
+        )
+    seeds = seeds.to(device=device, dtype=torch.long)
+    low, high = (_as_int32(seeds & 0xFFFFFFFF), _as_int32((seeds >> 32) & 0xFFFFFFFF))
+    keys = lowbias32(lowbias32(lowbias32(high) ^ low) + step)[:, None]  # (B, 1): the image's key at this step
+    token_ids = torch.arange(shape[1], dtype=torch.int32, device=device)
+    bits = lowbias32(lowbias32(token_ids ^ keys) + keys) & 0xFFFFFF  # (B, V), uniform in [0, 2^24)
+    return -torch.log((bits.float() + 0.5) * 2**-24)
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """Integers in [0, 2^32) -> the int32 with the same 32 bits."""
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def candidate_seeds(seeds: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) per-image seeds -> (B * n,) seeds for `n` candidates each, prompt-major: candidate 0 keeps the image's
+    seed (so it is the sample drawn without reranking), candidate c > 0 has `lowbias32(c)` xor-ed into the seed's
+    high 32 bits."""
+    offsets = torch.arange(n, dtype=torch.int32, device=seeds.device)
+    offsets = (lowbias32(offsets).long() & 0x7FFFFFFF) << 32  # (n,), 0 for candidate 0
+    return (seeds.long()[:, None] ^ offsets).reshape(-1)
 
 
 def with_unconditional(model: ARTransformer, states: torch.Tensor, mask: torch.Tensor):
@@ -259,6 +292,7 @@ def generate(
     decode_step: Callable | None = None,
     cache: KVCache | None = None,
     attend_block: int | None = 64,
+    seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample image tokens (B, N) for text states (B, L, text_dim) with the static KV cache, in the model's dtype.
 
@@ -266,8 +300,11 @@ def generate(
     an earlier call with the same shapes is reused (a compiled step then replays its graphs); otherwise one is
     allocated. Each step's self-attention reads the cache in blocks of `attend_block` positions, only as far as
     the tokens written so far (None: the whole cache at every step). The loop has no host syncs: positions are
-    device tensors, tokens never leave the device, and the random draws are made on the device.
+    device tensors, tokens never leave the device, and the random draws are made on the device. The draws come from
+    `generator`, or from per-image `seeds` (B,) int64 (`race_noise`): an image then depends on its caption and seed
+    alone.
     """
+    check_draws(generator, seeds)
     batch, n = states.shape[0], model.config.num_image_tokens
     states = states.to(model.dtype)  # the cache's dtype
     if settings.guided:
@@ -285,14 +322,14 @@ def generate(
     scales = scales.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scales
     mark_varying(cache)
 
-    def noise() -> torch.Tensor | None:
+    def noise(step: int) -> torch.Tensor | None:
         if settings.greedy:
             return None
-        return varying(race_noise((batch, model.config.vocab_size), device, generator), 0)
+        return varying(race_noise((batch, model.config.vocab_size), device, generator, seeds, step), 0)
 
     tokens = torch.empty(batch, n, dtype=torch.long, device=device)
     logits = prefill(model, states, mask, cache)
-    token = sample_token(guide(logits, scales[0]) if settings.guided else logits, settings, noise=noise())
+    token = sample_token(guide(logits, scales[0]) if settings.guided else logits, settings, noise=noise(0))
     tokens[:, 0] = token
     fed = varying(torch.cat([token, token]) if settings.guided else token, 0)
     for i in range(1, n):
@@ -300,7 +337,7 @@ def generate(
             settings, cache = replace(settings, cfg_scale=1.0), mark_varying(cache.first_rows(batch))
             fed = varying(fed[:batch].clone(), 0)
         attend = attended_length(model, i - 1, attend_block)
-        token, fed = step(model, fed, position, cache, scales[i], noise(), settings, attend)
+        token, fed = step(model, fed, position, cache, scales[i], noise(i), settings, attend)
         tokens[:, i] = token
         fed = varying(fed.clone(), 0)  # a CUDA graph's output is overwritten by its next replay
         position += 1
@@ -332,8 +369,10 @@ def generate_recompute(
     mask: torch.Tensor,
     settings: SamplingSettings,
     generator: torch.Generator | None = None,
+    seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same sampling without a cache: a full forward over the prefix at every step (the baseline)."""
+    check_draws(generator, seeds)
     batch, n = states.shape[0], model.config.num_image_tokens
     guided_tokens = settings.guided_tokens(n)
     both = with_unconditional(model, states, mask) if guided_tokens else None
@@ -344,5 +383,17 @@ def generate_recompute(
             logits = guide(logits, settings.scale_at(i, guided_tokens))
         else:
             logits = model(tokens[:, : i + 1], states, mask)[0][:, i]
-        tokens[:, i] = sample_token(logits, settings, generator)
+        draws = (
+            None
+            if seeds is None or settings.greedy
+            else race_noise(logits.shape, logits.device, seeds=seeds, step=i)
+        )
+        tokens[:, i] = sample_token(logits, settings, generator, noise=draws)
     return tokens
+
+
+def check_draws(generator: torch.Generator | None, seeds: torch.Tensor | None) -> None:
+    if generator is not None and seeds is not None:
+        raise ValueError(
+            "give a generator or per-image seeds, not both: with seeds, an image's draws are its own"
+        )

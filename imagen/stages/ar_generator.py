@@ -405,17 +405,20 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         text: TextStates,
         settings: SamplingSettings | None = None,
         generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache. With `compile_decode` (from
-        `model.compile`) on a GPU, each token's step is one CUDA graph, and the module keeps a KV cache per batch size
-        for the graphs to reuse."""
+        """Image tokens (B, h * w) for encoded captions, sampled with the KV cache; the draws from `generator` or
+        from per-image `seeds` (`generate`). With `compile_decode` (from `model.compile`) on a GPU, each token's step
+        is one CUDA graph, and the module keeps a KV cache per batch size for the graphs to reuse."""
         settings, step, cache = settings or self.sampling, None, None
         if self.compile_decode and text.states.is_cuda:
             if getattr(self, "_decode_step", None) is None:
                 self._decode_step, self._sampling_caches = compiled_decode_step(), {}
             step = self._decode_step
             cache = reusable_cache(self._sampling_caches, self.net, text.states, settings)
-        return generate(self.net, text.states, text.mask, settings, generator, decode_step=step, cache=cache)
+        return generate(
+            self.net, text.states, text.mask, settings, generator, decode_step=step, cache=cache, seeds=seeds
+        )
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

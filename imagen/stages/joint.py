@@ -35,7 +35,7 @@ from imagen.metrics.retrieval import gather_rows, rerank_top_k, retrieval_metric
 from imagen.models.ar_transformer import ARTransformer
 from imagen.models.image_text import CaptionVocabulary, ImageTextConfig, ImageTextNet
 from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, TextStates
-from imagen.sampling.ar import SamplingSettings
+from imagen.sampling.ar import SamplingSettings, candidate_seeds
 from imagen.sampling.caption import CaptionDecoding, decode_captions, ids_to_text
 from imagen.sampling.rerank import best_of
 from imagen.stages.ar_generator import GROUP_SUFFIX, ARGeneratorStage
@@ -407,10 +407,13 @@ class JointStage(ARGeneratorStage):
         candidates: int | None = None,
         settings: SamplingSettings | None = None,
         generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each caption, `candidates` samples and the best by `rerank.score`: (tokens (B, N), scores (B,))."""
+        """For each caption, `candidates` samples and the best by `rerank.score`: (tokens (B, N), scores (B,)).
+        Given per-image `seeds` (B,), the candidates' draws come from `candidate_seeds` (candidate 0: the image's
+        own seed)."""
         _, best, scores = self._sample_candidates(
-            captions, candidates or self.rerank.candidates, settings, generator
+            captions, candidates or self.rerank.candidates, settings, generator, seeds
         )
         return best, scores
 
@@ -420,6 +423,7 @@ class JointStage(ARGeneratorStage):
         n: int,
         settings: SamplingSettings | None = None,
         generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`n` samples per caption, prompt-major (B * n, N), and the best of each prompt's (B, N) with its score (B,)."""
         self._check_scorer()
@@ -427,7 +431,8 @@ class JointStage(ARGeneratorStage):
         # prompt-major: the candidates of one prompt are consecutive rows
         text = TextStates(text.states.repeat_interleave(n, 0), text.mask.repeat_interleave(n, 0))
         repeated = [c for c in captions for _ in range(n)]
-        tokens = self.generate_tokens(text, settings, generator)  # (B * n, N)
+        seeds = None if seeds is None else candidate_seeds(seeds, n)
+        tokens = self.generate_tokens(text, settings, generator, seeds)  # (B * n, N)
         scores = self.candidate_scores(tokens, text, repeated)
         best, index = best_of(tokens, scores, n)
         return tokens, best, scores[index]
