@@ -1,4 +1,5 @@
-"""Evaluation under DDP: the samples Lightning's distributed sampler repeats to even out the ranks count once."""
+"""Evaluation counts every sample once: under DDP (the samples Lightning's distributed sampler repeats to even out the
+ranks) and with bad samples skipped (their stand-ins)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from imagen.stages.evaluation import without_sampler_repeats
+from imagen.data.image_text import ImageTextDataModule
+from imagen.stages.evaluation import rows_to_evaluate, without_sampler_repeats
+from tests.test_image_text_data import FOLDER_KINDS, every_split, write_bad_folder
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,25 @@ def test_batches_of_a_loader_without_a_distributed_sampler_are_kept_whole():
     trainer = SimpleNamespace(testing=False, val_dataloaders=loader)
     batch = {"index": torch.tensor([4])}
     assert without_sampler_repeats(trainer, batch, 2) is batch
+
+
+def test_the_stand_ins_for_bad_samples_are_left_out_of_an_evaluation(tmp_path):
+    # each bad sample's place holds the next good one, which is read at its own index too
+    root = write_bad_folder(tmp_path / "bad", good=4)
+    dm = ImageTextDataModule("image_txt", root=every_split(str(root)), image_size=32, max_pixels=50_000,
+                             bad_samples="skip", max_bad_fraction=1.0, batch_size=3, num_workers=0)  # fmt: skip
+    loader = dm._loader("val")
+    trainer = SimpleNamespace(testing=False, val_dataloaders=loader)
+    read, evaluated = [], []
+    for batch_idx, batch in enumerate(loader):
+        batch = dm.on_before_batch_transfer(batch, 0)
+        read += batch["name"]
+        if (kept := rows_to_evaluate(trainer, batch, batch_idx)) is not None:
+            assert len(kept["image"]) == len(kept["caption"]) == len(kept["index"]) == len(kept["name"])
+            evaluated += kept["name"]
+    assert len(read) == 4 + len(FOLDER_KINDS)  # a row per record, bad ones too (their stand-ins)
+    assert sorted(evaluated) == sorted(set(read)) and len(evaluated) == 4
+    assert dm.bad.good == 4 and dm.bad.bad == len(FOLDER_KINDS)
 
 
 def test_autoencoder_psnr_and_ssim_are_computed_in_float32_under_bf16(tmp_path):

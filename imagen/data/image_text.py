@@ -97,7 +97,8 @@ def _with_bad(item: dict, bad: list[tuple[str, str]]) -> dict:
 class RecordDataset(Dataset):
     """Map-style dataset over `Record`s, indexed by `index` or `(index, item_seed)` (the seed of `Preprocess`'s
     random choices). Under `policy="skip"` a bad sample is replaced by the next good one (its record travels in the
-    item's `bad`); under `"raise"` the `BadSample` propagates."""
+    item's `bad`, and the item is marked `stand_in`: evaluation leaves it out, since its own index is read too);
+    under `"raise"` the `BadSample` propagates."""
 
     def __init__(
         self, records: list[Record], preprocess: Preprocess, policy: str = "skip", substitute: bool = True
@@ -128,7 +129,8 @@ class RecordDataset(Dataset):
         for offset in range(len(self.records)):
             read = (index + offset) % len(self.records)
             try:
-                return {**_with_bad(self.load(self.records[read], item_seed), bad), "index": read}
+                item = _with_bad(self.load(self.records[read], item_seed), bad)
+                return {**item, "index": read, "stand_in": offset > 0}
             except BadSample as e:
                 if self.policy == "raise":
                     raise
@@ -304,6 +306,8 @@ def collate(items: list[dict]) -> dict:
         batch["all_captions"] = [item["all_captions"] for item in good]
     if good and "index" in good[0]:  # the dataset's index of each sample (map-style formats)
         batch["index"] = torch.tensor([item["index"] for item in good])
+        # the rows that stand in for a bad sample (a repeat of a sample read at its own index too)
+        batch["stand_in"] = torch.tensor([item.get("stand_in", False) for item in good], dtype=torch.bool)
     for key in ("image", "tokens"):
         if good and key in good[0]:
             batch[key] = torch.stack([item[key] for item in good])
@@ -587,7 +591,12 @@ class ImageTextDataModule(pl.LightningDataModule):
                 self.report_epoch(self._epoch)
             self._epoch = trainer.current_epoch
         bad, truncated = batch.pop("bad", []), batch.pop("truncated", 0)
-        self.bad.update([tuple(pair) for pair in bad], good=len(batch["caption"]), truncated=int(truncated))
+        good = (
+            len(batch["caption"]) - int(batch["stand_in"].sum())
+            if "stand_in" in batch
+            else len(batch["caption"])
+        )
+        self.bad.update([tuple(pair) for pair in bad], good=good, truncated=int(truncated))
         return batch
 
     def report_epoch(self, epoch: int) -> None:

@@ -32,7 +32,7 @@ from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
 from imagen.models.text_encoder import CaptionTokenizer, TextStates
 from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate, reusable_cache
-from imagen.stages.evaluation import without_sampler_repeats
+from imagen.stages.evaluation import rows_to_evaluate
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
@@ -591,7 +591,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         self._eager_evaluation(False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if (batch := without_sampler_repeats(self.trainer, batch, batch_idx)) is not None:
+        if (batch := rows_to_evaluate(self.trainer, batch, batch_idx)) is not None:
             self._eval_step(batch, "val")
 
     def _trainer_precision(self):
@@ -609,7 +609,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        if (batch := without_sampler_repeats(self.trainer, batch, batch_idx)) is not None:
+        if (batch := rows_to_evaluate(self.trainer, batch, batch_idx)) is not None:
             self._eval_step(batch, "test")
 
     def on_test_epoch_start(self) -> None:

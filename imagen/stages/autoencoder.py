@@ -18,7 +18,7 @@ from imagen.metrics import loss_mean
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
-from imagen.stages.evaluation import without_sampler_repeats
+from imagen.stages.evaluation import rows_to_evaluate
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
@@ -245,14 +245,14 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
             metric.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if (batch := without_sampler_repeats(self.trainer, batch, batch_idx)) is not None:
+        if (batch := rows_to_evaluate(self.trainer, batch, batch_idx)) is not None:
             self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        if (batch := without_sampler_repeats(self.trainer, batch, batch_idx)) is not None:
+        if (batch := rows_to_evaluate(self.trainer, batch, batch_idx)) is not None:
             self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:

@@ -1,13 +1,36 @@
-"""Evaluation under DDP without the samples Lightning's distributed sampler repeats.
+"""The rows of an evaluation batch that its metrics count: each sample once.
 
-Lightning gives every rank ceil(N / world) validation and test samples, so when `world` does not divide N it repeats
-the first ones at the end of some ranks' shares; a mean over all ranks would count those twice.
+Two things repeat a sample in an evaluation pass. Lightning gives every rank ceil(N / world) validation and test
+samples, so when `world` does not divide N it repeats the first ones at the end of some ranks' shares; and under
+`data.bad_samples=skip` a bad sample's place holds a stand-in, a good sample that is read at its own index too. A
+mean over every row would count both twice.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.utils.data import DistributedSampler
+
+
+def rows_to_evaluate(trainer, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
+    """`batch` less the rows that repeat a sample: those of another rank (`without_sampler_repeats`) and the stand-ins
+    for bad samples (`batch["stand_in"]`); None when no row is left."""
+    batch = without_sampler_repeats(trainer, batch, batch_idx, dataloader_idx)
+    if batch is None or "stand_in" not in batch or not batch["stand_in"].any():
+        return batch
+    keep = ~batch["stand_in"]
+    if not keep.any():
+        return None
+    return {key: _rows(value, keep) for key, value in batch.items()}
+
+
+def _rows(value, keep: torch.Tensor):
+    """The rows of a per-row tensor or list where `keep` (B,) is True; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and len(value) == len(keep):
+        return value[keep.to(value.device)]
+    if isinstance(value, list | tuple) and len(value) == len(keep):
+        return [v for v, k in zip(value, keep.tolist(), strict=True) if k]
+    return value
 
 
 def without_sampler_repeats(trainer, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
