@@ -84,7 +84,8 @@ def test_sample_writes_images_grid_and_manifest(make_cfg, generator_ckpt, tmp_pa
     assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 6
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt_index"] for r in rows] == [0, 0, 0, 1, 1, 1]
-    assert [r["seed"] for r in rows] == [0, 1, 2, 0, 1, 2]  # seed + sample index
+    assert [r["seed"] for r in rows] == [0, 2**32, 2**33, 0, 2**32, 2**33]  # seed + sample index x 2^32
+    assert all(r["ckpt"] == str(generator_ckpt) and "unknown_words" not in r for r in rows)
     assert rows[0]["settings"]["cfg_scale"] == 2.0 and rows[0]["settings"]["top_k"] == 20
     assert all((out / r["file"]).is_file() and r["scores"]["mean_token_logprob"] < 0 for r in rows)
 
@@ -131,6 +132,55 @@ def test_an_image_depends_on_its_prompt_and_seed_not_on_its_batch(make_cfg, gene
     sample(sample_cfg(make_cfg, alone, f"ckpt={generator_ckpt}", f"prompts=[{row['prompt']}]", "n=1",
                       f"seed={row['seed']}", "temperature=1.0"))  # fmt: skip
     assert (alone / "out" / "images" / "000_00.png").read_bytes() == runs["batch_4"]["001_01.png"]
+    # the next seed gives new images, not the same ones shifted by one
+    sample(sample_cfg(make_cfg, tmp_path / "seed_6", f"ckpt={generator_ckpt}", f"prompts={prompts}", "n=3", "seed=6",
+                      "temperature=1.0"))  # fmt: skip
+    next_seed = {p.read_bytes() for p in (tmp_path / "seed_6" / "out" / "images").glob("*.png")}
+    assert not next_seed & set(runs["batch_1"].values())
+
+
+def test_a_bad_setting_with_overwrite_leaves_the_earlier_outputs_in_place(make_cfg, generator_ckpt, tmp_path):
+    sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=1"))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
+    for setting, error in [("rerank_candidates=3", "needs a joint-stage checkpoint"),
+                           ("rerank_candidates=0", "rerank_candidates=0 must be >= 1"),
+                           ("seed=abc", "seed='abc' must be an integer"), ("seed=1.5", "seed=1.5 must be an integer"),
+                           ("seed=null", "seed=None must be an integer"), ("seed=-1", "seed=-1 must be >= 0"),
+                           (f"seed={2**63 - 2**32}", "too large for n=2")]:  # fmt: skip
+        with pytest.raises(ValueError, match=error):
+            sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=2",
+                              "overwrite=true", setting))  # fmt: skip
+        assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
+
+
+def test_an_interrupted_run_describes_every_image_it_saved(make_cfg, generator_ckpt, tmp_path):
+    from imagen.stages.ar_generator import ARGeneratorStage
+
+    decode, calls = ARGeneratorStage.decode_tokens, []
+
+    def decode_then_stop(stage, tokens):
+        calls.append(len(tokens))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return decode(stage, tokens)
+
+    with (
+        mock.patch.object(ARGeneratorStage, "decode_tokens", decode_then_stop),
+        pytest.raises(KeyboardInterrupt),
+    ):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", 'prompts=["a red circle","a blue square"]',
+                          "n=3", "batch_size=2"))  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    saved = sorted(p.name for p in (tmp_path / "out" / "images").glob("*.png"))
+    assert len(saved) == 4 and sorted(Path(r["file"]).name for r in rows) == saved
+
+
+def test_words_the_caption_vocabulary_lacks_are_named(make_cfg, generator_ckpt, tmp_path, caplog):
+    sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a small magenta circle]",
+                      "n=1"))  # fmt: skip
+    row = json.loads((tmp_path / "out" / "samples.jsonl").read_text())
+    assert row["unknown_words"] == ["magenta"]
+    assert "['magenta'] are not in the checkpoint's caption vocabulary" in caplog.text
 
 
 def test_sample_errors_name_the_problem(make_cfg, generator_ckpt, tiny_autoencoder_ckpt, tmp_path):  # noqa: F811

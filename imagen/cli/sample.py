@@ -12,13 +12,15 @@ import torch
 from omegaconf import DictConfig
 
 from imagen.checkpoints import CheckpointError
-from imagen.cli.checks import expect_number
+from imagen.cli.checks import ConfigError, expect_number
 from imagen.cli.utils import apply_extras, task_wrapper
 
 log = logging.getLogger("imagen")
 
 TASKS = ("generate", "caption", "ner")
 SAMPLE_IMAGE = re.compile(r"\d{3,}_\d{2,}\.png")  # images/PPP_SS.png
+# sample s of a prompt has seed `seed + s * IMAGE_SEED_STRIDE`: the runs of seeds 0, 1, ... share no image
+IMAGE_SEED_STRIDE = 2**32
 
 
 def resolve_device(name: str | int) -> torch.device:
@@ -40,8 +42,15 @@ def resolve_device(name: str | int) -> torch.device:
 def check_settings(cfg: DictConfig) -> None:
     """The settings of every task, checked before a checkpoint is read; each failure names its key."""
     expect_number(cfg, "batch_size", int, 1, "e.g. batch_size=16")
+    if cfg.seed is None:
+        raise ConfigError("seed=None must be an integer; e.g. seed=0")
+    expect_number(cfg, "seed", int, 0, "e.g. seed=0")
     if cfg.task == "generate":
         expect_number(cfg, "n", int, 1, "the images per prompt, e.g. n=4")
+        expect_number(cfg, "rerank_candidates", int, 1, "1: no reranking, e.g. rerank_candidates=4")
+        if cfg.seed + (cfg.n - 1) * IMAGE_SEED_STRIDE >= 2**63:
+            raise ConfigError(f"seed={cfg.seed} is too large for n={cfg.n}: sample s gets seed + s * 2^32, which must "
+                              "stay below 2^63")  # fmt: skip
     resolve_device(cfg.device)
 
 

@@ -1,7 +1,7 @@
 """`python sample.py ckpt=PATH prompts=[...]`: text -> image with a trained generator checkpoint.
 
 Writes one PNG per image (`images/PPP_SS.png`), a captioned grid (`grid.png`, one row per prompt) and
-`samples.jsonl` (prompt, seed, settings, file, scores) into `out_dir`.
+`samples.jsonl` (prompt, seed, checkpoint, settings, file, scores; written as the images are) into `out_dir`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 from omegaconf import DictConfig
 
 from imagen.checkpoints import CheckpointError
-from imagen.cli.sample import check_trained, prepare_out_dir, resolve_device, text_lines
+from imagen.cli.sample import IMAGE_SEED_STRIDE, check_trained, prepare_out_dir, resolve_device, text_lines
 from imagen.images import captioned_grid, save_png, to_uint8
+from imagen.models.text_encoder import CaptionTokenizer
 from imagen.progress import progress_bar
 from imagen.sampling.ar import SamplingSettings
 
@@ -77,6 +78,20 @@ def load_generator(path: str, trust: bool):
     return stage
 
 
+def unknown_words(stage, prompts: list[str]) -> list[list[str]]:
+    """Each prompt's words a word-level caption tokenizer lacks (read as [UNK]), with a warning naming them; none
+    for a pretrained text encoder's subword tokenizer."""
+    tokenizer = getattr(stage.text_encoder, "tokenizer", None)
+    if not isinstance(tokenizer, CaptionTokenizer):
+        return [[] for _ in prompts]
+    unknown = [tokenizer.unknown_words(prompt) for prompt in prompts]
+    for prompt, words in zip(prompts, unknown, strict=True):
+        if words:
+            log.warning(f"prompt {prompt!r}: {words} are not in the checkpoint's caption vocabulary; the text "
+                        "encoder reads each as [UNK]")  # fmt: skip
+    return unknown
+
+
 def sampling_settings(cfg: DictConfig, recorded: SamplingSettings) -> SamplingSettings:
     """The settings given on the command line; a null one is the checkpoint's `recorded` (its validation's);
     `top_k=0` turns top-k off."""
@@ -96,51 +111,57 @@ def sample_generate(cfg: DictConfig) -> dict:
     stage.net.to(decode_dtype(cfg.decode_dtype))  # the generator's weights; its KV cache follows them
     stage.compile_decode = compile_decode(cfg.compile_decode, device)
     settings = sampling_settings(cfg, stage.sampling)
-    out_dir = prepare_out_dir(cfg, ("images", "grid.png", "samples.jsonl"))
-    (out_dir / "images").mkdir()
-    candidates = int(cfg.get("rerank_candidates") or 1)
-    if candidates < 1:
-        raise ValueError(f"rerank_candidates={candidates} must be >= 1 (1: no reranking)")
+    candidates = cfg.rerank_candidates or 1
     if candidates > 1 and not hasattr(stage, "generate_reranked_tokens"):
         raise ValueError(f"rerank_candidates={candidates} needs a joint-stage checkpoint (a matching head); {cfg.ckpt} "
                          "is a generator checkpoint")  # fmt: skip
-    # sample s of every prompt has seed `seed + s`, and its draws depend on that seed alone (`race_noise`)
+    unknown = unknown_words(stage, prompts)
+    # everything checked: an earlier run's outputs may go now
+    out_dir = prepare_out_dir(cfg, ("images", "grid.png", "samples.jsonl"))
+    (out_dir / "images").mkdir()
+    # sample s of every prompt has seed `seed + s * 2^32`, and its draws depend on that seed alone (`race_noise`)
     jobs = [(p, prompt, s) for p, prompt in enumerate(prompts) for s in range(cfg.n)]
     per_call = max(1, cfg.batch_size // candidates)  # each kept image costs `candidates` samples
     images, records = [], []
-    with progress_bar() as progress:
+    # a record is written as its image is: an interrupted run leaves every image it saved described
+    with progress_bar() as progress, open(out_dir / "samples.jsonl", "w") as manifest:
         task = progress.add_task(f"sampling {len(jobs)} images", total=len(jobs))
         for start in range(0, len(jobs), per_call):
             batch = jobs[start : start + per_call]
             captions = [caption for _, caption, _ in batch]
-            seeds = torch.tensor([int(cfg.seed) + s for _, _, s in batch], device=device)
+            seeds = [cfg.seed + s * IMAGE_SEED_STRIDE for _, _, s in batch]
             if candidates > 1:
                 tokens, rerank_scores = stage.generate_reranked_tokens(
-                    captions, candidates, settings, seeds=seeds
+                    captions, candidates, settings, seeds=torch.tensor(seeds, device=device)
                 )
             else:
-                tokens = stage.generate_tokens(stage.encode_text(captions), settings, seeds=seeds)
+                text = stage.encode_text(captions)
+                tokens = stage.generate_tokens(text, settings, seeds=torch.tensor(seeds, device=device))
                 rerank_scores = [None] * len(batch)
             text = stage.encode_text(captions)
             pixels = stage.decode_tokens(tokens)
             scores = stage.token_logprob(tokens, text)
-            for (p, caption, s), image, score, best in zip(batch, pixels, scores, rerank_scores, strict=True):
+            for (p, caption, s), seed, image, score, best in zip(
+                batch, seeds, pixels, scores, rerank_scores, strict=True
+            ):
                 file = out_dir / "images" / f"{p:03d}_{s:02d}.png"
                 save_png(to_uint8(image[None])[0], file)
                 images.append(image.cpu())
-                # `prompts=[<prompt>] seed=<seed> n=1` and the same settings give this image again
-                records.append({"prompt": caption, "prompt_index": p, "sample": s, "seed": int(cfg.seed) + s,
-                                "settings": asdict(settings), "decode_dtype": cfg.decode_dtype,
-                                "file": str(file.relative_to(out_dir)),
-                                "scores": {"mean_token_logprob": round(float(score), 5)}})  # fmt: skip
+                # `prompts=[<prompt>] seed=<seed> n=1` with the same checkpoint and settings gives this image again
+                record = {"prompt": caption, "prompt_index": p, "sample": s, "seed": seed, "ckpt": str(cfg.ckpt),
+                          "settings": asdict(settings), "decode_dtype": cfg.decode_dtype,
+                          "file": str(file.relative_to(out_dir)),
+                          "scores": {"mean_token_logprob": round(float(score), 5)}}  # fmt: skip
                 if best is not None:
-                    records[-1]["scores"][f"rerank_{stage.rerank.score}"] = round(float(best), 5)
-                    records[-1]["rerank_candidates"] = candidates
+                    record["scores"][f"rerank_{stage.rerank.score}"] = round(float(best), 5)
+                    record["rerank_candidates"] = candidates
+                if unknown[p]:
+                    record["unknown_words"] = unknown[p]
+                manifest.write(json.dumps(record) + "\n")
+                records.append(record)
+            manifest.flush()
             progress.update(task, advance=len(batch))
     grid = captioned_grid(torch.stack(images), [r["prompt"] for r in records], nrow=cfg.n)
     grid_path = save_png(grid, out_dir / "grid.png")
-    with open(out_dir / "samples.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
     log.info(f"wrote {len(records)} images, {grid_path} and {out_dir / 'samples.jsonl'}")
     return {"images": len(records), "grid": str(grid_path), "manifest": str(out_dir / "samples.jsonl")}

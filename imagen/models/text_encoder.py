@@ -57,11 +57,19 @@ class CaptionTokenizer:
         )
         self.tokenizer = tok
 
+    def words(self, caption: str) -> list[str]:
+        """The caption's words as the tokenizer sees them (normalized, split)."""
+        normalized = self.tokenizer.normalizer.normalize_str(caption)
+        return [word for word, _ in self.tokenizer.pre_tokenizer.pre_tokenize_str(normalized)]
+
+    def unknown_words(self, caption: str) -> list[str]:
+        """The caption's words the vocabulary lacks (each is read as [UNK])."""
+        vocab = self.tokenizer.get_vocab()
+        return [word for word in self.words(caption) if word not in vocab]
+
     def add_words(self, captions: list[str], max_vocab: int) -> list[str]:
         """Add the words of `captions` the vocabulary lacks (new concepts for fine-tuning); returns them."""
-        vocab = self.tokenizer.get_vocab()
-        words = sorted({w for c in captions for w, _ in self.tokenizer.pre_tokenizer.pre_tokenize_str(
-            self.tokenizer.normalizer.normalize_str(c))} - set(vocab))  # fmt: skip
+        words = sorted({word for caption in captions for word in self.unknown_words(caption)})
         if self.vocab_size + len(words) > max_vocab:
             raise ValueError(f"adding {len(words)} words exceeds the text encoder's vocab_size={max_vocab}")
         # into the word-level model itself, after the last id: an added token would match inside known words ("star"
