@@ -592,6 +592,46 @@ def test_metadata_that_is_not_utf8_or_not_an_object_is_refused_naming_the_file(t
     assert [r.captions for r in index_coco(tmp_path, annotations)] == [["café"]]
 
 
+def test_captions_are_split_at_line_ends_only_and_must_be_text(tmp_path):
+    from imagen.data.bad_samples import BadSample
+    from imagen.data.formats import index_coco, index_image_txt, index_imagefolder
+    from imagen.data.preprocess import clean_captions, split_lines
+
+    # str.splitlines would also split at U+2028, \x85 and form feeds
+    assert split_lines("a\u2028b\x85c\x0cd\r\ne\rf\n") == ["a\u2028b\x85c\x0cd", "e", "f"]
+    assert split_lines("") == [] and split_lines("a") == ["a"] and split_lines("a\n\nb\n") == ["a", "", "b"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red square\u2028on a table\nanother caption\n", encoding="utf-8")
+    assert index_image_txt(tmp_path)[0].read_captions() == ["a red square\u2028on a table", "another caption"]
+    (tmp_path / "a.txt").unlink()
+    jsonl = tmp_path / "metadata.jsonl"
+    jsonl.write_text(
+        json.dumps({"file_name": "a.png", "text": "x\u2028y"}, ensure_ascii=False) + "\n", "utf-8"
+    )
+    assert index_imagefolder(tmp_path)[0].captions == ["x\u2028y"]  # one row, not a broken one
+    # a caption that is no string is a counted bad sample naming it, not the text "None"
+    for value, shown in (
+        ([None, "b"], "caption 0 is None"),
+        (5, "caption 0 is 5"),
+        (["a", {"x": 1}], "caption 1"),
+    ):
+        jsonl.write_text(json.dumps({"file_name": "a.png", "text": value}) + "\n")
+        with pytest.raises(BadSample, match=f"a.png: undecodable_text \\({re.escape(shown)}"):
+            clean_captions(index_imagefolder(tmp_path)[0].read_captions(), str(tmp_path / "a.png"))
+    # a COCO image listed twice would be two samples, and could sit in training and in a held-out split
+    annotations = tmp_path / "captions.json"
+    for images, message in (
+        (
+            [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "a.png"}],
+            "file_name 'a.png' of images[0]",
+        ),
+        ([{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}], "id 1 of images[0]"),
+    ):
+        annotations.write_text(json.dumps({"images": images, "annotations": []}))
+        with pytest.raises(ValueError, match=re.escape(f"{annotations}: images[1] repeats the {message}")):
+            index_coco(tmp_path, annotations)
+
+
 def test_coco_captions_of_an_unlisted_image_are_a_missing_image(tmp_path):
     images, annotations = write_coco(tmp_path / "coco", make_pairs(3, size=(8, 8)))
     data = json.loads(annotations.read_text())

@@ -23,7 +23,7 @@ REASONS = (
     "too_many_pixels",  # over data.max_pixels (decompression bombs)
     "missing_caption",  # no caption file / entry / member
     "empty_caption",  # a caption that is empty after cleanup
-    "undecodable_text",  # caption bytes that are not UTF-8 (or JSON that does not parse)
+    "undecodable_text",  # caption bytes that are not UTF-8, JSON that does not parse, a caption that is no string
     "missing_image",  # a tar sample with no image member, or an indexed image file that does not exist
     "unreadable_shard",  # a tar shard that cannot be opened or read to its end
 )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagen.data.bad_samples import BadSample
-from imagen.data.preprocess import IMAGE_EXTENSIONS, decode_text
+from imagen.data.preprocess import IMAGE_EXTENSIONS, decode_text, split_lines
 
 SPLITS = ("train", "val", "test")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
@@ -45,7 +45,7 @@ class Record:
             data = self.caption_file.read_bytes()
         except OSError as e:  # permissions, I/O errors
             raise BadSample("unreadable_file", str(self.caption_file), str(e)) from None
-        return decode_text(data, str(self.caption_file)).splitlines()
+        return split_lines(decode_text(data, str(self.caption_file)))
 
 
 def _is_image(path: Path) -> bool:
@@ -71,7 +71,7 @@ def index_imagefolder(root: Path, caption_column: str = "text") -> list[Record]:
     jsonl, csv_file = root / "metadata.jsonl", root / "metadata.csv"
     rows: list[dict] = []
     if jsonl.is_file():
-        for number, line in enumerate(_read_text(jsonl).splitlines(), 1):
+        for number, line in enumerate(split_lines(_read_text(jsonl)), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -92,7 +92,7 @@ def index_imagefolder(root: Path, caption_column: str = "text") -> list[Record]:
         value = row.get(caption_column)
         found = captions[Path(row["file_name"]).as_posix()]
         if value is not None:
-            found += list(value) if isinstance(value, list) else [str(value)]
+            found += value if isinstance(value, list) else [value]  # not text: a counted skip when read
     if rows and not any(caption_column in row for row in rows):
         columns = sorted({key for row in rows for key in row})
         raise ValueError(
@@ -144,11 +144,16 @@ def index_coco(images: Path, annotations: Path) -> list[Record]:
         if not isinstance(ann["caption"], str):
             raise ValueError(f"{annotations}: annotations[{number}] has a caption that is no string: {ann}")
         captions[ann["image_id"]].append(ann["caption"])
-    records = []
+    records, first_entry = [], {}
     for number, entry in enumerate(data["images"]):
         for key in ("id", "file_name"):
             if entry.get(key) is None:
                 raise ValueError(f"{annotations}: images[{number}] lacks {key!r}: {entry}")
+            # a repeated image would be two samples, and could land in training and in a held-out split
+            if (key, entry[key]) in first_entry:
+                raise ValueError(f"{annotations}: images[{number}] repeats the {key} {entry[key]!r} of "
+                                 f"images[{first_entry[key, entry[key]]}]; list each image once")  # fmt: skip
+            first_entry[key, entry[key]] = number
         path = Path(images) / entry["file_name"]
         if entry["id"] not in captions:
             records.append(Record(path, problem=BadSample("missing_caption", str(path))))

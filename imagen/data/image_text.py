@@ -40,6 +40,7 @@ from imagen.data.preprocess import (
     decode_text,
     open_image,
     resize_crop,
+    split_lines,
     to_tensor,
     truncate_caption,
 )
@@ -181,14 +182,14 @@ class WebDatasetStream(IterableDataset):
     def captions_of(self, raw: dict, name: str) -> list[str] | None:
         """A tar sample's captions: the lines of `.txt`, else `caption_key` of `.json` (None: neither)."""
         if "txt" in raw:
-            return decode_text(raw["txt"], f"{name}.txt").splitlines()
+            return split_lines(decode_text(raw["txt"], f"{name}.txt"))
         if "json" in raw:
             try:
                 meta = json.loads(decode_text(raw["json"], f"{name}.json"))
             except json.JSONDecodeError as e:
                 raise BadSample("undecodable_text", f"{name}.json", str(e)) from None
             value = meta.get(self.caption_key) if isinstance(meta, dict) else None
-            return None if value is None else (value if isinstance(value, list) else [str(value)])
+            return None if value is None else (value if isinstance(value, list) else [value])
         return None
 
     def check_caption_key(self) -> None:

@@ -6,6 +6,7 @@ Every failure raises `BadSample` with a reason from `imagen.data.bad_samples.REA
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -99,6 +100,13 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of `text`, split at \\n, \\r\\n and \\r only (`str.splitlines` also splits at U+2028, \\x85, form feeds
+    and other separators that may sit inside a caption or a JSON string)."""
+    lines = re.split(r"\r\n|\r|\n", text)
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def decode_text(data: bytes, name: str) -> str:
     """UTF-8 bytes (a BOM is allowed) -> str, or `BadSample("undecodable_text")`."""
     try:
@@ -113,10 +121,14 @@ def clean_caption(text: str) -> str:
 
 
 def clean_captions(captions: list[str] | None, name: str) -> list[str]:
-    """The non-empty cleaned captions of a sample; `BadSample` when there are none."""
+    """The non-empty cleaned captions of a sample; `BadSample` when there are none, or when one is not a string
+    (a JSON null, number or object in the metadata)."""
     if captions is None:
         raise BadSample("missing_caption", name)
-    cleaned = [c for c in (clean_caption(str(c)) for c in captions) if c]
+    for number, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise BadSample("undecodable_text", name, f"caption {number} is {caption!r}, not text")
+    cleaned = [c for c in (clean_caption(c) for c in captions) if c]
     if not cleaned:
         raise BadSample("empty_caption", name)
     return cleaned
