@@ -98,8 +98,28 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_conll(bad_tag)
     ragged = tmp_path / "ragged.txt"
     ragged.write_text("EU NNP I-NP B-ORG\n\nrejects O\n")
-    with pytest.raises(ConllFormatError, match=r"ragged\.txt:3: expected 4 columns"):
+    with pytest.raises(ConllFormatError, match=r"ragged\.txt:3: expected 4 columns like line 1, got 2"):
         read_conll(ragged)
+
+
+def test_columns_are_split_at_ascii_spaces_and_tabs_only(tmp_path):
+    path = tmp_path / "nbsp.txt"
+    path.write_text("EU B-ORG\n10\u00a0000 O\nfans\u2009club O\n")  # no-break and thin spaces inside tokens
+    assert read_conll(path)[0].tokens == ["EU", "10\u00a0000", "fans\u2009club"]
+    path.write_text("EU B-ORG\n10\u00a0000 O\nfans O O\n")  # the bad line is the third, not the second
+    with pytest.raises(ConllFormatError, match=r"nbsp\.txt:3: expected 2 columns like line 1, got 3"):
+        read_conll(path)
+    tabs = tmp_path / "tabs.tsv"
+    tabs.write_text("New York\tB-LOC\nfans \tO\t\n")  # a tab-separated token may hold a space
+    assert read_conll(tabs)[0].tokens == ["New York", "fans"]
+
+
+@pytest.mark.parametrize("line", ["\tO", "\t\tO", " \tB-LOC"])
+def test_a_line_without_a_token_names_its_line(tmp_path, line):
+    path = tmp_path / "empty_token.tsv"
+    path.write_text(f"EU\tB-ORG\n{line}\n")
+    with pytest.raises(ConllFormatError, match=r"empty_token\.tsv:2: the token \(first column\) is empty"):
+        read_conll(path)
 
 
 def test_bom_is_skipped_and_latin1_names_file_and_line(tmp_path):
@@ -114,10 +134,12 @@ def test_bom_is_skipped_and_latin1_names_file_and_line(tmp_path):
 
 def test_label_set_covers_all_splits_and_given_labels_are_checked():
     train = [Sentence(["a", "b"], ["B-PER", "O"], 0, "train:1")]
-    test = [Sentence(["c"], ["B-EVENT"], 0, "test:7")]  # a type seen only in test
+    test = [Sentence(["c", "d"], ["O", "B-EVENT"], 0, "test:7")]  # a type seen only in test
     assert label_list({"train": train, "test": test}) == ["O", "B-EVENT", "I-EVENT", "B-PER", "I-PER"]
     assert label_list({"train": train}, given=["O", "B-PER", "I-PER"]) == ["O", "B-PER", "I-PER"]
-    with pytest.raises(ValueError, match=r"test:7: tag 'B-EVENT' is not in data.labels"):
+    with pytest.raises(
+        ValueError, match=r"test:8: tag 'B-EVENT' is not in data.labels"
+    ):  # the tag's own line
         label_list({"train": train, "test": test}, given=["O", "B-PER", "I-PER"])
 
 
@@ -329,6 +351,57 @@ def test_a_column_file_with_a_bad_line_is_an_error_not_plain_text(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConllFormatError, match=r"typo.conll:10: expected"):
         read_input(path)
+    with pytest.raises(ConllFormatError, match=r"typo.conll:10: expected"):
+        read_input(path, LABELS)
+
+
+LABELS = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]  # a checkpoint's
+
+
+@pytest.mark.parametrize(
+    "text, as_columns",  # what input_format=conll says of it
+    [
+        ("Traffic was slow on I-95\n", r":1: tag 'I-95' is not of the checkpoint's labels"),
+        ("For details, contact our office by E-mail.\n", r":1: tag 'E-mail\.' is not of the checkpoint's"),
+        ("The B-52 flew over Paris in S-shape\n", r":1: tag 'S-shape' is not of the checkpoint's"),
+        # several lines: was refused with a column count error
+        ("Flying the B-52\nwas fun today\n", r":2: expected a tag .* got 'today'"),
+    ],
+)
+def test_plain_text_whose_last_word_looks_like_a_tag_is_read_as_text(tmp_path, text, as_columns):
+    from imagen.cli.sample_ner import read_input
+
+    path = tmp_path / "plain.txt"
+    path.write_text(text)
+    sentences, gold, texts, spans = read_input(path, LABELS)
+    assert not gold and texts == text.splitlines()  # every line whole, no gold tags
+    words = [[t[a:b] for a, b in sp] for t, sp in zip(texts, spans, strict=True)]
+    assert [s.tokens for s in sentences] == words and len(words[0]) > 1
+    assert read_input(path, LABELS, "text")[1:] == (gold, texts, spans)
+    with pytest.raises(ConllFormatError, match=r"plain\.txt" + as_columns):
+        read_input(path, LABELS, "conll")
+
+
+def test_input_format_chooses_how_a_file_is_read(tmp_path):
+    from imagen.cli.sample_ner import read_input
+
+    conll = tmp_path / "gold.conll"
+    conll.write_text("EU NNP B-ORG\nrejects VBZ O\n\nPeter NNP S-PER\n")
+    for input_format in ("auto", "conll"):
+        sentences, gold, texts, _ = read_input(conll, LABELS, input_format)
+        assert gold and texts == ["EU rejects", "Peter"] and sentences[1].tags == ["B-PER"]
+    sentences, gold, texts, _ = read_input(conll, LABELS, "text")  # the columns are words of the text
+    assert not gold and texts == ["EU NNP B-ORG", "rejects VBZ O", "Peter NNP S-PER"]
+    wnut = tmp_path / "wnut.conll"
+    wnut.write_text("@paul O\nloves O\nNew B-location\n")  # types this checkpoint does not know
+    with pytest.raises(ConllFormatError, match=r"wnut.conll:3: tag 'B-location' is not of the checkpoint's"):
+        read_input(wnut, LABELS, "conll")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("Anna\nWarsaw\n")  # one token per line without tags
+    assert [s.tokens for s in read_input(tokens, LABELS, "conll")[0]] == [["Anna", "Warsaw"]]
+    assert [s.tokens for s in read_input(tokens, LABELS)[0]] == [["Anna"], ["Warsaw"]]  # auto: a list
+    with pytest.raises(ValueError, match=r"input_format='tsv' is unknown"):
+        read_input(tokens, LABELS, "tsv")
 
 
 @pytest.mark.parametrize("kind", ["generic", "roberta"])

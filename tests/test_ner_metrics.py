@@ -34,6 +34,29 @@ def test_entity_scores_equal_hand_computation():
     assert strict["f1"] == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
 
 
+@pytest.mark.parametrize(
+    "mode, listed",
+    [
+        ("conlleval", [("Paris", "LOC"), ("Anna Bolt", "PER"), ("Rome", "LOC")]),
+        ("strict", [("Anna Bolt", "PER"), ("Rome", "LOC")]),  # the I-LOC after O is no entity
+    ],
+)
+def test_listed_entities_are_those_the_scoring_mode_counts(mode, listed):
+    from imagen.cli.sample_ner import entities_of, words_of
+
+    text = "Paris : Anna Bolt left Rome"
+    tags = ["I-LOC", "O", "B-PER", "I-PER", "O", "B-LOC"]
+    _, spans = words_of(text)
+    found = entities_of(text, spans, tags, [0.5, 1.0, 0.9, 0.7, 1.0, 0.6], mode)
+    assert [(e["text"], e["type"]) for e in found] == listed
+    assert all(text[e["start"] : e["end"]] == e["text"] for e in found)
+    assert found[-2]["score"] == pytest.approx(0.8)  # the mean of its words' probabilities
+    # as many as the F1 of that mode counts (each entity scored against itself)
+    assert entity_report([tags], [tags], mode)["micro avg"]["support"] == len(listed)
+    with pytest.raises(ValueError, match="scoring mode 'iob' is unknown"):
+        entities_of(text, spans, tags, [1.0] * 6, "iob")
+
+
 def test_token_report_matches_the_flattened_tags():
     report = token_report(GOLD, PRED, labels=["O", "B-LOC", "I-LOC", "B-ORG", "B-PER", "I-PER"])
     # flattened: gold  B-PER I-PER O B-LOC B-ORG O     B-LOC I-LOC

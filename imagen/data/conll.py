@@ -42,6 +42,7 @@ DOCSTART = "-DOCSTART-"
 SCHEMES = ("auto", "iob1", "iob2", "iobes")
 IGNORE = -100  # label of positions that carry no loss (torch's cross-entropy ignore_index)
 _TAG = re.compile(r"^(O|[BIES]-\S+)$")
+_SPACES = re.compile(" +")
 
 
 class ConllFormatError(ValueError):
@@ -74,18 +75,29 @@ def fixture_dir(name: str = "conll_tiny") -> str:
 # -- reading ------------------------------------------------------------------------------------------------------
 
 
+def split_columns(line: str) -> list[str]:
+    """The columns of a line of a column file ([] for a blank one): split at tabs if the line has one (a token may
+    hold spaces), else at runs of ASCII spaces. Other spaces (U+00A0 no-break space, ...) are part of a column.
+    Leading spaces and trailing spaces and tabs are dropped: a line that starts with a tab has an empty token."""
+    line = line.rstrip("\r\n").lstrip(" ").rstrip(" \t")
+    if not line:
+        return []
+    return [field.strip(" ") for field in line.split("\t")] if "\t" in line else _SPACES.split(line)
+
+
 def read_conll(path: str | Path, scheme: str = "auto") -> list[Sentence]:
     """Sentences of a CoNLL-style file, tags converted to IOB2 (see `to_iob2`).
 
-    The file is UTF-8 (a byte order mark is allowed). Raises `ConllFormatError` naming `file:line` for a line that
-    is not UTF-8, without a token and a tag, with a column count different from the file's first line, or whose
-    last column is not a tag (O, B-X, I-X, E-X, S-X).
+    The file is UTF-8 (a byte order mark is allowed); columns are split as `split_columns` does. Raises
+    `ConllFormatError` naming `file:line` for a line that is not UTF-8, without a token and a tag, with an empty
+    token, with a column count different from the file's first line (named too), or whose last column is not a
+    tag (O, B-X, I-X, E-X, S-X).
     """
     path = Path(path)
     sentences: list[Sentence] = []
     tokens: list[str] = []
     tags: list[str] = []
-    document, start, columns = 0, 0, None
+    document, start, columns, columns_line = 0, 0, None, 0
 
     def end_sentence() -> None:
         if tokens:
@@ -96,31 +108,32 @@ def read_conll(path: str | Path, scheme: str = "auto") -> list[Sentence]:
     with open(path, "rb") as f:  # decoded line by line (\n, \r\n or \r), so that an error names its line
         for number, raw in enumerate(f.read().splitlines(), 1):
             try:
-                line = raw.decode("utf-8-sig").rstrip()  # a BOM would make '-DOCSTART-' a token
+                line = raw.decode("utf-8-sig")  # a BOM would make '-DOCSTART-' a token
             except UnicodeDecodeError as e:
                 raise ConllEncodingError(
                     f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start} of the line); convert the file, "
                     "e.g. `iconv -f latin1 -t utf-8` for the Latin-1 CoNLL-2002/2003 releases"
                 ) from None
-            if not line:
+            fields = split_columns(line)
+            if not fields:
                 end_sentence()
                 continue
-            # tab-separated files may hold tokens with spaces; otherwise any whitespace separates columns
-            fields = line.split("\t") if "\t" in line else line.split()
             if fields[0] == DOCSTART:
                 end_sentence()
                 document += 1 if sentences else 0
                 continue
             where = f"{path}:{number}"
+            if not fields[0]:
+                raise ConllFormatError(f"{where}: the token (first column) is empty: {line!r}")
             if len(fields) < 2:
                 raise ConllFormatError(
                     f"{where}: expected 'TOKEN [...] TAG' (at least 2 columns), got {line!r}"
                 )
             if columns is None:
-                columns = len(fields)
+                columns, columns_line = len(fields), number
             elif len(fields) != columns:
                 raise ConllFormatError(
-                    f"{where}: expected {columns} columns like the lines above, got {len(fields)}: {line!r}"
+                    f"{where}: expected {columns} columns like line {columns_line}, got {len(fields)}: {line!r}"
                 )
             check_tag(fields[-1], where, "in the last column")
             if not tokens:
@@ -241,9 +254,11 @@ def label_list(splits: dict[str, list[Sentence]], given: Sequence[str] | None = 
         known = set(given)
         for sentences in splits.values():
             for s in sentences:
-                for tag in s.tags:
+                for word, tag in enumerate(s.tags):
                     if tag not in known:
-                        raise ValueError(f"{s.origin}: tag {tag!r} is not in data.labels={list(given)}")
+                        raise ValueError(
+                            f"{word_origin(s, word)}: tag {tag!r} is not in data.labels={list(given)}"
+                        )
         return list(given)
     types = sorted(
         {tag[2:] for sentences in splits.values() for s in sentences for tag in s.tags if tag != "O"}
