@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -651,6 +653,26 @@ def test_reranking_with_seeds_draws_each_images_plain_sample_as_its_first_candid
     # and an image's candidates do not depend on the other prompts
     alone, _, _ = stage._sample_candidates(prompts[1:], 3, settings, seeds=seeds[1:])
     assert torch.equal(alone, candidates[3:])
+
+
+def test_the_matching_scale_is_capped_in_the_weight_after_each_step_not_in_the_forward_pass(joint_ckpt):
+    from lightning.pytorch import LightningModule
+
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    net = stage.image_text
+    with torch.no_grad():
+        net.logit_scale.fill_(
+            4.7
+        )  # above log(100): a forward cap would pass no gradient, and it would stay there
+    image, text = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    net.matching_loss(image, text).backward()
+    assert net.logit_scale.grad.abs() > 0
+    with mock.patch.object(LightningModule, "optimizer_step") as step:
+        stage.optimizer_step(0, 0, None, None)
+    step.assert_called_once()
+    assert net.logit_scale.item() == pytest.approx(
+        math.log(100)
+    ) and net.matching_scale().item() == pytest.approx(100)
 
 
 def test_judge_acc_takes_each_prompt_s_first_candidate_and_the_reranked_figure_its_best(

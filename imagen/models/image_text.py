@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -91,6 +92,9 @@ def contrastive_loss(
     if negative_text is not None:
         image_to_text = torch.cat([logits, logit_scale * image @ negative_text.t()], dim=1)  # (B, B + M)
     return 0.5 * (F.cross_entropy(image_to_text, labels) + F.cross_entropy(logits.t(), labels))
+
+
+MAX_LOGIT_SCALE = math.log(100.0)
 
 
 class ImageTextNet(nn.Module):
@@ -181,8 +185,14 @@ class ImageTextNet(nn.Module):
         return contrastive_loss(image, text, self.matching_scale(), negative_text)
 
     def matching_scale(self) -> torch.Tensor:
-        """The learned inverse temperature of embedding cosines (CLIP's), at most 100."""
-        return self.logit_scale.clamp(max=4.6052).exp()
+        """The learned inverse temperature of embedding cosines (CLIP's), at most 100 (`clamp_logit_scale_`)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Cap the inverse temperature at 100 in the weight itself, after each optimizer step, as CLIP does: a cap
+        in the forward pass would pass no gradient above it, and the weight could never come back down."""
+        self.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
 
     # -- caption decoder ------------------------------------------------------------------------------------------
 

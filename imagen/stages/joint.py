@@ -375,6 +375,10 @@ class JointStage(ARGeneratorStage):
         self.log_dict({f"train/loss_{name}": value for name, value in losses.items()}, batch_size=b)
         return loss
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.image_text.clamp_logit_scale_()  # before the weight average (a callback) reads it
+
     # -- reranking ----------------------------------------------------------------------------------------------------
 
     def _untrained_scorer(self) -> str | None:
