@@ -114,6 +114,41 @@ def test_hard_negative_captions_enter_only_the_image_to_text_half_of_the_contras
     assert contrastive_loss(image, text, torch.tensor(100.0), text) > 0.5 * np.log(2)
 
 
+def test_pairs_of_a_batch_that_match_are_left_out_of_the_contrastive_negatives():
+    from imagen.models.image_text import contrastive_loss
+
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(4, 8), dim=-1)
+    image[2] = image[0]  # item 2 repeats item 0's scene and caption
+    text, scale, labels = image.clone(), torch.tensor(100.0), torch.arange(4)
+    also_true = torch.eye(4, dtype=torch.bool)
+    also_true[0, 2] = also_true[2, 0] = True
+    # pushed apart, the two copies hold the loss at log 2 for their rows; left out, it goes to 0
+    assert contrastive_loss(image, text, scale) > 0.5 * np.log(2) - 1e-3
+    assert contrastive_loss(image, text, scale, also_true=also_true) < 1e-3
+    logits = (scale * image @ text.t()).masked_fill(
+        also_true & ~torch.eye(4, dtype=torch.bool), float("-inf")
+    )
+    expected = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    torch.testing.assert_close(contrastive_loss(image, text, scale, also_true=also_true), expected)
+
+
+def test_the_pairs_that_match_come_from_the_scenes_shown_or_from_equal_captions(joint_ckpt):
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    left = Scene((ShapeObject("red", "circle", "small", "left"),))
+    right = Scene((ShapeObject("red", "circle", "small", "right"),))
+    shown = {"index": torch.tensor([0, 1, 2]), "mirrored": torch.tensor([False, True, False])}
+    with mock.patch.object(JointStage, "_scenes", lambda self, split, index: [left, left, right]):
+        # item 1 shows the mirror image of `left`, which is `right`, as item 2 does
+        pairs = stage._pairs_that_match(shown, ["", "", ""])
+    assert pairs.tolist() == [[True, False, False], [False, True, True], [False, True, True]]
+    # without scenes (real data): equal captions
+    captions = ["a dog", "a cat", "a dog"]
+    with mock.patch.object(JointStage, "_scenes", return_value=None):  # a datamodule without scenes
+        pairs = stage._pairs_that_match({"index": torch.tensor([5, 6, 7])}, captions)
+    assert pairs.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
+
+
 def test_recall_at_k_is_exact_on_a_constructed_case():
     # query q's relevant item is ranked 1st, 3rd, 7th, or absent (similarity falls with the item index)
     similarity = torch.linspace(1, 0, 10).repeat(4, 1)  # (4 queries, 10 items)

@@ -141,7 +141,8 @@ class ShapesDataset(Dataset):
         scene, paraphrases = s.scenes[index], s.captions[index]
         image = torch.from_numpy(s.images[index]).permute(2, 0, 1).float().div(127.5).sub(1.0)
         target = torch.from_numpy(s.targets[index])
-        if self.hflip[index] and self._mirror(index, item_seed):
+        mirrored = bool(self.hflip[index]) and self._mirror(index, item_seed)
+        if mirrored:
             scene = scene.mirrored()
             paraphrases = scene.captions()
             image = image.flip(-1)
@@ -159,6 +160,7 @@ class ShapesDataset(Dataset):
             "target": target,
             "heldout": bool(s.heldout[index]),
             "index": index,
+            "mirrored": mirrored,  # the image and caption show the mirror image of scene `index`
         }
         if self.hard_negatives is not None:
             item["negative_caption"] = self.negative_caption(scene, index, item_seed)

@@ -83,10 +83,16 @@ def contrastive_loss(
     text: torch.Tensor,
     logit_scale: torch.Tensor,
     negative_text: torch.Tensor | None = None,
+    also_true: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP) over normalized embeddings (B, E): row i of each is the other's positive.
-    `negative_text` (M, E): further captions each image is contrasted with (hard negatives, as in NegCLIP)."""
-    logits = logit_scale * image @ text.t()  # (B, B)
+    `negative_text` (M, E): further captions each image is contrasted with (hard negatives, as in NegCLIP).
+    `also_true` (B, B) bool, [image i, caption j]: other pairs of the batch that match (a repeated scene, a caption
+    true of another image too); they are left out of the negatives, not pushed apart."""
+    logits = logit_scale * image @ text.t()  # (B, B): [image i, caption j]
+    if also_true is not None:
+        also_true = also_true & ~torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(also_true.to(logits.device), float("-inf"))
     labels = torch.arange(image.shape[0], device=image.device)
     image_to_text = logits
     if negative_text is not None:
@@ -180,9 +186,13 @@ class ImageTextNet(nn.Module):
         return (self.text_embedding(states, mask) * image).sum(-1)
 
     def matching_loss(
-        self, image: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        negative_text: torch.Tensor | None = None,
+        also_true: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return contrastive_loss(image, text, self.matching_scale(), negative_text)
+        return contrastive_loss(image, text, self.matching_scale(), negative_text, also_true)
 
     def matching_scale(self) -> torch.Tensor:
         """The learned inverse temperature of embedding cosines (CLIP's), at most 100 (`clamp_logit_scale_`)."""

@@ -368,12 +368,27 @@ class JointStage(ARGeneratorStage):
                 self.image_text.image_embedding(features),
                 self.image_text.text_embedding(states, text.mask),
                 negative,
+                self._pairs_that_match(batch, captions),
             )
         loss = sum(getattr(w, name) * value for name, value in losses.items())
         b = tokens.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log_dict({f"train/loss_{name}": value for name, value in losses.items()}, batch_size=b)
         return loss
+
+    def _pairs_that_match(self, batch: dict, captions: list[str]) -> torch.Tensor:
+        """(B, B) bool, [image i, caption j]: the pairs of a training batch whose caption is true of the image: by
+        the scenes' objects where the data has them (shapes), else by equal captions."""
+        scenes = self._scenes("train", batch["index"]) if "index" in batch else None
+        if scenes is not None:
+            if "mirrored" in batch:  # data.train_hflip: the items shown
+                scenes = [
+                    s.mirrored() if m else s for s, m in zip(scenes, batch["mirrored"].tolist(), strict=True)
+                ]
+            return scene_relevance(scenes).t()  # scene_relevance is [caption, image]
+        ids = {caption: i for i, caption in enumerate(captions)}
+        first = torch.tensor([ids[caption] for caption in captions])  # equal captions share an id
+        return first[:, None] == first[None, :]
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
