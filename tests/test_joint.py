@@ -160,6 +160,15 @@ def test_recall_at_k_is_exact_on_a_constructed_case():
     assert recall_at_k(similarity, relevant, (4, 5)) == {4: 0.5, 5: 0.75}
 
 
+def test_recall_at_k_counts_ties_and_nan_against_the_query():
+    # every score tied: the relevant item ranks behind all the others wherever it sits in the list
+    similarity, relevant = torch.zeros(3, 3), torch.eye(3, dtype=torch.bool)
+    assert recall_at_k(similarity, relevant, (1, 2, 3)) == {1: 0.0, 2: 0.0, 3: 1.0}
+    # one irrelevant item tied with the relevant one; one NaN among the irrelevant; the relevant one NaN
+    similarity = torch.tensor([[0.9, 0.9, 0.1], [float("nan"), 0.8, 0.1], [0.2, 0.3, float("nan")]])
+    assert recall_at_k(similarity, relevant, (1, 2)) == {1: 0.0, 2: pytest.approx(2 / 3)}
+
+
 def test_retrieval_metrics_rank_both_directions():
     text = torch.eye(3)
     image = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])  # images 1 and 2 swapped against their captions

@@ -12,16 +12,19 @@ def recall_at_k(
 ) -> dict[int, float]:
     """Fraction of queries with a relevant item among their K most similar.
 
-    similarity (Q, D) query-by-item scores; relevant (Q, D) bool. K larger than D counts all items.
+    similarity (Q, D) query-by-item scores; relevant (Q, D) bool. K larger than D counts all items. Ties count
+    against the query: its best relevant item ranks behind every irrelevant one scoring as high (or NaN), and a
+    NaN score of its own is a miss.
     """
     if similarity.shape != relevant.shape:
         raise ValueError(f"similarity {tuple(similarity.shape)} and relevant {tuple(relevant.shape)} differ")
-    order = similarity.argsort(dim=1, descending=True)  # (Q, D)
-    hits = relevant.gather(1, order.to(relevant.device))  # (Q, D): relevance in rank order
-    first_hit = torch.where(
-        hits.any(1), hits.float().argmax(1), torch.full_like(hits[:, 0], -1, dtype=torch.long)
-    )
-    return {k: ((first_hit >= 0) & (first_hit < k)).float().mean().item() for k in ks}
+    relevant = relevant.to(similarity.device)
+    best = (
+        similarity.masked_fill(~relevant, float("-inf")).max(1).values
+    )  # (Q,): the best relevant item's score
+    ahead = (((similarity >= best[:, None]) | similarity.isnan()) & ~relevant).sum(1)  # (Q,) irrelevant items
+    found = relevant.any(1) & ~best.isnan()
+    return {k: (found & (ahead < k)).float().mean().item() for k in ks}
 
 
 def retrieval_metrics(
