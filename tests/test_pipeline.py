@@ -98,6 +98,51 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
     assert "resuming from" not in caplog.text
 
 
+def test_a_failed_variant_never_costs_the_finished_stage_and_switching_back_reuses_it(
+    make_cfg, tmp_path, caplog
+):
+    from unittest import mock
+
+    root, first = tmp_path / "quickstart", {"autoencoder": tiny_stages()["autoencoder"]}
+    variant = {"autoencoder": [*first["autoencoder"], "seed=7"]}
+    train(quickstart_cfg(make_cfg, tmp_path, first))
+    finished_ckpt = (root / "autoencoder" / "checkpoints" / "last.ckpt").read_bytes()
+    # a variant refused by the config checks moves nothing
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        train(
+            quickstart_cfg(
+                make_cfg, tmp_path, {"autoencoder": [*variant["autoencoder"], "trainer.max_steps=1.5"]}
+            )
+        )
+    assert not (root / "autoencoder.previous").exists()
+    # a variant that fails before its first checkpoint (a GPU missing, a crash in setup) leaves a stub behind ...
+    with (
+        mock.patch("imagen.cli.train.train", side_effect=RuntimeError("no GPU")),
+        pytest.raises(RuntimeError),
+    ):
+        train(quickstart_cfg(make_cfg, tmp_path, variant))
+    # ... which neither replaces the finished run nor makes the first command train again
+    with caplog.at_level(logging.INFO, logger="imagen"):
+        _, objects = train(quickstart_cfg(make_cfg, tmp_path, first))
+    assert [r["reused"] for r in objects["rows"]] == [True]
+    assert (root / "autoencoder" / "checkpoints" / "last.ckpt").read_bytes() == finished_ckpt
+    # the variant trains (the first run moved aside), and the first command brings that run back
+    train(quickstart_cfg(make_cfg, tmp_path, variant))
+    _, objects = train(quickstart_cfg(make_cfg, tmp_path, first))
+    assert [r["reused"] for r in objects["rows"]] == [True]
+    assert (root / "autoencoder" / "checkpoints" / "last.ckpt").read_bytes() == finished_ckpt
+    assert yaml.safe_load((root / "autoencoder.previous" / STAGE_RECORD).read_text())["finished"]
+    # an interrupted stage of the same settings resumes, except under pipeline.reuse=false, which starts afresh
+    record_file = root / "autoencoder" / STAGE_RECORD
+    record_file.write_text(yaml.safe_dump({**yaml.safe_load(record_file.read_text()), "finished": False}))
+    cfg = quickstart_cfg(make_cfg, tmp_path, first)
+    cfg.pipeline.reuse = False
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="imagen"):
+        _, objects = train(cfg)
+    assert [r["reused"] for r in objects["rows"]] == [False] and "resuming from" not in caplog.text
+
+
 def test_a_stage_cannot_use_a_later_one(make_cfg, tmp_path):
     stages = tiny_stages()
     stages = {"joint": stages["joint"], "autoencoder": stages["autoencoder"]}

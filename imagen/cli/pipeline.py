@@ -32,6 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from imagen.checkpoints import checkpoint_sha256
+from imagen.cli.checks import check_train_config
 
 log = logging.getLogger("imagen")
 
@@ -130,18 +131,49 @@ def finished(run_dir: Path, overrides: list[str], digest: str, inputs: dict[str,
     )
 
 
-def prepare_run_dir(run_dir: Path, overrides: list[str], digest: str, inputs: dict[str, str]) -> None:
-    """A stage interrupted with the same settings continues in its directory (its checkpoints resume it); a
-    directory from other settings or inputs, or a finished run (`pipeline.reuse=false`), is moved aside to
-    `<stage>.previous` rather than mixed with, or resumed by, the new run."""
+def previous_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".previous")
+
+
+def restore_previous(run_dir: Path, overrides: list[str], digest: str, inputs: dict[str, str]) -> bool:
+    """Bring back a run of these settings that finished and was moved aside to `<stage>.previous` by a run of other
+    settings (swapped with the stage's directory, which takes its place); whether there was one."""
+    previous = previous_dir(run_dir)
+    if finished(run_dir, overrides, digest, inputs) or not finished(previous, overrides, digest, inputs):
+        return False
+    swap = run_dir.with_name(run_dir.name + ".swap")
+    if swap.exists():
+        shutil.rmtree(swap)
+    if run_dir.exists():
+        run_dir.rename(swap)
+    previous.rename(run_dir)
+    if swap.exists():
+        swap.rename(previous)
+    log.info(f"pipeline: {previous} held this stage finished with these settings; it is back in {run_dir}")
+    return True
+
+
+def prepare_run_dir(
+    run_dir: Path, overrides: list[str], digest: str, inputs: dict[str, str], fresh: bool = False
+) -> None:
+    """A stage interrupted with the same settings continues in its directory (its checkpoints resume it), unless
+    `fresh` (`pipeline.reuse=false`); a directory from other settings or inputs, or a finished run, is moved aside
+    to `<stage>.previous` rather than mixed with, or resumed by, the new run. A directory without a checkpoint (an
+    attempt that failed before its first save) is deleted instead, so it never replaces the run kept there."""
     record = read_record(run_dir)
-    resumable = same_settings(record, overrides, digest, inputs) and not record.get("finished", False)
+    resumable = (
+        not fresh and same_settings(record, overrides, digest, inputs) and not record.get("finished", False)
+    )
     if run_dir.exists() and any(run_dir.iterdir()) and not resumable:
-        previous = run_dir.with_name(run_dir.name + ".previous")
-        if previous.exists():
-            shutil.rmtree(previous)
-        run_dir.rename(previous)
-        log.info(f"pipeline: {run_dir} held a finished run or one of other settings; moved to {previous}")
+        if not any((run_dir / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(run_dir)
+            log.info(f"pipeline: {run_dir} held no checkpoint (an attempt that stopped early); deleted it")
+        else:
+            previous = previous_dir(run_dir)
+            if previous.exists():
+                shutil.rmtree(previous)
+            run_dir.rename(previous)
+            log.info(f"pipeline: {run_dir} held a finished run or one of other settings; moved to {previous}")
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"overrides": overrides, "settings": digest, "inputs": inputs, "finished": False}
     (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
@@ -259,6 +291,8 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             if labels:
                 stage_cfg = compose(config_name="train", overrides=[*overrides, *labels])
         inputs = upstream_checkpoints(cfg, name, checkpoints)
+        if cfg.pipeline.reuse:
+            restore_previous(run_dir, overrides, digest, inputs)
         reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest, inputs)
         start = time.time()
         if reused:
@@ -269,9 +303,10 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             seconds = read_record(run_dir)["seconds"]
         else:
             log.info(f"pipeline: stage {name} -> {run_dir}")
-            prepare_run_dir(run_dir, overrides, digest, inputs)
             if is_pipeline(stage_cfg):
                 raise ValueError(f"pipeline.stages.{name} must select a stage's experiment (experiment=NAME)")
+            check_train_config(stage_cfg)  # before anything in the stage's directory moves
+            prepare_run_dir(run_dir, overrides, digest, inputs, fresh=not cfg.pipeline.reuse)
             stage_metrics, stage_objects = train(stage_cfg)
             objects[name] = stage_objects
             if stage_objects.get("preempted"):  # its checkpoint is saved; the same command resumes it
