@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +44,34 @@ def checkpoint_sha256(path: str | Path) -> str:
     return file_sha256(path / EXPORT_WEIGHTS if path.is_dir() else path)
 
 
+# torch's weights-only unpickler refusing a global the file names: not allowlisted, or from a blocked module (`os`)
+DISALLOWED_GLOBAL = re.compile(
+    r"GLOBAL (\S+) (?:was not an allowed global by default|whose module \S+ is blocked)"
+)
+
+
+def weights_only_error(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler met, without the advice it wraps it in (to load with full unpickling)."""
+    message = str(error).split("Check the documentation of torch.load")[0]
+    _, found, reason = message.rpartition("WeightsUnpickler error:")
+    return reason.strip() if found else message.strip().splitlines()[0]
+
+
+def _torch_load(path: Path, mmap: bool, weights_only: bool) -> dict[str, Any]:
+    """`torch.load` onto the CPU; a truncated or corrupt file is a `CheckpointError` naming it (an unpickling error
+    is left to the caller)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    # LookupError: the weights-only unpickler's stack and memo, read from random bytes
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, LookupError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
+    # torch's zip reader meets some truncations as EINVAL, naming no file; others are I/O
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
+
+
 def read_checkpoint(path: str | Path, trust: bool = False, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint onto the CPU without executing code from it.
 
@@ -66,23 +95,24 @@ def read_checkpoint(path: str | Path, trust: bool = False, mmap: bool = False) -
     # only torch.save's zip format maps; an older or corrupt file is read whole
     mmap = mmap and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _torch_load(path, mmap, weights_only=True)
     except pickle.UnpicklingError as e:
+        # the one refusal a sound file meets: a global (a class or function to call) outside torch's allowlist
+        refused = DISALLOWED_GLOBAL.search(str(e))
+        if refused is None:
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt: {weights_only_error(e)}"
+            ) from None
         if not trust:
             raise CheckpointError(
-                f"checkpoint {path} holds Python objects that only full unpickling can load, and unpickling can "
-                f"run code; refusing it. If you trust its source, pass the trust flag (trust_checkpoint=true). "
-                f"({str(e).splitlines()[0]})"
+                f"checkpoint {path} holds Python objects that only full unpickling can load ({refused[1]}), and "
+                f"unpickling can run code; refusing it. If you trust its source, pass the trust flag "
+                f"(trust_checkpoint=true)."
             ) from None
-        log.warning(f"loading {path} with full unpickling (trusted by the caller)")
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
-    except (
-        OSError
-    ) as e:  # torch's zip reader meets some truncations as EINVAL, naming no file; others are I/O
-        if e.errno != errno.EINVAL:
-            raise
+    log.warning(f"loading {path} with full unpickling (trusted by the caller)")
+    try:
+        return _torch_load(path, mmap, weights_only=False)
+    except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
@@ -41,6 +42,28 @@ def test_truncated_and_missing_checkpoints_name_the_file(tmp_path):
     assert str(path) in str(e.value)
     with pytest.raises(CheckpointError, match="no such file"):
         read_checkpoint(tmp_path / "nope.ckpt")
+
+
+# torch's weights-only unpickler fails on these with UnpicklingError, IndexError, KeyError
+@pytest.mark.parametrize("seed", [0, 2, 20])
+def test_random_bytes_are_corrupt_not_a_file_to_trust(tmp_path, seed):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(random.Random(seed).randbytes(4096))  # not a zip: torch reads it as a legacy pickle
+    for trust in (False, True):
+        with pytest.raises(CheckpointError, match="is truncated or corrupt") as e:
+            read_checkpoint(path, trust=trust)
+        message = str(e.value)
+        assert str(path) in message and "trust_checkpoint" not in message and "weights_only" not in message
+
+
+def test_a_trusted_file_that_fails_to_unpickle_is_corrupt(tmp_path):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"cpathlib\nPath\n\xff" + bytes(100))  # a global, then garbage
+    with pytest.raises(CheckpointError, match=r"\(pathlib.Path\), and unpickling can run code; refusing it"):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match="is truncated or corrupt: invalid load key") as e:
+        read_checkpoint(path, trust=True)
+    assert str(path) in str(e.value)
 
 
 def file_mapped_at(address: int) -> str | None:

@@ -4,6 +4,7 @@ checkpoints of another stage or config fail with the mismatched keys."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import stat
 from pathlib import Path
@@ -51,6 +52,17 @@ def test_auto_resume_reads_a_trusted_checkpoint_only_when_told(tmp_path, evil_ck
     assert find_resume_checkpoint(tmp_path / "run") is None and not marker.exists()
     found, checkpoint = find_resume_checkpoint(tmp_path / "run", trust=True)  # trust_checkpoint=true
     assert found.name == "last.ckpt" and checkpoint["imagen"]["stage"] == "ar_generator" and marker.exists()
+
+
+def test_auto_resume_falls_back_past_a_corrupt_file_trusted_or_not(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({"global_step": 3, "state_dict": {}}, checkpoints / "step_000003.ckpt")
+    os.utime(checkpoints / "step_000003.ckpt", ns=(1, 1))  # older than last.ckpt
+    (checkpoints / "last.ckpt").write_bytes(random.Random(0).randbytes(4096))  # a disk error: not even a zip
+    for trust in (False, True):
+        found, checkpoint = find_resume_checkpoint(tmp_path / "run", trust=trust)
+        assert found == checkpoints / "step_000003.ckpt" and checkpoint["global_step"] == 3
 
 
 @pytest.mark.parametrize("stage", ["autoencoder", "generator"])
