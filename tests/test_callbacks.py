@@ -1,4 +1,5 @@
-"""The EMA callback: which weights validation, checkpoints and the end of training see, and its frozen modules."""
+"""The EMA callback: which weights validation, checkpoints and the end of training see, and its frozen modules
+(under bf16 too); and the precision a run picks on its machine (`imagen.precision`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from imagen.callbacks import EMAWeights
 from imagen.callbacks.checkpoint import LastAndBestCheckpoint
 from imagen.checkpoints import read_checkpoint
+from tests.conftest import TINY_SHAPES
+from tests.test_train import TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,8 +126,10 @@ def test_frozen_modules_are_shared_with_the_average_not_copied(tmp_path):
     ema = fit(
         resumed, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt", max_steps=7, limit_val_batches=0
     )
-    assert torch.equal(ema._average_model.module.trained.weight, resumed.raw[-1])  # the final swap
-    assert torch.equal(resumed.trained.weight, torch.lerp(expected_average(module.raw), resumed.raw[-1], 0.5))
+    assert torch.equal(resumed.start[0], module.raw[-1])  # training goes on from the raw weights
+    average = torch.lerp(expected_average(module.raw), resumed.raw[-1], 0.5)
+    assert torch.equal(resumed.trained.weight, average)
+    assert torch.equal(ema._average_model.module.trained.weight, average)  # copied in, not swapped with it
     assert resumed.frozen.count.item() == BIG and ema._average_model.module.frozen is resumed.frozen
 
 
@@ -134,10 +139,11 @@ def test_integer_buffers_of_trained_modules_are_copied_not_averaged(tmp_path):
     module.trained.register_buffer("steps", torch.tensor(0))
     module.on_train_batch_end = lambda *args: module.trained.steps.add_(1)  # a count the module keeps
     ema = fit(module, tmp_path, ema_args={"decay": 0.9995}, max_steps=6, val_check_interval=3)
-    average, raw = module.trained, ema._average_model.module.trained  # swapped at the end of training
-    assert average.levels.tolist() == raw.levels.tolist() == [8, 6, 5]
+    average, raw = module.trained, read_checkpoint(tmp_path / "last.ckpt")["current_model_state"]
+    assert average.levels.tolist() == raw["trained.levels"].tolist() == [8, 6, 5]
+    assert ema._average_model.module.trained.levels.tolist() == [8, 6, 5]
     # the average took the count at its last update, before the module's hook counted the 6th step
-    assert (average.steps.item(), raw.steps.item()) == (5, 6)
+    assert (average.steps.item(), raw["trained.steps"].item()) == (5, 6)
 
 
 def test_a_finished_run_run_again_is_tested_on_the_average(tmp_path):
@@ -173,6 +179,69 @@ def test_a_validation_after_fit_sees_the_average(tmp_path):
     assert torch.equal(module.weight(), expected_average(module.raw))  # and it stays in the module
 
 
+def test_under_bf16_true_the_average_stays_float32_and_validation_does_not_round_it(tmp_path):
+    # the module is cast to bf16 after the average is copied from it; a swap with the module for validation
+    # would round the average to bf16
+    module = TwoLayers()
+    ema = fit(module, tmp_path, max_steps=5, val_check_interval=3, precision="bf16-true")
+    assert module.raw[0].dtype == torch.bfloat16
+    raw = [weight.float() for weight in module.raw]
+    at_validation = expected_average(raw[:3])
+    assert not torch.equal(at_validation, at_validation.bfloat16().float())  # bf16 would round it
+    assert torch.equal(module.seen["validation_step"], at_validation.bfloat16())
+    saved = read_checkpoint(tmp_path / "step_000003.ckpt")  # written after the validation
+    assert torch.equal(saved["state_dict"]["trained.weight"], at_validation)
+    assert torch.equal(saved["current_model_state"]["trained.weight"], module.raw[2])
+    average = ema._average_model.module.trained.weight
+    assert average.dtype == torch.float32 and torch.equal(average, expected_average(raw))
+    # training ends with the average in the module; last.ckpt keeps it in float32, and the raw weights
+    assert torch.equal(module.trained.weight, expected_average(raw).bfloat16())
+    saved = read_checkpoint(tmp_path / "last.ckpt")
+    assert torch.equal(saved["state_dict"]["trained.weight"], expected_average(raw))
+    assert torch.equal(saved["current_model_state"]["trained.weight"], module.raw[-1])
+
+
+def test_the_generator_trains_under_bf16_true_with_its_ema(make_cfg, tiny_autoencoder_ckpt):  # noqa: F811
+    from imagen.cli.train import train
+
+    # shapes_generator keeps an EMA by default; the tiny data has no judge, so the checkpoint watches the likelihood
+    cfg = make_cfg(["experiment=shapes_generator", *TINY_SHAPES, *TINY_GENERATOR,
+                    f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}", "trainer.precision=bf16-true",
+                    "trainer.max_steps=3", "trainer.val_check_interval=2", "test=false", "logger=csv",
+                    "callbacks.model_checkpoint.monitor=val/nll_bits", "callbacks.model_checkpoint.mode=min"])  # fmt: skip
+    _, objects = train(cfg)
+    [ema] = [c for c in objects["trainer"].callbacks if isinstance(c, EMAWeights)]
+    net, average = objects["model"].net, ema._average_model.module.net
+    assert objects["trainer"].global_step == 3 and int(ema._average_model.n_averaged) == 3
+    assert "val/nll_bits" in objects["trainer"].callback_metrics  # a validation ran, on the average
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in average.parameters()} == {torch.float32}
+    # training ends with the average in the module
+    assert all(
+        torch.equal(p, a.bfloat16()) for p, a in zip(net.parameters(), average.parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(("major", "expected"), [(7, "32-true"), (8, "bf16-mixed")])
+def test_auto_precision_takes_bf16_only_where_the_gpu_computes_in_it(monkeypatch, major, expected):
+    """A V100 (sm_70) or a T4 (sm_75) emulates bf16, slower than float32; Ampere (sm_80) and later compute in it."""
+    from types import SimpleNamespace
+
+    from imagen.precision import auto_precision
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major, minor=0)
+    )
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    assert auto_precision() == auto_precision("gpu") == expected
+    # on a GPU host, a run on the CPU (trainer=cpu, the debug modes) takes the CPU's precision
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert auto_precision("cpu") == "32-true"
+
+
 @pytest.mark.parametrize("own_signal", [True, False])
 def test_preemption_under_slurm_hands_the_requeue_signal_to_lightnings_requeue(own_signal):
     """With SLURM auto-requeue, the warning before the time limit goes to Lightning's handler (hpc_ckpt_N.ckpt, then
@@ -195,6 +264,7 @@ def test_preemption_under_slurm_hands_the_requeue_signal_to_lightnings_requeue(o
         _accelerator_connector=SimpleNamespace(cluster_environment=environment),
         _signal_connector=SimpleNamespace(_slurm_sigusr_handler_fn=lambda signum, frame: handed.append(signum)),
         global_step=7, limit_val_batches=1.0, should_stop=False,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: False)),  # at a step
     )  # fmt: skip
     callback = Preemption(signals=["SIGUSR2", "SIGTERM"])
     callback.received = signal.SIGUSR2 if own_signal else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -16,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from imagen.callbacks.fault import NonFiniteError, NonFiniteGuard, grads_are_finite
 from imagen.checkpoints import read_checkpoint
@@ -142,6 +144,45 @@ def test_with_accumulation_a_step_is_judged_on_all_its_micro_batches(tmp_path, n
     assert (guard.total, guard.consecutive, guard.first_bad_step) == (1, 0, 1)
     assert torch.equal(module.raw[3], module.start[2]), "step 1 left the weights as they were"
     assert not torch.equal(module.raw[5], module.start[4])
+
+
+class OverflowingUnderFloat16(TwoLayers):
+    """A loss whose gradients overflow float16 until the scale is down to 2**8 (the scaler starts at 2**16, and
+    halves it on each overflow): the first 8 steps overflow, as a float16 run's first steps do. The loss of batch
+    `nan_batch` is NaN, with finite gradients."""
+
+    def __init__(self, fused: bool, nan_batch: int):
+        super().__init__()
+        self.fused, self.nan_batch = fused, nan_batch
+
+    def training_step(self, batch, batch_idx):
+        loss = 40 * self.trained(self.frozen(batch[0])).float().sum()
+        return loss + float("nan") if batch_idx == self.nan_batch else loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.trained.parameters(), lr=1e-3, fused=self.fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_under_a_grad_scaler_overflowing_gradients_are_left_to_it(tmp_path, fused):
+    # the guard counted the scaler's routine overflow steps (5 in a row stopped the run) and dropped their gradients,
+    # so that a fused optimizer's scaler found nothing to check ("No inf checks were recorded prior to update")
+    torch.manual_seed(0)
+    module = OverflowingUnderFloat16(fused, nan_batch=10)
+    guard = NonFiniteGuard(max_consecutive=5)
+    scaler = torch.amp.GradScaler("cpu")  # CUDA's, on the CPU
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=4)
+    trainer = pl.Trainer(max_steps=12, callbacks=[guard], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+                         default_root_dir=tmp_path, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, data)
+    assert trainer.global_step == 12
+    assert scaler.get_scale() <= 2**8, "the scaler saw the overflow and lowered its scale"
+    assert torch.equal(module.raw[7], module.start[0]), "the scaler skipped the overflowing steps"
+    assert not torch.equal(module.raw[9], module.start[8]), "the steps after them trained"
+    # a non-finite loss is still the guard's: counted, and its step skipped
+    assert (guard.total, guard.first_bad_step) == (1, 10)
+    assert torch.equal(module.raw[10], module.start[10])
 
 
 class NaNWeightOnRank1(Callback):
@@ -282,6 +323,30 @@ class SignalAtStep(Callback):
         os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class SignalInLastValidation(Callback):
+    """Sends this process SIGUSR1 in the validation after the last training step."""
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.global_step == trainer.max_steps:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_signal_in_the_last_validation_leaves_a_finished_run_tested(make_cfg, tmp_path):
+    # the run counted as stopped by the signal, though it had trained every step: no test, no metrics.json, and a
+    # rerun (nothing left to train) wrote only the test's figures
+    run = tmp_path / "run"
+    overrides = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "logger=csv",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.image_logger=null",
+                 "+callbacks.signal._target_=tests.test_faults.SignalInLastValidation"]  # fmt: skip
+    metrics, objects = train(make_cfg(overrides, run_dir=run))
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert (run / "metrics.json").is_file(), "the finished run was not tested"
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert {"train/loss", "val/psnr", "test/psnr"} <= recorded.keys()
+    assert recorded["test/psnr"] == metrics["test/psnr"]
+    assert objects.get("signalled") and not objects.get("preempted")  # for `main`
+
+
 def set_hydra_job(cfg, mode, launcher: str) -> None:
     """Make `cfg`'s Hydra config that of a job run in `mode` (a RunMode) by `launcher` (its `_target_`)."""
     from hydra.core.hydra_config import HydraConfig
@@ -345,6 +410,31 @@ def test_a_requeued_run_ends_its_process_without_a_result(make_cfg, tmp_path):
         with pytest.raises(SystemExit) as raised:  # a pipeline's stage too
             end_stopped_run(cfg, {"preempted": True, "stages": {"autoencoder": {"requeued": True}}})
         assert raised.value.code == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "launcher", "ends_sweep"),
+    [("RUN", BASIC_LAUNCHER, False), ("MULTIRUN", SUBMITIT_LAUNCHER, False), ("MULTIRUN", BASIC_LAUNCHER, True)],
+)  # fmt: skip
+def test_what_main_makes_of_a_run_a_signal_reached_after_training(
+    make_cfg, tmp_path, monkeypatch, caplog, mode, launcher, ends_sweep
+):
+    # finished and tested, it returns its metric; a local multirun still ends with it, its next job would run in the
+    # time the signal left
+    from hydra.types import RunMode
+
+    import imagen.cli.train as train_module
+
+    cfg = make_cfg(["optimized_metric=val/psnr"], run_dir=tmp_path / "run")
+    set_hydra_job(cfg, RunMode[mode], launcher)
+    monkeypatch.setattr(train_module, "train", lambda cfg: ({"val/psnr": 21.5}, {"signalled": True}))
+    if not ends_sweep:
+        assert train_module.main(cfg) == 21.5
+        return
+    with pytest.raises(SystemExit) as raised:
+        train_module.main(cfg)
+    assert raised.value.code == 1
+    assert f"To resume it in its directory: python {sys.argv[0]} " in caplog.text
 
 
 def test_a_signal_ends_a_local_multirun_with_the_command_that_resumes_it(tmp_path):

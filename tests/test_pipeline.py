@@ -143,6 +143,20 @@ def test_a_failed_variant_never_costs_the_finished_stage_and_switching_back_reus
     assert [r["reused"] for r in objects["rows"]] == [False] and "resuming from" not in caplog.text
 
 
+def test_a_signal_as_a_stage_finishes_keeps_the_next_stage_from_starting(make_cfg, tmp_path):
+    stages = tiny_stages()
+    stages["autoencoder"] = [*stages["autoencoder"], "callbacks.image_logger=null",
+                             "+callbacks.signal._target_=tests.test_faults.SignalInLastValidation"]  # fmt: skip
+    _, objects = train(quickstart_cfg(make_cfg, tmp_path, stages))
+    assert objects.get("preempted") and list(objects["stages"]) == ["autoencoder"]
+    root = tmp_path / "quickstart"
+    assert yaml.safe_load((root / "autoencoder" / STAGE_RECORD).read_text())["finished"]
+    assert not (root / "joint").exists()
+    # the same command goes on: the finished stage is reused, the next one trains
+    _, objects = train(quickstart_cfg(make_cfg, tmp_path, stages))
+    assert [r["reused"] for r in objects["rows"]] == [True, False]
+
+
 def test_a_stage_cannot_use_a_later_one(make_cfg, tmp_path):
     stages = tiny_stages()
     stages = {"joint": stages["joint"], "autoencoder": stages["autoencoder"]}

@@ -9,6 +9,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 
+def mid_accumulation(trainer: pl.Trainer) -> bool:
+    """Whether the batch now ending only accumulates gradients (`accumulate_grad_batches` > 1): the optimizer steps
+    with a later one. A checkpoint written now would hold neither the accumulated gradients nor a way to redo them
+    (its loop counts the micro-batches done), so a resume from it would not continue the run exactly."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 class LastAndBestCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint` with `save_last` meaning what users read it as: `last.ckpt` holds the weights
     of the newest save point (every validation, and the end of training) whether or not the monitored metric
@@ -23,6 +30,9 @@ class LastAndBestCheckpoint(ModelCheckpoint):
     Lightning 2.6 put scheduled saves off until the first validation when a monitor is set (a run validating every
     5000 steps kept nothing before), ignored `train_time_interval` under manual optimization, and a scheduled save
     at a validation's step kept that validation from choosing its top-k checkpoint.
+
+    With gradient accumulation a scheduled save falls at the end of an optimizer step: a `train_time_interval` save
+    that falls due in the middle of one waits for its last micro-batch (Lightning's saved there).
     """
 
     _last_saved_step: int | None = None
@@ -36,7 +46,14 @@ class LastAndBestCheckpoint(ModelCheckpoint):
                 "callbacks.model_checkpoint.save_last='link' is not supported; use true (a file)"
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_saved_step = trainer.global_step  # a resumed run's checkpoint holds this step already
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        # the same on every rank: a save that falls due waits for the step's last micro-batch
+        if mid_accumulation(trainer):
+            return
         due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
         if self._train_time_interval is not None:
             now = time.monotonic()

@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from imagen.callbacks.checkpoint import mid_accumulation
+
 log = logging.getLogger(__name__)
 
 
@@ -139,6 +141,20 @@ def grads_are_finite(optimizer: torch.optim.Optimizer) -> bool:
     return bool(torch.stack(sums).isfinite().all()) if sums else True
 
 
+def skip_optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Make the coming `optimizer.step()` (through `scaler`, if any) leave the weights and moments untouched."""
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        # a fused optimizer, which the scaler unscales in its step: it checks the gradients there (and fails on a
+        # step without any); non-finite ones make it skip the step
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return
+    # torch optimizers pass over parameters without a gradient; a scaler unscaled (and checked) them already
+    optimizer.zero_grad(set_to_none=True)
+
+
 class NonFiniteError(RuntimeError):
     """Training stopped after too many consecutive non-finite steps."""
 
@@ -152,6 +168,10 @@ class NonFiniteGuard(Callback):
     stop, a checkpoint of the weights from before the fault is written next to the others. Under DDP the decision
     is taken jointly, so every rank skips, counts and stops at the same steps. With gradient accumulation a step is
     skipped when the loss of any of its micro-batches was not finite, and counted once.
+
+    Under a gradient scaler (`trainer.precision=16-mixed`) inf/NaN gradients are left to it: they are its routine
+    overflow, on which it skips the step itself and lowers its scale, and are not counted. A non-finite loss still
+    is, and its step is skipped.
     """
 
     def __init__(self, max_consecutive: int = 5):
@@ -181,11 +201,12 @@ class NonFiniteGuard(Callback):
             self._bad_loss = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        bad = self._bad_loss or not grads_are_finite(optimizer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        bad = self._bad_loss or (scaler is None and not grads_are_finite(optimizer))
         self._bad_loss = False
         self._stepped = True
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
-            optimizer.zero_grad(set_to_none=True)  # torch optimizers pass over parameters without a gradient
+            skip_optimizer_step(optimizer, scaler)
             self._skipped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -241,15 +262,17 @@ def write_last_checkpoint(trainer: pl.Trainer) -> str:
 
 class Preemption(Callback):
     """On one of `signals` (SIGUSR1: SLURM's warning before the time limit; SIGTERM: preemption, `scancel`), write
-    a checkpoint at the end of the current batch and stop training cleanly, without the validation Lightning runs
-    before a stop.
+    a checkpoint at the end of the current optimizer step and stop training cleanly, without the validation Lightning
+    runs before a stop.
 
     The signal only sets a flag; the checkpoint is written between batches, never in the middle of an optimizer
-    step. Under SLURM with auto-requeue (conf/hydra/launcher/slurm.yaml) the environment's requeue signal (SIGUSR1,
+    step: with gradient accumulation, after the step's last micro-batch (at most `accumulate_grad_batches` batches
+    on). Under SLURM with auto-requeue (conf/hydra/launcher/slurm.yaml) the environment's requeue signal (SIGUSR1,
     which the launcher asks SLURM to send) is then handed to Lightning's own requeue handler (it writes
     `hpc_ckpt_N.ckpt` and requeues the job; `requeued` is then true, and `main` ends the process without a result,
     so that submitit collects the requeued attempt's); elsewhere `last.ckpt` is written. Rerunning the same command
-    resumes from it (`ckpt_path=auto`).
+    resumes from it (`ckpt_path=auto`). A signal that comes after the last training batch (in the last validation)
+    stops nothing, training being over: `stopped_at_step` stays None (`received` is set).
     """
 
     def __init__(self, signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGTERM")):
@@ -261,7 +284,7 @@ class Preemption(Callback):
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        log.warning(f"received {signal.Signals(signum).name}: checkpoint at the end of this batch, then stop")
+        log.warning(f"received {signal.Signals(signum).name}: checkpoint at the end of this step, then stop")
         self.received = signum
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -280,6 +303,9 @@ class Preemption(Callback):
         self.on_train_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the same on every rank: the checkpoint waits for the step's last micro-batch
+        if mid_accumulation(trainer):
+            return
         # the highest signal number any rank received (SIGTERM over SIGUSR1): every rank takes the same way out
         received = torch.tensor(int(self.received or 0), device=trainer.strategy.root_device)
         signum = int(trainer.strategy.reduce(received, reduce_op="max"))

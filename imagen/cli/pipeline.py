@@ -323,6 +323,12 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 "seconds": round(seconds, 1),
             }
             (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
+            if stage_objects.get("signalled") and name != list(cfg.pipeline.stages)[-1]:
+                # the signal came in the stage's last validation: it is finished, and the next stage does not start
+                log.info(
+                    f"pipeline: a signal came as stage {name} finished; run the same command again to go on"
+                )
+                return metrics, {"rows": rows, "grid": None, "stages": objects, "cfg": cfg, "preempted": True}
         checkpoints[name] = str(run_dir / "checkpoints" / "last.ckpt")
         rows.append({"stage": name, "seconds": seconds, "reused": reused, "metrics": stage_metrics})
         # `test/psnr` from the autoencoder, `test/judge_acc` from the generator, ...: a later stage wins a clash

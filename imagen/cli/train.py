@@ -98,7 +98,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     ckpt_path, restored_step = resolve_ckpt_path(cfg) if cfg.train else (None, None)
     if ckpt_path is not None and cfg.ckpt_path == "auto":
-        check_resume_settings(cfg, output_dir, ckpt_path)
+        check_resume_settings(cfg, output_dir, ckpt_path, restored_step)
     # a fresh start in a used directory logs a new W&B run; the launching process decides, before any rank reads it
     launcher = pl.utilities.rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
     fresh_start = cfg.train and ckpt_path is None and launcher
@@ -164,7 +164,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         preemption = next(
             (c for c in callbacks if isinstance(c, Preemption) and c.received is not None), None
         )
-        if preemption is not None:
+        if preemption is not None and preemption.stopped_at_step is None:
+            # the signal came after the last training batch (in the last validation): training is over, and the run
+            # is tested; `main` honours the signal once its metrics are written
+            objects["signalled"] = True
+            log.info("received a signal after the last training step: the run is finished, and tested now")
+        elif preemption is not None:
             objects["preempted"] = True
             objects["requeued"] = preemption.requeued
             log.info(
@@ -264,11 +269,32 @@ def end_stopped_run(cfg: DictConfig, objects: dict) -> None:
     )
 
 
+def end_signalled_run() -> None:
+    """What `main` does with a run that a signal reached after its last training step (in its last validation): it
+    is finished, tested and its metrics written, so `main` returns its metric; but a job of a multirun under Hydra's
+    basic launcher ends the sweep (status 1), as in `end_stopped_run`: its next jobs would run in the time the signal
+    left."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or hydra_cfg.launcher.get("_target_") != BASIC_LAUNCHER:
+        return
+    sweep_dir = Path(hydra_cfg.runtime.cwd) / hydra_cfg.sweep.dir
+    log.error(
+        "a signal came in this job's last validation: the job finished, and the sweep ends with it. To resume it in "
+        f"its directory: {resume_command('hydra.sweep.dir', sweep_dir)}"
+    )
+    raise SystemExit(1)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train as configured; returns the value of `optimized_metric` to a sweeper (`end_stopped_run`: a run that a
-    signal stopped). A value that is not finite is an error, the trial's failure (a NaN would end an Optuna 2.x
-    study, see `end_stopped_run`)."""
+    signal stopped; `end_signalled_run`: one it reached after training). A value that is not finite is an error, the
+    trial's failure (a NaN would end an Optuna 2.x study, see `end_stopped_run`)."""
     import math
 
     metrics, objects = train(cfg)
@@ -280,6 +306,8 @@ def main(cfg: DictConfig) -> float | None:
             f"optimized_metric={cfg.optimized_metric} is {value}: training diverged (run directory "
             f"{cfg.paths.output_dir}); lower model.optimizer.lr"
         )
+    if any(stage.get("signalled") for stage in [objects, *objects.get("stages", {}).values()]):
+        end_signalled_run()
     return value
 
 
