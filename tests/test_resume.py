@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -10,13 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
+from imagen.callbacks.checkpoint import LastAndBestCheckpoint
+from imagen.callbacks.fault import Preemption
 from imagen.checkpoints import read_checkpoint
 from imagen.cli.checks import ConfigError
 from imagen.cli.train import train
+from imagen.data.resumable import ResumableLoader
 from tests.conftest import REPO, TINY_SHAPES
+from tests.test_callbacks import TwoLayers
 
 # The public interface of the kill test (the issue's command) ...
 KILL_RUN = [
@@ -147,6 +153,87 @@ def test_a_killed_ddp_run_resumes_within_its_epoch_to_bit_identical_weights(tmp_
     assert not different, f"weights differ after resume: {different}"
 
 
+# -- gradient accumulation: checkpoints fall at the end of an optimizer step -----------------------------------------
+
+
+class Killed(RuntimeError):
+    """A SIGKILL, in this process."""
+
+
+class Interrupt(pl.Callback):
+    """At the start of the run's batch `batch` (counted over its attempts), stops the process (`Killed`) or, with
+    `signum`, sends it that signal."""
+
+    def __init__(self, batch: int, signum: int | None = None):
+        self.batch, self.signum = batch, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.epoch_loop.batch_progress.total.processed != self.batch:
+            return
+        if self.signum is None:
+            raise Killed
+        os.kill(os.getpid(), self.signum)
+
+
+class SavePoints(pl.Callback):
+    """The (global step, batches done) of each checkpoint written; with `slow_batch`, that batch takes 0.5 s."""
+
+    def __init__(self, slow_batch: int | None = None):
+        self.slow_batch, self.points = slow_batch, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.epoch_loop.batch_progress.total.processed == self.slow_batch:
+            time.sleep(0.5)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.points.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.total.processed))
+
+
+def fit_accumulating(
+    directory: Path, max_steps: int, ckpt_path=None, callbacks=(), **checkpoint_args
+) -> TwoLayers:
+    """Train with 2 batches to a step (16 batches an epoch), `last.ckpt` in `directory`; returns the module."""
+    torch.manual_seed(0)
+    data = ResumableLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=4, seed=0)
+    checkpoints = LastAndBestCheckpoint(dirpath=directory, save_last=True, **checkpoint_args)
+    trainer = pl.Trainer(callbacks=[*callbacks, checkpoints], accumulate_grad_batches=2, max_steps=max_steps,
+                         limit_val_batches=0, deterministic=True, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    module = TwoLayers()
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("interruption", ["kill after a resume", "signal"])
+def test_with_accumulation_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, interruption):
+    # the first batch after a resume (the first of step 2's two) wrote `last.ckpt` again, and a signal wrote it at
+    # once: in the middle of a step, without its accumulated gradient, its micro-batch counted as done
+    every_2_steps = {"every_n_train_steps": 2, "save_top_k": 1}
+    expected = fit_accumulating(tmp_path / "reference", 4, **every_2_steps).weight()
+    run = tmp_path / "run"
+    if interruption == "signal":  # in batch 2, the first of step 1's
+        stop = Preemption(signals=["SIGUSR1"])
+        fit_accumulating(run, 4, callbacks=[stop, Interrupt(2, signal.SIGUSR1)], **every_2_steps)
+        assert stop.stopped_at_step == 2, "the checkpoint waits for the step's end"
+    else:
+        fit_accumulating(run, 2, **every_2_steps)
+        with pytest.raises(Killed):  # after batch 4, the first of step 2's
+            fit_accumulating(run, 4, run / "last.ckpt", [Interrupt(5)], **every_2_steps)
+    assert read_checkpoint(run / "last.ckpt")["global_step"] == 2
+    resumed = fit_accumulating(tmp_path / "resumed", 4, run / "last.ckpt", **every_2_steps).weight()
+    assert torch.equal(resumed, expected)
+
+
+def test_with_accumulation_a_timed_checkpoint_waits_for_the_end_of_the_step(tmp_path):
+    # the interval runs out in batch 2, the first of step 1's two: the save was written right after it
+    saves = SavePoints(slow_batch=2)
+    fit_accumulating(
+        tmp_path, 3, callbacks=[saves], save_top_k=0, train_time_interval=datetime.timedelta(seconds=0.3)
+    )
+    assert (2, 4) in saves.points, "the save due in step 1 is written at its end"
+    assert all(batches == 2 * step for step, batches in saves.points), saves.points
+
+
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     run = tmp_path / "run"
@@ -220,6 +307,34 @@ def test_auto_resume_refuses_a_run_directory_trained_with_other_settings(make_cf
     )
     train(make_cfg([*overrides, "trainer.max_steps=4", "model.optimizer.lr=0.004"], run_dir=run))
     assert read_checkpoint(last)["global_step"] == 4
+    # how it trains counts too: a sweep over trainer settings, and a shorter run than the one held
+    for changed, message in (("trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed \\(was \\$"),
+                             ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 \\(was 1\\)"),
+                             ("trainer.max_steps=3", "is at step 4, past trainer.max_steps=3")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            train(
+                make_cfg(
+                    [*overrides, "trainer.max_steps=4", "model.optimizer.lr=0.004", changed], run_dir=run
+                )
+            )
+    assert read_checkpoint(last)["global_step"] == 4
+
+
+def test_auto_resume_of_a_run_recorded_before_its_trainer_settings_were(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    overrides = ["experiment=shapes_autoencoder", *TINY_SHAPES, "model.net.size=tiny", "test=false", "logger=csv",
+                 "trainer.val_check_interval=100"]  # fmt: skip
+    train(make_cfg([*overrides, "trainer.max_steps=2"], run_dir=run))
+    record = run / "run_settings.json"
+    settings = json.loads(record.read_text())
+    assert (
+        settings["trainer.precision"] == "${imagen.auto_precision:${trainer.accelerator}}"
+    )  # as written: the same on another machine
+    record.write_text(
+        json.dumps({k: v for k, v in settings.items() if not k.startswith(("trainer.", "callbacks."))})
+    )
+    train(make_cfg([*overrides, "trainer.max_steps=3", "trainer.precision=bf16-mixed"], run_dir=run))
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
 def test_a_fresh_start_in_a_used_directory_keeps_the_earlier_tensorboard_run_apart(make_cfg, tmp_path):

@@ -68,21 +68,31 @@ RESUMABLE_CHANGES = ("data.num_workers", "data.pin_memory", "data.persistent_wor
                      "model.caption_decoding", "model.autoencoder_ckpt")  # fmt: skip
 
 
+# the trainer and callback settings that change what a run trains (beside its model, data and seed)
+TRAINING_KEYS = ("trainer.precision", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
+                 "trainer.accumulate_grad_batches", "callbacks.ema")  # fmt: skip
+
+
 def run_settings(cfg: DictConfig) -> dict:
-    """What a run is, flattened to dotted keys: its model, data and seed. Interpolations are left as written: a run
-    extended by `trainer.max_steps` (its LR schedule's length follows) or moved to another machine (`paths`) is the
-    same run."""
+    """What a run is, flattened to dotted keys: its model, data, seed and `TRAINING_KEYS`. Interpolations are left
+    as written: a run extended by `trainer.max_steps` (its LR schedule's length follows) or moved to another
+    machine (`paths`) is the same run."""
 
     def flatten(value, key: str) -> dict:
         if isinstance(value, dict) and value:
             return {k: v for name, item in value.items() for k, v in flatten(item, f"{key}.{name}").items()}
         return {key: value}
 
+    def unresolved(key: str):  # the value at a dotted key as written; None where there is none
+        node = whole
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    whole = OmegaConf.to_container(cfg, resolve=False)
     settings = {"seed": cfg.get("seed")}
-    for group in ("model", "data"):
-        node = cfg.get(group)
-        if node is not None:
-            settings.update(flatten(OmegaConf.to_container(node, resolve=False), group))
+    for key in ("model", "data", *TRAINING_KEYS):
+        settings.update(flatten(unresolved(key), key))
     return settings
 
 
@@ -103,15 +113,27 @@ def record_run_settings(cfg: DictConfig, output_dir: str | Path) -> None:
     write_text_atomic(path, json.dumps(run_settings(cfg), indent=1, sort_keys=True, default=str))
 
 
-def check_resume_settings(cfg: DictConfig, output_dir: str | Path, ckpt_path: str) -> None:
-    """`ckpt_path=auto` resumes a run only with the settings it started with: a run directory reused with others (a
-    sweep run again in the same `hydra.sweep.dir` with other values) would otherwise go on training, or report, what
-    the earlier settings trained. An explicit `ckpt_path` resumes whatever it is given."""
+def check_resume_settings(
+    cfg: DictConfig, output_dir: str | Path, ckpt_path: str, restored_step: int | None = None
+) -> None:
+    """`ckpt_path=auto` resumes a run only with the settings it started with, and only up to `trainer.max_steps`: a
+    run directory reused with others (a sweep run again in the same `hydra.sweep.dir` with other values) would
+    otherwise go on training, or report, what the earlier settings trained. An explicit `ckpt_path` resumes
+    whatever it is given."""
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if restored_step is not None and max_steps is not None and 0 <= max_steps < restored_step:
+        raise ConfigError(
+            f"ckpt_path=auto: {ckpt_path} is at step {restored_step}, past trainer.max_steps={max_steps}: the run "
+            f"directory {output_dir} holds a longer run. Use another run directory (hydra.run.dir / "
+            "hydra.sweep.dir) or start afresh here with ckpt_path=null"
+        )
     path = Path(output_dir) / RUN_SETTINGS
     if not path.is_file():  # a run started before the record was kept
         return
     recorded = trained_settings(json.loads(path.read_text()))
     current = trained_settings(json.loads(json.dumps(run_settings(cfg), default=str)))  # the record's types
+    if not any(k.startswith("trainer.") for k in recorded):  # recorded before TRAINING_KEYS were
+        current = {k: v for k, v in current.items() if not k.startswith(("trainer.", "callbacks."))}
     changed = sorted(
         k for k in recorded.keys() | current.keys() if recorded.get(k, "<unset>") != current.get(k, "<unset>")
     )
