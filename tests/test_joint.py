@@ -709,6 +709,7 @@ def test_the_matching_scale_is_capped_in_the_weight_after_each_step_not_in_the_f
             4.7
         )  # above log(100): a forward cap would pass no gradient, and it would stay there
     image, text = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    assert net.matching_scale().item() == pytest.approx(100)  # read as the cap (an older checkpoint's weight)
     net.matching_loss(image, text).backward()
     assert net.logit_scale.grad.abs() > 0
     with mock.patch.object(LightningModule, "optimizer_step") as step:

@@ -165,7 +165,7 @@ def prepare_run_dir(
         not fresh and same_settings(record, overrides, digest, inputs) and not record.get("finished", False)
     )
     if run_dir.exists() and any(run_dir.iterdir()) and not resumable:
-        if not any((run_dir / "checkpoints").glob("*.ckpt")):
+        if not any(run_dir.rglob("*.ckpt")):  # checkpoints/, and SLURM's hpc_ckpt_N.ckpt beside it
             shutil.rmtree(run_dir)
             log.info(f"pipeline: {run_dir} held no checkpoint (an attempt that stopped early); deleted it")
         else:

@@ -41,12 +41,14 @@ def resolve_device(name: str | int) -> torch.device:
 
 def check_settings(cfg: DictConfig) -> None:
     """The settings of every task, checked before a checkpoint is read; each failure names its key."""
-    expect_number(cfg, "batch_size", int, 1, "e.g. batch_size=16")
-    if cfg.seed is None:
-        raise ConfigError("seed=None must be an integer; e.g. seed=0")
-    expect_number(cfg, "seed", int, 0, "e.g. seed=0")
+    required = {"batch_size": "e.g. batch_size=16", "seed": "e.g. seed=0"}
     if cfg.task == "generate":
-        expect_number(cfg, "n", int, 1, "the images per prompt, e.g. n=4")
+        required["n"] = "the images per prompt, e.g. n=4"
+    for key, fix in required.items():
+        if cfg.get(key) is None:
+            raise ConfigError(f"{key}=None must be an integer; {fix}")
+        expect_number(cfg, key, int, 0 if key == "seed" else 1, fix)
+    if cfg.task == "generate":
         expect_number(cfg, "rerank_candidates", int, 1, "1: no reranking, e.g. rerank_candidates=4")
         if cfg.seed + (cfg.n - 1) * IMAGE_SEED_STRIDE >= 2**63:
             raise ConfigError(f"seed={cfg.seed} is too large for n={cfg.n}: sample s gets seed + s * 2^32, which must "

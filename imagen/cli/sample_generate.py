@@ -130,15 +130,14 @@ def sample_generate(cfg: DictConfig) -> dict:
             batch = jobs[start : start + per_call]
             captions = [caption for _, caption, _ in batch]
             seeds = [cfg.seed + s * IMAGE_SEED_STRIDE for _, _, s in batch]
+            text = stage.encode_text(captions)
             if candidates > 1:
                 tokens, rerank_scores = stage.generate_reranked_tokens(
                     captions, candidates, settings, seeds=torch.tensor(seeds, device=device)
                 )
             else:
-                text = stage.encode_text(captions)
                 tokens = stage.generate_tokens(text, settings, seeds=torch.tensor(seeds, device=device))
                 rerank_scores = [None] * len(batch)
-            text = stage.encode_text(captions)
             pixels = stage.decode_tokens(tokens)
             scores = stage.token_logprob(tokens, text)
             for (p, caption, s), seed, image, score, best in zip(

@@ -161,15 +161,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         if ckpt_path and trainer.global_step == restored_step:
             metrics.update(recorded_metrics(output_dir, ("train/", "val/")))
         metrics.update(tensor_metrics(trainer.callback_metrics))
-        preemption = next(
-            (c for c in callbacks if isinstance(c, Preemption) and c.received is not None), None
+        preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+        # a signal after the last training batch (in the last validation) stopped nothing: training is over, and the
+        # run is tested; `main` honours the signal once its metrics are written. Decided jointly: a signal may reach
+        # some ranks only, and every rank must go the same way
+        late_signal = (
+            preemption is not None
+            and preemption.stopped_at_step is None
+            and trainer.strategy.reduce_boolean_decision(preemption.received is not None, all=False)
         )
-        if preemption is not None and preemption.stopped_at_step is None:
-            # the signal came after the last training batch (in the last validation): training is over, and the run
-            # is tested; `main` honours the signal once its metrics are written
+        if late_signal:
             objects["signalled"] = True
             log.info("received a signal after the last training step: the run is finished, and tested now")
-        elif preemption is not None:
+        elif preemption is not None and preemption.stopped_at_step is not None:
             objects["preempted"] = True
             objects["requeued"] = preemption.requeued
             log.info(

@@ -91,8 +91,10 @@ def contrastive_loss(
     true of another image too); they are left out of the negatives, not pushed apart."""
     logits = logit_scale * image @ text.t()  # (B, B): [image i, caption j]
     if also_true is not None:
-        also_true = also_true & ~torch.eye(len(logits), dtype=torch.bool, device=logits.device)
-        logits = logits.masked_fill(also_true.to(logits.device), float("-inf"))
+        also_true = also_true.to(logits.device) & ~torch.eye(
+            len(logits), dtype=torch.bool, device=logits.device
+        )
+        logits = logits.masked_fill(also_true, float("-inf"))
     labels = torch.arange(image.shape[0], device=image.device)
     image_to_text = logits
     if negative_text is not None:
@@ -195,8 +197,11 @@ class ImageTextNet(nn.Module):
         return contrastive_loss(image, text, self.matching_scale(), negative_text, also_true)
 
     def matching_scale(self) -> torch.Tensor:
-        """The learned inverse temperature of embedding cosines (CLIP's), at most 100 (`clamp_logit_scale_`)."""
-        return self.logit_scale.exp()
+        """The learned inverse temperature of embedding cosines (CLIP's), at most 100. A weight above the cap (an
+        older checkpoint's; within a step of training) is read as the cap, with the gradient passed straight through,
+        and the weight itself is capped after each optimizer step (`clamp_logit_scale_`)."""
+        excess = (self.logit_scale - MAX_LOGIT_SCALE).clamp(min=0).detach()
+        return (self.logit_scale - excess).exp()
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

@@ -200,9 +200,12 @@ def race_noise(
         )
     seeds = seeds.to(device=device, dtype=torch.long)
     low, high = (_as_int32(seeds & 0xFFFFFFFF), _as_int32((seeds >> 32) & 0xFFFFFFFF))
-    keys = lowbias32(lowbias32(lowbias32(high) ^ low) + step)[:, None]  # (B, 1): the image's key at this step
+    # (B, 1) twice: the image's two 32-bit keys at this step, one per half of its seed (one key of both halves
+    # would let two seeds of 2^64 share draws at 2^-32 odds)
+    low_key = lowbias32(lowbias32(low) + step)[:, None]
+    high_key = lowbias32(lowbias32(high ^ 0x2545F491) + step)[:, None]
     token_ids = torch.arange(shape[1], dtype=torch.int32, device=device)
-    bits = lowbias32(lowbias32(token_ids ^ keys) + keys) & 0xFFFFFF  # (B, V), uniform in [0, 2^24)
+    bits = lowbias32(lowbias32(token_ids ^ low_key) + high_key) & 0xFFFFFF  # (B, V), uniform in [0, 2^24)
     return -torch.log((bits.float() + 0.5) * 2**-24)
 
 
