@@ -202,6 +202,10 @@ def test_reranking_the_top_k_reorders_only_them_by_the_second_score():
     assert torch.equal(
         rerank_top_k(similarity, score, k=1).argsort(1), similarity.argsort(1)
     )  # k=1: unchanged
+    # a tie in the second score stays a tie, which recall counts against the query
+    out = rerank_top_k(similarity, lambda queries, items: torch.ones(len(queries)), k=3)
+    assert out[0, 0] == out[0, 1] == out[0, 2] > out[0, 3]
+    assert recall_at_k(out, relevant, (1,)) == {1: 0.0}
 
 
 def test_scene_relevance_follows_what_the_caption_says():

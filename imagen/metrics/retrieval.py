@@ -51,10 +51,16 @@ def rerank_top_k(
     top = similarity.topk(k, dim=1).indices  # (Q, k)
     queries = torch.arange(similarity.shape[0]).repeat_interleave(k)
     new = score(queries, top.flatten()).float().view(-1, k)  # (Q, k)
-    ranked = top.gather(1, new.argsort(dim=1, descending=True))  # (Q, k): best new score first
-    # (k,) values above every similarity: the re-ordered items stay ahead of the row's others
-    above = similarity.max() + torch.arange(k, 0, -1, dtype=similarity.dtype)
-    return similarity.scatter(1, ranked, above.expand(len(similarity), k))
+    new, order = new.sort(dim=1, descending=True)
+    ranked = top.gather(1, order)  # (Q, k): best new score first
+    # values above every similarity, so that the re-ordered items stay ahead of the row's others; equal new scores
+    # get equal values (a tie stays a tie for `recall_at_k`)
+    first_of_tie = torch.cat(
+        [torch.ones_like(new[:, :1], dtype=torch.bool), new[:, 1:] != new[:, :-1]], dim=1
+    )
+    place = first_of_tie.cumsum(1) - 1  # (Q, k): 0 for the best score, 1 for the next distinct one, ...
+    above = similarity.max() + (k - place).to(similarity.dtype)
+    return similarity.scatter(1, ranked, above)
 
 
 def gather_rows(
