@@ -72,6 +72,12 @@ CASES = [
     ),
     (["train=false", "ckpt_path=null"], ConfigError, "train=false test=true needs ckpt_path=PATH"),
     (["train=false", "test=false"], ConfigError, "train=false test=false: nothing to run"),
+    (
+        ["trainer.accumulate_grad_batches=4", "trainer.val_check_interval=6"],
+        ConfigError,
+        "trainer.val_check_interval=6 .training batches. is not a multiple of trainer.accumulate_grad_batches=4.*"
+        r"e.g. trainer.val_check_interval=8",
+    ),
     (["model.init_from=/no/such.ckpt"], ConfigError, "model.init_from=/no/such.ckpt: no such file"),
     (
         ["model.init_from={ner_ckpt}"],

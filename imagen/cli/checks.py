@@ -77,6 +77,18 @@ def _check_checkpointing(cfg: DictConfig) -> None:
     stage = STAGES.get(_target(cfg.model).rsplit(".", 1)[-1])
     if ckpt_path not in (None, "auto") and stage:
         _check_stage_checkpoint(cfg, "ckpt_path", ckpt_path, stage)
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval")
+    if (
+        isinstance(accumulate, int) and accumulate > 1
+        and isinstance(interval, int) and not isinstance(interval, bool) and interval % accumulate
+    ):  # fmt: skip
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} (training batches) is not a multiple of "
+            f"trainer.accumulate_grad_batches={accumulate}: validation, and the checkpoint it writes, would fall in the "
+            f"middle of an optimizer step, which a resume cannot continue exactly; use a multiple, e.g. "
+            f"trainer.val_check_interval={interval + accumulate - interval % accumulate}"
+        )
     if not cfg.get("train", True) and not cfg.get("test", True):
         raise ConfigError("train=false test=false: nothing to run; set train=true, test=true or both")
     if not cfg.get("train", True) and cfg.get("test", True) and ckpt_path is None:
