@@ -130,13 +130,14 @@ def sample_generate(cfg: DictConfig) -> dict:
             batch = jobs[start : start + per_call]
             captions = [caption for _, caption, _ in batch]
             seeds = [cfg.seed + s * IMAGE_SEED_STRIDE for _, _, s in batch]
+            seed_tensor = torch.tensor(seeds, device=device)
             text = stage.encode_text(captions)
             if candidates > 1:
                 tokens, rerank_scores = stage.generate_reranked_tokens(
-                    captions, candidates, settings, seeds=torch.tensor(seeds, device=device)
+                    captions, candidates, settings, seeds=seed_tensor
                 )
             else:
-                tokens = stage.generate_tokens(text, settings, seeds=torch.tensor(seeds, device=device))
+                tokens = stage.generate_tokens(text, settings, seeds=seed_tensor)
                 rerank_scores = [None] * len(batch)
             pixels = stage.decode_tokens(tokens)
             scores = stage.token_logprob(tokens, text)

@@ -64,8 +64,7 @@ class CaptionTokenizer:
 
     def unknown_words(self, caption: str) -> list[str]:
         """The caption's words the vocabulary lacks (each is read as [UNK])."""
-        vocab = self.tokenizer.get_vocab()
-        return [word for word in self.words(caption) if word not in vocab]
+        return [word for word in self.words(caption) if self.tokenizer.token_to_id(word) is None]
 
     def add_words(self, captions: list[str], max_vocab: int) -> list[str]:
         """Add the words of `captions` the vocabulary lacks (new concepts for fine-tuning); returns them."""

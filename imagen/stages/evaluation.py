@@ -50,8 +50,5 @@ def without_sampler_repeats(trainer, batch: dict, batch_idx: int, dataloader_idx
         return batch
     if keep == 0:
         return None
-    cut = {}
-    for key, value in batch.items():
-        sized = isinstance(value, list | tuple) or (isinstance(value, torch.Tensor) and value.ndim > 0)
-        cut[key] = value[:keep] if sized and len(value) == rows else value
-    return cut
+    owned_rows = torch.arange(rows) < keep
+    return {key: _rows(value, owned_rows) for key, value in batch.items()}
