@@ -195,6 +195,14 @@ def test_trns_transparency_is_white():
         assert out.getpixel((0, 0)) == image.convert("RGB").getpixel((0, 0))
 
 
+def test_sixteen_bit_trns_key_is_transparent():
+    values = np.full((4, 4), 1000, dtype=np.uint16)  # the key: 1000/257 rounds to 4, as does 1001
+    values[0, 0] = 1001
+    out = open_image(encoded(Image.fromarray(values), transparency=1000), "x", None)
+    assert out.getpixel((2, 2)) == (255, 255, 255)
+    assert out.getpixel((0, 0)) == (4, 4, 4)
+
+
 def test_max_pixels_replaces_pillow_s_limit(monkeypatch):
     # Pillow's default limit, scaled down: data.max_pixels over it lets 90,000 pixels pass
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)

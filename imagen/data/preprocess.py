@@ -57,8 +57,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # a fixed scale per mode, never one read off the content: a brighter input never comes out darker
         scale = 255.0 if image.mode == "F" else 1 / 257.0  # 65535 -> 255
-        values = np.asarray(image, dtype=np.float32) * scale
-        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L")
+        values = np.asarray(image, dtype=np.float32)
+        gray = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
+        key = image.info.get("transparency")  # a 16-bit tRNS key: matched before the values are scaled down
+        if isinstance(key, int) and image.mode != "F":
+            alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+            gray = Image.merge("LA", (gray, alpha))
+        image = gray
     if "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
