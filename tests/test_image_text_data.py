@@ -110,6 +110,72 @@ def test_one_folder_is_split_into_disjoint_train_val_test(tmp_path):
     assert not (names["train"] & names["val"]) and not (names["train"] & names["test"])
 
 
+def test_holdout_split_is_stable_when_images_are_added_and_never_holds_out_known_bad_records(tmp_path):
+    from imagen.data.bad_samples import BadSample
+    from imagen.data.formats import Record
+    from imagen.data.image_text import holdout_split
+
+    def records(names):
+        return [Record(tmp_path / name, captions=["c"]) for name in names]
+
+    old = holdout_split(records([f"{i:03d}.png" for i in range(200)]), 0.05, 3, tmp_path)
+    names = {s: {r.image.name for r in rs} for s, rs in old.items()}
+    for added in range(1, 30):  # a growing corpus: test never takes an image training saw
+        new = holdout_split(records([f"{i:03d}.png" for i in range(200 + added)]), 0.05, 3, tmp_path)
+        test = {r.image.name for r in new["test"]}
+        assert not test & names["train"], added
+    assert [len(old[s]) for s in ("train", "val", "test")] == [180, 10, 10]
+    # the corpus moved elsewhere: the same split (names under the root, not absolute paths)
+    moved = holdout_split([Record(tmp_path / "x" / r.image.name, captions=["c"]) for r in records(sorted(
+        names["train"] | names["val"] | names["test"]))], 0.05, 3, tmp_path / "x")  # fmt: skip
+    assert {r.image.name for r in moved["test"]} == names["test"]
+    # records known to be bad stay in training, where they are counted when read
+    bad = [Record(tmp_path / f"bad{i}.png", problem=BadSample("missing_caption", f"bad{i}")) for i in range(50)]
+    split = holdout_split(records(["a.png", "b.png", "c.png"]) + bad, 0.3, 0, tmp_path)
+    assert len(split["val"]) == len(split["test"]) == 1 and len(split["train"]) == 51
+    assert all(r.problem is None for r in split["val"] + split["test"])
+    with pytest.raises(ValueError, match="2 samples with an image and a caption are too few"):
+        holdout_split(records(["a.png", "b.png"]) + bad, 0.3, 0, tmp_path)
+
+
+def test_a_missing_or_unreadable_evaluation_split_is_found_before_training(tmp_path):
+    pairs = make_pairs(6)
+    write_image_txt(tmp_path / "split" / "train", pairs[:4])
+    write_image_txt(tmp_path / "split" / "val", pairs[4:])
+    dm = ImageTextDataModule("image_txt", root=str(tmp_path / "split"), image_size=32)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="no test split; .*or train without a test: test=false"):
+        dm.check_split("test")
+    # a held-out split whose only sample does not decode
+    root = write_image_txt(tmp_path / "one", pairs)
+    dm = ImageTextDataModule("image_txt", root=str(root), image_size=32, holdout_fraction=0.1)
+    dm.setup("fit")
+    test = dm.build_dataset("test").records[0].image
+    test.write_bytes(b"")
+    with pytest.raises(TooManyBadSamples, match=rf"data .test split.: .*{test.name}.*fix or replace these files"):
+        dm.check_split("test")
+
+
+def test_fewer_training_samples_than_a_batch_is_refused(tmp_path):
+    root = write_image_txt(tmp_path / "txt", make_pairs(20))
+    dm = ImageTextDataModule("image_txt", root=str(root), image_size=32, holdout_fraction=0.1, batch_size=17)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"data.batch_size=17: the training split has 16 samples"):
+        dm.train_dataloader()
+    dm.hparams.batch_size = 16
+    assert len(dm.train_dataloader()) == 1
+
+
+def test_coco_splits_need_annotations_per_split_when_images_are_per_split(corpora, tmp_path):
+    images, annotations = corpora["coco"]["images"]["train"], corpora["coco"]["annotations"]["train"]
+    dm = ImageTextDataModule("coco", images=every_split(images), annotations=annotations, image_size=32)
+    with pytest.raises(ValueError, match="data.images is a .train, val, test. mapping but data.annotations is one"):
+        dm.setup("fit")
+    dm = ImageTextDataModule("coco", images=str(tmp_path / "nope"), annotations=annotations, image_size=32)
+    with pytest.raises(FileNotFoundError, match=r"data.images=.*nope: no such directory"):
+        dm.setup("fit")
+
+
 def test_imagefolder_rows_of_one_image_are_one_record_in_one_split(tmp_path):
     from imagen.data.formats import index_imagefolder
 

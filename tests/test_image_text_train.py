@@ -117,3 +117,19 @@ def test_too_many_bad_samples_stop_training(tmp_path):
              *TINY_CORPUS, *TINY_AUTOENCODER, "data.bad_check_after=8", *STEPS],
             tmp_path / "run",
         )  # fmt: skip
+
+
+def test_a_run_without_a_test_split_stops_before_training(tmp_path):
+    from imagen.cli.train import train
+    from tests.conftest import compose_config
+
+    pairs = make_pairs(12)
+    write_image_txt(tmp_path / "data" / "train", pairs[:8])
+    write_image_txt(tmp_path / "data" / "val", pairs[8:])
+    overrides = ["experiment=coco_autoencoder", "data=image_txt", f"data.root={tmp_path / 'data'}", *TINY_CORPUS,
+                 *TINY_AUTOENCODER, *STEPS, "logger=csv", "extras.print_config=false"]  # fmt: skip
+    with pytest.raises(ValueError, match="no test split; .*test=false"):
+        train(compose_config(overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    train(compose_config([*overrides, "test=false"], tmp_path / "trained"))  # trains without one
+    assert (tmp_path / "trained" / "checkpoints" / "last.ckpt").is_file()

@@ -9,6 +9,7 @@ samples dropped before them) and `truncated`, which the datamodule takes out in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -333,15 +334,34 @@ def expand_shards(spec: str | list[str], key: str = "data.shards") -> list[str]:
     return urls
 
 
-def holdout_split(records: list[Record], fraction: float, seed: int) -> dict[str, list[Record]]:
-    """Carve val and test (each `fraction` of the records, at least one) out of one list, deterministically."""
-    n = len(records)
+def holdout_split(records: list[Record], fraction: float, seed: int, root: Path) -> dict[str, list[Record]]:
+    """Carve test and val (each `fraction` of the records, at least one) out of one list, deterministically.
+
+    The records are ranked by a hash of `seed` and each file's path under `root`, so a file's place does not depend
+    on the other files: test takes the first k, val the next k. Adding images to the corpus then never moves a
+    training image into test (a test image may move to val, a val image to training). Records already known to be
+    bad (no caption, no image) are never held out: they stay in training, where they are counted when read."""
+    usable = [r for r in records if r.problem is None]
+    n = len(usable)
     k = max(1, round(fraction * n))
     if n < 2 * k + 1:
-        raise ValueError(f"{n} samples are too few to hold out validation and test sets of {k} each")
-    order = np.random.default_rng(seed).permutation(n)
-    pick = lambda idx: [records[i] for i in sorted(idx)]  # noqa: E731
-    return {"val": pick(order[:k]), "test": pick(order[k : 2 * k]), "train": pick(order[2 * k :])}
+        raise ValueError(
+            f"{root}: {n} samples with an image and a caption are too few to hold out validation and test sets of "
+            f"{k} each"
+        )
+
+    def rank(record: Record) -> str:
+        name = record.image.relative_to(root).as_posix() if record.image.is_relative_to(root) else str(record.image)
+        return hashlib.sha256(f"{seed}\0{name}".encode()).hexdigest()
+
+    test, val = set(), set()
+    for i, record in enumerate(sorted(usable, key=rank)[: 2 * k]):
+        (test if i < k else val).add(id(record))
+    return {
+        "val": [r for r in records if id(r) in val],
+        "test": [r for r in records if id(r) in test],
+        "train": [r for r in records if id(r) not in val and id(r) not in test],
+    }
 
 
 class ImageTextDataModule(pl.LightningDataModule):
@@ -429,7 +449,10 @@ class ImageTextDataModule(pl.LightningDataModule):
 
         def index(split_paths: dict[str, tuple]) -> list[Record]:
             if h.format == "coco":
-                return index_coco(Path(split_paths["images"]), Path(split_paths["annotations"]))
+                images = Path(split_paths["images"])
+                if not images.is_dir():
+                    raise FileNotFoundError(f"data.images={images}: no such directory")
+                return index_coco(images, Path(split_paths["annotations"]))
             root = Path(split_paths["root"])
             if not root.is_dir():
                 raise FileNotFoundError(f"data.root={root}: no such directory")
@@ -437,6 +460,13 @@ class ImageTextDataModule(pl.LightningDataModule):
                 return index_imagefolder(root, h.caption_column)
             return index_image_txt(root)
 
+        if h.format == "coco" and isinstance(h.images, dict) and not isinstance(h.annotations, dict):
+            # every split would read the one file's images from its own folder: the same samples, or missing ones
+            raise ValueError(
+                "data.images is a {train, val, test} mapping but data.annotations is one file: give the "
+                "annotations per split too (data.annotations={train: ..., val: ..., test: ...}), or one images "
+                "folder with one file (val and test held out of it)"
+            )
         if not any(isinstance(h[k], dict) for k in required):
             sub = (
                 {s: split_subfolder(Path(h.root), s) for s in SPLITS}
@@ -444,7 +474,8 @@ class ImageTextDataModule(pl.LightningDataModule):
                 else {"train": None}
             )
             if not sub["train"]:  # one folder / one file: hold val and test out of it
-                return holdout_split(index({k: h[k] for k in required}), h.holdout_fraction, h.seed)
+                base = Path(h.images if h.format == "coco" else h.root)
+                return holdout_split(index({k: h[k] for k in required}), h.holdout_fraction, h.seed, base)
             return {s: index({"root": sub[s]}) for s in SPLITS if sub[s]}
         per_split = {s: {k: split_value(h[k], s) for k in required} for s in SPLITS}
         return {
@@ -510,14 +541,27 @@ class ImageTextDataModule(pl.LightningDataModule):
         if split not in self._all_records:
             keys = {"coco": "data.images / data.annotations"}.get(h.format, "data.root")
             raise ValueError(f"data={h.format}: no {split} split; give its path in {keys} (a {{train, val, test}} "
-                             f"mapping) or a {split}/ subfolder")  # fmt: skip
+                             f"mapping) or a {split}/ subfolder" + (", or train without a test: test=false"
+                                                                    if split == "test" else ""))  # fmt: skip
         return RecordDataset(self._all_records[split], self.preprocess(split), h.bad_samples)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
         for split in wanted:
-            if split not in self.datasets:
-                self.datasets[split] = self.build_dataset(split)
+            self.check_split(split)
+
+    def check_split(self, split: str) -> None:
+        """Build `split`'s dataset (kept for `setup`) and, for an evaluation split of files, read until its first good
+        sample: a split that is missing, or whose every sample is bad, stops the run before training rather than at
+        its first validation or its test (`train.py` checks the test split this way when the run will test)."""
+        if split not in self.datasets:
+            self.datasets[split] = self.build_dataset(split)
+        dataset = self.datasets[split]
+        if split != "train" and isinstance(dataset, RecordDataset):
+            try:
+                dataset[0]  # usually one read; the bad samples before a good one are counted when evaluation reads them
+            except TooManyBadSamples as e:
+                raise TooManyBadSamples(f"data ({split} split): {e}; fix or replace these files") from None
 
     def train_captions(self) -> list[str]:
         """Up to `tokenizer_captions` cleaned training captions (every caption of a sample), for training a
@@ -564,6 +608,14 @@ class ImageTextDataModule(pl.LightningDataModule):
         if workers > 0 and h.prefetch_factor:
             settings["prefetch_factor"] = h.prefetch_factor
         if split == "train" and not isinstance(dataset, IterableDataset):
+            # the loader drops the last partial batch: with fewer samples than a batch, nothing would train
+            world = self.trainer.world_size if self.trainer is not None else 1
+            if len(dataset) // world < h.batch_size:
+                raise ValueError(
+                    f"data.batch_size={h.batch_size}: the training split has {len(dataset)} samples "
+                    f"({len(dataset) // world} per process on {world}), too few for one batch (a last partial "
+                    "batch is dropped); lower data.batch_size"
+                )
             # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything), and each
             # item's random crop and caption from its item seed: a resumed run draws what an uninterrupted one does
             return ResumableLoader(
