@@ -516,6 +516,38 @@ def test_too_many_bad_samples_stop():
         tracker.update([("corrupt_image", f"{i}.png") for i in range(2)], good=12)
 
 
+def test_the_bad_fraction_stop_is_decided_on_every_process_s_training_reads(tmp_path):
+    import types
+
+    from imagen.data.image_text import BAD_CHECK_EVERY
+
+    def rank_with(other: tuple[int, int]) -> ImageTextDataModule:
+        """This rank's datamodule under a 2-process trainer whose other rank read `other` (bad, good)."""
+        strategy = types.SimpleNamespace(reduce=lambda t, reduce_op: t + torch.tensor(other),
+                                         root_device=torch.device("cpu"))  # fmt: skip
+        dm = ImageTextDataModule("image_txt", root=every_split("unused"), max_bad_fraction=0.3, bad_check_after=10)
+        dm.trainer = types.SimpleNamespace(world_size=2, training=True, testing=False, current_epoch=0,
+                                           strategy=strategy)  # fmt: skip
+        return dm
+
+    def train_batches(dm: ImageTextDataModule, good: int) -> None:
+        for i in range(BAD_CHECK_EVERY):  # batches of `good` good samples and one bad
+            dm.on_before_batch_transfer({"caption": ["c"] * good, "bad": [("empty_file", f"{i}.png")]}, 0)
+
+    train_batches(rank_with(other=(0, 200)), good=1)  # 20 of 40 bad here, 20 of 240 in all: goes on
+    with pytest.raises(TooManyBadSamples, match=r"data.max_bad_fraction=0.3.*This process: 20 bad"):
+        train_batches(rank_with(other=(60, 20)), good=4)  # 20 of 100 here, 80 of 180 in all: stops
+    # evaluation reads are counted apart and stop nothing, however bad
+    dm = rank_with(other=(0, 0))
+    dm.trainer.training = False
+    dm.trainer.testing = True
+    for _ in range(30):
+        dm.on_before_batch_transfer({"caption": [], "bad": [("corrupt_image", "x.jpg")]}, 0)
+    assert dm.bad.bad == 0 and dm.bad_eval["test"].bad == 30 and dm.bad_eval["test"].examples == {
+        "corrupt_image": ["x.jpg"]  # a file read again is named once
+    }
+
+
 def _report_bad_samples_in_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import types
 
@@ -572,6 +604,19 @@ def test_webdataset_split_over_two_ranks_and_workers(tmp_path, monkeypatch):
     assert sorted(n.rsplit(":", 1)[1] for n in all_names) == sorted(f"{p.stem}.png" for p in pairs)
     shards_of = {rank: {n.rsplit(":", 1)[0] for n in names} for rank, names in seen.items()}
     assert shards_of[0].isdisjoint(shards_of[1]) and len(shards_of[0]) == len(shards_of[1]) == 4
+
+
+def test_a_stream_read_once_per_epoch_is_refused_for_training_on_several_processes(tmp_path):
+    from types import SimpleNamespace
+
+    shards = write_shards(tmp_path / "wds", make_pairs(12, size=(8, 8)), per_shard=2)
+    dm = ImageTextDataModule("webdataset", shards=shard_spec(shards), image_size=8, resampled=False, batch_size=2)
+    dm.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="data.resampled=false with 2 processes: .* data.resampled=true"):
+        dm.train_dataloader()
+    dm.val_dataloader()  # evaluation reads every shard on every process: fine
+    dm.trainer = SimpleNamespace(world_size=1)
+    assert sum(len(batch["caption"]) for batch in dm.train_dataloader()) == 8  # 4 training shards of 2
 
 
 def test_resampled_training_stream_has_the_epoch_length(tmp_path, monkeypatch):

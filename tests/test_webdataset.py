@@ -71,7 +71,10 @@ def test_every_rank_writes_the_bad_samples_it_skipped(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     dm = ImageTextDataModule("webdataset", shards={"train": shard_spec(shards), "val": shard_spec(shards),
                              "test": shard_spec(shards)}, image_size=8, resampled=False, max_bad_fraction=1.0)  # fmt: skip
-    trainer = SimpleNamespace(global_rank=1, default_root_dir=str(tmp_path / "run"), training=False)
+    # the trainer says one process, so that the loader does not refuse an unresampled stream on two (the split
+    # into ranks follows RANK/WORLD_SIZE above)
+    trainer = SimpleNamespace(global_rank=1, world_size=1, is_global_zero=False, default_root_dir=str(tmp_path / "run"),
+                              training=True, current_epoch=0)  # fmt: skip
     monkeypatch.setattr(dm, "trainer", trainer)
     names = [name for batch in dm._loader("train") for name in dm.on_before_batch_transfer(batch, 0)["name"]]
     assert len(names) == 2 and all("00001.tar" in name for name in names)

@@ -63,28 +63,32 @@ class BadSampleTracker:
     def bad(self) -> int:
         return sum(self.total.values())
 
-    def update(self, bad: list[tuple[str, str]], good: int, truncated: int = 0) -> None:
-        """Record a batch: its dropped samples as (reason, name) pairs and its number of good samples."""
+    def update(self, bad: list[tuple[str, str]], good: int, truncated: int = 0, check: bool = True) -> None:
+        """Record a batch: its dropped samples as (reason, name) pairs and its number of good samples; then `check`
+        (without it, the caller checks: under DDP, on the counts of every process)."""
         for reason, name in bad:
             self.total[reason] += 1
             self.epoch[reason] += 1
             names = self.examples.setdefault(reason, [])
-            if len(names) < self.keep_names:
+            if len(names) < self.keep_names and name not in names:  # a file read again is named once
                 names.append(name)
         self.good += good
         self.truncated += truncated
-        self.check()
+        if check:
+            self.check()
 
-    def check(self, final: bool = False) -> None:
-        """Raise `TooManyBadSamples` when the bad fraction is over the limit (after `min_samples`, or at the end)."""
-        seen = self.bad + self.good
+    def check(self, final: bool = False, counts: tuple[int, int] | None = None) -> None:
+        """Raise `TooManyBadSamples` when the bad fraction is over the limit (after `min_samples`, or at the end);
+        of `counts` (bad, good: every process's, summed) when given, else of this tracker's."""
+        bad, good = counts if counts is not None else (self.bad, self.good)
+        seen = bad + good
         if not seen or (seen < self.min_samples and not final):
             return
-        if self.bad / seen > self.max_bad_fraction:
+        if bad / seen > self.max_bad_fraction:
             raise TooManyBadSamples(
-                f"{self.bad} of {seen} samples read were bad ({self.bad / seen:.1%} > "
+                f"{bad} of {seen} samples read were bad ({bad / seen:.1%} > "
                 f"data.max_bad_fraction={self.max_bad_fraction}); refusing to train on what is left. "
-                f"{self.summary()}"
+                f"{'This process: ' if counts is not None else ''}{self.summary()}"
             )
 
     def end_epoch(self) -> dict[str, int]:

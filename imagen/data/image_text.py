@@ -50,6 +50,7 @@ from imagen.data.resumable import ResumableLoader
 log = logging.getLogger(__name__)
 
 FORMATS = ("imagefolder", "image_txt", "coco", "webdataset", "token_cache")
+BAD_CHECK_EVERY = 20  # training batches between the checks of the bad fraction on every process's counts (DDP)
 POLICIES = ("skip", "raise")
 
 
@@ -429,7 +430,10 @@ class ImageTextDataModule(pl.LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"data.{key}={value}: must be >= 1, or null for no limit")
         self.datasets: dict[str, Dataset] = {}
-        self.bad = BadSampleTracker(max_bad_fraction, bad_check_after)
+        self.bad = BadSampleTracker(max_bad_fraction, bad_check_after)  # training reads: they can stop the run
+        # evaluation reads, counted and reported (a held-out split is what it is: its bad samples stop nothing)
+        self.bad_eval = {split: BadSampleTracker(max_bad_fraction=1.0) for split in ("val", "test")}
+        self._train_batches = 0
         self._epoch: int | None = None
 
     # -- datasets -----------------------------------------------------------------------------------------------
@@ -607,9 +611,16 @@ class ImageTextDataModule(pl.LightningDataModule):
                     "persistent_workers": h.persistent_workers and workers > 0}  # fmt: skip
         if workers > 0 and h.prefetch_factor:
             settings["prefetch_factor"] = h.prefetch_factor
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if split == "train" and isinstance(dataset, WebDatasetStream) and not dataset.resampled and world > 1:
+            # each process reads its own shards to their end: unequal batch counts leave one waiting in a collective
+            raise ValueError(
+                f"data.resampled=false with {world} processes: each reads its own shards once, so they get unequal "
+                "numbers of batches and the run hangs at the end of an epoch; train with data.resampled=true "
+                "and data.samples_per_epoch=N (the same number of samples on every process)"
+            )
         if split == "train" and not isinstance(dataset, IterableDataset):
             # the loader drops the last partial batch: with fewer samples than a batch, nothing would train
-            world = self.trainer.world_size if self.trainer is not None else 1
             if len(dataset) // world < h.batch_size:
                 raise ValueError(
                     f"data.batch_size={h.batch_size}: the training split has {len(dataset)} samples "
@@ -639,6 +650,7 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = self.trainer
+        training = trainer is None or trainer.training
         if trainer is not None and trainer.training:
             if self._epoch is not None and trainer.current_epoch != self._epoch:
                 self.report_epoch(self._epoch)
@@ -649,8 +661,25 @@ class ImageTextDataModule(pl.LightningDataModule):
             if "stand_in" in batch
             else len(batch["caption"])
         )
-        self.bad.update([tuple(pair) for pair in bad], good=good, truncated=int(truncated))
+        tracker = self.bad if training else self.bad_eval["test" if trainer.testing else "val"]
+        distributed = trainer is not None and trainer.world_size > 1
+        pairs = [tuple(pair) for pair in bad]
+        tracker.update(pairs, good=good, truncated=int(truncated), check=training and not distributed)
+        if training and distributed:
+            self._train_batches += 1
+            if self._train_batches % BAD_CHECK_EVERY == 0:
+                self.check_bad_fraction()
         return batch
+
+    def check_bad_fraction(self) -> None:
+        """Stop on the bad fraction of every process's training reads, summed: one process stopping alone would leave
+        the others waiting in a collective. Every rank calls it at the same training batch."""
+        strategy = self.trainer.strategy
+        summed = strategy.reduce(
+            torch.tensor([self.bad.bad, self.bad.good], device=strategy.root_device), reduce_op="sum"
+        )
+        bad, good = (int(n) for n in summed.tolist())
+        self.bad.check(counts=(bad, good))
 
     def report_epoch(self, epoch: int) -> None:
         """Warn with this process's counts of the epoch; log the counts of all processes (`data/bad_<reason>`).
@@ -680,11 +709,14 @@ class ImageTextDataModule(pl.LightningDataModule):
         if self._epoch is not None:
             self.report_epoch(self._epoch)
             self._epoch = None
-        if self.bad.good or self.bad.bad:
-            level = logging.WARNING if self.bad.bad else logging.INFO
-            log.log(
-                level, f"[rank {self._rank()}] data ({getattr(stage, 'value', stage)}): {self.bad.summary()}"
-            )
+        stage = getattr(stage, "value", stage)
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        trackers = {"train": self.bad, **self.bad_eval}
+        for split in (s for s in splits if trackers[s].good or trackers[s].bad):
+            tracker = trackers[split]
+            level = logging.WARNING if tracker.bad else logging.INFO
+            log.log(level, f"[rank {self._rank()}] data ({split} split, {stage}): {tracker.summary()}")
+        if any(trackers[s].good or trackers[s].bad for s in splits):
             self._write_summary()
 
     def _rank(self) -> int:
@@ -700,6 +732,10 @@ class ImageTextDataModule(pl.LightningDataModule):
             "bad_samples.json" if rank == 0 else f"bad_samples.rank{rank}.json"
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"counts": dict(self.bad.total), "examples": self.bad.examples, "good": self.bad.good,
-                   "truncated_captions": self.bad.truncated}  # fmt: skip
+        def counts(tracker: BadSampleTracker) -> dict:
+            return {"counts": dict(tracker.total), "examples": tracker.examples, "good": tracker.good,
+                    "truncated_captions": tracker.truncated}  # fmt: skip
+
+        # the training reads at the top; evaluation reads (and re-reads, each epoch) per split
+        summary = {**counts(self.bad), **{split: counts(t) for split, t in self.bad_eval.items() if t.good or t.bad}}
         path.write_text(json.dumps(summary, indent=2) + "\n")
