@@ -130,7 +130,9 @@ def test_holdout_split_is_stable_when_images_are_added_and_never_holds_out_known
         names["train"] | names["val"] | names["test"]))], 0.05, 3, tmp_path / "x")  # fmt: skip
     assert {r.image.name for r in moved["test"]} == names["test"]
     # records known to be bad stay in training, where they are counted when read
-    bad = [Record(tmp_path / f"bad{i}.png", problem=BadSample("missing_caption", f"bad{i}")) for i in range(50)]
+    bad = [
+        Record(tmp_path / f"bad{i}.png", problem=BadSample("missing_caption", f"bad{i}")) for i in range(50)
+    ]
     split = holdout_split(records(["a.png", "b.png", "c.png"]) + bad, 0.3, 0, tmp_path)
     assert len(split["val"]) == len(split["test"]) == 1 and len(split["train"]) == 51
     assert all(r.problem is None for r in split["val"] + split["test"])
@@ -152,7 +154,9 @@ def test_a_missing_or_unreadable_evaluation_split_is_found_before_training(tmp_p
     dm.setup("fit")
     test = dm.build_dataset("test").records[0].image
     test.write_bytes(b"")
-    with pytest.raises(TooManyBadSamples, match=rf"data .test split.: .*{test.name}.*fix or replace these files"):
+    with pytest.raises(
+        TooManyBadSamples, match=rf"data .test split.: .*{test.name}.*fix or replace these files"
+    ):
         dm.check_split("test")
 
 
@@ -169,7 +173,9 @@ def test_fewer_training_samples_than_a_batch_is_refused(tmp_path):
 def test_coco_splits_need_annotations_per_split_when_images_are_per_split(corpora, tmp_path):
     images, annotations = corpora["coco"]["images"]["train"], corpora["coco"]["annotations"]["train"]
     dm = ImageTextDataModule("coco", images=every_split(images), annotations=annotations, image_size=32)
-    with pytest.raises(ValueError, match="data.images is a .train, val, test. mapping but data.annotations is one"):
+    with pytest.raises(
+        ValueError, match="data.images is a .train, val, test. mapping but data.annotations is one"
+    ):
         dm.setup("fit")
     dm = ImageTextDataModule("coco", images=str(tmp_path / "nope"), annotations=annotations, image_size=32)
     with pytest.raises(FileNotFoundError, match=r"data.images=.*nope: no such directory"):
@@ -525,7 +531,9 @@ def test_the_bad_fraction_stop_is_decided_on_every_process_s_training_reads(tmp_
         """This rank's datamodule under a 2-process trainer whose other rank read `other` (bad, good)."""
         strategy = types.SimpleNamespace(reduce=lambda t, reduce_op: t + torch.tensor(other),
                                          root_device=torch.device("cpu"))  # fmt: skip
-        dm = ImageTextDataModule("image_txt", root=every_split("unused"), max_bad_fraction=0.3, bad_check_after=10)
+        dm = ImageTextDataModule(
+            "image_txt", root=every_split("unused"), max_bad_fraction=0.3, bad_check_after=10
+        )
         dm.trainer = types.SimpleNamespace(world_size=2, training=True, testing=False, current_epoch=0,
                                            strategy=strategy)  # fmt: skip
         return dm
@@ -543,9 +551,8 @@ def test_the_bad_fraction_stop_is_decided_on_every_process_s_training_reads(tmp_
     dm.trainer.testing = True
     for _ in range(30):
         dm.on_before_batch_transfer({"caption": [], "bad": [("corrupt_image", "x.jpg")]}, 0)
-    assert dm.bad.bad == 0 and dm.bad_eval["test"].bad == 30 and dm.bad_eval["test"].examples == {
-        "corrupt_image": ["x.jpg"]  # a file read again is named once
-    }
+    assert dm.bad.bad == 0 and dm.bad_eval["test"].bad == 30
+    assert dm.bad_eval["test"].examples == {"corrupt_image": ["x.jpg"]}  # a file read again is named once
 
 
 def _report_bad_samples_in_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -610,7 +617,9 @@ def test_a_stream_read_once_per_epoch_is_refused_for_training_on_several_process
     from types import SimpleNamespace
 
     shards = write_shards(tmp_path / "wds", make_pairs(12, size=(8, 8)), per_shard=2)
-    dm = ImageTextDataModule("webdataset", shards=shard_spec(shards), image_size=8, resampled=False, batch_size=2)
+    dm = ImageTextDataModule(
+        "webdataset", shards=shard_spec(shards), image_size=8, resampled=False, batch_size=2
+    )
     dm.trainer = SimpleNamespace(world_size=2)
     with pytest.raises(ValueError, match="data.resampled=false with 2 processes: .* data.resampled=true"):
         dm.train_dataloader()

@@ -50,7 +50,8 @@ from imagen.data.resumable import ResumableLoader
 log = logging.getLogger(__name__)
 
 FORMATS = ("imagefolder", "image_txt", "coco", "webdataset", "token_cache")
-BAD_CHECK_EVERY = 20  # training batches between the checks of the bad fraction on every process's counts (DDP)
+# training batches between the checks of the bad fraction on every process's counts (DDP)
+BAD_CHECK_EVERY = 20
 POLICIES = ("skip", "raise")
 
 
@@ -352,7 +353,11 @@ def holdout_split(records: list[Record], fraction: float, seed: int, root: Path)
         )
 
     def rank(record: Record) -> str:
-        name = record.image.relative_to(root).as_posix() if record.image.is_relative_to(root) else str(record.image)
+        name = (
+            record.image.relative_to(root).as_posix()
+            if record.image.is_relative_to(root)
+            else str(record.image)
+        )
         return hashlib.sha256(f"{seed}\0{name}".encode()).hexdigest()
 
     test, val = set(), set()
@@ -430,7 +435,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"data.{key}={value}: must be >= 1, or null for no limit")
         self.datasets: dict[str, Dataset] = {}
-        self.bad = BadSampleTracker(max_bad_fraction, bad_check_after)  # training reads: they can stop the run
+        # training reads: they can stop the run
+        self.bad = BadSampleTracker(max_bad_fraction, bad_check_after)
         # evaluation reads, counted and reported (a held-out split is what it is: its bad samples stop nothing)
         self.bad_eval = {split: BadSampleTracker(max_bad_fraction=1.0) for split in ("val", "test")}
         self._train_batches = 0
@@ -563,7 +569,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         if split != "train" and isinstance(dataset, RecordDataset):
             try:
-                dataset[0]  # usually one read; the bad samples before a good one are counted when evaluation reads them
+                # usually one read; the bad samples before a good one are counted when evaluation reads them
+                dataset[0]
             except TooManyBadSamples as e:
                 raise TooManyBadSamples(f"data ({split} split): {e}; fix or replace these files") from None
 
@@ -732,10 +739,14 @@ class ImageTextDataModule(pl.LightningDataModule):
             "bad_samples.json" if rank == 0 else f"bad_samples.rank{rank}.json"
         )
         path.parent.mkdir(parents=True, exist_ok=True)
+
         def counts(tracker: BadSampleTracker) -> dict:
             return {"counts": dict(tracker.total), "examples": tracker.examples, "good": tracker.good,
                     "truncated_captions": tracker.truncated}  # fmt: skip
 
         # the training reads at the top; evaluation reads (and re-reads, each epoch) per split
-        summary = {**counts(self.bad), **{split: counts(t) for split, t in self.bad_eval.items() if t.good or t.bad}}
+        summary = {
+            **counts(self.bad),
+            **{split: counts(t) for split, t in self.bad_eval.items() if t.good or t.bad},
+        }
         path.write_text(json.dumps(summary, indent=2) + "\n")
