@@ -259,6 +259,52 @@ def test_the_command_lines_tags_and_extras_reach_every_stage_without_retraining_
     assert not any(o.startswith(("tags", "extras")) for o in record["overrides"])
 
 
+def test_under_ddp_only_the_launching_process_touches_the_stage_directories(tmp_path, monkeypatch):
+    """Every DDP process runs the pipeline: another process waits for rank 0 to prepare each stage's directory, then
+    trains with it, and moves, deletes and writes nothing (with `pipeline.reuse=false` it deleted rank 0's run)."""
+    import threading
+    import time
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    import imagen.cli.pipeline
+    import imagen.cli.train
+    from imagen.cli.pipeline import run_pipeline
+
+    trained = []
+
+    def fake_train(stage_cfg):
+        trained.append(rank_zero_only.rank)
+        return {"test/psnr": 30.0}, {}
+
+    monkeypatch.setattr(imagen.cli.train, "train", fake_train)
+    monkeypatch.setattr(imagen.cli.pipeline, "check_train_config", lambda stage_cfg: None)
+    cfg = compose_config([f"pipeline.dir={tmp_path / 'q'}", "pipeline.reuse=false"], tmp_path / "run")
+    with open_dict(cfg):
+        cfg.pipeline.stages = {"autoencoder": ["experiment=shapes_autoencoder"]}
+    run_dir = tmp_path / "q" / "autoencoder"
+    run_pipeline(
+        cfg
+    )  # rank 0: prepares the directory, trains, records the finished stage, writes the summary
+    record = (run_dir / STAGE_RECORD).read_text()
+    (tmp_path / "q" / "summary.md").unlink()
+    (run_dir / STAGE_RECORD).unlink()  # as before rank 0 prepares it
+
+    def rank_0_prepares():
+        time.sleep(1.5)
+        (run_dir / STAGE_RECORD).write_text(record)
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    preparing = threading.Thread(target=rank_0_prepares)
+    start = time.time()
+    preparing.start()
+    run_pipeline(cfg)
+    preparing.join()
+    assert time.time() - start >= 1.5 and trained == [0, 1]  # it waited for rank 0, then trained beside it
+    assert (run_dir / STAGE_RECORD).read_text() == record and not (tmp_path / "q" / "summary.md").exists()
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["autoencoder", "metrics.json"]
+
+
 def test_a_quickstart_sweep_runs_each_job_in_its_own_directory(tmp_path):
     """`python train.py -m 'pipeline.common=["seed=1"],["seed=2"]'` end to end (a one-stage pipeline)."""
     from tests.test_cli import run_train

@@ -8,7 +8,9 @@ holds a finished run of the same overrides, the same composed config and the sam
 it reads (metrics.json, checkpoints/last.ckpt, pipeline_stage.yaml; a default changed in `conf/` since, or an earlier
 stage trained again, counts as a change) is not trained again. A finished run is never resumed: a stage trained
 again starts afresh, its earlier run moved aside. The command line's `tags` and `extras.*` reach every stage too;
-they are labels, so a stage finished under other tags is still reused.
+they are labels, so a stage finished under other tags is still reused. Under DDP every process runs the pipeline;
+only the launching one (global rank 0) moves, deletes or writes in the stages' directories, and the others wait for
+it to prepare each stage before they decide as it did.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -29,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from imagen.checkpoints import checkpoint_sha256
@@ -179,6 +183,26 @@ def prepare_run_dir(
     (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
 
 
+def launching_process() -> bool:
+    """Whether this is the process that started the command (global rank 0): under DDP every process runs the
+    pipeline, and only this one moves, deletes or writes anything in the stages' directories."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def wait_for_record(
+    run_dir: Path, overrides: list[str], digest: str, inputs: dict[str, str], timeout_s: float = 600.0
+) -> None:
+    """Under DDP, a process other than the launching one waits until that one has prepared the stage's directory
+    (its record has these settings), so that both decide the same: reuse the stage, or train it."""
+    start = time.time()
+    while not same_settings(read_record(run_dir), overrides, digest, inputs):
+        if time.time() - start > timeout_s:
+            raise TimeoutError(
+                f"pipeline: global rank 0 did not prepare {run_dir} for these settings within {timeout_s:.0f} s"
+            )
+        time.sleep(1.0)
+
+
 @contextlib.contextmanager
 def config_module():
     """Hydra's config search path: the running app's, or `imagen.conf` when called outside `hydra.main`."""
@@ -291,8 +315,11 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             if labels:
                 stage_cfg = compose(config_name="train", overrides=[*overrides, *labels])
         inputs = upstream_checkpoints(cfg, name, checkpoints)
-        if cfg.pipeline.reuse:
+        writer = launching_process()
+        if writer and cfg.pipeline.reuse:
             restore_previous(run_dir, overrides, digest, inputs)
+        if not writer:
+            wait_for_record(run_dir, overrides, digest, inputs)
         reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest, inputs)
         start = time.time()
         if reused:
@@ -306,7 +333,8 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             if is_pipeline(stage_cfg):
                 raise ValueError(f"pipeline.stages.{name} must select a stage's experiment (experiment=NAME)")
             check_train_config(stage_cfg)  # before anything in the stage's directory moves
-            prepare_run_dir(run_dir, overrides, digest, inputs, fresh=not cfg.pipeline.reuse)
+            if writer:
+                prepare_run_dir(run_dir, overrides, digest, inputs, fresh=not cfg.pipeline.reuse)
             stage_metrics, stage_objects = train(stage_cfg)
             objects[name] = stage_objects
             if stage_objects.get("preempted"):  # its checkpoint is saved; the same command resumes it
@@ -322,7 +350,8 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 "finished": True,
                 "seconds": round(seconds, 1),
             }
-            (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
+            if writer:
+                (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
             if stage_objects.get("signalled") and name != list(cfg.pipeline.stages)[-1]:
                 # the signal came in the stage's last validation: it is finished, and the next stage does not start
                 log.info(
@@ -337,6 +366,8 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     table = summary_table(rows)
     grid = latest_grid(root / list(cfg.pipeline.stages)[-1])
     text = table + (f"\n\nsample grid: {grid}" if grid else "\n\n(no sample grid was written)")
+    if not launching_process():
+        return metrics, {"rows": rows, "grid": grid, "stages": objects, "cfg": cfg}
     (root / "summary.md").write_text(text + "\n")
     for folder in {root, Path(cfg.paths.output_dir)}:  # the pipeline's folder and this run's directory
         folder.mkdir(parents=True, exist_ok=True)
