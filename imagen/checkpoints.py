@@ -156,11 +156,12 @@ def load_state_strict(
     module.load_state_dict(state_dict, strict=True)
 
 
-def load_autoencoder(path: str | Path, trust: bool = False):
-    """Rebuild the trained `Autoencoder` of an autoencoder-stage checkpoint (frozen, in eval mode)."""
+def load_autoencoder(path: str | Path, trust: bool = False, checkpoint: dict | None = None):
+    """Rebuild the trained `Autoencoder` of an autoencoder-stage checkpoint (frozen, in eval mode); `checkpoint`:
+    its contents, when the caller has read them already."""
     from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 
-    checkpoint = read_checkpoint(path, trust)
+    checkpoint = read_checkpoint(path, trust) if checkpoint is None else checkpoint
     info = stage_info(checkpoint, path, "autoencoder")
     model = Autoencoder(AutoencoderConfig(**info["net_config"]))
     load_state_strict(model, checkpoint["state_dict"], prefix="net.", source=str(path))

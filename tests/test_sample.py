@@ -10,6 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
+from PIL import Image
 
 from imagen.checkpoints import CheckpointError
 from imagen.cli.sample import sample
@@ -336,6 +337,40 @@ def test_caption_decoding_starts_from_the_checkpoints_settings(make_cfg, caption
     assert recorded.length_penalty == 0.5 and recorded.max_length == 7 and recorded.method == "beam"
     assert used == [replace(recorded, beam_size=2)]  # only the setting given changes
     assert json.loads((tmp_path / "out" / "captions.jsonl").read_text())["decoding"] == "beam"
+
+
+def test_caption_reads_every_image_extension_in_subfolders_as_evaluation_does(
+    make_cfg, captioner_ckpt, tmp_path, caplog
+):
+    from imagen.data.image_text import Preprocess
+    from imagen.data.preprocess import open_image, resize_crop, to_tensor
+    from imagen.stages.joint import JointStage
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    pixels = to_uint8(torch.rand(4, 3, 256, 256) * 2 - 1)  # (4, 256, 256, 3)
+    for image, name in zip(pixels, ["a.jpg", "b.tif", "c.gif", "sub/d.png"], strict=True):
+        Image.fromarray(image).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    seen = []
+
+    def caption_images(self, images, decoding=None, generator=None):
+        seen.append(images)
+        return ["a caption"] * len(images)
+
+    with mock.patch.object(JointStage, "caption_images", caption_images):
+        summary = sample(
+            sample_cfg(make_cfg, tmp_path, f"ckpt={captioner_ckpt}", "task=caption", f"images={folder}")
+        )
+    rows = [json.loads(line) for line in (tmp_path / "out" / "captions.jsonl").read_text().splitlines()]
+    names = ["a.jpg", "b.tif", "c.gif", "sub/d.png"]  # subfolders included, in path order
+    assert summary["captions"] == 4 and [r["relative_path"] for r in rows] == names
+    assert [r["file"] for r in rows] == [str(folder / r["relative_path"]) for r in rows]
+    assert "1 files are not images by extension" in caplog.text and "['notes.txt']" in caplog.text
+    # the JPEG is decoded as evaluation decodes it: at a reduced size (draft), not in full and then resized
+    data, size = (folder / "a.jpg").read_bytes(), seen[0].shape[-1]
+    assert torch.equal(seen[0][0], Preprocess(size, max_pixels=None)(data, ["x"], "a.jpg")["image"])
+    assert not torch.equal(seen[0][0], to_tensor(resize_crop(open_image(data, "a.jpg", None), size, False)))
 
 
 def test_sample_settings_errors_name_the_key(make_cfg, generator_ckpt, captioner_ckpt, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 import imagen.data.token_cache as token_cache
 from imagen.checkpoints import load_autoencoder
+from imagen.data.bad_samples import TooManyBadSamples
 from imagen.data.image_text import ImageTextDataModule
 from imagen.data.token_cache import (
     VERSION,
@@ -314,6 +316,28 @@ def test_bad_samples_are_left_out_and_recorded(ckpt, tmp_path):
     write_token_cache(str(ckpt), dm, tmp_path / "cache", ("train",), shard_size=10, device="cpu")
     dataset = TokenCacheDataset(tmp_path / "cache" / "train")
     assert len(dataset) == 4 and dataset.index["shards"][0]["bad"] == {"empty_file": 1}
+
+
+@pytest.mark.parametrize("check_after", [100, 5], ids=["at_the_end", "while_encoding"])
+def test_a_split_refused_for_bad_samples_is_refused_again_by_a_rerun(ckpt, tmp_path, check_after):
+    root = write_image_txt(tmp_path / "txt", make_pairs(6))
+    for i in range(3):  # the first shard's three samples
+        (root / f"bad{i}.png").write_bytes(b"")
+        (root / f"bad{i}.txt").write_text("caption")
+    dm = ImageTextDataModule("image_txt", root={"train": str(root)}, image_size=32, max_bad_fraction=0.1,
+                             bad_check_after=check_after, num_workers=0)  # fmt: skip
+    out = tmp_path / "cache"
+    # at the end: 3 of 9, once every shard is written; while encoding (from 5 samples on): 3 of 6, in shard 1
+    counted = "3 of 9 samples were" if check_after == 100 else "3 of 6 samples so far were"
+    refusal = re.escape(f"token cache of split 'train' ({out / 'train'}): {counted} bad")
+    for _ in range(2):  # the rerun skips the finished shards, and counts their recorded bad samples
+        with pytest.raises(TooManyBadSamples, match=refusal):
+            write_token_cache(str(ckpt), dm, out, ("train",), shard_size=3, device="cpu")
+        assert not (out / "train" / "index.json").exists()
+        (out / "train" / "index.json").write_text("{}")  # as a run under a higher limit would leave: removed
+    assert json.loads((out / "train" / "shard_00000.json").read_text())["bad_examples"] == {
+        "empty_file": [str(root / f"bad{i}.png") for i in range(3)]
+    }
 
 
 def test_encode_command(coco_dm, ckpt, tmp_path):

@@ -173,6 +173,22 @@ def test_the_generator_trains_under_bf16_true_with_its_autoencoder_in_float32(ma
         )
 
 
+@pytest.mark.parametrize("experiment", ["shapes_generator", "shapes_joint"])
+def test_an_image_size_other_than_the_autoencoders_is_warned_about(
+    make_cfg, tiny_autoencoder_ckpt, experiment, caplog
+):
+    trained = read_checkpoint(tiny_autoencoder_ckpt)["datamodule_hyper_parameters"]["image_size"]
+    tiny = TINY_JOINT if experiment == "shapes_joint" else TINY_GENERATOR
+    for size in (trained, 2 * trained):
+        caplog.clear()
+        cfg = make_cfg([f"experiment={experiment}", *TINY_SHAPES, *tiny, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+                        f"data.image_size={size}"])  # fmt: skip
+        with caplog.at_level("WARNING", logger="imagen.stages.ar_generator"):
+            hydra.utils.instantiate(cfg.model, _convert_="all")
+        warned = f"data.image_size={size}, but the autoencoder model.autoencoder_ckpt={tiny_autoencoder_ckpt}"
+        assert (f"{warned} was trained at data.image_size={trained}" in caplog.text) == (size != trained)
+
+
 def clipping_module(precision: str, grouped: bool):
     """A LightningModule with the clipping mixin, two linear layers (`small`, `large`; clipped apart when `grouped`)
     and a stand-in trainer of the given precision."""

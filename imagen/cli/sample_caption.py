@@ -1,11 +1,13 @@
 """`python sample.py task=caption ckpt=PATH images=DIR`: image -> text with a trained joint-stage checkpoint.
 
-Every PNG/JPEG/BMP/WebP file in `images` (a folder, or one file) is read as evaluation reads images (EXIF
-orientation, transparency on white, shorter side resized to the stage's image size, center crop) and captioned with
-`decoding=greedy|beam|nucleus` (beams re-scored by the matcher and the generator: `caption_match_weight`,
-`caption_generator_weight`; a setting not given is the checkpoint's, `model.caption_decoding`); `captions.jsonl`
-(file, caption, decoding) goes to `out_dir`. A file that cannot be read is skipped, and the skips are counted and
-named at the end.
+Every file with an image extension (`imagen.data.preprocess.IMAGE_EXTENSIONS`, as training reads) in `images` (a
+folder and its subfolders, in path order; or one file) is read by the data's evaluation preprocessing (JPEG draft
+decoding, EXIF orientation, transparency on white, shorter side resized to the stage's image size, center crop) and
+captioned with `decoding=greedy|beam|nucleus` (beams re-scored by the matcher and the generator:
+`caption_match_weight`, `caption_generator_weight`; a setting not given is the checkpoint's,
+`model.caption_decoding`); `captions.jsonl` (file, relative_path: the file's path inside `images`, caption,
+decoding) goes to `out_dir`. Other files are left out with a warning that counts and names them; a file that cannot
+be read is skipped, and the skips are counted and named at the end.
 """
 
 from __future__ import annotations
@@ -21,46 +23,56 @@ from omegaconf import DictConfig
 from imagen.checkpoints import CheckpointError, read_checkpoint
 from imagen.cli.sample import check_trained, prepare_out_dir, resolve_device
 from imagen.data.bad_samples import BadSample
-from imagen.data.preprocess import open_image, resize_crop, to_tensor
+from imagen.data.image_text import Preprocess
+from imagen.data.preprocess import IMAGE_EXTENSIONS
 from imagen.progress import progress_bar
 
 log = logging.getLogger("imagen")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # command-line key -> `CaptionDecoding` field; null: the checkpoint's own (`model.caption_decoding`)
 DECODING_KEYS = {"decoding": "method", "beam_size": "beam_size", "caption_top_p": "top_p",
                  "caption_temperature": "temperature", "caption_match_weight": "match_weight",
                  "caption_generator_weight": "generator_weight"}  # fmt: skip
 
 
-def image_files(images: str | None) -> list[Path]:
-    """The image files named by `images` (a folder: its image files in name order; or one file)."""
+def image_files(images: str | None) -> tuple[Path, list[Path]]:
+    """The folder (or file) `images` names, and its image files: by extension, subfolders included, in path order (as
+    training indexes a folder). The other files of a folder are left out with a warning naming the first few."""
     if not images:
         raise ValueError("task=caption needs images=DIR (a folder of images) or images=FILE")
     path = Path(images)
     if path.is_file():
-        return [path]
+        return path.parent, [path]
     if not path.is_dir():
         raise FileNotFoundError(f"images={path}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
-        raise ValueError(f"images={path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+        raise ValueError(
+            f"images={path}: no image files ({', '.join(IMAGE_EXTENSIONS)}), subfolders included"
+        )
+    others = [p.relative_to(path).as_posix() for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    if others:
+        log.warning(
+            f"images={path}: {len(others)} files are not images by extension ({', '.join(IMAGE_EXTENSIONS)}) and "
+            f"are left out: {others[:5]}{' ...' if len(others) > 5 else ''}"
+        )
+    return path, files
 
 
 def read_image(path: Path, size: int) -> torch.Tensor:
-    """An image file -> (3, size, size) float in [-1, 1], as the data's evaluation split reads it; `BadSample` if it
-    cannot be read."""
-    return to_tensor(
-        resize_crop(open_image(path.read_bytes(), str(path), max_pixels=None), size, random_crop=False)
-    )
+    """An image file -> (3, size, size) float in [-1, 1], read by the data's evaluation preprocessing (`Preprocess`:
+    JPEG draft decoding, center crop; no pixel limit); `BadSample` if it cannot be read."""
+    preprocess = Preprocess(image_size=size, random_crop=False, max_pixels=None)
+    # the preprocessing of a sample reads its captions first: a placeholder, since only the image is used
+    return preprocess(path.read_bytes(), ["-"], str(path))["image"]
 
 
 @torch.no_grad()
 def sample_caption(cfg: DictConfig) -> dict:
     from imagen.stages.joint import JointStage
 
-    files = image_files(cfg.images)
+    root, files = image_files(cfg.images)
     checkpoint = read_checkpoint(cfg.ckpt, cfg.trust_checkpoint)  # read once: it fills the stage
     try:
         stage = JointStage.from_checkpoint(cfg.ckpt, trust=cfg.trust_checkpoint, checkpoint=checkpoint)
@@ -91,10 +103,9 @@ def sample_caption(cfg: DictConfig) -> dict:
             if chunk:
                 captions = stage.caption_images(torch.stack(images), decoding, generator)
                 for path, caption in zip(chunk, captions, strict=True):
-                    f.write(
-                        json.dumps({"file": str(path), "caption": caption, "decoding": decoding.method})
-                        + "\n"
-                    )
+                    row = {"file": str(path), "relative_path": path.relative_to(root).as_posix(), "caption": caption,
+                           "decoding": decoding.method}  # fmt: skip
+                    f.write(json.dumps(row) + "\n")
             progress.update(task, advance=len(batch))
     captioned = len(files) - len(skipped)
     log.info(f"captioned {captioned} images: {manifest}")

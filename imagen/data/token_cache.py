@@ -6,10 +6,11 @@ Layout of one split (`<root>/<split>/`):
   `shard_NNNNN.offsets.npy`: (N + 1,) int64 byte offsets of each sample's captions. Captions are stored as
   byte-level token ids rather than ids of one tokenizer: the generator's caption tokenizer is a config choice
   (trained on the corpus captions in the stage's setup, or a pretrained one), and any of them reads this cache.
-- `shard_NNNNN.json`: the shard's record (sample count, byte sizes and CRC32 of its files, bad samples),
-  written last: a shard with this file is finished, and a rerun skips it (resume);
-- `index.json`: the split's shards, written once every shard is finished; checked at load (sizes always,
-  CRC32 with `verify=checksum`) together with the autoencoder checkpoint's SHA-256 and the image size.
+- `shard_NNNNN.json`: the shard's record (sample count, byte sizes and CRC32 of its files, bad samples by reason
+  with the first few names), written last: a shard with this file is finished, and a rerun skips it (resume);
+- `index.json`: the split's shards, written once every shard is finished and the split's bad samples, counted over
+  all its shard records (earlier runs' included), are within `data.max_bad_fraction`; checked at load (sizes
+  always, CRC32 with `verify=checksum`) together with the autoencoder checkpoint's SHA-256 and the image size.
 
 Written by `python -m imagen.cli.encode` (`write_token_cache`), one process per GPU.
 """
@@ -27,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from imagen.checkpoints import checkpoint_sha256
-from imagen.data.bad_samples import BadSampleTracker
+from imagen.data.bad_samples import BadSampleTracker, TooManyBadSamples
 from imagen.files import write_text_atomic
 from imagen.progress import progress_bar
 
@@ -97,9 +98,11 @@ def write_shard(
     captions: list[str],
     bad: dict[str, int],
     encoded_from: dict | None = None,
+    bad_examples: dict[str, list[str]] | None = None,
 ) -> dict:
     """Write one shard (files first, its record last, each atomically); returns the record. `encoded_from`: the
-    autoencoder, sizes and inputs it was made from, which a resumed encode must match."""
+    autoencoder, sizes and inputs it was made from, which a resumed encode must match; `bad_examples`: the first few
+    names of its bad samples by reason."""
     data = [c.encode("utf-8") for c in captions]
     offsets = np.zeros(len(data) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(d) for d in data])
@@ -112,6 +115,8 @@ def write_shard(
         os.replace(tmp, path)
         files[key] = {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
     record = {"name": name, "count": int(tokens.shape[0]), "files": files, "bad": bad}
+    if bad_examples:
+        record["bad_examples"] = bad_examples
     if encoded_from is not None:
         record["encoded_from"] = encoded_from
     _write_json(directory / f"{name}.json", record)
@@ -145,6 +150,36 @@ def shard_finished(directory: Path, name: str, encoded_from: dict | None = None)
         (directory / f"{name}.{k}.npy").is_file()
         and (directory / f"{name}.{k}.npy").stat().st_size == f["bytes"]
         for k, f in record["files"].items()
+    )
+
+
+def count_recorded(tracker: BadSampleTracker, record: dict) -> None:
+    """Add a finished shard's recorded samples to `tracker`: its good ones, its bad ones by reason and their names."""
+    tracker.good += record["count"]
+    for reason, count in (record.get("bad") or {}).items():
+        tracker.total[reason] += count
+        names = tracker.examples.setdefault(reason, [])
+        names += (record.get("bad_examples") or {}).get(reason, [])[: tracker.keep_names - len(names)]
+
+
+def bad_counts(tracker: BadSampleTracker) -> str:
+    """`tracker`'s bad samples by reason, with the first few names where known."""
+    return "; ".join(
+        f"{reason}={count}"
+        + (f" (e.g. {', '.join(tracker.examples[reason])})" if tracker.examples.get(reason) else "")
+        for reason, count in tracker.total.most_common()
+    )
+
+
+def too_many_bad(tracker: BadSampleTracker, split: str, out: Path, final: bool) -> str:
+    """The refusal of a split whose bad samples are over `data.max_bad_fraction`: what, where, and what to do."""
+    seen = tracker.bad + tracker.good
+    return (
+        f"token cache of split {split!r} ({out}): {tracker.bad} of {seen} samples {'' if final else 'so far '}were "
+        f"bad ({tracker.bad / seen:.1%} > data.max_bad_fraction={tracker.max_bad_fraction}); refusing the split: "
+        f"its index.json is not written, so it does not load. Bad samples: {bad_counts(tracker)}. Its finished "
+        "shards are kept and counted again by a rerun: fix or remove the bad files and encode into a new "
+        "directory, or raise data.max_bad_fraction and rerun"
     )
 
 
@@ -220,7 +255,8 @@ def encode_split(
     encoded_from = {name: {**settings, "inputs": inputs} for name, _, inputs in units}
     names = [name for name, _, _ in units]
     result: dict[str, list[str]] = {"written": [], "skipped": []}
-    tracker = BadSampleTracker(datamodule.hparams.max_bad_fraction, datamodule.hparams.bad_check_after)
+    limits = datamodule.hparams.max_bad_fraction, datamodule.hparams.bad_check_after
+    tracker = BadSampleTracker(*limits)  # this run's shards, and those it skips as finished
     workers = datamodule.hparams.num_workers
 
     def encode_shard(name: str, unit, inputs) -> tuple[int, dict[str, int]]:
@@ -243,28 +279,52 @@ def encode_split(
             tracker.update([("empty_shard", str(inputs))], good=0)
         h, w = header["grid"]
         array = np.concatenate(tokens) if tokens else np.zeros((0, h, w), dtype=header["dtype"])
-        write_shard(out, name, array, captions, dict(bad.total), encoded_from[name])
+        write_shard(out, name, array, captions, dict(bad.total), encoded_from[name], bad.examples)
         return array.shape[0], dict(bad.total)
 
+    def record(name: str) -> dict:
+        return read_json(out / f"{name}.json", RECORD_KEYS, reencode_hint(out, name))
+
+    def refusal(counts: BadSampleTracker, final: bool) -> TooManyBadSamples:
+        # a refused split never loads, whatever index an earlier run (under a higher limit) left
+        (out / "index.json").unlink(missing_ok=True)
+        return TooManyBadSamples(too_many_bad(counts, split, out, final))
+
     mine = [unit for number, unit in enumerate(units) if number % world == rank]  # this rank's shards
-    with progress_bar() as bar:
-        task = bar.add_task(f"[rank {rank}] encoding {split}: {len(mine)} shards", total=len(mine))
-        for name, unit, inputs in mine:
-            if shard_finished(out, name, encoded_from[name]):
-                result["skipped"].append(name)
-            elif max_shards is not None and len(result["written"]) >= max_shards:
-                break
-            else:
-                count, shard_bad = encode_shard(name, unit, inputs)
-                result["written"].append(name)
-                log.info(f"[rank {rank}] {out / name}: {count} samples, bad {shard_bad or 'none'}")
-            bar.update(task, advance=1)
-    tracker.check(final=True)
-    if tracker.bad:
-        log.warning(f"[rank {rank}] encoding {split}: {tracker.summary()}")
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(f"[rank {rank}] encoding {split}: {len(mine)} shards", total=len(mine))
+            for name, unit, inputs in mine:
+                if shard_finished(out, name, encoded_from[name]):
+                    result["skipped"].append(name)
+                    count_recorded(tracker, record(name))  # a rerun stops where the first run stopped
+                elif max_shards is not None and len(result["written"]) >= max_shards:
+                    break
+                else:
+                    count, shard_bad = encode_shard(name, unit, inputs)
+                    result["written"].append(name)
+                    log.info(f"[rank {rank}] {out / name}: {count} samples, bad {shard_bad or 'none'}")
+                bar.update(task, advance=1)
+    except TooManyBadSamples:  # over the limit after `data.bad_check_after` samples
+        raise refusal(tracker, final=False) from None
     result["unfinished"] = [n for n in names if not shard_finished(out, n, encoded_from[n])]
-    if not result["unfinished"]:
-        shards = [read_json(out / f"{n}.json", RECORD_KEYS, reencode_hint(out, n)) for n in names]
+    # the split's bad fraction, from every finished shard's record (those of earlier runs and other ranks too), so
+    # that a rerun that skips them refuses as the run that wrote them did
+    shards = [record(n) for n in names if n not in result["unfinished"]]
+    split_bad = BadSampleTracker(*limits)
+    for shard in shards:
+        count_recorded(split_bad, shard)
+    final = not result["unfinished"]
+    try:
+        split_bad.check(final=final)
+    except TooManyBadSamples:
+        raise refusal(split_bad, final) from None
+    if split_bad.bad:
+        log.warning(
+            f"[rank {rank}] token cache of split {split!r} ({out}): {split_bad.bad} bad samples left out of "
+            f"{split_bad.bad + split_bad.good} in {len(shards)} finished shards: {bad_counts(split_bad)}"
+        )
+    if final:
         _write_json(out / "index.json", {**header, "version": VERSION, "split": split, "shards": shards,
                                          "total": sum(s["count"] for s in shards)})  # fmt: skip
     else:

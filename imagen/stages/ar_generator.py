@@ -57,6 +57,12 @@ GROUP_SUFFIX = {"seen": "", "heldout": "_heldout", "new": "_new"}
 CPU_FORWARD_ROWS = 64
 
 
+def trained_image_size(checkpoint: dict) -> int | None:
+    """The `data.image_size` an autoencoder checkpoint was trained at (its datamodule's hyperparameters, which
+    Lightning saves); None where it does not say (an exported checkpoint)."""
+    return (checkpoint.get(pl.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}).get("image_size")
+
+
 def module_spec(module: nn.Module) -> dict:
     """`{_target_, **init_args}` of a module that records its constructor arguments in `init_args`."""
     cls = type(module)
@@ -146,7 +152,17 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         ignore = ["net", "text_encoder", "optimizer", "scheduler", *self.MODULE_ARGS]
         self.save_hyperparameters(logger=False, ignore=ignore)
         if autoencoder_ckpt:
-            self.autoencoder = load_autoencoder(autoencoder_ckpt, trust_checkpoint)
+            checkpoint = read_checkpoint(autoencoder_ckpt, trust_checkpoint)
+            self.autoencoder = load_autoencoder(autoencoder_ckpt, trust_checkpoint, checkpoint)
+            trained = trained_image_size(checkpoint)
+            # a warning, not an error: the convolutional autoencoder runs at any size its factor divides
+            if trained is not None and trained != image_size:
+                log.warning(
+                    f"data.image_size={image_size}, but the autoencoder model.autoencoder_ckpt={autoencoder_ckpt} "
+                    f"was trained at data.image_size={trained}: its codes of {image_size} px images are off the "
+                    f"distribution it learned, which costs quality; set data.image_size={trained}, or train an "
+                    f"autoencoder at {image_size} px"
+                )
         elif (
             autoencoder_config is not None
         ):  # rebuilt from this stage's own checkpoint, which holds its weights
