@@ -743,13 +743,33 @@ def test_judge_acc_takes_each_prompt_s_first_candidate_and_the_reranked_figure_i
     )
     prompts = ["a small red circle on the left", "a large blue square", "a small green triangle", "a large red square",
                "a small blue circle"]  # fmt: skip
-    images = stage._judged_images("val", "seen", prompts, [None] * 5, judge, torch.Generator().manual_seed(4))
+    images = stage._judged_images(
+        "val", "seen", prompts, [None] * 5, judge, stage._prompt_seeds(list(range(5)))
+    )
     assert [len(tokens) for tokens, _, _ in drawn] == [6, 6, 3] and images.shape[0] == 5
     first = torch.cat([tokens[::3] for tokens, _, _ in drawn])  # (5, N): candidate 0 of each prompt
     best = torch.cat([best for _, best, _ in drawn])
     torch.testing.assert_close(images, stage.decode_tokens(first), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(judged), stage.decode_tokens(best), atol=1e-5, rtol=1e-5)
     assert stage.metrics["val"]["judge_acc_reranked"].compute() == pytest.approx(3 / 5)
+
+
+def test_evaluation_images_depend_on_the_prompt_not_on_the_number_of_processes(joint_ckpt, monkeypatch):
+    """Each evaluation prompt draws from its own seed: on 2 processes (each sampling every other prompt) the images are
+    those of 1 process, so generation metrics do not change with the number of GPUs."""
+    from types import SimpleNamespace
+
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    stage.rerank = RerankSettings(candidates=2)
+    prompts = ["a small red circle on the left", "a large blue square", "a small green triangle", "a large red square",
+               "a small blue circle"]  # fmt: skip
+    judge = SimpleNamespace(matches=lambda images, scenes: torch.ones(len(images)))
+    one = stage._judged_images("val", "seen", prompts, [None] * 5, judge, stage._prompt_seeds(list(range(5))))
+    for rank in (0, 1):  # what each of 2 processes samples: its share of the prompts, by prompt number
+        share = stage._judged_images("val", "seen", prompts[rank::2], [None] * len(prompts[rank::2]), judge,
+                                     stage._prompt_seeds(list(range(5))[rank::2]))  # fmt: skip
+        torch.testing.assert_close(share, one[rank::2], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(one[0], one[1])
 
 
 def test_images_to_caption_are_cropped_not_squashed(tmp_path):

@@ -14,13 +14,12 @@ from omegaconf import DictConfig
 from imagen.checkpoints import CheckpointError
 from imagen.cli.checks import ConfigError, expect_number
 from imagen.cli.utils import apply_extras, task_wrapper
+from imagen.sampling.ar import IMAGE_SEED_STRIDE
 
 log = logging.getLogger("imagen")
 
 TASKS = ("generate", "caption", "ner")
 SAMPLE_IMAGE = re.compile(r"\d{3,}_\d{2,}\.png")  # images/PPP_SS.png
-# sample s of a prompt has seed `seed + s * IMAGE_SEED_STRIDE`: the runs of seeds 0, 1, ... share no image
-IMAGE_SEED_STRIDE = 2**32
 
 
 def resolve_device(name: str | int) -> torch.device:

@@ -17,6 +17,10 @@ import torch
 
 from imagen.models.ar_transformer import ARTransformer, lowbias32
 
+# images sampled with seeds `seed + k * IMAGE_SEED_STRIDE` share no draws: sample.py's sample k of a prompt (so the runs
+# of seeds 0, 1, ... share no image), and evaluation's prompt k
+IMAGE_SEED_STRIDE = 2**32
+
 
 @dataclass
 class KVCache:

@@ -31,7 +31,13 @@ from imagen.models.ar_transformer import ARConfig, ARTransformer
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.judge import JudgeFeatures
 from imagen.models.text_encoder import CaptionTokenizer, TextStates
-from imagen.sampling.ar import SamplingSettings, compiled_decode_step, generate, reusable_cache
+from imagen.sampling.ar import (
+    IMAGE_SEED_STRIDE,
+    SamplingSettings,
+    compiled_decode_step,
+    generate,
+    reusable_cache,
+)
 from imagen.stages.evaluation import rows_to_evaluate
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
@@ -448,9 +454,12 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         captions: list[str],
         settings: SamplingSettings | None = None,
         generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Captions -> images (B, 3, H, W) in [-1, 1]."""
-        return self.decode_tokens(self.generate_tokens(self.encode_text(captions), settings, generator))
+        """Captions -> images (B, 3, H, W) in [-1, 1]; the draws from `generator` or per-image `seeds`."""
+        return self.decode_tokens(
+            self.generate_tokens(self.encode_text(captions), settings, generator, seeds)
+        )
 
     @torch.no_grad()
     def token_logprob(self, tokens: torch.Tensor, text: TextStates) -> torch.Tensor:
@@ -474,6 +483,12 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.hparams.eval_seed + self.global_rank)
         return generator
+
+    def _prompt_seeds(self, numbers: list[int]) -> torch.Tensor:
+        """(B,) the seeds of evaluation prompts by their number in the group's list: an image's draws depend on its
+        prompt and `eval_seed` alone, not on the number of processes or the batch it is sampled in."""
+        seeds = [self.hparams.eval_seed + k * IMAGE_SEED_STRIDE for k in numbers]
+        return torch.tensor(seeds, dtype=torch.long, device=self.device)
 
     # -- evaluation ---------------------------------------------------------------------------------------------------
 
@@ -502,7 +517,6 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         if judge is None or not hasattr(datamodule, "eval_prompts"):
             return {}
         limit = self.hparams.eval_prompts if split == "val" else self.hparams.test_prompts
-        generator = self._eval_generator()
         judge.to(self.device)
         # not a submodule: the judge's weights must not enter this stage's checkpoints
         fid = FrechetInceptionDistance(feature=JudgeFeatures(judge.net), sync_on_compute=True).to(self.device)
@@ -510,10 +524,12 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         for group in self._prompt_groups():
             key = f"judge_acc{GROUP_SUFFIX[group]}"
             captions, scenes, real = datamodule.eval_prompts(split, group=group, limit=limit)
+            numbers = list(range(len(captions)))[rank::world]  # this rank's share, by prompt number
             captions, scenes, real = captions[rank::world], scenes[rank::world], real[rank::world]
             for i in range(0, len(captions), step):
+                seeds = self._prompt_seeds(numbers[i : i + step])
                 images = self._judged_images(
-                    split, group, captions[i : i + step], scenes[i : i + step], judge, generator
+                    split, group, captions[i : i + step], scenes[i : i + step], judge, seeds
                 )
                 self.metrics[split][key].update(judge.matches(images, scenes[i : i + step]).float())
                 self._score_generated(split, group, images, scenes[i : i + step])
@@ -535,10 +551,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         captions: list[str],
         scenes: list[Scene],
         judge: Judge,
-        generator: torch.Generator,
+        seeds: torch.Tensor,
     ) -> torch.Tensor:
-        """One image per prompt for `judge_acc` (a subclass also judges further samples of the same prompts)."""
-        return self.generate_images(captions, generator=generator)
+        """One image per prompt for `judge_acc`, drawn from the prompts' `seeds` (a subclass also judges further
+        samples of the same prompts)."""
+        return self.generate_images(captions, seeds=seeds)
 
     def _sum_over_ranks(self, counts: list[int]) -> list[int]:
         """`counts` summed element-wise over the ranks (as they are on a single process)."""

@@ -657,17 +657,17 @@ class JointStage(ARGeneratorStage):
         captions: list[str],
         scenes: list[Scene],
         judge: Judge,
-        generator: torch.Generator,
+        seeds: torch.Tensor,
     ) -> torch.Tensor:
         """`rerank.candidates` images per prompt: the best by `rerank.score` is judged for `judge_acc*_reranked`, and
         the first, a plain sample, is returned for `judge_acc` (so the two are judged on the same draws)."""
         n = self.rerank.candidates
         if n < 2 or self._untrained_scorer() is not None:
-            return super()._judged_images(split, group, captions, scenes, judge, generator)
+            return super()._judged_images(split, group, captions, scenes, judge, seeds)
         step = max(1, self.hparams.eval_batch_size // n)
         plain = []
         for i in range(0, len(captions), step):
-            tokens, best, _ = self._sample_candidates(captions[i : i + step], n, generator=generator)
+            tokens, best, _ = self._sample_candidates(captions[i : i + step], n, seeds=seeds[i : i + step])
             first_and_best = self.decode_tokens(torch.cat([tokens[::n], best]))  # (2 * B, 3, H, W)
             first, best = first_and_best.chunk(2)
             plain.append(first)
