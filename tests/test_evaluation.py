@@ -99,3 +99,84 @@ def test_an_evaluation_loss_is_weighted_and_keeps_a_diverged_batch_s_nan():
     assert mean.compute().item() == pytest.approx(17 / 9)
     mean.update(torch.tensor(float("nan")), weight=8)
     assert mean.compute().isnan()  # not dropped: a diverged model does not report the other batches' figure
+
+
+def test_the_autoencoder_psnr_is_torchmetrics_per_image_psnr_averaged():
+    from torchmetrics.image import PeakSignalNoiseRatio
+
+    from imagen.stages.autoencoder import ImagePSNR
+
+    torch.manual_seed(0)
+    ours, reference = ImagePSNR(data_range=1.0), PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+    for size, noise in [(4, 0.05), (1, 0.3), (3, 0.01)]:  # batches of unequal sizes and errors
+        target = torch.rand(size, 3, 16, 16)
+        preds = (target + noise * torch.randn_like(target)).clamp(0, 1)
+        ours.update(preds, target)
+        reference.update(preds, target)
+    assert ours.compute().item() == pytest.approx(reference.compute().item(), rel=1e-6)  # float rounding only
+
+
+class _BrightnessJudge:
+    """The shapes judge's interface: an image is right when its mean is above its target."""
+
+    def to(self, device):
+        return self
+
+    def exact(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(1, 2, 3)) > target
+
+
+def _autoencoder_evaluation(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One evaluation epoch of the autoencoder stage, whose rows all lie on rank 0: on rank 1 they were the
+    sampler's repeats (one sample, two ranks), left out. Writes the logged values."""
+    import datetime
+    import functools
+    import types
+
+    import torch.distributed as dist
+
+    from imagen.models.autoencoder import Autoencoder
+    from imagen.stages.autoencoder import AutoencoderStage
+
+    torch.manual_seed(0)
+    stage = AutoencoderStage(
+        Autoencoder.from_size("tiny", quantizer="fsq"), functools.partial(torch.optim.AdamW)
+    )
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    batch = {"image": images, "target": torch.zeros(3), "heldout": torch.tensor([True, False, False])}
+    if world > 1:  # a short timeout: a collective that one rank misses fails the test instead of hanging it
+        timeout = datetime.timedelta(seconds=30)
+        dist.init_process_group("gloo", f"file://{init_file}", timeout=timeout, rank=rank, world_size=world)
+
+    def reduce(tensor, reduce_op):  # DDPStrategy.reduce's "sum"
+        if world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    strategy = types.SimpleNamespace(reduce=reduce, root_device=torch.device("cpu"))
+    stage.trainer = types.SimpleNamespace(
+        strategy=strategy, datamodule=types.SimpleNamespace(judge=_BrightnessJudge())
+    )
+    logged = {}
+    stage.log_dict = lambda values, **kwargs: logged.update({k: float(v) for k, v in values.items()})
+    with torch.no_grad():
+        if rank == 0:
+            stage._eval_step(batch, "val")
+        stage._eval_epoch_end("val")
+    torch.save(logged, f"{out_dir}/rank{rank}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_autoencoder_evaluation_rows_takes_part_in_every_metric(tmp_path):
+    """2 processes: the one with no rows to evaluate still synchronises every metric the other computes (PSNR's
+    list states and a judge accuracy computed on the other's count alone failed), and both log the values of one
+    process."""
+    import torch.multiprocessing as mp
+
+    _autoencoder_evaluation(0, 1, "", str(tmp_path))
+    single = torch.load(tmp_path / "rank0.pt")
+    assert {"val/psnr", "val/ssim", "val/judge_acc", "val/judge_acc_heldout"} <= set(single)
+    mp.spawn(_autoencoder_evaluation, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == pytest.approx(single, rel=1e-6)

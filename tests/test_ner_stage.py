@@ -225,3 +225,55 @@ def test_roberta_style_encoders_read_two_positions_fewer_than_they_have():
     assert usable_positions(BertConfig(max_position_embeddings=512)) == 512
     # positions start after the padding index: 514 embeddings, 512 tokens
     assert usable_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+
+
+@pytest.mark.parametrize("head", ["linear", "crf"])
+def test_the_evaluation_loss_is_the_loss_of_the_split_each_window_once(cache_dir, tmp_path, head):
+    """`test/loss` is the loss of the whole split (the mean over its scored tokens, or with the CRF over its
+    windows' sequences), whatever the batches: not a mean of the batches' means. Under DDP a rank's share ends with
+    repeats of another's windows, left out: here the two ranks' shares (Lightning's DistributedSampler) are run one
+    after the other and their values, weighted by what each scored, make the split's."""
+    import functools
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from imagen.data.conll import ConllDataModule, collate_windows
+    from imagen.models.ner import tiny_random_encoder
+    from imagen.stages.ner import NerStage
+
+    encoder = tiny_random_encoder(cache_dir / "ner_tiny_encoder")
+    dm = ConllDataModule(encoder, data_dir=fixture_dir(), max_length=32, window_context=6, eval_batch_size=2)
+    dm.setup()
+    torch.manual_seed(0)
+    stage = NerStage(encoder, optimizer=None, head=head, dropout=0.0)
+    stage.labels = list(dm.labels)
+    stage.net.set_num_labels(len(stage.labels))
+    torch.nn.init.normal_(stage.net.head.weight, std=1.0)  # tokens of unequal losses
+    windows = dm.dataset("test")
+    collate = functools.partial(collate_windows, pad_id=dm.tokenizer.pad_token_id)
+
+    def loss_and_weight(indices: list[int]) -> tuple[float, int]:
+        """The loss of these windows as one batch, and how many tokens (or sequences) it is a mean over."""
+        batch = collate([windows[i] for i in indices])
+        with torch.no_grad():
+            _, loss = stage.net.eval()(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        scored = batch["labels"] != -100
+        return loss.item(), int((scored if head == "linear" else scored.any(dim=1)).sum())
+
+    def logged_loss(**loader) -> float:
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+        if loader:  # this rank's share, as Lightning's sampler gives it under DDP
+            dm.test_dataloader = lambda: DataLoader(windows, batch_size=2, collate_fn=collate, **loader)
+        trainer.test(stage, datamodule=dm, verbose=False)
+        return trainer.callback_metrics["test/loss"].item()
+
+    split, _ = loss_and_weight(list(range(len(windows))))
+    assert len(windows) == 7
+    assert logged_loss() == pytest.approx(split, rel=1e-5)  # 4 batches of 2, 2, 2, 1 windows
+    shares = [DistributedSampler(windows, num_replicas=2, rank=rank, shuffle=False) for rank in (0, 1)]
+    assert [list(s) for s in shares] == [[0, 2, 4, 6], [1, 3, 5, 0]]  # window 0 twice: once is a repeat
+    ranks = [logged_loss(sampler=share) for share in shares]
+    weights = [loss_and_weight(owned)[1] for owned in ([0, 2, 4, 6], [1, 3, 5])]
+    assert (ranks[0] * weights[0] + ranks[1] * weights[1]) / sum(weights) == pytest.approx(split, rel=1e-5)

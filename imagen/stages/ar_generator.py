@@ -38,7 +38,7 @@ from imagen.sampling.ar import (
     generate,
     reusable_cache,
 )
-from imagen.stages.evaluation import rows_to_evaluate
+from imagen.stages.evaluation import rows_to_evaluate, sum_over_ranks, updates_over_ranks
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
@@ -540,7 +540,10 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
                     fid.update(images, real=False)
                     fid.update(reference, real=True)
         # compute() gathers the features of every rank, so every rank must call it: decide on the count of all ranks
-        if self.hparams.compute_fid and self._sum_over_ranks([int(fid.fake_features_num_samples)])[0] > 1:
+        if (
+            self.hparams.compute_fid
+            and sum_over_ranks(self.trainer, [int(fid.fake_features_num_samples)])[0] > 1
+        ):
             return {f"{split}/fid": fid.compute()}
         return {}
 
@@ -556,11 +559,6 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         """One image per prompt for `judge_acc`, drawn from the prompts' `seeds` (a subclass also judges further
         samples of the same prompts)."""
         return self.generate_images(captions, seeds=seeds)
-
-    def _sum_over_ranks(self, counts: list[int]) -> list[int]:
-        """`counts` summed element-wise over the ranks (as they are on a single process)."""
-        total = torch.tensor(counts, dtype=torch.long, device=self.device)
-        return self.trainer.strategy.reduce(total, reduce_op="sum").tolist()
 
     def _score_generated(self, split: str, group: str, images: torch.Tensor, scenes: list[Scene]) -> None:
         """Further scores of images generated for prompts of `group` (a subclass's: the round trip)."""
@@ -594,10 +592,10 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
     def _eval_epoch_end(self, split: str) -> None:
         values = getattr(self, "_generated_values", {}).pop(split, {})
         metrics = self.metrics[split]
-        # A metric is computed if any rank updated it, on every rank: compute() synchronises its states across the
-        # ranks, and a rank with no prompts of a group (fewer prompts than ranks) or no batch of a group must still
-        # take part, else the others wait for it; every rank then logs the same keys.
-        updates = self._sum_over_ranks([metric.update_count for metric in metrics.values()])
+        # A metric is computed if any rank updated it, on every rank: a rank with no prompts of a group (fewer prompts
+        # than ranks) or no batch of a group must still take part, else the others wait for it; every rank then logs
+        # the same keys.
+        updates = updates_over_ranks(self.trainer, metrics.values())
         for (name, metric), count in zip(metrics.items(), updates, strict=True):
             if count > 0:
                 values[f"{split}/{name if name != 'nll' else 'nll_bits'}"] = metric.compute()

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from imagen.callbacks.fault import grads_are_finite
 from imagen.checkpoints import check_config, load_init_from, read_checkpoint, stage_info
@@ -18,7 +19,7 @@ from imagen.metrics import loss_mean
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
 from imagen.models.losses import hinge_discriminator_loss, hinge_generator_loss
-from imagen.stages.evaluation import rows_to_evaluate
+from imagen.stages.evaluation import rows_to_evaluate, updates_over_ranks
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 
@@ -40,6 +41,23 @@ def fp16_unsupported(adversarial: bool, grad_clip: float | None) -> str | None:
     else:
         return None
     return f"{why}, or use trainer.precision=bf16-mixed or 32-true"
+
+
+class ImagePSNR(MeanMetric):
+    """The mean over images of each image's PSNR (over its channels and pixels), as torchmetrics'
+    `PeakSignalNoiseRatio(dim=(1, 2, 3))` computes it, but kept as a sum and a count: that one keeps a list of
+    per-image errors, whose synchronisation fails under DDP when a rank has no image to evaluate (its sampler share
+    all repeats or stand-ins). A nan is kept, not dropped."""
+
+    def __init__(self, data_range: float = 1.0, **kwargs):
+        super().__init__(nan_strategy=float("nan"), **kwargs)
+        self.data_range = data_range
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        per_image = peak_signal_noise_ratio(
+            preds, target, data_range=self.data_range, dim=(1, 2, 3), reduction="none"
+        )
+        super().update(per_image)
 
 
 class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
@@ -107,7 +125,7 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
     def _split_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict(
             {
-                "psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
+                "psnr": ImagePSNR(data_range=1.0),
                 "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
                 "codebook": CodebookUsage(self.net.vocab_size),
                 "rec_loss": loss_mean(),  # over every sample of all ranks
@@ -227,15 +245,21 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
 
     def _eval_epoch_end(self, split: str) -> None:
         m = self.metrics[split]
-        codebook = m["codebook"].compute()
-        values = {
-            f"{split}/psnr": m["psnr"].compute(),
-            f"{split}/ssim": m["ssim"].compute(),
-            f"{split}/rec_loss": m["rec_loss"].compute(),
-            f"{split}/codebook_usage": codebook["usage"],
-            f"{split}/perplexity": codebook["perplexity"],
-        }
-        if m["judge_acc"].update_count > 0:
+        # Each metric's compute() synchronises its states across the ranks: whether to compute it is decided on the
+        # update counts of all ranks, as a rank whose rows were all dropped (`rows_to_evaluate`: fewer samples than
+        # ranks, or only stand-ins) updated nothing yet must take part; every rank then logs the same keys.
+        updated = dict(zip(m.keys(), updates_over_ranks(self.trainer, m.values()), strict=True))
+        values = {}
+        if updated["psnr"] > 0:  # psnr, ssim, codebook and rec_loss are updated together
+            codebook = m["codebook"].compute()
+            values = {
+                f"{split}/psnr": m["psnr"].compute(),
+                f"{split}/ssim": m["ssim"].compute(),
+                f"{split}/rec_loss": m["rec_loss"].compute(),
+                f"{split}/codebook_usage": codebook["usage"],
+                f"{split}/perplexity": codebook["perplexity"],
+            }
+        if updated["judge_acc"] > 0:
             values[f"{split}/judge_acc"] = m["judge_acc"].compute()
             heldout = m["judge_acc_heldout"].compute()  # nan when the split holds no held-out composition
             if not torch.isnan(heldout):

@@ -52,3 +52,17 @@ def without_sampler_repeats(trainer, batch: dict, batch_idx: int, dataloader_idx
         return None
     owned_rows = torch.arange(rows) < keep
     return {key: _rows(value, owned_rows) for key, value in batch.items()}
+
+
+def sum_over_ranks(trainer, counts: list[int]) -> list[int]:
+    """`counts` summed element-wise over the ranks (as they are on a single process), the same on every rank."""
+    strategy = trainer.strategy
+    total = torch.tensor(counts, dtype=torch.long, device=strategy.root_device)
+    return strategy.reduce(total, reduce_op="sum").tolist()
+
+
+def updates_over_ranks(trainer, metrics) -> list[int]:
+    """Each of `metrics`' update counts summed over the ranks. A metric's compute() synchronises its states across the
+    ranks, so whether to compute it must be decided on these, not on a rank's own count: a rank whose evaluation rows
+    were all dropped (`rows_to_evaluate`) updated nothing, yet must take part when another rank computes."""
+    return sum_over_ranks(trainer, [metric.update_count for metric in metrics])

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn as nn
 
 from imagen.checkpoints import load_init_from, read_checkpoint, stage_info
-from imagen.data.conll import ConllDataModule, NerWindows, tokenizer_files
+from imagen.data.conll import IGNORE, ConllDataModule, NerWindows, tokenizer_files
+from imagen.metrics import loss_mean
 from imagen.metrics.ner import SCORING_MODES, entity_report, report_rows, report_table, token_report
 from imagen.models.ner import NerTagger, encoder_config_dict, usable_positions
+from imagen.stages.evaluation import rows_to_evaluate, updates_over_ranks
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer, warmup_linear
 
@@ -81,6 +84,8 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
         self._predictions: torch.Tensor | None = (
             None  # (words in the split,) predicted label ids, -1: none yet
         )
+        # `split/loss`: the loss of the whole split, each batch's weighted by what it is a mean over (see _eval_step)
+        self.eval_loss = nn.ModuleDict({split: loss_mean() for split in ("val", "test")})
 
     # -- setup ----------------------------------------------------------------------------------------------------
 
@@ -156,14 +161,31 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
         words = self._dataset(split).num_words
         self._predictions = torch.full((words,), -1, dtype=torch.long, device=self.device)
 
-    def _eval_step(self, batch: dict, split: str) -> None:
+    def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
+        # Under DDP the sampler repeats windows at the end of some ranks' shares: left out, each window counts once
+        if (batch := rows_to_evaluate(self.trainer, batch, batch_idx)) is None:
+            return
         logits, loss = self.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.log(f"{split}/loss", loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        # The batch's loss is a mean over its scored tokens (linear head), or over its windows with a scored token
+        # (CRF: a sequence's negative log-likelihood): weighted by that count, the epoch's is the whole split's.
+        scored = batch["labels"] != IGNORE
+        count = int((scored if self.net.crf is None else scored.any(dim=1)).sum())
+        if count > 0:  # else its loss is nan (a mean over nothing), and its weight 0
+            self.eval_loss[split].update(loss, weight=count)
         mask = batch["word_index"] >= 0  # (B, T) first subtokens of the windows' core words
         tags, _ = self.net.decode(logits, mask)
         self._predictions[batch["word_index"][mask]] = tags[mask]
 
+    def _log_loss(self, split: str) -> None:
+        """`split/loss` over all ranks, synchronised once: computed on every rank if any rank scored a token (a rank
+        whose windows were all repeats of another's has none, yet takes part)."""
+        loss = self.eval_loss[split]
+        if updates_over_ranks(self.trainer, [loss])[0] > 0:
+            self.log(f"{split}/loss", loss.compute(), sync_dist=False)  # the same on every rank
+        loss.reset()
+
     def _end(self, split: str) -> None:
+        self._log_loss(split)
         predictions = self._predictions
         if self.trainer.world_size > 1:  # each word was predicted on one rank (or the same on several)
             torch.distributed.all_reduce(predictions, op=torch.distributed.ReduceOp.MAX)
@@ -212,7 +234,7 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
         self._start("val")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._end("val")
@@ -221,7 +243,7 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
         self._start("test")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
         self._end("test")
