@@ -77,6 +77,14 @@ def test_training_split_picks_among_all_captions(corpora):
     assert seen == {"picture number 0", "another caption 0"}
 
 
+def test_evaluation_items_keep_every_caption_as_references(corpora):
+    dm = ImageTextDataModule("coco", image_size=32, **corpora["coco"])
+    item = dm.build_dataset("val")[0]
+    assert item["caption"] == "picture number 0"  # evaluation reads the first
+    assert item["all_captions"].split("\n") == ["picture number 0", "another caption 0"]
+    assert "all_captions" not in dm.build_dataset("train")[0]
+
+
 def test_training_crops_and_captions_follow_the_item_seed_and_resume(corpora):
     def loader():
         torch.manual_seed(5)  # the run's seed

@@ -772,6 +772,24 @@ def test_evaluation_images_depend_on_the_prompt_not_on_the_number_of_processes(j
     assert not torch.equal(one[0], one[1])
 
 
+def test_bleu_references_are_every_caption_of_a_real_corpus_image(joint_ckpt):
+    from types import SimpleNamespace
+
+    stage = JointStage.from_checkpoint(joint_ckpt)
+    stage.trainer = SimpleNamespace(
+        datamodule=None
+    )  # a real corpus: no shapes split to read paraphrases from
+    batch = {
+        "caption": ["a red circle", "a blue square"],
+        "all_captions": ["a red circle\na circle in red", "a blue square"],
+    }
+    references = stage._references("val", batch, torch.tensor([0, 1]))
+    assert [len(row) for row in references] == [2, 1]
+    assert references[0][1].split() == ["a", "circle", "in", "red"]
+    del batch["all_captions"]  # a corpus item without them: its one caption
+    assert [len(row) for row in stage._references("val", batch, torch.tensor([0, 1]))] == [1, 1]
+
+
 def test_images_to_caption_are_cropped_not_squashed(tmp_path):
     from imagen.cli.sample_caption import read_image
 

@@ -65,7 +65,9 @@ def test_round_trip(coco_dm, ckpt, tmp_path):
         grid, read_captions = dataset.captions(i)
         assert np.array_equal(grid, tokens[i]) and read_captions == captions[i]
         assert torch.equal(dataset[i]["tokens"], torch.from_numpy(tokens[i].astype(np.int64)).flatten())
+        assert dataset[i]["all_captions"].split("\n") == captions[i]  # evaluation's references: every caption
     assert len(TokenCacheDataset(tmp_path / "cache" / "val")) == 1
+    assert "all_captions" not in TokenCacheDataset(tmp_path / "cache" / "train", random_caption=True)[0]
 
 
 def test_interrupted_encode_resumes(coco_dm, ckpt, tmp_path, monkeypatch):

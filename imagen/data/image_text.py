@@ -445,9 +445,12 @@ class ImageTextDataModule(pl.LightningDataModule):
     # -- datasets -----------------------------------------------------------------------------------------------
 
     def preprocess(self, split: str) -> Preprocess:
+        """Training: a random crop and caption; evaluation: the center crop and first caption, with every caption kept
+        (`all_captions`: the references of caption metrics)."""
         h = self.hparams
         train = split == "train"
-        return Preprocess(h.image_size, h.random_crop and train, train, h.max_pixels, h.max_caption_chars)
+        return Preprocess(h.image_size, h.random_crop and train, train, h.max_pixels, h.max_caption_chars,
+                          keep_all_captions=not train)  # fmt: skip
 
     def _records(self) -> dict[str, list[Record]]:
         """Records per split for the map-style formats."""

@@ -498,12 +498,15 @@ class TokenCacheDataset(Dataset):
         elif self.random_caption and len(captions) > 1:
             pick = int(torch.randint(len(captions), ()))
         tokens = torch.from_numpy(grid.astype(np.int64)).flatten()  # (h, w) -> (h * w,) raster order
-        return {
+        item = {
             "tokens": tokens,
             "caption": captions[pick],
             "name": f"{self.directory.name}/{index}",
             "index": index,
         }
+        if not self.random_caption:  # evaluation: every caption, the references of caption metrics
+            item["all_captions"] = "\n".join(captions)
+        return item
 
     def all_captions(self, limit: int | None = None) -> list[str]:
         """Every caption of the first samples, up to `limit` captions."""

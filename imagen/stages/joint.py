@@ -471,14 +471,17 @@ class JointStage(ARGeneratorStage):
         start = sum(len(rows[2]) for rows in self._embeddings.get(split, []))
         return torch.arange(start, start + n) + (self.global_rank << 40)
 
-    def _references(self, split: str, index: torch.Tensor, captions: list[str]) -> list[list[str]]:
-        """Every paraphrase of each image's caption when the data has them, spelled as the tokenizer decodes."""
+    def _references(self, split: str, batch: dict, index: torch.Tensor) -> list[list[str]]:
+        """Every caption of each image (the shapes data's paraphrases; a real corpus's captions, `all_captions`, one per
+        line), spelled as the tokenizer decodes."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "split"):
             paraphrases = datamodule.split(split).captions
             rows = [paraphrases[i] for i in index.tolist()]
+        elif "all_captions" in batch:
+            rows = [captions.split("\n") for captions in batch["all_captions"]]
         else:
-            rows = [[c] for c in captions]
+            rows = [[c] for c in batch["caption"]]
         flat = ids_to_text(self.caption_ids([c for row in rows for c in row]), self.caption_tokenizer)
         out, start = [], 0
         for row in rows:
@@ -505,7 +508,7 @@ class JointStage(ARGeneratorStage):
             # a mean over the batch's caption tokens: weighted by their number
             metrics["caption_nll"].update(loss / math.log(2), weight=(ids[:, 1:] != PAD_ID).sum())
             generated = self.decode_captions(tokens, features, self.caption_decoding, self._eval_generator())
-            metrics["bleu4"].update(generated, self._references(split, index, captions))
+            metrics["bleu4"].update(generated, self._references(split, batch, index))
             scenes = self._scenes(split, index)
             if scenes is not None:
                 correct = torch.tensor(
