@@ -103,8 +103,10 @@ def index_imagefolder(root: Path, caption_column: str = "text") -> list[Record]:
         path = root / name
         if name not in files:
             records.append(Record(path, problem=BadSample("missing_image", str(path))))
+        elif not found:  # rows without a caption value
+            records.append(Record(path, problem=BadSample("missing_caption", str(path))))
         else:
-            records.append(Record(path, captions=found or None))
+            records.append(Record(path, captions=found))
     for name in sorted(set(files) - set(captions)):
         records.append(Record(files[name], problem=BadSample("missing_caption", str(files[name]))))
     return records
@@ -117,7 +119,13 @@ def index_image_txt(root: Path) -> list[Record]:
     files = sorted(p for p in root.rglob("*") if p.is_file())
     images = [p for p in files if _is_image(p)]
     stems = {p.with_suffix("") for p in images}
-    records = [Record(p, caption_file=p.with_suffix(".txt")) for p in images]
+    listed = set(files)
+    records = [
+        Record(p, caption_file=p.with_suffix(".txt"))
+        if p.with_suffix(".txt") in listed
+        else Record(p, problem=BadSample("missing_caption", str(p)))
+        for p in images
+    ]
     for txt in files:
         if txt.suffix == ".txt" and txt.with_suffix("") not in stems:
             records.append(Record(txt, problem=BadSample("missing_image", str(txt))))

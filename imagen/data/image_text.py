@@ -337,36 +337,35 @@ def expand_shards(spec: str | list[str], key: str = "data.shards") -> list[str]:
 
 
 def holdout_split(records: list[Record], fraction: float, seed: int, root: Path) -> dict[str, list[Record]]:
-    """Carve test and val (each `fraction` of the records, at least one) out of one list, deterministically.
+    """Carve test and val (each about `fraction` of the records, at least one) out of one list, deterministically.
 
-    The records are ranked by a hash of `seed` and each file's path under `root`, so a file's place does not depend
-    on the other files: test takes the first k, val the next k. Adding images to the corpus then never moves a
-    training image into test (a test image may move to val, a val image to training). Records already known to be
-    bad (no caption, no image) are never held out: they stay in training, where they are counted when read."""
-    usable = [r for r in records if r.problem is None]
-    n = len(usable)
-    k = max(1, round(fraction * n))
-    if n < 2 * k + 1:
+    Each file's place follows from a hash of `seed` and its path under `root` alone, as a number u in [0, 1): test
+    holds the files with u < `fraction`, val those with u < 2 x `fraction`, training the rest. So adding files to
+    the corpus, or removing some, moves no other file between splits (a corpus too small to have a file in test or
+    val lends it the training file of lowest u). Records already known to be bad (no caption, no image) are never
+    held out: they stay in training, where they are counted when read."""
+
+    def place(record: Record) -> float:
+        image = record.image
+        name = image.relative_to(root).as_posix() if image.is_relative_to(root) else str(image)
+        return int(hashlib.sha256(f"{seed}\0{name}".encode()).hexdigest()[:15], 16) / 16**15
+
+    places = {id(r): place(r) for r in records if r.problem is None}
+    usable = sorted((r for r in records if r.problem is None), key=lambda r: places[id(r)])
+    if len(usable) < 3:
         raise ValueError(
-            f"{root}: {n} samples with an image and a caption are too few to hold out validation and test sets of "
-            f"{k} each"
+            f"{root}: {len(usable)} samples with an image and a caption are too few to hold out validation and test "
+            "sets and train on the rest"
         )
-
-    def rank(record: Record) -> str:
-        name = (
-            record.image.relative_to(root).as_posix()
-            if record.image.is_relative_to(root)
-            else str(record.image)
-        )
-        return hashlib.sha256(f"{seed}\0{name}".encode()).hexdigest()
-
-    test, val = set(), set()
-    for i, record in enumerate(sorted(usable, key=rank)[: 2 * k]):
-        (test if i < k else val).add(id(record))
+    test = {id(r) for r in usable if places[id(r)] < fraction} or {id(usable[0])}
+    val = {id(r) for r in usable if id(r) not in test and places[id(r)] < 2 * fraction}
+    val = val or {next(id(r) for r in usable if id(r) not in test)}
+    if len(test) + len(val) == len(usable):
+        raise ValueError(f"{root}: data.holdout_fraction={fraction} holds out every sample; lower it")
     return {
         "val": [r for r in records if id(r) in val],
         "test": [r for r in records if id(r) in test],
-        "train": [r for r in records if id(r) not in val and id(r) not in test],
+        "train": [r for r in records if id(r) not in test and id(r) not in val],
     }
 
 
