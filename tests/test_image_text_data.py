@@ -560,7 +560,8 @@ def test_the_bad_fraction_stop_is_decided_on_every_process_s_training_reads(tmp_
 
     def rank_with(other: tuple[int, int]) -> ImageTextDataModule:
         """This rank's datamodule under a 2-process trainer whose other rank read `other` (bad, good)."""
-        strategy = types.SimpleNamespace(reduce=lambda t, reduce_op: t + torch.tensor(other),
+        # the other rank's counts by reason are left at 0; its totals (bad, good) come last
+        strategy = types.SimpleNamespace(reduce=lambda t, reduce_op: t + torch.tensor([0] * (len(t) - 2) + [*other]),
                                          root_device=torch.device("cpu"))  # fmt: skip
         dm = ImageTextDataModule(
             "image_txt", root=every_split("unused"), max_bad_fraction=0.3, bad_check_after=10
@@ -576,6 +577,13 @@ def test_the_bad_fraction_stop_is_decided_on_every_process_s_training_reads(tmp_
     train_batches(rank_with(other=(0, 200)), good=1)  # 20 of 40 bad here, 20 of 240 in all: goes on
     with pytest.raises(TooManyBadSamples, match=r"data.max_bad_fraction=0.3.*This process: 20 bad"):
         train_batches(rank_with(other=(60, 20)), good=4)  # 20 of 100 here, 80 of 180 in all: stops
+    # a run shorter than the checks' interval is judged at its epoch's end (and at teardown)
+    dm = rank_with(other=(30, 10))
+    dm.trainer.__dict__.update(global_rank=1, is_global_zero=False, loggers=[])
+    for i in range(3):
+        dm.on_before_batch_transfer({"caption": ["c"], "bad": [("empty_file", f"{i}.png")]}, 0)
+    with pytest.raises(TooManyBadSamples, match=r"33 of 46 samples read were bad"):
+        dm.report_epoch(0)
     # evaluation reads are counted apart and stop nothing, however bad
     dm = rank_with(other=(0, 0))
     dm.trainer.training = False

@@ -46,6 +46,7 @@ from imagen.data.preprocess import (
     truncate_caption,
 )
 from imagen.data.resumable import ResumableLoader
+from imagen.distributed import sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -683,31 +684,27 @@ class ImageTextDataModule(pl.LightningDataModule):
     def check_bad_fraction(self) -> None:
         """Stop on the bad fraction of every process's training reads, summed: one process stopping alone would leave
         the others waiting in a collective. Every rank calls it at the same training batch."""
-        strategy = self.trainer.strategy
-        summed = strategy.reduce(
-            torch.tensor([self.bad.bad, self.bad.good], device=strategy.root_device), reduce_op="sum"
-        )
-        bad, good = (int(n) for n in summed.tolist())
+        bad, good = sum_over_ranks(self.trainer, [self.bad.bad, self.bad.good])
         self.bad.check(counts=(bad, good))
 
     def report_epoch(self, epoch: int) -> None:
-        """Warn with this process's counts of the epoch; log the counts of all processes (`data/bad_<reason>`).
-        Under DDP every rank calls it at the same step (its first training batch of the next epoch, or teardown)."""
+        """Warn with this process's counts of the epoch; log the counts of all processes (`data/bad_<reason>`), and
+        under DDP check the bad fraction of all of them (runs shorter than `BAD_CHECK_EVERY` batches included). Every
+        rank calls it at the same step (its first training batch of the next epoch, or teardown)."""
         counts = self.bad.end_epoch()
         if counts:
             log.warning(f"[rank {self._rank()}] epoch {epoch}: skipped bad samples by reason {counts}")
         trainer = self.trainer
         if trainer is None:
             return
-        if trainer.world_size > 1:  # each rank reads its own shards: sum, every rank taking part
+        if trainer.world_size > 1:  # each rank reads its own samples: sum, every rank taking part
             reasons = (*REASONS, "other")
             local = [counts.get(r, 0) for r in REASONS] + [
                 sum(n for r, n in counts.items() if r not in REASONS)
             ]
-            summed = trainer.strategy.reduce(
-                torch.tensor(local, device=trainer.strategy.root_device), reduce_op="sum"
-            )
-            counts = {reason: int(n) for reason, n in zip(reasons, summed.tolist(), strict=True) if n}
+            *summed, bad, good = sum_over_ranks(trainer, [*local, self.bad.bad, self.bad.good])
+            counts = {reason: n for reason, n in zip(reasons, summed, strict=True) if n}
+            self.bad.check(counts=(bad, good))
         if counts and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(

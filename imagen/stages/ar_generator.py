@@ -25,6 +25,7 @@ from imagen.checkpoints import (
     stage_info,
 )
 from imagen.data.shapes import Scene
+from imagen.distributed import sum_over_ranks
 from imagen.metrics import loss_mean
 from imagen.metrics.judge import Judge
 from imagen.models.ar_transformer import ARConfig, ARTransformer
@@ -38,7 +39,7 @@ from imagen.sampling.ar import (
     generate,
     reusable_cache,
 )
-from imagen.stages.evaluation import rows_to_evaluate, sum_over_ranks, updates_over_ranks
+from imagen.stages.evaluation import rows_to_evaluate, updates_over_ranks
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DistributedSampler
 
+from imagen.distributed import sum_over_ranks
+
 
 def rows_to_evaluate(trainer, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
     """`batch` less the rows that repeat a sample: those of another rank (`without_sampler_repeats`) and the stand-ins
@@ -52,13 +54,6 @@ def without_sampler_repeats(trainer, batch: dict, batch_idx: int, dataloader_idx
         return None
     owned_rows = torch.arange(rows) < keep
     return {key: _rows(value, owned_rows) for key, value in batch.items()}
-
-
-def sum_over_ranks(trainer, counts: list[int]) -> list[int]:
-    """`counts` summed element-wise over the ranks (as they are on a single process), the same on every rank."""
-    strategy = trainer.strategy
-    total = torch.tensor(counts, dtype=torch.long, device=strategy.root_device)
-    return strategy.reduce(total, reduce_op="sum").tolist()
 
 
 def updates_over_ranks(trainer, metrics) -> list[int]:
