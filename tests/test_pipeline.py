@@ -260,8 +260,10 @@ def test_the_command_lines_tags_and_extras_reach_every_stage_without_retraining_
 
 
 def test_under_ddp_only_the_launching_process_touches_the_stage_directories(tmp_path, monkeypatch):
-    """Every DDP process runs the pipeline: another process waits for rank 0 to prepare each stage's directory, then
-    trains with it, and moves, deletes and writes nothing (with `pipeline.reuse=false` it deleted rank 0's run)."""
+    """Every DDP process runs the pipeline: another process waits for rank 0 to decide on each stage (its record,
+    stamped with this command's launch id), then trains beside it, and moves, deletes and writes nothing. With
+    `pipeline.reuse=false` it deleted rank 0's run; and a finished record of the same settings left by an earlier
+    command must not pass for this command's."""
     import threading
     import time
 
@@ -269,7 +271,7 @@ def test_under_ddp_only_the_launching_process_touches_the_stage_directories(tmp_
 
     import imagen.cli.pipeline
     import imagen.cli.train
-    from imagen.cli.pipeline import run_pipeline
+    from imagen.cli.pipeline import prepare_run_dir, read_record, run_pipeline
 
     trained = []
 
@@ -279,20 +281,24 @@ def test_under_ddp_only_the_launching_process_touches_the_stage_directories(tmp_
 
     monkeypatch.setattr(imagen.cli.train, "train", fake_train)
     monkeypatch.setattr(imagen.cli.pipeline, "check_train_config", lambda stage_cfg: None)
+    monkeypatch.delenv("IMAGEN_LAUNCH_ID", raising=False)
     cfg = compose_config([f"pipeline.dir={tmp_path / 'q'}", "pipeline.reuse=false"], tmp_path / "run")
     with open_dict(cfg):
         cfg.pipeline.stages = {"autoencoder": ["experiment=shapes_autoencoder"]}
     run_dir = tmp_path / "q" / "autoencoder"
-    run_pipeline(
-        cfg
-    )  # rank 0: prepares the directory, trains, records the finished stage, writes the summary
-    record = (run_dir / STAGE_RECORD).read_text()
+    run_pipeline(cfg)  # an earlier command, as rank 0: trains the stage and records it finished
+    earlier = read_record(run_dir)
+    assert earlier["finished"] and earlier["launch"] == os.environ["IMAGEN_LAUNCH_ID"]
     (tmp_path / "q" / "summary.md").unlink()
-    (run_dir / STAGE_RECORD).unlink()  # as before rank 0 prepares it
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"weights")
 
-    def rank_0_prepares():
+    monkeypatch.setenv("IMAGEN_LAUNCH_ID", "this-command")  # what rank 0 of the next command passes on
+    settings = earlier["overrides"], earlier["settings"], earlier["inputs"]
+
+    def rank_0_prepares():  # reuse=false: moves the finished run aside and starts afresh
         time.sleep(1.5)
-        (run_dir / STAGE_RECORD).write_text(record)
+        prepare_run_dir(run_dir, *settings, fresh=True, launch="this-command")
 
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     preparing = threading.Thread(target=rank_0_prepares)
@@ -300,9 +306,14 @@ def test_under_ddp_only_the_launching_process_touches_the_stage_directories(tmp_
     preparing.start()
     run_pipeline(cfg)
     preparing.join()
-    assert time.time() - start >= 1.5 and trained == [0, 1]  # it waited for rank 0, then trained beside it
-    assert (run_dir / STAGE_RECORD).read_text() == record and not (tmp_path / "q" / "summary.md").exists()
-    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["autoencoder", "metrics.json"]
+    assert time.time() - start >= 1.5 and trained == [
+        0,
+        1,
+    ]  # it waited for this command's record, then trained
+    record = read_record(run_dir)
+    assert record["launch"] == "this-command" and not record["finished"]  # rank 0's, untouched
+    assert not (tmp_path / "q" / "summary.md").exists()
+    assert (tmp_path / "q" / "autoencoder.previous" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_a_quickstart_sweep_runs_each_job_in_its_own_directory(tmp_path):

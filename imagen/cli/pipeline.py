@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -32,11 +33,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from imagen.checkpoints import checkpoint_sha256
 from imagen.cli.checks import check_train_config
+from imagen.distributed import launching_process
 
 log = logging.getLogger("imagen")
 
@@ -158,7 +159,12 @@ def restore_previous(run_dir: Path, overrides: list[str], digest: str, inputs: d
 
 
 def prepare_run_dir(
-    run_dir: Path, overrides: list[str], digest: str, inputs: dict[str, str], fresh: bool = False
+    run_dir: Path,
+    overrides: list[str],
+    digest: str,
+    inputs: dict[str, str],
+    fresh: bool = False,
+    launch: str | None = None,
 ) -> None:
     """A stage interrupted with the same settings continues in its directory (its checkpoints resume it), unless
     `fresh` (`pipeline.reuse=false`); a directory from other settings or inputs, or a finished run, is moved aside
@@ -179,27 +185,70 @@ def prepare_run_dir(
             run_dir.rename(previous)
             log.info(f"pipeline: {run_dir} held a finished run or one of other settings; moved to {previous}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"overrides": overrides, "settings": digest, "inputs": inputs, "finished": False}
+    record = {
+        "overrides": overrides,
+        "settings": digest,
+        "inputs": inputs,
+        "finished": False,
+        "launch": launch,
+    }
     (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
 
 
-def launching_process() -> bool:
-    """Whether this is the process that started the command (global rank 0): under DDP every process runs the
-    pipeline, and only this one moves, deletes or writes anything in the stages' directories."""
-    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+def launch_id() -> str | None:
+    """An id that every process of this command shares, stamped on the stage records by the launching process, so
+    that the others never mistake a record an earlier command left for this one's: torchrun's run id and restart
+    count; SLURM's job, step and restart count; else one the launching process puts in its environment before the
+    first stage, which the processes Lightning starts inherit. None where a process cannot know it (another node
+    started by hand): it then waits for these settings alone."""
+    env = os.environ
+    if "IMAGEN_LAUNCH_ID" in env:
+        return env["IMAGEN_LAUNCH_ID"]
+    if "TORCHELASTIC_RUN_ID" in env:
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    if "SLURM_JOB_ID" in env:
+        return (
+            f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}-{env.get('SLURM_RESTART_COUNT', 0)}"
+        )
+    if launching_process():
+        env["IMAGEN_LAUNCH_ID"] = uuid.uuid4().hex
+        return env["IMAGEN_LAUNCH_ID"]
+    return None
+
+
+def stamp_record(run_dir: Path, launch: str | None) -> None:
+    """Mark the stage record as this command's (the launching process, reusing a finished stage)."""
+    record = read_record(run_dir)
+    (run_dir / STAGE_RECORD).write_text(yaml.safe_dump({**record, "launch": launch}, sort_keys=False))
 
 
 def wait_for_record(
-    run_dir: Path, overrides: list[str], digest: str, inputs: dict[str, str], timeout_s: float = 600.0
+    run_dir: Path,
+    overrides: list[str],
+    digest: str,
+    inputs: dict[str, str],
+    launch: str | None,
+    timeout_s: float = 3600.0,
 ) -> None:
-    """Under DDP, a process other than the launching one waits until that one has prepared the stage's directory
-    (its record has these settings), so that both decide the same: reuse the stage, or train it."""
-    start = time.time()
-    while not same_settings(read_record(run_dir), overrides, digest, inputs):
-        if time.time() - start > timeout_s:
+    """Under DDP, a process other than the launching one waits until that one has decided on the stage (its record has
+    these settings and this command's `launch` id), so that both decide the same: reuse the stage, or train it."""
+    start, said = time.time(), 0.0
+    while True:
+        record = read_record(run_dir)
+        if same_settings(record, overrides, digest, inputs) and (
+            launch is None or record.get("launch") == launch
+        ):
+            return
+        waited = time.time() - start
+        if waited > timeout_s:
             raise TimeoutError(
-                f"pipeline: global rank 0 did not prepare {run_dir} for these settings within {timeout_s:.0f} s"
+                f"pipeline: waited {timeout_s:.0f} s for global rank 0 to prepare {run_dir} (launch {launch}, "
+                f"settings {digest}, inputs {inputs}); its record holds launch {record.get('launch')}, settings "
+                f"{record.get('settings')}, inputs {record.get('inputs')}"
             )
+        if waited - said >= 60:
+            said = waited
+            log.info(f"pipeline: waiting for global rank 0 to prepare {run_dir} ({waited:.0f} s)")
         time.sleep(1.0)
 
 
@@ -315,12 +364,23 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             if labels:
                 stage_cfg = compose(config_name="train", overrides=[*overrides, *labels])
         inputs = upstream_checkpoints(cfg, name, checkpoints)
-        writer = launching_process()
-        if writer and cfg.pipeline.reuse:
-            restore_previous(run_dir, overrides, digest, inputs)
-        if not writer:
-            wait_for_record(run_dir, overrides, digest, inputs)
-        reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest, inputs)
+        writer, launch = launching_process(), launch_id()
+        if writer:  # decides, and records the decision with this command's launch id for the other processes
+            if cfg.pipeline.reuse:
+                restore_previous(run_dir, overrides, digest, inputs)
+            reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest, inputs)
+            if reused:
+                stamp_record(run_dir, launch)
+            else:
+                check_stage(stage_cfg, name)  # before anything in the stage's directory moves
+                prepare_run_dir(
+                    run_dir, overrides, digest, inputs, fresh=not cfg.pipeline.reuse, launch=launch
+                )
+        else:
+            wait_for_record(run_dir, overrides, digest, inputs, launch)
+            reused = bool(cfg.pipeline.reuse) and finished(run_dir, overrides, digest, inputs)
+            if not reused:
+                check_stage(stage_cfg, name)
         start = time.time()
         if reused:
             log.info(
@@ -330,11 +390,6 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             seconds = read_record(run_dir)["seconds"]
         else:
             log.info(f"pipeline: stage {name} -> {run_dir}")
-            if is_pipeline(stage_cfg):
-                raise ValueError(f"pipeline.stages.{name} must select a stage's experiment (experiment=NAME)")
-            check_train_config(stage_cfg)  # before anything in the stage's directory moves
-            if writer:
-                prepare_run_dir(run_dir, overrides, digest, inputs, fresh=not cfg.pipeline.reuse)
             stage_metrics, stage_objects = train(stage_cfg)
             objects[name] = stage_objects
             if stage_objects.get("preempted"):  # its checkpoint is saved; the same command resumes it
@@ -349,6 +404,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 "inputs": inputs,
                 "finished": True,
                 "seconds": round(seconds, 1),
+                "launch": launch,
             }
             if writer:
                 (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
@@ -375,6 +431,13 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     print(text, flush=True)  # the table once on the console; the log records where it is
     log.info(f"pipeline summary written to {root / 'summary.md'}")
     return metrics, {"rows": rows, "grid": grid, "stages": objects, "cfg": cfg}
+
+
+def check_stage(stage_cfg: DictConfig, name: str) -> None:
+    """A stage's composed config must be one stage's run, and pass the training run's checks."""
+    if is_pipeline(stage_cfg):
+        raise ValueError(f"pipeline.stages.{name} must select a stage's experiment (experiment=NAME)")
+    check_train_config(stage_cfg)
 
 
 def is_pipeline(cfg: DictConfig) -> bool:

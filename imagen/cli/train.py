@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from imagen.cli.utils import (
     tensor_metrics,
     write_metrics,
 )
+from imagen.distributed import launching_process
 from imagen.loggers import ResumableCSVLogger, retire_tensorboard_events
 
 log = logging.getLogger("imagen")
@@ -95,14 +95,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     # stay loadable with torch.load(weights_only=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     if cfg.train and cfg.test and hasattr(datamodule, "check_split"):
-        datamodule.check_split("test")  # a missing or unreadable test split stops the run now, not after training
+        datamodule.check_split(
+            "test"
+        )  # a missing or unreadable test split stops the run now, not after training
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     ckpt_path, restored_step = resolve_ckpt_path(cfg) if cfg.train else (None, None)
     if ckpt_path is not None and cfg.ckpt_path == "auto":
         check_resume_settings(cfg, output_dir, ckpt_path, restored_step)
     # a fresh start in a used directory logs a new W&B run; the launching process decides, before any rank reads it
-    launcher = pl.utilities.rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+    launcher = launching_process()
     fresh_start = cfg.train and ckpt_path is None and launcher
     if fresh_start:
         retire_run_id(output_dir)
