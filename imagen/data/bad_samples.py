@@ -97,14 +97,28 @@ class BadSampleTracker:
         self.epoch.clear()
         return counts
 
+    def add_recorded(
+        self, counts: dict[str, int], good: int, examples: dict[str, list[str]] | None = None
+    ) -> None:
+        """Add counts recorded elsewhere (a token cache shard's): bad samples by reason, their first few names, and
+        the good samples."""
+        for reason, count in counts.items():
+            self.total[reason] += count
+            names = self.examples.setdefault(reason, [])
+            names += [n for n in (examples or {}).get(reason, []) if n not in names][
+                : self.keep_names - len(names)
+            ]
+        self.good += good
+
+    def by_reason(self) -> str:
+        """The bad samples' counts by reason, with the first few names where known."""
+        return "; ".join(
+            f"{reason}={count}"
+            + (f" (e.g. {', '.join(self.examples[reason])})" if self.examples.get(reason) else "")
+            for reason, count in self.total.most_common()
+        )
+
     def summary(self) -> str:
         """One line: counts by reason with the first few file names, and the truncated captions."""
-        if not self.total:
-            text = "no bad samples"
-        else:
-            parts = [
-                f"{reason}={count} (e.g. {', '.join(self.examples.get(reason, []))})"
-                for reason, count in self.total.most_common()
-            ]
-            text = f"{self.bad} bad samples skipped: " + "; ".join(parts)
+        text = f"{self.bad} bad samples skipped: {self.by_reason()}" if self.total else "no bad samples"
         return f"{text}; {self.good} good samples read, {self.truncated} captions truncated"

@@ -153,22 +153,9 @@ def shard_finished(directory: Path, name: str, encoded_from: dict | None = None)
     )
 
 
-def count_recorded(tracker: BadSampleTracker, record: dict) -> None:
-    """Add a finished shard's recorded samples to `tracker`: its good ones, its bad ones by reason and their names."""
-    tracker.good += record["count"]
-    for reason, count in (record.get("bad") or {}).items():
-        tracker.total[reason] += count
-        names = tracker.examples.setdefault(reason, [])
-        names += (record.get("bad_examples") or {}).get(reason, [])[: tracker.keep_names - len(names)]
-
-
-def bad_counts(tracker: BadSampleTracker) -> str:
-    """`tracker`'s bad samples by reason, with the first few names where known."""
-    return "; ".join(
-        f"{reason}={count}"
-        + (f" (e.g. {', '.join(tracker.examples[reason])})" if tracker.examples.get(reason) else "")
-        for reason, count in tracker.total.most_common()
-    )
+def add_record(tracker: BadSampleTracker, record: dict) -> None:
+    """Count a finished shard's samples in `tracker`, as its record gives them."""
+    tracker.add_recorded(record.get("bad") or {}, record["count"], record.get("bad_examples"))
 
 
 def too_many_bad(tracker: BadSampleTracker, split: str, out: Path, final: bool) -> str:
@@ -177,7 +164,7 @@ def too_many_bad(tracker: BadSampleTracker, split: str, out: Path, final: bool) 
     return (
         f"token cache of split {split!r} ({out}): {tracker.bad} of {seen} samples {'' if final else 'so far '}were "
         f"bad ({tracker.bad / seen:.1%} > data.max_bad_fraction={tracker.max_bad_fraction}); refusing the split: "
-        f"its index.json is not written, so it does not load. Bad samples: {bad_counts(tracker)}. Its finished "
+        f"its index.json is not written, so it does not load. Bad samples: {tracker.by_reason()}. Its finished "
         "shards are kept and counted again by a rerun: fix or remove the bad files and encode into a new "
         "directory, or raise data.max_bad_fraction and rerun"
     )
@@ -297,7 +284,7 @@ def encode_split(
             for name, unit, inputs in mine:
                 if shard_finished(out, name, encoded_from[name]):
                     result["skipped"].append(name)
-                    count_recorded(tracker, record(name))  # a rerun stops where the first run stopped
+                    add_record(tracker, record(name))  # a rerun stops where the first run stopped
                 elif max_shards is not None and len(result["written"]) >= max_shards:
                     break
                 else:
@@ -313,7 +300,7 @@ def encode_split(
     shards = [record(n) for n in names if n not in result["unfinished"]]
     split_bad = BadSampleTracker(*limits)
     for shard in shards:
-        count_recorded(split_bad, shard)
+        add_record(split_bad, shard)
     final = not result["unfinished"]
     try:
         split_bad.check(final=final)
@@ -322,7 +309,7 @@ def encode_split(
     if split_bad.bad:
         log.warning(
             f"[rank {rank}] token cache of split {split!r} ({out}): {split_bad.bad} bad samples left out of "
-            f"{split_bad.bad + split_bad.good} in {len(shards)} finished shards: {bad_counts(split_bad)}"
+            f"{split_bad.bad + split_bad.good} in {len(shards)} finished shards: {split_bad.by_reason()}"
         )
     if final:
         _write_json(out / "index.json", {**header, "version": VERSION, "split": split, "shards": shards,
