@@ -120,7 +120,7 @@ def test_one_folder_is_split_into_disjoint_train_val_test(tmp_path):
     assert not names["val"] & names["test"]
 
 
-def test_holdout_split_places_each_file_by_itself_and_never_holds_out_known_bad_records(tmp_path):
+def test_holdout_split_places_each_file_by_itself_and_never_holds_out_known_bad_records(tmp_path, caplog):
     import random
 
     from imagen.data.bad_samples import BadSample
@@ -141,8 +141,10 @@ def test_holdout_split_places_each_file_by_itself_and_never_holds_out_known_bad_
     # the corpus moved elsewhere: the same split (names under the root, not absolute paths)
     assert split_of(names, root=tmp_path / "moved") == whole
     # a corpus too small for the fraction lends one file to each held-out split
+    assert "stand in" not in caplog.text
     tiny = split_of(names[:3], fraction=0.01)
     assert sorted(tiny.values()) == ["test", "train", "val"]
+    assert "no file falls in the test and val split at data.holdout_fraction=0.01" in caplog.text
     with pytest.raises(ValueError, match="data.holdout_fraction=0.45 holds out every sample"):
         split_of(names[:3], fraction=0.45)
     # records known to be bad stay in training, where they are counted when read
@@ -584,6 +586,13 @@ def test_the_bad_fraction_stop_is_decided_on_every_process_s_training_reads(tmp_
         dm.on_before_batch_transfer({"caption": ["c"], "bad": [("empty_file", f"{i}.png")]}, 0)
     with pytest.raises(TooManyBadSamples, match=r"33 of 46 samples read were bad"):
         dm.report_epoch(0)
+    dm.trainer.default_root_dir = str(tmp_path / "run")  # and at teardown, the counts written first
+    dm._epoch = 0
+    with pytest.raises(TooManyBadSamples, match=r"33 of 46 samples read were bad"):
+        dm.teardown("fit")
+    assert json.loads((tmp_path / "run" / "bad_samples.rank1.json").read_text())["counts"] == {
+        "empty_file": 3
+    }
     # evaluation reads are counted apart and stop nothing, however bad
     dm = rank_with(other=(0, 0))
     dm.trainer.training = False

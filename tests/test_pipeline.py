@@ -316,6 +316,25 @@ def test_under_ddp_only_the_launching_process_touches_the_stage_directories(tmp_
     assert (tmp_path / "q" / "autoencoder.previous" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_the_pipeline_under_ddp_takes_lightning_s_own_launcher_only(tmp_path, monkeypatch):
+    """Processes started apart (torchrun, srun with several tasks, another node) cannot tell this command's stage
+    records from an earlier command's: the pipeline refuses them, and points to the stages one by one."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from imagen.cli.pipeline import run_pipeline
+
+    cfg = compose_config([f"pipeline.dir={tmp_path / 'q'}"], tmp_path / "run")
+    monkeypatch.delenv("IMAGEN_LAUNCH_ID", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(ValueError, match="runs under DDP only with Lightning's own launcher on one node"):
+        run_pipeline(cfg)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # a rank not started by this command's launching process
+    with pytest.raises(ValueError, match="train the stages one by one there .experiment=NAME."):
+        run_pipeline(cfg)
+    assert not (tmp_path / "q").exists()
+
+
 def test_a_quickstart_sweep_runs_each_job_in_its_own_directory(tmp_path):
     """`python train.py -m 'pipeline.common=["seed=1"],["seed=2"]'` end to end (a one-stage pipeline)."""
     from tests.test_cli import run_train

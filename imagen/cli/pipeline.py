@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from imagen.checkpoints import checkpoint_sha256
 from imagen.cli.checks import check_train_config
-from imagen.distributed import launching_process
+from imagen.distributed import launching_process, srun_tasks
+from imagen.files import write_text_atomic
 
 log = logging.getLogger("imagen")
 
@@ -99,8 +100,17 @@ def stage_overrides(cfg: DictConfig, name: str, checkpoints: dict[str, str], run
 
 
 def read_record(run_dir: Path) -> dict:
-    record = run_dir / STAGE_RECORD
-    return yaml.safe_load(record.read_text()) if record.is_file() else {}
+    """The stage's record ({} where there is none, or one that does not parse)."""
+    try:
+        record = yaml.safe_load((run_dir / STAGE_RECORD).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    """Write the stage's record atomically: other processes may be reading it (`wait_for_record`)."""
+    write_text_atomic(run_dir / STAGE_RECORD, yaml.safe_dump(record, sort_keys=False))
 
 
 def settings_digest(stage_cfg: DictConfig) -> str:
@@ -192,34 +202,39 @@ def prepare_run_dir(
         "finished": False,
         "launch": launch,
     }
-    (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
+    write_record(run_dir, record)
 
 
-def launch_id() -> str | None:
-    """An id that every process of this command shares, stamped on the stage records by the launching process, so
-    that the others never mistake a record an earlier command left for this one's: torchrun's run id and restart
-    count; SLURM's job, step and restart count; else one the launching process puts in its environment before the
-    first stage, which the processes Lightning starts inherit. None where a process cannot know it (another node
-    started by hand): it then waits for these settings alone."""
+def launch_id() -> str:
+    """This command's id, stamped on the stage records by the launching process so that the others never mistake a
+    record an earlier command left for this one's: a fresh one the launching process puts in its environment before
+    its first stage, which the processes Lightning's launcher starts inherit."""
+    if "IMAGEN_LAUNCH_ID" not in os.environ:
+        os.environ["IMAGEN_LAUNCH_ID"] = uuid.uuid4().hex
+    return os.environ["IMAGEN_LAUNCH_ID"]
+
+
+def check_launcher() -> None:
+    """Under DDP the pipeline runs only with Lightning's own launcher on one node, whose processes share the launching
+    one's environment (and so `launch_id`); processes started apart (torchrun, srun with several tasks, another node)
+    could not tell this command's stage records from an earlier command's."""
     env = os.environ
-    if "IMAGEN_LAUNCH_ID" in env:
-        return env["IMAGEN_LAUNCH_ID"]
-    if "TORCHELASTIC_RUN_ID" in env:
-        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
-    if "SLURM_JOB_ID" in env:
-        return (
-            f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}-{env.get('SLURM_RESTART_COUNT', 0)}"
+    child = (
+        "IMAGEN_LAUNCH_ID" in env and not launching_process()
+    )  # started by the launching process's Lightning
+    external = "TORCHELASTIC_RUN_ID" in env or srun_tasks() > 1
+    if (external and not child) or not (launching_process() or child):
+        raise ValueError(
+            "the quickstart pipeline runs under DDP only with Lightning's own launcher on one node (e.g. "
+            '\'pipeline.common=["trainer=ddp","trainer.devices=4"]\'), not under torchrun, srun with several tasks or on '
+            "several nodes; train the stages one by one there (experiment=NAME), which any launcher runs"
         )
-    if launching_process():
-        env["IMAGEN_LAUNCH_ID"] = uuid.uuid4().hex
-        return env["IMAGEN_LAUNCH_ID"]
-    return None
 
 
 def stamp_record(run_dir: Path, launch: str | None) -> None:
     """Mark the stage record as this command's (the launching process, reusing a finished stage)."""
     record = read_record(run_dir)
-    (run_dir / STAGE_RECORD).write_text(yaml.safe_dump({**record, "launch": launch}, sort_keys=False))
+    write_record(run_dir, {**record, "launch": launch})
 
 
 def wait_for_record(
@@ -227,24 +242,24 @@ def wait_for_record(
     overrides: list[str],
     digest: str,
     inputs: dict[str, str],
-    launch: str | None,
+    launch: str,
     timeout_s: float = 3600.0,
 ) -> None:
     """Under DDP, a process other than the launching one waits until that one has decided on the stage (its record has
-    these settings and this command's `launch` id), so that both decide the same: reuse the stage, or train it."""
-    start, said = time.time(), 0.0
+    these settings and this command's `launch` id), so that both decide the same: reuse the stage, or train it. It
+    stops if the launching process (its parent, under Lightning's launcher) has exited."""
+    start, said, parent = time.time(), 0.0, os.getppid()
     while True:
         record = read_record(run_dir)
-        if same_settings(record, overrides, digest, inputs) and (
-            launch is None or record.get("launch") == launch
-        ):
+        if same_settings(record, overrides, digest, inputs) and record.get("launch") == launch:
             return
         waited = time.time() - start
-        if waited > timeout_s:
-            raise TimeoutError(
-                f"pipeline: waited {timeout_s:.0f} s for global rank 0 to prepare {run_dir} (launch {launch}, "
-                f"settings {digest}, inputs {inputs}); its record holds launch {record.get('launch')}, settings "
-                f"{record.get('settings')}, inputs {record.get('inputs')}"
+        if os.getppid() != parent or waited > timeout_s:
+            why = "the launching process exited" if os.getppid() != parent else f"waited {timeout_s:.0f} s"
+            raise RuntimeError(
+                f"pipeline: {why} before preparing {run_dir} (launch {launch}, settings {digest}, inputs {inputs}); "
+                f"its record holds launch {record.get('launch')}, settings {record.get('settings')}, inputs "
+                f"{record.get('inputs')}"
             )
         if waited - said >= 60:
             said = waited
@@ -351,6 +366,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     from imagen.cli.train import train  # the stages are ordinary runs
 
     check_command_line()
+    check_launcher()
     root = pipeline_root(cfg)
     labels = label_overrides()
     checkpoints: dict[str, str] = {}
@@ -407,7 +423,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 "launch": launch,
             }
             if writer:
-                (run_dir / STAGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
+                write_record(run_dir, record)
             if stage_objects.get("signalled") and name != list(cfg.pipeline.stages)[-1]:
                 # the signal came in the stage's last validation: it is finished, and the next stage does not start
                 log.info(

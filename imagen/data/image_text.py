@@ -358,9 +358,18 @@ def holdout_split(records: list[Record], fraction: float, seed: int, root: Path)
             f"{root}: {len(usable)} samples with an image and a caption are too few to hold out validation and test "
             "sets and train on the rest"
         )
-    test = {id(r) for r in usable if places[id(r)] < fraction} or {id(usable[0])}
+    test = {id(r) for r in usable if places[id(r)] < fraction}
     val = {id(r) for r in usable if id(r) not in test and places[id(r)] < 2 * fraction}
-    val = val or {next(id(r) for r in usable if id(r) not in test)}
+    if len(test) + len(val) >= len(usable):
+        raise ValueError(f"{root}: data.holdout_fraction={fraction} holds out every sample; lower it")
+    lent = [name for name, chosen in (("test", test), ("val", val)) if not chosen]
+    for chosen in (test, val):
+        chosen |= set() if chosen else {next(id(r) for r in usable if id(r) not in test | val)}
+    if lent:
+        log.warning(
+            f"{root}: no file falls in the {' and '.join(lent)} split at data.holdout_fraction={fraction} ({len(usable)} "
+            "usable samples); the training file(s) of lowest hash stand in, and may move back when files are added"
+        )
     if len(test) + len(val) == len(usable):
         raise ValueError(f"{root}: data.holdout_fraction={fraction} holds out every sample; lower it")
     return {
@@ -712,10 +721,15 @@ class ImageTextDataModule(pl.LightningDataModule):
                 )
 
     def teardown(self, stage: str) -> None:
-        if self._epoch is not None:
-            self.report_epoch(self._epoch)
-            self._epoch = None
-        stage = getattr(stage, "value", stage)
+        try:
+            if self._epoch is not None:  # under DDP, the last epoch's check may stop the run: reported first
+                epoch, self._epoch = self._epoch, None
+                self.report_epoch(epoch)
+        finally:
+            self._report_splits(getattr(stage, "value", stage))
+
+    def _report_splits(self, stage: str) -> None:
+        """Log the counts of the splits `stage` read, and write `bad_samples.json`."""
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
         trackers = {"train": self.bad, **self.bad_eval}
         for split in (s for s in splits if trackers[s].good or trackers[s].bad):

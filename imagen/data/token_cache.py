@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from imagen.checkpoints import checkpoint_sha256
 from imagen.data.bad_samples import BadSampleTracker, TooManyBadSamples
+from imagen.distributed import in_srun_step, srun_tasks
 from imagen.files import write_text_atomic
 from imagen.progress import progress_bar
 
@@ -170,25 +171,13 @@ def too_many_bad(tracker: BadSampleTracker, split: str, out: Path, final: bool) 
     )
 
 
-# SLURM's step ids above this are its special steps (batch script, extern, interactive), not an srun job step
-SLURM_SPECIAL_STEPS = 0xFFFFFFF0
-
-
-def in_srun_step() -> bool:
-    """Whether this process is a task of a job step launched by `srun`, where `SLURM_PROCID` is its task's rank. In
-    the batch script itself SLURM also sets `SLURM_PROCID=0` and `SLURM_NTASKS` (the job's tasks), but no step id."""
-    step = os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID", ""))
-    return step.isdigit() and int(step) < SLURM_SPECIAL_STEPS and "SLURM_PROCID" in os.environ
-
-
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of encoding processes: torchrun's `RANK`/`WORLD_SIZE`, else SLURM's task
     rank and count inside an `srun` step; else 0 of 1 (a script run directly in an sbatch job encodes every shard)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if in_srun_step():
-        tasks = os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))
-        return int(os.environ["SLURM_PROCID"]), int(tasks)
+        return int(os.environ["SLURM_PROCID"]), srun_tasks()
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         log.warning(
             f"SLURM_NTASKS={os.environ['SLURM_NTASKS']} outside an srun step: this process encodes every shard alone; "
