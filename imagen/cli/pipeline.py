@@ -219,9 +219,8 @@ def check_launcher() -> None:
     one's environment (and so `launch_id`); processes started apart (torchrun, srun with several tasks, another node)
     could not tell this command's stage records from an earlier command's."""
     env = os.environ
-    child = (
-        "IMAGEN_LAUNCH_ID" in env and not launching_process()
-    )  # started by the launching process's Lightning
+    # a process Lightning's launcher started from the launching one (its environment holds the launch id)
+    child = "IMAGEN_LAUNCH_ID" in env and not launching_process()
     external = "TORCHELASTIC_RUN_ID" in env or srun_tasks() > 1
     if (external and not child) or not (launching_process() or child):
         raise ValueError(
@@ -231,7 +230,7 @@ def check_launcher() -> None:
         )
 
 
-def stamp_record(run_dir: Path, launch: str | None) -> None:
+def stamp_record(run_dir: Path, launch: str) -> None:
     """Mark the stage record as this command's (the launching process, reusing a finished stage)."""
     record = read_record(run_dir)
     write_record(run_dir, {**record, "launch": launch})
@@ -371,6 +370,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     labels = label_overrides()
     checkpoints: dict[str, str] = {}
     rows, metrics, objects = [], {}, {}
+    writer, launch = launching_process(), launch_id()
     for name in cfg.pipeline.stages:
         run_dir = root / name
         overrides = stage_overrides(cfg, name, checkpoints, run_dir)
@@ -380,7 +380,6 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             if labels:
                 stage_cfg = compose(config_name="train", overrides=[*overrides, *labels])
         inputs = upstream_checkpoints(cfg, name, checkpoints)
-        writer, launch = launching_process(), launch_id()
         if writer:  # decides, and records the decision with this command's launch id for the other processes
             if cfg.pipeline.reuse:
                 restore_previous(run_dir, overrides, digest, inputs)
@@ -438,7 +437,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     table = summary_table(rows)
     grid = latest_grid(root / list(cfg.pipeline.stages)[-1])
     text = table + (f"\n\nsample grid: {grid}" if grid else "\n\n(no sample grid was written)")
-    if not launching_process():
+    if not writer:
         return metrics, {"rows": rows, "grid": grid, "stages": objects, "cfg": cfg}
     (root / "summary.md").write_text(text + "\n")
     for folder in {root, Path(cfg.paths.output_dir)}:  # the pipeline's folder and this run's directory

@@ -95,9 +95,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     # stay loadable with torch.load(weights_only=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     if cfg.train and cfg.test and hasattr(datamodule, "check_split"):
-        datamodule.check_split(
-            "test"
-        )  # a missing or unreadable test split stops the run now, not after training
+        # a missing or unreadable test split stops the run now, not after training
+        datamodule.check_split("test")
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     ckpt_path, restored_step = resolve_ckpt_path(cfg) if cfg.train else (None, None)

@@ -54,6 +54,8 @@ FORMATS = ("imagefolder", "image_txt", "coco", "webdataset", "token_cache")
 # training batches between the checks of the bad fraction on every process's counts (DDP)
 BAD_CHECK_EVERY = 20
 POLICIES = ("skip", "raise")
+# the splits each Lightning stage reads
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 @dataclass
@@ -360,18 +362,18 @@ def holdout_split(records: list[Record], fraction: float, seed: int, root: Path)
         )
     test = {id(r) for r in usable if places[id(r)] < fraction}
     val = {id(r) for r in usable if id(r) not in test and places[id(r)] < 2 * fraction}
-    if len(test) + len(val) >= len(usable):
-        raise ValueError(f"{root}: data.holdout_fraction={fraction} holds out every sample; lower it")
+    rest = [id(r) for r in usable if id(r) not in test and id(r) not in val]  # by place: the lowest first
     lent = [name for name, chosen in (("test", test), ("val", val)) if not chosen]
     for chosen in (test, val):
-        chosen |= set() if chosen else {next(id(r) for r in usable if id(r) not in test | val)}
+        if not chosen and rest:
+            chosen.add(rest.pop(0))
+    if not (rest and test and val):
+        raise ValueError(f"{root}: data.holdout_fraction={fraction} holds out every sample; lower it")
     if lent:
         log.warning(
             f"{root}: no file falls in the {' and '.join(lent)} split at data.holdout_fraction={fraction} ({len(usable)} "
             "usable samples); the training file(s) of lowest hash stand in, and may move back when files are added"
         )
-    if len(test) + len(val) == len(usable):
-        raise ValueError(f"{root}: data.holdout_fraction={fraction} holds out every sample; lower it")
     return {
         "val": [r for r in records if id(r) in val],
         "test": [r for r in records if id(r) in test],
@@ -568,8 +570,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         return RecordDataset(self._all_records[split], self.preprocess(split), h.bad_samples)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
-        for split in wanted:
+        for split in STAGE_SPLITS.get(stage, SPLITS):
             self.check_split(split)
 
     def check_split(self, split: str) -> None:
@@ -670,7 +671,7 @@ class ImageTextDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = self.trainer
         training = trainer is None or trainer.training
-        if trainer is not None and trainer.training:
+        if trainer is not None and training:
             if self._epoch is not None and trainer.current_epoch != self._epoch:
                 self.report_epoch(self._epoch)
             self._epoch = trainer.current_epoch
@@ -730,7 +731,7 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def _report_splits(self, stage: str) -> None:
         """Log the counts of the splits `stage` read, and write `bad_samples.json`."""
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        splits = STAGE_SPLITS.get(stage, ())
         trackers = {"train": self.bad, **self.bad_eval}
         for split in (s for s in splits if trackers[s].good or trackers[s].bad):
             tracker = trackers[split]
