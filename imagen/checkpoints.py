@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import yaml
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,28 @@ def load_autoencoder(path: str | Path, trust: bool = False, checkpoint: dict | N
     model = Autoencoder(AutoencoderConfig(**info["net_config"]))
     load_state_strict(model, checkpoint["state_dict"], prefix="net.", source=str(path))
     return model.eval().requires_grad_(False)
+
+
+def trained_image_size(checkpoint: dict) -> int | None:
+    """The `data.image_size` an autoencoder checkpoint was trained at: its `imagen` entry's (kept by an export), else
+    its datamodule's hyperparameters (which Lightning saves); None where neither says."""
+    size = (checkpoint.get("imagen") or {}).get("image_size")
+    if size is None:
+        size = (checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}).get("image_size")
+    return size
+
+
+def warn_image_size(checkpoint: dict, path: str | Path, image_size: int, key: str) -> None:
+    """Warn when images of `image_size` px are to be encoded with an autoencoder trained at another size (a warning,
+    not an error: the convolutional autoencoder runs at any size its factor divides). `key`: the config key that
+    names the checkpoint."""
+    trained = trained_image_size(checkpoint)
+    if trained is not None and trained != image_size:
+        log.warning(
+            f"data.image_size={image_size}, but the autoencoder {key}={path} was trained at data.image_size={trained}: "
+            f"its codes of {image_size} px images are off the distribution it learned, which costs quality; set "
+            f"data.image_size={trained}, or train an autoencoder at {image_size} px"
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

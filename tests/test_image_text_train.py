@@ -133,3 +133,28 @@ def test_a_run_without_a_test_split_stops_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     train(compose_config([*overrides, "test=false"], tmp_path / "trained"))  # trains without one
     assert (tmp_path / "trained" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_checkpoint_is_tested_only_on_the_files_it_held_out(tmp_path):
+    from imagen.cli.train import train
+    from tests.conftest import compose_config
+
+    root = write_image_txt(tmp_path / "txt", make_pairs(12))
+    overrides = ["experiment=coco_autoencoder", "data=image_txt", f"data.root={root}", "data.holdout_fraction=0.2",
+                 *TINY_CORPUS, *TINY_AUTOENCODER, *STEPS, "logger=csv", "extras.print_config=false"]  # fmt: skip
+    train(compose_config([*overrides, "test=false"], tmp_path / "trained"))
+    last = tmp_path / "trained" / "checkpoints" / "last.ckpt"
+    recorded = torch.load(last, weights_only=True)["ImageTextDataModule"]["holdout"]
+    assert recorded == {"root": str(root.resolve()), "rule": "sha256(seed, path) < fraction", "seed": 0,
+                        "fraction": 0.2}  # fmt: skip
+    test_only = [*overrides, "train=false", f"ckpt_path={last}"]
+    with pytest.raises(ValueError, match=r"data.seed=3 \(the checkpoint's: 0\).* Set data.seed=0$"):
+        train(compose_config([*test_only, "data.seed=3"], tmp_path / "other_seed"))
+    metrics, _ = train(compose_config(test_only, tmp_path / "same_seed"))  # the split it trained with
+    assert "test/psnr" in metrics
+    # another folder's held-out files are unseen whatever the seed
+    other = write_image_txt(tmp_path / "other", make_pairs(12))
+    metrics, _ = train(
+        compose_config([*test_only, f"data.root={other}", "data.seed=3"], tmp_path / "other_folder")
+    )
+    assert "test/psnr" in metrics

@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 import pytest
 
-from imagen.checkpoints import read_checkpoint
+from imagen.checkpoints import export_checkpoint, read_checkpoint
 from imagen.cli.train import train
 from imagen.data.conll import fixture_dir
 from imagen.models.ner import tiny_random_encoder
@@ -174,18 +174,41 @@ def test_the_generator_trains_under_bf16_true_with_its_autoencoder_in_float32(ma
 
 
 @pytest.mark.parametrize("experiment", ["shapes_generator", "shapes_joint"])
+@pytest.mark.parametrize("exported", [False, True])
 def test_an_image_size_other_than_the_autoencoders_is_warned_about(
-    make_cfg, tiny_autoencoder_ckpt, experiment, caplog
+    make_cfg, tiny_autoencoder_ckpt, experiment, exported, caplog, tmp_path
 ):
-    trained = read_checkpoint(tiny_autoencoder_ckpt)["datamodule_hyper_parameters"]["image_size"]
+    checkpoint = read_checkpoint(tiny_autoencoder_ckpt)
+    trained = checkpoint["datamodule_hyper_parameters"]["image_size"]
+    assert checkpoint["imagen"]["image_size"] == trained  # the stage's own entry, which an export keeps
+    path = (
+        export_checkpoint(tiny_autoencoder_ckpt, tmp_path / "exported") if exported else tiny_autoencoder_ckpt
+    )
     tiny = TINY_JOINT if experiment == "shapes_joint" else TINY_GENERATOR
     for size in (trained, 2 * trained):
         caplog.clear()
-        cfg = make_cfg([f"experiment={experiment}", *TINY_SHAPES, *tiny, f"model.autoencoder_ckpt={tiny_autoencoder_ckpt}",
+        cfg = make_cfg([f"experiment={experiment}", *TINY_SHAPES, *tiny, f"model.autoencoder_ckpt={path}",
                         f"data.image_size={size}"])  # fmt: skip
-        with caplog.at_level("WARNING", logger="imagen.stages.ar_generator"):
+        with caplog.at_level("WARNING", logger="imagen.checkpoints"):
             hydra.utils.instantiate(cfg.model, _convert_="all")
-        warned = f"data.image_size={size}, but the autoencoder model.autoencoder_ckpt={tiny_autoencoder_ckpt}"
+        warned = f"data.image_size={size}, but the autoencoder model.autoencoder_ckpt={path}"
+        assert (f"{warned} was trained at data.image_size={trained}" in caplog.text) == (size != trained)
+
+
+def test_the_token_cache_encoder_warns_of_another_image_size(tiny_autoencoder_ckpt, tmp_path, caplog):
+    from imagen.data.image_text import ImageTextDataModule
+    from imagen.data.token_cache import write_token_cache
+    from tests.image_text_fixtures import make_pairs, write_image_txt
+
+    trained = read_checkpoint(tiny_autoencoder_ckpt)["imagen"]["image_size"]
+    root = write_image_txt(tmp_path / "corpus", make_pairs(6))
+    for size in (trained, 2 * trained):
+        caplog.clear()
+        datamodule = ImageTextDataModule("image_txt", root=str(root), image_size=size, holdout_fraction=0.2)
+        with caplog.at_level("WARNING", logger="imagen.checkpoints"):
+            write_token_cache(str(tiny_autoencoder_ckpt), datamodule, tmp_path / f"cache{size}", ("val",),
+                              device="cpu")  # fmt: skip
+        warned = f"data.image_size={size}, but the autoencoder autoencoder_ckpt={tiny_autoencoder_ckpt}"
         assert (f"{warned} was trained at data.image_size={trained}" in caplog.text) == (size != trained)
 
 

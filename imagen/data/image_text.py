@@ -54,6 +54,10 @@ FORMATS = ("imagefolder", "image_txt", "coco", "webdataset", "token_cache")
 # training batches between the checks of the bad fraction on every process's counts (DDP)
 BAD_CHECK_EVERY = 20
 POLICIES = ("skip", "raise")
+# the paths each map-style format needs (the others: data.root)
+REQUIRED_KEYS = {"coco": ("images", "annotations")}
+# `holdout_split`'s rule, as checkpoints record it: a new rule gets a new name
+HOLDOUT_RULE = "sha256(seed, path) < fraction"
 # the splits each Lightning stage reads
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
@@ -463,10 +467,59 @@ class ImageTextDataModule(pl.LightningDataModule):
         return Preprocess(h.image_size, h.random_crop and train, train, h.max_pixels, h.max_caption_chars,
                           keep_all_captions=not train)  # fmt: skip
 
+    def _holdout_base(self) -> Path | None:
+        """The one folder (COCO: the images of one annotations file) that val and test are held out of (`holdout_split`);
+        None where the corpus comes split (per-split paths, or split subfolders) or is a stream."""
+        h = self.hparams
+        required = REQUIRED_KEYS.get(h.format, ("root",))
+        if h.format in ("webdataset", "token_cache") or any(
+            h[k] is None or isinstance(h[k], dict) for k in required
+        ):
+            return None
+        if h.format == "coco":
+            return Path(h.images)
+        return None if split_subfolder(Path(h.root), "train") else Path(h.root)
+
+    def holdout_rule(self) -> dict | None:
+        """How val and test were chosen from one folder (`holdout_split`): the folder, the rule, `data.seed` and
+        `data.holdout_fraction`; checkpoints keep it (`state_dict`). None where the corpus comes split."""
+        base = self._holdout_base()
+        if base is None:
+            return None
+        h = self.hparams
+        return {
+            "root": str(base.resolve()),
+            "rule": HOLDOUT_RULE,
+            "seed": h.seed,
+            "fraction": h.holdout_fraction,
+        }
+
+    def state_dict(self) -> dict:
+        """What checkpoints keep of the data (Lightning saves it, and hands it to `load_state_dict` on a resume or a
+        test from a checkpoint): the held-out split's rule."""
+        rule = self.holdout_rule()
+        return {"holdout": rule} if rule else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint trained on val and test held out of this very folder by another rule, seed or fraction is
+        refused: its resumed training, validation or test would read images it trained on."""
+        theirs, ours = state.get("holdout"), self.holdout_rule()
+        if not (theirs and ours and theirs.get("root") == ours["root"]) or theirs == ours:
+            return
+        keys = {"rule": "held-out split rule", "seed": "data.seed", "fraction": "data.holdout_fraction"}
+        differ = [k for k in keys if theirs.get(k) != ours[k]]
+        shown = ", ".join(f"{keys[k]}={ours[k]} (the checkpoint's: {theirs.get(k)})" for k in differ)
+        fix = " ".join(f"{keys[k]}={theirs[k]}" for k in differ if k != "rule")
+        raise ValueError(
+            f"{ours['root']}: the checkpoint was trained with val and test held out of this folder otherwise: {shown}; "
+            "this run's val and test would hold images it trained on. "
+            + (f"Set {fix}" if "rule" not in differ else "Its split rule is not this version's: train afresh")
+        )
+
     def _records(self) -> dict[str, list[Record]]:
         """Records per split for the map-style formats."""
         h = self.hparams
-        required = {"coco": ("images", "annotations")}.get(h.format, ("root",))
+        required = REQUIRED_KEYS.get(h.format, ("root",))
         for key in required:
             if h[key] is None:
                 raise ValueError(f"data.{key} is required for data={h.format}")
@@ -491,15 +544,11 @@ class ImageTextDataModule(pl.LightningDataModule):
                 "annotations per split too (data.annotations={train: ..., val: ..., test: ...}), or one images "
                 "folder with one file (val and test held out of it)"
             )
-        if not any(isinstance(h[k], dict) for k in required):
-            sub = (
-                {s: split_subfolder(Path(h.root), s) for s in SPLITS}
-                if h.format != "coco"
-                else {"train": None}
-            )
-            if not sub["train"]:  # one folder / one file: hold val and test out of it
-                base = Path(h.images if h.format == "coco" else h.root)
-                return holdout_split(index({k: h[k] for k in required}), h.holdout_fraction, h.seed, base)
+        base = self._holdout_base()
+        if base is not None:  # one folder / one file: hold val and test out of it
+            return holdout_split(index({k: h[k] for k in required}), h.holdout_fraction, h.seed, base)
+        if not any(isinstance(h[k], dict) for k in required):  # split subfolders
+            sub = {s: split_subfolder(Path(h.root), s) for s in SPLITS}
             return {s: index({"root": sub[s]}) for s in SPLITS if sub[s]}
         per_split = {s: {k: split_value(h[k], s) for k in required} for s in SPLITS}
         return {

@@ -332,14 +332,16 @@ def write_token_cache(
     Resumable: finished shards are skipped. Several processes (`RANK`/`WORLD_SIZE`, or the tasks of an `srun` step)
     share the shards; each uses `cuda:LOCAL_RANK` when `device=auto` finds GPUs.
     """
-    from imagen.checkpoints import load_autoencoder
+    from imagen.checkpoints import load_autoencoder, read_checkpoint, warn_image_size
 
     rank, world = rank_and_world()
     if device == "auto":
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    autoencoder = load_autoencoder(autoencoder_ckpt).to(device)
+    checkpoint = read_checkpoint(autoencoder_ckpt)
+    autoencoder = load_autoencoder(autoencoder_ckpt, checkpoint=checkpoint).to(device)
     size = datamodule.hparams.image_size
+    warn_image_size(checkpoint, autoencoder_ckpt, size, "autoencoder_ckpt")
     f = autoencoder.downsample_factor
     if size % f:
         raise ValueError(f"data.image_size={size} is not divisible by the autoencoder's factor {f}")

@@ -23,6 +23,7 @@ from imagen.checkpoints import (
     load_state_strict,
     read_checkpoint,
     stage_info,
+    warn_image_size,
 )
 from imagen.data.shapes import Scene
 from imagen.distributed import sum_over_ranks
@@ -62,12 +63,6 @@ GROUP_SUFFIX = {"seen": "", "heldout": "_heldout", "new": "_new"}
 # On CPU, scoring many sequences runs 2-3x faster 64 rows at a time than 1024 (activations that stay in cache;
 # BENCHMARKS.md); a GPU takes them all at once.
 CPU_FORWARD_ROWS = 64
-
-
-def trained_image_size(checkpoint: dict) -> int | None:
-    """The `data.image_size` an autoencoder checkpoint was trained at (its datamodule's hyperparameters, which
-    Lightning saves); None where it does not say (an exported checkpoint)."""
-    return (checkpoint.get(pl.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}).get("image_size")
 
 
 def module_spec(module: nn.Module) -> dict:
@@ -161,15 +156,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
         if autoencoder_ckpt:
             checkpoint = read_checkpoint(autoencoder_ckpt, trust_checkpoint)
             self.autoencoder = load_autoencoder(autoencoder_ckpt, trust_checkpoint, checkpoint)
-            trained = trained_image_size(checkpoint)
-            # a warning, not an error: the convolutional autoencoder runs at any size its factor divides
-            if trained is not None and trained != image_size:
-                log.warning(
-                    f"data.image_size={image_size}, but the autoencoder model.autoencoder_ckpt={autoencoder_ckpt} "
-                    f"was trained at data.image_size={trained}: its codes of {image_size} px images are off the "
-                    f"distribution it learned, which costs quality; set data.image_size={trained}, or train an "
-                    f"autoencoder at {image_size} px"
-                )
+            warn_image_size(checkpoint, autoencoder_ckpt, image_size, "model.autoencoder_ckpt")
         elif (
             autoencoder_config is not None
         ):  # rebuilt from this stage's own checkpoint, which holds its weights

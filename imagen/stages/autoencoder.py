@@ -299,3 +299,7 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain types only: later stages rebuild the network from this without unpickling any object.
         checkpoint["imagen"] = {"stage": "autoencoder", "net_config": asdict(self.net.config)}
+        # the size it trains at, which later stages compare theirs with (an export keeps this entry)
+        image_size = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("image_size")
+        if image_size is not None:
+            checkpoint["imagen"]["image_size"] = int(image_size)
