@@ -18,7 +18,13 @@ from imagen.cli.train import train
 from imagen.data.shapes import Scene, SceneSampler, ShapeObject, ShapesConfig
 from imagen.images import save_png, to_uint8
 from imagen.metrics.captions import caption_correct, parse_shapes_caption
-from imagen.metrics.retrieval import recall_at_k, rerank_top_k, retrieval_metrics
+from imagen.metrics.retrieval import (
+    caption_keys,
+    recall_at_k,
+    rerank_top_k,
+    retrieval_metrics,
+    same_caption_relevance,
+)
 from imagen.models.image_text import ImageTextNet
 from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, TextStates
 from imagen.sampling.caption import CaptionDecoding, beam_search, decode_captions, ids_to_text, special_ids
@@ -183,6 +189,18 @@ def test_retrieval_metrics_rank_both_directions():
         text @ text.t(), similarity.t(), relevant, ks=(1,)
     )  # each direction its own matrix
     assert values == {"recall_at_1_t2i": 1.0, "recall_at_1_i2t": pytest.approx(1 / 3)}
+
+
+def test_an_image_whose_own_caption_is_the_query_counts_as_relevant():
+    # images 0 and 1 share a caption (case and spacing aside); each text ranks image 1 first, without a tie
+    keys = caption_keys(["An actor attends the premiere", "an actor  attends the premiere ", "a red car"])
+    assert keys.dtype == torch.int64 and keys[0] == keys[1] != keys[2]
+    similarity = torch.tensor([[0.5, 0.9, 0.1], [0.5, 0.9, 0.1], [0.1, 0.2, 0.9]])  # (texts, images)
+    relevant = same_caption_relevance(keys)
+    assert relevant.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    assert recall_at_k(similarity, relevant, (1,)) == {1: 1.0}
+    # by the pairing alone, text 0 misses: image 1 is another image's
+    assert recall_at_k(similarity, torch.eye(3, dtype=torch.bool), (1,)) == {1: pytest.approx(2 / 3)}
 
 
 def test_reranking_the_top_k_reorders_only_them_by_the_second_score():
@@ -622,6 +640,32 @@ def test_retrieval_reranks_captions_of_different_lengths_from_different_batches(
                 stage._eval_step(batch, "val")
             recalls.append(stage._retrieval("val"))
     assert recalls[0] == pytest.approx(recalls[1]) and "val/recall_at_1_t2i_embedding" in recalls[0]
+
+
+@pytest.mark.parametrize("rerank", [0, 4])
+def test_real_corpus_retrieval_counts_an_image_with_the_query_s_caption_as_relevant(joint_ckpt, rerank):
+    import types
+
+    stage = JointStage.from_checkpoint(joint_ckpt).eval()
+    stage.hparams.retrieval_rerank = rerank
+    # no datamodule with scenes: a real corpus
+    stage._trainer = types.SimpleNamespace(world_size=1, datamodule=None, global_rank=0)
+    # images 0 and 1 share a caption (case and spacing aside); texts 0 and 1 embed alike, image 1 nearer to them
+    captions = ["an actor attends the premiere", "An actor  attends the premiere", "a red car", "a blue car"]
+    tokens = torch.randint(stage.image_text.config.vocab_size, (4, stage.net.config.num_image_tokens))
+    texts = torch.eye(4)[[0, 0, 1, 2]]  # (4 texts, 4)
+    images = torch.eye(4)[[0, 0, 1, 2]] * torch.tensor([[0.5], [1.0], [1.0], [1.0]])  # (4 images, 4)
+    batch = {"caption": captions, "tokens": tokens, "index": torch.arange(4)}
+    with (
+        mock.patch.object(stage.image_text, "text_embedding", return_value=texts),
+        mock.patch.object(stage.image_text, "image_embedding", return_value=images),
+        torch.no_grad(),
+    ):
+        stage._eval_step(batch, "val")
+        recalls = stage._retrieval("val")
+    # text 0 finds image 1 first, and image 0 or 1 finds texts 0 and 1 tied first: by the pairing alone, misses
+    suffix = "_embedding" if rerank else ""
+    assert recalls[f"val/recall_at_1_t2i{suffix}"] == 1.0 and recalls[f"val/recall_at_1_i2t{suffix}"] == 1.0
 
 
 def test_images_become_the_same_tokens_under_the_trainers_bf16_as_in_float32(joint_ckpt):

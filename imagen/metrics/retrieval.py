@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
+
+from imagen.data.preprocess import clean_caption
 
 
 def recall_at_k(
@@ -39,6 +42,19 @@ def retrieval_metrics(
         **{f"recall_at_{k}_t2i": v for k, v in recall_at_k(t2i.float(), relevant, ks).items()},
         **{f"recall_at_{k}_i2t": v for k, v in recall_at_k(i2t.float(), relevant.t(), ks).items()},
     }
+
+
+def caption_keys(captions: Sequence[str]) -> torch.Tensor:
+    """(B,) int64 per caption, equal for captions equal but for case and spacing: the first 8 bytes of the sha256
+    of the normalised caption (a tensor, so that it can be gathered across processes; collisions are negligible)."""
+    digests = (hashlib.sha256(clean_caption(c.lower()).encode()).digest()[:8] for c in captions)
+    return torch.tensor([int.from_bytes(d, "big", signed=True) for d in digests], dtype=torch.int64)
+
+
+def same_caption_relevance(keys: torch.Tensor) -> torch.Tensor:
+    """(N, N) bool, [text i, image j]: text i is image j's own caption (the pair's own included), from the pairs'
+    `caption_keys` (N,)."""
+    return keys[:, None] == keys[None, :]
 
 
 def rerank_top_k(

@@ -6,8 +6,8 @@ The loss is `generation * L_gen + caption * L_cap + matching * L_match`; a weigh
 module still exists, untrained) and the evaluations that need it.
 
 Matching is used to rerank generated candidates (`rerank`), and for text->image / image->text retrieval
-(Recall@K over the whole evaluation split, relevance from the ground-truth scenes on shapes data), where the
-captioner re-orders each query's nearest matches (`retrieval_rerank`). The round trip
+(Recall@K over the whole evaluation split, relevance from the ground-truth scenes on shapes data, else from equal
+captions), where the captioner re-orders each query's nearest matches (`retrieval_rerank`). The round trip
 (text -> generated image -> greedy caption) measures the fraction of the prompt's attributes the caption states
 again (`round_trip`).
 """
@@ -31,7 +31,13 @@ from imagen.data.shapes import Scene, matches_caption
 from imagen.metrics import loss_mean
 from imagen.metrics.captions import caption_correct, preserved_attributes
 from imagen.metrics.judge import Judge
-from imagen.metrics.retrieval import gather_rows, rerank_top_k, retrieval_metrics
+from imagen.metrics.retrieval import (
+    caption_keys,
+    gather_rows,
+    rerank_top_k,
+    retrieval_metrics,
+    same_caption_relevance,
+)
 from imagen.models.ar_transformer import ARTransformer
 from imagen.models.image_text import CaptionVocabulary, ImageTextConfig, ImageTextNet
 from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, TextStates
@@ -185,9 +191,9 @@ class JointStage(ARGeneratorStage):
                     **{name: MeanMetric() for name in grouped},
                 }
             )
-        # per split, per batch: text embeddings, image embeddings, sample indices (and with `retrieval_rerank`, the
-        # image features and caption ids that `match_and_caption_scores` reads, and the image tokens the generator
-        # scores)
+        # per split, per batch: text embeddings, image embeddings, sample indices, caption keys (`caption_keys`) (and
+        # with `retrieval_rerank`, the image features and caption ids that `match_and_caption_scores` reads, and the
+        # image tokens the generator scores)
         self._embeddings: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
     def check_net_config(self, info: dict, source: str, key: str) -> None:
@@ -520,7 +526,8 @@ class JointStage(ARGeneratorStage):
                     metrics[f"caption_acc{GROUP_SUFFIX[group]}"].update(correct[rows].float())
         if w.matching:
             image = self.image_text.image_embedding(features)
-            rows = [self.image_text.text_embedding(text.states, text.mask), image, index]
+            text_embedding = self.image_text.text_embedding(text.states, text.mask)
+            rows = [text_embedding, image, index, caption_keys(captions)]
             if self.hparams.retrieval_rerank > 1:  # it needs the captioner (checked in __init__)
                 # (B, max_caption_length): the batches' captions, padded each to its own longest, are joined later
                 ids = F.pad(ids, (0, self.image_text.config.max_caption_length - ids.shape[1]), value=PAD_ID)
@@ -542,15 +549,15 @@ class JointStage(ARGeneratorStage):
             return {}
         index = parts[2]
         first = torch.from_numpy(np.sort(np.unique(index.numpy(), return_index=True)[1]))
-        text, image, index, *pairs = (t[first] for t in parts)
+        text, image, index, keys, *pairs = (t[first] for t in parts)
         if pairs:  # the captions' ids to the longest one's width (they were padded to max_caption_length)
             features, ids, tokens = pairs
             pairs = [features, ids[:, : int((ids != PAD_ID).sum(1).max())], tokens]
         scenes = self._scenes(split, index)
         if scenes is not None:
             relevant = scene_relevance(scenes)
-        else:  # no ground truth beyond the pairing itself
-            relevant = torch.eye(len(index), dtype=torch.bool)
+        else:  # no ground truth beyond the captions: an image whose own caption is the text's is right too
+            relevant = same_caption_relevance(keys)
         with torch.autocast("cpu", enabled=False):  # float32 even under the Trainer's bf16 (on_*_epoch_end)
             similarity = text.float() @ image.float().t()  # (texts, images)
         ks = self.hparams.retrieval_ks
