@@ -109,7 +109,57 @@ CASES = [
         ConfigError,
         "callbacks.early_stopping.monitor is null",
     ),
+    # values a user types that would fail deep inside a library, or train without complaint
+    (["data.image_size=32px"], ConfigError, "data.image_size='32px' must be an integer"),
+    (["data.seed=-1"], ConfigError, "data.seed=-1 must be >= 0"),
+    (["data.eval_batch_size=0"], ConfigError, "data.eval_batch_size=0 must be >= 1"),
+    (
+        ["trainer.val_check_interval=0"],
+        ConfigError,
+        "trainer.val_check_interval=0 must be a number of training",
+    ),
+    (["trainer.val_check_interval=1.5"], ConfigError, "or a fraction of an epoch in (0, 1]"),
+    (["trainer.accumulate_grad_batches=0"], ConfigError, "trainer.accumulate_grad_batches=0 must be >= 1"),
+    (["trainer.limit_train_batches=0"], ConfigError, "trainer.limit_train_batches=0 trains nothing"),
+    (["model.optimizer.betas=0.9"], ConfigError, "model.optimizer.betas=0.9 must be two numbers in "),
+    (
+        ["model.optimizer.betas=[0.9,1.5]"],
+        ConfigError,
+        "model.optimizer.betas=[0.9, 1.5] must be two numbers",
+    ),
+    (["model.grad_clip=one"], ConfigError, "model.grad_clip='one' must be a number"),
+    (["model.grad_clip=-1"], ConfigError, "model.grad_clip=-1 must be >= 0; the largest gradient norm"),
+    (["model.l1_weight=-1"], ConfigError, "model.l1_weight=-1 must be >= 0; 0 turns the term off"),
+    (["model.weight_decay=-0.05"], ConfigError, "model.weight_decay=-0.05 must be >= 0"),
+    (["model.scheduler.min_lr_ratio=2"], ConfigError, "model.scheduler.min_lr_ratio=2 must be in [0, 1]"),
+    (["+model.net.vq_decay=1.5"], ConfigError, "model.net.vq_decay=1.5 must be in [0, 1]"),
+    (["+model.net.codebook_size=0"], ConfigError, "model.net.codebook_size must be >= 2; got 0"),
+    (["+model.net.channel_mult=2"], ConfigError, "model.net.channel_mult must be a list of integers >= 1"),
+    (
+        ["experiment=shapes_generator", "model.cond_drop_prob=1.5"],
+        ConfigError,
+        "model.cond_drop_prob=1.5 must be in",
+    ),
+    (
+        ["experiment=shapes_generator", "model.eval_batch_size=0"],
+        ConfigError,
+        "model.eval_batch_size=0 must be",
+    ),
 ]
+
+
+NER_CASES = [
+    (["model.warmup=1.5"], "model.warmup=1.5 must be a fraction of the training steps"),
+    (["model.warmup=-0.1"], "model.warmup=-0.1 must be a fraction"),
+    (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", NER_CASES, ids=[" ".join(c[0]) for c in NER_CASES])
+def test_invalid_ner_configs(make_cfg, overrides, message):
+    cfg = make_cfg(["experiment=ner_tiny", *overrides])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        check_train_config(cfg)
 
 
 @pytest.mark.parametrize("overrides, error, message", CASES, ids=[" ".join(c[0]) for c in CASES])
@@ -262,3 +312,14 @@ def test_a_monitor_in_a_run_that_never_validates_is_named(make_cfg, caplog):
         check_train_config(make_cfg([*base, "trainer.max_steps=10", "trainer.val_check_interval=20",
                                      "trainer.accumulate_grad_batches=2"]))  # fmt: skip
     assert "never sees a value" not in caplog.text
+
+
+def test_a_warmup_past_the_last_step_is_named(make_cfg, caplog):
+    for warmup, warned in ((5, False), (50, True)):
+        caplog.clear()
+        cfg = make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES, "trainer.max_steps=10",
+                        f"model.scheduler.warmup_steps={warmup}"])  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="imagen"):
+            check_train_config(cfg)
+        message = f"model.scheduler.warmup_steps={warmup} is past trainer.max_steps=10"
+        assert (message in caplog.text) == warned

@@ -39,27 +39,87 @@ def autoencoder_config_from_node(node: DictConfig):
         raise ConfigError(str(e)) from None
 
 
-def expect_number(cfg: DictConfig, key: str, kind: type, minimum: float, fix: str) -> None:
-    """`key` (dotted) must be a `kind` >= `minimum` when it is set."""
+def expect_number(
+    cfg: DictConfig, key: str, kind: type, minimum: float, fix: str, maximum: float | None = None
+) -> None:
+    """`key` (dotted) must be a `kind` in [`minimum`, `maximum`] when it is set."""
     value = OmegaConf.select(cfg, key)
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
         raise ConfigError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}; {fix}")
-    if value < minimum:
-        raise ConfigError(f"{key}={value} must be >= {minimum}; {fix}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{key}={value} must be {bounds}; {fix}")
+
+
+# (key, kind, minimum, maximum, fix) of the numbers a run's config may set; each is checked where it is set
+NUMBERS = (
+    ("seed", int, 0, None, "e.g. seed=7"),
+    ("data.seed", int, 0, None, "e.g. data.seed=7"),
+    ("data.image_size", int, 1, None, "e.g. data.image_size=256"),
+    ("data.batch_size", int, 1, None, "e.g. data.batch_size=64"),
+    ("data.eval_batch_size", int, 1, None, "e.g. data.eval_batch_size=64"),
+    ("data.num_workers", int, 0, None, "e.g. data.num_workers=4"),
+    ("model.eval_batch_size", int, 1, None, "e.g. model.eval_batch_size=64"),
+    ("model.optimizer.lr", float, 0, None, "e.g. model.optimizer.lr=3e-4"),
+    ("model.optimizer.weight_decay", float, 0, None, "0 for none"),
+    ("model.weight_decay", float, 0, None, "0 for none"),
+    ("model.grad_clip", float, 0, None, "the largest gradient norm, e.g. 1.0; 0 or null: no clipping"),
+    ("model.cond_drop_prob", float, 0, 1, "the share of captions dropped, e.g. 0.1"),
+    ("model.scheduler.warmup_steps", int, 0, None, "e.g. model.scheduler.warmup_steps=100"),
+    ("model.scheduler.min_lr_ratio", float, 0, 1, "the final LR over the base LR, e.g. 0.1"),
+    ("model.net.vq_decay", float, 0, 1, "the codebook's EMA decay, e.g. 0.99"),
+    ("model.dropout", float, 0, 1, "e.g. 0.1"),
+    *((f"model.{name}", float, 0, None, "0 turns the term off") for name in (
+        "l1_weight", "l2_weight", "gradient_weight", "perceptual_weight", "adversarial_weight")),
+    ("trainer.accumulate_grad_batches", int, 1, None, "1: a step per batch"),
+    ("callbacks.model_checkpoint.every_n_train_steps", int, 1, None, "or null to save by time"),
+    ("callbacks.nonfinite_guard.max_consecutive", int, 1, None, "e.g. 5"),
+)  # fmt: skip
 
 
 def _check_types(cfg: DictConfig) -> None:
-    expect_number(cfg, "seed", int, 0, "e.g. seed=7")
-    expect_number(cfg, "data.batch_size", int, 1, "e.g. data.batch_size=64")
-    expect_number(cfg, "data.num_workers", int, 0, "e.g. data.num_workers=4")
-    expect_number(cfg, "model.optimizer.lr", float, 0, "e.g. model.optimizer.lr=3e-4")
-    expect_number(cfg, "callbacks.model_checkpoint.every_n_train_steps", int, 1, "or null to save by time")
-    expect_number(cfg, "callbacks.nonfinite_guard.max_consecutive", int, 1, "e.g. 5")
+    for key, kind, minimum, maximum, fix in NUMBERS:
+        expect_number(cfg, key, kind, minimum, fix, maximum)
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer; e.g. trainer.max_steps=2000")
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval")
+    if interval is not None and (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or (isinstance(interval, int) and interval < 1)
+        or (isinstance(interval, float) and not 0 < interval <= 1)
+    ):
+        raise ConfigError(
+            f"trainer.val_check_interval={interval!r} must be a number of training batches (an integer >= 1) or a "
+            "fraction of an epoch in (0, 1]; e.g. trainer.val_check_interval=250"
+        )
+    betas = OmegaConf.select(cfg, "model.optimizer.betas")
+    if betas is not None and not (
+        OmegaConf.is_list(betas)
+        and len(betas) == 2
+        and all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    ):
+        raise ConfigError(
+            f"model.optimizer.betas={betas!r} must be two numbers in [0, 1); e.g. 'model.optimizer.betas=[0.9,0.99]'"
+        )
+    warmup = OmegaConf.select(cfg, "model.warmup")  # NER: a fraction of the steps, or a number of steps
+    if warmup is not None and (
+        isinstance(warmup, bool)
+        or not isinstance(warmup, int | float)
+        or warmup < 0
+        or (warmup >= 1 and warmup % 1)
+    ):
+        raise ConfigError(
+            f"model.warmup={warmup!r} must be a fraction of the training steps in [0, 1) or a whole number of steps; "
+            "e.g. model.warmup=0.1"
+        )
+    if cfg.get("train", True) and OmegaConf.select(cfg, "trainer.limit_train_batches") == 0:
+        raise ConfigError(
+            "trainer.limit_train_batches=0 trains nothing; evaluate a checkpoint with train=false ckpt_path=PATH"
+        )
 
 
 def _check_checkpointing(cfg: DictConfig) -> None:
@@ -316,3 +376,12 @@ def check_train_config(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps", -1)
     if (max_steps is None or max_steps <= 0) and model.get("scheduler") is not None:
         raise ConfigError("trainer.max_steps must be > 0: the LR schedule is defined over training steps")
+    warmup = OmegaConf.select(cfg, "model.scheduler.warmup_steps")
+    if (
+        cfg.get("train", True)
+        and isinstance(warmup, int)
+        and isinstance(max_steps, int)
+        and warmup > max_steps > 0
+    ):
+        log.warning(f"model.scheduler.warmup_steps={warmup} is past trainer.max_steps={max_steps}: the learning "
+                    "rate never reaches model.optimizer.lr")  # fmt: skip

@@ -53,8 +53,15 @@ class AutoencoderConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        self.channel_mult = tuple(self.channel_mult)
-        self.fsq_levels = tuple(self.fsq_levels)
+        for key in ("channel_mult", "fsq_levels"):
+            value = getattr(self, key)
+            if not isinstance(value, list | tuple) or not all(isinstance(v, int) and v >= 1 for v in value):
+                raise ValueError(
+                    f"model.net.{key} must be a list of integers >= 1, e.g. [1, 2]; got {value!r}"
+                )
+            setattr(self, key, tuple(value))
+        if self.codebook_size < 2:
+            raise ValueError(f"model.net.codebook_size must be >= 2; got {self.codebook_size}")
         if self.norm not in ("none", "group"):
             raise ValueError(f"model.net.norm must be none or group; got {self.norm!r}")
         if self.encoder not in ("conv", "patch"):
