@@ -435,3 +435,8 @@ def test_a_byte_level_bpe_tokenizer_of_any_model_type_reads_words_as_running_tex
         words = tokenizer(["Anna", "told", "Warsaw"], is_split_into_words=True, add_special_tokens=False)
         running = tokenizer(" Anna told Warsaw", add_special_tokens=False)["input_ids"]
         assert words["input_ids"] == running and tokenizer.convert_ids_to_tokens(running)[0].startswith("Ġ")
+
+
+def test_an_unknown_tag_scheme_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"data.scheme='bio' is unknown; choose from \("):
+        ConllDataModule(tokenizer="unused", data_dir=str(tmp_path), scheme="bio")

@@ -589,6 +589,8 @@ class ConllDataModule(pl.LightningDataModule):
         self.save_hyperparameters(logger=False)
         if (data_dir is None and not files) == (hf_dataset is None):
             raise ValueError("set exactly one of data.data_dir (CoNLL files) and data.hf_dataset")
+        if scheme not in SCHEMES:
+            raise ValueError(f"data.scheme={scheme!r} is unknown; choose from {SCHEMES}")
         self.settings = EncodingSettings(max_length, window_context, document_context, label_all_subtokens)
         self.sentences: dict[str, list[Sentence]] = {}
         self.labels: list[str] = []
