@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 from unittest import mock
@@ -417,3 +418,125 @@ def test_ner_sample_errors_name_the_key_and_the_checkpoint(make_cfg, ner_ckpt, t
         sample(sample_cfg(make_cfg, tmp_path, "task=ner", f"ckpt={ner_ckpt}", "text=Hello"))
     sample(sample_cfg(make_cfg, tmp_path, "task=ner", f"ckpt={ner_ckpt}", "text=Hi there", "overwrite=true"))
     assert json.loads((tmp_path / "out" / "entities.jsonl").read_text())["text"] == "Hi there"
+
+
+GENERATE_SETTING_ERRORS = [
+    ("cfg_scale=high", "cfg_scale='high' must be a number; the guidance scale: 0 samples unconditionally"),
+    ("cfg_scale=-3", "cfg_scale=-3 must be >= 0; the guidance scale: 0 samples unconditionally (the prompt is "
+                     "ignored), 1 conditionally without guidance, above 1 with guidance"),
+    ("cfg_scale=inf", "cfg_scale=inf must be a finite number"),
+    ("temperature=hot", "temperature='hot' must be a number; 0: greedy"),
+    ("temperature=-1", "temperature=-1 must be >= 0; 0: greedy"),
+    ("top_k=2.5", "top_k=2.5 must be an integer; 0: no top-k cut-off"),
+    ("top_k=-1", "top_k=-1 must be >= 0; 0: no top-k cut-off"),
+    ("top_p=abc", "top_p='abc' must be a number; 1: no nucleus cut-off"),
+    ("top_p=1.5", "top_p=1.5 must be in (0, 1]; 1: no nucleus cut-off"),
+    ("cfg_until=abc", "cfg_until='abc' must be a number"),
+    ("cfg_until=0", "cfg_until=0 must be in (0, 1]"),
+    ("overwrite=yes", "overwrite='yes' must be true or false"),
+    ("trust_checkpoint=no", "trust_checkpoint='no' must be true or false"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setting, message", GENERATE_SETTING_ERRORS, ids=[s for s, _ in GENERATE_SETTING_ERRORS]
+)
+def test_a_bad_sampling_setting_is_named_before_the_model_is_loaded(
+    make_cfg, generator_ckpt, tmp_path, setting, message
+):
+    from imagen.cli import sample_generate
+    from imagen.cli.checks import ConfigError
+
+    with (
+        mock.patch.object(sample_generate, "load_generator", wraps=sample_generate.load_generator) as load,
+        pytest.raises(ConfigError, match=re.escape(message)),
+    ):
+        sample(
+            sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", "prompts=[a red circle]", "n=1", setting)
+        )
+    assert not load.called and not (tmp_path / "out").exists()
+
+
+CAPTION_SETTING_ERRORS = [
+    ("decoding=beam beam_size=2.5", "beam_size=2.5 must be an integer; the beams kept"),
+    ("decoding=beam beam_size=0", "beam_size=0 must be >= 1"),
+    ("decoding=beams", "decoding='beams' is not a caption decoding method; use decoding=greedy, beam or nucleus"),
+    ("decoding=nucleus caption_top_p=2", "caption_top_p=2 must be in (0, 1]; nucleus decoding's cut-off, e.g. "
+                                         "caption_top_p=0.9"),
+    ("decoding=nucleus caption_top_p=0", "caption_top_p=0 must be in (0, 1]"),
+    ("decoding=nucleus caption_temperature=-1", "caption_temperature=-1 must be >= 0; 0: greedy, e.g. "
+                                                "caption_temperature=1.0"),
+    ("decoding=nucleus caption_temperature=hot", "caption_temperature='hot' must be a number"),
+    ("decoding=beam caption_match_weight=-1", "caption_match_weight=-1 must be >= 0"),
+    ("decoding=beam caption_generator_weight=x", "caption_generator_weight='x' must be a number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "settings, message", CAPTION_SETTING_ERRORS, ids=[s for s, _ in CAPTION_SETTING_ERRORS]
+)
+def test_a_bad_caption_setting_is_named_before_the_model_is_loaded(
+    make_cfg, captioner_ckpt, tmp_path, settings, message
+):
+    from imagen.cli import sample_caption
+    from imagen.cli.checks import ConfigError
+
+    image = save_png(to_uint8(torch.zeros(1, 3, 32, 32))[0], tmp_path / "images" / "a.png")
+    with (
+        mock.patch.object(sample_caption, "read_checkpoint", wraps=sample_caption.read_checkpoint) as read,
+        pytest.raises(ConfigError, match=re.escape(message)),
+    ):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={captioner_ckpt}", "task=caption", f"images={image}",
+                          *settings.split()))  # fmt: skip
+    assert not read.called and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task", ["generate", "caption"])
+@pytest.mark.parametrize("inside", [False, True], ids=["a_file", "inside_a_file"])
+def test_an_out_dir_that_is_a_file_is_named_before_the_model_is_loaded(make_cfg, tmp_path, task, inside):
+    from imagen.cli import sample_caption, sample_generate
+    from imagen.cli.checks import ConfigError
+
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    out_dir = file / "samples" if inside else file
+    image = save_png(to_uint8(torch.zeros(1, 3, 32, 32))[0], tmp_path / "images" / "a.png")
+    problem = f"lies inside {file}, which is not a folder" if inside else "exists and is not a folder"
+    task_args = (
+        ["prompts=[a red circle]", "n=1"] if task == "generate" else ["task=caption", f"images={image}"]
+    )
+    with (
+        mock.patch.object(sample_generate, "load_generator", side_effect=AssertionError("model loaded")),
+        mock.patch.object(sample_caption, "read_checkpoint", side_effect=AssertionError("model loaded")),
+        pytest.raises(ConfigError, match=re.escape(f"out_dir={out_dir} {problem}; choose another out_dir")),
+    ):
+        sample(
+            make_cfg([f"ckpt={tmp_path / 'x.ckpt'}", *task_args, f"out_dir={out_dir}"], config_name="sample")
+        )
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["empty", "blank"])
+def test_a_prompts_file_without_prompts_is_named(make_cfg, generator_ckpt, tmp_path, content):
+    from imagen.cli.checks import ConfigError
+
+    path = tmp_path / "prompts.txt"
+    path.write_text(content)
+    with pytest.raises(
+        ConfigError, match=re.escape(f"prompts_file={path} holds no prompts (it is empty or blank)")
+    ):
+        sample(sample_cfg(make_cfg, tmp_path, f"ckpt={generator_ckpt}", f"prompts_file={path}"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cfg_scale_0_is_unconditional_1_conditional_and_below_0_an_error():
+    from imagen.sampling.ar import SamplingSettings, guide
+
+    cond, uncond = torch.randn(2, 5), torch.randn(2, 5)
+    logits = torch.cat([cond, uncond])
+    assert torch.allclose(guide(logits, 0.0), uncond) and torch.allclose(guide(logits, 1.0), cond)
+    assert not SamplingSettings(cfg_scale=1.0).guided and SamplingSettings(cfg_scale=0.0).guided
+    with pytest.raises(
+        ValueError, match=re.escape("cfg_scale must be >= 0 (0: unconditional, 1: conditional")
+    ):
+        SamplingSettings(cfg_scale=-0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
@@ -38,8 +39,71 @@ def resolve_device(name: str | int) -> torch.device:
     return device
 
 
+def expect_setting(
+    cfg: DictConfig, key: str, kind: type, minimum: float, fix: str, fraction: bool = False
+) -> None:
+    """`expect_number`, and a float must be finite; with `fraction`, the value must lie in (0, 1]."""
+    expect_number(cfg, key, kind, -math.inf if fraction else minimum, fix)
+    value = cfg.get(key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number; {fix}")
+    if fraction and value is not None and not 0 < value <= 1:
+        raise ConfigError(f"{key}={value} must be in (0, 1]; {fix}")
+
+
+def check_generation_settings(cfg: DictConfig) -> None:
+    """task=generate's sampling settings (null: the checkpoint's own)."""
+    expect_number(cfg, "rerank_candidates", int, 1, "1: no reranking, e.g. rerank_candidates=4")
+    if cfg.seed + (cfg.n - 1) * IMAGE_SEED_STRIDE >= 2**63:
+        raise ConfigError(f"seed={cfg.seed} is too large for n={cfg.n}: sample s gets seed + s * 2^32, which must "
+                          "stay below 2^63")  # fmt: skip
+    # guided logits = unconditional + cfg_scale x (conditional - unconditional)
+    expect_setting(cfg, "cfg_scale", float, 0, "the guidance scale: 0 samples unconditionally (the prompt is "
+                   "ignored), 1 conditionally without guidance, above 1 with guidance, e.g. cfg_scale=1.5")  # fmt: skip
+    expect_setting(cfg, "cfg_until", float, 0, "the fraction of each image's tokens sampled with guidance, "
+                   "e.g. cfg_until=0.5", fraction=True)  # fmt: skip
+    expect_setting(cfg, "temperature", float, 0, "0: greedy, e.g. temperature=0.7")
+    expect_setting(cfg, "top_k", int, 0, "0: no top-k cut-off, e.g. top_k=20")
+    expect_setting(cfg, "top_p", float, 0, "1: no nucleus cut-off, e.g. top_p=0.9", fraction=True)
+
+
+def check_caption_settings(cfg: DictConfig) -> None:
+    """task=caption's decoding settings (null: the checkpoint's own, model.caption_decoding)."""
+    from imagen.sampling.caption import METHODS
+
+    method = cfg.get("decoding")
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"decoding={method!r} is not a caption decoding method; use decoding=greedy, beam or "
+                          "nucleus, or null for the checkpoint's own")  # fmt: skip
+    expect_setting(cfg, "beam_size", int, 1, "the beams kept, e.g. beam_size=4")
+    expect_setting(cfg, "caption_top_p", float, 0, "nucleus decoding's cut-off, e.g. caption_top_p=0.9",
+                   fraction=True)  # fmt: skip
+    expect_setting(cfg, "caption_temperature", float, 0, "0: greedy, e.g. caption_temperature=1.0")
+    for key in ("caption_match_weight", "caption_generator_weight"):
+        expect_setting(cfg, key, float, 0, f"0: not used, e.g. {key}=1.0")
+
+
+def check_out_dir(out_dir) -> Path:
+    """`out_dir` as a path: an existing folder, or one that can be created (no part of it is a file)."""
+    if out_dir is None or not str(out_dir).strip():
+        raise ConfigError(f"out_dir={out_dir!r} must be a folder; e.g. out_dir=samples/run1")
+    path = Path(str(out_dir))
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        problem = (
+            "exists and is not a folder"
+            if existing == path
+            else f"lies inside {existing}, which is not a folder"
+        )
+        raise ConfigError(
+            f"out_dir={path} {problem}; choose another out_dir (by default each run gets a new one)"
+        )
+    return path
+
+
 def check_settings(cfg: DictConfig) -> None:
-    """The settings of every task, checked before a checkpoint is read; each failure names its key."""
+    """The settings of every task, checked before a checkpoint is read or an output written; each failure names its
+    key."""
     required = {"batch_size": "e.g. batch_size=16", "seed": "e.g. seed=0"}
     if cfg.task == "generate":
         required["n"] = "the images per prompt, e.g. n=4"
@@ -47,18 +111,21 @@ def check_settings(cfg: DictConfig) -> None:
         if cfg.get(key) is None:
             raise ConfigError(f"{key}=None must be an integer; {fix}")
         expect_number(cfg, key, int, 0 if key == "seed" else 1, fix)
+    for key in ("overwrite", "trust_checkpoint"):  # a string such as `no` would read as true
+        if not isinstance(cfg.get(key), bool):
+            raise ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
     if cfg.task == "generate":
-        expect_number(cfg, "rerank_candidates", int, 1, "1: no reranking, e.g. rerank_candidates=4")
-        if cfg.seed + (cfg.n - 1) * IMAGE_SEED_STRIDE >= 2**63:
-            raise ConfigError(f"seed={cfg.seed} is too large for n={cfg.n}: sample s gets seed + s * 2^32, which must "
-                              "stay below 2^63")  # fmt: skip
+        check_generation_settings(cfg)
+    if cfg.task == "caption":
+        check_caption_settings(cfg)
     resolve_device(cfg.device)
+    check_out_dir(cfg.out_dir)
 
 
 def prepare_out_dir(cfg: DictConfig, outputs: tuple[str, ...]) -> Path:
     """`out_dir`, created. The task's `outputs` there from an earlier run are an error naming them, or are deleted
     first with `overwrite=true`: a run's outputs are never mixed with stale ones."""
-    out_dir = Path(cfg.out_dir)
+    out_dir = check_out_dir(cfg.out_dir)
     found = [name for name in outputs if (out_dir / name).exists()]
     if found and not cfg.overwrite:
         raise FileExistsError(

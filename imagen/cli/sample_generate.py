@@ -11,9 +11,10 @@ import logging
 from dataclasses import asdict, replace
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from imagen.checkpoints import CheckpointError
+from imagen.cli.checks import ConfigError
 from imagen.cli.sample import IMAGE_SEED_STRIDE, check_trained, prepare_out_dir, resolve_device, text_lines
 from imagen.images import captioned_grid, save_png, to_uint8
 from imagen.models.text_encoder import CaptionTokenizer
@@ -45,12 +46,15 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     """Prompts from `prompts` (a list, or one prompt) and/or `prompts_file` (one per line); an empty result is an
     error."""
     given = cfg.prompts or []
-    prompts = [given] if isinstance(given, str) else [str(p) for p in given]
+    prompts = [str(p) for p in given] if OmegaConf.is_list(given) or isinstance(given, list) else [str(given)]
     if cfg.prompts_file:
         prompts += text_lines(cfg.prompts_file, "prompts_file")
     prompts = [p.strip() for p in prompts if p.strip()]
+    if not prompts and cfg.prompts_file:
+        raise ConfigError(f"prompts_file={cfg.prompts_file} holds no prompts (it is empty or blank); write one "
+                          "prompt per line, or pass prompts='[\"a small red circle on the left\"]'")  # fmt: skip
     if not prompts:
-        raise ValueError(
+        raise ConfigError(
             "no prompts: pass prompts='[\"a small red circle on the left\"]' or prompts_file=FILE"
         )
     return prompts
@@ -105,11 +109,12 @@ def sampling_settings(cfg: DictConfig, recorded: SamplingSettings) -> SamplingSe
 @torch.no_grad()
 def sample_generate(cfg: DictConfig) -> dict:
     prompts = read_prompts(cfg)
-    stage = load_generator(cfg.ckpt, cfg.trust_checkpoint)
     device = resolve_device(cfg.device)
+    dtype, compiled = decode_dtype(cfg.decode_dtype), compile_decode(cfg.compile_decode, device)
+    stage = load_generator(cfg.ckpt, cfg.trust_checkpoint)
     stage.to(device)
-    stage.net.to(decode_dtype(cfg.decode_dtype))  # the generator's weights; its KV cache follows them
-    stage.compile_decode = compile_decode(cfg.compile_decode, device)
+    stage.net.to(dtype)  # the generator's weights; its KV cache follows them
+    stage.compile_decode = compiled
     settings = sampling_settings(cfg, stage.sampling)
     candidates = cfg.rerank_candidates or 1
     if candidates > 1 and not hasattr(stage, "generate_reranked_tokens"):

@@ -112,7 +112,10 @@ def reusable_cache(
 
 @dataclass
 class SamplingSettings:
-    cfg_scale: float = 1.5  # 1: conditional only, 0: unconditional only (1.5: best measured on shapes)
+    # guided logits = unconditional + cfg_scale x (conditional - unconditional): 0 samples unconditionally (the caption
+    # is ignored), 1 conditionally without guidance (no unconditional rows), above 1 with guidance (1.5: best measured
+    # on shapes); below 0 would steer away from the caption
+    cfg_scale: float = 1.5
     cfg_schedule: str = "constant"  # constant | linear (1 at the first token -> cfg_scale at the last)
     temperature: float = 0.7
     top_k: int | None = None
@@ -122,6 +125,10 @@ class SamplingSettings:
     cfg_until: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.cfg_scale < 0:
+            raise ValueError(
+                f"cfg_scale must be >= 0 (0: unconditional, 1: conditional without guidance); got {self.cfg_scale}"
+            )
         if self.cfg_schedule not in ("constant", "linear"):
             raise ValueError(f"cfg_schedule must be constant or linear; got {self.cfg_schedule!r}")
         if not 0 < self.cfg_until <= 1:
