@@ -20,6 +20,8 @@ import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from imagen.files import file_in_the_way
+
 log = logging.getLogger(__name__)
 
 
@@ -234,13 +236,44 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path, trust: bool = False) -> Path:
+def check_export_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """`out_dir` must be a folder (or not exist yet) that holds no export, unless `overwrite`: an earlier export is
+    never replaced by mistake."""
+    out_dir = Path(out_dir)
+    blocking = file_in_the_way(out_dir)
+    if blocking is not None:
+        raise NotADirectoryError(
+            f"OUT_DIR {out_dir}: {blocking} is a file, not a folder; give the folder to export into (a new one is "
+            "created)"
+        )
+    found = [name for name in (EXPORT_WEIGHTS, EXPORT_CONFIG) if (out_dir / name).exists()]
+    if found and not overwrite:
+        try:
+            stage = (
+                f" of the {yaml.safe_load((out_dir / EXPORT_CONFIG).read_text())['imagen']['stage']} stage"
+            )
+        except (OSError, yaml.YAMLError, KeyError, TypeError):  # a partial or foreign config: the files only
+            stage = ""
+        raise FileExistsError(
+            f"OUT_DIR {out_dir} already holds an export{stage} ({', '.join(found)}); choose another folder, or pass "
+            "--overwrite (export_checkpoint(..., overwrite=True)) to replace it"
+        )
+
+
+def export_checkpoint(
+    path: str | Path, out_dir: str | Path, trust: bool = False, overwrite: bool = False
+) -> Path:
     """Write a stage checkpoint as `out_dir/model.safetensors` (the tensors of its state dict) plus
     `out_dir/config.yaml` (what rebuilds the model: the stage's `imagen` entry, its hyperparameters and any
     non-tensor state such as a tokenizer). `read_checkpoint(out_dir)` reads it back; no pickle is involved.
-    LoRA adapters are merged into the weights: the export is the plain model that samples the same."""
+    LoRA adapters are merged into the weights: the export is the plain model that samples the same.
+
+    A folder that already holds an export is refused (`FileExistsError`, before the checkpoint is read) unless
+    `overwrite`. Both files are written beside their final names first and renamed into place only once both are
+    complete: a failed export leaves an earlier one as it was."""
     from safetensors.torch import save_file
 
+    check_export_dir(out_dir, overwrite)
     checkpoint = read_checkpoint(path, trust)
     info = checkpoint.get("imagen")
     if not isinstance(info, dict):
@@ -258,13 +291,22 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, trust: bool = False
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / EXPORT_WEIGHTS
-    save_file(tensors, str(weights), metadata={"format": "pt", "stage": config["imagen"]["stage"]})
-    # safetensors writes a private temporary file (0600) and renames it: give it a new file's mode, as config.yaml
-    umask = os.umask(0)  # reading the umask means setting it; put back at once
-    os.umask(umask)
-    weights.chmod(0o666 & ~umask)
-    (out_dir / EXPORT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    weights, config_file = out_dir / EXPORT_WEIGHTS, out_dir / EXPORT_CONFIG
+    drafts = {final: final.with_name(f".{final.name}.tmp{os.getpid()}") for final in (weights, config_file)}
+    try:
+        save_file(
+            tensors, str(drafts[weights]), metadata={"format": "pt", "stage": config["imagen"]["stage"]}
+        )
+        # safetensors writes a private temporary file (0600) and renames it: give it a new file's mode, as config.yaml
+        umask = os.umask(0)  # reading the umask means setting it; put back at once
+        os.umask(umask)
+        drafts[weights].chmod(0o666 & ~umask)
+        drafts[config_file].write_text(yaml.safe_dump(config, sort_keys=False))
+        for final, draft in drafts.items():  # the config last: a reader sees the new weights with it
+            os.replace(draft, final)
+    finally:
+        for draft in drafts.values():
+            draft.unlink(missing_ok=True)
     return out_dir
 
 

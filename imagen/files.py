@@ -13,3 +13,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """The file (not a folder) at `folder` or at the nearest of its parents that exists, which would stop `folder`
+    being used or created as a folder; None where nothing is in the way."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), None)
+    return existing if existing is not None and not existing.is_dir() else None

@@ -20,6 +20,7 @@ from imagen.cli.export import main as export_main
 from imagen.cli.sample import sample
 from imagen.cli.train import train
 from tests.conftest import TINY_SHAPES
+from tests.image_text_fixtures import write_autoencoder_ckpt
 from tests.test_checkpoints import RunsCode
 from tests.test_sample import generator_ckpt  # noqa: F401  (module fixture)
 from tests.test_train import TINY_AUTOENCODER, TINY_GENERATOR, tiny_autoencoder_ckpt  # noqa: F401
@@ -103,6 +104,70 @@ def test_exported_weights_get_a_new_files_permissions(generator_ckpt, tmp_path):
         os.umask(umask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "exported").iterdir()}
     assert modes == {"config.yaml": 0o640, "model.safetensors": 0o640}
+
+
+@pytest.fixture
+def autoencoder_ckpt(tmp_path) -> Path:
+    """An untrained autoencoder-stage checkpoint: enough to export."""
+    return write_autoencoder_ckpt(tmp_path / "ae.ckpt")
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("out", ["notes.txt", "notes.txt/exported"])
+def test_export_into_a_file_is_refused_naming_it(autoencoder_ckpt, tmp_path, out):
+    (tmp_path / "notes.txt").write_text("notes")
+    with pytest.raises(
+        NotADirectoryError, match=f"OUT_DIR {tmp_path / out}: {tmp_path / 'notes.txt'} is a file"
+    ):
+        export_main([str(autoencoder_ckpt), str(tmp_path / out)])
+    assert (tmp_path / "notes.txt").read_text() == "notes"
+
+
+@pytest.mark.parametrize("earlier", ["autoencoder", "ar_generator", "weights only"])
+def test_export_refuses_a_folder_holding_an_export_unless_overwrite(autoencoder_ckpt, tmp_path, earlier):
+    exported = tmp_path / "exported"
+    if earlier == "autoencoder":
+        export_main([str(autoencoder_ckpt), str(exported)])
+    else:  # another stage's export, or one with its config lost
+        exported.mkdir()
+        (exported / "model.safetensors").write_bytes(b"earlier weights")
+        if earlier == "ar_generator":
+            (exported / "config.yaml").write_text("imagen:\n  stage: ar_generator\n")
+    (exported / "NOTES.md").write_text("kept")
+    before = folder_files(exported)
+    stage = "" if earlier == "weights only" else f" of the {earlier} stage"
+    refusal = (
+        rf"OUT_DIR {exported} already holds an export{stage} \(model.safetensors.*\); .* pass --overwrite"
+    )
+    with pytest.raises(FileExistsError, match=refusal):
+        export_main([str(autoencoder_ckpt), str(exported)])
+    assert folder_files(exported) == before, "a refused export writes nothing"
+    export_main([str(autoencoder_ckpt), str(exported), "--overwrite"])
+    assert sorted(folder_files(exported)) == ["NOTES.md", "config.yaml", "model.safetensors"]
+    assert read_checkpoint(exported)["imagen"]["stage"] == "autoencoder"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_failed_export_leaves_no_half_export(autoencoder_ckpt, tmp_path, monkeypatch, overwrite):
+    """Weights without their config (or beside another export's) never stay behind: an earlier export is kept."""
+    import imagen.checkpoints as checkpoints
+
+    exported = tmp_path / "exported"
+    if overwrite:
+        export_main([str(autoencoder_ckpt), str(exported)])
+    before = folder_files(exported) if overwrite else {}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.yaml, "safe_dump", disk_full)  # after the weights are written
+    other = write_autoencoder_ckpt(tmp_path / "other.ckpt", size="shapes")
+    with pytest.raises(OSError, match="No space left"):
+        export_main([str(other), str(exported), *(["--overwrite"] if overwrite else [])])
+    assert (folder_files(exported) if exported.exists() else {}) == before
 
 
 @pytest.mark.parametrize("size", [5_000, 20_000, 50_000])

@@ -152,11 +152,11 @@ def test_an_encode_run_in_the_batch_script_encodes_every_shard(coco_dm, ckpt, tm
     assert len(TokenCacheDataset(tmp_path / "cache" / "train")) == 8
 
 
-def encode_config(coco_dm, ckpt, tmp_path):
+def encode_config(coco_dm, ckpt, tmp_path, overrides: tuple[str, ...] = ()):
     images, annotations = coco_dm.hparams.images, coco_dm.hparams.annotations
     return compose_config(["data=coco", f"data.images={images}", f"data.annotations={annotations}",
                            "data.image_size=32", "data.num_workers=0", "data.holdout_fraction=0.1",
-                           f"autoencoder_ckpt={ckpt}", f"out_dir={tmp_path / 'cache'}", "shard_size=3"],
+                           f"autoencoder_ckpt={ckpt}", f"out_dir={tmp_path / 'cache'}", "shard_size=3", *overrides],
                           tmp_path / "run", config_name="encode")  # fmt: skip
 
 
@@ -347,6 +347,73 @@ def test_encode_command(coco_dm, ckpt, tmp_path):
 
     encode(encode_config(coco_dm, ckpt, tmp_path))
     assert [len(TokenCacheDataset(tmp_path / "cache" / s)) for s in ("train", "val", "test")] == [8, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("shard_size=0", r"shard_size=0 must be >= 1; samples per shard"),
+        ("shard_size=null", r"shard_size=None must be an integer"),
+        ("batch_size=0", r"batch_size=0 must be >= 1; e.g. batch_size=64"),
+        ("max_shards=0", r"max_shards=0 must be >= 1; .* or null for all"),
+        ("device=gpu", r"device='gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+        (
+            "splits=[train,vall]",
+            r"splits=\['train', 'vall'\]: 'vall' is not a split; list some of train, val, test",
+        ),
+        ("splits=[]", r"splits=\[\]: nothing to encode; list some of train, val, test"),
+        ("splits=[train,train]", r"splits=\['train', 'train'\] names a split twice"),
+        ("splits=train", r"splits='train' must be a list; list some of train, val, test"),
+    ],
+)
+def test_a_wrong_encode_setting_is_refused_naming_its_key(coco_dm, ckpt, tmp_path, override, match):
+    from imagen.cli.checks import ConfigError
+    from imagen.cli.encode import encode
+
+    with pytest.raises(ConfigError, match=match):
+        encode(encode_config(coco_dm, ckpt, tmp_path, (override,)))
+    assert not (tmp_path / "cache").exists(), "refused before anything is written"
+
+
+@pytest.mark.parametrize("file", ["cache", "parent", "cache/train", "cache/val"])
+def test_an_encode_out_dir_that_is_a_file_is_refused(coco_dm, ckpt, tmp_path, file):
+    from imagen.cli.checks import ConfigError
+    from imagen.cli.encode import encode
+
+    out = tmp_path / "parent" / "cache" if file == "parent" else tmp_path / "cache"
+    if file == "cache/val":
+        (tmp_path / "cache" / "train").mkdir(parents=True)  # an earlier run's split beside it
+    (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file).write_text("notes")
+    with pytest.raises(ConfigError, match=f"out_dir={out}: {tmp_path / file} is a file, not a folder"):
+        encode(encode_config(coco_dm, ckpt, tmp_path, (f"out_dir={out}",)))
+    assert (tmp_path / file).read_text() == "notes"
+
+
+@pytest.mark.parametrize(
+    "argument, match",
+    [
+        ({"shard_size": 0}, r"shard_size=0 must be an integer >= 1"),
+        ({"batch_size": 0}, r"batch_size=0 must be an integer >= 1"),
+        ({"max_shards": 0}, r"max_shards=0 must be an integer >= 1 or None"),
+        ({"splits": ("train", "vall")}, r"splits=\['train', 'vall'\] must name some of train, val, test"),
+    ],
+)
+def test_write_token_cache_refuses_a_wrong_argument_naming_it(coco_dm, ckpt, tmp_path, argument, match):
+    arguments = {"splits": ("train",), "shard_size": 3, "device": "cpu", **argument}
+    with pytest.raises(ValueError, match=match):
+        write_token_cache(str(ckpt), coco_dm, tmp_path / "cache", **arguments)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_encode_stopped_by_max_shards_says_so(coco_dm, ckpt, tmp_path, monkeypatch, caplog):
+    from imagen.cli.encode import encode
+
+    set_launch_env(monkeypatch, {})
+    with caplog.at_level("INFO"):
+        result = encode(encode_config(coco_dm, ckpt, tmp_path, ("max_shards=1", "splits=[train]")))
+    assert result["train"]["written"] == ["shard_00000"] and len(result["train"]["unfinished"]) == 2
+    assert "max_shards=1 stopped this run" in caplog.text and "other processes" not in caplog.text
 
 
 def test_webdataset_encode_over_ranks_keeps_every_tar_and_the_held_out_ones_apart(

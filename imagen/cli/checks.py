@@ -82,6 +82,10 @@ NUMBERS = (
 def _check_types(cfg: DictConfig) -> None:
     for key, kind, minimum, maximum, fix in NUMBERS:
         expect_number(cfg, key, kind, minimum, fix, maximum)
+    for key in ("train", "test", "test_before_fit", "trust_checkpoint"):  # a string such as `no` would read as true
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer; e.g. trainer.max_steps=2000")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from imagen.checkpoints import CheckpointError
 from imagen.cli.checks import ConfigError, expect_number
 from imagen.cli.utils import apply_extras, task_wrapper
+from imagen.files import file_in_the_way
 from imagen.sampling.ar import IMAGE_SEED_STRIDE
 
 log = logging.getLogger("imagen")
@@ -88,12 +89,12 @@ def check_out_dir(out_dir) -> Path:
     if out_dir is None or not str(out_dir).strip():
         raise ConfigError(f"out_dir={out_dir!r} must be a folder; e.g. out_dir=samples/run1")
     path = Path(str(out_dir))
-    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
-    if existing is not None and not existing.is_dir():
+    blocking = file_in_the_way(path)
+    if blocking is not None:
         problem = (
             "exists and is not a folder"
-            if existing == path
-            else f"lies inside {existing}, which is not a folder"
+            if blocking == path
+            else f"lies inside {blocking}, which is not a folder"
         )
         raise ConfigError(
             f"out_dir={path} {problem}; choose another out_dir (by default each run gets a new one)"

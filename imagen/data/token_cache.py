@@ -333,7 +333,18 @@ def write_token_cache(
     share the shards; each uses `cuda:LOCAL_RANK` when `device=auto` finds GPUs.
     """
     from imagen.checkpoints import load_autoencoder, read_checkpoint, warn_image_size
+    from imagen.data.formats import SPLITS
 
+    # the CLI checks its config first (`imagen.cli.encode.check_encode_config`); these guard direct calls
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size), ("max_shards", max_shards)):
+        if (value is not None or name != "max_shards") and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(
+                f"{name}={value!r} must be an integer >= 1{' or None' if name == 'max_shards' else ''}"
+            )
+    if not splits or any(s not in SPLITS for s in splits) or len(set(splits)) < len(splits):
+        raise ValueError(f"splits={list(splits)} must name some of {', '.join(SPLITS)}, each once")
     rank, world = rank_and_world()
     if device == "auto":
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
