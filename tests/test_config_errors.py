@@ -112,6 +112,8 @@ CASES = [
     # values a user types that would fail deep inside a library, or train without complaint
     (["data.image_size=32px"], ConfigError, "data.image_size='32px' must be an integer"),
     (["trust_checkpoint=no"], ConfigError, "trust_checkpoint='no' must be true or false"),
+    (["model.optimizer.lr=nan"], ConfigError, "model.optimizer.lr=nan must be a finite number"),
+    (["model.weight_decay=inf"], ConfigError, "model.weight_decay=inf must be a finite number"),
     (["test=yes"], ConfigError, "test='yes' must be true or false"),
     (["data.seed=-1"], ConfigError, "data.seed=-1 must be >= 0"),
     (["data.eval_batch_size=0"], ConfigError, "data.eval_batch_size=0 must be >= 1"),

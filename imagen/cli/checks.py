@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -48,6 +49,8 @@ def expect_number(
         return
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
         raise ConfigError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}; {fix}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number; {fix}")
     if value < minimum or (maximum is not None and value > maximum):
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ConfigError(f"{key}={value} must be {bounds}; {fix}")
@@ -82,7 +85,12 @@ NUMBERS = (
 def _check_types(cfg: DictConfig) -> None:
     for key, kind, minimum, maximum, fix in NUMBERS:
         expect_number(cfg, key, kind, minimum, fix, maximum)
-    for key in ("train", "test", "test_before_fit", "trust_checkpoint"):  # a string such as `no` would read as true
+    for key in (
+        "train",
+        "test",
+        "test_before_fit",
+        "trust_checkpoint",
+    ):  # a string such as `no` would read as true
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be true or false")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 import shutil
 from pathlib import Path
@@ -40,15 +39,11 @@ def resolve_device(name: str | int) -> torch.device:
     return device
 
 
-def expect_setting(
-    cfg: DictConfig, key: str, kind: type, minimum: float, fix: str, fraction: bool = False
-) -> None:
-    """`expect_number`, and a float must be finite; with `fraction`, the value must lie in (0, 1]."""
-    expect_number(cfg, key, kind, -math.inf if fraction else minimum, fix)
+def expect_fraction(cfg: DictConfig, key: str, fix: str) -> None:
+    """`key`, when set, must be a number in (0, 1]."""
+    expect_number(cfg, key, float, float("-inf"), fix)  # a finite number
     value = cfg.get(key)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}={value} must be a finite number; {fix}")
-    if fraction and value is not None and not 0 < value <= 1:
+    if value is not None and not 0 < value <= 1:
         raise ConfigError(f"{key}={value} must be in (0, 1]; {fix}")
 
 
@@ -59,13 +54,13 @@ def check_generation_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={cfg.seed} is too large for n={cfg.n}: sample s gets seed + s * 2^32, which must "
                           "stay below 2^63")  # fmt: skip
     # guided logits = unconditional + cfg_scale x (conditional - unconditional)
-    expect_setting(cfg, "cfg_scale", float, 0, "the guidance scale: 0 samples unconditionally (the prompt is "
+    expect_number(cfg, "cfg_scale", float, 0, "the guidance scale: 0 samples unconditionally (the prompt is "
                    "ignored), 1 conditionally without guidance, above 1 with guidance, e.g. cfg_scale=1.5")  # fmt: skip
-    expect_setting(cfg, "cfg_until", float, 0, "the fraction of each image's tokens sampled with guidance, "
-                   "e.g. cfg_until=0.5", fraction=True)  # fmt: skip
-    expect_setting(cfg, "temperature", float, 0, "0: greedy, e.g. temperature=0.7")
-    expect_setting(cfg, "top_k", int, 0, "0: no top-k cut-off, e.g. top_k=20")
-    expect_setting(cfg, "top_p", float, 0, "1: no nucleus cut-off, e.g. top_p=0.9", fraction=True)
+    expect_fraction(cfg, "cfg_until", "the fraction of each image's tokens sampled with guidance, "
+                   "e.g. cfg_until=0.5")  # fmt: skip
+    expect_number(cfg, "temperature", float, 0, "0: greedy, e.g. temperature=0.7")
+    expect_number(cfg, "top_k", int, 0, "0: no top-k cut-off, e.g. top_k=20")
+    expect_fraction(cfg, "top_p", "1: no nucleus cut-off, e.g. top_p=0.9")
 
 
 def check_caption_settings(cfg: DictConfig) -> None:
@@ -76,12 +71,11 @@ def check_caption_settings(cfg: DictConfig) -> None:
     if method is not None and method not in METHODS:
         raise ConfigError(f"decoding={method!r} is not a caption decoding method; use decoding=greedy, beam or "
                           "nucleus, or null for the checkpoint's own")  # fmt: skip
-    expect_setting(cfg, "beam_size", int, 1, "the beams kept, e.g. beam_size=4")
-    expect_setting(cfg, "caption_top_p", float, 0, "nucleus decoding's cut-off, e.g. caption_top_p=0.9",
-                   fraction=True)  # fmt: skip
-    expect_setting(cfg, "caption_temperature", float, 0, "0: greedy, e.g. caption_temperature=1.0")
+    expect_number(cfg, "beam_size", int, 1, "the beams kept, e.g. beam_size=4")
+    expect_fraction(cfg, "caption_top_p", "nucleus decoding's cut-off, e.g. caption_top_p=0.9")  # fmt: skip
+    expect_number(cfg, "caption_temperature", float, 0, "0: greedy, e.g. caption_temperature=1.0")
     for key in ("caption_match_weight", "caption_generator_weight"):
-        expect_setting(cfg, key, float, 0, f"0: not used, e.g. {key}=1.0")
+        expect_number(cfg, key, float, 0, f"0: not used, e.g. {key}=1.0")
 
 
 def check_out_dir(out_dir) -> Path:
