@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 
 import pytest
 import torch
@@ -150,6 +151,49 @@ CASES = [
         "model.eval_batch_size=0 must be",
     ),
 ]
+
+
+CORPUS_CASES = [
+    ("data.resampled=no", "data.resampled='no' must be true or false"),
+    ("data.random_crop=maybe", "data.random_crop='maybe' must be true or false"),
+    ("data.holdout_fraction=ten", "data.holdout_fraction='ten' must be a number"),
+    ("data.max_pixels=64M", "data.max_pixels='64M' must be an integer, or null"),
+    ("data.max_bad_fraction=2", "data.max_bad_fraction=2 must be in [0, 1]"),
+    ("data.samples_per_epoch=-8", "data.samples_per_epoch=-8 must be >= 1"),
+    ("data.eval_samples=0", "data.eval_samples=0 must be >= 1"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer=-1 must be >= 0"),
+    ("data.tokenizer_captions=0", "data.tokenizer_captions=0 must be >= 1"),
+    ("data.image_size=[32]", "data.image_size=[32] must be an integer"),
+    (
+        "callbacks.model_checkpoint.save_top_k=all",
+        "callbacks.model_checkpoint.save_top_k='all' must be an integer",
+    ),
+    ("callbacks.image_logger.max_images=0", "callbacks.image_logger.max_images=0 must be >= 1"),
+    ("trainer.benchmark=yes", "trainer.benchmark='yes' must be true or false, or null"),
+]
+
+
+@pytest.mark.parametrize("override, message", CORPUS_CASES, ids=[c[0] for c in CORPUS_CASES])
+def test_invalid_real_corpus_configs(make_cfg, tmp_path, override, message):
+    """Values of another type than the argument they reach (checked against its annotation), or out of range."""
+    cfg = make_cfg(["experiment=wds_generator", f"data.shards='{tmp_path}/{{0..1}}.tar'", override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_train_config(cfg)
+
+
+def test_callback_settings_are_checked_and_an_average_that_never_starts_is_named(make_cfg, caplog):
+    early = ["callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=-1"]
+    with pytest.raises(ConfigError, match="callbacks.early_stopping.patience=-1 must be >= 0"):
+        check_train_config(make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES, *early]))
+    for start, warned in ((5, False), (10, True)):
+        caplog.clear()
+        cfg = make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES, "callbacks=[default,ema]",
+                        "trainer.max_steps=10", f"callbacks.ema.update_starting_at_step={start}"])  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="imagen"):
+            check_train_config(cfg)
+        assert (
+            "callbacks.ema.update_starting_at_step=10 is not before trainer.max_steps=10" in caplog.text
+        ) == warned
 
 
 NER_CASES = [

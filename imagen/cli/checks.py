@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
+import types
+import typing
 from pathlib import Path
 
+import hydra
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("imagen")
@@ -64,6 +68,12 @@ NUMBERS = (
     ("data.batch_size", int, 1, None, "e.g. data.batch_size=64"),
     ("data.eval_batch_size", int, 1, None, "e.g. data.eval_batch_size=64"),
     ("data.num_workers", int, 0, None, "e.g. data.num_workers=4"),
+    ("data.max_bad_fraction", float, 0, 1, "the share of bad samples read that stops the run, e.g. 0.1"),
+    ("data.bad_check_after", int, 0, None, "the samples read before that share is judged, e.g. 100"),
+    ("data.samples_per_epoch", int, 1, None, "the samples of a resampled stream's epoch, e.g. 100000"),
+    ("data.eval_samples", int, 1, None, "the samples per rank and worker an evaluation reads, or null for all"),
+    ("data.shuffle_buffer", int, 0, None, "0: no shuffle buffer, e.g. 1000"),
+    ("data.tokenizer_captions", int, 1, None, "the captions a caption tokenizer learns from, e.g. 100000"),
     ("model.eval_batch_size", int, 1, None, "e.g. model.eval_batch_size=64"),
     ("model.optimizer.lr", float, 0, None, "e.g. model.optimizer.lr=3e-4"),
     ("model.optimizer.weight_decay", float, 0, None, "0 for none"),
@@ -79,7 +89,83 @@ NUMBERS = (
     ("trainer.accumulate_grad_batches", int, 1, None, "1: a step per batch"),
     ("callbacks.model_checkpoint.every_n_train_steps", int, 1, None, "or null to save by time"),
     ("callbacks.nonfinite_guard.max_consecutive", int, 1, None, "e.g. 5"),
+    ("callbacks.ema.update_starting_at_step", int, 0, None, "or null to average from the first step"),
+    ("callbacks.image_logger.max_images", int, 1, None, "the images in each logged grid, e.g. 16"),
+    ("callbacks.image_logger.nrow", int, 1, None, "the images per grid row, e.g. 8"),
+    ("callbacks.early_stopping.patience", int, 0, None, "the validations without improvement it waits, e.g. 5"),
+    ("callbacks.model_checkpoint.save_top_k", int, -1, None, "-1 keeps every checkpoint, 0 none, e.g. 1"),
 )  # fmt: skip
+
+
+# the value types an argument annotation is judged by; an annotation that allows any other type is not judged
+SIMPLE_TYPES = (bool, int, float, str, type(None))
+
+
+def _simple_types(annotation) -> tuple | None:
+    """The types `annotation` allows, when they are all `SIMPLE_TYPES`; else None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(annotation) if union else (annotation,)
+    return allowed if all(t in SIMPLE_TYPES for t in allowed) else None
+
+
+def _argument_hints(target: str) -> dict:
+    """The annotated argument types of a `_target_` (a function, or a class's `__init__` and, where that passes
+    **kwargs on, its bases')."""
+    try:
+        found = hydra.utils.get_object(target)
+    except Exception:  # an unknown target is Hydra's error to report, at instantiation
+        return {}
+    functions = (
+        [c.__init__ for c in found.__mro__ if "__init__" in vars(c)] if isinstance(found, type) else [found]
+    )
+    hints: dict = {}
+    for function in functions:
+        try:
+            for name, annotation in typing.get_type_hints(function).items():
+                hints.setdefault(name, annotation)
+            keywords = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+        except Exception:  # an annotation that does not resolve, a builtin without a signature: not judged
+            break
+        if not keywords:
+            break
+    return hints
+
+
+def _fits(value, allowed: tuple) -> bool:
+    if value is None or isinstance(value, bool):
+        return type(value) in allowed
+    if isinstance(value, int):
+        return int in allowed or float in allowed
+    return isinstance(value, float | str) and type(value) in allowed
+
+
+def _describe(allowed: tuple) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    kinds = [names[t] for t in allowed if t in names and not (t is int and float in allowed)]
+    return " or ".join(kinds) + (", or null" if type(None) in allowed else "")
+
+
+def check_argument_types(node, key: str) -> None:
+    """Every value of a `_target_` node (and of the nodes nested in it) must have a type its target's annotation
+    allows, where that annotation is simple (`SIMPLE_TYPES`): `data.resampled=no` would otherwise read as true, and
+    `data.holdout_fraction=ten` fail deep inside a comparison."""
+    if not isinstance(node, DictConfig):
+        return
+    hints = _argument_hints(_target(node)) if _target(node) else {}
+    for name in node:
+        if str(name).startswith("_"):
+            continue
+        try:
+            value = node[name]
+        except Exception:  # missing or unresolvable: reported where it is read
+            continue
+        if isinstance(value, DictConfig):
+            check_argument_types(value, f"{key}.{name}")
+            continue
+        allowed = _simple_types(hints[name]) if name in hints else None
+        if allowed is not None and (OmegaConf.is_list(value) or not _fits(value, allowed)):
+            shown = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+            raise ConfigError(f"{key}.{name}={shown!r} must be {_describe(allowed)}")
 
 
 def _check_types(cfg: DictConfig) -> None:
@@ -388,6 +474,13 @@ def check_train_config(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps", -1)
     if (max_steps is None or max_steps <= 0) and model.get("scheduler") is not None:
         raise ConfigError("trainer.max_steps must be > 0: the LR schedule is defined over training steps")
+    # last, every other argument's type, against its target's annotations (the checks above give finer messages)
+    for group in ("data", "model", "trainer"):
+        check_argument_types(cfg.get(group), group)
+    for group in ("callbacks", "logger"):
+        entries = cfg.get(group)
+        for name in entries if isinstance(entries, DictConfig) else ():
+            check_argument_types(entries[name], f"{group}.{name}")
     warmup = OmegaConf.select(cfg, "model.scheduler.warmup_steps")
     if (
         cfg.get("train", True)
@@ -397,3 +490,12 @@ def check_train_config(cfg: DictConfig) -> None:
     ):
         log.warning(f"model.scheduler.warmup_steps={warmup} is past trainer.max_steps={max_steps}: the learning "
                     "rate never reaches model.optimizer.lr")  # fmt: skip
+    ema_start = OmegaConf.select(cfg, "callbacks.ema.update_starting_at_step")
+    if (
+        cfg.get("train", True)
+        and isinstance(ema_start, int)
+        and isinstance(max_steps, int)
+        and ema_start >= max_steps > 0
+    ):
+        log.warning(f"callbacks.ema.update_starting_at_step={ema_start} is not before trainer.max_steps={max_steps}: "
+                    "no weights are averaged, and the run is evaluated and saved with its raw weights")  # fmt: skip
