@@ -1,3 +1,4 @@
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -107,6 +108,44 @@ def test_caption_matching_rules():
 def test_bad_renderer_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         ShapesConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"heldout": ["red"]}, "data.heldout: the entry 'red' is not an attribute combination"),
+        ({"heldout": {"color": "red"}}, "data.heldout must be a list of attribute combinations"),
+        ({"heldout": "red"}, "data.heldout must be a list of attribute combinations"),
+        ({"size_jitter": 3}, "data.size_jitter must be a number in [0, 1)"),
+        ({"size_jitter": 1.0}, "data.size_jitter must be a number in [0, 1)"),
+        ({"size_jitter": -0.5}, "data.size_jitter must be a number in [0, 1)"),
+        ({"size_jitter": "0.1"}, "data.size_jitter must be a number in [0, 1)"),
+        ({"supersample": 0}, "data.supersample must be an integer >= 1"),
+        ({"supersample": 2.5}, "data.supersample must be an integer >= 1"),
+        ({"supersample": "4"}, "data.supersample must be an integer >= 1"),
+        ({"background": [0, 0]}, "data.background must be three integers in [0, 255]"),
+        ({"background": [300, 0, 0]}, "data.background must be three integers in [0, 255]"),
+        ({"background": [-1, 0, 0]}, "data.background must be three integers in [0, 255]"),
+        ({"background": [0.5, 0, 0]}, "data.background must be three integers in [0, 255]"),
+        ({"background": 0}, "data.background must be three integers in [0, 255]"),
+        ({"background": "red"}, "data.background must be three integers in [0, 255]"),
+        ({"image_size": "32"}, "data.image_size must be an integer >= 16"),
+        ({"image_size": 8}, "data.image_size must be an integer >= 16"),
+        ({"jitter": "1"}, "data.jitter must be a whole number of pixels >= 0"),
+        ({"jitter": 6}, "data.jitter=6 moves an object's center out of its grid cell"),
+        ({"two_object_prob": "0.5"}, "data.two_object_prob must be a number in [0, 1]"),
+    ],
+)
+def test_bad_renderer_values_are_refused_with_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShapesConfig(**kwargs)
+
+
+def test_renderer_settings_at_their_limits_are_accepted():
+    config = ShapesConfig(size_jitter=0.9, supersample=1, background=[255, 255, 255], jitter=5, heldout=None)
+    assert config.background == (255, 255, 255) and config.heldout == []
+    scene = SceneSampler(config).sample(np.random.default_rng(0))
+    assert render(scene, config, np.random.default_rng(0)).shape == (32, 32, 3)
 
 
 def test_binding_pairs_swap_the_attributes_of_two_objects_in_place():
@@ -342,6 +381,56 @@ def test_bad_datamodule_settings_name_the_key(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         ShapesDataModule(use_judge=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"heldout": ["red"]}, "data.heldout: the entry 'red' is not an attribute combination"),
+        ({"heldout": ["red"]}, "e.g. data.heldout='[{color: red, shape: triangle}]'"),
+        ({"background": [0, 0]}, "data.background must be three integers in [0, 255]"),
+        ({"background": 5}, "data.background must be three integers in [0, 255]"),
+        ({"supersample": 0}, "data.supersample must be an integer >= 1"),
+        ({"size_jitter": 3}, "data.size_jitter must be a number in [0, 1)"),
+        ({"num_train": "100"}, "data.num_train must be an integer (a number of scenes), got '100'"),
+        ({"num_val": "10"}, "data.num_val must be an integer"),
+        ({"num_test": 1.5}, "data.num_test must be an integer"),
+        ({"num_val_heldout": "x", "heldout": HELDOUT}, "data.num_val_heldout must be an integer"),
+        ({"train_two_object_prob": "0.9"}, "data.train_two_object_prob (or null) must be a number in [0, 1]"),
+        ({"train_two_object_prob": 1.5}, "data.train_two_object_prob (or null) must be a number in [0, 1]"),
+        ({"batch_size": 0}, "data.batch_size must be an integer >= 1"),
+        ({"eval_batch_size": "64"}, "data.eval_batch_size must be an integer >= 1"),
+        ({"judge_steps": 0}, "data.judge_steps must be an integer >= 1"),
+        ({"seed": -1}, "data.seed must be an integer >= 0"),
+        ({"num_workers": "2"}, "data.num_workers must be an integer >= 0"),
+        ({"train_hflip": "no"}, "data.train_hflip must be true or false"),
+        ({"hard_negatives": "yes"}, "data.hard_negatives must be true or false"),
+        ({"heldout_in_train": 1}, "data.heldout_in_train must be true or false"),
+    ],
+)
+def test_bad_datamodule_values_are_refused_with_the_key(kwargs, message):
+    from imagen.data.shapes_datamodule import ShapesDataModule
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShapesDataModule(use_judge=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"new_concept": ["orange"]}, "data.new_concept: the entry 'orange' is not an attribute combination"),
+        ({"new_concept": {"color": "orange"}}, "data.new_concept must be a list of attribute combinations"),
+        ({"new_repeats": "8"}, "data.new_repeats must be an integer >= 1"),
+        ({"new_repeats": 0}, "data.new_repeats must be an integer >= 1"),
+        ({"num_replay": "100"}, "data.num_replay must be an integer"),
+    ],
+)
+def test_bad_new_concept_values_are_refused_with_the_key(kwargs, message):
+    from imagen.data.shapes_datamodule import NewConceptShapesDataModule
+
+    args = {"new_concept": [{"color": "orange"}], "colors": ["red", "green", "orange"], **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        NewConceptShapesDataModule(use_judge=False, num_train=4, **args)
 
 
 def test_new_concept_validation_may_hold_new_concept_scenes_only():

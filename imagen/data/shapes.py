@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -206,20 +207,43 @@ class ShapesConfig:
         check("shapes", self.shapes, SHAPES)
         check("sizes", self.sizes, SIZES)
         check("positions", self.positions, POSITIONS)
-        if self.max_objects not in (1, 2):
-            raise ValueError(f"data.max_objects must be 1 or 2, got {self.max_objects}")
-        if not 0.0 <= self.two_object_prob <= 1.0:
-            raise ValueError(f"data.two_object_prob must be in [0, 1], got {self.two_object_prob}")
-        if self.jitter < 0 or self.jitter != int(self.jitter):
-            raise ValueError(f"data.jitter must be a whole number of pixels >= 0, got {self.jitter}")
-        if self.image_size < 16:
-            raise ValueError(f"data.image_size must be >= 16, got {self.image_size}")
+        if not is_int(self.max_objects) or self.max_objects not in (1, 2):
+            raise ValueError(f"data.max_objects must be 1 or 2, got {self.max_objects!r}")
+        check_fraction("data.two_object_prob", self.two_object_prob)
+        check_int("data.image_size", self.image_size, 16)
+        if not is_int(self.jitter) or self.jitter < 0:
+            raise ValueError(f"data.jitter must be a whole number of pixels >= 0, got {self.jitter!r}")
+        if 2 * GRID * self.jitter >= self.image_size:  # an object's center would leave its grid cell
+            raise ValueError(
+                f"data.jitter={self.jitter} moves an object's center out of its grid cell "
+                f"(data.image_size / {GRID} = {self.image_size / GRID:.1f} pixels): it must be < "
+                f"data.image_size / {2 * GRID}, e.g. data.jitter=1"
+            )
+        # an object's radius is scaled by 1 + uniform(-size_jitter, size_jitter): it must stay positive
+        if not is_number(self.size_jitter) or not 0.0 <= self.size_jitter < 1.0:
+            raise ValueError(
+                f"data.size_jitter must be a number in [0, 1) (the largest relative change of an object's size, "
+                f"e.g. data.size_jitter=0.1), got {self.size_jitter!r}"
+            )
+        check_int("data.supersample", self.supersample, 1, " (1: no anti-aliasing)")
+        bg = self.background
+        if (
+            isinstance(bg, str | bytes)
+            or not isinstance(bg, Sequence)
+            or len(bg) != 3
+            or not all(is_int(v) and 0 <= v <= 255 for v in bg)
+        ):
+            raise ValueError(
+                f"data.background must be three integers in [0, 255] (an RGB color, e.g. [0, 0, 0]), got {bg!r}"
+            )
+        self.background = tuple(int(v) for v in bg)
+        self.heldout = as_combinations(self.heldout, "data.heldout")
         self.check_combinations(self.heldout, "data.heldout")
 
     def check_combinations(self, combos: list[dict[str, str]], key: str) -> None:
         """Attribute combinations (`[{color: red, shape: triangle}]`) must name configured attributes."""
         attrs = {"color": self.colors, "shape": self.shapes, "size": self.sizes, "position": self.positions}
-        for combo in combos:
+        for combo in as_combinations(combos, key):
             if not combo:
                 raise ValueError(f"{key}: an empty combination matches every object")
             for name, value in combo.items():
@@ -238,6 +262,50 @@ class ShapesConfig:
 
     def is_heldout(self, obj: ShapeObject) -> bool:
         return has_combination(obj, self.heldout)
+
+
+def is_int(value) -> bool:
+    """Whether `value` is an integer (not a bool, which Python counts as one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """Whether `value` is a real number (not a bool nor a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(key: str, value, minimum: int, hint: str = "") -> None:
+    """`ValueError` naming `key` unless `value` is an integer >= `minimum`."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}{hint}, got {value!r}")
+
+
+def check_fraction(key: str, value) -> None:
+    """`ValueError` naming `key` unless `value` is a number in [0, 1]."""
+    if not is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key} must be a number in [0, 1], got {value!r}")
+
+
+COMBINATION_EXAMPLE = "{color: red, shape: triangle}"
+
+
+def as_combinations(value, key: str) -> list[dict[str, str]]:
+    """Attribute combinations (`heldout`, `new_concept`) as a list of dicts; `ValueError` naming `key` unless
+    `value` is a list of mappings (None: none)."""
+    if value is None:
+        return []
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"{key} must be a list of attribute combinations, each a mapping such as {COMBINATION_EXAMPLE}; "
+            f"got {value!r}"
+        )
+    for combo in value:
+        if not isinstance(combo, Mapping):
+            raise ValueError(
+                f"{key}: the entry {combo!r} is not an attribute combination; each entry is a mapping such as "
+                f"{COMBINATION_EXAMPLE}, e.g. {key}='[{COMBINATION_EXAMPLE}]'"
+            )
+    return [dict(c) for c in value]
 
 
 def has_combination(obj: ShapeObject, combos: list[dict[str, str]]) -> bool:

@@ -17,7 +17,11 @@ from imagen.data.shapes import (
     Scene,
     SceneSampler,
     ShapesConfig,
+    as_combinations,
+    check_fraction,
+    check_int,
     has_combination,
+    is_int,
     matches_caption,
     mirror_words,
     render,
@@ -253,14 +257,26 @@ class ShapesDataModule(pl.LightningDataModule):
             two_object_prob=two_object_prob,
             jitter=jitter,
             size_jitter=size_jitter,
-            background=tuple(background),
+            background=background,
             supersample=supersample,
-            heldout=[dict(c) for c in (heldout or [])],
+            heldout=as_combinations(heldout, "data.heldout"),
         )
-        if train_two_object_prob is not None and not 0.0 <= train_two_object_prob <= 1.0:
-            raise ValueError(
-                f"data.train_two_object_prob must be in [0, 1] or null, got {train_two_object_prob}"
-            )
+        if train_two_object_prob is not None:
+            check_fraction("data.train_two_object_prob (or null)", train_two_object_prob)
+        for key in ("batch_size", "eval_batch_size", "judge_steps"):
+            check_int(f"data.{key}", self.hparams[key], 1)
+        for key in ("seed", "num_workers"):
+            check_int(f"data.{key}", self.hparams[key], 0)
+        for key in (
+            "heldout_in_train",
+            "train_hflip",
+            "hard_negatives",
+            "use_judge",
+            "pin_memory",
+            "persistent_workers",
+        ):
+            if not isinstance(self.hparams[key], bool):  # a string such as `no` would read as true
+                raise ValueError(f"data.{key} must be true or false, got {self.hparams[key]!r}")
         unmirrored = [p for p in self.config.positions if mirror_words(p) not in self.config.positions]
         if train_hflip and unmirrored:  # a mirrored item would show a position the data never names
             raise ValueError(
@@ -286,6 +302,9 @@ class ShapesDataModule(pl.LightningDataModule):
                 f"data.{k}": self.hparams[k] for k in keys if self.config.heldout or "heldout" not in k
             }
             settings = " + ".join(f"{k}={v}" for k, v in counted.items())
+            for k, v in counted.items():
+                if not is_int(v):
+                    raise ValueError(f"{k} must be an integer (a number of scenes), got {v!r}")
             if any(v < 0 for v in counted.values()):
                 raise ValueError(f"{settings}: each must be >= 0")
             if sum(counted.values()) < 1:
@@ -459,12 +478,11 @@ class NewConceptShapesDataModule(ShapesDataModule):
         **shapes_args,
     ):
         super().__init__(**shapes_args)
-        self.new_concept = [dict(c) for c in new_concept or []]
+        self.new_concept = as_combinations(new_concept, "data.new_concept")
         if not self.new_concept:
             raise ValueError("data.new_concept is empty: name the concept to teach, e.g. [{color: orange}]")
         self.config.check_combinations(self.new_concept, "data.new_concept")
-        if new_repeats < 1:
-            raise ValueError(f"data.new_repeats must be >= 1; got {new_repeats}")
+        check_int("data.new_repeats", new_repeats, 1)
         self.scene_groups = SceneGroups(self.config, tuple(self.new_concept))
 
     def split_scenes(self, split: str) -> tuple[list[Scene], np.random.Generator]:
