@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -440,3 +441,73 @@ def test_a_byte_level_bpe_tokenizer_of_any_model_type_reads_words_as_running_tex
 def test_an_unknown_tag_scheme_names_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"data.scheme='bio' is unknown; choose from \("):
         ConllDataModule(tokenizer="unused", data_dir=str(tmp_path), scheme="bio")
+
+
+# -- settings and labels are checked where the datamodule is built ------------------------------------------------
+
+
+def test_a_window_context_that_leaves_no_room_suggests_values_that_fit():
+    with pytest.raises(
+        ValueError,
+        match=re.escape("data.max_length=3")
+        + ".*"
+        + re.escape("set data.max_length >= 15 or data.window_context <= 0"),
+    ):
+        EncodingSettings(max_length=3, window_context=6).word_cap(2)
+    assert EncodingSettings(max_length=15, window_context=6).word_cap(2) == 1  # both suggestions work
+    assert EncodingSettings(max_length=3, window_context=0).word_cap(2) == 1
+    with pytest.raises(
+        ValueError, match=re.escape("set data.max_length >= 3") + "$"
+    ):  # no context fits max_length=2
+        EncodingSettings(max_length=2, window_context=0).word_cap(2)
+
+
+def test_a_negative_window_context_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("data.window_context=-4 must be >= 0")):
+        ConllDataModule(tokenizer="unused", data_dir=str(tmp_path), window_context=-4)
+
+
+@pytest.mark.parametrize("key", ["document_context", "label_all_subtokens"])
+@pytest.mark.parametrize("value", ["maybe", "false", 1])
+def test_flags_must_be_booleans(tmp_path, key, value):
+    with pytest.raises(TypeError, match=re.escape(f"data.{key}={value!r} must be a boolean")):
+        ConllDataModule(tokenizer="unused", data_dir=str(tmp_path), **{key: value})
+
+
+def test_window_sizes_must_be_integers(tmp_path):
+    with pytest.raises(TypeError, match=re.escape("data.window_context='4' must be an integer")):
+        ConllDataModule(tokenizer="unused", data_dir=str(tmp_path), window_context="4")
+
+
+CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "named"),
+    [
+        (
+            [*CONLL_LABELS[:-1], "I-MSIC"],
+            "data.labels[7]='B-MISC' has no 'I-MISC'; data.labels[8]='I-MSIC' has no 'B-MSIC'",
+        ),  # a misspelt I- tag
+        ([*CONLL_LABELS, "B-MSIC"], "data.labels[9]='B-MSIC' has no 'I-MSIC'"),  # an extra, misspelt B- tag
+        (["O", "B-PER", "I-PER", "B_LOC", "I-LOC"], "data.labels[3]='B_LOC' is not a tag"),
+        (["O", "S-PER", "B-PER", "I-PER"], "data.labels[1]='S-PER' is not a tag"),
+        (["O", "B-PER", "I-PER", "B-PER"], "data.labels[3]='B-PER' is listed twice"),
+    ],
+)
+def test_explicit_labels_are_refused_naming_the_entry(tmp_path, labels, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        ConllDataModule(tokenizer="unused", data_dir=str(tmp_path), labels=labels)
+    with pytest.raises(ValueError, match=re.escape(named)):  # label_list, used directly, checks them too
+        label_list({"train": [Sentence(["a"], ["O"], 0, "train:1")]}, given=labels)
+
+
+def test_labels_that_no_training_tag_uses_are_kept_with_a_warning(caplog):
+    train = [Sentence(["a", "b"], ["B-PER", "O"], 0, "train:1")]
+    test = [Sentence(["c"], ["B-LOC"], 0, "test:1")]
+    given = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER", "B-EVENT", "I-EVENT"]
+    with caplog.at_level("WARNING", logger="imagen.data.conll"):
+        assert label_list({"train": train, "test": test}, given=given) == given  # order kept
+    assert re.search(
+        re.escape("data.labels: no tag of the training data has the type(s) ['LOC', 'EVENT']"), caplog.text
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -277,3 +278,35 @@ def test_the_evaluation_loss_is_the_loss_of_the_split_each_window_once(cache_dir
     ranks = [logged_loss(sampler=share) for share in shares]
     weights = [loss_and_weight(owned)[1] for owned in ([0, 2, 4, 6], [1, 3, 5])]
     assert (ranks[0] * weights[0] + ranks[1] * weights[1]) / sum(weights) == pytest.approx(split, rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["absolute", "nested"])
+def test_a_pretrained_path_that_does_not_exist_names_the_key_and_path(make_cfg, tmp_path, monkeypatch, form):
+    missing = tmp_path / "no_such_model"
+    if form == "nested":  # relative, but with two separators: no hub name (namespace/name) looks like it
+        monkeypatch.chdir(tmp_path)
+        missing = "models/bert/no_such_model"
+    cfg = make_cfg(["experiment=ner_tiny", f"model.pretrained={missing}", "trainer.fast_dev_run=true"])
+    with pytest.raises(
+        InstantiationException, match=re.escape(f"model.pretrained={missing}: no such folder")
+    ):
+        train(cfg)
+
+
+def test_pretrained_hub_names_pass_and_local_folders_resolve(tmp_path, monkeypatch):
+    from imagen.models.ner import check_pretrained
+
+    for name in ("bert-base-cased", "dslim/bert-base-NER"):  # left to from_pretrained (the hub)
+        assert check_pretrained(name) == name
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert check_pretrained("~/enc") == str(folder)
+    monkeypatch.chdir(tmp_path)
+    assert check_pretrained("./enc") == "enc"
+    for path in ("./nope", "../nope", "~/nope", "a/b/nope"):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"data.tokenizer={path}: no such folder")):
+            check_pretrained(path, "data.tokenizer")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match=re.escape("model.pretrained=./weights.bin is a file")):
+        check_pretrained("./weights.bin")

@@ -251,6 +251,7 @@ def label_list(splits: dict[str, list[Sentence]], given: Sequence[str] | None = 
     raises, naming where it occurs.
     """
     if given is not None:
+        check_labels(given)
         known = set(given)
         for sentences in splits.values():
             for s in sentences:
@@ -259,11 +260,49 @@ def label_list(splits: dict[str, list[Sentence]], given: Sequence[str] | None = 
                         raise ValueError(
                             f"{word_origin(s, word)}: tag {tag!r} is not in data.labels={list(given)}"
                         )
+        training = splits.get("train") or [s for sentences in splits.values() for s in sentences]
+        used = {tag[2:] for s in training for tag in s.tags if tag != "O"}
+        unused = [t for t in dict.fromkeys(tag[2:] for tag in given if tag != "O") if t not in used]
+        if unused:
+            log.warning(
+                f"data.labels: no tag of the training data has the type(s) {unused} "
+                f"({', '.join(f'B-{t}, I-{t}' for t in unused)}): the model never learns to predict them; "
+                "check their spelling, or leave them out unless a checkpoint's label list needs them"
+            )
         return list(given)
     types = sorted(
         {tag[2:] for sentences in splits.values() for s in sentences for tag in s.tags if tag != "O"}
     )
     return ["O"] + [f"{prefix}-{t}" for t in types for prefix in ("B", "I")]
+
+
+def check_labels(labels: Sequence[str]) -> None:
+    """Refuse an explicit label list (`data.labels`) that the IOB2 tags this module produces cannot match: an
+    entry that is not O, B-TYPE or I-TYPE, a repeated entry, or a B-TYPE without its I-TYPE or vice versa (the
+    entry is named)."""
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise TypeError(f"data.labels={labels!r} must be a list of tags, e.g. [O, B-PER, I-PER]")
+    seen = set()
+    for i, tag in enumerate(labels):
+        if not isinstance(tag, str) or not re.match(r"^(O|[BI]-\S+)$", tag):
+            hint = " (E-/S- tags are converted to B-/I-: list those)" if str(tag)[:2] in ("E-", "S-") else ""
+            raise ValueError(
+                f"data.labels[{i}]={tag!r} is not a tag of the IOB2 scheme the data is converted to: use O, "
+                f"B-TYPE or I-TYPE{hint}"
+            )
+        if tag in seen:
+            raise ValueError(f"data.labels[{i}]={tag!r} is listed twice")
+        seen.add(tag)
+    unpaired = []
+    for i, tag in enumerate(labels):
+        partner = ("I-" if tag[0] == "B" else "B-") + tag[2:]
+        if tag != "O" and partner not in seen:
+            unpaired.append(f"data.labels[{i}]={tag!r} has no {partner!r}")
+    if unpaired:
+        raise ValueError(
+            f"{'; '.join(unpaired)} in data.labels={list(labels)}: every entity type needs both its B- and I- "
+            "tag (a misspelt type?)"
+        )
 
 
 def resolve_files(data_dir: str | Path | None, files: dict[str, str] | None = None) -> dict[str, Path]:
@@ -440,13 +479,35 @@ class EncodingSettings:
     document_context: bool = False
     label_all_subtokens: bool = False
 
+    def __post_init__(self):
+        for key in ("max_length", "window_context"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"data.{key}={value!r} must be an integer")
+        if self.max_length < 1:
+            raise ValueError(f"data.max_length={self.max_length} must be >= 1 (subtokens per window)")
+        if self.window_context < 0:
+            raise ValueError(
+                f"data.window_context={self.window_context} must be >= 0 (subtokens of context on each side "
+                "of a window's core; 0: none)"
+            )
+        for key in ("document_context", "label_all_subtokens"):
+            value = getattr(self, key)
+            if not isinstance(value, bool):
+                raise TypeError(f"data.{key}={value!r} must be a boolean (true or false)")
+
     def word_cap(self, num_special: int) -> int:
         """Subtokens kept per word (a longer word is cut: its first subtoken carries the label)."""
         cap = self.max_length - num_special - 2 * self.window_context
         if cap < 1:
+            # a window needs the special tokens, the context on both sides and at least one subtoken of core
+            fixes = [f"data.max_length >= {num_special + 2 * self.window_context + 1}"]
+            if self.max_length - num_special >= 1:
+                fixes.append(f"data.window_context <= {(self.max_length - num_special - 1) // 2}")
             raise ValueError(
                 f"data.window_context={self.window_context} leaves no room in data.max_length={self.max_length} "
-                f"({num_special} special tokens); use window_context < {(self.max_length - num_special) // 2}"
+                f"({num_special} special tokens + 2 x {self.window_context} context leave no subtoken for the "
+                f"words); set {' or '.join(fixes)}"
             )
         return cap
 
@@ -585,7 +646,9 @@ class ConllDataModule(pl.LightningDataModule):
         super().__init__()
         # plain types (not Hydra's containers) so that checkpoints load with torch.load(weights_only=True)
         files = {str(k): str(v) for k, v in files.items()} if files else None
-        labels = [str(t) for t in labels] if labels is not None else None
+        if labels is not None:
+            check_labels(labels)
+            labels = [str(t) for t in labels]
         self.save_hyperparameters(logger=False)
         if (data_dir is None and not files) == (hf_dataset is None):
             raise ValueError("set exactly one of data.data_dir (CoNLL files) and data.hf_dataset")
@@ -630,7 +693,9 @@ class ConllDataModule(pl.LightningDataModule):
         if not self.sentences:
             self.sentences = self.read_splits()
             self.labels = label_list(self.sentences, self.hparams.labels)
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            from imagen.models.ner import check_pretrained
+
+            self.tokenizer = load_tokenizer(check_pretrained(self.hparams.tokenizer, "data.tokenizer"))
             log.info(
                 "NER data: "
                 + ", ".join(f"{split} {len(s)} sentences" for split, s in self.sentences.items())

@@ -37,6 +37,40 @@ def _drop_pooler(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """Whether `name_or_path` can only be a local folder, not a hub name (`name` or `namespace/name`): absolute,
+    starting with `./`, `../` or `~`, or with more than one path separator."""
+    value = str(name_or_path)
+    separators = ("/", os.sep, *((os.altsep,) if os.altsep else ()))
+    return (
+        os.path.isabs(value)
+        or value.startswith(("~", *(f"{dots}{sep}" for dots in (".", "..") for sep in separators)))
+        or value in (".", "..")
+        or sum(value.count(sep) for sep in set(separators)) >= 2
+    )
+
+
+def check_pretrained(name_or_path, key: str = "model.pretrained") -> str:
+    """`name_or_path` (with `~` expanded) if it is a hub name or an existing folder; a value that looks like a path
+    (`looks_like_path`) but is no folder raises `FileNotFoundError` naming `key` and the path."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"{key}={name_or_path!r} must be a Hugging Face hub name or a folder")
+    value = os.fspath(name_or_path)
+    if not (looks_like_path(value) or os.path.exists(value)):
+        return value  # a hub name: from_pretrained resolves it (a folder of that name in the cwd wins)
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{key}={value}: no such folder ({path}); give a folder written by save_pretrained (config, weights, "
+            "tokenizer) or a Hugging Face hub name such as bert-base-cased"
+        )
+    if not path.is_dir():
+        raise NotADirectoryError(
+            f"{key}={value} is a file, not a folder in save_pretrained layout (config, weights, tokenizer)"
+        )
+    return str(path)
+
+
 def load_encoder(name_or_path: str) -> nn.Module:
     """`AutoModel.from_pretrained(name_or_path)` in float32 and training mode, without the pooler."""
     from transformers import AutoModel

@@ -16,7 +16,7 @@ from imagen.checkpoints import load_init_from, read_checkpoint, stage_info
 from imagen.data.conll import IGNORE, ConllDataModule, NerWindows, tokenizer_files
 from imagen.metrics import loss_mean
 from imagen.metrics.ner import SCORING_MODES, entity_report, report_rows, report_table, token_report
-from imagen.models.ner import NerTagger, encoder_config_dict, usable_positions
+from imagen.models.ner import NerTagger, check_pretrained, encoder_config_dict, usable_positions
 from imagen.stages.evaluation import rows_to_evaluate, updates_over_ranks
 from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.optim import FusedOptimizerClipping, build_optimizer, warmup_linear
@@ -76,7 +76,7 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
         if scoring not in SCORING_MODES:
             raise ValueError(f"model.scoring={scoring!r} is unknown; choose from {SCORING_MODES}")
         self.save_hyperparameters(logger=False, ignore=["optimizer"])
-        self.net = NerTagger.from_pretrained(pretrained, head=head, dropout=dropout)
+        self.net = NerTagger.from_pretrained(check_pretrained(pretrained), head=head, dropout=dropout)
         self.optimizer_factory = optimizer
         self.labels: list[str] = []
         self.encoding: dict = {}
