@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,82 @@ def test_a_stage_cannot_use_a_later_one(make_cfg, tmp_path):
     stages = {"joint": stages["joint"], "autoencoder": stages["autoencoder"]}
     with pytest.raises(ValueError, match=r"pipeline.stages.joint: .* refers to stage 'autoencoder'"):
         train(quickstart_cfg(make_cfg, tmp_path, stages))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """A stage that starts training fails the test: the pipeline's config errors come before the first one."""
+    import imagen.cli.train
+
+    def fake_train(stage_cfg):
+        raise AssertionError(f"a stage trained in {stage_cfg.paths.output_dir}")
+
+    monkeypatch.setattr(imagen.cli.train, "train", fake_train)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pipeline.reuse=no"], "pipeline.reuse='no' must be a boolean"),
+        (
+            ["pipeline.common='trainer.max_steps=3'"],
+            "pipeline.common='trainer.max_steps=3' must be a list of overrides",
+        ),
+        (
+            ["pipeline.stages.autoencoder='experiment=shapes_autoencoder'"],
+            "pipeline.stages.autoencoder='experiment=shapes_autoencoder' must be a list of overrides",
+        ),
+        (["~pipeline.stages.joint", "~pipeline.stages.autoencoder"], "pipeline.stages is empty"),
+    ],
+    ids=["reuse-string", "common-string", "stage-string", "no-stages"],
+)
+def test_pipeline_settings_of_the_wrong_kind_are_refused(make_cfg, tmp_path, no_training, overrides, message):
+    from imagen.cli.checks import ConfigError
+
+    root = tmp_path / "quickstart"
+    cfg = make_cfg([f"pipeline.dir={root}", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(cfg)
+    assert not root.exists()
+
+
+def test_a_pipeline_dir_that_is_a_file_is_refused(make_cfg, tmp_path, no_training):
+    from imagen.cli.checks import ConfigError
+
+    (tmp_path / "afile").write_text("")
+    cfg = make_cfg([f"pipeline.dir={tmp_path / 'afile'}"])
+    with pytest.raises(
+        ConfigError, match=re.escape(f"pipeline.dir={tmp_path / 'afile'}: {tmp_path / 'afile'} is a file")
+    ):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("joint", "message"),
+    [
+        (
+            ["experiment=shapes_joint", "model.autoencoder_ckpt={autoencodr}"],
+            "pipeline.stages.joint: 'model.autoencoder_ckpt={autoencodr}' refers to stage 'autoencodr', which this "
+            "pipeline does not have; its stages: ['autoencoder', 'joint']",
+        ),
+        (
+            ["experiment=shapes_jont"],
+            "pipeline.stages.joint: In 'train': Could not find 'experiment/shapes_jont'",
+        ),
+        (["experiment=shapes_joint", "model.no_such_key=1"], "pipeline.stages.joint: "),
+        (["trainer.max_steps=3"], "pipeline.stages.joint must select a stage's experiment (experiment=NAME)"),
+    ],
+    ids=["unknown-stage-reference", "unknown-experiment", "unknown-key", "no-experiment"],
+)
+def test_a_bad_later_stage_is_refused_before_the_first_stage_trains(
+    make_cfg, tmp_path, no_training, joint, message
+):
+    from imagen.cli.checks import ConfigError
+
+    stages = {"autoencoder": tiny_stages()["autoencoder"], "joint": joint}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(quickstart_cfg(make_cfg, tmp_path, stages))
+    assert not (tmp_path / "quickstart" / "autoencoder").exists()
 
 
 def test_overrides_the_pipeline_would_ignore_are_refused(tmp_path):

@@ -33,12 +33,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from imagen.checkpoints import checkpoint_sha256
-from imagen.cli.checks import check_train_config
+from imagen.cli.checks import ConfigError, check_train_config
 from imagen.distributed import launching_process, srun_tasks
-from imagen.files import write_text_atomic
+from imagen.files import file_in_the_way, write_text_atomic
 
 log = logging.getLogger("imagen")
 
@@ -82,7 +83,7 @@ def stage_overrides(cfg: DictConfig, name: str, checkpoints: dict[str, str], run
             item = item.replace("{" + earlier + "}", ckpt)
         for later in cfg.pipeline.stages:
             if "{" + later + "}" in item:
-                raise ValueError(
+                raise ConfigError(
                     f"pipeline.stages.{name}: {item!r} refers to stage {later!r}, which does not run before it; "
                     f"earlier stages: {sorted(checkpoints) or 'none'}"
                 )
@@ -360,6 +361,101 @@ def pipeline_root(cfg: DictConfig) -> Path:
     return Path(cfg.pipeline.dir)
 
 
+def stage_checkpoint(root: Path, name: str) -> str:
+    """The checkpoint that `{name}` stands for in the overrides of the stages after stage `name`."""
+    return str(root / name / "checkpoints" / "last.ckpt")
+
+
+def compose_stage(
+    cfg: DictConfig, name: str, checkpoints: dict[str, str], root: Path, labels: list[str]
+) -> tuple[list[str], DictConfig, str]:
+    """Stage `name`'s overrides (those of its record: without the labels), its config composed from them and the
+    command line's `labels`, and the digest of its settings (composed without the labels)."""
+    overrides = stage_overrides(cfg, name, checkpoints, root / name)
+    with config_module():
+        stage_cfg = compose(config_name="train", overrides=overrides)
+        digest = settings_digest(stage_cfg)
+        if labels:
+            stage_cfg = compose(config_name="train", overrides=[*overrides, *labels])
+    return overrides, stage_cfg, digest
+
+
+# a `{stage}` reference left in an override: one to a stage the pipeline does not have
+STAGE_REFERENCE = re.compile(r"\{([A-Za-z_][\w.-]*)\}")
+
+
+def check_pipeline(
+    cfg: DictConfig, root: Path, labels: list[str]
+) -> dict[str, tuple[list[str], DictConfig, str]]:
+    """Raise `ConfigError` for a `pipeline` config that cannot run, before its first stage trains: the types of its
+    settings, `pipeline.dir`, and each stage's overrides, composed as the stage will be (`compose_stage`; reads no
+    data and builds no model). Returns each stage's composition, which the run uses: the checkpoint an override
+    `{stage}` stands for is already known (`stage_checkpoint`)."""
+    pipeline = cfg.pipeline
+    reuse = pipeline.get("reuse")
+    if not isinstance(reuse, bool):
+        raise ConfigError(
+            f"pipeline.reuse={reuse!r} must be a boolean: true (reuse the stages that finished with the same "
+            "settings) or false (train every stage again)"
+        )
+    common = pipeline.get("common", [])
+    if not isinstance(common, (ListConfig, list)):
+        raise ConfigError(
+            f"pipeline.common={common!r} must be a list of overrides given to every stage, e.g. "
+            "'pipeline.common=[\"trainer.max_steps=3\"]'"
+        )
+    stages = pipeline.get("stages")
+    if not isinstance(stages, DictConfig):
+        raise ConfigError(
+            f"pipeline.stages={stages!r} must map each stage's name to its list of overrides, e.g. "
+            "pipeline.stages.autoencoder=[experiment=shapes_autoencoder]"
+        )
+    if not stages:
+        raise ConfigError(
+            "pipeline.stages is empty: the pipeline has no stage to run; keep at least one, or train a single "
+            "run with experiment=NAME (e.g. experiment=shapes_autoencoder)"
+        )
+    for name, items in stages.items():
+        if not isinstance(items, ListConfig):
+            raise ConfigError(
+                f"pipeline.stages.{name}={items!r} must be a list of overrides, e.g. "
+                f"'pipeline.stages.{name}=[\"experiment=shapes_autoencoder\"]'"
+            )
+    in_the_way = file_in_the_way(root)
+    if in_the_way is not None:
+        raise ConfigError(
+            f"pipeline.dir={root}: {in_the_way} is a file, not a folder, so the stages' folders cannot be made "
+            "there; set pipeline.dir to a folder"
+        )
+    parser = OverridesParser.create()
+    checkpoints: dict[str, str] = {}
+    composed = {}
+    for name, items in stages.items():
+        key = f"pipeline.stages.{name}"
+        overrides = stage_overrides(cfg, name, checkpoints, root / name)
+        # the stage's own overrides, then pipeline.common's, each with its `{stage}` references filled in
+        for i, item in enumerate(overrides[: len(items) + len(common)]):
+            try:
+                parser.parse_override(item)
+            except HydraException as e:
+                where = key if i < len(items) else "pipeline.common"
+                unknown = [ref for ref in STAGE_REFERENCE.findall(item) if ref not in stages]
+                if unknown:
+                    raise ConfigError(
+                        f"{where}: {item!r} refers to stage {unknown[0]!r}, which this pipeline does not have; "
+                        f"its stages: {list(stages)}"
+                    ) from e
+                raise ConfigError(f"{where}: {item!r} is not an override (key=value): {e}") from e
+        try:
+            composed[name] = compose_stage(cfg, name, checkpoints, root, labels)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(f"{key}: {e}") from e
+        if is_pipeline(composed[name][1]):
+            raise ConfigError(f"{key} must select a stage's experiment (experiment=NAME)")
+        checkpoints[name] = stage_checkpoint(root, name)
+    return composed
+
+
 def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Run (or reuse) every stage in order; write the summary to `pipeline.dir`; return the merged metrics."""
     from imagen.cli.train import train  # the stages are ordinary runs
@@ -371,14 +467,10 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     checkpoints: dict[str, str] = {}
     rows, metrics, objects = [], {}, {}
     writer, launch = launching_process(), launch_id()
+    composed = check_pipeline(cfg, root, labels)  # every stage, before the first one trains
     for name in cfg.pipeline.stages:
         run_dir = root / name
-        overrides = stage_overrides(cfg, name, checkpoints, run_dir)
-        with config_module():
-            stage_cfg = compose(config_name="train", overrides=overrides)
-            digest = settings_digest(stage_cfg)  # and the stage record's overrides: without the labels
-            if labels:
-                stage_cfg = compose(config_name="train", overrides=[*overrides, *labels])
+        overrides, stage_cfg, digest = composed[name]
         inputs = upstream_checkpoints(cfg, name, checkpoints)
         if writer:  # decides, and records the decision with this command's launch id for the other processes
             if cfg.pipeline.reuse:
@@ -429,7 +521,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                     f"pipeline: a signal came as stage {name} finished; run the same command again to go on"
                 )
                 return metrics, {"rows": rows, "grid": None, "stages": objects, "cfg": cfg, "preempted": True}
-        checkpoints[name] = str(run_dir / "checkpoints" / "last.ckpt")
+        checkpoints[name] = stage_checkpoint(root, name)
         rows.append({"stage": name, "seconds": seconds, "reused": reused, "metrics": stage_metrics})
         # `test/psnr` from the autoencoder, `test/judge_acc` from the generator, ...: a later stage wins a clash
         metrics.update({k: v for k, v in stage_metrics.items() if not k.startswith("time/")})
