@@ -170,6 +170,7 @@ CORPUS_CASES = [
     ),
     ("callbacks.image_logger.max_images=0", "callbacks.image_logger.max_images=0 must be >= 1"),
     ("trainer.benchmark=yes", "trainer.benchmark='yes' must be true or false, or null"),
+    ("trainer.num_nodes=two", "trainer.num_nodes='two' must be an integer"),
 ]
 
 
@@ -371,3 +372,16 @@ def test_a_warmup_past_the_last_step_is_named(make_cfg, caplog):
             check_train_config(cfg)
         message = f"model.scheduler.warmup_steps={warmup} is past trainer.max_steps=10"
         assert (message in caplog.text) == warned
+
+
+def test_time_based_validation_and_interpolations_pass_the_type_checks(make_cfg, tmp_path):
+    """A duration for val_check_interval is Lightning's; interpolated values are not resolved by the checks (a run
+    id's resolver writes a file)."""
+    for interval in ("00:01:00:00", "{hours: 1}"):
+        check_train_config(make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES,
+                                     f"trainer.val_check_interval={interval}"]))  # fmt: skip
+    cfg = make_cfg(
+        ["experiment=shapes_autoencoder", *TINY_SHAPES, "logger=wandb", f"paths.output_dir={tmp_path}"]
+    )
+    check_train_config(cfg)
+    assert not list(tmp_path.glob(".run_id*")), "the checks resolved the W&B run id"

@@ -223,9 +223,10 @@ def test_a_pipeline_dir_that_is_a_file_is_refused(make_cfg, tmp_path, no_trainin
         ),
         (
             ["experiment=shapes_jont"],
-            "pipeline.stages.joint: In 'train': Could not find 'experiment/shapes_jont'",
+            "pipeline.stages.joint (its overrides, then pipeline.common's): In 'train': Could not find "
+            "'experiment/shapes_jont'",
         ),
-        (["experiment=shapes_joint", "model.no_such_key=1"], "pipeline.stages.joint: "),
+        (["experiment=shapes_joint", "model.no_such_key=1"], "pipeline.stages.joint (its overrides"),
         (["trainer.max_steps=3"], "pipeline.stages.joint must select a stage's experiment (experiment=NAME)"),
     ],
     ids=["unknown-stage-reference", "unknown-experiment", "unknown-key", "no-experiment"],

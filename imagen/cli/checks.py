@@ -87,6 +87,7 @@ NUMBERS = (
     *((f"model.{name}", float, 0, None, "0 turns the term off") for name in (
         "l1_weight", "l2_weight", "gradient_weight", "perceptual_weight", "adversarial_weight")),
     ("trainer.accumulate_grad_batches", int, 1, None, "1: a step per batch"),
+    ("trainer.num_nodes", int, 1, None, "the machines to train on, e.g. trainer.num_nodes=2"),
     ("callbacks.model_checkpoint.every_n_train_steps", int, 1, None, "or null to save by time"),
     ("callbacks.nonfinite_guard.max_consecutive", int, 1, None, "e.g. 5"),
     ("callbacks.ema.update_starting_at_step", int, 0, None, "or null to average from the first step"),
@@ -155,9 +156,13 @@ def check_argument_types(node, key: str) -> None:
     for name in node:
         if str(name).startswith("_"):
             continue
+        if OmegaConf.is_interpolation(
+            node, name
+        ):  # resolving may act (a run id's file): judged at its source
+            continue
         try:
             value = node[name]
-        except Exception:  # missing or unresolvable: reported where it is read
+        except Exception:  # missing: reported where it is read
             continue
         if isinstance(value, DictConfig):
             check_argument_types(value, f"{key}.{name}")
@@ -183,10 +188,11 @@ def _check_types(cfg: DictConfig) -> None:
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer; e.g. trainer.max_steps=2000")
-    interval = OmegaConf.select(cfg, "trainer.val_check_interval")
-    if interval is not None and (
+    interval = OmegaConf.select(
+        cfg, "trainer.val_check_interval"
+    )  # a duration (string, mapping) is Lightning's
+    if (
         isinstance(interval, bool)
-        or not isinstance(interval, int | float)
         or (isinstance(interval, int) and interval < 1)
         or (isinstance(interval, float) and not 0 < interval <= 1)
     ):

@@ -449,7 +449,7 @@ def check_pipeline(
         try:
             composed[name] = compose_stage(cfg, name, checkpoints, root, labels)
         except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(f"{key}: {e}") from e
+            raise ConfigError(f"{key} (its overrides, then pipeline.common's): {e}") from e
         if is_pipeline(composed[name][1]):
             raise ConfigError(f"{key} must select a stage's experiment (experiment=NAME)")
         checkpoints[name] = stage_checkpoint(root, name)
@@ -541,9 +541,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 
 def check_stage(stage_cfg: DictConfig, name: str) -> None:
-    """A stage's composed config must be one stage's run, and pass the training run's checks."""
-    if is_pipeline(stage_cfg):
-        raise ValueError(f"pipeline.stages.{name} must select a stage's experiment (experiment=NAME)")
+    """A stage's composed config must pass the training run's checks (`check_pipeline` saw it is one stage's run)."""
     check_train_config(stage_cfg)
 
 
