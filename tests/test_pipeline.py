@@ -228,8 +228,12 @@ def test_a_pipeline_dir_that_is_a_file_is_refused(make_cfg, tmp_path, no_trainin
         ),
         (["experiment=shapes_joint", "model.no_such_key=1"], "pipeline.stages.joint (its overrides"),
         (["trainer.max_steps=3"], "pipeline.stages.joint must select a stage's experiment (experiment=NAME)"),
+        (
+            ["experiment=shapes_joint", "model.autoencoder_ckpt={autoencoder}", "model.optimizer.lr=-1"],
+            "pipeline.stages.joint: model.optimizer.lr=-1 must be >= 0",
+        ),
     ],
-    ids=["unknown-stage-reference", "unknown-experiment", "unknown-key", "no-experiment"],
+    ids=["unknown-stage-reference", "unknown-experiment", "unknown-key", "no-experiment", "bad-value"],
 )
 def test_a_bad_later_stage_is_refused_before_the_first_stage_trains(
     make_cfg, tmp_path, no_training, joint, message
@@ -323,7 +327,8 @@ def test_the_command_lines_tags_and_extras_reach_every_stage_without_retraining_
 
     monkeypatch.setattr(imagen.cli.train, "train", fake_train)
     # the stage's config checks read the upstream checkpoint, which the fake training only pretends to write
-    monkeypatch.setattr(imagen.cli.pipeline, "check_train_config", lambda stage_cfg: None)
+    monkeypatch.setattr(imagen.cli.pipeline, "check_train_config", lambda stage_cfg, pending=(): None)
+    monkeypatch.setattr(imagen.cli.pipeline, "check_input_checkpoints", lambda stage_cfg: None)
     for tags, trained in (("[baseline]", [(["baseline"], False)] * 2), ("[other]", [])):
         stage_runs.clear()
         cfg = compose_config(
@@ -358,7 +363,8 @@ def test_under_ddp_only_the_launching_process_touches_the_stage_directories(tmp_
         return {"test/psnr": 30.0}, {}
 
     monkeypatch.setattr(imagen.cli.train, "train", fake_train)
-    monkeypatch.setattr(imagen.cli.pipeline, "check_train_config", lambda stage_cfg: None)
+    monkeypatch.setattr(imagen.cli.pipeline, "check_train_config", lambda stage_cfg, pending=(): None)
+    monkeypatch.setattr(imagen.cli.pipeline, "check_input_checkpoints", lambda stage_cfg: None)
     monkeypatch.delenv("IMAGEN_LAUNCH_ID", raising=False)
     cfg = compose_config([f"pipeline.dir={tmp_path / 'q'}", "pipeline.reuse=false"], tmp_path / "run")
     with open_dict(cfg):

@@ -8,6 +8,7 @@ import logging
 import math
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 
 import hydra
@@ -401,8 +402,20 @@ STAGES = {
 }
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` for a config that cannot train; cheap, touches no data and builds no model."""
+def check_input_checkpoints(cfg: DictConfig, pending: Collection[str] = ()) -> None:
+    """The checkpoints a stage starts from (`model.autoencoder_ckpt`, `model.init_from`) exist and are of the right
+    stage, but for the `pending` ones, which an earlier stage of a pipeline has yet to write."""
+    model = cfg.model
+    stage = STAGES.get(_target(model).rsplit(".", 1)[-1])
+    for key, wanted in (("autoencoder_ckpt", "autoencoder"), ("init_from", stage)):
+        path = model.get(key)
+        if wanted and path and str(path) not in pending:
+            _check_stage_checkpoint(cfg, f"model.{key}", path, wanted)
+
+
+def check_train_config(cfg: DictConfig, pending: Collection[str] = ()) -> None:
+    """Raise `ConfigError` for a config that cannot train; cheap, touches no data and builds no model. `pending`:
+    checkpoints an earlier stage of a pipeline has yet to write (`check_input_checkpoints`)."""
     for group in ("data", "model", "trainer"):
         if not _target(cfg.get(group)):
             raise ConfigError(f"{group}: no _target_; pick a config group option, e.g. {group}=<name>")
@@ -472,10 +485,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "test_before_fit=true tests the starting weights of a fine-tune: it needs model.init_from and train=true"
         )
-    _check_stage_checkpoint(cfg, "model.autoencoder_ckpt", model.get("autoencoder_ckpt"), "autoencoder")
-    stage = STAGES.get(_target(model).rsplit(".", 1)[-1])
-    if stage:
-        _check_stage_checkpoint(cfg, "model.init_from", model.get("init_from"), stage)
+    check_input_checkpoints(cfg, pending)
 
     max_steps = cfg.trainer.get("max_steps", -1)
     if (max_steps is None or max_steps <= 0) and model.get("scheduler") is not None:

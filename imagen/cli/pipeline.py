@@ -37,7 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imagen.checkpoints import checkpoint_sha256
-from imagen.cli.checks import ConfigError, check_train_config
+from imagen.cli.checks import ConfigError, check_input_checkpoints, check_train_config
 from imagen.distributed import launching_process, srun_tasks
 from imagen.files import file_in_the_way, write_text_atomic
 
@@ -452,6 +452,10 @@ def check_pipeline(
             raise ConfigError(f"{key} (its overrides, then pipeline.common's): {e}") from e
         if is_pipeline(composed[name][1]):
             raise ConfigError(f"{key} must select a stage's experiment (experiment=NAME)")
+        try:  # the training run's checks, but for the checkpoints the earlier stages have yet to write
+            check_train_config(composed[name][1], pending=set(checkpoints.values()))
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
         checkpoints[name] = stage_checkpoint(root, name)
     return composed
 
@@ -541,8 +545,11 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 
 def check_stage(stage_cfg: DictConfig, name: str) -> None:
-    """A stage's composed config must pass the training run's checks (`check_pipeline` saw it is one stage's run)."""
-    check_train_config(stage_cfg)
+    """The checkpoints a stage starts from, written by the stages before it (`check_pipeline` checked the rest)."""
+    try:
+        check_input_checkpoints(stage_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"pipeline.stages.{name}: {e}") from None
 
 
 def is_pipeline(cfg: DictConfig) -> bool:
