@@ -61,6 +61,14 @@ def expect_number(
         raise ConfigError(f"{key}={value} must be {bounds}; {fix}")
 
 
+def expect_bool(cfg: DictConfig, key: str, required: bool = False) -> None:
+    """`key` (dotted) must be true or false when it is set (or always, if `required`): a string such as `no` would
+    read as true."""
+    value = OmegaConf.select(cfg, key)
+    if (value is not None or required) and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+
+
 # (key, kind, minimum, maximum, fix) of the numbers a run's config may set; each is checked where it is set
 NUMBERS = (
     ("seed", int, 0, None, "e.g. seed=7"),
@@ -177,15 +185,8 @@ def check_argument_types(node, key: str) -> None:
 def _check_types(cfg: DictConfig) -> None:
     for key, kind, minimum, maximum, fix in NUMBERS:
         expect_number(cfg, key, kind, minimum, fix, maximum)
-    for key in (
-        "train",
-        "test",
-        "test_before_fit",
-        "trust_checkpoint",
-    ):  # a string such as `no` would read as true
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be true or false")
+    for key in ("train", "test", "test_before_fit", "trust_checkpoint"):
+        expect_bool(cfg, key)
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer; e.g. trainer.max_steps=2000")

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from imagen.checkpoints import CheckpointError
-from imagen.cli.checks import ConfigError, expect_number
+from imagen.cli.checks import ConfigError, expect_bool, expect_number
 from imagen.cli.utils import apply_extras, task_wrapper
 from imagen.files import file_in_the_way
 from imagen.sampling.ar import IMAGE_SEED_STRIDE
@@ -106,9 +106,8 @@ def check_settings(cfg: DictConfig) -> None:
         if cfg.get(key) is None:
             raise ConfigError(f"{key}=None must be an integer; {fix}")
         expect_number(cfg, key, int, 0 if key == "seed" else 1, fix)
-    for key in ("overwrite", "trust_checkpoint"):  # a string such as `no` would read as true
-        if not isinstance(cfg.get(key), bool):
-            raise ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
+    for key in ("overwrite", "trust_checkpoint"):
+        expect_bool(cfg, key, required=True)
     if cfg.task == "generate":
         check_generation_settings(cfg)
     if cfg.task == "caption":
