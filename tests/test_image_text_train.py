@@ -158,3 +158,26 @@ def test_a_checkpoint_is_tested_only_on_the_files_it_held_out(tmp_path):
         compose_config([*test_only, f"data.root={other}", "data.seed=3"], tmp_path / "other_folder")
     )
     assert "test/psnr" in metrics
+
+
+def test_a_resumed_run_counts_the_bad_samples_of_the_attempts_before(tmp_path):
+    from imagen.cli.train import train
+    from tests.conftest import compose_config
+
+    root = write_image_txt(tmp_path / "txt", make_pairs(20))
+    for i in range(2):
+        (root / f"bad{i}.png").write_bytes(b"")
+        (root / f"bad{i}.txt").write_text("caption")
+    overrides = ["experiment=coco_autoencoder", "data=image_txt", f"data.root={{train: {root}, val: {root}, test: {root}}}",
+                 *TINY_CORPUS, *TINY_AUTOENCODER, "data.batch_size=4", "trainer.val_check_interval=3",
+                 "callbacks.image_logger=null", "logger=csv", "extras.print_config=false"]  # fmt: skip
+    train(compose_config([*overrides, "trainer.max_steps=3", "test=false"], tmp_path / "first"))
+    first = json.loads((tmp_path / "first" / "bad_samples.json").read_text())
+    assert first["good"] >= 10 and first["counts"]["empty_file"] >= 1
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    # resumed for 3 more steps, then tested from its best checkpoint (whose counts must not replace the run's)
+    train(compose_config([*overrides, "trainer.max_steps=6", f"ckpt_path={last}"], tmp_path / "resumed"))
+    resumed = json.loads((tmp_path / "resumed" / "bad_samples.json").read_text())
+    # 3 batches of 4 read in each attempt, of which 2 at most bad
+    assert resumed["good"] >= first["good"] + 10 and resumed["training_counts_resumed_from"] == str(last)
+    assert resumed["counts"]["empty_file"] >= first["counts"]["empty_file"] and resumed["test"]["good"] > 0

@@ -97,6 +97,19 @@ class BadSampleTracker:
         self.epoch.clear()
         return counts
 
+    def state(self) -> dict:
+        """The counts in all (not this epoch's), for a checkpoint: a resumed run goes on counting from them."""
+        return {"counts": dict(self.total), "examples": {k: list(v) for k, v in self.examples.items()},
+                "good": self.good, "truncated": self.truncated}  # fmt: skip
+
+    def load_state(self, state: dict) -> None:
+        """Replace the counts in all with `state` (from `state()`); this epoch's are left as they are."""
+        self.total = Counter({str(k): int(v) for k, v in state.get("counts", {}).items()})
+        self.examples = {
+            str(k): [str(n) for n in v][: self.keep_names] for k, v in state.get("examples", {}).items()
+        }
+        self.good, self.truncated = int(state.get("good", 0)), int(state.get("truncated", 0))
+
     def add_recorded(
         self, counts: dict[str, int], good: int, examples: dict[str, list[str]] | None = None
     ) -> None:

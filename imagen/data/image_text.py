@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from imagen.data.bad_samples import REASONS, BadSample, BadSampleTracker, TooManyBadSamples
@@ -456,6 +457,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.bad_eval = {split: BadSampleTracker(max_bad_fraction=1.0) for split in ("val", "test")}
         self._train_batches = 0
         self._epoch: int | None = None
+        self._resumed_from: str | None = None  # the checkpoint whose training counts `self.bad` went on from
 
     # -- datasets -----------------------------------------------------------------------------------------------
 
@@ -496,14 +498,25 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict:
         """What checkpoints keep of the data (Lightning saves it, and hands it to `load_state_dict` on a resume or a
-        test from a checkpoint): the held-out split's rule."""
+        test from a checkpoint): the held-out split's rule, and the training reads' bad-sample counts (rank 0's:
+        Lightning saves one process's state)."""
         rule = self.holdout_rule()
-        return {"holdout": rule} if rule else {}
+        return {**({"holdout": rule} if rule else {}), "bad_samples": self.bad.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """A checkpoint trained on val and test held out of this very folder by another rule, seed or fraction is
+        """A resumed training run goes on from the checkpoint's bad-sample counts (rank 0's, on rank 0: the other
+        ranks' were not saved), so `bad_samples.json` and the bad-fraction check cover the earlier attempts' reads too.
+        A checkpoint trained on val and test held out of this very folder by another rule, seed or fraction is
         refused: its resumed training, validation or test would read images it trained on."""
-        theirs, ours = state.get("holdout"), self.holdout_rule()
+        self._check_holdout(state.get("holdout"))
+        trainer = self.trainer
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if "bad_samples" in state and fitting and trainer.global_rank == 0:
+            self.bad.load_state(state["bad_samples"])
+            self._resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else "a checkpoint"
+
+    def _check_holdout(self, theirs: dict | None) -> None:
+        ours = self.holdout_rule()
         if not (theirs and ours and theirs.get("root") == ours["root"]) or theirs == ours:
             return
         keys = {"rule": "held-out split rule", "seed": "data.seed", "fraction": "data.holdout_fraction"}
@@ -807,9 +820,11 @@ class ImageTextDataModule(pl.LightningDataModule):
             return {"counts": dict(tracker.total), "examples": tracker.examples, "good": tracker.good,
                     "truncated_captions": tracker.truncated}  # fmt: skip
 
-        # the training reads at the top; evaluation reads (and re-reads, each epoch) per split
+        # the training reads at the top (a resumed run's include the earlier attempts', as its checkpoint kept them);
+        # evaluation reads (and re-reads, each epoch) per split, this attempt's
         summary = {
             **counts(self.bad),
+            **({"training_counts_resumed_from": self._resumed_from} if self._resumed_from else {}),
             **{split: counts(t) for split, t in self.bad_eval.items() if t.good or t.bad},
         }
         path.write_text(json.dumps(summary, indent=2) + "\n")
