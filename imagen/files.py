@@ -1,9 +1,13 @@
-"""Files written so that a reader, or a process killed meanwhile, never sees half of one."""
+"""Files written so that a reader, or a process killed meanwhile, never sees half of one; a file in the way of a
+folder; the digest of the source that runs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -21,3 +25,18 @@ def file_in_the_way(folder: str | Path) -> Path | None:
     folder = Path(folder)
     existing = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), None)
     return existing if existing is not None and not existing.is_dir() else None
+
+
+def source_digest(root: str | Path = REPO_ROOT) -> str:
+    """sha256 over the source that runs: every imagen/**/*.py and conf/**/*.yaml under `root` (but conf/local, which
+    git ignores), sorted by path, each as its path, a NUL, its bytes and a NUL. The same on a copy of the working tree
+    (a lent GPU machine's) as here, and for a commit C on `git archive C imagen conf` unpacked (BENCHMARKS.md)."""
+    root = Path(root)
+    files = [*root.glob("imagen/**/*.py"), *root.glob("conf/**/*.yaml")]
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        name = path.relative_to(root).as_posix()
+        if name.startswith("conf/local/") or not path.is_file():
+            continue
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()

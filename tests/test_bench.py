@@ -248,7 +248,7 @@ def test_sigterm_keeps_the_complete_files_and_names_the_cut_section(tmp_path):
 
 
 def test_sections_past_the_budget_are_skipped_not_started(tmp_path):
-    from imagen.bench.common import source_digest
+    from imagen.files import source_digest
 
     report = main(["--preset", "cpu", "--out", str(tmp_path), "--budget-s", "0", "--sections", "training",
                    "autoencoder"])  # fmt: skip
@@ -297,7 +297,7 @@ def test_the_matmul_ceiling_is_a_warmed_up_loop_of_calls():
 def test_source_digest_covers_the_code_and_config_that_run(tmp_path):
     import shutil
 
-    from imagen.bench.common import source_digest
+    from imagen.files import source_digest
 
     files = {"imagen/a.py": "a = 1\n", "imagen/sub/b.py": "b = 2\n", "conf/x.yaml": "x: 1\n",
              "conf/local/y.yaml": "y: 1\n", "imagen/__pycache__/a.pyc": "", "README.md": "r\n"}  # fmt: skip

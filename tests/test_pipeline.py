@@ -65,10 +65,23 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
     again, objects = train(quickstart_cfg(make_cfg, tmp_path, tiny_stages()))
     assert all(r["reused"] for r in objects["rows"]) and objects["stages"] == {}
     assert again == metrics
+    assert "by older code" not in (root / "summary.md").read_text()
 
-    # a stage whose composed config differs from the finished run's (a default changed in conf/ since) runs again
+    # a stage trained by other code (imagen/ edited since) is reused, and the warning and the summary say so
     record_file = root / "joint" / "pipeline_stage.yaml"
     record = yaml.safe_load(record_file.read_text())
+    record_file.write_text(yaml.safe_dump({**record, "source": "digest-of-older-code"}))
+    with caplog.at_level(logging.WARNING, logger="imagen"):
+        _, objects = train(quickstart_cfg(make_cfg, tmp_path, tiny_stages()))
+    assert [r["reused"] for r in objects["rows"]] == [True, True]
+    assert "stage joint in" in caplog.text and "was trained by other code" in caplog.text
+    assert "stage autoencoder in" not in caplog.text
+    assert (
+        "| joint | " in (summary := (root / "summary.md").read_text()) and "| yes, by older code |" in summary
+    )
+    record_file.write_text(yaml.safe_dump(record))
+
+    # a stage whose composed config differs from the finished run's (a default changed in conf/ since) runs again
     record_file.write_text(yaml.safe_dump({**record, "settings": "written-by-other-conf"}))
     _, objects = train(quickstart_cfg(make_cfg, tmp_path, tiny_stages()))
     assert [r["reused"] for r in objects["rows"]] == [True, False]

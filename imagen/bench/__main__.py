@@ -39,15 +39,8 @@ from torch._dynamo.utils import counters
 from imagen.bench import autoencoder as autoencoder_bench
 from imagen.bench import sampling as sampling_bench
 from imagen.bench import training as training_bench
-from imagen.bench.common import (
-    REPO_ROOT,
-    Budget,
-    device_name,
-    measure_ceilings,
-    source_digest,
-    strict_json,
-)
-from imagen.files import write_text_atomic
+from imagen.bench.common import Budget, device_name, measure_ceilings, strict_json
+from imagen.files import REPO_ROOT, source_digest, write_text_atomic
 from imagen.models.ar_transformer import ARTransformer
 from imagen.sampling.ar import (
     SamplingSettings,

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from imagen.files import REPO_ROOT, source_digest
 
 
 def device_name(device: torch.device) -> str:
@@ -146,21 +144,6 @@ class Budget:
 
     def allows(self, seconds: float) -> bool:
         return self.left() >= seconds
-
-
-def source_digest(root: str | Path = REPO_ROOT) -> str:
-    """sha256 over the source that runs: every imagen/**/*.py and conf/**/*.yaml under `root` (but conf/local, which
-    git ignores), sorted by path, each as its path, a NUL, its bytes and a NUL. The same on a copy of the working tree
-    (a lent GPU machine's) as here, and for a commit C on `git archive C imagen conf` unpacked (BENCHMARKS.md)."""
-    root = Path(root)
-    files = [*root.glob("imagen/**/*.py"), *root.glob("conf/**/*.yaml")]
-    digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-        name = path.relative_to(root).as_posix()
-        if name.startswith("conf/local/") or not path.is_file():
-            continue
-        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def strict_json(value: object) -> str:

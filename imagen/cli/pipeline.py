@@ -6,7 +6,8 @@ Each stage is an ordinary training run composed from `conf/train.yaml` with its 
 by the last checkpoint of the earlier stage `other`. With `pipeline.reuse`, a stage whose directory already
 holds a finished run of the same overrides, the same composed config and the same checkpoints of the earlier stages
 it reads (metrics.json, checkpoints/last.ckpt, pipeline_stage.yaml; a default changed in `conf/` since, or an earlier
-stage trained again, counts as a change) is not trained again. A finished run is never resumed: a stage trained
+stage trained again, counts as a change) is not trained again; one trained by other code (the digest of imagen/ and
+conf/ differs) is reused with a warning, and the summary says so. A finished run is never resumed: a stage trained
 again starts afresh, its earlier run moved aside. The command line's `tags` and `extras.*` reach every stage too;
 they are labels, so a stage finished under other tags is still reused. Under DDP every process runs the pipeline;
 only the launching one (global rank 0) moves, deletes or writes in the stages' directories, and the others wait for
@@ -39,7 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 from imagen.checkpoints import checkpoint_sha256
 from imagen.cli.checks import ConfigError, check_input_checkpoints, check_train_config
 from imagen.distributed import launching_process, srun_tasks
-from imagen.files import file_in_the_way, write_text_atomic
+from imagen.files import file_in_the_way, source_digest, write_text_atomic
 
 log = logging.getLogger("imagen")
 
@@ -176,6 +177,7 @@ def prepare_run_dir(
     inputs: dict[str, str],
     fresh: bool = False,
     launch: str | None = None,
+    source: str | None = None,
 ) -> None:
     """A stage interrupted with the same settings continues in its directory (its checkpoints resume it), unless
     `fresh` (`pipeline.reuse=false`); a directory from other settings or inputs, or a finished run, is moved aside
@@ -202,6 +204,7 @@ def prepare_run_dir(
         "inputs": inputs,
         "finished": False,
         "launch": launch,
+        "source": source,
     }
     write_record(run_dir, record)
 
@@ -297,7 +300,8 @@ def summary_table(rows: list[dict]) -> str:
         for _, key in columns:
             v = r["metrics"].get(key)
             values.append("" if v is None else f"{v:.2f}" if key == "test/psnr" else f"{100 * v:.1f}%")
-        lines.append(f"| {r['stage']} | {r['seconds'] / 60:.1f} | {'yes' if r['reused'] else 'no'} | "
+        reused = ("yes, by older code" if r.get("older_code") else "yes") if r["reused"] else "no"
+        lines.append(f"| {r['stage']} | {r['seconds'] / 60:.1f} | {reused} | "
                      + " | ".join(values) + " |")  # fmt: skip
     return "\n".join(lines)
 
@@ -472,6 +476,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     rows, metrics, objects = [], {}, {}
     writer, launch = launching_process(), launch_id()
     composed = check_pipeline(cfg, root, labels)  # every stage, before the first one trains
+    source = source_digest()  # the code and configs that train: a reused stage trained by others is named
     for name in cfg.pipeline.stages:
         run_dir = root / name
         overrides, stage_cfg, digest = composed[name]
@@ -485,7 +490,13 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             else:
                 check_stage(stage_cfg, name)  # before anything in the stage's directory moves
                 prepare_run_dir(
-                    run_dir, overrides, digest, inputs, fresh=not cfg.pipeline.reuse, launch=launch
+                    run_dir,
+                    overrides,
+                    digest,
+                    inputs,
+                    fresh=not cfg.pipeline.reuse,
+                    launch=launch,
+                    source=source,
                 )
         else:
             wait_for_record(run_dir, overrides, digest, inputs, launch)
@@ -493,12 +504,20 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             if not reused:
                 check_stage(stage_cfg, name)
         start = time.time()
+        older_code = False
         if reused:
             log.info(
                 f"pipeline: stage {name} already finished in {run_dir}; reusing it (pipeline.reuse=false retrains)"
             )
-            stage_metrics = json.loads((run_dir / "metrics.json").read_text())
-            seconds = read_record(run_dir)["seconds"]
+            record = read_record(run_dir)
+            stage_metrics, seconds = json.loads((run_dir / "metrics.json").read_text()), record["seconds"]
+            older_code = record.get("source") != source
+            if older_code:
+                log.warning(
+                    f"pipeline: stage {name} in {run_dir} was trained by other code: imagen/ or conf/ changed since "
+                    "(the source digest differs; the settings did not). Reused as it is; pipeline.reuse=false "
+                    "trains every stage with this code"
+                )
         else:
             log.info(f"pipeline: stage {name} -> {run_dir}")
             stage_metrics, stage_objects = train(stage_cfg)
@@ -516,6 +535,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 "finished": True,
                 "seconds": round(seconds, 1),
                 "launch": launch,
+                "source": source,
             }
             if writer:
                 write_record(run_dir, record)
@@ -526,7 +546,8 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 )
                 return metrics, {"rows": rows, "grid": None, "stages": objects, "cfg": cfg, "preempted": True}
         checkpoints[name] = stage_checkpoint(root, name)
-        rows.append({"stage": name, "seconds": seconds, "reused": reused, "metrics": stage_metrics})
+        rows.append({"stage": name, "seconds": seconds, "reused": reused, "older_code": older_code,
+                     "metrics": stage_metrics})  # fmt: skip
         # `test/psnr` from the autoencoder, `test/judge_acc` from the generator, ...: a later stage wins a clash
         metrics.update({k: v for k, v in stage_metrics.items() if not k.startswith("time/")})
         metrics.update({f"{name}/{k}": v for k, v in stage_metrics.items()})
