@@ -40,10 +40,10 @@ log = logging.getLogger("imagen")
 CONFIG_PATH = "pkg://imagen.conf"
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> tuple[str | None, int | None]:
-    """The checkpoint to resume from and its global step ((None, None): none). `ckpt_path=auto` (the default): the
-    newest readable checkpoint of this run directory, if any (a corrupt one is reported and skipped); a path: that
-    file, which must be readable."""
+def resolve_ckpt_path(cfg: DictConfig) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from (or test) and its contents, memory-mapped ((None, None): none).
+    `ckpt_path=auto` (the default): the newest readable checkpoint of this run directory, if any (a corrupt one is
+    reported and skipped); a path: that file, which must be readable."""
     if cfg.ckpt_path == "auto":
         found = find_resume_checkpoint(cfg.paths.output_dir, trust=cfg.trust_checkpoint)
         if found is None:
@@ -53,10 +53,22 @@ def resolve_ckpt_path(cfg: DictConfig) -> tuple[str | None, int | None]:
         path, checkpoint = cfg.ckpt_path, read_checkpoint(cfg.ckpt_path, cfg.trust_checkpoint, mmap=True)
     else:
         return None, None
-    step = checkpoint.get("global_step")
     if pl.utilities.rank_zero_only.rank == 0:
-        log.info(f"resuming from {path} at step {step}")
-    return str(path), step
+        log.info(
+            f"{'resuming from' if cfg.train else 'testing'} {path} at step {checkpoint.get('global_step')}"
+        )
+    return str(path), checkpoint
+
+
+def check_checkpoint_data(datamodule: pl.LightningDataModule, path: str, checkpoint: dict) -> None:
+    """Refuse, before any setup, a checkpoint whose data state the datamodule would refuse when Lightning restores it
+    (`check_checkpoint_state`: a folder's val and test held out by another rule), naming the checkpoint."""
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if isinstance(state, dict) and hasattr(datamodule, "check_checkpoint_state"):
+        try:
+            datamodule.check_checkpoint_state(state)
+        except ValueError as e:
+            raise ValueError(f"ckpt_path={path}: {e}") from None
 
 
 def test_before_fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule) -> dict[str, float]:
@@ -99,7 +111,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         datamodule.check_split("test")
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    ckpt_path, restored_step = resolve_ckpt_path(cfg) if cfg.train else (None, None)
+    ckpt_path, checkpoint = resolve_ckpt_path(cfg) if cfg.train or cfg.test else (None, None)
+    restored_step = None
+    if checkpoint is not None:  # refused now, before the datamodule's setup indexes the corpus
+        check_checkpoint_data(datamodule, ckpt_path, checkpoint)
+        restored_step = checkpoint.get("global_step")
+        del checkpoint
+    test_ckpt_path = ckpt_path  # train=false: the checkpoint tested; otherwise the one resumed
+    if not cfg.train:
+        ckpt_path = restored_step = None
     if ckpt_path is not None and cfg.ckpt_path == "auto":
         check_resume_settings(cfg, output_dir, ckpt_path, restored_step)
     # a fresh start in a used directory logs a new W&B run; the launching process decides, before any rank reads it
@@ -191,10 +211,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         if cfg.train:
             trainer.test(model=model, datamodule=datamodule)  # the trained weights (averaged, with EMA)
         else:
-            ckpt_path, _ = resolve_ckpt_path(cfg)
-            if not ckpt_path:
+            if not test_ckpt_path:
                 raise ValueError("train=false test=true needs ckpt_path=PATH (the checkpoint to evaluate)")
-            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+            trainer.test(
+                model=model, datamodule=datamodule, ckpt_path=test_ckpt_path, weights_only=weights_only
+            )
         timings["time/test_seconds"] = time.time() - start
         metrics.update(tensor_metrics(trainer.callback_metrics))
     metrics.update(timings)

@@ -508,15 +508,16 @@ class ImageTextDataModule(pl.LightningDataModule):
         ranks' were not saved), so `bad_samples.json` and the bad-fraction check cover the earlier attempts' reads too.
         A checkpoint trained on val and test held out of this very folder by another rule, seed or fraction is
         refused: its resumed training, validation or test would read images it trained on."""
-        self._check_holdout(state.get("holdout"))
+        self.check_checkpoint_state(state)
         trainer = self.trainer
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         if "bad_samples" in state and fitting and trainer.global_rank == 0:
             self.bad.load_state(state["bad_samples"])
             self._resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else "a checkpoint"
 
-    def _check_holdout(self, theirs: dict | None) -> None:
-        ours = self.holdout_rule()
+    def check_checkpoint_state(self, state: dict) -> None:
+        """Refuse a checkpoint's data state (`state_dict`) whose val and test were held out of this folder otherwise."""
+        theirs, ours = state.get("holdout"), self.holdout_rule()
         if not (theirs and ours and theirs.get("root") == ours["root"]) or theirs == ours:
             return
         keys = {"rule": "held-out split rule", "seed": "data.seed", "fraction": "data.holdout_fraction"}
