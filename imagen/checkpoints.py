@@ -29,6 +29,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe, or from an incompatible stage or config."""
 
 
+class StageLoading:
+    """LightningModule mixin. A stage is built from modules (`net`, `text_encoder`, the optimizer's partial), which are
+    not hyperparameters, so Lightning's `load_from_checkpoint(path)` alone cannot rebuild it: its error names the
+    loader that can (`LOADER`)."""
+
+    LOADER = ""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except TypeError as e:
+            if "required positional argument" not in str(e) and "required keyword-only argument" not in str(
+                e
+            ):
+                raise
+            raise TypeError(
+                f"{cls.__name__}.load_from_checkpoint({checkpoint_path}) needs the modules the stage was built with "
+                f"({e}); to rebuild the trained model from the checkpoint alone: {cls.LOADER}"
+            ) from e
+
+
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from imagen.values import is_int, is_number
 
 # Named colors the renderer knows. A data config picks a subset (default: the first six); the rest are
 # available for experiments that introduce a new concept (a color word pre-training never saw).
@@ -262,16 +263,6 @@ class ShapesConfig:
 
     def is_heldout(self, obj: ShapeObject) -> bool:
         return has_combination(obj, self.heldout)
-
-
-def is_int(value) -> bool:
-    """Whether `value` is an integer (not a bool, which Python counts as one)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    """Whether `value` is a real number (not a bool nor a string)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_int(key: str, value, minimum: int, hint: str = "") -> None:

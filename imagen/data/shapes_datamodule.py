@@ -21,13 +21,13 @@ from imagen.data.shapes import (
     check_fraction,
     check_int,
     has_combination,
-    is_int,
     matches_caption,
     mirror_words,
     render,
     scene_targets,
 )
 from imagen.metrics.judge import Judge, load_or_train_judge, render_batch
+from imagen.values import is_int
 
 log = logging.getLogger(__name__)
 

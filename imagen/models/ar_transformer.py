@@ -155,6 +155,10 @@ def attention(
     there at batch 256-2048 over 64 tokens, bf16). To train on CPU, at these short sequences, the plain matmuls are
     faster forward and backward than either SDPA backend (measured at 64 tokens, bf16, fwd+bwd: 5.4 ms against 9.8 ms
     for math and 16 ms for the fused kernel)."""
+    if mask is not None and mask.dtype != torch.bool:  # SDPA would add a float mask to the scores as a bias
+        raise TypeError(
+            f"attention masks are boolean (True = may attend), not {mask.dtype}: pass mask.bool()"
+        )
     if mask is None and q.shape[-2] != k.shape[-2]:
         raise ValueError(
             f"attention without a mask is causal self-attention; {q.shape[-2]} queries over {k.shape[-2]} keys need "
@@ -365,6 +369,7 @@ class ARTransformer(nn.Module):
     ):
         """Text states (B, L, text_dim) -> (B, L, dim) and mask, with rows replaced by the null caption where
         dropped (`drop` (B,) bool, or drawn with `drop_prob`): caption dropout for classifier-free guidance."""
+        self.check_text(states, mask)
         states = states.to(self.dtype)
         if drop is None and (drop_prob > 0 or self.training):
             drop = torch.rand(states.shape[0], device=states.device) < drop_prob
@@ -374,6 +379,22 @@ class ARTransformer(nn.Module):
             states = torch.where(drop[:, None, None], null_states.to(states.dtype), states)
             mask = torch.where(drop[:, None], null_mask, mask)
         return self.text_proj(states), mask
+
+    def check_text(self, states: torch.Tensor, mask: torch.Tensor) -> None:
+        """Refuse text states that are not (B, L, text_dim) with a boolean mask (B, L) (True = a real position)."""
+        if states.ndim != 3 or states.shape[-1] != self.config.text_dim:
+            raise ValueError(
+                f"text_states of shape {tuple(states.shape)}: this ARTransformer reads (B, L, {self.config.text_dim})"
+            )
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"text_mask is boolean (True = a real position), not {mask.dtype}: pass mask.bool()"
+            )
+        if tuple(mask.shape) != tuple(states.shape[:2]):
+            raise ValueError(
+                f"text_mask of shape {tuple(mask.shape)} for text_states of shape {tuple(states.shape)}: "
+                "it must be (B, L), one flag per text position"
+            )
 
     def null_condition(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty caption as text states (B, length, text_dim) and mask (only position 0 valid)."""
@@ -415,6 +436,11 @@ class ARTransformer(nn.Module):
         text_states (B, L, text_dim), text_mask (B, L). Returns logits (B, n, V) and the mean cross-entropy
         against `targets` (B, n) when given."""
         b, n = tokens.shape
+        if n > self.config.num_image_tokens or text_states.shape[0] != b:
+            raise ValueError(
+                f"tokens of shape {tuple(tokens.shape)} with text_states of shape {tuple(text_states.shape)}: "
+                f"one text row per token row, and at most {self.config.num_image_tokens} tokens (the grid {self.config.grid_size})"
+            )
         context, context_mask = self.condition(text_states, text_mask, cond_drop_prob)
         bos = torch.full((b, 1), self.bos_id, dtype=torch.long, device=tokens.device)
         x = self.embed(torch.cat([bos, tokens[:, :-1]], dim=1), 0)  # (B, n, dim)

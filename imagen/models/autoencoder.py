@@ -317,8 +317,23 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> token ids (B, H / f, W / f) long."""
-        return self.quantizer(self.encoder(images)).indices
+        """images (B, 3, H, W) in [-1, 1] -> token ids (B, H / f, W / f) long. Inference whatever the module's mode:
+        a VQ codebook is not updated by it."""
+        f = self.downsample_factor
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(
+                f"images of shape {tuple(images.shape)}: encode reads (B, 3, H, W), H and W multiples of {f}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(f"images are floats in [-1, 1], not {images.dtype}: e.g. uint8 / 127.5 - 1")
+        training = self.quantizer.training
+        self.quantizer.train(
+            False
+        )  # vector-quantize-pytorch updates a VQ codebook's averages in training mode
+        try:
+            return self.quantizer(self.encoder(images)).indices
+        finally:
+            self.quantizer.train(training)
 
     @torch.no_grad()
     def code_vectors(self) -> torch.Tensor:
@@ -328,5 +343,14 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """token ids (B, h, w) -> images (B, 3, h * f, w * f), clamped to [-1, 1]."""
+        """token ids (B, h, w) in [0, vocab_size) -> images (B, 3, h * f, w * f), clamped to [-1, 1]."""
+        if tokens.ndim != 3 or tokens.is_floating_point():
+            raise ValueError(
+                f"tokens of shape {tuple(tokens.shape)}, {tokens.dtype}: decode reads ids (B, h, w)"
+            )
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(
+                f"token ids from {int(tokens.min())} to {int(tokens.max())}: this autoencoder has ids 0 to "
+                f"{self.vocab_size - 1}"
+            )
         return self.decoder(self.quantizer.codes_from_indices(tokens)).clamp(-1.0, 1.0)

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,19 @@ PAD_ID = 0
 class TextStates:
     states: torch.Tensor  # (B, L, D)
     mask: torch.Tensor  # (B, L) bool, True on real tokens
+
+
+def check_captions(captions: Sequence[str]) -> list[str]:
+    """`captions` as a list: a non-empty sequence of strings (a lone string would be read a character at a time)."""
+    if isinstance(captions, str):
+        raise TypeError(f"captions are a list of strings, not one string: pass [{captions!r}]"[:300])
+    if not isinstance(captions, Sequence):
+        raise TypeError(f"captions are a list of strings, not {type(captions).__name__}")
+    if not captions:
+        raise ValueError("no captions: the list is empty")
+    if bad := [c for c in captions if not isinstance(c, str)]:
+        raise TypeError(f"captions are strings; got {type(bad[0]).__name__} {bad[0]!r}"[:300])
+    return list(captions)
 
 
 class CaptionTokenizer:
@@ -106,7 +120,7 @@ class CaptionTokenizer:
             )
         bos, eos = self.tokenizer.token_to_id("[BOS]"), self.tokenizer.token_to_id("[EOS]")
         rows = []
-        for enc in self.tokenizer.encode_batch(list(captions)):
+        for enc in self.tokenizer.encode_batch(check_captions(captions)):
             ids = enc.ids
             if len(ids) > max_length - 2:
                 self.truncated += 1
@@ -293,6 +307,7 @@ class PretrainedTextEncoder(nn.Module):
         return states, batch["attention_mask"].bool()
 
     def forward(self, captions: list[str]) -> TextStates:
+        captions = check_captions(captions)
         if self.cache_path is None:
             return TextStates(*self._encode(captions))
         missing = sorted({c for c in captions if c not in self._cache})

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from imagen.models.ar_transformer import ARTransformer, lowbias32
+from imagen.values import is_finite, is_int
 
 # images sampled with seeds `seed + k * IMAGE_SEED_STRIDE` share no draws: sample.py's sample k of a prompt (so the runs
 # of seeds 0, 1, ... share no image), and evaluation's prompt k
@@ -125,6 +126,16 @@ class SamplingSettings:
     cfg_until: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in (
+            "cfg_scale",
+            "temperature",
+            "cfg_until",
+            *(("top_p",) if self.top_p is not None else ()),
+        ):
+            if not is_finite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number; got {getattr(self, name)!r}")
+        if self.top_k is not None and not is_int(self.top_k):
+            raise ValueError(f"top_k must be an integer or null; got {self.top_k!r}")
         if self.cfg_scale < 0:
             raise ValueError(
                 f"cfg_scale must be >= 0 (0: unconditional, 1: conditional without guidance); got {self.cfg_scale}"

@@ -17,6 +17,7 @@ import torch
 from imagen.models.image_text import ImageTextNet
 from imagen.models.text_encoder import PAD_ID, CaptionTokenizer
 from imagen.sampling.ar import SamplingSettings, sample_token
+from imagen.values import is_finite, is_int
 
 METHODS = ("greedy", "beam", "nucleus")
 
@@ -38,6 +39,12 @@ class CaptionDecoding:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"caption decoding method must be one of {METHODS}; got {self.method!r}")
+        for name in ("length_penalty", "top_p", "temperature", "match_weight", "generator_weight"):
+            if not is_finite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number; got {getattr(self, name)!r}")
+        for name in ("beam_size", *(("max_length",) if self.max_length is not None else ())):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer; got {getattr(self, name)!r}")
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1; got {self.beam_size}")
         if self.match_weight < 0 or self.generator_weight < 0:

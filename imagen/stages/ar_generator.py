@@ -17,6 +17,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from imagen.checkpoints import (
     CheckpointError,
+    StageLoading,
     check_config,
     load_autoencoder,
     load_init_from,
@@ -95,7 +96,9 @@ class FrozenAutoencoderMixin:
         return self
 
 
-class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTuningMixin, pl.LightningModule):
+class ARGeneratorStage(
+    StageLoading, FusedOptimizerClipping, FrozenAutoencoderMixin, FineTuningMixin, pl.LightningModule
+):
     """Trains `net` to write the autoencoder's tokens of an image given its caption.
 
     `net` is an `ARTransformer` or a partial that receives the derived `vocab_size`, `grid_size` and `text_dim` (and,
@@ -112,6 +115,7 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
 
     MODULE_ARGS: tuple[str, ...] = ()  # a subclass's further constructor arguments that are modules
     LORA_MODULES = ("net",)
+    LOADER = "ARGeneratorStage.from_checkpoint(path) (JointStage.from_checkpoint for a joint checkpoint)"
     LORA_TARGETS = ("q", "kv", "proj", "mlp.0", "mlp.2")
 
     def __init__(
@@ -197,6 +201,11 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
             raise ValueError(
                 f"generator vocab_size={c.vocab_size}/text_dim={c.text_dim} do not match the autoencoder's "
                 f"{self.autoencoder.vocab_size} codes / the text encoder's width {text_encoder.dim}"
+            )
+        if tuple(c.grid_size) != (image_size // f,) * 2:
+            raise ValueError(
+                f"generator grid_size={tuple(c.grid_size)} does not match data.image_size={image_size} over the "
+                f"autoencoder's factor {f}: {(image_size // f,) * 2}"
             )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -434,6 +443,10 @@ class ARGeneratorStage(FusedOptimizerClipping, FrozenAutoencoderMixin, FineTunin
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, h * w) tokens -> images (B, 3, H, W) in [-1, 1] through the autoencoder's decoder."""
         h, w = self.net.config.grid_size
+        if tokens.ndim != 2 or tokens.shape[1] != h * w:
+            raise ValueError(
+                f"tokens of shape {tuple(tokens.shape)}: decode_tokens reads (B, {h * w}), a {h}x{w} grid"
+            )
         return self.autoencoder.decode(tokens.view(-1, h, w))
 
     @torch.no_grad()

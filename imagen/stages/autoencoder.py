@@ -14,7 +14,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from imagen.callbacks.fault import grads_are_finite
-from imagen.checkpoints import check_config, load_init_from, read_checkpoint, stage_info
+from imagen.checkpoints import StageLoading, check_config, load_init_from, read_checkpoint, stage_info
 from imagen.metrics import loss_mean
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -60,7 +60,7 @@ class ImagePSNR(MeanMetric):
         super().update(per_image)
 
 
-class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
+class AutoencoderStage(StageLoading, FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
     """Trains `net` (encoder -> quantizer -> decoder) to reconstruct images through discrete tokens.
 
     Losses: `l1_weight * |x - x'| + l2_weight * (x - x')^2 + gradient_weight * |grad x - grad x'| + quantizer aux
@@ -70,6 +70,8 @@ class AutoencoderStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModu
     datamodule has a judge (shapes data), the judge's accuracy on reconstructions. Fine-tuning: `init_from`
     (another autoencoder run) and `freeze` (`FineTuningMixin`; e.g. `[net.encoder]`).
     """
+
+    LOADER = "imagen.checkpoints.load_autoencoder(path) (the trained Autoencoder network)"
 
     def __init__(
         self,

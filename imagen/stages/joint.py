@@ -437,9 +437,10 @@ class JointStage(ARGeneratorStage):
         """For each caption, `candidates` samples and the best by `rerank.score`: (tokens (B, N), scores (B,)).
         Given per-image `seeds` (B,), the candidates' draws come from `candidate_seeds` (candidate 0: the image's
         own seed)."""
-        _, best, scores = self._sample_candidates(
-            captions, candidates or self.rerank.candidates, settings, generator, seeds
-        )
+        candidates = self.rerank.candidates if candidates is None else candidates
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"candidates={candidates!r}: the number of samples per caption, an integer >= 1")
+        _, best, scores = self._sample_candidates(captions, candidates, settings, generator, seeds)
         return best, scores
 
     def _sample_candidates(

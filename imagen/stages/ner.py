@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 
-from imagen.checkpoints import load_init_from, read_checkpoint, stage_info
+from imagen.checkpoints import StageLoading, load_init_from, read_checkpoint, stage_info
 from imagen.data.conll import IGNORE, ConllDataModule, NerWindows, tokenizer_files
 from imagen.metrics import loss_mean
 from imagen.metrics.ner import SCORING_MODES, entity_report, report_rows, report_table, token_report
@@ -37,7 +37,7 @@ def stitch(
     return gold, pred
 
 
-class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
+class NerStage(StageLoading, FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
     """Token classification: `NerTagger` (encoder from `pretrained` + dropout + linear or CRF head).
 
     The head is sized in `setup()` from the datamodule's label list (`ConllDataModule.labels`). Validation and
@@ -56,6 +56,7 @@ class NerStage(FusedOptimizerClipping, FineTuningMixin, pl.LightningModule):
     """
 
     LORA_MODULES = ("net.encoder",)
+    LOADER = "imagen.cli.sample_ner.load_ner_model(imagen.checkpoints.read_checkpoint(path))"
     LORA_TARGETS = ("query", "key", "value")
 
     def __init__(

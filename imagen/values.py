@@ -1,0 +1,21 @@
+"""Type tests for the values a config or a caller passes: Python counts a bool as an integer, and NaN as a number."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def is_int(value) -> bool:
+    """Whether `value` is an integer (not a bool, which Python counts as one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """Whether `value` is a real number (not a bool nor a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite(value) -> bool:
+    """Whether `value` is a real number other than NaN and the infinities."""
+    return is_number(value) and math.isfinite(value)

@@ -1,0 +1,161 @@
+"""The library used from Python (a notebook, a script): wrong inputs get an error naming the argument, never a silent
+wrong result."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from imagen.models.autoencoder import Autoencoder
+from imagen.models.text_encoder import CaptionTokenizer, check_captions
+from imagen.sampling.ar import SamplingSettings
+from imagen.sampling.caption import CaptionDecoding
+from tests.test_ar_generator import text, tiny_model
+from tests.test_train import tiny_autoencoder_ckpt, tiny_joint_ckpt  # noqa: F401  (session fixtures)
+
+
+def test_a_float_text_mask_is_refused_not_added_to_the_attention_scores():
+    model, (states, mask) = tiny_model(), text(2)
+    tokens = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        model(tokens, states, mask)  # boolean: fine
+        with pytest.raises(TypeError, match="text_mask is boolean .* not torch.float32"):
+            model(tokens, states, mask.float())
+        with pytest.raises(ValueError, match=r"text_mask of shape \(2, 4\)"):
+            model(tokens, states, mask[:, :4])
+        with pytest.raises(ValueError, match=r"one text row per token row"):
+            model(tokens, states[:1], mask[:1])  # one text row broadcast over two images
+        with pytest.raises(ValueError, match=r"at most 12 tokens"):
+            model(torch.randint(0, 40, (2, 13)), states, mask)
+
+
+def test_captions_must_be_a_list_of_strings():
+    with pytest.raises(TypeError, match=r"not one string: pass \['a red circle'\]"):
+        check_captions("a red circle")  # would be read one character per caption
+    with pytest.raises(ValueError, match="no captions"):
+        check_captions([])
+    with pytest.raises(TypeError, match="got NoneType None"):
+        check_captions(["a red circle", None])
+    tokenizer = CaptionTokenizer()
+    tokenizer.train(["a red circle", "a blue square"], vocab_size=32)
+    with pytest.raises(TypeError, match="not one string"):
+        tokenizer("a red circle", max_length=8)
+    ids, mask = tokenizer(("a red circle",), max_length=8)
+    assert ids.shape == mask.shape == (1, 5)
+
+
+def test_encode_leaves_a_vq_codebook_alone_and_checks_its_images():
+    torch.manual_seed(0)
+    model = Autoencoder.from_size("tiny", quantizer="vq")  # in training mode, as built
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    first = model.encode(images)  # a fresh codebook is initialized by its first batch (k-means), in any mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert torch.equal(model.encode(images), first) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"images of shape \(3, 32, 32\)"):
+        model.encode(images[0])
+    with pytest.raises(TypeError, match="not torch.uint8"):
+        model.encode((images * 127.5 + 127.5).to(torch.uint8))
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "lfq", "vq"])
+def test_decode_refuses_token_ids_outside_the_codebook(quantizer):
+    model = Autoencoder.from_size("tiny", quantizer=quantizer).eval()
+    tokens = torch.zeros(1, 8, 8, dtype=torch.long)
+    assert model.decode(tokens).shape == (1, 3, 32, 32)
+    for bad in (-1, model.vocab_size):
+        tokens[0, 3, 3] = bad
+        with pytest.raises(
+            ValueError, match=f"token ids from .* this autoencoder has ids 0 to {model.vocab_size - 1}"
+        ):
+            model.decode(tokens)
+    with pytest.raises(ValueError, match=r"decode reads ids \(B, h, w\)"):
+        model.decode(torch.zeros(1, 64, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"temperature": math.nan}, "temperature must be a finite number"),
+        ({"cfg_scale": math.inf}, "cfg_scale must be a finite number"),
+        ({"temperature": "0.5"}, "temperature must be a finite number; got '0.5'"),
+        ({"top_k": 2.5}, "top_k must be an integer"),
+        ({"top_p": math.nan}, "top_p must be a finite number"),
+    ],
+)
+def test_sampling_settings_refuse_nan_and_wrong_types(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(**settings)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"length_penalty": math.nan}, "length_penalty must be a finite number"),
+        ({"beam_size": 2.5}, "beam_size must be an integer"),
+    ],
+)
+def test_caption_decoding_refuses_nan_and_wrong_types(settings, message):
+    with pytest.raises(ValueError, match=message):
+        CaptionDecoding(**settings)
+
+
+def test_load_from_checkpoint_names_the_loader_that_rebuilds_a_stage(tiny_autoencoder_ckpt):  # noqa: F811
+    from imagen.checkpoints import load_autoencoder
+    from imagen.stages.ar_generator import ARGeneratorStage
+    from imagen.stages.autoencoder import AutoencoderStage
+
+    with pytest.raises(TypeError, match=r"missing .*'net'.* imagen.checkpoints.load_autoencoder\(path\)"):
+        AutoencoderStage.load_from_checkpoint(tiny_autoencoder_ckpt)
+    assert isinstance(load_autoencoder(tiny_autoencoder_ckpt), Autoencoder)
+    with pytest.raises(TypeError, match=r"ARGeneratorStage.from_checkpoint\(path\)"):
+        ARGeneratorStage.load_from_checkpoint(tiny_autoencoder_ckpt)
+
+
+def test_a_generator_built_for_another_grid_is_refused(tmp_path):
+    from imagen.models.ar_transformer import ARTransformer
+    from imagen.models.text_encoder import ScratchTextEncoder
+    from imagen.stages.ar_generator import ARGeneratorStage
+    from tests.image_text_fixtures import write_autoencoder_ckpt
+
+    ckpt = str(write_autoencoder_ckpt(tmp_path / "ae.ckpt"))  # factor 4: 32 px images are 8x8 tokens
+    text_encoder = ScratchTextEncoder(dim=16, layers=1, heads=2, vocab_size=32)
+    vocab = Autoencoder.from_size("tiny", quantizer="fsq").vocab_size
+    net = ARTransformer.from_size("tiny", vocab_size=vocab, text_dim=16, grid_size=(4, 4))
+    with pytest.raises(
+        ValueError, match=r"grid_size=\(4, 4\) does not match data.image_size=32 .*: \(8, 8\)"
+    ):
+        ARGeneratorStage(net=net, text_encoder=text_encoder, autoencoder_ckpt=ckpt, image_size=32)
+    net = ARTransformer.from_size("tiny", vocab_size=vocab, text_dim=16, grid_size=(8, 8))
+    stage = ARGeneratorStage(net=net, text_encoder=text_encoder, autoencoder_ckpt=ckpt, image_size=32)
+    with pytest.raises(ValueError, match=r"decode_tokens reads \(B, 64\), a 8x8 grid"):
+        stage.decode_tokens(torch.zeros(2, 60, dtype=torch.long))
+
+
+def test_reranking_refuses_zero_candidates_rather_than_taking_the_default(tiny_joint_ckpt):  # noqa: F811
+    from imagen.stages.joint import JointStage
+
+    stage = JointStage.from_checkpoint(str(tiny_joint_ckpt))
+    for candidates in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"candidates={candidates}: the number of samples per caption"):
+            stage.generate_reranked_tokens(["a red circle"], candidates=candidates)
+    tokens, scores = stage.generate_reranked_tokens(["a red circle"], candidates=2)
+    assert tokens.shape == (1, stage.net.config.num_image_tokens) and scores.shape == (1,)
+
+
+def test_the_readme_python_example_runs(tiny_joint_ckpt, tiny_autoencoder_ckpt):  # noqa: F811
+    import re
+
+    from tests.test_readme import REPO
+
+    (example,) = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    example = example.replace("logs/quickstart/joint/checkpoints/last.ckpt", str(tiny_joint_ckpt))
+    example = example.replace("logs/quickstart/autoencoder/checkpoints/last.ckpt", str(tiny_autoencoder_ckpt))
+    names: dict = {}
+    exec(compile(example, "README.md", "exec"), names)
+    size = names["joint"].hparams.image_size
+    assert names["images"].shape == (1, 3, size, size) and len(names["captions"]) == 1
+    assert names["tokens"].shape == (1, names["joint"].net.config.num_image_tokens)
+    assert names["autoencoder"].decode(names["grid"]).shape == names["images"].shape
