@@ -187,3 +187,14 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own():
     with initialize_config_module("imagen.conf", version_base="1.3"):
         runs = [compose("train", return_hydra_config=True).hydra for _ in range(2)]
     assert runs[0].run.dir != runs[1].run.dir and runs[0].sweep.dir != runs[1].sweep.dir
+
+
+def test_a_config_error_ends_a_run_with_one_line_and_a_sweep_job_with_its_exception(tmp_path):
+    bad = ["experiment=shapes_autoencoder", "model.grad_clip=abc"]
+    single = run_train(*bad, cwd=tmp_path, timeout=120)
+    message = "model.grad_clip='abc' must be a number"
+    assert single.returncode == 1 and f"config error: {message}" in single.stderr
+    assert "Traceback" not in single.stderr + single.stdout
+    # a sweeper (Optuna) counts a job's exception as that trial's failure: multirun raises it as usual
+    swept = run_train("-m", *bad, cwd=tmp_path, timeout=120)
+    assert swept.returncode == 1 and f"ConfigError: {message}" in swept.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -19,6 +20,25 @@ log = logging.getLogger("imagen")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
+
+
+def config_errors_in_one_line(main: typing.Callable) -> typing.Callable:
+    """Under `hydra.main`, between it and the entry point: a `ConfigError` of a single run ends it with one line
+    (the key and the fix) and exit code 1, not a traceback. In a multirun it is raised as usual, so that a sweeper
+    counts it as the trial's failure and goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    @functools.wraps(main)
+    def wrapped(cfg: DictConfig):
+        try:
+            return main(cfg)
+        except ConfigError as e:
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+                raise SystemExit(f"config error: {e}") from None
+            raise
+
+    return wrapped
 
 
 def _target(node) -> str:

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import imagen.cli.utils  # noqa: F401  (registers the config resolvers)
-from imagen.cli.checks import ConfigError, expect_number
+from imagen.cli.checks import ConfigError, config_errors_in_one_line, expect_number
 from imagen.data.formats import SPLITS
 from imagen.data.token_cache import rank_and_world, write_token_cache
 from imagen.files import file_in_the_way
@@ -77,6 +77,7 @@ def encode(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://imagen.conf", config_name="encode")
+@config_errors_in_one_line
 def main(cfg: DictConfig) -> None:
     encode(cfg)
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from imagen.checkpoints import CheckpointError
-from imagen.cli.checks import ConfigError, expect_bool, expect_number
+from imagen.cli.checks import ConfigError, config_errors_in_one_line, expect_bool, expect_number
 from imagen.cli.utils import apply_extras, task_wrapper
 from imagen.files import file_in_the_way
 from imagen.sampling.ar import IMAGE_SEED_STRIDE
@@ -198,6 +198,7 @@ def sample(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://imagen.conf", config_name="sample")
+@config_errors_in_one_line
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

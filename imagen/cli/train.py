@@ -18,7 +18,7 @@ from torchmetrics import Metric
 
 from imagen.callbacks.fault import Preemption
 from imagen.checkpoints import find_resume_checkpoint, read_checkpoint
-from imagen.cli.checks import check_train_config
+from imagen.cli.checks import check_train_config, config_errors_in_one_line
 from imagen.cli.pipeline import is_pipeline, run_pipeline
 from imagen.cli.utils import (
     apply_extras,
@@ -223,7 +223,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if pl.utilities.rank_zero_only.rank == 0:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("test/"))
         log.info(f"test metrics: {summary or '(none)'}")
-        log.info(f"run directory: {output_dir} (metrics.json, checkpoints/, images/)")
+        written = [name for name in ("metrics.json", "checkpoints", "images") if (output_dir / name).exists()]
+        log.info(f"run directory: {output_dir} ({', '.join(written)})")
     return metrics, objects
 
 
@@ -319,6 +320,7 @@ def end_signalled_run() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@config_errors_in_one_line
 def main(cfg: DictConfig) -> float | None:
     """Train as configured; returns the value of `optimized_metric` to a sweeper (`end_stopped_run`: a run that a
     signal stopped; `end_signalled_run`: one it reached after training). A value that is not finite is an error, the

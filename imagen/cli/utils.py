@@ -274,7 +274,9 @@ def task_wrapper(task: Callable) -> Callable:
         try:
             result = task(cfg)
         except BaseException as e:  # also a KeyboardInterrupt: the run did not finish
-            if isinstance(e, Exception):
+            if isinstance(e, ConfigError):  # names the key and the fix: no traceback
+                log.error(f"run refused: {e} (its directory: {cfg.paths.output_dir})")
+            elif isinstance(e, Exception):
                 log.exception(f"run failed; its directory: {cfg.paths.output_dir}")
             finish_loggers(exit_code=1)
             raise
