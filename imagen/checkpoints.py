@@ -19,6 +19,7 @@ import torch.nn as nn
 import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
 from imagen.files import file_in_the_way
 
@@ -36,7 +37,7 @@ class StageLoading:
 
     LOADER = ""
 
-    @classmethod
+    @_restricted_classmethod  # Lightning's: refused on an instance (it returns a new module, and leaves this one)
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -30,13 +30,23 @@ def file_in_the_way(folder: str | Path) -> Path | None:
 def source_digest(root: str | Path = REPO_ROOT) -> str:
     """sha256 over the source that runs: every imagen/**/*.py and conf/**/*.yaml under `root` (but conf/local, which
     git ignores), sorted by path, each as its path, a NUL, its bytes and a NUL. The same on a copy of the working tree
-    (a lent GPU machine's) as here, and for a commit C on `git archive C imagen conf` unpacked (BENCHMARKS.md)."""
+    (a lent GPU machine's) as here, and for a commit C on `git archive C imagen conf` unpacked (BENCHMARKS.md); an
+    installed package's configs (imagen/conf/) count as conf/."""
     root = Path(root)
-    files = [*root.glob("imagen/**/*.py"), *root.glob("conf/**/*.yaml")]
-    digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+    named = {}
+    for path in [
+        *root.glob("imagen/**/*.py"),
+        *root.glob("conf/**/*.yaml"),
+        *root.glob("imagen/conf/**/*.yaml"),
+    ]:
         name = path.relative_to(root).as_posix()
-        if name.startswith("conf/local/") or not path.is_file():
-            continue
-        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+        if name.startswith("imagen/conf/"):
+            if name.endswith(".py"):  # the package marker, not part of a checkout's conf/**/*.yaml
+                continue
+            name = name.removeprefix("imagen/")
+        if not name.startswith("conf/local/") and path.is_file():
+            named[name] = path
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        digest.update(name.encode() + b"\0" + named[name].read_bytes() + b"\0")
     return digest.hexdigest()

@@ -314,6 +314,14 @@ def test_source_digest_covers_the_code_and_config_that_run(tmp_path):
     (tmp_path / "imagen/sub/b.py").write_text("b = 3\n")
     assert source_digest(tmp_path) != digest
     (tmp_path / "imagen/sub/b.py").write_text("b = 2\n")
+    # an installed package: the configs inside it as imagen/conf/, with its package marker
+    installed = tmp_path.parent / "site"
+    shutil.copytree(tmp_path / "imagen", installed / "imagen")
+    shutil.copytree(tmp_path / "conf", installed / "imagen" / "conf")
+    (installed / "imagen/conf/__init__.py").write_text("")
+    assert source_digest(installed) == digest
+    (installed / "imagen/conf/x.yaml").write_text("x: 2\n")
+    assert source_digest(installed) != digest
     (tmp_path / "imagen/a.py").rename(tmp_path / "imagen/c.py")
     assert source_digest(tmp_path) != digest
 

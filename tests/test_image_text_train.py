@@ -178,9 +178,14 @@ def test_a_resumed_run_counts_the_bad_samples_of_the_attempts_before(tmp_path):
     first = json.loads((tmp_path / "first" / "bad_samples.json").read_text())
     assert first["good"] >= 10 and first["counts"]["empty_file"] >= 1
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    # resumed for 3 more steps, then tested from its best checkpoint (whose counts must not replace the run's)
+    # resumed for 3 more steps, then tested with the weights it trained
     train(compose_config([*overrides, "trainer.max_steps=6", f"ckpt_path={last}"], tmp_path / "resumed"))
     resumed = json.loads((tmp_path / "resumed" / "bad_samples.json").read_text())
     # 3 batches of 4 read in each attempt, of which 2 at most bad
     assert resumed["good"] >= first["good"] + 10 and resumed["training_counts_resumed_from"] == str(last)
     assert resumed["counts"]["empty_file"] >= first["counts"]["empty_file"] and resumed["test"]["good"] > 0
+    # a test of the checkpoint reads no training samples: its file holds none (the checkpoint's are not restored)
+    resumed_last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    train(compose_config([*overrides, "train=false", f"ckpt_path={resumed_last}"], tmp_path / "tested"))
+    tested = json.loads((tmp_path / "tested" / "bad_samples.json").read_text())
+    assert tested["good"] == 0 and "training_counts_resumed_from" not in tested and tested["test"]["good"] > 0

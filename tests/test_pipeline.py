@@ -74,11 +74,18 @@ def test_quickstart_trains_each_stage_then_reuses_them(make_cfg, tmp_path, capsy
     with caplog.at_level(logging.WARNING, logger="imagen"):
         _, objects = train(quickstart_cfg(make_cfg, tmp_path, tiny_stages()))
     assert [r["reused"] for r in objects["rows"]] == [True, True]
-    assert "stage joint in" in caplog.text and "was trained by other code" in caplog.text
+    assert "stage joint in" in caplog.text and "may have been trained by other code: imagen/" in caplog.text
     assert "stage autoencoder in" not in caplog.text
     assert (
         "| joint | " in (summary := (root / "summary.md").read_text()) and "| yes, by older code |" in summary
     )
+    # a record of an earlier version, without a digest: the warning says so
+    record_file.write_text(yaml.safe_dump({k: v for k, v in record.items() if k != "source"}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imagen"):
+        _, objects = train(quickstart_cfg(make_cfg, tmp_path, tiny_stages()))
+    assert [r["reused"] for r in objects["rows"]] == [True, True]
+    assert "written by an earlier version, has no source digest" in caplog.text
     record_file.write_text(yaml.safe_dump(record))
 
     # a stage whose composed config differs from the finished run's (a default changed in conf/ since) runs again

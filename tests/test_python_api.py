@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,8 @@ def test_captions_must_be_a_list_of_strings():
         tokenizer("a red circle", max_length=8)
     ids, mask = tokenizer(("a red circle",), max_length=8)
     assert ids.shape == mask.shape == (1, 5)
+    assert check_captions(np.array(["a red circle", "a blue square"])) == ["a red circle", "a blue square"]
+    assert check_captions(c for c in ["a red circle"]) == ["a red circle"]
 
 
 def test_encode_leaves_a_vq_codebook_alone_and_checks_its_images():
@@ -52,12 +55,16 @@ def test_encode_leaves_a_vq_codebook_alone_and_checks_its_images():
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     first = model.encode(images)  # a fresh codebook is initialized by its first batch (k-means), in any mode
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert torch.equal(model.encode(images), first) and model.training
+    assert torch.equal(model.encode(images), first) and model.quantizer.training  # its mode restored
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match=r"images of shape \(3, 32, 32\)"):
         model.encode(images[0])
     with pytest.raises(TypeError, match="not torch.uint8"):
         model.encode((images * 127.5 + 127.5).to(torch.uint8))
+    gray = Autoencoder.from_size("tiny", quantizer="fsq", in_channels=1).eval()
+    assert gray.encode(images[:, :1]).shape == (4, 8, 8)
+    with pytest.raises(ValueError, match=r"encode reads \(B, 1, H, W\)"):
+        gray.encode(images)
 
 
 @pytest.mark.parametrize("quantizer", ["fsq", "lfq", "vq"])
@@ -112,6 +119,11 @@ def test_load_from_checkpoint_names_the_loader_that_rebuilds_a_stage(tiny_autoen
     assert isinstance(load_autoencoder(tiny_autoencoder_ckpt), Autoencoder)
     with pytest.raises(TypeError, match=r"ARGeneratorStage.from_checkpoint\(path\)"):
         ARGeneratorStage.load_from_checkpoint(tiny_autoencoder_ckpt)
+    stage = AutoencoderStage(net=load_autoencoder(tiny_autoencoder_ckpt), optimizer=torch.optim.AdamW)
+    with pytest.raises(
+        TypeError, match="cannot be called on an instance"
+    ):  # Lightning's guard: it returns a new one
+        stage.load_from_checkpoint(tiny_autoencoder_ckpt)
 
 
 def test_a_generator_built_for_another_grid_is_refused(tmp_path):
@@ -128,6 +140,10 @@ def test_a_generator_built_for_another_grid_is_refused(tmp_path):
         ValueError, match=r"grid_size=\(4, 4\) does not match data.image_size=32 .*: \(8, 8\)"
     ):
         ARGeneratorStage(net=net, text_encoder=text_encoder, autoencoder_ckpt=ckpt, image_size=32)
+    prefix = ARTransformer.from_size("tiny", vocab_size=vocab, text_dim=16, grid_size=(8, 8), conditioning="prefix",
+                                     max_text_length=16)  # fmt: skip
+    with pytest.raises(ValueError, match="text_encoder.max_length=32 is over model.net.max_text_length=16"):
+        ARGeneratorStage(net=prefix, text_encoder=text_encoder, autoencoder_ckpt=ckpt, image_size=32)
     net = ARTransformer.from_size("tiny", vocab_size=vocab, text_dim=16, grid_size=(8, 8))
     stage = ARGeneratorStage(net=net, text_encoder=text_encoder, autoencoder_ckpt=ckpt, image_size=32)
     with pytest.raises(ValueError, match=r"decode_tokens reads \(B, 64\), a 8x8 grid"):
@@ -141,7 +157,10 @@ def test_reranking_refuses_zero_candidates_rather_than_taking_the_default(tiny_j
     for candidates in (0, -1, 2.5):
         with pytest.raises(ValueError, match=f"candidates={candidates}: the number of samples per caption"):
             stage.generate_reranked_tokens(["a red circle"], candidates=candidates)
-    tokens, scores = stage.generate_reranked_tokens(["a red circle"], candidates=2)
+    stage.rerank.candidates = 0  # the stage's default, from model.rerank.candidates
+    with pytest.raises(ValueError, match="model.rerank.candidates=0"):
+        stage.generate_reranked_tokens(["a red circle"])
+    tokens, scores = stage.generate_reranked_tokens(["a red circle"], candidates=np.int64(2))
     assert tokens.shape == (1, stage.net.config.num_image_tokens) and scores.shape == (1,)
 
 

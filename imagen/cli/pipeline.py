@@ -512,11 +512,15 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             record = read_record(run_dir)
             stage_metrics, seconds = json.loads((run_dir / "metrics.json").read_text()), record["seconds"]
             older_code = record.get("source") != source
-            if older_code:
+            if older_code and writer:
+                why = (
+                    "imagen/ or conf/ changed since (the source digest differs; the settings did not)"
+                    if record.get("source")
+                    else "its record, written by an earlier version, has no source digest"
+                )
                 log.warning(
-                    f"pipeline: stage {name} in {run_dir} was trained by other code: imagen/ or conf/ changed since "
-                    "(the source digest differs; the settings did not). Reused as it is; pipeline.reuse=false "
-                    "trains every stage with this code"
+                    f"pipeline: stage {name} in {run_dir} may have been trained by other code: {why}. Reused as it "
+                    "is; pipeline.reuse=false trains every stage with this code"
                 )
         else:
             log.info(f"pipeline: stage {name} -> {run_dir}")

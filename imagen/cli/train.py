@@ -18,7 +18,7 @@ from torchmetrics import Metric
 
 from imagen.callbacks.fault import Preemption
 from imagen.checkpoints import find_resume_checkpoint, read_checkpoint
-from imagen.cli.checks import check_train_config, config_errors_in_one_line
+from imagen.cli.checks import ConfigError, check_train_config, config_errors_in_one_line
 from imagen.cli.pipeline import is_pipeline, run_pipeline
 from imagen.cli.utils import (
     apply_extras,
@@ -68,7 +68,7 @@ def check_checkpoint_data(datamodule: pl.LightningDataModule, path: str, checkpo
         try:
             datamodule.check_checkpoint_state(state)
         except ValueError as e:
-            raise ValueError(f"ckpt_path={path}: {e}") from None
+            raise ConfigError(f"ckpt_path={path}: {e}") from None
 
 
 def test_before_fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule) -> dict[str, float]:
@@ -106,17 +106,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     # _convert_="all": plain dicts and lists reach the constructors, so hyperparameters saved in checkpoints
     # stay loadable with torch.load(weights_only=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    ckpt_path, checkpoint = resolve_ckpt_path(cfg) if cfg.train or cfg.test else (None, None)
+    restored_step = None
+    if checkpoint is not None:  # refused now, before the datamodule indexes the corpus
+        check_checkpoint_data(datamodule, ckpt_path, checkpoint)
+        restored_step = checkpoint.get("global_step")
+        del checkpoint
     if cfg.train and cfg.test and hasattr(datamodule, "check_split"):
         # a missing or unreadable test split stops the run now, not after training
         datamodule.check_split("test")
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    ckpt_path, checkpoint = resolve_ckpt_path(cfg) if cfg.train or cfg.test else (None, None)
-    restored_step = None
-    if checkpoint is not None:  # refused now, before the datamodule's setup indexes the corpus
-        check_checkpoint_data(datamodule, ckpt_path, checkpoint)
-        restored_step = checkpoint.get("global_step")
-        del checkpoint
     test_ckpt_path = ckpt_path  # train=false: the checkpoint tested; otherwise the one resumed
     if not cfg.train:
         ckpt_path = restored_step = None
@@ -224,7 +224,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("test/"))
         log.info(f"test metrics: {summary or '(none)'}")
         written = [name for name in ("metrics.json", "checkpoints", "images") if (output_dir / name).exists()]
-        log.info(f"run directory: {output_dir} ({', '.join(written)})")
+        log.info(f"run directory: {output_dir}" + (f" ({', '.join(written)})" if written else ""))
     return metrics, objects
 
 

@@ -317,12 +317,13 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> token ids (B, H / f, W / f) long. Inference whatever the module's mode:
-        a VQ codebook is not updated by it."""
-        f = self.downsample_factor
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
+        """images (B, C, H, W) in [-1, 1] -> token ids (B, H / f, W / f) long. Inference whatever the module's mode:
+        a VQ codebook's averages are not updated by it (a fresh k-means codebook is still initialized by its first
+        batch)."""
+        f, channels = self.downsample_factor, self.config.in_channels
+        if images.ndim != 4 or images.shape[1] != channels or images.shape[2] % f or images.shape[3] % f:
             raise ValueError(
-                f"images of shape {tuple(images.shape)}: encode reads (B, 3, H, W), H and W multiples of {f}"
+                f"images of shape {tuple(images.shape)}: encode reads (B, {channels}, H, W), H and W multiples of {f}"
             )
         if not images.is_floating_point():
             raise TypeError(f"images are floats in [-1, 1], not {images.dtype}: e.g. uint8 / 127.5 - 1")
@@ -343,12 +344,12 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """token ids (B, h, w) in [0, vocab_size) -> images (B, 3, h * f, w * f), clamped to [-1, 1]."""
+        """token ids (B, h, w) in [0, vocab_size) -> images (B, C, h * f, w * f), clamped to [-1, 1]."""
         if tokens.ndim != 3 or tokens.is_floating_point():
             raise ValueError(
                 f"tokens of shape {tuple(tokens.shape)}, {tokens.dtype}: decode reads ids (B, h, w)"
             )
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+        if ((tokens < 0) | (tokens >= self.vocab_size)).any():  # one host sync
             raise ValueError(
                 f"token ids from {int(tokens.min())} to {int(tokens.max())}: this autoencoder has ids 0 to "
                 f"{self.vocab_size - 1}"

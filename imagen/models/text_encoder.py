@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,17 +38,18 @@ class TextStates:
     mask: torch.Tensor  # (B, L) bool, True on real tokens
 
 
-def check_captions(captions: Sequence[str]) -> list[str]:
-    """`captions` as a list: a non-empty sequence of strings (a lone string would be read a character at a time)."""
-    if isinstance(captions, str):
+def check_captions(captions: Iterable[str]) -> list[str]:
+    """`captions` as a list: a non-empty iterable of strings (a lone string would be read a character at a time)."""
+    if isinstance(captions, str | bytes):
         raise TypeError(f"captions are a list of strings, not one string: pass [{captions!r}]"[:300])
-    if not isinstance(captions, Sequence):
+    if not isinstance(captions, Iterable):
         raise TypeError(f"captions are a list of strings, not {type(captions).__name__}")
+    captions = list(captions)  # a tuple, a numpy array of strings, a generator
     if not captions:
         raise ValueError("no captions: the list is empty")
     if bad := [c for c in captions if not isinstance(c, str)]:
         raise TypeError(f"captions are strings; got {type(bad[0]).__name__} {bad[0]!r}"[:300])
-    return list(captions)
+    return captions
 
 
 class CaptionTokenizer:

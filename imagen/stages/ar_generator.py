@@ -202,6 +202,12 @@ class ARGeneratorStage(
                 f"generator vocab_size={c.vocab_size}/text_dim={c.text_dim} do not match the autoencoder's "
                 f"{self.autoencoder.vocab_size} codes / the text encoder's width {text_encoder.dim}"
             )
+        if c.conditioning == "prefix" and text_encoder.max_length > c.max_text_length:
+            raise ValueError(
+                f"model.text_encoder.max_length={text_encoder.max_length} is over model.net.max_text_length="
+                f"{c.max_text_length}, the text positions of prefix conditioning: longer captions would be cut; "
+                "raise model.net.max_text_length or lower model.text_encoder.max_length"
+            )
         if tuple(c.grid_size) != (image_size // f,) * 2:
             raise ValueError(
                 f"generator grid_size={tuple(c.grid_size)} does not match data.image_size={image_size} over the "

@@ -45,6 +45,7 @@ from imagen.sampling.ar import SamplingSettings, candidate_seeds
 from imagen.sampling.caption import CaptionDecoding, decode_captions, ids_to_text
 from imagen.sampling.rerank import best_of
 from imagen.stages.ar_generator import GROUP_SUFFIX, ARGeneratorStage
+from imagen.values import is_int
 
 log = logging.getLogger(__name__)
 
@@ -437,9 +438,10 @@ class JointStage(ARGeneratorStage):
         """For each caption, `candidates` samples and the best by `rerank.score`: (tokens (B, N), scores (B,)).
         Given per-image `seeds` (B,), the candidates' draws come from `candidate_seeds` (candidate 0: the image's
         own seed)."""
+        key = "model.rerank.candidates" if candidates is None else "candidates"
         candidates = self.rerank.candidates if candidates is None else candidates
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise ValueError(f"candidates={candidates!r}: the number of samples per caption, an integer >= 1")
+        if not is_int(candidates) or candidates < 1:
+            raise ValueError(f"{key}={candidates!r}: the number of samples per caption, an integer >= 1")
         _, best, scores = self._sample_candidates(captions, candidates, settings, generator, seeds)
         return best, scores
 
