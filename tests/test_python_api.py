@@ -178,3 +178,40 @@ def test_the_readme_python_example_runs(tiny_joint_ckpt, tiny_autoencoder_ckpt):
     assert names["images"].shape == (1, 3, size, size) and len(names["captions"]) == 1
     assert names["tokens"].shape == (1, names["joint"].net.config.num_image_tokens)
     assert names["autoencoder"].decode(names["grid"]).shape == names["images"].shape
+
+
+def test_sampling_arguments_of_the_wrong_kind_are_named():
+    from imagen.sampling.ar import generate
+
+    model, (states, mask) = tiny_model(), text(2)
+    with pytest.raises(TypeError, match="settings is a SamplingSettings, not dict"):
+        generate(model, states, mask, {"temperature": 0.5})
+    with pytest.raises(TypeError, match=r"seeds are an int64 tensor \(B,\).* got \[1, 2\]"):
+        generate(model, states, mask, SamplingSettings(), seeds=[1, 2])
+    with pytest.raises(TypeError, match="generator is a torch.Generator, not int"):
+        generate(model, states, mask, SamplingSettings(), generator=7)
+    assert generate(model, states, mask, SamplingSettings(), seeds=torch.tensor([1, 2])).shape == (2, 12)
+
+
+def test_caption_decoding_of_the_wrong_kind_is_named(tiny_joint_ckpt):  # noqa: F811
+    from imagen.stages.joint import JointStage
+
+    stage = JointStage.from_checkpoint(str(tiny_joint_ckpt))
+    images = torch.zeros(1, 3, stage.hparams.image_size, stage.hparams.image_size)
+    with pytest.raises(TypeError, match="decoding is a CaptionDecoding, not str"):
+        stage.caption_images(images, "beam")
+    assert len(stage.caption_images(images, CaptionDecoding(method="beam", beam_size=2))) == 1
+
+
+def test_a_ner_batch_without_a_scored_token_has_loss_zero_not_nan(tmp_path):
+    from imagen.models.ner import NerTagger, NerTaggerConfig, load_encoder, tiny_random_encoder
+
+    tagger = NerTagger(load_encoder(tiny_random_encoder(tmp_path / "enc")), NerTaggerConfig(num_labels=5))
+    ids, attention = torch.randint(5, 20, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    labels = torch.full((2, 6), -100)
+    _, loss = tagger(ids, attention, labels)
+    assert loss.item() == 0.0
+    labels[0, 1], labels[1, 2] = 3, 0  # the mean over the two scored tokens, as before
+    logits, _ = tagger.eval()(ids, attention, labels)
+    expected = torch.nn.functional.cross_entropy(logits[[0, 1], [1, 2]].float(), torch.tensor([3, 0]))
+    assert torch.allclose(tagger(ids, attention, labels)[1], expected)

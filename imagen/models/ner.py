@@ -198,7 +198,11 @@ class NerTagger(nn.Module):
         if labels is None:
             return logits, None
         if self.crf is None:
-            return logits, F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            # a mean over the scored tokens; a batch without one (all -100) has loss 0, not the NaN of an empty mean
+            total = F.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            return logits, total / (labels != -100).sum().clamp(min=1)
         emissions, mask, _ = _left_align(logits, labels != -100)
         tags, _, _ = _left_align(labels.clamp(min=0), labels != -100)
         return logits, self.crf.nll(emissions, tags, mask)

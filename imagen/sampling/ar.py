@@ -329,7 +329,7 @@ def generate(
     `generator`, or from per-image `seeds` (B,) int64 (`race_noise`): an image then depends on its caption and seed
     alone.
     """
-    check_draws(generator, seeds)
+    check_draws(generator, seeds, settings)
     batch, n = states.shape[0], model.config.num_image_tokens
     states = states.to(model.dtype)  # the cache's dtype
     if settings.guided:
@@ -397,7 +397,7 @@ def generate_recompute(
     seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same sampling without a cache: a full forward over the prefix at every step (the baseline)."""
-    check_draws(generator, seeds)
+    check_draws(generator, seeds, settings)
     batch, n = states.shape[0], model.config.num_image_tokens
     guided_tokens = settings.guided_tokens(n)
     both = with_unconditional(model, states, mask) if guided_tokens else None
@@ -417,7 +417,20 @@ def generate_recompute(
     return tokens
 
 
-def check_draws(generator: torch.Generator | None, seeds: torch.Tensor | None) -> None:
+def check_draws(
+    generator: torch.Generator | None, seeds: torch.Tensor | None, settings: SamplingSettings
+) -> None:
+    """Refuse sampling arguments of the wrong kind, naming the argument."""
+    if not isinstance(settings, SamplingSettings):
+        raise TypeError(
+            f"settings is a SamplingSettings, not {type(settings).__name__}: e.g. SamplingSettings(**it)"
+        )
+    if seeds is not None and not (isinstance(seeds, torch.Tensor) and seeds.dtype == torch.long):
+        raise TypeError(
+            f"seeds are an int64 tensor (B,), one per image, e.g. torch.tensor([1, 2]); got {seeds!r}"[:300]
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator is a torch.Generator, not {type(generator).__name__}")
     if generator is not None and seeds is not None:
         raise ValueError(
             "give a generator or per-image seeds, not both: with seeds, an image's draws are its own"

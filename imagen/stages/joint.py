@@ -264,9 +264,14 @@ class JointStage(ARGeneratorStage):
         return self.decode_captions(tokens, features, decoding or self.caption_decoding, generator)
 
     def check_caption_decoding(self, decoding: CaptionDecoding, key: str = "{}") -> None:
-        """A decoding this stage cannot run is an error naming its config key (`key.format(field)`): captions longer
+        """A decoding this stage cannot run is an error naming its config key (`key.format(field)`): not a
+        `CaptionDecoding`, captions longer
         than the captioner's positions, or beams re-scored with a head this stage did not train (greedy and nucleus
         decoding never re-score: their weights are not read)."""
+        if not isinstance(decoding, CaptionDecoding):
+            raise TypeError(
+                f"decoding is a CaptionDecoding, not {type(decoding).__name__}: e.g. CaptionDecoding(method='beam')"
+            )
         limit = self.image_text.config.max_caption_length
         if decoding.max_length is not None and not 2 <= decoding.max_length <= limit:
             name = key.format("max_length")
