@@ -360,6 +360,9 @@ def test_a_monitor_in_a_run_that_never_validates_is_named(make_cfg, caplog):
         # 10 optimizer steps of 2 batches each reach the 20th batch
         check_train_config(make_cfg([*base, "trainer.max_steps=10", "trainer.val_check_interval=20",
                                      "trainer.accumulate_grad_batches=2"]))  # fmt: skip
+        check_train_config(
+            make_cfg([*base, "trainer.max_steps=10", "trainer.val_check_interval=20", "debug=fdr"])
+        )
     assert "never sees a value" not in caplog.text
 
 

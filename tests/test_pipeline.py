@@ -507,7 +507,7 @@ def bf16_units() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(
     not bf16_units() and not os.environ.get("IMAGEN_FULL_QUICKSTART"),
-    reason="without bf16 matrix units (AMX) the quickstart trains in float32: about 35 minutes on 2 CPU cores, over "
+    reason="without bf16 matrix units (AMX) the quickstart trains in float32: about 30 minutes on 2 CPU cores, over "
     "the suite's 30-minute budget; IMAGEN_FULL_QUICKSTART=1 runs it",
 )
 def test_the_real_quickstart_reports_every_figure_and_holds_its_judge_accuracy(tmp_path):

@@ -215,3 +215,12 @@ def test_a_ner_batch_without_a_scored_token_has_loss_zero_not_nan(tmp_path):
     logits, _ = tagger.eval()(ids, attention, labels)
     expected = torch.nn.functional.cross_entropy(logits[[0, 1], [1, 2]].float(), torch.tensor([3, 0]))
     assert torch.allclose(tagger(ids, attention, labels)[1], expected)
+
+
+def test_recall_at_k_names_a_relevance_matrix_that_is_not_boolean():
+    from imagen.metrics.retrieval import recall_at_k
+
+    similarity = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert recall_at_k(similarity, torch.eye(2, dtype=torch.bool), ks=(1,)) == {1: 1.0}
+    with pytest.raises(TypeError, match="relevant is a boolean matrix .* not torch.float32"):
+        recall_at_k(similarity, torch.eye(2), ks=(1,))

@@ -520,5 +520,6 @@ def test_a_finished_run_run_again_keeps_the_metrics_its_training_measured(make_c
     again, objects = train(make_cfg(overrides, run_dir=run))
     assert objects["trainer"].global_step == 2
     assert again["val/psnr"] == first["val/psnr"]
+    assert again["time/fit_seconds"] == first["time/fit_seconds"]  # the training's, not the rerun's
     assert json.loads((run / "metrics.json").read_text())["val/psnr"] == first["val/psnr"]
     assert "test/psnr" in again

@@ -287,7 +287,9 @@ def _check_checkpointing(cfg: DictConfig) -> None:
 def _warn_monitor_without_validation(cfg: DictConfig) -> None:
     """A checkpoint or early-stopping monitor in a run that never validates does nothing: say so."""
     trainer = cfg.trainer
-    if not cfg.get("train", True):
+    if not cfg.get("train", True) or trainer.get(
+        "fast_dev_run"
+    ):  # a fast dev run validates, and saves nothing
         return
     interval, max_steps = trainer.get("val_check_interval"), trainer.get("max_steps")
     steps_only = trainer.get("check_val_every_n_epoch") is None and isinstance(interval, int)

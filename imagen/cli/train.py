@@ -180,9 +180,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         start = time.time()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
         timings["time/fit_seconds"] = time.time() - start
-        # a finished run run again (nothing left to train) keeps what its training measured
+        # a finished run run again (nothing left to train) keeps what its training measured, and how long it took
         if ckpt_path and trainer.global_step == restored_step:
-            metrics.update(recorded_metrics(output_dir, ("train/", "val/")))
+            recorded = recorded_metrics(output_dir, ("train/", "val/", "time/fit_seconds"))
+            metrics.update({k: v for k, v in recorded.items() if not k.startswith("time/")})
+            timings.update({k: v for k, v in recorded.items() if k.startswith("time/")})
         metrics.update(tensor_metrics(trainer.callback_metrics))
         preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
         # a signal after the last training batch (in the last validation) stopped nothing: training is over, and the

@@ -21,6 +21,8 @@ def recall_at_k(
     """
     if similarity.shape != relevant.shape:
         raise ValueError(f"similarity {tuple(similarity.shape)} and relevant {tuple(relevant.shape)} differ")
+    if relevant.dtype != torch.bool:
+        raise TypeError(f"relevant is a boolean matrix (True: a relevant item), not {relevant.dtype}")
     relevant = relevant.to(similarity.device)
     best = (
         similarity.masked_fill(~relevant, float("-inf")).max(1).values
