@@ -210,9 +210,8 @@ def _check_types(cfg: DictConfig) -> None:
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer; e.g. trainer.max_steps=2000")
-    interval = OmegaConf.select(
-        cfg, "trainer.val_check_interval"
-    )  # a duration (string, mapping) is Lightning's
+    # a duration (a string or a mapping) is Lightning's to judge
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval")
     if (
         isinstance(interval, bool)
         or (isinstance(interval, int) and interval < 1)
@@ -287,9 +286,7 @@ def _check_checkpointing(cfg: DictConfig) -> None:
 def _warn_monitor_without_validation(cfg: DictConfig) -> None:
     """A checkpoint or early-stopping monitor in a run that never validates does nothing: say so."""
     trainer = cfg.trainer
-    if not cfg.get("train", True) or trainer.get(
-        "fast_dev_run"
-    ):  # a fast dev run validates, and saves nothing
+    if not cfg.get("train", True) or trainer.get("fast_dev_run"):  # a fast dev run validates, saves nothing
         return
     interval, max_steps = trainer.get("val_check_interval"), trainer.get("max_steps")
     steps_only = trainer.get("check_val_every_n_epoch") is None and isinstance(interval, int)

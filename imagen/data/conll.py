@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imagen.data.resumable import ResumableLoader
+from imagen.values import is_int
 
 log = logging.getLogger(__name__)
 
@@ -482,7 +483,7 @@ class EncodingSettings:
     def __post_init__(self):
         for key in ("max_length", "window_context"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not is_int(value):
                 raise TypeError(f"data.{key}={value!r} must be an integer")
         if self.max_length < 1:
             raise ValueError(f"data.max_length={self.max_length} must be >= 1 (subtokens per window)")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from imagen.values import is_int, is_number
+from imagen.values import check_fraction, check_int, is_int, is_number
 
 # Named colors the renderer knows. A data config picks a subset (default: the first six); the rest are
 # available for experiments that introduce a new concept (a color word pre-training never saw).
@@ -263,18 +263,6 @@ class ShapesConfig:
 
     def is_heldout(self, obj: ShapeObject) -> bool:
         return has_combination(obj, self.heldout)
-
-
-def check_int(key: str, value, minimum: int, hint: str = "") -> None:
-    """`ValueError` naming `key` unless `value` is an integer >= `minimum`."""
-    if not is_int(value) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}{hint}, got {value!r}")
-
-
-def check_fraction(key: str, value) -> None:
-    """`ValueError` naming `key` unless `value` is a number in [0, 1]."""
-    if not is_number(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{key} must be a number in [0, 1], got {value!r}")
 
 
 COMBINATION_EXAMPLE = "{color: red, shape: triangle}"

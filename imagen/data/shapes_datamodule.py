@@ -18,8 +18,6 @@ from imagen.data.shapes import (
     SceneSampler,
     ShapesConfig,
     as_combinations,
-    check_fraction,
-    check_int,
     has_combination,
     matches_caption,
     mirror_words,
@@ -27,7 +25,7 @@ from imagen.data.shapes import (
     scene_targets,
 )
 from imagen.metrics.judge import Judge, load_or_train_judge, render_batch
-from imagen.values import is_int
+from imagen.values import check_fraction, check_int, is_int
 
 log = logging.getLogger(__name__)
 

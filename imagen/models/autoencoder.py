@@ -328,9 +328,8 @@ class Autoencoder(nn.Module):
         if not images.is_floating_point():
             raise TypeError(f"images are floats in [-1, 1], not {images.dtype}: e.g. uint8 / 127.5 - 1")
         training = self.quantizer.training
-        self.quantizer.train(
-            False
-        )  # vector-quantize-pytorch updates a VQ codebook's averages in training mode
+        # vector-quantize-pytorch updates a VQ codebook's averages in training mode
+        self.quantizer.train(False)
         try:
             return self.quantizer(self.encoder(images)).indices
         finally:

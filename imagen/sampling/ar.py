@@ -329,7 +329,7 @@ def generate(
     `generator`, or from per-image `seeds` (B,) int64 (`race_noise`): an image then depends on its caption and seed
     alone.
     """
-    check_draws(generator, seeds, settings)
+    check_sampling_arguments(generator, seeds, settings)
     batch, n = states.shape[0], model.config.num_image_tokens
     states = states.to(model.dtype)  # the cache's dtype
     if settings.guided:
@@ -397,7 +397,7 @@ def generate_recompute(
     seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same sampling without a cache: a full forward over the prefix at every step (the baseline)."""
-    check_draws(generator, seeds, settings)
+    check_sampling_arguments(generator, seeds, settings)
     batch, n = states.shape[0], model.config.num_image_tokens
     guided_tokens = settings.guided_tokens(n)
     both = with_unconditional(model, states, mask) if guided_tokens else None
@@ -417,7 +417,7 @@ def generate_recompute(
     return tokens
 
 
-def check_draws(
+def check_sampling_arguments(
     generator: torch.Generator | None, seeds: torch.Tensor | None, settings: SamplingSettings
 ) -> None:
     """Refuse sampling arguments of the wrong kind, naming the argument."""

@@ -56,8 +56,8 @@ class NerStage(StageLoading, FusedOptimizerClipping, FineTuningMixin, pl.Lightni
     """
 
     LORA_MODULES = ("net.encoder",)
-    LOADER = "imagen.cli.sample_ner.load_ner_model(imagen.checkpoints.read_checkpoint(path))"
     LORA_TARGETS = ("query", "key", "value")
+    LOADER = "imagen.cli.sample_ner.load_ner_model(imagen.checkpoints.read_checkpoint(path))"
 
     def __init__(
         self,
