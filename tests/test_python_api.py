@@ -224,3 +224,32 @@ def test_recall_at_k_names_a_relevance_matrix_that_is_not_boolean():
     assert recall_at_k(similarity, torch.eye(2, dtype=torch.bool), ks=(1,)) == {1: 1.0}
     with pytest.raises(TypeError, match="relevant is a boolean matrix .* not torch.float32"):
         recall_at_k(similarity, torch.eye(2), ks=(1,))
+
+
+def test_sampling_and_scoring_run_in_eval_mode_and_leave_each_module_in_its_own(tiny_joint_ckpt):  # noqa: F811
+    from imagen.models.ar_transformer import Attention
+    from imagen.stages.ar_generator import ARGeneratorStage
+    from imagen.stages.joint import JointStage
+
+    stage = JointStage.from_checkpoint(str(tiny_joint_ckpt))
+    for module in stage.modules():  # dropout everywhere, so that a sample in training mode differs
+        if isinstance(module, torch.nn.Dropout) or type(module).__name__ == "Dropout":
+            module.p = 0.5
+        if isinstance(module, Attention):
+            module.dropout = 0.5
+    captions, seeds = ["a red circle", "a blue square"], torch.tensor([3, 4])
+    images = stage.generate_images(captions, seeds=seeds)
+    tokens = stage.generate_tokens(stage.encode_text(captions), seeds=seeds)
+    written = stage.caption_images(images)
+    stage.train()  # as `trainer.fit` leaves it; the frozen autoencoder stays in eval mode
+    modes = {name: module.training for name, module in stage.named_modules()}
+    assert stage.training and not stage.autoencoder.training
+    with torch.no_grad():  # the method itself in training mode: dropout changes the sample
+        assert not torch.equal(
+            ARGeneratorStage.generate_tokens.__wrapped__(stage, stage.encode_text(captions), seeds=seeds),
+            tokens,
+        )
+    assert torch.equal(stage.generate_images(captions, seeds=seeds), images)
+    assert stage.caption_images(images) == written
+    assert torch.equal(stage.generate_tokens(stage.encode_text(captions), seeds=seeds), tokens)
+    assert {name: module.training for name, module in stage.named_modules()} == modes

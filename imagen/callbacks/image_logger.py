@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from imagen.images import captioned_grid, make_grid, save_png
+from imagen.inference import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,8 @@ class ImageLogger(pl.Callback):
     def log_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, split: str) -> None:
         if not trainer.is_global_zero or not hasattr(pl_module, "log_images"):
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
+        with eval_mode(pl_module), torch.no_grad():
             entries = pl_module.log_images(_head(batch, self.max_images))
-        pl_module.train(was_training)
         step = trainer.global_step
         for name, value in entries.items():
             images, captions = value if isinstance(value, tuple) else (value, None)

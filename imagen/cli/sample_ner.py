@@ -39,6 +39,7 @@ from imagen.data.conll import (
     tokenizer_from_files,
     word_origin,
 )
+from imagen.inference import eval_mode
 from imagen.metrics.ner import SCORING_MODES, entity_report
 from imagen.models.ner import NerTagger, NerTaggerConfig, encoder_from_config
 from imagen.progress import progress_bar
@@ -259,7 +260,8 @@ def predict(
     device: torch.device,
     show_progress: bool = False,
 ):
-    """Per sentence, the predicted tag and its probability of every word: [(tags, probs)]."""
+    """Per sentence, the predicted tag and its probability of every word: [(tags, probs)]; the tagger in eval mode
+    whatever its own."""
     unlabelled = [Sentence(s.tokens, ["O"] * len(s.tokens), s.document, s.origin) for s in sentences]
     if "O" not in model.labels:
         raise ValueError(f"the checkpoint's labels {model.labels} have no 'O'")
@@ -271,8 +273,7 @@ def predict(
     )
     tags = torch.full((dataset.num_words,), -1, dtype=torch.long)
     probs = torch.zeros(dataset.num_words)
-    tagger = model.tagger.to(device)
-    with progress_bar(transient=True) as bar:
+    with eval_mode(model.tagger.to(device)) as tagger, progress_bar(transient=True) as bar:
         task = bar.add_task("tagging", total=len(loader), visible=show_progress)
         for batch in loader:
             logits, _ = tagger(batch["input_ids"].to(device), batch["attention_mask"].to(device))

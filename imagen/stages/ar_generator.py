@@ -28,6 +28,7 @@ from imagen.checkpoints import (
 )
 from imagen.data.shapes import Scene
 from imagen.distributed import sum_over_ranks
+from imagen.inference import inference
 from imagen.metrics import loss_mean
 from imagen.metrics.judge import Judge
 from imagen.models.ar_transformer import ARConfig, ARTransformer
@@ -232,7 +233,7 @@ class ARGeneratorStage(
     def encode_text(self, captions: list[str]) -> TextStates:
         return self.text_encoder(captions)
 
-    @torch.no_grad()
+    @torch.no_grad()  # the frozen autoencoder is in eval mode whatever the stage's mode
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h * w) token ids in raster order, in float32 under the Trainer's bf16 too: the tokens
         the token cache, sampling and the epoch-end evaluations see (bf16 moves latents near a boundary to another
@@ -424,7 +425,7 @@ class ARGeneratorStage(
 
     # -- sampling -----------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @inference
     def generate_tokens(
         self,
         text: TextStates,
@@ -445,7 +446,7 @@ class ARGeneratorStage(
             self.net, text.states, text.mask, settings, generator, decode_step=step, cache=cache, seeds=seeds
         )
 
-    @torch.no_grad()
+    @inference
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, h * w) tokens -> images (B, 3, H, W) in [-1, 1] through the autoencoder's decoder."""
         h, w = self.net.config.grid_size
@@ -455,7 +456,7 @@ class ARGeneratorStage(
             )
         return self.autoencoder.decode(tokens.view(-1, h, w))
 
-    @torch.no_grad()
+    @inference
     def generate_images(
         self,
         captions: list[str],
@@ -468,7 +469,7 @@ class ARGeneratorStage(
             self.generate_tokens(self.encode_text(captions), settings, generator, seeds)
         )
 
-    @torch.no_grad()
+    @inference
     def token_logprob(self, tokens: torch.Tensor, text: TextStates) -> torch.Tensor:
         """(B,) mean log-probability of the tokens under the caption-conditional model (no guidance)."""
         rows = CPU_FORWARD_ROWS if tokens.device.type == "cpu" else len(tokens)
@@ -479,7 +480,7 @@ class ARGeneratorStage(
             out.append(logits.float().log_softmax(-1).gather(-1, part[..., None]).squeeze(-1).mean(-1))
         return torch.cat(out)
 
-    @torch.no_grad()
+    @inference
     def unconditional_token_logprob(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) mean log-probability of the tokens given the empty caption (the unconditional half of guidance)."""
         states, mask = self.net.null_condition(len(tokens), 1, tokens.device)
@@ -657,7 +658,7 @@ class ARGeneratorStage(
         with self._trainer_precision():
             self._eval_epoch_end("test")
 
-    @torch.no_grad()
+    @inference
     def log_images(self, batch: dict) -> dict:
         captions = list(batch["caption"])
         images = self.generate_images(captions, generator=self._eval_generator())

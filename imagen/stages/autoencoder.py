@@ -15,6 +15,7 @@ from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from imagen.callbacks.fault import grads_are_finite
 from imagen.checkpoints import StageLoading, check_config, load_init_from, read_checkpoint, stage_info
+from imagen.inference import inference
 from imagen.metrics import loss_mean
 from imagen.metrics.codebook import CodebookUsage
 from imagen.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -284,7 +285,7 @@ class AutoencoderStage(StageLoading, FusedOptimizerClipping, FineTuningMixin, pl
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    @torch.no_grad()
+    @inference
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
         """Images in [-1, 1] for the image logger: each input followed by its reconstruction."""
         images = batch["image"]

@@ -28,6 +28,7 @@ from torchmetrics.text import BLEUScore
 
 from imagen.checkpoints import check_config
 from imagen.data.shapes import Scene, matches_caption
+from imagen.inference import inference
 from imagen.metrics import loss_mean
 from imagen.metrics.captions import caption_correct, preserved_attributes
 from imagen.metrics.judge import Judge
@@ -243,7 +244,7 @@ class JointStage(ARGeneratorStage):
         own = ["caption_vocabulary"] if getattr(self, "caption_vocabulary", None) is not None else []
         return [*super().init_from_modules(), *own]
 
-    @torch.no_grad()
+    @inference
     def caption_images(
         self,
         images: torch.Tensor,
@@ -253,6 +254,7 @@ class JointStage(ARGeneratorStage):
         """Images (B, 3, H, W) in [-1, 1] -> captions."""
         return self.caption_tokens(self.image_tokens(images.to(self.device)), decoding, generator)
 
+    @inference
     def caption_tokens(
         self,
         tokens: torch.Tensor,
@@ -265,9 +267,8 @@ class JointStage(ARGeneratorStage):
 
     def check_caption_decoding(self, decoding: CaptionDecoding, key: str = "{}") -> None:
         """A decoding this stage cannot run is an error naming its config key (`key.format(field)`): not a
-        `CaptionDecoding`, captions longer
-        than the captioner's positions, or beams re-scored with a head this stage did not train (greedy and nucleus
-        decoding never re-score: their weights are not read)."""
+        `CaptionDecoding`, captions longer than the captioner's positions, or beams re-scored with a head this stage
+        did not train (greedy and nucleus decoding never re-score: their weights are not read)."""
         if not isinstance(decoding, CaptionDecoding):
             raise TypeError(
                 f"decoding is a CaptionDecoding, not {type(decoding).__name__}: e.g. CaptionDecoding(method='beam')"
@@ -290,7 +291,7 @@ class JointStage(ARGeneratorStage):
                     f"untrained; set {name}=0"
                 )
 
-    @torch.no_grad()
+    @inference
     def decode_captions(
         self,
         tokens: torch.Tensor,
@@ -419,7 +420,7 @@ class JointStage(ARGeneratorStage):
                 f"model.rerank.score={self.rerank.score} scores with a head trained with model.loss_weights.{loss}=0"
             )
 
-    @torch.no_grad()
+    @inference
     def candidate_scores(self, tokens: torch.Tensor, text: TextStates, captions: list[str]) -> torch.Tensor:
         """(B,) how well image tokens (B, N) fit their captions, by `rerank.score`."""
         features = self.image_text.encode_image(tokens)
@@ -431,7 +432,7 @@ class JointStage(ARGeneratorStage):
             return cosine
         return self.match_and_caption_scores(cosine, features, self.caption_ids(captions))
 
-    @torch.no_grad()
+    @inference
     def generate_reranked_tokens(
         self,
         captions: list[str],
@@ -579,7 +580,7 @@ class JointStage(ARGeneratorStage):
             values = {**retrieval_metrics(t2i, i2t, relevant, ks), **embedding_only}
         return {f"{split}/{k}": v for k, v in values.items()}
 
-    @torch.no_grad()
+    @inference
     def match_and_caption_scores(
         self, cosine: torch.Tensor, features: torch.Tensor, ids: torch.Tensor, per_token: bool = False
     ) -> torch.Tensor:
@@ -713,7 +714,7 @@ class JointStage(ARGeneratorStage):
             self.log_dict(retrieval, prog_bar=False, sync_dist=False)
         super()._eval_epoch_end(split)
 
-    @torch.no_grad()
+    @inference
     def log_images(self, batch: dict) -> dict:
         images = super().log_images(batch) if self.weights.generation else {}
         if self.weights.caption:
