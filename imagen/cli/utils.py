@@ -266,6 +266,17 @@ def finish_loggers(exit_code: int = 0) -> None:
             wandb.finish(exit_code=exit_code)
 
 
+FILE_ONLY = {"file_only": True}  # `log.error(..., extra=FILE_ONLY)`: a record for the run's log file alone
+
+
+class ConsoleFilter(logging.Filter):
+    """The filter on Hydra's console handler (conf/hydra/default.yaml): drops the records logged with
+    `extra=FILE_ONLY`, which the run's log file keeps."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
 def task_wrapper(task: Callable) -> Callable:
     """Run a task so that loggers are finished and the run directory is reported even when it raises."""
 
@@ -274,8 +285,8 @@ def task_wrapper(task: Callable) -> Callable:
         try:
             result = task(cfg)
         except BaseException as e:  # also a KeyboardInterrupt: the run did not finish
-            if isinstance(e, ConfigError):  # names the key and the fix: no traceback
-                log.error(f"run refused: {e} (its directory: {cfg.paths.output_dir})")
+            if isinstance(e, ConfigError):  # names the key and the fix: no traceback; the console shows its exit line
+                log.error(f"run refused: {e} (its directory: {cfg.paths.output_dir})", extra=FILE_ONLY)
             elif isinstance(e, Exception):
                 log.exception(f"run failed; its directory: {cfg.paths.output_dir}")
             finish_loggers(exit_code=1)
