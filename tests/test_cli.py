@@ -195,7 +195,8 @@ def test_a_config_error_ends_a_run_with_one_line_and_a_sweep_job_with_its_except
     message = "model.grad_clip='abc' must be a number"
     assert single.returncode == 1 and f"config error: {message}" in single.stderr
     assert "Traceback" not in single.stderr + single.stdout
-    assert (single.stderr + single.stdout).count(message) == 1  # the log record goes to the run's log file alone
+    # once: the log record goes to the run's log file alone
+    assert (single.stderr + single.stdout).count(message) == 1
     (log_file,) = (tmp_path / "logs").glob("shapes_autoencoder/runs/*/train.log")
     assert f"run refused: {message}" in log_file.read_text()
     # a sweeper (Optuna) counts a job's exception as that trial's failure: multirun raises it as usual

@@ -285,7 +285,8 @@ def task_wrapper(task: Callable) -> Callable:
         try:
             result = task(cfg)
         except BaseException as e:  # also a KeyboardInterrupt: the run did not finish
-            if isinstance(e, ConfigError):  # names the key and the fix: no traceback; the console shows its exit line
+            # a config error names the key and the fix: no traceback; the console shows its exit line instead
+            if isinstance(e, ConfigError):
                 log.error(f"run refused: {e} (its directory: {cfg.paths.output_dir})", extra=FILE_ONLY)
             elif isinstance(e, Exception):
                 log.exception(f"run failed; its directory: {cfg.paths.output_dir}")
