@@ -142,7 +142,8 @@ def test_a_checkpoint_is_tested_only_on_the_files_it_held_out(tmp_path):
     root = write_image_txt(tmp_path / "txt", make_pairs(12))
     overrides = ["experiment=coco_autoencoder", "data=image_txt", f"data.root={root}", "data.holdout_fraction=0.2",
                  *TINY_CORPUS, *TINY_AUTOENCODER, *STEPS, "logger=csv", "extras.print_config=false"]  # fmt: skip
-    train(compose_config([*overrides, "test=false"], tmp_path / "trained"))
+    _, trained = train(compose_config([*overrides, "test=false"], tmp_path / "trained"))
+    seen = {record.image.read_bytes() for record in trained["datamodule"].datasets["train"].records}
     last = tmp_path / "trained" / "checkpoints" / "last.ckpt"
     recorded = torch.load(last, weights_only=True)["ImageTextDataModule"]["holdout"]
     assert recorded == {"root": str(root.resolve()), "rule": "sha256(seed, path) < fraction", "seed": 0,
@@ -153,14 +154,16 @@ def test_a_checkpoint_is_tested_only_on_the_files_it_held_out(tmp_path):
         ValueError, match=r"^ckpt_path=.*last.ckpt: .*data.seed=3 \(the checkpoint's: 0\).* Set data.seed=0$"
     ):
         train(compose_config([*test_only, "data.seed=3"], tmp_path / "other_seed"))
-    metrics, _ = train(compose_config(test_only, tmp_path / "same_seed"))  # the split it trained with
-    assert "test/psnr" in metrics
-    # another folder's held-out files are unseen whatever the seed
-    other = write_image_txt(tmp_path / "other", make_pairs(12))
-    metrics, _ = train(
+    metrics, tested = train(compose_config(test_only, tmp_path / "same_seed"))  # the split it trained with
+    images = [record.image.read_bytes() for record in tested["datamodule"].datasets["test"].records]
+    assert "test/psnr" in metrics and images and not seen.intersection(images)
+    # another folder's held-out files (other images) are unseen whatever the seed
+    other = write_image_txt(tmp_path / "other", make_pairs(12, seed=1))
+    metrics, tested = train(
         compose_config([*test_only, f"data.root={other}", "data.seed=3"], tmp_path / "other_folder")
     )
-    assert "test/psnr" in metrics
+    images = [record.image.read_bytes() for record in tested["datamodule"].datasets["test"].records]
+    assert "test/psnr" in metrics and images and not seen.intersection(images)
 
 
 def test_a_resumed_run_counts_the_bad_samples_of_the_attempts_before(tmp_path):

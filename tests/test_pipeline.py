@@ -139,9 +139,11 @@ def test_a_failed_variant_never_costs_the_finished_stage_and_switching_back_reus
     # a variant that fails before its first checkpoint (a GPU missing, a crash in setup) leaves a stub behind ...
     with (
         mock.patch("imagen.cli.train.train", side_effect=RuntimeError("no GPU")),
-        pytest.raises(RuntimeError),
+        pytest.raises(RuntimeError, match="^no GPU$"),
     ):
         train(quickstart_cfg(make_cfg, tmp_path, variant))
+    stub = yaml.safe_load((root / "autoencoder" / STAGE_RECORD).read_text())
+    assert not stub["finished"] and not (root / "autoencoder" / "checkpoints" / "last.ckpt").exists()
     # ... which neither replaces the finished run nor makes the first command train again
     with caplog.at_level(logging.INFO, logger="imagen"):
         _, objects = train(quickstart_cfg(make_cfg, tmp_path, first))
