@@ -344,6 +344,10 @@ def read_export(out_dir: str | Path) -> dict[str, Any]:
         config = yaml.safe_load((out_dir / EXPORT_CONFIG).read_text())
     except (SafetensorError, OSError, yaml.YAMLError) as e:
         raise CheckpointError(f"exported checkpoint {out_dir} is incomplete or corrupt: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("imagen"), dict):
+        raise CheckpointError(
+            f"exported checkpoint {out_dir}: {EXPORT_CONFIG} has no 'imagen' entry (not written by an imagen export)"
+        )
     state.update(config.get("extra_state") or {})
     return {
         "state_dict": state,

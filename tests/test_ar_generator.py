@@ -342,8 +342,10 @@ def test_gru_text_encoder_reads_both_directions_and_ignores_batch_padding():
         edited = encoder(["a red circle", "a red square", "a green circle"]).states
         assert not torch.allclose(edited[0, 2], edited[1, 2])  # "red", followed by another noun
         assert not torch.allclose(edited[0, 3], edited[2, 3])  # "circle", after another color
-    with pytest.raises(ValueError, match="text_encoder.mixer"):
+    with pytest.raises(ValueError, match="model.text_encoder.mixer must be transformer or gru; got 'lstm'"):
         ScratchTextEncoder(mixer="lstm")
+    with pytest.raises(ValueError, match="model.text_encoder.mixer=gru needs an even model.text_encoder.dim"):
+        ScratchTextEncoder(mixer="gru", dim=15, heads=1)
 
 
 def test_gru_text_encoder_runs_in_float32_under_cpu_autocast():

@@ -195,6 +195,12 @@ def test_callback_settings_are_checked_and_an_average_that_never_starts_is_named
         assert (
             "callbacks.ema.update_starting_at_step=10 is not before trainer.max_steps=10" in caplog.text
         ) == warned
+    for signals, message in (("[SIGUSR]", "'SIGUSR' is not a signal"), ("SIGTERM", "'SIGTERM' is one name, not a list")):
+        cfg = make_cfg(
+            ["experiment=shapes_autoencoder", *TINY_SHAPES, f"callbacks.preemption.signals={signals}"]
+        )
+        with pytest.raises(ConfigError, match=f"callbacks.preemption.signals: {message}"):
+            check_train_config(cfg)
 
 
 NER_CASES = [
@@ -388,3 +394,37 @@ def test_time_based_validation_and_interpolations_pass_the_type_checks(make_cfg,
     )
     check_train_config(cfg)
     assert not list(tmp_path.glob(".run_id*")), "the checks resolved the W&B run id"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.caption_decoding.top_p=0", r"model.caption_decoding: top_p must be in \(0, 1\]; got 0"),
+        ("model.sampling.temperature=-1", "model.sampling: temperature must be >= 0; got -1"),
+        ("model.rerank.candidates=2.5", "model.rerank.candidates must be an integer >= 1; got 2.5"),
+        ("model.loss_weights.caption=-1", "model.loss_weights.caption must be >= 0; got -1"),
+        ("+model.caption_decoding.topp=0.5", r"model.caption_decoding.topp is not a setting; valid keys: \["),
+    ],
+)
+def test_a_stage_settings_value_is_refused_before_the_stage_is_built(make_cfg, tmp_path, override, message):
+    cfg = make_cfg(["experiment=shapes_joint", f"model.autoencoder_ckpt={tmp_path / 'ae.ckpt'}", override])
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(cfg)
+
+
+def test_a_key_its_target_does_not_take_is_refused_before_any_data_is_read(make_cfg, tmp_path):
+    from imagen.cli.checks import check_argument_types
+
+    cfg = make_cfg(["experiment=shapes_autoencoder", "+callbacks.model_checkpoint.every_n_step=5"])
+    with pytest.raises(
+        ConfigError,
+        match=r"callbacks.model_checkpoint.every_n_step: .*LastAndBestCheckpoint takes no argument 'every_n_step'; "
+        r"it takes \[.*'every_n_train_steps'",
+    ):
+        check_train_config(cfg)
+    # the real-corpus experiments keep their text encoder's sizes in an option, which `pretrained` replaces whole
+    for experiment in ("coco_generator", "wds_generator", "coco_joint"):
+        cfg = make_cfg([f"experiment={experiment}", "model/text_encoder=pretrained"])
+        check_argument_types(cfg.model, "model")
+        assert "vocab_size" not in cfg.model.text_encoder
+        assert make_cfg([f"experiment={experiment}"]).model.text_encoder.dim == 512

@@ -167,6 +167,12 @@ def test_a_split_without_sentences_names_its_key_and_file(tmp_path, tokenizer, s
     for file in ("train.txt", "valid.txt", "test.txt"):
         (tmp_path / file).write_text(text if file == name else "EU B-ORG\nrejects O\n")
     data = ConllDataModule(tokenizer=tokenizer.name_or_path, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"data.data_dir={tmp_path}: .*{name}: no sentences"):
+        data.setup("fit")
+    files = {
+        s: str(tmp_path / f) for s, f in (("train", "train.txt"), ("val", "valid.txt"), ("test", "test.txt"))
+    }
+    data = ConllDataModule(tokenizer=tokenizer.name_or_path, files=files)
     with pytest.raises(ValueError, match=rf"data.files.{split}=.*{name}: no sentences"):
         data.setup("fit")
 

@@ -102,6 +102,8 @@ def test_sampling_settings_refuse_nan_and_wrong_types(settings, message):
     [
         ({"length_penalty": math.nan}, "length_penalty must be a finite number"),
         ({"beam_size": 2.5}, "beam_size must be an integer"),
+        ({"method": "greedy", "top_p": 0.0}, r"top_p must be in \(0, 1\]; got 0.0"),  # checked for any method
+        ({"method": "nucleus", "temperature": -1}, "temperature must be >= 0; got -1"),
     ],
 )
 def test_caption_decoding_refuses_nan_and_wrong_types(settings, message):
@@ -253,3 +255,19 @@ def test_sampling_and_scoring_run_in_eval_mode_and_leave_each_module_in_its_own(
     assert stage.caption_images(images) == written
     assert torch.equal(stage.generate_tokens(stage.encode_text(captions), seeds=seeds), tokens)
     assert {name: module.training for name, module in stage.named_modules()} == modes
+
+
+def test_a_bool_or_a_fraction_is_not_taken_for_an_integer_setting():
+    from imagen.models.autoencoder import AutoencoderConfig
+    from imagen.models.lora import LoraSettings
+    from imagen.stages.joint import RerankSettings
+
+    with pytest.raises(ValueError, match="model.lora.r must be an integer >= 1; got True"):
+        LoraSettings(r=True)
+    with pytest.raises(
+        ValueError, match=r"model.net.channel_mult must be a list of integers >= 1.*\[True, 2\]"
+    ):
+        AutoencoderConfig(channel_mult=[True, 2])
+    with pytest.raises(ValueError, match="model.rerank.candidates must be an integer >= 1; got 2.5"):
+        RerankSettings(candidates=2.5)
+    assert LoraSettings(r=np.int64(4)).r == 4 and RerankSettings(candidates=np.int64(2)).candidates == 2

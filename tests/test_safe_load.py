@@ -231,3 +231,14 @@ def test_init_from_starts_a_joint_run_from_another_joint_run(make_cfg, tmp_path,
         module = joint.get_submodule(prefix.rstrip("."))
         weights = {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
         assert weights and all(torch.equal(v, saved[prefix + k]) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("config", ["", "just a string\n", "stage: autoencoder\n"])
+def test_an_export_whose_config_is_empty_or_foreign_is_named(autoencoder_ckpt, tmp_path, config):
+    exported = tmp_path / "exported"
+    export_main([str(autoencoder_ckpt), str(exported)])
+    (exported / "config.yaml").write_text(config)
+    with pytest.raises(
+        CheckpointError, match=f"exported checkpoint {exported}: config.yaml has no 'imagen' entry"
+    ):
+        read_checkpoint(exported)

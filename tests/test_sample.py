@@ -374,6 +374,20 @@ def test_caption_reads_every_image_extension_in_subfolders_as_evaluation_does(
     assert not torch.equal(seen[0][0], to_tensor(resize_crop(open_image(data, "a.jpg", None), size, False)))
 
 
+def test_an_image_that_cannot_be_read_is_skipped_as_a_bad_sample_not_an_abort(tmp_path):
+    from imagen.cli.sample_caption import read_image
+    from imagen.data.bad_samples import BadSample
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(path)
+    assert read_image(path, 8).shape == (3, 8, 8)
+    with pytest.raises(BadSample, match=r"gone.png: missing_image"):
+        read_image(tmp_path / "gone.png", 8)
+    with mock.patch.object(Path, "read_bytes", side_effect=OSError(5, "Input/output error")):
+        with pytest.raises(BadSample, match=r"x.png: unreadable_file \(.*Input/output error"):
+            read_image(path, 8)
+
+
 def test_sample_settings_errors_name_the_key(make_cfg, generator_ckpt, captioner_ckpt, tmp_path):
     generate = [f"ckpt={generator_ckpt}", "prompts=[x]"]
     with pytest.raises(ValueError, match="n=0 must be >= 1"):

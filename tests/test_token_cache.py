@@ -294,6 +294,15 @@ def test_a_damaged_index_or_shard_names_the_file_and_how_to_reencode(coco_dm, ck
     assert result["train"] == {"written": ["shard_00000"], "skipped": ["shard_00001"], "unfinished": []}
     dataset = TokenCacheDataset(split, verify="checksum")
     assert dataset.captions(3)[1] == expected_tokens(coco_dm, ckpt)[1][3]
+    # an offsets file one entry short, its size in the index: named apart from the tokens' count
+    np.save(offsets, np.load(offsets)[:-1])
+    index = json.loads(index_file.read_text())
+    index["shards"][0]["files"]["offsets"]["bytes"] = offsets.stat().st_size
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(
+        TokenCacheError, match=rf"shard_00000.offsets.npy: 4 offsets for 4 samples \(5 expected\); {damage}"
+    ):
+        TokenCacheDataset(split)
 
 
 def test_a_damaged_shard_record_on_resume_names_it(coco_dm, ckpt, tmp_path):
@@ -373,6 +382,20 @@ def test_a_wrong_encode_setting_is_refused_naming_its_key(coco_dm, ckpt, tmp_pat
     with pytest.raises(ConfigError, match=match):
         encode(encode_config(coco_dm, ckpt, tmp_path, (override,)))
     assert not (tmp_path / "cache").exists(), "refused before anything is written"
+
+
+def test_encode_reads_a_checkpoint_that_needs_unpickling_only_when_trusted(coco_dm, ckpt, tmp_path):
+    from imagen.checkpoints import CheckpointError
+    from imagen.cli.encode import encode
+    from tests.test_checkpoints import RunsCode
+
+    marker, untrusted = tmp_path / "ran", tmp_path / "untrusted.ckpt"
+    torch.save({**torch.load(ckpt, weights_only=True), "payload": RunsCode(marker)}, untrusted)
+    with pytest.raises(CheckpointError, match="trust_checkpoint=true"):
+        encode(encode_config(coco_dm, untrusted, tmp_path, ("splits=[train]",)))
+    assert not marker.exists() and not (tmp_path / "cache").exists()
+    result = encode(encode_config(coco_dm, untrusted, tmp_path, ("splits=[train]", "trust_checkpoint=true")))
+    assert marker.exists() and result["train"]["written"]
 
 
 @pytest.mark.parametrize("file", ["cache", "parent", "cache/train", "cache/val"])

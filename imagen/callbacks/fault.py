@@ -260,6 +260,17 @@ def write_last_checkpoint(trainer: pl.Trainer) -> str:
     return str(path)
 
 
+def signal_numbers(names) -> list[signal.Signals]:
+    """Signals by name (`["SIGUSR1", "SIGTERM"]`); `ValueError` naming one this system does not have."""
+    if isinstance(names, str):
+        raise ValueError(f"{names!r} is one name, not a list of them: e.g. [{names}]")
+    known = signal.Signals.__members__
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a signal; e.g. SIGUSR1, SIGUSR2, SIGTERM")
+    return [known[name] for name in names]
+
+
 class Preemption(Callback):
     """On one of `signals` (SIGUSR1: SLURM's warning before the time limit; SIGTERM: preemption, `scancel`), write
     a checkpoint at the end of the current optimizer step and stop training cleanly, without the validation Lightning
@@ -276,7 +287,7 @@ class Preemption(Callback):
     """
 
     def __init__(self, signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGTERM")):
-        self.signals = [getattr(signal, name) for name in signals]
+        self.signals = signal_numbers(signals)
         self.received: int | None = None
         self.requeued = False  # handed to Lightning's SLURM requeue
         self.stopped_at_step: int | None = None

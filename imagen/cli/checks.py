@@ -138,27 +138,31 @@ def _simple_types(annotation) -> tuple | None:
     return allowed if all(t in SIMPLE_TYPES for t in allowed) else None
 
 
-def _argument_hints(target: str) -> dict:
+@functools.cache
+def _target_arguments(target: str) -> tuple[dict, frozenset | None]:
     """The annotated argument types of a `_target_` (a function, or a class's `__init__` and, where that passes
-    **kwargs on, its bases')."""
+    **kwargs on, its bases'), and the names of every argument it takes (None where that is not known: it takes
+    any keyword, or its signature cannot be read)."""
     try:
         found = hydra.utils.get_object(target)
     except Exception:  # an unknown target is Hydra's error to report, at instantiation
-        return {}
+        return {}, None
     functions = (
         [c.__init__ for c in found.__mro__ if "__init__" in vars(c)] if isinstance(found, type) else [found]
     )
     hints: dict = {}
+    names: set | None = set()
     for function in functions:
         try:
             for name, annotation in typing.get_type_hints(function).items():
                 hints.setdefault(name, annotation)
-            keywords = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+            parameters = inspect.signature(function).parameters.values()
         except Exception:  # an annotation that does not resolve, a builtin without a signature: not judged
-            break
-        if not keywords:
-            break
-    return hints
+            return hints, None
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return hints, frozenset(names)
+    return hints, None
 
 
 def _fits(value, allowed: tuple) -> bool:
@@ -176,18 +180,23 @@ def _describe(allowed: tuple) -> str:
 
 
 def check_argument_types(node, key: str) -> None:
-    """Every value of a `_target_` node (and of the nodes nested in it) must have a type its target's annotation
-    allows, where that annotation is simple (`SIMPLE_TYPES`): `data.resampled=no` would otherwise read as true, and
-    `data.holdout_fraction=ten` fail deep inside a comparison."""
+    """Every key of a `_target_` node (and of the nodes nested in it) must name an argument its target takes (a key
+    left by a group option swapped for another would fail at instantiation, after the data is read), and its value
+    must have a type the target's annotation allows, where that annotation is simple (`SIMPLE_TYPES`):
+    `data.resampled=no` would otherwise read as true, and `data.holdout_fraction=ten` fail deep inside a
+    comparison."""
     if not isinstance(node, DictConfig):
         return
-    hints = _argument_hints(_target(node)) if _target(node) else {}
+    hints, accepted = _target_arguments(_target(node)) if _target(node) else ({}, None)
     for name in node:
         if str(name).startswith("_"):
             continue
-        if OmegaConf.is_interpolation(
-            node, name
-        ):  # resolving may act (a run id's file): judged at its source
+        if accepted is not None and name not in accepted:
+            raise ConfigError(
+                f"{key}.{name}: {_target(node)} takes no argument {name!r}; it takes {sorted(accepted - {'self'})}"
+            )
+        # resolving may act (a run id's file): judged at its source
+        if OmegaConf.is_interpolation(node, name):
             continue
         try:
             value = node[name]
@@ -433,6 +442,34 @@ def check_input_checkpoints(cfg: DictConfig, pending: Collection[str] = ()) -> N
             _check_stage_checkpoint(cfg, f"model.{key}", path, wanted)
 
 
+# a stage's settings groups (model.<key>: a dict) -> the dataclass the stage builds from it
+STAGE_SETTINGS = {
+    "sampling": "imagen.sampling.ar.SamplingSettings",
+    "caption_decoding": "imagen.sampling.caption.CaptionDecoding",
+    "rerank": "imagen.stages.joint.RerankSettings",
+    "loss_weights": "imagen.stages.joint.LossWeights",
+}
+
+
+def _check_stage_settings(model: DictConfig) -> None:
+    """Each settings group of the stage (`STAGE_SETTINGS`) built as the stage will build it, so that a wrong value is
+    refused here, naming its key, not in the stage's constructor (a traceback)."""
+    for key, target in STAGE_SETTINGS.items():
+        node = model.get(key)
+        if not isinstance(node, DictConfig):
+            continue
+        settings = hydra.utils.get_class(target)
+        fields = {f.name for f in dataclasses.fields(settings)}
+        values = OmegaConf.to_container(node, resolve=True)
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigError(f"model.{key}.{unknown[0]} is not a setting; valid keys: {sorted(fields)}")
+        try:
+            settings(**values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e) if str(e).startswith(f"model.{key}") else f"model.{key}: {e}") from None
+
+
 def check_train_config(cfg: DictConfig, pending: Collection[str] = ()) -> None:
     """Raise `ConfigError` for a config that cannot train; cheap, touches no data and builds no model. `pending`:
     checkpoints an earlier stage of a pipeline has yet to write (`check_input_checkpoints`)."""
@@ -443,6 +480,15 @@ def check_train_config(cfg: DictConfig, pending: Collection[str] = ()) -> None:
     _check_checkpointing(cfg)
     _check_unused_parameters(cfg)
     _check_ddp_in_local_multirun(cfg)
+    preemption = OmegaConf.select(cfg, "callbacks.preemption")
+    if _target(preemption).endswith("Preemption") and "signals" in preemption:
+        from imagen.callbacks.fault import signal_numbers
+
+        signals = preemption.signals
+        try:
+            signal_numbers(OmegaConf.to_container(signals) if OmegaConf.is_list(signals) else signals)
+        except ValueError as e:
+            raise ConfigError(f"callbacks.preemption.signals: {e}") from None
     stopping = OmegaConf.select(cfg, "callbacks.early_stopping")
     if _target(stopping) and stopping.get("monitor") is None:
         raise ConfigError(
@@ -496,6 +542,7 @@ def check_train_config(cfg: DictConfig, pending: Collection[str] = ()) -> None:
             f"({_target(model)}) and void its held-out metrics; it is for the autoencoder only"
         )
 
+    _check_stage_settings(model)
     _check_finetuning(model)
     if model.get("lora") and _target(model).endswith("AutoencoderStage"):
         raise ConfigError(

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import imagen.cli.utils  # noqa: F401  (registers the config resolvers)
-from imagen.cli.checks import ConfigError, config_errors_in_one_line, expect_number
+from imagen.cli.checks import ConfigError, config_errors_in_one_line, expect_bool, expect_number
 from imagen.data.formats import SPLITS
 from imagen.data.token_cache import rank_and_world, write_token_cache
 from imagen.files import file_in_the_way
@@ -30,6 +30,7 @@ def check_encode_config(cfg: DictConfig) -> None:
     expect_number(
         cfg, "max_shards", int, 1, "the shards to write per split in this run, or null for all of them"
     )
+    expect_bool(cfg, "trust_checkpoint")
     splits = OmegaConf.to_container(cfg.splits) if OmegaConf.is_list(cfg.splits) else cfg.splits
     valid = f"list some of {', '.join(SPLITS)}, e.g. splits=[{','.join(SPLITS)}]"
     if not isinstance(splits, list):
@@ -61,7 +62,7 @@ def encode(cfg: DictConfig) -> dict:
     check_encode_config(cfg)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     result = write_token_cache(cfg.autoencoder_ckpt, datamodule, cfg.out_dir, tuple(cfg.splits), cfg.shard_size,
-                               cfg.batch_size, cfg.device, cfg.max_shards)  # fmt: skip
+                               cfg.batch_size, cfg.device, cfg.max_shards, cfg.trust_checkpoint)  # fmt: skip
     for split, names in result.items():
         log.info(f"{split}: wrote {len(names['written'])} shards, {len(names['skipped'])} already finished")
     unfinished = {split: len(names["unfinished"]) for split, names in result.items() if names["unfinished"]}

@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from imagen.checkpoints import checkpoint_sha256
 from imagen.cli.checks import ConfigError, check_input_checkpoints, check_train_config
+from imagen.cli.utils import write_metrics
 from imagen.distributed import launching_process, srun_tasks
 from imagen.files import file_in_the_way, source_digest, write_text_atomic
 
@@ -563,7 +564,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     (root / "summary.md").write_text(text + "\n")
     for folder in {root, Path(cfg.paths.output_dir)}:  # the pipeline's folder and this run's directory
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_metrics(metrics, folder / "metrics.json")
     print(text, flush=True)  # the table once on the console; the log records where it is
     log.info(f"pipeline summary written to {root / 'summary.md'}")
     return metrics, {"rows": rows, "grid": grid, "stages": objects, "cfg": cfg}

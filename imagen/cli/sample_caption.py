@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from imagen.checkpoints import CheckpointError, read_checkpoint
 from imagen.cli.sample import check_trained, prepare_out_dir, resolve_device
-from imagen.data.bad_samples import BadSample
+from imagen.data.bad_samples import BadSample, read_sample_file
 from imagen.data.image_text import Preprocess
 from imagen.data.preprocess import IMAGE_EXTENSIONS
 from imagen.progress import progress_bar
@@ -65,7 +65,7 @@ def read_image(path: Path, size: int) -> torch.Tensor:
     JPEG draft decoding, center crop; no pixel limit); `BadSample` if it cannot be read."""
     preprocess = Preprocess(image_size=size, random_crop=False, max_pixels=None)
     # the preprocessing of a sample reads its captions first: a placeholder, since only the image is used
-    return preprocess(path.read_bytes(), ["-"], str(path))["image"]
+    return preprocess(read_sample_file(path), ["-"], str(path))["image"]
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ RUN_SETTINGS = "run_settings.json"
 # settings a resumed run may change: how fast it goes and how it evaluates, not what it trains (a key or its subtree);
 # the autoencoder a generator resumes with is checked against its checkpoint's by the stage itself
 RESUMABLE_CHANGES = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
-                     "data.eval_batch_size", "model.compile", "model.compile_options", "model.compile_decode",
+                     "data.eval_batch_size", "model.compile", "model.compile_options",
                      "model.net.activation_checkpointing", "model.eval_batch_size", "model.eval_prompts",
                      "model.test_prompts", "model.eval_seed", "model.compute_fid", "model.sampling",
                      "model.caption_decoding", "model.autoencoder_ckpt")  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,17 @@ class BadSample(Exception):
             return
         self.reason, self.name, self.detail = reason, str(name), detail
         super().__init__(f"bad sample {self.name}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def read_sample_file(path: Path) -> bytes:
+    """The bytes of a sample's file; `BadSample` if it cannot be read (`missing_image`: not found;
+    `unreadable_file`: permissions, I/O errors)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise BadSample("missing_image", str(path)) from None
+    except OSError as e:
+        raise BadSample("unreadable_file", str(path), str(e)) from None
 
 
 class TooManyBadSamples(RuntimeError):

@@ -668,9 +668,13 @@ class ConllDataModule(pl.LightningDataModule):
             for split, path in resolve_files(h.data_dir, h.files).items():
                 out[split] = read_conll(path, h.scheme)
                 if not out[split]:
+                    named = (
+                        f"data.files.{split}="
+                        if h.files and split in h.files
+                        else f"data.data_dir={h.data_dir}: "
+                    )
                     raise ValueError(
-                        f"data.files.{split}={path}: no sentences (the file is empty or holds only blank and "
-                        f"{DOCSTART} lines)"
+                        f"{named}{path}: no sentences (the file is empty or holds only blank and {DOCSTART} lines)"
                     )
             return out
         import datasets

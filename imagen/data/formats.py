@@ -22,6 +22,8 @@ from imagen.data.bad_samples import BadSample
 from imagen.data.preprocess import IMAGE_EXTENSIONS, decode_text, split_lines
 
 SPLITS = ("train", "val", "test")
+# the splits a datamodule reads for each Lightning stage
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 
 

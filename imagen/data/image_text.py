@@ -26,9 +26,10 @@ import webdataset as wds
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from imagen.data.bad_samples import REASONS, BadSample, BadSampleTracker, TooManyBadSamples
+from imagen.data.bad_samples import REASONS, BadSample, BadSampleTracker, TooManyBadSamples, read_sample_file
 from imagen.data.formats import (
     SPLITS,
+    STAGE_SPLITS,
     Record,
     index_coco,
     index_image_txt,
@@ -60,7 +61,6 @@ REQUIRED_KEYS = {"coco": ("images", "annotations")}
 # `holdout_split`'s rule, as checkpoints record it: a new rule gets a new name
 HOLDOUT_RULE = "sha256(seed, path) < fraction"
 # the splits each Lightning stage reads
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 @dataclass
@@ -127,13 +127,7 @@ class RecordDataset(Dataset):
 
     def load(self, record: Record, seed: int | None = None) -> dict:
         captions = record.read_captions()
-        try:
-            data = record.image.read_bytes()
-        except FileNotFoundError:
-            raise BadSample("missing_image", str(record.image)) from None
-        except OSError as e:
-            raise BadSample("unreadable_file", str(record.image), str(e)) from None
-        return self.preprocess(data, captions, str(record.image), seed)
+        return self.preprocess(read_sample_file(record.image), captions, str(record.image), seed)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, item_seed = key if isinstance(key, tuple) else (key, None)
@@ -703,13 +697,6 @@ class ImageTextDataModule(pl.LightningDataModule):
                 "and data.samples_per_epoch=N (the same number of samples on every process)"
             )
         if split == "train" and not isinstance(dataset, IterableDataset):
-            # the loader drops the last partial batch: with fewer samples than a batch, nothing would train
-            if len(dataset) // world < h.batch_size:
-                raise ValueError(
-                    f"data.batch_size={h.batch_size}: the training split has {len(dataset)} samples "
-                    f"({len(dataset) // world} per process on {world}), too few for one batch (a last partial "
-                    "batch is dropped); lower data.batch_size"
-                )
             # resumable mid-epoch; the order comes from the run's seed (`seed`, set by seed_everything), and each
             # item's random crop and caption from its item seed: a resumed run draws what an uninterrupted one does
             return ResumableLoader(

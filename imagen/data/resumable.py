@@ -84,7 +84,8 @@ class EpochShuffleSampler(DistributedSampler):
 
 
 class ResumableLoader(DataLoader):
-    """A shuffling, batch-dropping `DataLoader` whose position within the epoch is checkpointed.
+    """A shuffling, batch-dropping `DataLoader` whose position within the epoch is checkpointed. A process's share of
+    the epoch must hold one full batch (`ValueError` naming `data.batch_size`).
 
     The position is counted in batches that left the loader (Lightning fetches no batch ahead from a loader with a
     length, so these are the batches trained on when a checkpoint is written).
@@ -102,6 +103,12 @@ class ResumableLoader(DataLoader):
         **kwargs,
     ):
         self.epoch_sampler = EpochShuffleSampler(len(dataset), seed, item_seeds, drop_last=drop_last)
+        share, world = self.epoch_sampler.num_samples, self.epoch_sampler.num_replicas
+        if drop_last and sampler is None and share < batch_size:  # nothing would train
+            raise ValueError(
+                f"data.batch_size={batch_size}: the training split has {len(dataset)} samples ({share} per process "
+                f"on {world}), too few for one batch (a last partial batch is dropped); lower data.batch_size"
+            )
         super().__init__(
             dataset,
             batch_size=batch_size,

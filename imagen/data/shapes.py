@@ -149,13 +149,6 @@ class Scene:
             None if self.relation is None else mirror_words(self.relation),
         )
 
-    def to_dict(self) -> dict:
-        return {"objects": [asdict(o) for o in self.objects], "relation": self.relation}
-
-    @staticmethod
-    def from_dict(d: dict) -> Scene:
-        return Scene(tuple(ShapeObject(**o) for o in d["objects"]), d.get("relation"))
-
 
 def mirror_words(phrase: str) -> str:
     """A position or relation with left and right exchanged ("top left" -> "top right", "left of" -> "right of")."""

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imagen.data.formats import SPLITS, STAGE_SPLITS
 from imagen.data.resumable import ResumableLoader
 from imagen.data.shapes import (
     GRID,
@@ -344,9 +345,7 @@ class ShapesDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        splits = ("train", "val", "test")
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, splits)
-        for split in wanted:
+        for split in STAGE_SPLITS.get(stage, SPLITS):
             if split not in self.splits:
                 self.splits[split] = self.build_split(split)
         if h.use_judge and self._judge is None:

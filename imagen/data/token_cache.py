@@ -326,8 +326,10 @@ def write_token_cache(
     batch_size: int = 64,
     device: str = "auto",
     max_shards: int | None = None,
+    trust: bool = False,
 ) -> dict[str, dict[str, list[str]]]:
-    """Encode `splits` of an image-text datamodule with a trained autoencoder into `out_dir/<split>/`.
+    """Encode `splits` of an image-text datamodule with a trained autoencoder into `out_dir/<split>/` (`trust`: a
+    checkpoint that needs full unpickling is read, `read_checkpoint`).
 
     Resumable: finished shards are skipped. Several processes (`RANK`/`WORLD_SIZE`, or the tasks of an `srun` step)
     share the shards; each uses `cuda:LOCAL_RANK` when `device=auto` finds GPUs.
@@ -349,8 +351,8 @@ def write_token_cache(
     if device == "auto":
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    checkpoint = read_checkpoint(autoencoder_ckpt)
-    autoencoder = load_autoencoder(autoencoder_ckpt, checkpoint=checkpoint).to(device)
+    checkpoint = read_checkpoint(autoencoder_ckpt, trust)
+    autoencoder = load_autoencoder(autoencoder_ckpt, trust, checkpoint=checkpoint).to(device)
     size = datamodule.hparams.image_size
     warn_image_size(checkpoint, autoencoder_ckpt, size, "autoencoder_ckpt")
     f = autoencoder.downsample_factor
@@ -410,9 +412,15 @@ def load_index(directory: Path, verify: str = "size") -> dict:
             if verify == "checksum" and file_crc32(file) != expected["crc32"]:
                 raise TokenCacheError(f"{file}: CRC32 mismatch (corrupt); {fix}")
         tokens, captions, offsets = (load_array(directory / f"{shard['name']}.{k}.npy", fix) for k in FILES)
-        if tokens.shape[0] != shard["count"] or offsets.shape[0] != shard["count"] + 1:
+        if tokens.shape[0] != shard["count"]:
             raise TokenCacheError(
-                f"{directory / shard['name']}: {tokens.shape[0]} samples, index says {shard['count']}"
+                f"{directory / shard['name']}.tokens.npy: {tokens.shape[0]} samples, the index says {shard['count']}; "
+                f"{fix}"
+            )
+        if offsets.shape[0] != shard["count"] + 1:
+            raise TokenCacheError(
+                f"{directory / shard['name']}.offsets.npy: {offsets.shape[0]} offsets for {shard['count']} samples "
+                f"({shard['count'] + 1} expected); {fix}"
             )
         if offsets[-1] != captions.shape[0]:
             raise TokenCacheError(

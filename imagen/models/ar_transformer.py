@@ -4,14 +4,15 @@ Conditioning is cross-attention to the text states (default) or the text states 
 Positions are 2D-aware: the input at sequence position i gets the learned row and column embedding of the grid
 cell it predicts (absolute: "top left" in a caption names a place) and, with `rope`, self-attention rotates
 queries and keys by that cell's row and column (2D RoPE: "the token above" is the same relative offset
-everywhere). Attention runs through `scaled_dot_product_attention` on GPUs and plain matmuls on CPU (`attention`).
+everywhere). Attention runs through `scaled_dot_product_attention`, but for training on CPU, where plain matmuls
+are faster (`attention`).
 
 Sequence layout (N = h * w image tokens, L = text length):
   cross:  [BOS, t0, ..., t(N-2)]                      -> predicts t0 .. t(N-1)
   prefix: [text(0..L-1), BOS, t0, ..., t(N-2)]        -> predictions read at positions L .. L+N-1
 
 A KV cache is never stored on the model: the sampler allocates one (`imagen.sampling.ar.KVCache`) and passes it
-to `forward(..., cache=cache, start=pos)`, so a model that sampled during validation trains on unchanged.
+to `prefill` and `decode_step`, so a model that sampled during validation trains on unchanged.
 """
 
 from __future__ import annotations
@@ -279,9 +280,11 @@ class ARTransformer(nn.Module):
             self.register_buffer("rope_cos", angles.cos(), persistent=False)
             self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.apply(self._init_weights)
+        # residual projections at GPT-2's smaller scale; the code vectors' input projection too, a slip that every
+        # figure since it was added (BENCHMARKS.md, session 23) was measured with, so it stays
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight") and "text_proj" not in name or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.layers))  # residual projections (GPT-2)
+            if name.endswith(("attn.proj.weight", "mlp.2.weight", "code_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.layers))
         for p in (self.row_emb, self.col_emb, self.null_text):
             nn.init.normal_(p, std=0.02)
         if c.conditioning == "prefix":

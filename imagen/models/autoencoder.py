@@ -7,7 +7,7 @@ optional cosine codes, dead-code replacement), FSQ and LFQ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from imagen.models.sizes import config_from_size
+from imagen.values import is_int
 
 
 @dataclass
@@ -55,7 +56,7 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         for key in ("channel_mult", "fsq_levels"):
             value = getattr(self, key)
-            if not isinstance(value, list | tuple) or not all(isinstance(v, int) and v >= 1 for v in value):
+            if not isinstance(value, list | tuple) or not all(is_int(v) and v >= 1 for v in value):
                 raise ValueError(
                     f"model.net.{key} must be a list of integers >= 1, e.g. [1, 2]; got {value!r}"
                 )
@@ -215,7 +216,6 @@ class QuantizerOutput:
     quantized: torch.Tensor  # (B, D, h, w), straight-through
     indices: torch.Tensor  # (B, h, w) long
     aux_loss: torch.Tensor  # scalar: commitment (vq) or entropy (lfq) loss; zero for fsq
-    extras: dict = field(default_factory=dict)
 
 
 class Quantizer(nn.Module):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from imagen.values import is_int
+
 ADAPTER = "default"  # peft's adapter name: the middle part of the adapters' state-dict keys
 
 
@@ -27,12 +29,11 @@ class LoraSettings:
     # None: the stage's default
     target_modules: list[str] | None = None
     modules: list[str] | None = None  # the submodules that get adapters (e.g. net); None: the stage's default
-    trainable: list[str] | None = (
-        None  # submodules trained in full beside the adapters; None: the stage's default
-    )
+    # submodules trained in full beside the adapters; None: the stage's default
+    trainable: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
+        if not is_int(self.r) or self.r < 1:
             raise ValueError(f"model.lora.r must be an integer >= 1; got {self.r!r}")
         if self.alpha <= 0:
             raise ValueError(f"model.lora.alpha must be > 0; got {self.alpha}")
@@ -79,6 +80,7 @@ def add_lora(module: nn.Module, settings: LoraSettings, key: str = "model.lora")
 
 
 def has_lora(module: nn.Module) -> bool:
+    """Whether `module` holds a LoRA adapter anywhere (a merged one leaves none)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())

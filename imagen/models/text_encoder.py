@@ -188,11 +188,13 @@ class ScratchTextEncoder(nn.Module):
         self.token_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, max_length, dim))
         if mixer not in ("transformer", "gru"):
-            raise ValueError(f"text_encoder.mixer must be transformer or gru; got {mixer!r}")
+            raise ValueError(f"model.text_encoder.mixer must be transformer or gru; got {mixer!r}")
         self.mixer = mixer
         if mixer == "gru":
             if dim % 2:
-                raise ValueError(f"text_encoder.mixer=gru needs an even dim (two directions); got {dim}")
+                raise ValueError(
+                    f"model.text_encoder.mixer=gru needs an even model.text_encoder.dim (two directions); got {dim}"
+                )
             self.rnn = nn.GRU(
                 dim, dim // 2, num_layers=layers, batch_first=True, bidirectional=True, dropout=dropout
             )

@@ -238,8 +238,8 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
 
 def candidate_seeds(seeds: torch.Tensor, n: int) -> torch.Tensor:
     """(B,) per-image seeds -> (B * n,) seeds for `n` candidates each, prompt-major: candidate 0 keeps the image's
-    seed (so it is the sample drawn without reranking), candidate c > 0 has `lowbias32(c)` xor-ed into the seed's
-    high 32 bits."""
+    seed (so it is the sample drawn without reranking), candidate c > 0 has the low 31 bits of `lowbias32(c)` xor-ed
+    into bits 32 to 62 of the seed (it stays a positive int64)."""
     offsets = torch.arange(n, dtype=torch.int32, device=seeds.device)
     offsets = (lowbias32(offsets).long() & 0x7FFFFFFF) << 32  # (n,), 0 for candidate 0
     return (seeds.long()[:, None] ^ offsets).reshape(-1)

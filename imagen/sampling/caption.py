@@ -47,6 +47,10 @@ class CaptionDecoding:
                 raise ValueError(f"{name} must be an integer; got {getattr(self, name)!r}")
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1; got {self.beam_size}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0; got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
         if self.match_weight < 0 or self.generator_weight < 0:
             raise ValueError(
                 f"match_weight and generator_weight must be >= 0; got {self.match_weight}, {self.generator_weight}"
@@ -107,8 +111,9 @@ def sample_captions(
     """Greedy (argmax) or nucleus decoding of captions for image features (B, N, dim) -> ids (B, T)."""
     bos, eos, banned = special_ids(tokenizer)
     max_length = decoding.max_length or net.config.max_caption_length
-    settings = SamplingSettings(cfg_scale=1.0, temperature=0.0 if decoding.method == "greedy" else decoding.temperature,
-                                top_p=decoding.top_p)  # fmt: skip
+    nucleus = decoding.method == "nucleus"
+    settings = SamplingSettings(cfg_scale=1.0, temperature=decoding.temperature if nucleus else 0.0,
+                                top_p=decoding.top_p if nucleus else None)  # fmt: skip
     cache = CaptionCache(net, features, max_length)
     ids = torch.full((features.shape[0], 1), bos, dtype=torch.long, device=features.device)
     done = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)

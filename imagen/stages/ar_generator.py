@@ -246,7 +246,8 @@ class ARGeneratorStage(
         `autoencoder_ckpt` is given) start from another run of this stage, loaded strictly (a resume's checkpoint,
         loaded after this, then wins); words of the training captions its tokenizer lacks are added. Then the
         LoRA adapters and freezing (`apply_finetuning`). With `compile`, each Transformer block is compiled
-        (regional `torch.compile`); on a GPU the sampler's decode step too."""
+        (regional `torch.compile`); on a GPU the sampler's decode step is compiled at its first use
+        (`generate_tokens`)."""
         if self.hparams.init_from and not getattr(self, "_initialised", False):
             names = [*self.init_from_modules(), *([] if self.hparams.autoencoder_ckpt else ["autoencoder"])]
             prefixes = tuple(f"{name}." for name in names)

@@ -78,8 +78,8 @@ class RerankSettings:
     def __post_init__(self) -> None:
         if self.score not in SCORE_HEADS:
             raise ValueError(f"model.rerank.score must be one of {sorted(SCORE_HEADS)}; got {self.score!r}")
-        if self.candidates < 1:
-            raise ValueError(f"model.rerank.candidates must be >= 1; got {self.candidates}")
+        if not is_int(self.candidates) or self.candidates < 1:
+            raise ValueError(f"model.rerank.candidates must be an integer >= 1; got {self.candidates!r}")
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -358,7 +358,7 @@ class JointStage(ARGeneratorStage):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         w = self.weights
         captions = list(batch["caption"])
-        tokens = batch["tokens"] if "tokens" in batch else self.image_tokens(batch["image"])
+        tokens = self.batch_tokens(batch)
         text = self.encode_text(captions) if w.generation or w.matching else None
         features = self.image_text.encode_image(tokens) if w.caption or w.matching else None
         losses = {}
@@ -391,7 +391,8 @@ class JointStage(ARGeneratorStage):
 
     def _pairs_that_match(self, batch: dict, captions: list[str]) -> torch.Tensor:
         """(B, B) bool, [image i, caption j]: the pairs of a training batch whose caption is true of the image: by
-        the scenes' objects where the data has them (shapes), else by equal captions."""
+        the scenes' objects where the data has them (shapes), else by captions equal but for case and spacing (the
+        rule retrieval scores by, `caption_keys`)."""
         scenes = self._scenes("train", batch["index"]) if "index" in batch else None
         if scenes is not None:
             if "mirrored" in batch:  # data.train_hflip: the items shown
@@ -399,9 +400,9 @@ class JointStage(ARGeneratorStage):
                     s.mirrored() if m else s for s, m in zip(scenes, batch["mirrored"].tolist(), strict=True)
                 ]
             return scene_relevance(scenes).t()  # scene_relevance is [caption, image]
-        ids = {caption: i for i, caption in enumerate(captions)}
-        first = torch.tensor([ids[caption] for caption in captions])  # equal captions share an id
-        return first[:, None] == first[None, :]
+        return same_caption_relevance(
+            caption_keys(captions)
+        )  # symmetric: [image, caption] as [caption, image]
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
