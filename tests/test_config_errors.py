@@ -195,7 +195,10 @@ def test_callback_settings_are_checked_and_an_average_that_never_starts_is_named
         assert (
             "callbacks.ema.update_starting_at_step=10 is not before trainer.max_steps=10" in caplog.text
         ) == warned
-    for signals, message in (("[SIGUSR]", "'SIGUSR' is not a signal"), ("SIGTERM", "'SIGTERM' is one name, not a list")):
+    for signals, message in (
+        ("[SIGUSR]", "'SIGUSR' is not a signal"),
+        ("SIGTERM", "'SIGTERM' is one name, not a list"),
+    ):
         cfg = make_cfg(
             ["experiment=shapes_autoencoder", *TINY_SHAPES, f"callbacks.preemption.signals={signals}"]
         )
