@@ -425,9 +425,17 @@ def test_a_key_its_target_does_not_take_is_refused_before_any_data_is_read(make_
         r"it takes \[.*'every_n_train_steps'",
     ):
         check_train_config(cfg)
+    # a target that takes **kwargs takes any key: DDPStrategy hands them to torch's DistributedDataParallel
+    for extra in (
+        [],
+        ["trainer.strategy.find_unused_parameters=true"],
+        ["+trainer.strategy.static_graph=true"],
+    ):
+        check_train_config(make_cfg(["experiment=shapes_autoencoder", *TINY_SHAPES, "trainer=ddp", *extra]))
     # the real-corpus experiments keep their text encoder's sizes in an option, which `pretrained` replaces whole
     for experiment in ("coco_generator", "wds_generator", "coco_joint"):
         cfg = make_cfg([f"experiment={experiment}", "model/text_encoder=pretrained"])
         check_argument_types(cfg.model, "model")
         assert "vocab_size" not in cfg.model.text_encoder
-        assert make_cfg([f"experiment={experiment}"]).model.text_encoder.dim == 512
+        scratch = make_cfg([f"experiment={experiment}"]).model.text_encoder
+        assert (scratch.dim, scratch.vocab_size) == (512, 32768 if experiment == "wds_generator" else 16384)

@@ -271,3 +271,15 @@ def test_a_bool_or_a_fraction_is_not_taken_for_an_integer_setting():
     with pytest.raises(ValueError, match="model.rerank.candidates must be an integer >= 1; got 2.5"):
         RerankSettings(candidates=2.5)
     assert LoraSettings(r=np.int64(4)).r == 4 and RerankSettings(candidates=np.int64(2)).candidates == 2
+
+
+def test_a_generator_with_non_finite_weights_is_named_not_sampled_as_token_zero():
+    from imagen.sampling.ar import generate
+
+    model, (states, mask) = tiny_model().eval(), text(2)
+    with torch.no_grad():
+        model.head.weight[0, 0] = math.nan
+        with pytest.raises(
+            FloatingPointError, match="logits are NaN or infinite: its weights are not finite"
+        ):
+            generate(model, states, mask, SamplingSettings(), seeds=torch.tensor([1, 2]))

@@ -523,3 +523,24 @@ def test_a_finished_run_run_again_keeps_the_metrics_its_training_measured(make_c
     assert again["time/fit_seconds"] == first["time/fit_seconds"]  # the training's, not the rerun's
     assert json.loads((run / "metrics.json").read_text())["val/psnr"] == first["val/psnr"]
     assert "test/psnr" in again
+
+
+def test_a_share_of_the_epoch_too_small_for_one_batch_is_refused(monkeypatch):
+    """The loader drops a last partial batch: a process whose share holds no full batch would train on nothing
+    (Lightning stops with "no training batches", and the run tests its starting weights)."""
+    import torch.distributed as dist
+
+    from imagen.data.resumable import ResumableLoader
+
+    assert len(ResumableLoader(list(range(6)), batch_size=4, seed=0)) == 1
+    assert len(ResumableLoader(list(range(3)), batch_size=4, seed=0, drop_last=False)) == 1  # NER keeps it
+    with pytest.raises(
+        ValueError, match=r"data.batch_size=4: the training split has 3 samples \(3 per process"
+    ):
+        ResumableLoader(list(range(3)), batch_size=4, seed=0)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # rank 1 of 2
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src: None)
+    with pytest.raises(ValueError, match=r"6 samples \(3 per process on 2\), too few for one batch"):
+        ResumableLoader(list(range(6)), batch_size=4, seed=0)

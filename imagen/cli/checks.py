@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import inspect
 import logging
 import math
+import textwrap
 import types
 import typing
 from collections.abc import Collection
@@ -140,9 +142,10 @@ def _simple_types(annotation) -> tuple | None:
 
 @functools.cache
 def _target_arguments(target: str) -> tuple[dict, frozenset | None]:
-    """The annotated argument types of a `_target_` (a function, or a class's `__init__` and, where that passes
-    **kwargs on, its bases'), and the names of every argument it takes (None where that is not known: it takes
-    any keyword, or its signature cannot be read)."""
+    """The annotated argument types of a `_target_` (a function, or a class's `__init__` and, where that takes
+    **kwargs, its bases'), and the names of every argument it takes: None where that is not known, for a target
+    that takes **kwargs (they may go anywhere: `DDPStrategy` hands them to torch's `DistributedDataParallel`, not
+    to its base) or whose signature cannot be read."""
     try:
         found = hydra.utils.get_object(target)
     except Exception:  # an unknown target is Hydra's error to report, at instantiation
@@ -159,10 +162,31 @@ def _target_arguments(target: str) -> tuple[dict, frozenset | None]:
             parameters = inspect.signature(function).parameters.values()
         except Exception:  # an annotation that does not resolve, a builtin without a signature: not judged
             return hints, None
-        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if names is not None:
+            names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return hints, frozenset(names)
+            return hints, None if names is None else frozenset(names)
+        if not _passes_keywords_to_base(function):
+            names = None  # the bases' hints still judge the types of the arguments they name
     return hints, None
+
+
+def _passes_keywords_to_base(function) -> bool:
+    """Whether `function` (an `__init__`) hands its **kwargs to `super().__init__`, as a subclass adding a few
+    arguments does; `DDPStrategy` keeps them for torch's `DistributedDataParallel` instead."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "__init__"
+        and isinstance(node.func.value, ast.Call)
+        and getattr(node.func.value.func, "id", None) == "super"
+        and any(keyword.arg is None for keyword in node.keywords)
+        for node in ast.walk(tree)
+    )
 
 
 def _fits(value, allowed: tuple) -> bool:

@@ -60,7 +60,6 @@ POLICIES = ("skip", "raise")
 REQUIRED_KEYS = {"coco": ("images", "annotations")}
 # `holdout_split`'s rule, as checkpoints record it: a new rule gets a new name
 HOLDOUT_RULE = "sha256(seed, path) < fraction"
-# the splits each Lightning stage reads
 
 
 @dataclass

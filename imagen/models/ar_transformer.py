@@ -118,6 +118,11 @@ def hashed_keep_mask(shape: torch.Size, p: float, device=None) -> torch.Tensor:
     return (lowbias32(h) & 0xFFFFFF) >= round(p * 2**24)
 
 
+def grid_positions(row_emb: torch.Tensor, col_emb: torch.Tensor) -> torch.Tensor:
+    """Row embeddings (h, dim) and column embeddings (w, dim) -> (h * w, dim), in raster order: row + column."""
+    return (row_emb[:, None, :] + col_emb[None, :, :]).flatten(0, 1)
+
+
 def dropout_cpu_fast(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Inverted dropout of x with probability p, made cheap on CPU, where `F.dropout`'s Bernoulli draws made the
     shapes generator's training step 1.6-1.9x slower at p = 0.1 (BENCHMARKS.md):
@@ -252,7 +257,21 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
-class ARTransformer(nn.Module):
+class CodeVectorInput:
+    """For a net that reads the autoencoder's code vector of each token id (`config.code_dim`), from its buffer
+    `code_vectors` (rows past `config.vocab_size`, such as [BOS]'s, are its own)."""
+
+    def set_code_vectors(self, vectors: torch.Tensor) -> None:
+        """The autoencoder's code vector of every token id, (vocab_size, code_dim)."""
+        expected = (self.config.vocab_size, self.config.code_dim)
+        if tuple(vectors.shape) != expected:
+            raise ValueError(
+                f"code vectors of shape {tuple(vectors.shape)}; this {type(self).__name__} needs {expected}"
+            )
+        self.code_vectors[: self.config.vocab_size].copy_(vectors)
+
+
+class ARTransformer(CodeVectorInput, nn.Module):
     """`forward(tokens, text_states, text_mask, targets=None) -> (logits (B, N, V), loss)` (nanoGPT-style)."""
 
     def __init__(self, config: ARConfig):
@@ -289,15 +308,6 @@ class ARTransformer(nn.Module):
             nn.init.normal_(p, std=0.02)
         if c.conditioning == "prefix":
             nn.init.normal_(self.text_pos_emb, std=0.02)
-
-    def set_code_vectors(self, vectors: torch.Tensor) -> None:
-        """The autoencoder's code vector of every token id, (vocab_size, code_dim)."""
-        expected = (self.config.vocab_size, self.config.code_dim)
-        if tuple(vectors.shape) != expected:
-            raise ValueError(
-                f"code vectors of shape {tuple(vectors.shape)}; this ARTransformer needs {expected}"
-            )
-        self.code_vectors[: self.config.vocab_size].copy_(vectors)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -409,8 +419,7 @@ class ARTransformer(nn.Module):
 
     def image_positions(self) -> torch.Tensor:
         """(N, dim): the row + column embedding of the grid cell each image position predicts."""
-        h, w = self.config.grid_size
-        return (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(h * w, -1)
+        return grid_positions(self.row_emb, self.col_emb)
 
     # -- forward ----------------------------------------------------------------------------------------------------
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imagen.models.ar_transformer import ARConfig, ARTransformer, Block
+from imagen.models.ar_transformer import ARConfig, ARTransformer, Block, CodeVectorInput, grid_positions
 from imagen.models.autoencoder import ResBlock
 from imagen.models.sizes import config_from_size
-from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, EncoderBlock
+from imagen.models.text_encoder import PAD_ID, CaptionTokenizer, EncoderBlock, TokenizerInStateDict
 
 
 @dataclass
@@ -105,7 +105,7 @@ def contrastive_loss(
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-class ImageTextNet(nn.Module):
+class ImageTextNet(CodeVectorInput, nn.Module):
     """Captioner and matcher over image tokens; plain module (the stage owns tokenizers and losses' weights)."""
 
     def __init__(self, config: ImageTextConfig):
@@ -144,26 +144,16 @@ class ImageTextNet(nn.Module):
         """Build from a named size in `IMAGE_TEXT_SIZES`, with any config field overridden."""
         return cls(config_from_size(IMAGE_TEXT_SIZES, size, overrides, "model.image_text"))
 
-    def set_code_vectors(self, vectors: torch.Tensor) -> None:
-        """The autoencoder's code vector of every token id, (vocab_size, code_dim)."""
-        expected = (self.config.vocab_size, self.config.code_dim)
-        if tuple(vectors.shape) != expected:
-            raise ValueError(
-                f"code vectors of shape {tuple(vectors.shape)}; this ImageTextNet needs {expected}"
-            )
-        self.code_vectors.copy_(vectors)
-
     # -- image side -----------------------------------------------------------------------------------------------
 
     def encode_image(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image token ids (B, N) in raster order -> features (B, N, dim)."""
-        h, w = self.config.grid_size
-        positions = (self.row_emb[:, None] + self.col_emb[None]).reshape(h * w, -1)  # (N, dim)
+        positions = grid_positions(self.row_emb, self.col_emb)  # (N, dim)
         x = self.image_emb(tokens)
         if self.config.code_dim:
             x = x + self.code_proj(self.code_vectors[tokens])
         if self.config.conv_layers:
-            grid = x.transpose(1, 2).unflatten(2, (h, w))  # (B, dim, h, w)
+            grid = x.transpose(1, 2).unflatten(2, self.config.grid_size)  # (B, dim, h, w)
             x = self.conv(grid).flatten(2).transpose(1, 2)  # (B, N, dim)
         x = x + positions
         everywhere = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
@@ -278,16 +268,9 @@ class ImageTextNet(nn.Module):
         return picked / valid.sum(1).clamp(min=1) if per_token else picked
 
 
-class CaptionVocabulary(nn.Module):
+class CaptionVocabulary(TokenizerInStateDict, nn.Module):
     """A caption tokenizer that travels inside the state dict, for text encoders without one (pretrained)."""
 
     def __init__(self):
         super().__init__()
         self.tokenizer = CaptionTokenizer()
-
-    def get_extra_state(self) -> dict:
-        return {"tokenizer": self.tokenizer.to_str() if self.tokenizer.trained else None}
-
-    def set_extra_state(self, state: dict) -> None:
-        if state.get("tokenizer"):
-            self.tokenizer = CaptionTokenizer.from_str(state["tokenizer"])

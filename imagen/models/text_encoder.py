@@ -169,7 +169,21 @@ def rnn_precision() -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", enabled=False)
 
 
-class ScratchTextEncoder(nn.Module):
+class TokenizerInStateDict:
+    """For a module with a `tokenizer` (`CaptionTokenizer`): the tokenizer travels inside the state dict, as a JSON
+    string (loadable with `weights_only=True`)."""
+
+    tokenizer: CaptionTokenizer
+
+    def get_extra_state(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_str() if self.tokenizer.trained else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("tokenizer"):
+            self.tokenizer = CaptionTokenizer.from_str(state["tokenizer"])
+
+
+class ScratchTextEncoder(TokenizerInStateDict, nn.Module):
     """Word-level caption tokens: embeddings plus learned positions, mixed by `layers` layers of a `mixer`, trained
     with the generator. `mixer`:
     - `transformer`: pre-norm Transformer blocks;
@@ -224,14 +238,6 @@ class ScratchTextEncoder(nn.Module):
                     self.rnn(packed)[0], batch_first=True, total_length=length
                 )
         return TextStates(self.norm(x), mask)
-
-    def get_extra_state(self) -> dict:
-        # the tokenizer travels inside the state dict (a JSON string: loadable with weights_only=True)
-        return {"tokenizer": self.tokenizer.to_str() if self.tokenizer.trained else None}
-
-    def set_extra_state(self, state: dict) -> None:
-        if state.get("tokenizer"):
-            self.tokenizer = CaptionTokenizer.from_str(state["tokenizer"])
 
 
 def weights_identity(pretrained: str, model: nn.Module) -> str:

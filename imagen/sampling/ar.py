@@ -325,7 +325,8 @@ def generate(
     an earlier call with the same shapes is reused (a compiled step then replays its graphs); otherwise one is
     allocated. Each step's self-attention reads the cache in blocks of `attend_block` positions, only as far as
     the tokens written so far (None: the whole cache at every step). The loop has no host syncs: positions are
-    device tensors, tokens never leave the device, and the random draws are made on the device. The draws come from
+    device tensors, tokens never leave the device, and the random draws are made on the device (after it, one sync
+    checks that the first step's logits were finite: `FloatingPointError` if not). The draws come from
     `generator`, or from per-image `seeds` (B,) int64 (`race_noise`): an image then depends on its caption and seed
     alone.
     """
@@ -354,6 +355,7 @@ def generate(
 
     tokens = torch.empty(batch, n, dtype=torch.long, device=device)
     logits = prefill(model, states, mask, cache)
+    finite = torch.isfinite(logits).all()  # read once the tokens are written: no sync inside the loop
     token = sample_token(guide(logits, scales[0]) if settings.guided else logits, settings, noise=noise(0))
     tokens[:, 0] = token
     fed = varying(torch.cat([token, token]) if settings.guided else token, 0)
@@ -366,6 +368,10 @@ def generate(
         tokens[:, i] = token
         fed = varying(fed.clone(), 0)  # a CUDA graph's output is overwritten by its next replay
         position += 1
+    if not finite:  # every token would be 0, silently
+        raise FloatingPointError(
+            "the generator's logits are NaN or infinite: its weights are not finite (a diverged checkpoint?)"
+        )
     return tokens
 
 
