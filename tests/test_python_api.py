@@ -283,3 +283,20 @@ def test_a_generator_with_non_finite_weights_is_named_not_sampled_as_token_zero(
             FloatingPointError, match="logits are NaN or infinite: its weights are not finite"
         ):
             generate(model, states, mask, SamplingSettings(), seeds=torch.tensor([1, 2]))
+
+
+def test_a_cache_allocated_for_another_model_is_not_reused():
+    from dataclasses import replace
+
+    from imagen.models.ar_transformer import ARTransformer
+    from imagen.sampling.ar import KVCache, generate
+
+    model, (states, mask) = tiny_model().eval(), text(2)
+    other = ARTransformer(replace(model.config, layers=model.config.layers + 1))
+    settings, seeds = SamplingSettings(), torch.tensor([1, 2])
+    rows, length = 4, states.shape[1]  # guided: a doubled batch
+    mine, theirs = (KVCache.allocate(m, rows, length, states.device) for m in (model, other))
+    assert mine.fits(model, rows, length, states.device, torch.float32)
+    assert not theirs.fits(model, rows, length, states.device, torch.float32)
+    expected = generate(model, states, mask, settings, seeds=seeds)
+    assert torch.equal(generate(model, states, mask, settings, seeds=seeds, cache=theirs), expected)

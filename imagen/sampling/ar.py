@@ -85,12 +85,16 @@ class KVCache:
             text_mask=self.text_mask[:rows],
         ).static()
 
-    def fits(self, batch: int, text_length: int, device, dtype) -> bool:
-        """Whether this cache can serve a call with these shapes (reuse keeps CUDA-graph addresses valid): as many
-        rows, and room for the text (a shorter one leaves the rest of the text positions masked out)."""
-        k = self.self_k[0]
+    def fits(self, model: ARTransformer, batch: int, text_length: int, device, dtype) -> bool:
+        """Whether this cache can serve a call of `model` with these shapes (reuse keeps CUDA-graph addresses valid):
+        allocated for the model's geometry (layers, heads, head width, sequence length, conditioning), as many rows,
+        and room for the text (a shorter one leaves the rest of the text positions masked out)."""
+        c, k = model.config, self.self_k[0]
         return (
-            k.shape[0] == batch
+            len(self.self_k) == c.layers
+            and k.shape[1:] == (c.heads, model.sequence_length + 1, c.dim // c.heads)
+            and bool(self.cross_k) == (c.conditioning == "cross")
+            and k.shape[0] == batch
             and (not self.cross_k or self.cross_k[0].shape[2] >= text_length)
             and k.device == torch.device(device)
             and k.dtype == dtype
@@ -105,7 +109,7 @@ def reusable_cache(
     addresses would record new ones, in a list that only grows. A text longer than any before gets a larger one."""
     rows = states.shape[0] * (2 if settings.guided else 1)
     cache = caches.get(rows)
-    if cache is None or not cache.fits(rows, states.shape[1], states.device, model.dtype):
+    if cache is None or not cache.fits(model, rows, states.shape[1], states.device, model.dtype):
         length = max(states.shape[1], 0 if cache is None else cache.text_mask.shape[-1])
         cache = caches[rows] = KVCache.allocate(model, rows, length, states.device, model.dtype)
     return cache
@@ -336,7 +340,7 @@ def generate(
     if settings.guided:
         states, mask = with_unconditional(model, states, mask)
     rows, length, device = states.shape[0], states.shape[1], states.device
-    if cache is None or not cache.fits(rows, length, device, states.dtype):
+    if cache is None or not cache.fits(model, rows, length, device, states.dtype):
         cache = KVCache.allocate(model, rows, length, device, states.dtype)
     step = decode_step or decode_and_sample
     # the image position of the token fed; counted on the device (a view of arange would tie its length to the
