@@ -439,3 +439,37 @@ def test_a_key_its_target_does_not_take_is_refused_before_any_data_is_read(make_
         assert "vocab_size" not in cfg.model.text_encoder
         scratch = make_cfg([f"experiment={experiment}"]).model.text_encoder
         assert (scratch.dim, scratch.vocab_size) == (512, 32768 if experiment == "wds_generator" else 16384)
+
+
+class _Base:
+    def __init__(self, a: int = 1, b: int = 2):
+        self.a, self.b = a, b
+
+
+class _HandsKeywordsOn(_Base):
+    def __init__(self, x: int = 0, **kwargs):
+        super().__init__(**kwargs)
+
+
+class _PopsAKeyword(_Base):
+    def __init__(self, **kwargs):
+        self.x = kwargs.pop("x", 0)
+        super().__init__(**kwargs)
+
+
+class _KeepsKeywords(_Base):
+    def __init__(self, x: int = 0, **options):
+        self.options = options
+        super().__init__(a=x)
+
+
+def test_the_arguments_a_target_takes_follow_its_keywords_to_its_base_only_when_it_hands_them_on_whole():
+    from imagen.cli.checks import _target_arguments
+
+    def accepted(name: str):
+        return _target_arguments(f"tests.test_config_errors.{name}")[1]
+
+    assert accepted("_HandsKeywordsOn") == {"self", "x", "a", "b"}
+    assert accepted("_PopsAKeyword") is None  # takes x, which its base does not: not judged
+    assert accepted("_KeepsKeywords") is None
+    assert accepted("_Base") == {"self", "a", "b"}

@@ -154,7 +154,7 @@ def _target_arguments(target: str) -> tuple[dict, frozenset | None]:
         [c.__init__ for c in found.__mro__ if "__init__" in vars(c)] if isinstance(found, type) else [found]
     )
     hints: dict = {}
-    names: set | None = set()
+    names: set = set()
     for function in functions:
         try:
             for name, annotation in typing.get_type_hints(function).items():
@@ -162,31 +162,36 @@ def _target_arguments(target: str) -> tuple[dict, frozenset | None]:
             parameters = inspect.signature(function).parameters.values()
         except Exception:  # an annotation that does not resolve, a builtin without a signature: not judged
             return hints, None
-        if names is not None:
-            names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return hints, None if names is None else frozenset(names)
-        if not _passes_keywords_to_base(function):
-            names = None  # the bases' hints still judge the types of the arguments they name
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        keywords = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
+        if keywords is None:
+            return hints, frozenset(names)
+        if not _passes_keywords_to_base(function, keywords):
+            return hints, None
     return hints, None
 
 
-def _passes_keywords_to_base(function) -> bool:
-    """Whether `function` (an `__init__`) hands its **kwargs to `super().__init__`, as a subclass adding a few
-    arguments does; `DDPStrategy` keeps them for torch's `DistributedDataParallel` instead."""
+def _passes_keywords_to_base(function, keywords: str) -> bool:
+    """Whether `function` (an `__init__`) hands its **`keywords` whole to `super().__init__`, and reads them nowhere
+    else, as a subclass adding a few arguments does; `DDPStrategy` keeps them for torch's `DistributedDataParallel`,
+    and a subclass may pop some of them for itself."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
         return False
-    return any(
-        isinstance(node, ast.Call)
+    handed = [
+        keyword.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
         and node.func.attr == "__init__"
         and isinstance(node.func.value, ast.Call)
         and getattr(node.func.value.func, "id", None) == "super"
-        and any(keyword.arg is None for keyword in node.keywords)
-        for node in ast.walk(tree)
-    )
+        for keyword in node.keywords
+        if keyword.arg is None and isinstance(keyword.value, ast.Name) and keyword.value.id == keywords
+    ]
+    reads = [node for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id == keywords]
+    return len(handed) == 1 and len(reads) == 1
 
 
 def _fits(value, allowed: tuple) -> bool:
