@@ -425,6 +425,23 @@ def test_a_key_its_target_does_not_take_is_refused_before_any_data_is_read(make_
         r"it takes \[.*'every_n_train_steps'",
     ):
         check_train_config(cfg)
+    # a size registry's builder takes its config's fields, judged by their types
+    generator = ["experiment=shapes_generator", f"model.autoencoder_ckpt={tmp_path / 'ae.ckpt'}"]
+    for override, message in (
+        (
+            "+model.net.dimm=8",
+            r"model.net.dimm: .*ARTransformer.from_size takes no argument 'dimm'; it takes \[",
+        ),
+        (
+            "+model.image_text.layer=2",
+            r"model.image_text.layer: .*ImageTextNet.from_size takes no argument 'layer'",
+        ),
+        ("model.net.dropout=lots", r"model.net.dropout='lots' must be a number"),
+    ):
+        cfg = make_cfg([*generator, override] if "image_text" not in override else
+                       ["experiment=shapes_joint", *generator[1:], override])  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            check_argument_types(cfg.model, "model")
     # a target that takes **kwargs takes any key: DDPStrategy hands them to torch's DistributedDataParallel
     for extra in (
         [],

@@ -143,13 +143,18 @@ def _simple_types(annotation) -> tuple | None:
 @functools.cache
 def _target_arguments(target: str) -> tuple[dict, frozenset | None]:
     """The annotated argument types of a `_target_` (a function, or a class's `__init__` and, where that takes
-    **kwargs, its bases'), and the names of every argument it takes: None where that is not known, for a target
-    that takes **kwargs (they may go anywhere: `DDPStrategy` hands them to torch's `DistributedDataParallel`, not
-    to its base) or whose signature cannot be read."""
+    **kwargs, its bases'; a `Net.from_size`: the fields of its config dataclass), and the names of every argument it
+    takes: None where that is not known, for a target that takes **kwargs (they may go anywhere: `DDPStrategy` hands
+    them to torch's `DistributedDataParallel`, not to its base) or whose signature cannot be read."""
     try:
         found = hydra.utils.get_object(target)
     except Exception:  # an unknown target is Hydra's error to report, at instantiation
         return {}, None
+    if target.endswith(".from_size"):  # a size registry's config: `size` and the fields of its dataclass
+        config = typing.get_type_hints(found.__self__.__init__).get("config")
+        if dataclasses.is_dataclass(config):
+            fields = {"size", *(f.name for f in dataclasses.fields(config))}
+            return typing.get_type_hints(config), frozenset(fields)
     functions = (
         [c.__init__ for c in found.__mro__ if "__init__" in vars(c)] if isinstance(found, type) else [found]
     )
