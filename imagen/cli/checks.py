@@ -150,8 +150,13 @@ def _target_arguments(target: str) -> tuple[dict, frozenset | None]:
         found = hydra.utils.get_object(target)
     except Exception:  # an unknown target is Hydra's error to report, at instantiation
         return {}, None
-    if target.endswith(".from_size"):  # a size registry's config: `size` and the fields of its dataclass
-        config = typing.get_type_hints(found.__self__.__init__).get("config")
+    # a size registry's builder (`Net.from_size`): `size` and the fields of the net's config dataclass
+    owner = getattr(found, "__self__", None)
+    if target.endswith(".from_size") and isinstance(owner, type):
+        try:
+            config = typing.get_type_hints(owner.__init__).get("config")
+        except Exception:  # an annotation that does not resolve: not judged
+            config = None
         if dataclasses.is_dataclass(config):
             fields = {"size", *(f.name for f in dataclasses.fields(config))}
             return typing.get_type_hints(config), frozenset(fields)
@@ -488,6 +493,8 @@ STAGE_SETTINGS = {
 def _check_stage_settings(model: DictConfig) -> None:
     """Each settings group of the stage (`STAGE_SETTINGS`) built as the stage will build it, so that a wrong value is
     refused here, naming its key, not in the stage's constructor (a traceback)."""
+    if not _target(model).endswith(("ARGeneratorStage", "JointStage")):
+        return
     for key, target in STAGE_SETTINGS.items():
         node = model.get(key)
         if not isinstance(node, DictConfig):
