@@ -85,9 +85,8 @@ def test_kv_cache_sampling_equals_full_recompute(conditioning, rope, code_dim, s
 def test_seeded_draws_are_exponential_and_depend_on_the_seed_step_and_token_alone():
     from imagen.models.ar_transformer import lowbias32
 
-    folded = (
-        int(lowbias32(torch.tensor(1, dtype=torch.int32))) % 2**32
-    )  # a 32-bit fold of (1 << 32) would be this
+    # a 32-bit fold of (1 << 32) would be this
+    folded = int(lowbias32(torch.tensor(1, dtype=torch.int32))) % 2**32
     seeds = torch.tensor([5, 6, 5, 2**40 + 5, 2**32, folded])
     draws = race_noise((6, 2**16), "cpu", seeds=seeds, step=3)
     assert torch.equal(draws[0], draws[2])  # the same seed: the same draws, wherever the row is
@@ -167,9 +166,8 @@ def test_guidance_stops_after_cfg_until_and_the_unconditional_rows_leave_the_bat
     assert torch.equal(cut[:, :5], full[:, :5]) and not torch.equal(cut, full)
     with pytest.raises(ValueError, match=r"cfg_until must be in \(0, 1\]; got 0"):
         SamplingSettings(cfg_until=0)
-    assert (
-        SamplingSettings(cfg_scale=2.0, cfg_until=0.55).guided_tokens(100) == 55
-    )  # not 56 from 55.000000000000007
+    # not 56 from 55.000000000000007
+    assert SamplingSettings(cfg_scale=2.0, cfg_until=0.55).guided_tokens(100) == 55
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

@@ -256,9 +256,8 @@ def test_preemption_under_slurm_hands_the_requeue_signal_to_lightnings_requeue(o
     handed = []
     # the environment's requeue signal, whichever it is (here not Lightning's default, SIGUSR1)
     environment = SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR2)
-    another_rank = torch.tensor(
-        int(signal.SIGUSR2)
-    )  # the highest signal any rank received: here, another one's
+    # the highest signal any rank received: here, another one's
+    another_rank = torch.tensor(int(signal.SIGUSR2))
     trainer = SimpleNamespace(
         strategy=SimpleNamespace(root_device=torch.device("cpu"), reduce=lambda t, reduce_op: torch.maximum(t, another_rank)),
         _accelerator_connector=SimpleNamespace(cluster_environment=environment),
@@ -297,9 +296,8 @@ def test_the_progress_bar_names_the_epoch_without_a_negative_count():
 
     bar = StepProgressBar()
     for max_epochs, expected in ((-1, "Epoch 3"), (None, "Epoch 3"), (5, "Epoch 3/4")):
-        bar._trainer = types.SimpleNamespace(
-            max_epochs=max_epochs
-        )  # runs are bounded by steps: max_epochs=-1
+        # runs are bounded by steps: max_epochs=-1
+        bar._trainer = types.SimpleNamespace(max_epochs=max_epochs)
         assert bar._get_train_description(3).strip() == expected
 
 

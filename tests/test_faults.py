@@ -295,9 +295,8 @@ def test_ddp_processes_draw_their_own_random_numbers_and_each_resumes_its_own(tm
     (first0, after0, resumed0), (first1, after1, resumed1) = (
         torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)
     )
-    assert torch.equal(
-        first0, torch.rand(4, generator=torch.Generator().manual_seed(7))
-    )  # rank 0 keeps the run's
+    # rank 0 keeps the run's
+    assert torch.equal(first0, torch.rand(4, generator=torch.Generator().manual_seed(7)))
     assert not torch.equal(first0, first1)  # dropout masks, caption dropout, noise: each process its own
     assert torch.equal(resumed0, after0) and torch.equal(resumed1, after1)
 

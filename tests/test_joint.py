@@ -109,9 +109,8 @@ def test_hard_negative_captions_enter_only_the_image_to_text_half_of_the_contras
         F.cross_entropy(scale * image @ text.t(), labels) + F.cross_entropy(scale * text @ image.t(), labels)
     )
     torch.testing.assert_close(contrastive_loss(image, text, scale), plain)
-    image_to_text = (
-        scale * image @ torch.cat([text, negative]).t()
-    )  # (4, 7): the batch's captions, then the negatives
+    # (4, 7): the batch's captions, then the negatives
+    image_to_text = scale * image @ torch.cat([text, negative]).t()
     expected = 0.5 * (
         F.cross_entropy(image_to_text, labels) + F.cross_entropy(scale * text @ image.t(), labels)
     )
@@ -185,9 +184,8 @@ def test_retrieval_metrics_rank_both_directions():
         1 / 3
     )
     assert values["recall_at_3_t2i"] == 1.0 and values["recall_at_3_i2t"] == 1.0
-    values = retrieval_metrics(
-        text @ text.t(), similarity.t(), relevant, ks=(1,)
-    )  # each direction its own matrix
+    # each direction its own matrix
+    values = retrieval_metrics(text @ text.t(), similarity.t(), relevant, ks=(1,))
     assert values == {"recall_at_1_t2i": 1.0, "recall_at_1_i2t": pytest.approx(1 / 3)}
 
 
@@ -217,9 +215,8 @@ def test_reranking_the_top_k_reorders_only_them_by_the_second_score():
     relevant = torch.tensor([[False, True, False, False], [False, False, True, False]])
     assert recall_at_k(similarity, relevant, (1,)) == {1: 0.0}
     assert recall_at_k(out, relevant, (1,)) == {1: 1.0}
-    assert torch.equal(
-        rerank_top_k(similarity, score, k=1).argsort(1), similarity.argsort(1)
-    )  # k=1: unchanged
+    # k=1: unchanged
+    assert torch.equal(rerank_top_k(similarity, score, k=1).argsort(1), similarity.argsort(1))
     # a tie in the second score stays a tie, which recall counts against the query
     out = rerank_top_k(similarity, lambda queries, items: torch.ones(len(queries)), k=3)
     assert out[0, 0] == out[0, 1] == out[0, 2] > out[0, 3]
@@ -753,9 +750,8 @@ def test_the_matching_scale_is_capped_in_the_weight_after_each_step_not_in_the_f
     stage = JointStage.from_checkpoint(joint_ckpt)
     net = stage.image_text
     with torch.no_grad():
-        net.logit_scale.fill_(
-            4.7
-        )  # above log(100): a forward cap would pass no gradient, and it would stay there
+        # above log(100): a forward cap would pass no gradient, and it would stay there
+        net.logit_scale.fill_(4.7)
     image, text = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
     assert net.matching_scale().item() == pytest.approx(100)  # read as the cap (an older checkpoint's weight)
     net.matching_loss(image, text).backward()
@@ -820,9 +816,8 @@ def test_bleu_references_are_every_caption_of_a_real_corpus_image(joint_ckpt):
     from types import SimpleNamespace
 
     stage = JointStage.from_checkpoint(joint_ckpt)
-    stage.trainer = SimpleNamespace(
-        datamodule=None
-    )  # a real corpus: no shapes split to read paraphrases from
+    # a real corpus: no shapes split to read paraphrases from
+    stage.trainer = SimpleNamespace(datamodule=None)
     batch = {
         "caption": ["a red circle", "a blue square"],
         "all_captions": ["a red circle\na circle in red", "a blue square"],
@@ -856,9 +851,8 @@ def test_sample_reranks_and_captions(make_cfg, joint_ckpt, tmp_path):
     pixels = to_uint8(torch.rand(3, 3, 32, 32) * 2 - 1)
     for i, image in enumerate(pixels):
         save_png(image, folder / f"img_{i}.png")
-    (folder / "img_broken.png").write_bytes(
-        b"not a png"
-    )  # skipped, counted and named: the others are captioned
+    # skipped, counted and named: the others are captioned
+    (folder / "img_broken.png").write_bytes(b"not a png")
     for decoding in ("greedy", "beam", "nucleus"):
         cap_out = tmp_path / decoding
         summary = sample(make_cfg([f"out_dir={cap_out}", f"ckpt={joint_ckpt}", "task=caption", f"images={folder}",

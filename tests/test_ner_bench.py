@@ -47,7 +47,6 @@ def test_make_tiny_encoder_uses_the_data_vocabulary(tmp_path):
     main(["--make-tiny-encoder", str(tmp_path / "enc"), "--data-dir", fixture_dir()])
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "enc")
     words = {w for s in read_conll(f"{fixture_dir()}/train.txt") for w in s.tokens if w.isalnum()}
-    assert len(words) > 100 and all(
-        tokenizer.tokenize(w) == [w] for w in words
-    )  # BERT splits off punctuation
+    # BERT splits off punctuation
+    assert len(words) > 100 and all(tokenizer.tokenize(w) == [w] for w in words)
     assert tokenizer.tokenize("Zq") == ["Z", "##q"]  # unseen words split into characters

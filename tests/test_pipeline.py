@@ -24,9 +24,8 @@ SHORT = ["trainer.max_steps=4", "trainer.val_check_interval=4", "logger=csv"]
 
 
 def quickstart_cfg(make_cfg, tmp_path, stages: dict[str, list[str]]):
-    cfg = make_cfg(
-        [f"pipeline.dir={tmp_path / 'quickstart'}"]
-    )  # no experiment: the default is the quickstart
+    # no experiment: the default is the quickstart
+    cfg = make_cfg([f"pipeline.dir={tmp_path / 'quickstart'}"])
     with open_dict(cfg):
         cfg.pipeline.stages = stages
     return cfg

@@ -60,9 +60,8 @@ def test_readme_command_composes(config, overrides, tmp_path):
     if any(o.startswith("hparams_search=") and o.endswith("_optuna") for o in overrides):  # the sweep extra
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_config(overrides, tmp_path / "run", config)
-    OmegaConf.to_container(
-        cfg, resolve=True, throw_on_missing=False
-    )  # every interpolation names a defined key
+    # every interpolation names a defined key
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     # the quickstart refuses what it would not pass on to its stages
     if config == "train" and is_pipeline(cfg):
         assert ignored_overrides([o for o in overrides if "=" in o]) == []

@@ -296,9 +296,8 @@ def test_auto_resume_refuses_a_run_directory_trained_with_other_settings(make_cf
     )
     assert read_checkpoint(last)["global_step"] == 6
     lr = "model.optimizer.lr=0.004"
-    train(
-        make_cfg([*overrides, "trainer.max_steps=7", lr], run_dir=run)
-    )  # the run goes on with those settings
+    # the run goes on with those settings
+    train(make_cfg([*overrides, "trainer.max_steps=7", lr], run_dir=run))
     assert read_checkpoint(last)["global_step"] == 7
     train(
         make_cfg(
@@ -327,9 +326,8 @@ def test_auto_resume_of_a_run_recorded_before_its_trainer_settings_were(make_cfg
     train(make_cfg([*overrides, "trainer.max_steps=2"], run_dir=run))
     record = run / "run_settings.json"
     settings = json.loads(record.read_text())
-    assert (
-        settings["trainer.precision"] == "${imagen.auto_precision:${trainer.accelerator}}"
-    )  # as written: the same on another machine
+    # as written: the same on another machine
+    assert settings["trainer.precision"] == "${imagen.auto_precision:${trainer.accelerator}}"
     record.write_text(
         json.dumps({k: v for k, v in settings.items() if not k.startswith(("trainer.", "callbacks."))})
     )

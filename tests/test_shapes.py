@@ -186,9 +186,8 @@ def test_attributes_swapped_exchanges_the_looks_of_two_objects_in_place():
     )
     assert swapped.captions()[0] == "a large blue square left of a small red circle"
     assert Scene((a,)).attributes_swapped() is None
-    assert (
-        Scene((a, replace(a, position="right")), "left of").attributes_swapped() is None
-    )  # they look the same
+    # they look the same
+    assert Scene((a, replace(a, position="right")), "left of").attributes_swapped() is None
 
 
 def test_hard_negative_captions_reuse_the_words_and_are_false_of_the_image():

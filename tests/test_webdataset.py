@@ -65,9 +65,8 @@ def test_every_rank_writes_the_bad_samples_it_skipped(tmp_path, monkeypatch):
     with tarfile.open(shards[1], "a") as tar:  # a sample whose image cannot be decoded
         add_member(tar, "broken.png", b"not a png")
         add_member(tar, "broken.txt", b"a caption")
-    monkeypatch.setenv(
-        "RANK", "1"
-    )  # this process is rank 1 of 2: it trains on the second of the three shards
+    # this process is rank 1 of 2: it trains on the second of the three shards
+    monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     dm = ImageTextDataModule("webdataset", shards={"train": shard_spec(shards), "val": shard_spec(shards),
                              "test": shard_spec(shards)}, image_size=8, resampled=False, max_bad_fraction=1.0)  # fmt: skip
@@ -86,9 +85,8 @@ def test_every_rank_writes_the_bad_samples_it_skipped(tmp_path, monkeypatch):
 
 def test_every_rank_and_worker_evaluates_its_share_of_one_held_out_shard(tmp_path, monkeypatch):
     # one held-out shard and two ranks of two workers: a shard split would leave three readers without a sample
-    shards = write_shards(
-        tmp_path / "wds", make_pairs(24, size=(8, 8)), per_shard=8
-    )  # 3 shards: train, val, test
+    # 3 shards: train, val, test
+    shards = write_shards(tmp_path / "wds", make_pairs(24, size=(8, 8)), per_shard=8)
     seen = {}
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))

@@ -165,12 +165,12 @@ def _correctness_checks(device: torch.device, compile_step: bool) -> dict:
             )
             same = same and bool((eager == compiled).all())
         result["cfg_until_compiled_equals_eager"] = same
-        result["cfg_until_compilations"] = (
-            counters["stats"]["unique_graphs"] - result["compilations"]
-        )  # 1 expected
+        # 1 expected
+        result["cfg_until_compilations"] = counters["stats"]["unique_graphs"] - result["compilations"]
+        # 0 expected
         result["cfg_until_cudagraph_skips"] = (
             counters["inductor"]["cudagraph_skips"] - result["cudagraph_skips"]
-        )  # 0 expected
+        )
     return result
 
 

@@ -105,9 +105,8 @@ class RandomState(Callback):
         if self._pending is None:
             return
         states, self._pending = self._pending, None
-        saved = states.get(
-            "ranks", [states]
-        )  # every process's, or one process's (a single-process checkpoint)
+        # every process's, or one process's (a single-process checkpoint)
+        saved = states.get("ranks", [states])
         if len(saved) == self._world:
             set_rng_states(saved[self._rank])
             return

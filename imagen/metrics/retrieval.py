@@ -24,9 +24,8 @@ def recall_at_k(
     if relevant.dtype != torch.bool:
         raise TypeError(f"relevant is a boolean matrix (True: a relevant item), not {relevant.dtype}")
     relevant = relevant.to(similarity.device)
-    best = (
-        similarity.masked_fill(~relevant, float("-inf")).max(1).values
-    )  # (Q,): the best relevant item's score
+    # (Q,): the best relevant item's score
+    best = similarity.masked_fill(~relevant, float("-inf")).max(1).values
     ahead = (((similarity >= best[:, None]) | similarity.isnan()) & ~relevant).sum(1)  # (Q,) irrelevant items
     found = relevant.any(1) & ~best.isnan()
     return {k: (found & (ahead < k)).float().mean().item() for k in ks}

@@ -23,10 +23,8 @@ from imagen.values import is_int
 class AutoencoderConfig:
     in_channels: int = 3
     channels: int = 64
-    channel_mult: tuple[int, ...] = (
-        1,
-        2,
-    )  # one stride-2 level each: downsampling factor 2 ** len(channel_mult)
+    # one stride-2 level each: downsampling factor 2 ** len(channel_mult)
+    channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = 1
     norm: str = "none"  # none | group: GroupNorm in residual blocks (slows learning on mostly-flat images)
     # conv: a conv stack whose tokens see (nearly) the whole image; patch: each token is a function of its own f x f

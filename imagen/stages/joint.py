@@ -400,9 +400,8 @@ class JointStage(ARGeneratorStage):
                     s.mirrored() if m else s for s, m in zip(scenes, batch["mirrored"].tolist(), strict=True)
                 ]
             return scene_relevance(scenes).t()  # scene_relevance is [caption, image]
-        return same_caption_relevance(
-            caption_keys(captions)
-        )  # symmetric: [image, caption] as [caption, image]
+        # symmetric: [image, caption] reads as [caption, image]
+        return same_caption_relevance(caption_keys(captions))
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -754,9 +753,10 @@ def scene_relevance(scenes: list[Scene]) -> torch.Tensor:
     unique = {k: s for k, s in zip(keys, scenes, strict=True)}
     names = list(unique)
     position = {k: i for i, k in enumerate(names)}
+    # (U, U): caption of unique scene a vs image of unique scene b
     table = torch.tensor(
         [[matches_caption(list(unique[b].objects), unique[a]) for b in names] for a in names],
         dtype=torch.bool,
-    )  # (U, U): caption of unique scene a vs image of unique scene b
+    )
     rows = torch.tensor([position[k] for k in keys])
     return table[rows][:, rows]
