@@ -199,6 +199,7 @@ def test_a_config_error_ends_a_run_with_one_line_and_a_sweep_job_with_its_except
     assert (single.stderr + single.stdout).count(message) == 1
     (log_file,) = (tmp_path / "logs").glob("shapes_autoencoder/runs/*/train.log")
     assert f"run refused: {message}" in log_file.read_text()
+    assert f"(run directory: {log_file.parent})" in single.stderr  # where the log is
     # a sweeper (Optuna) counts a job's exception as that trial's failure: multirun raises it as usual
     swept = run_train("-m", *bad, cwd=tmp_path, timeout=120)
     assert swept.returncode == 1 and f"ConfigError: {message}" in swept.stderr

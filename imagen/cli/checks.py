@@ -37,7 +37,8 @@ def config_errors_in_one_line(main: typing.Callable) -> typing.Callable:
             return main(cfg)
         except ConfigError as e:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
-                raise SystemExit(f"config error: {e}") from None
+                run = HydraConfig.get().runtime.output_dir
+                raise SystemExit(f"config error: {e} (run directory: {run})") from None
             raise
 
     return wrapped
