@@ -42,9 +42,7 @@ class StageLoading:
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         except TypeError as e:
-            if "required positional argument" not in str(e) and "required keyword-only argument" not in str(
-                e
-            ):
+            if not any(f"required {kind} argument" in str(e) for kind in ("positional", "keyword-only")):
                 raise
             raise TypeError(
                 f"{cls.__name__}.load_from_checkpoint({checkpoint_path}) needs the modules the stage was built with "

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imagen.data.resumable import ResumableLoader
+from imagen.models.ner import IGNORE_INDEX
 from imagen.values import is_int
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ LAYOUTS = (
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 DOCSTART = "-DOCSTART-"
 SCHEMES = ("auto", "iob1", "iob2", "iobes")
-IGNORE = -100  # label of positions that carry no loss (torch's cross-entropy ignore_index)
+IGNORE = IGNORE_INDEX  # label of positions that carry no loss
 _TAG = re.compile(r"^(O|[BIES]-\S+)$")
 _SPACES = re.compile(" +")
 

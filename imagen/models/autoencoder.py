@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
+from imagen.inference import eval_mode
 from imagen.models.sizes import config_from_size
 from imagen.values import is_int
 
@@ -325,13 +326,9 @@ class Autoencoder(nn.Module):
             )
         if not images.is_floating_point():
             raise TypeError(f"images are floats in [-1, 1], not {images.dtype}: e.g. uint8 / 127.5 - 1")
-        training = self.quantizer.training
         # vector-quantize-pytorch updates a VQ codebook's averages in training mode
-        self.quantizer.train(False)
-        try:
+        with eval_mode(self.quantizer):
             return self.quantizer(self.encoder(images)).indices
-        finally:
-            self.quantizer.train(training)
 
     @torch.no_grad()
     def code_vectors(self) -> torch.Tensor:

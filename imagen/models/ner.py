@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HEADS = ("linear", "crf")
+IGNORE_INDEX = -100  # the label of positions without a loss (torch's cross-entropy default)
 
 
 @dataclass
@@ -159,7 +160,7 @@ class NerTagger(nn.Module):
     """encoder -> dropout -> linear head over labels (-> CRF over the labelled positions).
 
     `forward(input_ids, attention_mask, labels=None) -> (logits (B, T, L), loss or None)`; labels (B, T) hold
-    -100 where there is no loss. With the CRF, the labelled positions of a row form its tag sequence.
+    `IGNORE_INDEX` (-100) where there is no loss. With the CRF, the labelled positions of a row form its tag sequence.
     """
 
     def __init__(self, encoder: nn.Module, config: NerTaggerConfig):
@@ -197,14 +198,15 @@ class NerTagger(nn.Module):
         logits = self.head(self.dropout(hidden))  # (B, T, L)
         if labels is None:
             return logits, None
+        scored = labels != IGNORE_INDEX
         if self.crf is None:
-            # a mean over the scored tokens; a batch without one (all -100) has loss 0, not the NaN of an empty mean
+            # a mean over the scored tokens; a batch without one has loss 0, not the NaN of an empty mean
             total = F.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
-            return logits, total / (labels != -100).sum().clamp(min=1)
-        emissions, mask, _ = _left_align(logits, labels != -100)
-        tags, _, _ = _left_align(labels.clamp(min=0), labels != -100)
+            return logits, total / scored.sum().clamp(min=1)
+        emissions, mask, _ = _left_align(logits, scored)
+        tags, _, _ = _left_align(labels.clamp(min=0), scored)
         return logits, self.crf.nll(emissions, tags, mask)
 
     @torch.no_grad()
