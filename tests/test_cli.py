@@ -203,3 +203,42 @@ def test_a_config_error_ends_a_run_with_one_line_and_a_sweep_job_with_its_except
     # a sweeper (Optuna) counts a job's exception as that trial's failure: multirun raises it as usual
     swept = run_train("-m", *bad, cwd=tmp_path, timeout=120)
     assert swept.returncode == 1 and f"ConfigError: {message}" in swept.stderr
+
+
+@pytest.mark.parametrize("extras_applied", [False, True])
+def test_a_run_leaves_out_lightnings_tips_and_its_leafspec_deprecation(extras_applied):
+    import logging
+    import warnings
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    from imagen.cli.utils import LIGHTNING_TIPS, apply_extras
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    records, level = Records(), rank_zero.level
+    rank_zero.addHandler(records)
+    rank_zero.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if extras_applied:
+                apply_extras(OmegaConf.create({"extras": {"print_config": False}}))
+            pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+            _tree_flatten(torch.zeros(1))  # builds torch's LeafSpec, as Lightning does on every step
+    finally:
+        rank_zero.removeHandler(records)
+        rank_zero.removeFilter(LIGHTNING_TIPS)
+        rank_zero.setLevel(level)
+    tips = [m for m in records.messages if m.startswith("💡 Tip:")]
+    leafspec = [w for w in caught if "LeafSpec" in str(w.message)]
+    assert (not tips and not leafspec) if extras_applied else (tips and leafspec)

@@ -28,6 +28,7 @@ from imagen.models.ar_transformer import ARTransformer
 from imagen.models.lora import LoraSettings, add_lora, has_lora, merge_lora, merge_lora_state
 from imagen.models.ner import load_encoder
 from imagen.stages.ar_generator import ARGeneratorStage
+from imagen.stages.finetune import FineTuningMixin
 from imagen.stages.joint import JointStage
 from tests.conftest import TINY_SHAPES
 from tests.test_sample import generator_ckpt  # noqa: F401  (module fixture)
@@ -473,3 +474,46 @@ def test_a_resumed_finetune_keeps_the_before_fit_metrics_of_its_first_attempt(ma
 def read_tokenizer_words(path: Path) -> set[str]:
     stage = JointStage.from_checkpoint(str(path))
     return set(stage.text_encoder.tokenizer.tokenizer.get_vocab())
+
+
+class FrozenPartModule(FineTuningMixin, pl.LightningModule):
+    """A trainable body beside a frozen part in eval mode (as the generator's autoencoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+        self.frozen = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+        self.frozen.requires_grad_(False).eval()
+
+    def training_step(self, batch, batch_idx):
+        return self.body(self.frozen(batch[0])).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.body.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("trainable_in_eval", [False, True])
+def test_frozen_parts_in_eval_mode_are_said_once_and_other_modules_in_eval_mode_still_warn(
+    trainable_in_eval, caplog, recwarn
+):
+    import warnings
+
+    module = FrozenPartModule()
+    if trainable_in_eval:
+        module.body[1].eval()  # a trainable part's dropout left off: the user should hear of it
+    filters = list(warnings.filters)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+    with caplog.at_level(logging.INFO, logger="imagen.stages.finetune"):
+        trainer.fit(module, loader)
+    eval_warnings = [
+        str(w.message) for w in recwarn if "in eval mode at the start of training" in str(w.message)
+    ]
+    said = [r.getMessage() for r in caplog.records if "kept in eval mode" in r.getMessage()]
+    if trainable_in_eval:
+        assert eval_warnings and eval_warnings[0].startswith("Found 4 module(s)") and not said
+    else:
+        assert not eval_warnings
+        assert said == ["frozen, so kept in eval mode while training: frozen (3 modules)"]
+    assert warnings.filters == filters  # the filter lasted from on_fit_start to on_train_start only

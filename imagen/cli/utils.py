@@ -248,7 +248,24 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> Non
             Console(file=f).print(tree)
 
 
+class LightningTipFilter(logging.Filter):
+    """Drops Lightning's advertisements ("💡 Tip: ... try installing litlogger / litmodels") from a run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+LIGHTNING_TIPS = LightningTipFilter()
+
+
 def apply_extras(cfg: DictConfig) -> None:
+    # Lightning 2.6's pytree helper builds torch's LeafSpec, which torch 2.13 deprecates (a FutureWarning in every
+    # stage's log); nothing a user of imagen can act on
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )  # fmt: skip
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(LIGHTNING_TIPS)
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")

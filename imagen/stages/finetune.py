@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, fields
 
 import torch.nn as nn
@@ -41,6 +42,23 @@ def lora_settings(lora: dict | LoraSettings | None) -> LoraSettings | None:
     if unknown:
         raise ValueError(f"model.lora.{unknown[0]} is not a LoRA setting; valid keys: {', '.join(known)}")
     return LoraSettings(**lora)
+
+
+def is_within(name: str, part: str) -> bool:
+    """Whether the module called `name` (as in `named_modules()`) is `part` or lies inside it."""
+    return name == part or name.startswith(part + ".")
+
+
+def frozen_parts(root: nn.Module) -> list[str]:
+    """Names of the largest submodules of `root` that hold parameters, none of which requires a gradient."""
+    parts: list[str] = []
+    for name, module in root.named_modules():
+        if not name or any(is_within(name, part) for part in parts):
+            continue
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            parts.append(name)
+    return parts
 
 
 def check_freeze(freeze) -> list[str]:
@@ -141,6 +159,34 @@ class FineTuningMixin:
         for name in getattr(self, "_frozen", ()):
             self.get_submodule(name).eval()
         return self
+
+    def on_fit_start(self) -> None:
+        """Frozen parts (the generator's autoencoder, a frozen text encoder, `model.freeze`) stay in eval mode by
+        design: said once here, and Lightning's generic "modules in eval mode" warning is left out for exactly
+        that many modules. A module in eval mode outside a frozen part keeps the warning."""
+        super().on_fit_start()
+        frozen = frozen_parts(self)
+        in_eval = [name for name, module in self.named_modules() if not module.training]
+        if not in_eval or not all(any(is_within(name, part) for part in frozen) for name in in_eval):
+            return
+        if rank_zero_only.rank == 0:
+            parts = [part for part in frozen if not self.get_submodule(part).training]
+            log.info(
+                f"frozen, so kept in eval mode while training: {', '.join(parts)} ({len(in_eval)} modules)"
+            )
+        self._eval_warning_scope = warnings.catch_warnings()
+        self._eval_warning_scope.__enter__()
+        warnings.filterwarnings(
+            "ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training"
+        )
+
+    def on_train_start(self) -> None:
+        """Ends the scope `on_fit_start` opened (Lightning checks the modules' modes between the two hooks)."""
+        super().on_train_start()
+        scope = getattr(self, "_eval_warning_scope", None)
+        if scope is not None:
+            self._eval_warning_scope = None
+            scope.__exit__(None, None, None)
 
     def merge_lora(self) -> None:
         """Fold the adapters into the weights (sampling, export): the stage becomes a plain one."""
