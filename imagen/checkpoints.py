@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
-from imagen.files import file_in_the_way
+from imagen.files import atomic_file, file_in_the_way
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +224,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as temporary, open(temporary, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
 
 
 def find_resume_checkpoint(run_dir: str | Path, trust: bool = False) -> tuple[Path, dict] | None:
@@ -313,21 +311,14 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, config_file = out_dir / EXPORT_WEIGHTS, out_dir / EXPORT_CONFIG
-    drafts = {final: final.with_name(f".{final.name}.tmp{os.getpid()}") for final in (weights, config_file)}
-    try:
-        save_file(
-            tensors, str(drafts[weights]), metadata={"format": "pt", "stage": config["imagen"]["stage"]}
-        )
+    # the weights are renamed into place first, the config last: a reader sees the new weights with it
+    with atomic_file(config_file) as config_draft, atomic_file(weights) as weights_draft:
+        save_file(tensors, str(weights_draft), metadata={"format": "pt", "stage": config["imagen"]["stage"]})
         # safetensors writes a private temporary file (0600) and renames it: give it a new file's mode, as config.yaml
         umask = os.umask(0)  # reading the umask means setting it; put back at once
         os.umask(umask)
-        drafts[weights].chmod(0o666 & ~umask)
-        drafts[config_file].write_text(yaml.safe_dump(config, sort_keys=False))
-        for final, draft in drafts.items():  # the config last: a reader sees the new weights with it
-            os.replace(draft, final)
-    finally:
-        for draft in drafts.values():
-            draft.unlink(missing_ok=True)
+        weights_draft.chmod(0o666 & ~umask)
+        config_draft.write_text(yaml.safe_dump(config, sort_keys=False))
     return out_dir
 
 

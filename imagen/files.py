@@ -5,18 +5,31 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` (named after this process: concurrent writers never share one),
-    then rename it over `path`: the old file or the whole new one, never a cut one."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write the file to (hidden, named after this process: concurrent writers
+    never share one). When the block ends it is renamed over `path`, so a reader, or a process killed meanwhile, sees
+    the old file or the whole new one; when the block raises it is removed and `path` is left as it was."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through `atomic_file`."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
 
 
 def file_in_the_way(folder: str | Path) -> Path | None:

@@ -547,3 +547,30 @@ def test_the_optuna_sweep_survives_a_failed_trial_keeps_its_study_and_gives_each
     subdir = OmegaConf.to_container(config.hydra.sweep)["subdir"]  # unresolved
     for key in sweeper.params:
         assert f"${{{key}}}" in subdir, f"{key}: a swept value the directory does not name"
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """`atomic_file`, which every writer of a file that others read uses (checkpoints, the judge, token shards,
+    the text encoder's cache, metrics, exports): a save that raises halfway changes nothing on disk."""
+    from imagen.checkpoints import AtomicCheckpointIO
+    from imagen.files import atomic_file, write_text_atomic
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+
+    def save_half(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "metrics.json") as temporary:
+        temporary.write_text("{")
+        raise RuntimeError("killed while writing")
+    assert not (tmp_path / "metrics.json").exists()
+    write_text_atomic(tmp_path / "metrics.json", "{}")
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "metrics.json"], "a temporary was left"

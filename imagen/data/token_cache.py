@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from imagen.checkpoints import checkpoint_sha256
 from imagen.data.bad_samples import BadSampleTracker, TooManyBadSamples
 from imagen.distributed import in_srun_step, srun_tasks
-from imagen.files import write_text_atomic
+from imagen.files import atomic_file, write_text_atomic
 from imagen.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ def write_shard(
     files = {}
     for key, array in arrays.items():
         path = directory / f"{name}.{key}.npy"
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, array)
-        os.replace(tmp, path)
+        # np.save given a file object adds no .npy suffix to the temporary's name
+        with atomic_file(path) as temporary, open(temporary, "wb") as f:
+            np.save(f, array)
         files[key] = {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
     record = {"name": name, "count": int(tokens.shape[0]), "files": files, "bad": bad}
     if bad_examples:

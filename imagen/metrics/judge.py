@@ -26,6 +26,7 @@ from imagen.data.shapes import (
     scene_from_targets,
     scene_targets,
 )
+from imagen.files import atomic_file
 from imagen.models.judge import JudgeConfig, JudgeNet, degrade
 from imagen.precision import autocast
 from imagen.progress import progress_bar
@@ -159,7 +160,8 @@ def load_or_train_judge(
             f"the judge reaches only {accuracy:.2%} on ground-truth renders; judge metrics are unreliable"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": net.state_dict(), "config": asdict(config), "test_accuracy": accuracy}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole new file
+    with atomic_file(path) as temporary:  # a concurrent reader sees the old state or the whole new file
+        torch.save(
+            {"state_dict": net.state_dict(), "config": asdict(config), "test_accuracy": accuracy}, temporary
+        )
     return Judge(net, shapes)

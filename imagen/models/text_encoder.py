@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+from imagen.files import atomic_file
 from imagen.models.ar_transformer import Dropout, attention
 
 log = logging.getLogger(__name__)
@@ -325,9 +325,8 @@ class PretrainedTextEncoder(nn.Module):
             for c, s, m in zip(missing, states.cpu(), mask.cpu(), strict=True):
                 self._cache[c] = (s[m].clone(), m[m].clone())
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(self._cache, tmp)
-            os.replace(tmp, self.cache_path)
+            with atomic_file(self.cache_path) as temporary:
+                torch.save(self._cache, temporary)
         device = next(self.model.parameters()).device
         rows = [self._cache[c][0] for c in captions]
         length = max(r.shape[0] for r in rows)
