@@ -497,6 +497,63 @@ QUICKSTART_MIN_JUDGE_ACC = 0.80
 QUICKSTART_MIN = {"test/recall_at_1_t2i": 0.95, "test/caption_acc": 0.95}
 
 
+# The quickstart shortened to fit the suite on any CPU (about 5.5 minutes on 2 cores without AMX): its real configs and
+# sizes, but 400 autoencoder and 300 joint steps (of 2000 and 1800), a third of the test split and no judge (its
+# figures need the full run). At two seeds (session 36, BENCHMARKS.md) it measured PSNR 22.0 and 22.0 dB, against
+# 18.2 for a black image (the shapes' background), and R@1 text->image 25.0% / 19.0%, image->text 22.1% / 15.9%,
+# against a chance of 0.26% (1 in 384 test images)
+SHORT_QUICKSTART_COMMON = ["data.use_judge=false", "data.num_test=256", "data.num_test_heldout=128"]
+SHORT_QUICKSTART_STAGES = {
+    "autoencoder": ["trainer.max_steps=400"],
+    # compiling the generator's blocks would take a minute more than it saves in 300 steps
+    "joint": ["trainer.max_steps=300", "model.compile=false", "model.test_prompts=16"],
+}
+SHORT_QUICKSTART_MIN = {"test/recall_at_1_t2i": 0.08, "test/recall_at_1_i2t": 0.06}
+SHORT_QUICKSTART_PSNR_OVER_BLACK = 2.0  # dB
+
+
+def hydra_list(items: list[str]) -> str:
+    return "[" + ",".join(json.dumps(item) for item in items) + "]"
+
+
+@pytest.mark.slow
+def test_a_short_quickstart_learns_what_its_held_out_test_split_measures(tmp_path):
+    """`python train.py` with fewer steps, on every CPU (the full run's thresholds need AMX, below): the autoencoder
+    beats a black image and the matcher retrieves far above chance, on test images neither stage trained on."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from imagen.stages.autoencoder import ImagePSNR
+
+    quickstart = compose_config([], tmp_path / "compose")
+    stages = OmegaConf.to_container(quickstart.pipeline.stages)
+    overrides = [f"pipeline.common={hydra_list(SHORT_QUICKSTART_COMMON)}"]
+    for stage, extra in SHORT_QUICKSTART_STAGES.items():
+        overrides.append(f"pipeline.stages.{stage}={hydra_list(stages[stage] + extra)}")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, str(root / "train.py"), *overrides, f"paths.log_dir={tmp_path / 'logs'}",
+         f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=20 * 60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    metrics = json.loads((tmp_path / "logs" / "quickstart" / "metrics.json").read_text())
+    for key, least in SHORT_QUICKSTART_MIN.items():
+        assert metrics[key] >= least, (key, metrics[key])
+
+    # the autoencoder's test images, reconstructed as all background
+    data = compose_config(["experiment=shapes_autoencoder", *SHORT_QUICKSTART_COMMON], tmp_path / "data").data
+    datamodule = instantiate(data, _convert_="all")
+    datamodule.setup("test")
+    black = ImagePSNR()
+    for batch in datamodule.test_dataloader():
+        images = (batch["image"] + 1) / 2  # [-1, 1] -> [0, 1], as the stage measures
+        black.update(torch.zeros_like(images), images)
+    least = black.compute().item() + SHORT_QUICKSTART_PSNR_OVER_BLACK
+    assert metrics["test/psnr"] >= least, (metrics["test/psnr"], least)
+
+
 def bf16_units() -> bool:
     import torch
 
