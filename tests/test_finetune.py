@@ -477,24 +477,27 @@ def read_tokenizer_words(path: Path) -> set[str]:
 
 
 class FrozenPartModule(FineTuningMixin, pl.LightningModule):
-    """A trainable body beside a frozen part in eval mode (as the generator's autoencoder)."""
+    """A trainable body beside a frozen model in eval mode inside a wrapper that stays in training mode (as a frozen
+    pretrained text encoder)."""
 
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
-        self.frozen = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
-        self.frozen.requires_grad_(False).eval()
+        self.frozen = torch.nn.Module()
+        self.frozen.model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+        self.frozen.model.requires_grad_(False).eval()
 
     def training_step(self, batch, batch_idx):
-        return self.body(self.frozen(batch[0])).square().mean()
+        return self.body(self.frozen.model(batch[0])).square().mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.body.parameters(), lr=0.1)
 
 
 @pytest.mark.parametrize("trainable_in_eval", [False, True])
+@pytest.mark.parametrize("steps", [1, 0])  # 0: a fit with nothing to train ends without on_train_start
 def test_frozen_parts_in_eval_mode_are_said_once_and_other_modules_in_eval_mode_still_warn(
-    trainable_in_eval, caplog, recwarn
+    trainable_in_eval, steps, caplog, recwarn
 ):
     import warnings
 
@@ -502,7 +505,7 @@ def test_frozen_parts_in_eval_mode_are_said_once_and_other_modules_in_eval_mode_
     if trainable_in_eval:
         module.body[1].eval()  # a trainable part's dropout left off: the user should hear of it
     filters = list(warnings.filters)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")  # fmt: skip
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
     with caplog.at_level(logging.INFO, logger="imagen.stages.finetune"):
@@ -512,8 +515,11 @@ def test_frozen_parts_in_eval_mode_are_said_once_and_other_modules_in_eval_mode_
     ]
     said = [r.getMessage() for r in caplog.records if "kept in eval mode" in r.getMessage()]
     if trainable_in_eval:
-        assert eval_warnings and eval_warnings[0].startswith("Found 4 module(s)") and not said
+        assert (bool(eval_warnings) == (steps > 0)) and not said
+        assert all(w.startswith("Found 4 module(s)") for w in eval_warnings)
     else:
         assert not eval_warnings
-        assert said == ["frozen, so kept in eval mode while training: frozen (3 modules)"]
-    assert warnings.filters == filters  # the filter lasted from on_fit_start to on_train_start only
+        assert said == ["frozen, so kept in eval mode while training: frozen.model (3 modules)"]
+    assert warnings.filters == filters, (
+        "the filter lasts from on_fit_start to on_train_start (or on_fit_end) only"
+    )

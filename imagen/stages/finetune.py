@@ -61,6 +61,28 @@ def frozen_parts(root: nn.Module) -> list[str]:
     return parts
 
 
+# the filter `silence_eval_mode_warning` added, until `end_eval_mode_silence` takes it out
+_eval_mode_filters: list[tuple] = []
+
+
+def silence_eval_mode_warning(count: int) -> None:
+    """Leave out Lightning's "Found `count` module(s) in eval mode at the start of training" warning."""
+    warnings.filterwarnings(
+        "ignore", message=rf"Found {count} module\(s\) in eval mode at the start of training"
+    )
+    _eval_mode_filters.append(warnings.filters[0])
+
+
+def end_eval_mode_silence() -> None:
+    """Take out the filter of `silence_eval_mode_warning`, and that one only (others added since stay)."""
+    while _eval_mode_filters:
+        entry = _eval_mode_filters.pop()
+        if entry in warnings.filters:
+            warnings.filters.remove(entry)
+    # what `warnings.filterwarnings` does after a change: warnings cached as already shown are looked at again
+    getattr(warnings, "_filters_mutated", lambda: None)()
+
+
 def check_freeze(freeze) -> list[str]:
     """`model.freeze` as a list of names."""
     if freeze is None:
@@ -163,30 +185,29 @@ class FineTuningMixin:
     def on_fit_start(self) -> None:
         """Frozen parts (the generator's autoencoder, a frozen text encoder, `model.freeze`) stay in eval mode by
         design: said once here, and Lightning's generic "modules in eval mode" warning is left out for exactly
-        that many modules. A module in eval mode outside a frozen part keeps the warning."""
+        that many modules until training starts. A module in eval mode outside a frozen part keeps the warning."""
         super().on_fit_start()
+        end_eval_mode_silence()  # one a fit that failed before training left
         frozen = frozen_parts(self)
         in_eval = [name for name, module in self.named_modules() if not module.training]
         if not in_eval or not all(any(is_within(name, part) for part in frozen) for name in in_eval):
             return
         if rank_zero_only.rank == 0:
-            parts = [part for part in frozen if not self.get_submodule(part).training]
+            # the outermost modules in eval mode: a frozen part, or the frozen model inside a wrapper that trains
+            outermost = [name for name in in_eval if not any(is_within(name, other) for other in in_eval
+                                                                if other != name)]  # fmt: skip
             log.info(
-                f"frozen, so kept in eval mode while training: {', '.join(parts)} ({len(in_eval)} modules)"
+                f"frozen, so kept in eval mode while training: {', '.join(outermost)} ({len(in_eval)} modules)"
             )
-        self._eval_warning_scope = warnings.catch_warnings()
-        self._eval_warning_scope.__enter__()
-        warnings.filterwarnings(
-            "ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training"
-        )
+        silence_eval_mode_warning(len(in_eval))
 
     def on_train_start(self) -> None:
-        """Ends the scope `on_fit_start` opened (Lightning checks the modules' modes between the two hooks)."""
         super().on_train_start()
-        scope = getattr(self, "_eval_warning_scope", None)
-        if scope is not None:
-            self._eval_warning_scope = None
-            scope.__exit__(None, None, None)
+        end_eval_mode_silence()  # Lightning checks the modules' modes between on_fit_start and here
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        end_eval_mode_silence()  # a fit with nothing left to train ends without on_train_start
 
     def merge_lora(self) -> None:
         """Fold the adapters into the weights (sampling, export): the stage becomes a plain one."""
