@@ -224,7 +224,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as temporary, open(temporary, "wb") as f:
+        with atomic_file(path, one_writer=True) as temporary, open(temporary, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())

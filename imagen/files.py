@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,12 +14,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write the file to (hidden, named after this process: concurrent writers
-    never share one). When the block ends it is renamed over `path`, so a reader, or a process killed meanwhile, sees
-    the old file or the whole new one; when the block raises it is removed and `path` is left as it was."""
+def atomic_file(path: str | Path, one_writer: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` to write the file to, hidden. When the block ends it is renamed over `path`, so
+    a reader, or a process killed meanwhile, sees the old file or the whole new one; when the block raises it is
+    removed and `path` is left as it was. The temporary is named after the host and process, so that concurrent
+    writers (jobs sharing a cache on a network disk) never share one; with `one_writer` (a run's own checkpoints) it
+    is `.<name>.tmp`, which the next write replaces should a killed process leave one."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = "" if one_writer else f"{socket.gethostname()}-{os.getpid()}"
+    temporary = path.with_name(f".{path.name}.tmp{writer}")
     try:
         yield temporary
         os.replace(temporary, path)

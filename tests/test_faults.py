@@ -556,6 +556,8 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monke
     from imagen.files import atomic_file, write_text_atomic
 
     target = tmp_path / "last.ckpt"
+    # what a save killed by SIGKILL left: the next save replaces it
+    (tmp_path / ".last.ckpt.tmp").write_bytes(b"half a checkpoint")
     AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
 
     def save_half(obj, f, *args, **kwargs):
