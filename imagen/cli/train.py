@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
@@ -242,9 +247,6 @@ def optuna_storage(sweep_dir: str) -> str:
 def resume_command(key: str, directory: str | Path) -> str:
     """This process's command line with `key=directory` in place of any value it gave for `key`: the command that
     resumes its run (`hydra.run.dir`) or its sweep (`hydra.sweep.dir`)."""
-    import shlex
-    import sys
-
     args = [arg for arg in sys.argv[1:] if not arg.lstrip("+").startswith(f"{key}=")]
     return shlex.join(["python", sys.argv[0], *args, f"{key}={directory}"])
 
@@ -270,9 +272,6 @@ def end_stopped_run(cfg: DictConfig, objects: dict) -> None:
       Optuna's refusal of it; a None fails the trial, but escapes `max_failure_rate`.)
     - a single run: returns (exit status 0), the command that resumes it logged.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     rank_zero = pl.utilities.rank_zero_only.rank == 0
     stages = [objects, *objects.get("stages", {}).values()]  # a pipeline's
     if any(stage.get("requeued") for stage in stages):
@@ -305,9 +304,6 @@ def end_signalled_run() -> None:
     is finished, tested and its metrics written, so `main` returns its metric; but a job of a multirun under Hydra's
     basic launcher ends the sweep (status 1), as in `end_stopped_run`: its next jobs would run in the time the signal
     left."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
@@ -327,8 +323,6 @@ def main(cfg: DictConfig) -> float | None:
     """Train as configured; returns the value of `optimized_metric` to a sweeper (`end_stopped_run`: a run that a
     signal stopped; `end_signalled_run`: one it reached after training). A value that is not finite is an error, the
     trial's failure (a NaN would end an Optuna 2.x study, see `end_stopped_run`)."""
-    import math
-
     metrics, objects = train(cfg)
     if objects.get("preempted"):
         return end_stopped_run(cfg, objects)
