@@ -17,6 +17,7 @@ from omegaconf import open_dict, read_write
 from imagen.cli.pipeline import STAGE_RECORD
 from imagen.cli.train import train
 from tests.conftest import TINY_SHAPES, compose_config
+from tests.test_cli import run_train
 from tests.test_joint import TINY_JOINT
 from tests.test_train import TINY_AUTOENCODER
 
@@ -532,12 +533,8 @@ def test_a_short_quickstart_learns_what_its_held_out_test_split_measures(tmp_pat
     overrides = [f"pipeline.common={hydra_list(SHORT_QUICKSTART_COMMON)}"]
     for stage, extra in SHORT_QUICKSTART_STAGES.items():
         overrides.append(f"pipeline.stages.{stage}={hydra_list(stages[stage] + extra)}")
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run(
-        [sys.executable, str(root / "train.py"), *overrides, f"paths.log_dir={tmp_path / 'logs'}",
-         f"paths.cache_dir={tmp_path / 'cache'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=20 * 60,
-    )  # fmt: skip
+    paths = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    run = run_train(*overrides, *paths, cwd=tmp_path, timeout=20 * 60)
     assert run.returncode == 0, run.stderr[-4000:]
     metrics = json.loads((tmp_path / "logs" / "quickstart" / "metrics.json").read_text())
     for key, least in SHORT_QUICKSTART_MIN.items():
